@@ -1,0 +1,423 @@
+"""The `trail.events` record: parsing, validation, and dead-letter records.
+
+Pure module (orjson + numpy only). The hot path is `parse_batch`: it takes the raw
+values of one poll (one partition) and returns the good events as numpy columns
+(`EventBatch`) plus `Reject`s with a machine-readable reason. A reject never
+raises; the caller sends it to `trail.events.dlq` with `dlq_record`.
+
+Value schema (JSON):
+    {"item_id": str, "user_id": str?, "ts": epoch ms int or ISO-8601 str,
+     "event_type": "view"|"click"|"cart"|"purchase"|"rating", "weight": number?}
+
+Reject reasons: `bad_encoding` (not UTF-8), `bad_json`, `not_object`,
+`missing_field:<f>`, `bad_type:<f>`, `unknown_event_type`, `absurd_ts`,
+`oversized`, `key_mismatch` (a Kafka key present that is not the item id, which
+would put an item's events on several partitions); `late` is assigned by the
+trend table, not here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import orjson
+
+EVENT_TYPES: tuple[str, ...] = ("view", "click", "cart", "purchase", "rating")
+_EVENT_TYPE_SET = frozenset(EVENT_TYPES)
+# Interned strings, so event_type columns share five objects.
+_EVENT_TYPE_CANON = {t: t for t in EVENT_TYPES}
+
+REASON_BAD_ENCODING = "bad_encoding"
+REASON_BAD_JSON = "bad_json"
+REASON_NOT_OBJECT = "not_object"
+REASON_UNKNOWN_EVENT_TYPE = "unknown_event_type"
+REASON_ABSURD_TS = "absurd_ts"
+REASON_OVERSIZED = "oversized"
+REASON_KEY_MISMATCH = "key_mismatch"
+REASON_LATE = "late"
+
+DAY_MS = 86_400_000
+TS_1990_MS = 631_152_000_000  # 1990-01-01T00:00:00Z
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+
+
+def missing_field(name: str) -> str:
+    return f"missing_field:{name}"
+
+
+def bad_type(name: str) -> str:
+    return f"bad_type:{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationConfig:
+    """Limits applied to every record.
+
+    `min_ts_ms` is an absolute lower bound (default 1990-01-01); the upper bound
+    is `now + max_future_ms`, with "now" passed to `parse_batch` (so tests and
+    replays can pin it) or read from the wall clock once per batch.
+    """
+
+    max_bytes: int = 64 * 1024
+    min_ts_ms: int = TS_1990_MS
+    max_future_ms: int = DAY_MS
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> ValidationConfig:
+        """TRAIL_MAX_EVENT_BYTES, TRAIL_MIN_EVENT_TS (epoch ms or ISO-8601), TRAIL_MAX_FUTURE_MS."""
+        env = os.environ if env is None else env
+        kwargs: dict[str, int] = {}
+        if v := env.get("TRAIL_MAX_EVENT_BYTES"):
+            kwargs["max_bytes"] = _env_int("TRAIL_MAX_EVENT_BYTES", v)
+        if v := env.get("TRAIL_MIN_EVENT_TS"):
+            ts = v if not v.lstrip("-").isdigit() else int(v)
+            parsed = _iso_to_ms(ts) if isinstance(ts, str) else ts
+            if parsed is None:
+                raise ValueError(f"TRAIL_MIN_EVENT_TS={v!r} is neither epoch ms nor ISO-8601")
+            kwargs["min_ts_ms"] = parsed
+        if v := env.get("TRAIL_MAX_FUTURE_MS"):
+            kwargs["max_future_ms"] = _env_int("TRAIL_MAX_FUTURE_MS", v)
+        return cls(**kwargs)
+
+
+def _env_int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer") from None
+
+
+@dataclass(slots=True)
+class EventBatch:
+    """Good events of one poll, as parallel numpy columns.
+
+    `offset` is the Kafka offset of each event (-1 when the events did not come
+    from Kafka); `partition` is the source partition of the whole batch (-1 when
+    none); `index` is each event's position in the raw batch it was parsed from.
+    """
+
+    item_id: np.ndarray  # object (str)
+    user_id: np.ndarray  # object (str or None)
+    ts_ms: np.ndarray  # int64, epoch ms UTC
+    event_type: np.ndarray  # object (one of EVENT_TYPES)
+    weight: np.ndarray  # float64
+    offset: np.ndarray  # int64
+    partition: int = -1
+    index: np.ndarray = field(default=None)  # type: ignore[assignment]  # int64
+
+    def __post_init__(self) -> None:
+        if self.index is None:
+            self.index = np.arange(len(self.item_id), dtype=np.int64)
+        n = len(self.item_id)
+        for name in ("user_id", "ts_ms", "event_type", "weight", "offset", "index"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"EventBatch column {name} has {len(getattr(self, name))} rows, item_id has {n}")
+
+    def __len__(self) -> int:
+        return len(self.item_id)
+
+    @classmethod
+    def empty(cls, partition: int = -1) -> EventBatch:
+        obj = np.empty(0, dtype=object)
+        return cls(obj, obj.copy(), np.empty(0, np.int64), obj.copy(), np.empty(0, np.float64),
+                   np.empty(0, np.int64), partition, np.empty(0, np.int64))
+
+    @classmethod
+    def from_frame(cls, df: Any, partition: int = -1) -> EventBatch:
+        """Build from the event frame (docs/architecture.md): item_id, user_id, ts (ms), event_type, weight.
+
+        An `offset` column is used when present, otherwise offsets are -1.
+        """
+        missing = [c for c in ("item_id", "ts") if c not in df.columns]
+        if missing:
+            raise ValueError(f"event frame lacks column(s) {missing}; has {list(df.columns)}")
+        n = len(df)
+        item_id = df["item_id"].to_numpy(dtype=object)
+        if "user_id" in df.columns:
+            user = df["user_id"]
+            user_id = user.astype(object).where(user.notna(), None).to_numpy(dtype=object)
+        else:
+            user_id = np.full(n, None, dtype=object)
+        if "event_type" in df.columns:
+            event_type = df["event_type"].to_numpy(dtype=object)
+        else:
+            event_type = np.full(n, "view", dtype=object)
+        weight = df["weight"].to_numpy(dtype=np.float64) if "weight" in df.columns else np.ones(n)
+        offset = df["offset"].to_numpy(dtype=np.int64) if "offset" in df.columns else np.full(n, -1, np.int64)
+        return cls(item_id, user_id, df["ts"].to_numpy(dtype=np.int64), event_type, weight, offset,
+                   partition, np.arange(n, dtype=np.int64))
+
+    def to_frame(self) -> Any:
+        import pandas as pd
+
+        # explicit object dtype: pandas 3 would turn str columns into its str dtype (None -> NaN)
+        return pd.DataFrame({"item_id": pd.Series(self.item_id, dtype=object),
+                             "user_id": pd.Series(self.user_id, dtype=object), "ts": self.ts_ms,
+                             "event_type": pd.Series(self.event_type, dtype=object), "weight": self.weight})
+
+    def take(self, idx: np.ndarray) -> EventBatch:
+        """Rows `idx` (integer indices or a boolean mask), same partition."""
+        return EventBatch(self.item_id[idx], self.user_id[idx], self.ts_ms[idx], self.event_type[idx],
+                          self.weight[idx], self.offset[idx], self.partition, self.index[idx])
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    index: int  # position in the raw batch
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParseResult:
+    batch: EventBatch
+    rejects: list[Reject]
+
+
+def _iso_to_ms(s: str) -> int | None:
+    try:
+        dt = datetime.fromisoformat(s)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:  # naive timestamps are taken as UTC
+        dt = dt.replace(tzinfo=UTC)
+    return (dt - _EPOCH) // _ONE_MS
+
+
+def _diagnose(obj: Any, lo: int, hi: int) -> str:
+    """Reason for a decoded value that failed the fast path (called only for rejects)."""
+    if type(obj) is not dict:
+        return REASON_NOT_OBJECT
+    for f in ("item_id", "ts", "event_type"):
+        if f not in obj or obj[f] is None:
+            return missing_field(f)
+    item = obj["item_id"]
+    if type(item) is not str or not item:
+        return bad_type("item_id")
+    user = obj.get("user_id")
+    if user is not None and type(user) is not str:
+        return bad_type("user_id")
+    et = obj["event_type"]
+    if type(et) is not str:
+        return bad_type("event_type")
+    if et not in _EVENT_TYPE_SET:
+        return REASON_UNKNOWN_EVENT_TYPE
+    w = obj.get("weight")
+    if w is not None and (type(w) not in (int, float) or not math.isfinite(w)):
+        return bad_type("weight")
+    ts = obj["ts"]
+    if type(ts) is str:
+        ms = _iso_to_ms(ts)
+        if ms is None:
+            return bad_type("ts")
+    elif type(ts) is int:
+        ms = ts
+    else:
+        return bad_type("ts")
+    if not lo <= ms <= hi:
+        return REASON_ABSURD_TS
+    raise AssertionError(f"record passed every check but was rejected: {obj!r}")
+
+
+def _decode_error_reason(raw: bytes) -> str:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return REASON_BAD_ENCODING
+    return REASON_BAD_JSON
+
+
+def parse_batch(
+    values: Sequence[bytes | None],
+    *,
+    offsets: Sequence[int] | np.ndarray | None = None,
+    partition: int = -1,
+    keys: Sequence[bytes | None] | None = None,
+    config: ValidationConfig = ValidationConfig(),
+    now_ms: int | None = None,
+) -> ParseResult:
+    """Parse and validate the raw values of one batch.
+
+    `keys`, when given, are checked against item_id (a None key is allowed).
+    `now_ms` pins "now" for the future-timestamp bound (default: wall clock).
+    """
+    if now_ms is None:
+        now_ms = time.time_ns() // 1_000_000
+    lo = config.min_ts_ms
+    hi = now_ms + config.max_future_ms
+    max_bytes = config.max_bytes
+    loads = orjson.loads
+    JSONDecodeError = orjson.JSONDecodeError
+    canon = _EVENT_TYPE_CANON
+    iso = _iso_to_ms
+
+    items: list[str] = []
+    users: list[str | None] = []
+    tss: list[int] = []
+    types: list[str] = []
+    weights: list[float] = []
+    good: list[int] = []
+    rejects: list[Reject] = []
+
+    for i, raw in enumerate(values):
+        if raw is None:
+            rejects.append(Reject(i, REASON_BAD_JSON))
+            continue
+        if len(raw) > max_bytes:
+            rejects.append(Reject(i, REASON_OVERSIZED))
+            continue
+        try:
+            obj = loads(raw)
+        except JSONDecodeError:
+            rejects.append(Reject(i, _decode_error_reason(raw)))
+            continue
+        # Fast path: one dict lookup per field and exact type checks; anything
+        # unusual falls through to _diagnose, which names the reason.
+        try:
+            item = obj["item_id"]
+            ts = obj["ts"]
+            et = canon[obj["event_type"]]
+        except (KeyError, TypeError):
+            rejects.append(Reject(i, _diagnose(obj, lo, hi)))
+            continue
+        user = obj.get("user_id")
+        w = obj.get("weight", 1.0)
+        if type(ts) is not int:
+            ts = iso(ts) if type(ts) is str else None
+        if (type(item) is not str or not item or ts is None or not lo <= ts <= hi
+                or (user is not None and type(user) is not str)):
+            rejects.append(Reject(i, _diagnose(obj, lo, hi)))
+            continue
+        if type(w) is not float:
+            if w is None:
+                w = 1.0
+            elif type(w) is int:
+                w = float(w)
+            else:
+                rejects.append(Reject(i, bad_type("weight")))
+                continue
+        if keys is not None:
+            k = keys[i]
+            if k is not None and k != item.encode():
+                rejects.append(Reject(i, REASON_KEY_MISMATCH))
+                continue
+        items.append(item)
+        users.append(user)
+        tss.append(ts)
+        types.append(et)
+        weights.append(w)
+        good.append(i)
+
+    n = len(good)
+    idx = np.array(good, dtype=np.int64)
+    item_arr = np.empty(n, dtype=object)
+    item_arr[:] = items
+    user_arr = np.empty(n, dtype=object)
+    user_arr[:] = users
+    type_arr = np.empty(n, dtype=object)
+    type_arr[:] = types
+    if offsets is None:
+        off = np.full(n, -1, dtype=np.int64)
+    else:
+        off = np.asarray(offsets, dtype=np.int64)[idx] if n else np.empty(0, np.int64)
+    batch = EventBatch(item_arr, user_arr, np.array(tss, dtype=np.int64), type_arr,
+                       np.array(weights, dtype=np.float64), off, partition, idx)
+    return ParseResult(batch, rejects)
+
+
+def encode_event(item_id: str, ts_ms: int, event_type: str, user_id: str | None = None,
+                 weight: float | None = None) -> bytes:
+    """The canonical value bytes of one event (what replay and tests produce)."""
+    obj: dict[str, Any] = {"item_id": item_id, "ts": ts_ms, "event_type": event_type}
+    if user_id is not None:
+        obj["user_id"] = user_id
+    if weight is not None:
+        obj["weight"] = weight
+    return orjson.dumps(obj)
+
+
+# --- dead-letter records ---------------------------------------------------------------------
+# Header names follow Kafka Connect's dead-letter queue (errors.deadletterqueue.context.headers.enable),
+# so existing DLQ tooling can read them; trail.* headers add the machine-readable reason and the
+# source record's timestamp. Header values are UTF-8 strings, as Connect writes them.
+
+H_TOPIC = "__connect.errors.topic"
+H_PARTITION = "__connect.errors.partition"
+H_OFFSET = "__connect.errors.offset"
+H_STAGE = "__connect.errors.stage"
+H_CLASS = "__connect.errors.class.name"
+H_EXC_CLASS = "__connect.errors.exception.class.name"
+H_EXC_MESSAGE = "__connect.errors.exception.message"
+H_REASON = "trail.errors.reason"
+H_TIMESTAMP = "trail.errors.timestamp"
+
+_STAGE = {REASON_LATE: "TRANSFORMATION"}  # every other reason is a parse/validation failure
+
+
+@dataclass(frozen=True, slots=True)
+class DlqRecord:
+    """What to send to the DLQ topic: key and value are the source record's bytes, untouched."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp_ms: int | None
+
+
+def dlq_record(
+    key: bytes | None,
+    value: bytes | None,
+    reason: str,
+    *,
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp_ms: int | None,
+    source_headers: Sequence[tuple[str, bytes]] = (),
+) -> DlqRecord:
+    """A dead-letter record for a rejected source record.
+
+    The source record's own headers come first, unchanged; the error context follows.
+    """
+    stage = _STAGE.get(reason, "VALUE_CONVERTER")
+    ctx = [
+        (H_TOPIC, topic),
+        (H_PARTITION, str(partition)),
+        (H_OFFSET, str(offset)),
+        (H_STAGE, stage),
+        (H_CLASS, "stream.events.parse_batch" if stage == "VALUE_CONVERTER" else "stream.trends.TrendTable"),
+        (H_EXC_CLASS, "trail.InvalidEvent" if stage == "VALUE_CONVERTER" else "trail.LateEvent"),
+        (H_EXC_MESSAGE, reason),
+        (H_REASON, reason),
+        (H_TIMESTAMP, "" if timestamp_ms is None else str(timestamp_ms)),
+    ]
+    headers = list(source_headers) + [(k, v.encode()) for k, v in ctx]
+    return DlqRecord(key, value, headers, timestamp_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class DlqContext:
+    """The error context read back from a DLQ record's headers."""
+
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+
+
+def read_dlq_headers(headers: Sequence[tuple[str, bytes]]) -> DlqContext:
+    """Inverse of the context part of `dlq_record` (the last value of each name wins)."""
+    h = {k: v.decode() for k, v in headers if k.startswith(("__connect.errors.", "trail.errors."))}
+    missing = [k for k in (H_REASON, H_TOPIC, H_PARTITION, H_OFFSET) if k not in h]
+    if missing:
+        raise ValueError(f"not a TRAIL dead-letter record: headers {missing} missing")
+    ts = h.get(H_TIMESTAMP, "")
+    return DlqContext(h[H_REASON], h[H_TOPIC], int(h[H_PARTITION]), int(h[H_OFFSET]), int(ts) if ts else None)

@@ -1,0 +1,145 @@
+"""Item metadata + trend signals -> the text the TRAIL model reads.
+
+One function, `render_prompt`, used online (the stream renders every candidate
+every tick) and offline (the trainer renders its training rows), so the model
+sees identical text in both places. The layout is compact because the model
+is fine-tuned on CPU (SmolLM2 splits numbers into single digits, so every
+number costs its length in tokens):
+
+    Item: White hanging heart t-light holder (home)
+    1d:6 events (prev 3)
+    7d:41 (prev 12), 29 users
+    28d:90 (prev 80), 51 users
+    age 120d
+    Next 7d:
+
+Windows are named by the trend config's names ("1d", "7d", "28d"); counts are
+"events" (dataset-neutral); "prev" is the window just before. Users are shown
+for every window but the shortest (on day scale they nearly equal the count).
+The score head reads the hidden state of the last token (the colon), and the
+explanation is generated after it: `training_text(prompt, explanation)`.
+
+Bump PROMPT_VERSION whenever the rendered text changes: artefacts record it and
+the stream refuses a model trained on another version.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+PROMPT_VERSION = "p1"
+
+MAX_TITLE_CHARS = 40
+MAX_CATEGORY_CHARS = 20
+# The text between the prompt and the explanation. The explanation's first word
+# carries its own leading space in the tokenizer (" Rising"), so training text and
+# generation agree when generation starts right after the prompt.
+EXPLANATION_SEPARATOR = " "
+
+_UNIT_HOURS = {"m": 1 / 60, "h": 1.0, "d": 24.0, "w": 168.0}
+_WINDOW_NAME = re.compile(r"^(\d+)([mhdw])$")
+_SPACES = re.compile(r"\s+")
+
+
+@lru_cache(maxsize=64)
+def window_hours(name: str) -> float:
+    """'7d' -> 168.0. Window names are <number><m|h|d|w>, as in TrendConfig."""
+    m = _WINDOW_NAME.match(name)
+    if not m:
+        raise ValueError(f"window name {name!r} is not <number><m|h|d|w>, e.g. '7d'")
+    return int(m.group(1)) * _UNIT_HOURS[m.group(2)]
+
+
+def signal_windows(signals: Mapping[str, float]) -> tuple[str, ...]:
+    """Window names present in a signals row (keys count_<w>), shortest first."""
+    names = [k[6:] for k in signals if k.startswith("count_")]
+    return tuple(sorted(names, key=window_hours))
+
+
+def main_window(windows: Sequence[str], horizon_days: float = 7) -> str:
+    """The window whose length is closest to the forecast horizon (ties: the longer)."""
+    if not windows:
+        raise ValueError("no windows: the signals row has no count_<window> keys")
+    target = horizon_days * 24
+    return min(windows, key=lambda w: (abs(window_hours(w) - target), -window_hours(w)))
+
+
+@lru_cache(maxsize=65536)
+def short_title(title: str) -> str:
+    """Whitespace collapsed, (mostly) ALL-CAPS titles lower-cased (they cost ~2x the tokens),
+    cut at a word boundary to MAX_TITLE_CHARS."""
+    text = _SPACES.sub(" ", title).strip()
+    letters = [c for c in text if c.isalpha()]
+    if letters and sum(c.isupper() for c in letters) >= 0.8 * len(letters):
+        text = text[0] + text[1:].lower()
+    if len(text) > MAX_TITLE_CHARS:
+        cut = text[: MAX_TITLE_CHARS + 1].rsplit(" ", 1)[0]
+        text = (cut if len(cut) >= MAX_TITLE_CHARS // 2 else text[:MAX_TITLE_CHARS]).rstrip(" ,;:-(") + "…"
+    return text
+
+
+@lru_cache(maxsize=4096)
+def _short_category(category: str) -> str:
+    first = _SPACES.sub(" ", re.split(r"[|,;/]", category, maxsplit=1)[0]).strip()
+    return first[:MAX_CATEGORY_CHARS].rstrip()
+
+
+def _n(signals: Mapping[str, float], key: str) -> int:
+    try:
+        value = signals[key]
+    except KeyError:
+        raise ValueError(f"signals row lacks {key!r}; it has {sorted(signals)}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"signal {key} is {value!r}, not a finite number")
+    # Counts are whole numbers already; round() guards against float noise.
+    return int(round(value))
+
+
+def render_prompt(
+    title: str | None,
+    category: str | None,
+    signals: Mapping[str, float],
+    horizon_days: int,
+    windows: Sequence[str] | None = None,
+    item_id: str | None = None,
+) -> str:
+    """The model's input for one item at one cut-off. Deterministic and cheap (µs).
+
+    `windows` defaults to the windows of the signals row (its count_<w> keys).
+    An item without a title is named by `item_id`.
+    """
+    if horizon_days < 1:
+        raise ValueError(f"horizon_days must be >= 1, got {horizon_days}")
+    # Item tables come from pandas: a missing title or category may be None or NaN.
+    name = title if isinstance(title, str) and title.strip() else item_id
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"render_prompt needs a title or an item_id, got title={title!r}, item_id={item_id!r}")
+    wins = tuple(windows) if windows is not None else signal_windows(signals)
+    if not wins:
+        raise ValueError("signals row has no count_<window> keys")
+    head = f"Item: {short_title(name)}"
+    if isinstance(category, str) and category.strip():
+        head += f" ({_short_category(category)})"
+    lines = [head]
+    for i, w in enumerate(wins):
+        line = f"{w}:{_n(signals, f'count_{w}')}{' events' if i == 0 else ''} (prev {_n(signals, f'prev_count_{w}')})"
+        if i > 0 or len(wins) == 1:
+            line += f", {_n(signals, f'users_{w}')} users"
+        lines.append(line)
+    age_h = _n(signals, "age_h")
+    lines.append(f"age {age_h}h" if age_h < 48 else f"age {round(age_h / 24)}d")
+    lines.append(f"Next {horizon_days}d:")
+    return "\n".join(lines)
+
+
+def explanation_prefix() -> str:
+    """What goes between the prompt and the explanation in training text."""
+    return EXPLANATION_SEPARATOR
+
+
+def training_text(prompt: str, explanation: str) -> str:
+    """Prompt and target explanation as one LM training string (add EOS when tokenizing)."""
+    return prompt + EXPLANATION_SEPARATOR + explanation.strip()

@@ -1,0 +1,235 @@
+"""Typed output records: what the scorer and explainer publish to Kafka and the sink stores.
+
+Pure module (no Kafka, Faust or ClickHouse import). Each record validates itself on
+construction, so a bad value fails where it was made rather than in a ClickHouse batch
+minutes later. `to_dict()` is the JSON contract of DESIGN.md (tick as ISO-8601 UTC),
+`to_json()` its orjson bytes, `from_dict()` / `from_json()` the inverse.
+
+`tick` accepts a timezone-aware datetime, an ISO-8601 string or epoch milliseconds and is
+kept as an aware UTC datetime with millisecond precision (the store's DateTime64(3)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+import orjson
+
+__all__ = ["Prediction", "Explanation", "TrendSnapshot", "RecordError", "to_tick", "tick_iso", "Record"]
+
+
+class RecordError(ValueError):
+    """A record field has the wrong type or an impossible value."""
+
+
+def to_tick(value: datetime | str | int | float) -> datetime:
+    """Normalise a tick to an aware UTC datetime truncated to milliseconds."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise RecordError(f"tick {value!r} is a naive datetime; give it a timezone (UTC)")
+        dt = value.astimezone(timezone.utc)
+    elif isinstance(value, bool):
+        raise RecordError(f"tick must be a datetime, ISO-8601 string or epoch ms, got {value!r}")
+    elif isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise RecordError(f"tick {value!r} is not a finite epoch-ms value")
+        dt = datetime.fromtimestamp(int(value) / 1000.0, tz=timezone.utc)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text.endswith("Z"):
+            text = text[:-1] + "+00:00"
+        try:
+            dt = datetime.fromisoformat(text)
+        except ValueError:
+            raise RecordError(f"tick {value!r} is not an ISO-8601 timestamp") from None
+        if dt.tzinfo is None:
+            raise RecordError(f"tick {value!r} has no UTC offset; write it as ...Z or ...+00:00")
+        dt = dt.astimezone(timezone.utc)
+    else:
+        raise RecordError(f"tick must be a datetime, ISO-8601 string or epoch ms, got {type(value).__name__}")
+    return dt.replace(microsecond=dt.microsecond - dt.microsecond % 1000)
+
+
+def tick_iso(tick: datetime) -> str:
+    """ISO-8601 with millisecond precision and a Z suffix, e.g. 2011-12-01T00:00:00.000Z."""
+    return tick.strftime("%Y-%m-%dT%H:%M:%S.") + f"{tick.microsecond // 1000:03d}Z"
+
+
+def _text(name: str, value: Any, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise RecordError(f"{name} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RecordError(f"{name} must not be empty")
+    return value
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # numpy scalars are registered as numbers.Real but not int/float
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise RecordError(f"{name} must be a number, got {type(value).__name__}") from None
+    value = float(value)
+    if not math.isfinite(value):
+        raise RecordError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool):
+        raise RecordError(f"{name} must be an integer, got a bool")
+    try:
+        as_int = int(value)
+    except (TypeError, ValueError):
+        raise RecordError(f"{name} must be an integer, got {value!r}") from None
+    if as_int != value:
+        raise RecordError(f"{name} must be an integer, got {value!r}")
+    if as_int < minimum:
+        raise RecordError(f"{name} must be >= {minimum}, got {as_int}")
+    return as_int
+
+
+def _signals(value: Any) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        raise RecordError(f"signals must be a mapping of name -> number, got {type(value).__name__}")
+    return {_text("signal name", k): _number(f"signals[{k!r}]", v) for k, v in value.items()}
+
+
+def _require(data: Mapping[str, Any], names: tuple[str, ...], kind: str) -> None:
+    if not isinstance(data, Mapping):
+        raise RecordError(f"{kind} must be a JSON object, got {type(data).__name__}")
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise RecordError(f"{kind} is missing {', '.join(missing)}")
+
+
+class _Record:
+    __slots__ = ()
+
+    table: ClassVar[str]
+    _fields: ClassVar[tuple[str, ...]]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self._fields}
+        out["tick"] = tick_iso(out["tick"])
+        if "signals" in out:
+            out["signals"] = dict(out["signals"])
+        return out
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        _require(data, cls._fields, cls.__name__)
+        return cls(**{name: data[name] for name in cls._fields})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str):
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as ex:
+            raise RecordError(f"{cls.__name__} is not valid JSON: {ex}") from None
+        return cls.from_dict(data)
+
+    @property
+    def key(self) -> tuple[str, datetime, str]:
+        """The store's de-duplication key: a replayed record with this key replaces, never adds."""
+        return (self.item_id, self.tick, self.model_version)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction(_Record):
+    """One scored item at one tick (topic trail.predictions, table trail_predictions)."""
+
+    item_id: str
+    tick: datetime
+    score: float
+    predicted_count: float
+    rank: int
+    signals: dict[str, float]
+    model_version: str
+
+    table: ClassVar[str] = "trail_predictions"
+    _fields: ClassVar[tuple[str, ...]] = ("item_id", "tick", "score", "predicted_count", "rank", "signals", "model_version")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "item_id", _text("item_id", self.item_id))
+        object.__setattr__(self, "tick", to_tick(self.tick))
+        object.__setattr__(self, "score", _number("score", self.score))
+        predicted = _number("predicted_count", self.predicted_count)
+        if predicted < 0:
+            raise RecordError(f"predicted_count must be >= 0, got {predicted}")
+        object.__setattr__(self, "predicted_count", predicted)
+        object.__setattr__(self, "rank", _count("rank", self.rank, 1))
+        object.__setattr__(self, "signals", _signals(self.signals))
+        object.__setattr__(self, "model_version", _text("model_version", self.model_version))
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation(_Record):
+    """The explainer's sentence for one top item at one tick (trail.explanations, trail_explanations)."""
+
+    item_id: str
+    tick: datetime
+    rank: int
+    explanation: str
+    faithful: bool
+    claims_checked: int
+    model_version: str
+
+    table: ClassVar[str] = "trail_explanations"
+    _fields: ClassVar[tuple[str, ...]] = ("item_id", "tick", "rank", "explanation", "faithful", "claims_checked", "model_version")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "item_id", _text("item_id", self.item_id))
+        object.__setattr__(self, "tick", to_tick(self.tick))
+        object.__setattr__(self, "rank", _count("rank", self.rank, 1))
+        object.__setattr__(self, "explanation", _text("explanation", self.explanation, allow_empty=True))
+        faithful = self.faithful
+        if not isinstance(faithful, bool):
+            if faithful in (0, 1):
+                faithful = bool(faithful)
+            else:
+                raise RecordError(f"faithful must be a bool, got {faithful!r}")
+        object.__setattr__(self, "faithful", faithful)
+        object.__setattr__(self, "claims_checked", _count("claims_checked", self.claims_checked, 0))
+        object.__setattr__(self, "model_version", _text("model_version", self.model_version))
+
+
+@dataclass(frozen=True, slots=True)
+class TrendSnapshot(_Record):
+    """An item's trend signals at a tick, whether or not it was scored.
+
+    Dashboards read realised counts from here: the count over the horizon window at tick
+    t + h is what actually happened in (t, t + h]. `model_version` is the feature spec
+    the signals were computed with (e.g. "signals-v1"), so the key matches the other tables.
+    """
+
+    item_id: str
+    tick: datetime
+    signals: dict[str, float]
+    model_version: str = field(default="signals")
+
+    table: ClassVar[str] = "trail_trend_snapshots"
+    _fields: ClassVar[tuple[str, ...]] = ("item_id", "tick", "signals", "model_version")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "item_id", _text("item_id", self.item_id))
+        object.__setattr__(self, "tick", to_tick(self.tick))
+        object.__setattr__(self, "signals", _signals(self.signals))
+        object.__setattr__(self, "model_version", _text("model_version", self.model_version))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        _require(data, ("item_id", "tick", "signals"), cls.__name__)
+        return cls(data["item_id"], data["tick"], data["signals"], data.get("model_version", "signals"))
+
+
+Record = Prediction | Explanation | TrendSnapshot
+RECORD_TYPES: dict[str, type[_Record]] = {t.table: t for t in (Prediction, Explanation, TrendSnapshot)}

@@ -1,0 +1,162 @@
+"""TRAIL's Kafka topics: names, partition counts and settings (from the environment), and
+an idempotent `ensure_topics`.
+
+Environment (defaults in brackets):
+    TRAIL_EVENTS_TOPIC [trail.events]      TRAIL_ITEMS_TOPIC [trail.items]
+    TRAIL_DLQ_TOPIC [trail.events.dlq]     TRAIL_PREDICTIONS_TOPIC [trail.predictions]
+    TRAIL_EXPLANATIONS_TOPIC [trail.explanations]
+    TRAIL_PARTITIONS [4]   partitions of events, DLQ, predictions and explanations
+    TRAIL_ITEMS_PARTITIONS [1]   the item table is read whole by every worker
+    TRAIL_REPLICATION [1]
+    TRAIL_EVENTS_RETENTION_MS [35 days]   must exceed the longest trend window (28 d): a
+        worker that lost its state rebuilds it by re-reading the window from the topic
+    TRAIL_DLQ_RETENTION_MS [30 days]   TRAIL_OUTPUT_RETENTION_MS [7 days] (predictions, explanations)
+
+The partition count of trail.events fixes which worker owns which item (the key is the
+item id); `ensure_topics` therefore never changes the partition count of an existing
+topic, it reports the mismatch instead.
+
+Kafka applies retention to record timestamps: a replay of a 2010 log must let the
+producer stamp records with the current time (the event time lives in the value), or
+the broker deletes the records as soon as their segment rolls.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+DAY_MS = 86_400_000
+TOPIC_ALREADY_EXISTS = 36  # Kafka error code
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication: int
+    config: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    events: str = "trail.events"
+    items: str = "trail.items"
+    dlq: str = "trail.events.dlq"
+    predictions: str = "trail.predictions"
+    explanations: str = "trail.explanations"
+    partitions: int = 4
+    items_partitions: int = 1
+    replication: int = 1
+    events_retention_ms: int = 35 * DAY_MS
+    dlq_retention_ms: int = 30 * DAY_MS
+    output_retention_ms: int = 7 * DAY_MS
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Topics:
+        env = os.environ if env is None else env
+        d = cls()
+
+        def s(name: str, default: str) -> str:
+            v = env.get(name, "").strip()
+            return v or default
+
+        def i(name: str, default: int, minimum: int) -> int:
+            v = env.get(name, "").strip()
+            if not v:
+                return default
+            try:
+                n = int(v)
+            except ValueError:
+                raise ValueError(f"{name}={v!r} is not an integer") from None
+            if n < minimum:
+                raise ValueError(f"{name}={n} must be >= {minimum}")
+            return n
+
+        return cls(
+            events=s("TRAIL_EVENTS_TOPIC", d.events),
+            items=s("TRAIL_ITEMS_TOPIC", d.items),
+            dlq=s("TRAIL_DLQ_TOPIC", d.dlq),
+            predictions=s("TRAIL_PREDICTIONS_TOPIC", d.predictions),
+            explanations=s("TRAIL_EXPLANATIONS_TOPIC", d.explanations),
+            partitions=i("TRAIL_PARTITIONS", d.partitions, 1),
+            items_partitions=i("TRAIL_ITEMS_PARTITIONS", d.items_partitions, 1),
+            replication=i("TRAIL_REPLICATION", d.replication, 1),
+            events_retention_ms=i("TRAIL_EVENTS_RETENTION_MS", d.events_retention_ms, -1),
+            dlq_retention_ms=i("TRAIL_DLQ_RETENTION_MS", d.dlq_retention_ms, -1),
+            output_retention_ms=i("TRAIL_OUTPUT_RETENTION_MS", d.output_retention_ms, -1),
+        )
+
+    def specs(self) -> list[TopicSpec]:
+        delete = "delete"
+        return [
+            TopicSpec(self.events, self.partitions, self.replication,
+                      {"cleanup.policy": delete, "retention.ms": str(self.events_retention_ms)}),
+            TopicSpec(self.items, self.items_partitions, self.replication,
+                      {"cleanup.policy": "compact", "retention.ms": "-1"}),
+            TopicSpec(self.dlq, self.partitions, self.replication,
+                      {"cleanup.policy": delete, "retention.ms": str(self.dlq_retention_ms)}),
+            TopicSpec(self.predictions, self.partitions, self.replication,
+                      {"cleanup.policy": delete, "retention.ms": str(self.output_retention_ms)}),
+            TopicSpec(self.explanations, self.partitions, self.replication,
+                      {"cleanup.policy": delete, "retention.ms": str(self.output_retention_ms)}),
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class EnsureResult:
+    created: list[str]
+    existing: list[str]
+    # name -> (partitions found, partitions wanted); left as they are, see the module doc
+    partition_mismatch: dict[str, tuple[int, int]]
+
+
+async def ensure_topics(bootstrap: str, topics: Topics | None = None,
+                        specs: list[TopicSpec] | None = None,
+                        request_timeout_ms: int = 10_000) -> EnsureResult:
+    """Create whichever of the topics are missing; safe to call again and from several processes."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    specs = (topics or Topics.from_env()).specs() if specs is None else specs
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms)
+    await admin.start()
+    try:
+        present = set(await admin.list_topics())
+        missing = [s for s in specs if s.name not in present]
+        created: list[str] = []
+        raced: list[str] = []
+        if missing:
+            resp = await admin.create_topics(
+                [NewTopic(s.name, s.partitions, s.replication, topic_configs=dict(s.config)) for s in missing])
+            errors = []
+            for err in resp.topic_errors:
+                name, code = err[0], err[1]
+                message = err[2] if len(err) > 2 else None
+                if code == 0:
+                    created.append(name)
+                elif code == TOPIC_ALREADY_EXISTS:
+                    raced.append(name)
+                else:
+                    errors.append(f"{name}: error {code} {message or ''}".strip())
+            if errors:
+                raise RuntimeError(f"creating topics on {bootstrap} failed: {'; '.join(errors)}")
+        existing = [s.name for s in specs if s.name not in created]
+        mismatch: dict[str, tuple[int, int]] = {}
+        if existing:
+            wanted = {s.name: s.partitions for s in specs}
+            for t in await admin.describe_topics(existing):
+                have = len(t["partitions"])
+                if have != wanted[t["topic"]]:
+                    mismatch[t["topic"]] = (have, wanted[t["topic"]])
+        if created:
+            log.info("topics.created", bootstrap=bootstrap, topics=created)
+        for name, (have, want) in mismatch.items():
+            log.warning("topics.partition_mismatch", topic=name, partitions=have, wanted=want)
+        return EnsureResult(created, existing, mismatch)
+    finally:
+        await admin.close()

@@ -1,0 +1,41 @@
+"""Shared fixtures. Keep this file to fixtures more than one test module uses."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+
+import pytest
+
+_topic_seq = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[str]:
+    """A real Kafka-protocol broker (Tansu, in memory) for the whole session; yields "host:port".
+
+    $TRAIL_TEST_BOOTSTRAP points the tests at an already running broker instead.
+    """
+    if external := os.environ.get("TRAIL_TEST_BOOTSTRAP"):
+        yield external
+        return
+    from stream.broker import LocalBroker
+
+    with LocalBroker() as bootstrap:
+        yield bootstrap
+
+
+@pytest.fixture
+def topics(broker: str, request: pytest.FixtureRequest):
+    """A `stream.topics.Topics` with names unique to this test, created on the session broker."""
+    import asyncio
+
+    from stream.topics import Topics, ensure_topics
+
+    prefix = f"t{next(_topic_seq)}-{request.node.name[:40]}".replace("[", "-").replace("]", "")
+    prefix = "".join(c if c.isalnum() or c in "-_." else "_" for c in prefix)
+    t = Topics(events=f"{prefix}.events", items=f"{prefix}.items", dlq=f"{prefix}.events.dlq",
+               predictions=f"{prefix}.predictions", explanations=f"{prefix}.explanations")
+    asyncio.run(ensure_topics(broker, t))
+    return t

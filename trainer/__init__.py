@@ -1,0 +1,1 @@
+"""Offline side of TRAIL: datasets, training examples built with stream.trends, baselines, evaluation."""
