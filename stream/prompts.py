@@ -7,15 +7,17 @@ is fine-tuned on CPU (SmolLM2 splits numbers into single digits, so every
 number costs its length in tokens):
 
     Item: White hanging heart t-light holder (home)
-    1d:6 events (prev 3)
+    1d:6 events
     7d:41 (prev 12), 29 users
     28d:90 (prev 80), 51 users
     age 120d
     Next 7d:
 
 Windows are named by the trend config's names ("1d", "7d", "28d"); counts are
-"events" (dataset-neutral); "prev" is the window just before. Users are shown
-for every window but the shortest (on day scale they nearly equal the count).
+"events" (dataset-neutral); "prev" is the window just before. The previous count
+and distinct users are shown for every window but the shortest (its count alone
+is the short-term pulse), and always for the window matching the horizon
+(`detailed_windows`).
 The score head reads the hidden state of the last token (the colon), and the
 explanation is generated after it: `training_text(prompt, explanation)`.
 
@@ -53,9 +55,12 @@ def window_hours(name: str) -> float:
     return int(m.group(1)) * _UNIT_HOURS[m.group(2)]
 
 
+_WINDOW_KEY = re.compile(r"^(?:count|prev_count|users|velocity|accel)_(\d+[mhdw])$")
+
+
 def signal_windows(signals: Mapping[str, float]) -> tuple[str, ...]:
-    """Window names present in a signals row (keys count_<w>), shortest first."""
-    names = [k[6:] for k in signals if k.startswith("count_")]
+    """Window names of a signals row (keys count_<w>, prev_count_<w>, users_<w> ...), shortest first."""
+    names = {m.group(1) for k in signals if (m := _WINDOW_KEY.match(k))}
     return tuple(sorted(names, key=window_hours))
 
 
@@ -65,6 +70,16 @@ def main_window(windows: Sequence[str], horizon_days: float = 7) -> str:
         raise ValueError("no windows: the signals row has no count_<window> keys")
     target = horizon_days * 24
     return min(windows, key=lambda w: (abs(window_hours(w) - target), -window_hours(w)))
+
+
+@lru_cache(maxsize=64)
+def detailed_windows(windows: tuple[str, ...], horizon_days: int) -> frozenset[str]:
+    """Windows whose previous count and distinct users the prompt shows: all but the
+    shortest, and always the one matching the horizon. The shortest window shows
+    its count only (its day-before count is noise the 7d count already smooths,
+    and dropping it keeps typical prompts within ~64 tokens). Explanation
+    targets cite only what the prompt shows, so they use this too."""
+    return frozenset(windows[1:]) | {main_window(windows, horizon_days)}
 
 
 @lru_cache(maxsize=65536)
@@ -117,17 +132,18 @@ def render_prompt(
     name = title if isinstance(title, str) and title.strip() else item_id
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"render_prompt needs a title or an item_id, got title={title!r}, item_id={item_id!r}")
-    wins = tuple(windows) if windows is not None else signal_windows(signals)
+    wins = tuple(sorted(windows, key=window_hours)) if windows is not None else signal_windows(signals)
     if not wins:
         raise ValueError("signals row has no count_<window> keys")
-    head = f"Item: {short_title(name)}"
+    head = f"Item: {short_title(name) if name is title else name.strip()[:MAX_TITLE_CHARS]}"
     if isinstance(category, str) and category.strip():
         head += f" ({_short_category(category)})"
     lines = [head]
+    detailed = detailed_windows(wins, horizon_days)
     for i, w in enumerate(wins):
-        line = f"{w}:{_n(signals, f'count_{w}')}{' events' if i == 0 else ''} (prev {_n(signals, f'prev_count_{w}')})"
-        if i > 0 or len(wins) == 1:
-            line += f", {_n(signals, f'users_{w}')} users"
+        line = f"{w}:{_n(signals, f'count_{w}')}{' events' if i == 0 else ''}"
+        if w in detailed:
+            line += f" (prev {_n(signals, f'prev_count_{w}')}), {_n(signals, f'users_{w}')} users"
         lines.append(line)
     age_h = _n(signals, "age_h")
     lines.append(f"age {age_h}h" if age_h < 48 else f"age {round(age_h / 24)}d")

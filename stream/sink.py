@@ -29,6 +29,9 @@ Outage policy (ClickHouse down or slow):
    retried; memory is bounded by `max_buffer_rows`: `submit` raises `SinkFull` and
    `asubmit` waits (back-pressure on the stream) until the store takes rows again.
 
+One sink per spill directory (an exclusive lock on `<spill_dir>/.lock`; a second one fails
+with SpillDirInUse), so each worker process needs its own directory.
+
 Replays are harmless: the tables are ReplacingMergeTree on (item_id, tick, model_version)
 with the submit time `written_at` as version, so a record written twice (retry after a
 lost response, spill replay, Kafka redelivery) counts once in FINAL queries.
@@ -37,6 +40,7 @@ lost response, spill replay, Kafka redelivery) counts once in FINAL queries.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import threading
 import time
@@ -65,6 +69,10 @@ class SinkFull(RuntimeError):
 
 class SinkClosed(RuntimeError):
     """The sink was closed (or never started) and takes no more records."""
+
+
+class SpillDirInUse(RuntimeError):
+    """Another process holds the spill directory: give each worker its own TRAIL_SINK_SPILL_DIR."""
 
 
 def _positive(name: str, value: float) -> None:
@@ -186,6 +194,8 @@ class ResultSink:
         self._durable_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._capacity_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._idle = threading.Event()
+        self._lock_file: Any = None
+        self._abandoned = False
 
     # ---- caller side (event loop or any thread) -------------------------------------------
 
@@ -198,6 +208,7 @@ class ResultSink:
                 return self
             self._started = True
         self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_spill_dir()
         for tmp in self.spill_dir.glob(f"*{_SPILL_SUFFIX}.tmp"):
             tmp.unlink()  # never renamed, so never reported durable: its records are still in Kafka
         self._spill_files = {p: p.stat().st_size for p in sorted(self.spill_dir.glob(f"*{_SPILL_SUFFIX}"))}
@@ -241,12 +252,13 @@ class ResultSink:
                 self._stamps[r.table].append(stamp)
             self._pending_rows += len(batch)
             self._stats.submitted_rows += len(batch)
-            if self._oldest is None:
+            first = self._oldest is None
+            if first:
                 self._oldest = time.monotonic()
             self._seq += 1
             self._idle.clear()
-            if self._pending_rows >= self.config.batch_rows:
-                self._cond.notify_all()
+            if first or self._pending_rows >= self.config.batch_rows:
+                self._cond.notify_all()  # the writer sets its timer on the first row, writes on a full batch
             return self._seq
 
     async def asubmit(self, records: Iterable[Any]) -> int:
@@ -279,16 +291,20 @@ class ResultSink:
         with self._cond:
             if self._durable >= seq:
                 return
+            if self._crashed is not None:
+                raise SinkClosed(f"the sink's writer thread died: {self._crashed}")
             self._durable_waiters.append((seq, loop, fut))
             self._flush_upto = max(self._flush_upto, seq)
             self._cond.notify_all()
         await asyncio.wait_for(fut, timeout)
 
     def wait_durable_sync(self, seq: int, timeout: float | None = None) -> bool:
+        """Block until `seq` is durable; False on timeout or when the writer thread died."""
         with self._cond:
             self._flush_upto = max(self._flush_upto, seq)
             self._cond.notify_all()
-            return self._cond.wait_for(lambda: self._durable >= seq, timeout)
+            self._cond.wait_for(lambda: self._durable >= seq or self._crashed is not None, timeout)
+            return self._durable >= seq
 
     def flush(self, timeout: float | None = None) -> bool:
         """Write (or spill) everything submitted so far; True when it is all durable in time."""
@@ -327,10 +343,39 @@ class ResultSink:
         if self._thread is None:
             return True
         self._thread.join(timeout)
-        finished = not self._thread.is_alive()
-        if not finished:
-            log.error("sink.close_timeout", buffered=self._pending_rows + self._inflight_rows, timeout_s=timeout)
-        return finished
+        if self._thread.is_alive():
+            # Give up on what is still buffered: none of it was reported durable, so the
+            # caller's source (Kafka) still has it. The writer stops after its current attempt.
+            with self._cond:
+                self._abandoned = True
+                self._cond.notify_all()
+            log.error("sink.close_timeout", abandoned_rows=self._pending_rows + self._inflight_rows, timeout_s=timeout)
+            self._thread.join(5.0)
+            if not self._thread.is_alive():
+                self._unlock_spill_dir()
+            return False
+        self._unlock_spill_dir()
+        return True
+
+    def _lock_spill_dir(self) -> None:
+        # Spill files belong to one writer: a second process replaying or cleaning the same
+        # directory would race this one. The lock dies with the process, so a crash frees it.
+        f = open(self.spill_dir / ".lock", "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            with self._cond:
+                self._started = False
+            raise SpillDirInUse(f"spill directory {self.spill_dir} is used by another running sink; give each "
+                                "worker its own (TRAIL_SINK_SPILL_DIR, or a separate volume)") from None
+        self._lock_file = f
+
+    def _unlock_spill_dir(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
 
     # ---- writer thread --------------------------------------------------------------------
 
@@ -347,6 +392,14 @@ class ResultSink:
         except BaseException as ex:  # a bug here must not fail silently: nothing would be written
             with self._cond:
                 self._crashed = f"{type(ex).__name__}: {ex}"
+                waiters = [(loop, fut) for _, loop, fut in self._durable_waiters] + self._capacity_waiters
+                self._durable_waiters, self._capacity_waiters = [], []
+                self._cond.notify_all()
+            for loop, fut in waiters:
+                try:
+                    loop.call_soon_threadsafe(_fail, fut, SinkClosed(f"the sink's writer thread died: {self._crashed}"))
+                except RuntimeError:
+                    pass
             log.exception("sink.writer_crashed")
             raise
         finally:
@@ -357,6 +410,8 @@ class ResultSink:
         cfg = self.config
         with self._cond:
             while True:
+                if self._abandoned:
+                    return None
                 now = time.monotonic()
                 if self._pending_rows:
                     due = self._oldest + cfg.flush_interval_s
@@ -443,6 +498,8 @@ class ResultSink:
                     self._mark_unhealthy()
                     self._spill(batch)
                     return
+                if self._abandoned:
+                    return
                 self._sleep(self._backoff)
                 self._backoff = min(self._backoff * 2, cfg.retry_max_s)
                 continue
@@ -454,9 +511,9 @@ class ResultSink:
             return
 
     def _sleep(self, seconds: float) -> None:
+        # close() cuts the backoff short when the batch can go to disk instead
         with self._cond:
-            if not self._stopping:
-                self._cond.wait_for(lambda: self._stopping, seconds)
+            self._cond.wait_for(lambda: self._abandoned or (self._stopping and self._spill_allowed()), seconds)
 
     def _mark_healthy(self) -> None:
         if not self._healthy:
@@ -552,6 +609,11 @@ class ResultSink:
 def _resolve(fut: asyncio.Future) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _fail(fut: asyncio.Future, ex: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(ex)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -401,7 +401,9 @@ class TrendTable:
             )
             col += 5
         age_buckets = np.arange(cfg.longest - 1, -1, -1)  # newest bucket has age 0
-        out[:, col] = hist[:, -cfg.longest :].astype(np.float64) @ np.exp2(-age_buckets / cfg.ema_halflife_buckets)
+        # elementwise then row sum, not a matmul: BLAS sums in an order that depends on the row count,
+        # and a partition's table must give the same bits as the whole log's
+        out[:, col] = (hist[:, -cfg.longest :] * np.exp2(-age_buckets / cfg.ema_halflife_buckets)).sum(axis=1)
         if end <= self.head_bucket:  # events at or after as_of are already in the table
             later = np.arange(end, self.head_bucket + 1) % self._ring
             out[:, col + 1] = self._total[slots] - self._counts[np.ix_(slots, later)].sum(axis=1)

@@ -366,6 +366,7 @@ class ClickHouseHTTPProcess:
         self.port = port
         self.user, self.password = user, password
         self.proc: subprocess.Popen | None = None
+        self.log_path = f"{Path(self.path).resolve()}.server.log"
 
     @property
     def url(self) -> str:
@@ -377,13 +378,15 @@ class ClickHouseHTTPProcess:
             cmd += ["--user", self.user, "--password", self.password or ""]
         deadline = time.monotonic() + timeout
         while True:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            # stderr goes to a file: an unread pipe would fill up and stall the server
+            with open(self.log_path, "ab") as log_file:
+                self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True)
             line = self.proc.stdout.readline()
             if line.startswith("LISTENING "):
                 self.port = int(line.split()[1])
                 break
-            err = self.proc.stderr.read()
             self.proc.wait()
+            err = Path(self.log_path).read_text(errors="replace")
             # a restarted server may find its port (or chdb its data dir) not yet released
             if time.monotonic() > deadline or "Address already in use" not in err and "EmbeddedServer" not in err:
                 raise RuntimeError(f"clickhouse_http did not start: {err[-2000:]}")
@@ -423,10 +426,8 @@ class ClickHouseHTTPProcess:
         self._close_pipes()
 
     def _close_pipes(self) -> None:
-        if self.proc:
-            for pipe in (self.proc.stdout, self.proc.stderr):
-                if pipe:
-                    pipe.close()
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
 
     def __enter__(self) -> ClickHouseHTTPProcess:
         return self.start()

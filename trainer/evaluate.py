@@ -54,9 +54,13 @@ def fit_baselines(examples: Examples, split: Split, seed: int = 0, num_threads: 
 
 def run(dataset: str, items: str | None = None, horizon_days: float | None = None, period_days: float | None = None,
         min_history_days: float = 28.0, test_frac: float = 0.2, valid_frac: float = 0.1,
-        config: TrendConfig | None = None, seed: int = 0, num_threads: int = 2,
+        config: TrendConfig | None = None, seed: int = 0, num_threads: int = 2, oracle: bool = False,
         progress: bool = False) -> tuple[dict, dict[str, float]]:
-    """Load, build examples, fit and score the baselines. Returns (report, seconds per stage)."""
+    """Load, build examples, fit and score the baselines. Returns (report, seconds per stage).
+
+    `oracle` adds a row scored with the true counts: the ceiling of any count forecast
+    under this protocol (the shared list cannot fit every user).
+    """
     t0 = time.perf_counter()
     ds = load_dataset(dataset, items, horizon_days=horizon_days)
     t1 = time.perf_counter()
@@ -65,6 +69,8 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
     split = split_cutoffs(examples.cutoffs, examples.horizon_ms, test_frac=test_frac, valid_frac=valid_frac)
     t2 = time.perf_counter()
     methods = fit_baselines(examples, split, seed=seed, num_threads=num_threads)
+    if oracle:
+        methods["oracle"] = lambda frame: frame["label_count"].to_numpy(np.float64)
     t3 = time.perf_counter()
     results = evaluate_methods(examples, split, methods)
     t4 = time.perf_counter()
@@ -134,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="history before the first cut-off (default 28)")
     ap.add_argument("--test-frac", type=float, default=0.2, help="share of cut-offs for test, the last ones (0.2)")
     ap.add_argument("--valid-frac", type=float, default=0.1, help="share of cut-offs for validation, before test (0.1)")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also score the true counts as a method named oracle (the protocol's ceiling)")
     ap.add_argument("--seed", type=int, default=0, help="gbm seed (0)")
     ap.add_argument("--threads", type=int, default=2, help="gbm threads (2)")
     return ap
@@ -148,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         report, stages = run(args.dataset or args.events, args.items, horizon_days=args.horizon_days,
                              period_days=args.period_days, min_history_days=args.min_history_days,
                              test_frac=args.test_frac, valid_frac=args.valid_frac, seed=args.seed,
-                             num_threads=args.threads, progress=sys.stderr.isatty())
+                             num_threads=args.threads, oracle=args.oracle, progress=sys.stderr.isatty())
     except (DatasetError, ExamplesError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,8 +19,8 @@ For each cut-off t (bucket-aligned, UTC midnight plus whole periods):
 Cut-offs start at the first UTC midnight with at least `min_history_days` of log
 before it and end with the last one whose horizon fits in the log (t + h <= the
 last event's ts). `split_cutoffs` cuts them in time order into train / validation /
-test, purging train (validation) cut-offs whose label window reaches into the
-next part, so no label period overlaps a later part's.
+test, leaving out the cut-offs whose label window would reach into the next part
+(only when the period is shorter than the horizon).
 """
 
 from __future__ import annotations
@@ -188,22 +188,25 @@ def _assemble(parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], names
 
 
 def split_cutoffs(cutoffs: np.ndarray, horizon_ms: int, test_frac: float = 0.2, valid_frac: float = 0.1) -> Split:
-    """Time-ordered split: the last `test_frac` of cut-offs test, the `valid_frac` before them validation.
+    """Time-ordered split: the last `test_frac` of cut-offs test, `valid_frac` before them validation.
 
-    Train (validation) cut-offs whose label window [t, t+h) reaches past the first
-    validation (test) cut-off are dropped, so labels never overlap a later part.
+    Validation takes the last cut-offs whose label window [t, t+h) ends by the first
+    test cut-off, train those whose window ends by the first validation cut-off; the
+    ones in between (only when the period is shorter than the horizon) are dropped,
+    so no label window overlaps a later part.
     """
     cutoffs = np.sort(np.asarray(cutoffs, np.int64))
     if not (0 < test_frac < 1 and 0 < valid_frac < 1 and test_frac + valid_frac < 1):
         raise ExamplesError(f"need 0 < test_frac, valid_frac and their sum < 1; got {test_frac}, {valid_frac}")
     n = len(cutoffs)
+    if n < 3:
+        raise ExamplesError(f"{n} cut-off(s) are too few for a train/validation/test split; use a longer log "
+                            "or a shorter period")
     n_test = max(1, round(n * test_frac))
     n_valid = max(1, round(n * valid_frac))
     test = cutoffs[n - n_test:]
-    valid = cutoffs[n - n_test - n_valid: n - n_test]
-    train = cutoffs[: max(0, n - n_test - n_valid)]
-    valid = valid[valid + horizon_ms <= test[0]]
-    train = train[train + horizon_ms <= (valid[0] if len(valid) else test[0])]
+    valid = cutoffs[cutoffs + horizon_ms <= test[0]][-n_valid:]
+    train = cutoffs[cutoffs + horizon_ms <= valid[0]] if len(valid) else valid
     if len(train) == 0 or len(valid) == 0:
         raise ExamplesError(f"{n} cut-offs are too few for a train/validation/test split "
                             f"(after purging overlapping horizons: train {len(train)}, valid {len(valid)}, "

@@ -23,9 +23,13 @@ to average is None (null in the JSON).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from trainer.examples import Truth
 
 KS: tuple[int, ...] = (5, 10, 20)
 
@@ -106,7 +110,7 @@ def ranking_sums(ranked: np.ndarray, user: np.ndarray, item: np.ndarray, ks: Seq
     return n_users, sums
 
 
-def evaluate_predictions(frame: pd.DataFrame, pred: np.ndarray, truth, cutoffs: Sequence[int] | None = None,
+def evaluate_predictions(frame: pd.DataFrame, pred: np.ndarray, truth: Truth, cutoffs: Sequence[int] | None = None,
                          ks: Sequence[int] = KS) -> dict[str, float | None]:
     """All metrics of one method on the rows of `frame` (cutoff_ms, item_id, label_count).
 

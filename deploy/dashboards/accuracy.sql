@@ -2,8 +2,8 @@
 -- predicted vs realised counts of the items scored at that tick. Realised = the count over
 -- the horizon window at tick + horizon (trend snapshots, else later predictions' signals;
 -- 0 for an item absent from a snapshot that exists). Metrics on log(1 + count) like the
--- offline evaluation: MAE, RMSE, Spearman (rankCorr), and their means over the last
--- window_ticks ticks.
+-- offline evaluation: MAE, RMSE, Spearman (Pearson correlation of average ranks), and their
+-- means over the last window_ticks ticks (the current one included).
 -- Parameters: model_version ('' = latest model), count_signal (e.g. count_7d),
 -- horizon_hours (e.g. 168), window_ticks (e.g. 24), time_from, time_to.
 WITH
@@ -50,18 +50,29 @@ WITH
         LEFT JOIN observed AS o ON o.item_id = p.item_id AND o.tick = p.tick + toIntervalHour({horizon_hours:UInt32})
         SETTINGS join_use_nulls = 1
     ),
+    ranked AS
+    (
+        -- average ranks within a tick (ties share the mean of their positions), as scipy's spearmanr
+        SELECT
+            tick,
+            predicted,
+            assumeNotNull(realised) AS actual,
+            rank() OVER (PARTITION BY tick ORDER BY predicted) + (count() OVER (PARTITION BY tick, predicted) - 1) / 2 AS rank_predicted,
+            rank() OVER (PARTITION BY tick ORDER BY actual) + (count() OVER (PARTITION BY tick, actual) - 1) / 2 AS rank_actual
+        FROM scored
+        WHERE realised IS NOT NULL
+    ),
     per_tick AS
     (
         SELECT
             tick,
             count() AS items,
-            avg(abs(log1p(predicted) - log1p(assumeNotNull(realised)))) AS mae_log1p,
-            sqrt(avg(pow(log1p(predicted) - log1p(assumeNotNull(realised)), 2))) AS rmse_log1p,
-            rankCorr(predicted, toFloat64(assumeNotNull(realised))) AS spearman,
+            avg(abs(log1p(predicted) - log1p(actual))) AS mae_log1p,
+            sqrt(avg(pow(log1p(predicted) - log1p(actual), 2))) AS rmse_log1p,
+            corr(toFloat64(rank_predicted), toFloat64(rank_actual)) AS spearman,
             sum(predicted) AS predicted_total,
-            sum(assumeNotNull(realised)) AS realised_total
-        FROM scored
-        WHERE realised IS NOT NULL
+            sum(actual) AS realised_total
+        FROM ranked
         GROUP BY tick
     )
 SELECT
@@ -76,5 +87,5 @@ SELECT
     avg(rmse_log1p) OVER w AS rmse_log1p_rolling,
     avg(spearman) OVER w AS spearman_rolling
 FROM per_tick
-WINDOW w AS (ORDER BY tick ROWS BETWEEN {window_ticks:UInt32} PRECEDING AND CURRENT ROW)
+WINDOW w AS (ORDER BY tick ROWS BETWEEN {window_ticks:UInt32} - 1 PRECEDING AND CURRENT ROW)
 ORDER BY tick

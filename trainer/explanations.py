@@ -1,0 +1,356 @@
+"""Target explanations built from the trend signals, and negatives for contrastive training.
+
+`target_explanation` writes one or two short sentences that say whether the item
+is likely to rise or fall and cite the signals the prompt shows (stream.prompts):
+the main window's count against the window before, its distinct users, the
+shortest window's pulse, the longest window, the age. Phrasings vary (templates,
+synonyms, which facts to cite, their order) so the model learns to read the
+numbers, not one sentence. Every target is faithful by construction and must
+pass stream.faithfulness.check with at least one claim (tests/test_explanations.py
+asserts it over thousands of random rows).
+
+`negative_explanations` perturbs a faithful explanation into unfaithful ones
+(flipped direction, one wrong number, a swapped window, another item's facts);
+each is kept only if the checker rejects it.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Mapping
+
+from stream.faithfulness import check, window_spans
+from stream.prompts import detailed_windows, main_window, signal_windows, window_hours
+
+OUTLOOKS = ("rise", "fall", "steady")
+# ~40 SmolLM2 tokens (numbers cost a token per digit): a longer draft drops its second fact
+MAX_CHARS = 130
+COUNT_NOUNS = ("interactions", "events")
+USER_NOUNS = ("users", "distinct users", "different users", "unique users", "people")
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def _unit_phrase(hours: float) -> tuple[int, str]:
+    if hours % 168 == 0 and hours >= 168 and hours != 168:
+        return int(hours // 168), "weeks"
+    if hours % 24 == 0:
+        return int(hours // 24), "days"
+    if hours == int(hours):
+        return int(hours), "hours"
+    return int(round(hours * 60)), "minutes"
+
+
+def current_phrases(window: str) -> list[str]:
+    """Ways to name the window ending at the cut-off ("the last 7 days")."""
+    h = window_hours(window)
+    named = {1.0: ["the last hour", "the past hour"],
+             24.0: ["the last day", "the past day", "the last 24 hours", "the past 24 hours"],
+             168.0: ["the last 7 days", "the past 7 days", "the past week", "the last week"],
+             672.0: ["the last 28 days", "the past 28 days", "the last 4 weeks", "the past four weeks"]}
+    if h in named:
+        return named[h]
+    n, unit = _unit_phrase(h)
+    days = [f"the last {int(h // 24)} days", f"the past {int(h // 24)} days"] if unit == "weeks" else []
+    return [f"the last {n} {unit}", f"the past {n} {unit}"] + days
+
+
+def previous_phrases(window: str) -> list[str]:
+    """Ways to name the window before it ("the week before")."""
+    h = window_hours(window)
+    named = {1.0: ["the hour before", "the previous hour"],
+             24.0: ["the day before", "the previous day", "the prior day"],
+             168.0: ["the week before", "the previous week", "the prior week", "the previous 7 days", "the 7 days before"],
+             672.0: ["the previous 28 days", "the 28 days before", "the prior 4 weeks", "the previous four weeks"]}
+    if h in named:
+        return named[h]
+    n, unit = _unit_phrase(h)
+    return [f"the previous {n} {unit}", f"the {n} {unit} before", f"the prior {n} {unit}"]
+
+
+def _horizon_phrase(horizon_days: int, rng: random.Random) -> str:
+    if horizon_days == 1:
+        return rng.choice(["tomorrow", "over the next day"])
+    if horizon_days == 7:
+        return rng.choice(["next week", "over the coming week", "in the next 7 days"])
+    return rng.choice([f"over the next {horizon_days} days", f"in the coming {horizon_days} days"])
+
+
+def _plural(n: int, noun: str) -> str:
+    """'1 interactions' -> '1 interaction' (nouns here are regular plurals, or 'people')."""
+    if n != 1:
+        return f"{n} {noun}"
+    if noun.endswith("people"):
+        return f"{n} {noun[:-6]}person"
+    return f"{n} {noun[:-1]}"
+
+
+def _n(x: float) -> int:
+    return int(round(x))
+
+
+def _direction(cur: int, prev: int) -> str:
+    return "rise" if cur > prev else "fall" if cur < prev else "steady"
+
+
+_LEADS = {
+    "rise": ["Rising", "Trending up", "Demand is rising", "Interest is growing", "Picking up", "On the rise",
+             "Growing", "Demand is climbing"],
+    "fall": ["Falling", "Trending down", "Demand is cooling", "Interest is fading", "Slowing down",
+             "On the decline", "Declining", "Demand is dropping"],
+    "steady": ["Steady", "Holding steady", "Flat", "Demand is stable", "Unchanged"],
+}
+_OUTLOOK_SENTENCES = {
+    "rise": ["Likely to rise {h}.", "Expect more {noun} {h}.", "Should keep climbing {h}.", "Likely to grow {h}.",
+             "Set to rise {h}.", "Likely to pick up {h}."],
+    "fall": ["Likely to fall {h}.", "Expect fewer {noun} {h}.", "Likely to cool off {h}.", "Set to decline {h}.",
+             "Likely to slow down {h}."],
+    "steady": ["Likely to stay steady {h}.", "Expect similar demand {h}.", "Likely to hold steady {h}."],
+}
+_OUTLOOK_LEADS = {
+    "rise": ["Likely to rise", "Expected to grow", "Likely to keep rising", "Set to climb"],
+    "fall": ["Likely to fall", "Expected to decline", "Likely to cool off", "Set to drop"],
+    "steady": ["Likely to stay steady", "Expected to hold steady"],
+}
+_VERB_PAST = {"rise": ["rose", "climbed", "grew", "jumped"], "fall": ["fell", "dropped", "declined", "slipped"]}
+_UPDOWN = {"rise": ["up from", "rising from", "up from"], "fall": ["down from", "falling from", "down from"]}
+
+
+class _Facts:
+    """The numbers a target may cite: those the prompt shows (stream.prompts.detailed_windows)."""
+
+    def __init__(self, signals: Mapping[str, float], horizon_days: int) -> None:
+        self.windows = signal_windows(signals)
+        if not self.windows:
+            raise ValueError(f"signals row has no count_<window> keys: {sorted(signals)}")
+        self.main = main_window(self.windows, horizon_days)
+        self.count = {w: _n(signals[f"count_{w}"]) for w in self.windows}
+        # previous counts and users only where the prompt shows them
+        shown = detailed_windows(self.windows, horizon_days)
+        self.prev = {w: _n(signals[f"prev_count_{w}"]) for w in shown}
+        self.users = {w: _n(signals[f"users_{w}"]) for w in shown}
+        self.age_h = _n(signals["age_h"])
+        self.short = self.windows[0] if len(self.windows) > 1 and self.windows[0] != self.main else None
+        self.long = self.windows[-1] if len(self.windows) > 1 and self.windows[-1] != self.main else None
+
+
+def _trend_clause(f: _Facts, w: str, noun: str, rng: random.Random) -> str:
+    """Count of window w against the window before, with the direction."""
+    c, p = f.count[w], f.prev[w]
+    rel = _direction(c, p)
+    cur, prev = rng.choice(current_phrases(w)), rng.choice(previous_phrases(w))
+    # forms 0 and 2 carry a direction word ("up from", "rose from"): weighted up, as
+    # direction flips are the contrastive pairs that matter most
+    form = rng.choices(range(5), weights=(3, 1, 2, 1, 1))[0]
+    if rel == "steady" and c == 0:
+        return rng.choice([f"no {noun} in {cur} or {prev}", f"no {noun} in {cur}, the same as {prev}"])
+    if rel == "steady":
+        return rng.choice([
+            f"{_plural(c, noun)} in {cur}, the same as {prev}",
+            f"{_plural(c, noun)} in {cur}, unchanged from {prev}",
+            f"{_plural(c, noun)} in {cur} and {p} in {prev}",
+            f"{_plural(c, noun)} over {cur}, level with {prev}",
+        ])
+    if form == 0:
+        return f"{_plural(c, noun)} in {cur}, {rng.choice(_UPDOWN[rel])} {p} {prev}"
+    if form == 1:
+        return f"{_plural(c, noun)} in {cur} vs {p} {prev}"
+    if form == 2:
+        return f"{noun} {rng.choice(_VERB_PAST[rel])} from {p} to {c} over {cur}"
+    if form == 3:
+        return f"{_plural(c, noun)} over {cur} against {p} {prev}"
+    return f"{_plural(c, noun)} in {cur} ({p} {prev})"
+
+
+def _count_clause(f: _Facts, w: str, noun: str, rng: random.Random, with_prev: bool) -> str:
+    c = f.count[w]
+    cur = rng.choice(current_phrases(w))
+    head = rng.choice([f"no {noun}", f"zero {noun}"]) if c == 0 else f"{_plural(c, noun)}"
+    text = f"{head} in {cur}"
+    if with_prev:
+        p = f.prev[w]
+        text += rng.choice([f" vs {p} {rng.choice(previous_phrases(w))}", f" ({p} {rng.choice(previous_phrases(w))})"])
+    return text
+
+
+def _users_clause(f: _Facts, w: str, rng: random.Random) -> str:
+    u = f.users[w]
+    noun = rng.choice(USER_NOUNS)
+    if u == 1:
+        return rng.choice(["from a single user", "all from one user", "from 1 distinct user", "by one person"])
+    return rng.choice([f"from {u} {noun}", f"by {u} {noun}", f"across {u} {noun}", f"{u} {noun}"])
+
+
+def _age_clause(f: _Facts, rng: random.Random) -> str:
+    if f.age_h < 48:
+        return rng.choice([f"first seen {_plural(f.age_h, 'hours')} ago", f"only {_plural(f.age_h, 'hours')} old"])
+    d = round(f.age_h / 24)
+    return rng.choice([f"first seen {d} days ago", f"{d} days old", f"around for {d} days"])
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def target_explanation(signals: Mapping[str, float], horizon_days: int, rng: random.Random,
+                       outlook: str | None = None) -> str:
+    """A faithful one- or two-sentence explanation of the item's trend.
+
+    `outlook` ("rise"/"fall"/"steady") is what the explanation forecasts; the
+    trainer may pass the direction of the true next-period count so the text
+    agrees with the score head. By default it follows the main window's trend.
+    Only numbers the prompt shows are cited.
+    """
+    if outlook is not None and outlook not in OUTLOOKS:
+        raise ValueError(f"outlook must be one of {OUTLOOKS}, got {outlook!r}")
+    f = _Facts(signals, horizon_days)
+    w = f.main
+    rel = _direction(f.count[w], f.prev[w])
+    outlook = outlook or rel
+    noun = rng.choice(COUNT_NOUNS)
+    trend = _trend_clause(f, w, noun, rng)
+    # optional second fact: users of the main window, the shortest window's pulse, the longest window, the age
+    extras = []
+    if w in f.users and f.count[w] > 0:
+        extras.append(("users", 3))
+    if f.short:
+        extras.append(("pulse", 2))
+    if f.long:
+        extras.append(("long", 2))
+    extras.append(("age", 1))
+    extras.append(("none", 2))
+    pick = rng.choices([e for e, _ in extras], weights=[wt for _, wt in extras])[0]
+    extra = ""
+    if pick == "users":
+        extra = _users_clause(f, w, rng)
+    elif pick == "pulse":
+        extra = _count_clause(f, f.short, noun, rng, with_prev=f.short in f.prev and rng.random() < 0.4)
+    elif pick == "long":
+        extra = _count_clause(f, f.long, noun, rng, with_prev=rng.random() < 0.5)
+    elif pick == "age":
+        extra = _age_clause(f, rng)
+
+    hz = _horizon_phrase(horizon_days, rng)
+    shape = rng.randrange(4)
+    text = _assemble(shape, trend, extra, pick, rel, outlook, noun, hz, rng)
+    if len(text) > MAX_CHARS and extra:
+        text = _assemble(shape, trend, "", "none", rel, outlook, noun, hz, rng)
+    return text
+
+
+def _assemble(shape: int, trend: str, extra: str, pick: str, rel: str, outlook: str, noun: str, hz: str,
+              rng: random.Random) -> str:
+    agrees = outlook == rel
+    if shape == 0:
+        # "Likely to rise: 41 interactions in the last 7 days, up from 12 the week before; from 29 users."
+        body = trend + (f"; {extra}" if extra else "")
+        return f"{rng.choice(_OUTLOOK_LEADS[outlook])}: {body}."
+    if shape == 1 and agrees:
+        # "Demand is rising: ... . Expect more interactions next week."
+        body = trend + (f", {extra}" if extra and pick == "users" else "")
+        second = _cap(extra) + ". " if extra and pick != "users" else ""
+        return f"{rng.choice(_LEADS[rel])}: {body}. {second}{rng.choice(_OUTLOOK_SENTENCES[outlook]).format(noun=noun, h=hz)}"
+    if shape == 2:
+        # "41 interactions in the last 7 days vs 12 the week before, but likely to cool off next week."
+        joint = ", and" if agrees else ", but"
+        first = _cap(trend) + (f"; {extra}" if extra else "")
+        tail = rng.choice(_OUTLOOK_SENTENCES[outlook]).format(noun=noun, h=hz)
+        return f"{first}{joint} {tail[0].lower()}{tail[1:]}"
+    # "Likely to fall next week. Interactions fell from 60 to 41 over the last 7 days; 6 in the last day."
+    body = _cap(trend) + (f", {extra}" if extra else "")
+    return f"{rng.choice(_OUTLOOK_SENTENCES[outlook]).format(noun=noun, h=hz)} {body}."
+
+
+# ---- negatives ---------------------------------------------------------------
+
+_FLIP = {
+    "rising": "falling", "falling": "rising", "up": "down", "down": "up", "rose": "fell", "fell": "rose",
+    "climbed": "dropped", "dropped": "climbed", "grew": "declined", "declined": "grew", "jumped": "slipped",
+    "slipped": "jumped", "growing": "shrinking", "climbing": "dropping", "dropping": "climbing",
+    "trending up": "trending down", "trending down": "trending up", "picking up": "slowing down",
+    "slowing down": "picking up", "on the rise": "on the decline", "on the decline": "on the rise",
+    "cooling": "heating up", "fading": "growing", "steady": "rising", "holding steady": "falling",
+    "flat": "rising", "stable": "falling", "unchanged": "rising", "the same as": "more than",
+    "unchanged from": "down from", "level with": "up on", "more than": "fewer than", "fewer than": "more than",
+    "higher": "lower", "lower": "higher", "increasing": "decreasing", "decreasing": "increasing",
+}
+
+
+def _flip_word(word: str) -> str | None:
+    flipped = _FLIP.get(word.lower())
+    if flipped is None:
+        return None
+    return _cap(flipped) if word[:1].isupper() else flipped
+
+
+_SINGULAR_TO_PLURAL = {"interaction": "interactions", "event": "events", "user": "users", "person": "people"}
+
+
+def _pluralize_after(text: str, pos: int) -> str:
+    m = re.match(r"(\s+(?:(?:distinct|different|unique|single)\s+)?)(\w+)", text[pos:])
+    if not m or m.group(2) not in _SINGULAR_TO_PLURAL:
+        return text
+    lead = m.group(1).replace("single ", "")
+    return text[:pos] + lead + _SINGULAR_TO_PLURAL[m.group(2)] + text[pos + m.end() :]
+
+
+def _replace(text: str, start: int, end: int, new: str) -> str:
+    return text[:start] + new + text[end:]
+
+
+def negative_explanations(signals: Mapping[str, float], positive: str, rng: random.Random,
+                          other_signals: Mapping[str, float] | None = None,
+                          horizon_days: int = 7) -> list[tuple[str, str]]:
+    """Unfaithful variants of a faithful explanation, as (kind, text).
+
+    Kinds: "direction" (direction words flipped), "number" (one cited number
+    changed), "window" (one window phrase swapped for another window), "other"
+    (an explanation of `other_signals`). A variant the checker still accepts
+    (say the swapped window has the same count) is left out.
+    """
+    result = check(positive, signals)
+    out: list[tuple[str, str]] = []
+
+    def keep(kind: str, text: str) -> None:
+        if text != positive and not check(text, signals).faithful:
+            out.append((kind, text))
+
+    # flipped direction: every checked direction/comparison word, so the story is consistently wrong
+    flips = [c for c in result.claims if c.kind in ("direction", "comparison") and _flip_word(c.text)]
+    if flips:
+        text = positive
+        for c in sorted(flips, key=lambda c: -c.start):
+            text = _replace(text, c.start, c.end, _flip_word(c.text))
+        keep("direction", text)
+
+    # one wrong number
+    numbers = [c for c in result.claims if c.kind == "number" and c.ok and isinstance(c.true, float)
+               and c.measure in ("count", "prev_count", "users") and c.true is not None]
+    if numbers:
+        c = rng.choice(numbers)
+        true = int(round(c.true))
+        delta = rng.choice([1, 2, 3, max(2, true // 2), max(3, true)])
+        wrong = true + delta if (true - delta < 0 or rng.random() < 0.5) else true - delta
+        if wrong == 1 and true != 1:
+            wrong = true + 2  # keep the plural noun after it grammatical
+        text = _replace(positive, c.start, c.end, str(wrong))
+        if true == 1 or c.text.lower() in ("a single", "one"):
+            # "1 interaction" -> "3 interactions": a singular noun would give the lie away
+            text = _pluralize_after(text, c.start + len(str(wrong)))
+        keep("number", text)
+
+    # one window swapped for another of the signals' windows
+    windows = signal_windows(signals)
+    spans = [s for s in window_spans(positive, windows) if s[2] in windows]
+    if spans and len(windows) > 1:
+        start, end, w, prev = rng.choice(spans)
+        other = rng.choice([x for x in windows if x != w])
+        phrase = rng.choice(previous_phrases(other) if prev else current_phrases(other))
+        span = positive[start:end]
+        m = re.match(r"(?:in|over|during|across|for|within|of|from|than|vs\.?|versus|against)\s+", span, re.I)
+        lead = m.group(0) if m else ""
+        keep("window", _replace(positive, start, end, lead + phrase))
+
+    if other_signals is not None:
+        keep("other", target_explanation(other_signals, horizon_days, rng))
+    return out
