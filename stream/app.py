@@ -12,6 +12,7 @@ or tables: see stream.worker.
 Extension point - code that runs every tick (the scorer):
 
     from stream.app import on_tick
+    from stream.trends import Signals
 
     @on_tick
     async def score(as_of_ms: int, signals: Signals) -> None: ...
@@ -26,7 +27,6 @@ each); run each `--without-web` or with its own `--web-port`.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 
@@ -35,7 +35,7 @@ import structlog
 from mode import Service
 
 from stream.config import WorkerConfig
-from stream.worker import TickHook, TrendWorker
+from stream.worker import TrendWorker, load_hook
 
 
 def configure_logging(level: int = logging.INFO) -> None:
@@ -55,21 +55,27 @@ def configure_logging(level: int = logging.INFO) -> None:
     )
 
 
-def load_hook(spec: str) -> TickHook:
-    """`package.module:attribute` -> the async callable it names."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"tick hook {spec!r} cannot be loaded: {e}") from e
-    if not callable(obj):
-        raise ValueError(f"tick hook {spec!r} is not callable")
-    return obj
+def stdlib_json_logging() -> dict:
+    """dictConfig for Faust's `logging_config`: Faust's, mode's and aiokafka's stdlib log
+    records as the same JSON lines as ours (merged into Faust's config, so `-l` still sets the level)."""
+    return {
+        "version": 1,
+        "merge": True,
+        "formatters": {"json": {
+            "()": structlog.stdlib.ProcessorFormatter,
+            "processors": [structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                           structlog.processors.JSONRenderer()],
+            "foreign_pre_chain": [structlog.stdlib.add_logger_name, structlog.processors.add_log_level,
+                                  structlog.processors.TimeStamper(fmt="iso", utc=True),
+                                  structlog.processors.format_exc_info],
+        }},
+        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "json",
+                                 "stream": "ext://sys.stderr"}},
+    }
 
 
 config = WorkerConfig.from_env()
 configure_logging()
-log = structlog.get_logger(__name__)
 # Faust wants its data dir's parent to exist; it keeps nothing we rely on there.
 config.state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -84,6 +90,7 @@ app = faust.App(
     datadir=str(config.state_dir / "faust"),
     web_enabled=config.web_port is not None,
     web_port=config.web_port or 6066,
+    logging_config=stdlib_json_logging(),
 )
 
 worker = TrendWorker(config)

@@ -8,6 +8,7 @@ validation limits from `ValidationConfig.from_env`:
     TRAIL_BROKER_URL         kafka://host:port[;kafka://host:port]   [kafka://127.0.0.1:9092]
     TRAIL_SNAPSHOTS_TOPIC    trend snapshots, one record per active item per tick [trail.snapshots]
     TRAIL_TICK_S             wall seconds between ticks (snapshot, checkpoint, commit) [5]
+    TRAIL_CHECKPOINT_S       min wall seconds between checkpoints (then commits); 0: every tick [0]
     TRAIL_STATE_DIR          per-partition checkpoints [./var/state]
     TRAIL_GROUP_ID           consumer group of the trend consumer [trail-trends]
     TRAIL_APP_ID             Faust app id (Faust's own group; unrelated to the above) [trail]
@@ -78,6 +79,7 @@ class WorkerConfig:
     trend: TrendConfig = field(default_factory=TrendConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     tick_s: float = 5.0
+    checkpoint_s: float = 0.0
     state_dir: Path = Path("var/state")
     group_id: str = "trail-trends"
     app_id: str = "trail"
@@ -108,6 +110,7 @@ class WorkerConfig:
             trend=TrendConfig.from_env(dict(env)),
             validation=ValidationConfig.from_env(env),
             tick_s=_num(env, "TRAIL_TICK_S", d.tick_s, 0.05),
+            checkpoint_s=_num(env, "TRAIL_CHECKPOINT_S", d.checkpoint_s, 0),
             state_dir=Path(env.get("TRAIL_STATE_DIR", "").strip() or d.state_dir),
             group_id=env.get("TRAIL_GROUP_ID", "").strip() or d.group_id,
             app_id=env.get("TRAIL_APP_ID", "").strip() or d.app_id,

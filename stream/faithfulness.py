@@ -32,7 +32,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from stream.prompts import main_window, signal_windows, window_hours
+from stream.prompts import main_window, short_title, signal_windows, window_hours
 
 # ---- vocabulary ----------------------------------------------------------
 
@@ -128,7 +128,8 @@ _PREV_WINDOWS = [
     (re.compile(
         rf"\b(?:the\s+|a\s+|an\s+)?(?:(?:previous|prior|preceding|earlier)\s+)?(?:(?P<n>{_ANYNUM})\s+)?"
         rf"(?P<u>{UNIT})\s+(?:before|prior|earlier|ago)(?:\s+that)?\b", _I), ("before", "prior", "earlier", "ago")),
-    (re.compile(rf"\b(?:the\s+)?(?:previous|prior|preceding|prev\.?)\s+(?:(?P<n>{_ANYNUM})\s*)?(?P<u>{UNIT}|[hdw]\b)", _I), ("previous", "prior", "preceding", "prev")),
+    (re.compile(rf"\b(?:the\s+)?(?:previous|prior|preceding|prev\.?)\s+(?:(?P<n>{_ANYNUM})\s*)?(?P<u>{UNIT}|[hdw]\b)", _I),
+     ("previous", "prior", "preceding", "prev")),
 ]
 _CUR_WINDOWS = [
     re.compile(
@@ -136,7 +137,8 @@ _CUR_WINDOWS = [
         rf"\s+(?:(?P<n>{_ANYNUM})\s+)?(?P<u>{UNIT})\b", _I),
     re.compile(rf"\b(?:(?:in|over|during|across|within)\s+)(?:the\s+)?(?P<n>{_ANYNUM})\s+(?P<u>{UNIT})\b", _I),
     re.compile(rf"(?<![\w.])(?P<n>{NUM})\s?(?P<u>[hdw])\b|\b(?P<n2>{_ANYNUM})-(?P<u2>minute|hour|day|week|month)\b", _I),
-    re.compile(r"\b(?P<day>yesterday|today|overnight|daily)\b|\b(?P<week>weekly)\b|\b(?P<month>monthly)\b|\b(?P<hour>hourly)\b", _I),
+    re.compile(r"\b(?P<day>yesterday|today|overnight|daily)\b|\b(?P<week>weekly)\b|\b(?P<month>monthly)\b"
+               r"|\b(?P<hour>hourly)\b", _I),
     re.compile(r"\b(?P<u>day|week|month)[- ](?:on|over)[- ](?:day|week|month)\b", _I),
 ]
 # A current-window phrase right after one of these names the window compared against:
@@ -157,7 +159,8 @@ _DIRECTIONS = {
             "accelerating|accelerated|accelerates|accelerate|surging|surged|surges|surge|jumped|jumping|jumps|jump|"
             "soaring|soared|soars|higher|rebounding|rebounded|recovering|recovered|strengthening|booming|spiking|"
             "spiked|spike|hotter|stronger|busier",
-    "fall": "cooling off|cooled off|cool off|slowing down|slowed down|slow down|losing steam|losing momentum|tailing off|tailed off|"
+    "fall": "cooling off|cooled off|cool off|slowing down|slowed down|slow down|losing steam|losing momentum|"
+            "tailing off|tailed off|"
             "on the decline|trending down|trending downward|trending downwards|less popular|falling|falls|fall|fell|"
             "fallen|downward|downwards|down|declining|declines|declined|decline|dropping|dropped|drops|drop|"
             "decreasing|decreased|decreases|decrease|slowing|slowed|slows|slowdown|cooling|cooled|cools|cool|fading|"
@@ -171,7 +174,9 @@ _DIRECTIONS = {
 _DIRECTION_OF = {phrase: rel for rel, phrases in _DIRECTIONS.items() for phrase in phrases.split("|")}
 _DIRECTION_MAX_WORDS = max(len(p.split()) for p in _DIRECTION_OF)
 _LETTERS = re.compile(r"[A-Za-z]+")
-_NEGATION = re.compile(r"(?:\bunlikely to|\bnot|\bno longer|n't|\bnever|\bneither|\bnor|\bno sign of|\bwithout|\bno)\s+(?:\w+\s+)?$", _I)
+_NEGATION = re.compile(
+    r"(?:\bunlikely to|\bnot|\bno longer|n't|\bnever|\bneither|\bnor|\bno sign of|\bwithout|\bno)\s+(?:\w+\s+)?$", _I
+)
 # Direction-free number claims: words as numbers only before a measure noun ("two buyers", "no sales").
 _OUTLOOK_WORD = re.compile(r"\b(more|fewer|less|similar|same|higher|lower)\b", _I)
 _OUTLOOK_OF = {"more": "rise", "higher": "rise", "fewer": "fall", "less": "fall", "lower": "fall",
@@ -187,7 +192,7 @@ _NOUN_AFTER = re.compile(
 )
 _TRAILING_QUALIFIER = re.compile(rf"(?:^|\s|\b)({_QUAL_ANY})\s*$", _I)
 
-_SENTENCE_END = re.compile(r"(?<!\bvs)(?<!\bapprox)[.!?]+(?=\s|$)", _I)
+_SENTENCE_END = re.compile(r"(?<!\bvs)(?<!\bapprox)[.!?]+(?=\s|$)|\n+", _I)
 _CLAUSE_SPLIT = re.compile(
     r"[;:](?=\s|$)|,(?=\s)|\s[-–—]+\s|[()]|\s(?P<soft>and)\s|\s(?:but|while|whereas|though|although|yet|which|so|as)\s",
     _I,
@@ -202,6 +207,9 @@ _MARK_CUR = re.compile(r"(?:\bto|\breaching|\breached|\bnow|\bat|\bhit|\bcurrent
 _MARK_CHANGE = re.compile(
     r"(?:\b(?P<dir>up|down|rose|fell|grew|dropped|gained|lost|climbed|slipped|jumped|declined|increased|decreased|rising|falling)"
     r"(?:\s+by)?|\b(?P<noun>increase|decrease|rise|drop|fall|jump|gain|loss|decline|change|swing)\s+of|\bby)\s*$", _I
+)
+_CHANGE_WORD_AFTER = re.compile(
+    r"\s*(?:\w+\s+)?(more|fewer|less|higher|lower|increase|decrease|rise|drop|fall|jump|gain|growth|decline)\b", _I
 )
 _UP_WORDS = frozenset("up rose grew gained climbed jumped increased rising increase rise jump gain".split())
 _DOWN_WORDS = frozenset("down fell dropped lost slipped declined decreased falling decrease drop fall loss decline".split())
@@ -551,7 +559,7 @@ class _Checker:
                     self._age_idle(it)
                 elif it.kind == "total":
                     if it.data["soft"] and near is not None and near.kind == "window":
-                        it.data["q"] = it.data["q"]
+                        # "41 interactions in total over the last 7 days": the window's count
                         self._count_number(it, c, near, its, last_measure, force_noun="count")
                     else:
                         self._simple(it, "total", "total_count", it.data["n"], it.data["q"])
@@ -655,7 +663,7 @@ class _Checker:
         dirs = [i for i in its if i.kind in ("direction", "comparison") and i.data["rel"] in ("rise", "fall")]
         if not dirs:
             after = self.text[it.end : it.end + 25].lower()
-            m = re.match(r"\s*(?:\w+\s+)?(more|fewer|less|higher|lower|increase|decrease|rise|drop|fall|jump|gain|growth|decline)\b", after)
+            m = _CHANGE_WORD_AFTER.match(after)
             if not m:
                 return None
             return "rise" if m.group(1) in ("more", "higher", "increase", "rise", "jump", "gain", "growth") else "fall"
@@ -687,7 +695,8 @@ class _Checker:
             elif w in USER_NOUNS:
                 noun = "users"
             elif re.fullmatch(UNIT, w):
-                self.unattributed(it, "number", None, None, stated, f"a duration ('{stated:g} {w}') that is no window, age or idle time")
+                self.unattributed(it, "number", None, None, stated,
+                                  f"a duration ('{stated:g} {w}') that is no window, age or idle time")
                 return
             elif w == "of" and rest[1:2] == ["them"]:
                 noun = None
@@ -785,11 +794,14 @@ def window_spans(text: str, windows: tuple[str, ...]) -> list[tuple[int, int, st
     return [(i.start, i.end, i.data["w"], i.data["prev"]) for i in parser.items if i.kind == "window"]
 
 
-def check(explanation: str, signals: Mapping[str, float], *, default_window: str | None = None) -> FaithfulnessResult:
+def check(explanation: str, signals: Mapping[str, float], *, default_window: str | None = None,
+          title: str | None = None) -> FaithfulnessResult:
     """Extract the checkable claims of `explanation` and verify each against `signals`.
 
     `default_window` is the window a direction with no window anywhere in the text
     talks about ("Demand is rising."); by default the window closest to 7 days.
+    `title`: the item's title; where the text repeats it (or its prompt form), its
+    words make no claims ("Pack of 72 cake cases" states no count).
     """
     if not isinstance(explanation, str):
         raise TypeError(f"explanation must be str, got {type(explanation).__name__}")
@@ -800,6 +812,10 @@ def check(explanation: str, signals: Mapping[str, float], *, default_window: str
     if default not in windows:
         raise ValueError(f"default_window {default!r} is not among the signals' windows {windows}")
     parser = _Parser(explanation, windows)
+    if isinstance(title, str) and title.strip():
+        for form in {title.strip(), short_title(title).rstrip("…")}:
+            for m in re.finditer(re.escape(form), explanation, _I):
+                parser.taken[m.start() : m.end()] = b"\x01" * (m.end() - m.start())
     parser.parse()
     checker = _Checker(explanation, signals, windows, default)
     checker.run(parser)

@@ -18,8 +18,9 @@ Windows are named by the trend config's names ("1d", "7d", "28d"); counts are
 and distinct users are shown for every window but the shortest (its count alone
 is the short-term pulse), and always for the window matching the horizon
 (`detailed_windows`).
-The score head reads the hidden state of the last token (the colon), and the
-explanation is generated after it: `training_text(prompt, explanation)`.
+With the cut-off's month the last line reads "Next 7d (Dec):". The score head
+reads the hidden state of the last token (the colon), and the explanation is
+generated after it: `training_text(prompt, explanation)`.
 
 Bump PROMPT_VERSION whenever the rendered text changes: artefacts record it and
 the stream refuses a model trained on another version.
@@ -118,13 +119,16 @@ def render_prompt(
     category: str | None,
     signals: Mapping[str, float],
     horizon_days: int,
+    *,
     windows: Sequence[str] | None = None,
     item_id: str | None = None,
+    month: str | None = None,
 ) -> str:
     """The model's input for one item at one cut-off. Deterministic and cheap (µs).
 
     `windows` defaults to the windows of the signals row (its count_<w> keys).
-    An item without a title is named by `item_id`.
+    An item without a title is named by `item_id`. `month` ("Dec"), the month of
+    the cut-off, goes on the last line for seasonal items: "Next 7d (Dec):".
     """
     if horizon_days < 1:
         raise ValueError(f"horizon_days must be >= 1, got {horizon_days}")
@@ -147,7 +151,8 @@ def render_prompt(
         lines.append(line)
     age_h = _n(signals, "age_h")
     lines.append(f"age {age_h}h" if age_h < 48 else f"age {round(age_h / 24)}d")
-    lines.append(f"Next {horizon_days}d:")
+    lines.append(f"Next {horizon_days}d ({month.strip()}):" if isinstance(month, str) and month.strip()
+                 else f"Next {horizon_days}d:")
     return "\n".join(lines)
 
 

@@ -8,8 +8,8 @@ Environment (defaults in brackets):
     TRAIL_PARTITIONS [4]   partitions of events, DLQ, predictions and explanations
     TRAIL_ITEMS_PARTITIONS [1]   the item table is read whole by every worker
     TRAIL_REPLICATION [1]
-    TRAIL_EVENTS_RETENTION_MS [35 days]   must exceed the longest trend window (28 d): a
-        worker that lost its state rebuilds it by re-reading the window from the topic
+    TRAIL_EVENTS_RETENTION_MS [90 days]   must exceed the trend span (3 x the longest window
+        + lateness = 84 d): a worker that lost its state rebuilds it by re-reading the topic
     TRAIL_DLQ_RETENTION_MS [30 days]   TRAIL_OUTPUT_RETENTION_MS [7 days] (predictions, explanations)
 
 The partition count of trail.events fixes which worker owns which item (the key is the
@@ -53,7 +53,7 @@ class Topics:
     partitions: int = 4
     items_partitions: int = 1
     replication: int = 1
-    events_retention_ms: int = 35 * DAY_MS
+    events_retention_ms: int = 90 * DAY_MS
     dlq_retention_ms: int = 30 * DAY_MS
     output_retention_ms: int = 7 * DAY_MS
 

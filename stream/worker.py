@@ -10,13 +10,16 @@ auto-commit off) and handles each poll as numpy batches.
 
 Exactly-once state over at-least-once delivery:
 - each partition's TrendTable skips offsets it has already handled;
-- every tick the DLQ sends are awaited, then the changed tables are checkpointed
-  (atomic file per partition, `last_offset` inside), then `last_offset + 1` is
-  committed - commit only after the state is safe; the same happens for the
-  partitions being revoked before a rebalance;
+- every tick (at most every `checkpoint_s`) the DLQ sends are awaited, then the
+  changed tables are checkpointed (atomic file per partition, `last_offset`
+  inside), then `last_offset + 1` is committed - commit only after the state is
+  safe; the same happens for the partitions being revoked before a rebalance and
+  on shutdown;
 - on assignment a partition resumes from its checkpoint (seek to last_offset + 1)
   or, without one (another worker had it, or the disk was lost), is rebuilt from
-  the beginning of the partition: retention keeps the trend span.
+  the beginning of the partition. A rebuild is exact only while the topic's
+  retention covers the trend span (3 x the longest window + lateness: 84 days
+  for the default 28-day window).
 The committed offsets are for lag monitoring; positions come from the state itself.
 
 Ticks: every `tick_s` wall seconds the worker computes `as_of`, the minimum over
@@ -30,7 +33,8 @@ its `as_of` (a rebuild after a rebalance).
 Extension point for the scorer: `TrendWorker.add_tick_hook(fn)` with
 `async def fn(as_of_ms: int, signals: Signals) -> None`. Hooks run in order, in
 their own task (never on the consume path), after the snapshot of that tick was
-published; `signals` holds every active item of this worker's partitions. When the
+published; `signals` holds every active item of this worker's partitions (read-only:
+the same arrays were just encoded into the snapshot). When the
 hooks are slower than the ticks, only the newest pending tick is delivered (the
 skipped ones are counted and logged). A hook that raises is logged and the next
 one still runs. CPU-heavy hooks should use `asyncio.to_thread` / an executor:
@@ -41,6 +45,7 @@ for hooks that publish.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -48,10 +53,11 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError
+from aiokafka.errors import (CommitFailedError, IllegalStateError, KafkaError, NoOffsetForPartitionError,
+                             OffsetOutOfRangeError)
 
 from stream.config import WorkerConfig
-from stream.events import dlq_record
+from stream.events import DlqRecord, dlq_record, read_dlq_headers
 from stream.partitions import CheckpointStore, Counters, PartitionState
 from stream.snapshots import encode_snapshot, iso_ms
 from stream.topics import ensure_topics
@@ -62,21 +68,36 @@ log = structlog.get_logger(__name__)
 TickHook = Callable[[int, Signals], Awaitable[None]]
 
 MAX_BATCH_BYTES = 512 * 1024
+MAX_REQUEST_BYTES = 16 * 1024 * 1024  # a consumed record of any size can be forwarded to the DLQ
 
 
 def consumer_settings(config: WorkerConfig) -> dict[str, Any]:
-    """aiokafka consumer settings shared by the worker and the benchmark's raw-consume baseline."""
+    """aiokafka consumer settings shared by the worker and the benchmark's raw-consume baseline.
+
+    Fetch sizes stay at aiokafka's defaults: 4 or 16 MiB per partition and 20k records
+    per poll measured no faster here (stream.bench, 300k events, 4 partitions).
+    """
     session_ms = int(config.session_timeout_s * 1000)
     return {
         "bootstrap_servers": config.bootstrap,
         "enable_auto_commit": False,
-        "auto_offset_reset": "earliest",
+        "auto_offset_reset": "none",  # every position comes from the state (TrendWorker._position_lost)
         "session_timeout_ms": session_ms,
         "heartbeat_interval_ms": max(100, session_ms // 3),
-        "max_partition_fetch_bytes": 4 * 1024 * 1024,
-        "fetch_max_bytes": 64 * 1024 * 1024,
         "max_poll_records": config.max_poll_records,
     }
+
+
+def load_hook(spec: str) -> TickHook:
+    """`package.module:attribute` (e.g. from $TRAIL_TICK_HOOKS) -> the callable it names."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"tick hook {spec!r} cannot be loaded: {e}") from e
+    if not callable(obj):
+        raise ValueError(f"tick hook {spec!r} is not callable")
+    return obj
 
 
 class TrendWorker:
@@ -90,8 +111,8 @@ class TrendWorker:
         self._parked: dict[int, PartitionState] = {}  # revoked, kept until the assignment that follows
         self.retired = Counters()  # counters of partitions this worker no longer owns
         self.tick_hooks: list[TickHook] = list(hooks)
-        self.consumer: Any = None
-        self.producer: Any = None
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None  # also for hooks that publish
         self.last_as_of_ms: int | None = None
         self.ticks = 0
         self.ticks_published = 0
@@ -102,12 +123,15 @@ class TrendWorker:
         self.first_poll_at: float | None = None  # perf_counter of the first / latest handled poll
         self.last_poll_at: float | None = None
         self._run_done: asyncio.Event | None = None
-        self._inflight: list[asyncio.Future[Any]] = []
+        self._inflight: list[tuple[DlqRecord, asyncio.Future[Any]]] = []  # DLQ sends not yet acknowledged
+        self.dlq_failed = 0
+        self._checkpointed_at = -float("inf")
         self._pending_tick: tuple[int, dict[int, Signals]] | None = None
         self._tick_ready: asyncio.Event | None = None
         self._hooks_idle: asyncio.Event | None = None
         self._hook_task: asyncio.Task[None] | None = None
         self._dlq_partitions = 0
+        self._ahead: dict[int, int] = {}  # partition -> ticks its state has been beyond the log's end
 
     def add_tick_hook(self, fn: TickHook) -> TickHook:
         """Register `async fn(as_of_ms, signals)` to run every published tick (usable as a decorator)."""
@@ -126,7 +150,7 @@ class TrendWorker:
         await ensure_topics(cfg.bootstrap, specs=specs)
         self.producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap, acks="all", linger_ms=5,
                                          enable_idempotence=False, max_batch_size=MAX_BATCH_BYTES,
-                                         max_request_size=2 * MAX_BATCH_BYTES)
+                                         max_request_size=MAX_REQUEST_BYTES)
         await self.producer.start()
         self._dlq_partitions = len(await self.producer.partitions_for(cfg.topics.dlq))
         self.consumer = AIOKafkaConsumer(group_id=cfg.group_id, **consumer_settings(cfg))
@@ -148,8 +172,13 @@ class TrendWorker:
             while not self._stopping:
                 wait = min(0.5, max(0.0, next_tick - loop.time()))
                 epoch = self._epoch
-                records = await self.consumer.getmany(timeout_ms=int(wait * 1000),
-                                                      max_records=self.config.max_poll_records)
+                try:
+                    records = await self.consumer.getmany(timeout_ms=int(wait * 1000),
+                                                          max_records=self.config.max_poll_records)
+                except (OffsetOutOfRangeError, NoOffsetForPartitionError) as e:
+                    async with self._lock:
+                        await self._position_lost(e)
+                    continue
                 if records:
                     async with self._lock:
                         if epoch == self._epoch:
@@ -172,7 +201,7 @@ class TrendWorker:
                 await self._checkpoint(list(self.parts.values()))
         if self._hook_task is not None:
             assert self._hooks_idle is not None and self._tick_ready is not None
-            while self._pending_tick is not None or not self._hooks_idle.is_set():
+            while (self._pending_tick is not None or not self._hooks_idle.is_set()) and not self._hook_task.done():
                 await asyncio.sleep(0.01)
             self._hook_task.cancel()
             await asyncio.gather(self._hook_task, return_exceptions=True)
@@ -204,36 +233,93 @@ class TrendWorker:
         self.last_poll_at = time.perf_counter()
         for partition, rec in dead:
             # Stamped with the send time so that retention keeps it; the source time is in a header.
-            fut = await self.producer.send(self.config.topics.dlq, value=rec.value, key=rec.key,
-                                           partition=partition if partition < self._dlq_partitions else None,
-                                           headers=rec.headers)
-            self._inflight.append(fut)
+            try:
+                fut = await self.producer.send(self.config.topics.dlq, value=rec.value, key=rec.key,
+                                               partition=partition if partition < self._dlq_partitions else None,
+                                               headers=rec.headers)
+            except KafkaError as e:  # e.g. too large for the DLQ topic: a poison record must not stop us
+                self._dlq_failed(rec, e)
+                continue
+            self._inflight.append((rec, fut))
+
+    def _dlq_failed(self, rec: DlqRecord, error: BaseException) -> None:
+        self.dlq_failed += 1
+        ctx = read_dlq_headers(rec.headers)
+        log.error("dlq.send_failed", reason=ctx.reason, partition=ctx.partition, offset=ctx.offset,
+                  value_bytes=len(rec.value or b""), error=repr(error), total=self.dlq_failed)
+
+    async def _seek_to_state(self, tp: TopicPartition, st: PartitionState) -> None:
+        if st.table.last_offset >= 0:
+            self.consumer.seek(tp, st.next_offset)
+        else:
+            await self.consumer.seek_to_beginning(tp)
 
     async def _reseek(self, records: dict[Any, list[Any]]) -> None:
         """Drop a poll and put its partitions back where their tables stand."""
         for tp in records:
             st = self.parts.get(tp.partition)
+            if st is not None and tp.topic == self.topic:
+                await self._seek_to_state(tp, st)
+
+    async def _position_lost(self, error: OffsetOutOfRangeError | NoOffsetForPartitionError) -> None:
+        """A table's next offset is not in the log (auto_offset_reset is off so that we decide)."""
+        if isinstance(error, NoOffsetForPartitionError):  # polled before our seek: seek now
+            tp = error.args[0]
+            if tp.partition in self.parts and tp.topic == self.topic:
+                await self._seek_to_state(tp, self.parts[tp.partition])
+            return
+        for tp in error.args[0]:
+            st = self.parts.get(tp.partition)
             if st is None or tp.topic != self.topic:
                 continue
-            if st.table.last_offset >= 0:
-                self.consumer.seek(tp, st.next_offset)
+            start = (await self.consumer.beginning_offsets([tp]))[tp]
+            if st.next_offset < start:
+                # Retention deleted records this table never read: they are gone for every reader.
+                log.warning("partition.gap", partition=tp.partition, next_offset=st.next_offset, log_start=start)
+                self.consumer.seek(tp, start)
             else:
-                await self.consumer.seek_to_beginning(tp)
+                await self._rebuild(tp, st, reason="offset_out_of_range")
+
+    async def _rebuild(self, tp: TopicPartition, st: PartitionState, reason: str) -> None:
+        """The table's offsets are beyond the log (the topic was recreated or truncated under this
+        state dir): they mean nothing here any more. Start the partition over from the log."""
+        log.warning("partition.state_ahead_of_log", partition=tp.partition, next_offset=st.next_offset,
+                    reason=reason)
+        self.retired.add(st.counters)
+        self._ahead.pop(tp.partition, None)
+        fresh = self.parts[tp.partition] = PartitionState(tp.partition, TrendTable(self.config.trend),
+                                                          self.config.validation)
+        fresh.dirty = True  # replace the stale checkpoint at the next checkpoint
+        await self.consumer.seek_to_beginning(tp)
 
     # ---- ticks -----------------------------------------------------------------------
     async def _as_of(self) -> int | None:
-        """min closed_until over owned partitions with data; None while one has not shown where its log ends."""
+        """min closed_until over the owned partitions with data; None while a partition has not
+        shown where its log ends (no fetch answered yet, events not read yet, state ahead of the log)."""
         closed = []
-        for p, st in self.parts.items():
+        ready = True
+        for p, st in list(self.parts.items()):
+            tp = TopicPartition(self.topic, p)
+            hw = self.consumer.highwater(tp)
+            if hw is None:
+                ready = False
+                continue
+            if st.next_offset > hw:
+                # State beyond the log's end: the topic was recreated under this state dir (Kafka
+                # answers OffsetOutOfRange, see _position_lost; not every broker does). Twice in a
+                # row, so that a new leader's briefly lagging high-water mark is no reason.
+                self._ahead[p] = self._ahead.get(p, 0) + 1
+                if self._ahead[p] >= 2:
+                    await self._rebuild(tp, st, reason="high_water_below_state")
+                ready = False
+                continue
+            self._ahead.pop(p, None)
             c = st.table.closed_until_ms()
             if c is not None:
                 closed.append(c)
-                continue
-            tp = TopicPartition(self.topic, p)
-            hw = self.consumer.highwater(tp)
-            if hw is None or await self.consumer.position(tp) < hw:
-                return None  # not fetched yet, or holds events not read yet
-        return min(closed) if closed else None
+            elif await self.consumer.position(tp) < hw:
+                ready = False  # holds events not read yet
+        return min(closed) if ready and closed else None
 
     async def tick(self) -> int | None:
         """One tick: signals at the new as_of (if it advanced), expiry, checkpoint, commit. Returns as_of."""
@@ -252,11 +338,16 @@ class TrendWorker:
                     self.ticks_published += 1
                     self._offer(as_of, parts)
             expired = sum(st.table.expire() for st in self.parts.values())
-            await self._checkpoint(list(self.parts.values()))
+            now = time.monotonic()
+            if now - self._checkpointed_at >= self.config.checkpoint_s:
+                await self._checkpoint(list(self.parts.values()))
+                self._checkpointed_at = now
         c = self.counters()
-        log.info("tick", as_of=None if published is None else iso_ms(published), partitions=sorted(self.parts),
+        log.info("tick", as_of=None if published is None else iso_ms(published),
+                 last_as_of=None if self.last_as_of_ms is None else iso_ms(self.last_as_of_ms),
+                 partitions=sorted(self.parts),
                  expired=expired, items=sum(len(st.table) for st in self.parts.values()),
-                 **{k: v for k, v in c.as_dict().items()})
+                 dlq_failed=self.dlq_failed, **c.as_dict())
         return published
 
     def _offer(self, as_of: int, parts: dict[int, Signals]) -> None:
@@ -314,7 +405,10 @@ class TrendWorker:
         """DLQ sends acknowledged -> changed tables on disk -> offsets committed. Caller holds the lock."""
         if self._inflight:
             inflight, self._inflight = self._inflight, []
-            await asyncio.gather(*inflight)
+            results = await asyncio.gather(*(fut for _, fut in inflight), return_exceptions=True)
+            for (rec, _), result in zip(inflight, results):
+                if isinstance(result, BaseException):
+                    self._dlq_failed(rec, result)
         dirty = [st for st in states if st.dirty]
         if not dirty:
             return
@@ -358,10 +452,7 @@ class TrendWorker:
                     source[p] = "checkpoint" if table is not None else "rebuild"
                     st = PartitionState(p, table or TrendTable(self.config.trend), self.config.validation)
                 self.parts[p] = st
-                if st.table.last_offset >= 0:
-                    self.consumer.seek(tp, st.next_offset)
-                else:
-                    await self.consumer.seek_to_beginning(tp)
+                await self._seek_to_state(tp, st)
             for st in self._parked.values():
                 self.retired.add(st.counters)
             self._parked.clear()

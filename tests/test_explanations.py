@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import random
 import re
@@ -115,10 +116,20 @@ def test_targets_vary():
     rng = random.Random(0)
     texts = [target_explanation(row, 7, rng) for _ in range(400)]
     assert len(set(texts)) >= 150
-    bigrams = Counter(b for t in texts for b in zip(t.split(), t.split()[1:]))
-    assert len(bigrams) / sum(bigrams.values()) > 0.05  # distinct-2 over the draws
+    bigrams = {b for t in texts for b in zip(t.split(), t.split()[1:])}
+    assert len(bigrams) >= 250
     # and the same seed gives the same text
     assert target_explanation(row, 7, random.Random(9)) == target_explanation(row, 7, random.Random(9))
+
+
+def test_numpy_generators_drive_it_too():
+    row = random_row(random.Random(1))
+    a = target_explanation(row, 7, np.random.default_rng(5))
+    assert a == target_explanation(row, 7, np.random.default_rng(5)) and check(a, row).faithful
+    negs = negative_explanations(row, a, np.random.default_rng(5), other_signals=random_row(random.Random(2)))
+    assert negs and all(not check(t, row).faithful for _, t in negs)
+    with pytest.raises(TypeError, match="rng"):
+        target_explanation(row, 7, 5)
 
 
 def test_outlook_is_validated():
@@ -141,9 +152,11 @@ def test_negatives_are_always_caught():
             r = check(text, row)
             assert not r.faithful, (kind, positive, text)
             if kind == "number":
-                # one number changed, the rest of the text intact (bar a plural ending)
-                a, b = re.findall(r"\d+", positive), re.findall(r"\d+", text)
-                assert len(a) - len(b) in (0, -1) and sum(x != y for x, y in zip(a, b)) <= 1 or a[:1] != b[:1]
+                # one number changed, the rest intact (bar a plural ending after it)
+                a, b = positive.split(), text.split()
+                edits = [op for op in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes() if op[0] != "equal"]
+                assert edits and edits[-1][2] - edits[0][1] <= 3, (positive, text)
+                assert any(ch.isdigit() for w in b[edits[0][3] : edits[-1][4]] for ch in w), (positive, text)
             if kind == "direction":
                 assert any(c.kind in ("direction", "comparison") and not c.ok for c in r.claims), text
     assert kinds["number"] >= 0.95 * n

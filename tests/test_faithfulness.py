@@ -219,8 +219,24 @@ def test_deterministic_and_typed():
 
 
 def test_serving_path_stays_light():
-    """The stream runs the checker: it must not pull torch, trainer/ or export/ in."""
-    tree = ast.parse(Path(sys.modules[check.__module__].__file__).read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not imported & {"torch", "trainer", "export", "faust", "transformers", "numpy"}
+    """The stream runs the checker and the prompt: no torch, trainer/ or export/ (not even numpy)."""
+    import stream.prompts
+
+    for module in (sys.modules[check.__module__], stream.prompts):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & {"torch", "trainer", "export", "faust", "transformers", "numpy"}, module
+
+
+@pytest.mark.parametrize("title,category", [
+    ("PACK OF 72 RETROSPOT CAKE CASES", None), ("Naked Gun 33 1/3: The Final Insult (1994)", "Comedy"),
+    ("SET OF 3 CAKE TINS PANTRY DESIGN", None), ("Toy Story (1995)", "Animation"),
+])
+def test_the_prompts_own_facts_pass_and_title_numbers_make_no_claims(title, category):
+    from stream.prompts import render_prompt
+
+    for horizon in (1, 7):
+        echo = render_prompt(title, category, S, horizon).rsplit("\n", 1)[0]  # a model that parrots its input
+        assert check(echo, S, title=title).faithful, [c for c in check(echo, S, title=title).claims if not c.ok]
+        assert not check(echo, S).faithful  # without the title, its numbers are unattributable claims

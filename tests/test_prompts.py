@@ -133,6 +133,14 @@ def test_cheap_enough_for_every_candidate_every_tick():
     assert per_call < 200e-6, f"{per_call * 1e6:.0f} µs per prompt"
 
 
+def test_month_of_the_cutoff():
+    prompt = render_prompt("x", None, ROW, 7, month="Dec")
+    assert prompt.endswith("\nNext 7d (Dec):")
+    assert render_prompt("x", None, ROW, 7, month=None).endswith("\nNext 7d:")
+    with pytest.raises(TypeError):
+        render_prompt("x", None, ROW, 7, ("1d", "7d"))  # options are keywords only
+
+
 def test_training_text_joins_prompt_and_explanation():
     prompt = render_prompt("x", None, ROW, 7)
     assert training_text(prompt, "  Rising: 41 events. ") == prompt + " Rising: 41 events."
@@ -168,11 +176,13 @@ def _typical_rows(n: int, seed: int = 0) -> list[dict[str, float]]:
 def test_token_budget_with_the_smollm2_tokenizer():
     tok = _smollm2_tokenizer()
     rows = _typical_rows(400)
+    months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
     lengths = [
-        len(tok(render_prompt(TITLES[i % len(TITLES)][0], TITLES[i % len(TITLES)][1], row, 7)).input_ids)
+        len(tok(render_prompt(TITLES[i % len(TITLES)][0], TITLES[i % len(TITLES)][1], row, 7,
+                              month=months[i % 12])).input_ids)
         for i, row in enumerate(rows)
     ]
-    assert statistics.median(lengths) <= 62, statistics.median(lengths)
-    assert max(lengths) <= 76, max(lengths)
+    assert statistics.median(lengths) <= 64, statistics.median(lengths)
+    assert max(lengths) <= 80, max(lengths)
     # the module docstring's example: a busy item (two-digit numbers everywhere) with a long title
     assert len(tok(render_prompt("WHITE HANGING HEART T-LIGHT HOLDER", "home", ROW, 7)).input_ids) == 65

@@ -55,7 +55,8 @@ def fit_baselines(examples: Examples, split: Split, seed: int = 0, num_threads: 
 def run(dataset: str, items: str | None = None, horizon_days: float | None = None, period_days: float | None = None,
         min_history_days: float = 28.0, test_frac: float = 0.2, valid_frac: float = 0.1,
         config: TrendConfig | None = None, seed: int = 0, num_threads: int = 2, oracle: bool = False,
-        progress: bool = False) -> tuple[dict, dict[str, float]]:
+        progress: bool = False, model_dir: str | None = None, top_n: int = 100,
+        explain_sample: int = 50) -> tuple[dict, dict[str, float]]:
     """Load, build examples, fit and score the baselines. Returns (report, seconds per stage).
 
     `oracle` adds a row scored with the true counts: the ceiling of any count forecast
@@ -71,14 +72,59 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
     methods = fit_baselines(examples, split, seed=seed, num_threads=num_threads)
     if oracle:
         methods["oracle"] = lambda frame: frame["label_count"].to_numpy(np.float64)
+    trail = None
+    if model_dir:
+        trail = load_trail(model_dir, config or TrendConfig.from_env())
+        horizon = examples.horizon_ms / 86_400_000
+        methods["trail"] = lambda frame: trail_counts(trail, frame, horizon, top_n)
     t3 = time.perf_counter()
     results = evaluate_methods(examples, split, methods)
     t4 = time.perf_counter()
     stages = {"load": t1 - t0, "examples": t2 - t1, "fit": t3 - t2, "predict+metrics": t4 - t3}
+    extra = {}
+    if trail is not None and explain_sample:
+        from trainer.explain_eval import evaluate_explanations, sample_rows
+        from trainer.inference import numeric_scores
+
+        test = examples.rows(split.test)
+        rows = sample_rows(test, numeric_scores(trail, test, horizon), explain_sample, top_n, seed=seed)
+        explained = evaluate_explanations(trail, rows, horizon)
+        extra = {"explanations": explained["metrics"], "explanation_samples": explained["samples"],
+                 "model": {"dir": str(model_dir), "top_n": top_n}}
+        stages["explanations"] = time.perf_counter() - t4
     log.info("evaluate.done", dataset=ds.name, split=split.describe(), rows=len(examples.frame),
              **{k: round(v, 2) for k, v in stages.items()})
-    report = {"dataset": ds.name, "cutoffs": int(len(split.test)), "methods": results, "seconds": t4 - t0}
+    report = {"dataset": ds.name, "cutoffs": int(len(split.test)), "methods": results,
+              "seconds": time.perf_counter() - t0} | extra
     return report, stages
+
+
+def load_trail(model_dir: str, config: TrendConfig):
+    """The TRAIL artefact, refused when its features are not the ones computed here."""
+    from trainer.model import load
+
+    model, manifest = load(model_dir)
+    if manifest.feature_spec != config.spec():
+        raise ValueError(f"{model_dir} was trained on other trend features ({manifest.feature_spec}) "
+                         f"than this evaluation computes ({config.spec()})")
+    return model
+
+
+def trail_counts(model, frame: pd.DataFrame, horizon_days: float, top_n: int) -> np.ndarray:
+    from trainer.inference import score_frame
+    from trainer.model import predicted_count
+
+    return predicted_count(score_frame(model, frame, horizon_days, top_n=top_n))
+
+
+def format_explanations(report: dict) -> str:
+    lines = ["explanations (sample of test candidates)",
+             f"{'model':<16} {'n':>4} {'faithful':>9} {'claim_prec':>10} {'claims/expl':>11} {'distinct_2':>10}"]
+    for name, m in report.get("explanations", {}).items():
+        cells = [f"{m[k]:.3f}" if m[k] is not None else "-" for k in
+                 ("faithful_share", "claim_precision", "claims_per_explanation", "distinct_2")]
+        lines.append(f"{name:<16} {m['n']:>4} {cells[0]:>9} {cells[1]:>10} {cells[2]:>11} {cells[3]:>10}")
+    return "\n".join(lines)
 
 
 def format_table(report: dict, ks: Sequence[int] = KS) -> str:
@@ -142,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--valid-frac", type=float, default=0.1, help="share of cut-offs for validation, before test (0.1)")
     ap.add_argument("--oracle", action="store_true",
                     help="also score the true counts as a method named oracle (the protocol's ceiling)")
+    ap.add_argument("--model", help="a TRAIL artefact directory: adds method 'trail' and an explanations section")
+    ap.add_argument("--top-n", type=int, default=100,
+                    help="per cut-off, candidates the LLM scores (the rest keep the numeric-branch score; 100)")
+    ap.add_argument("--explain-sample", type=int, default=50,
+                    help="test candidates whose explanations are generated and checked, TRAIL and zero-shot (50)")
     ap.add_argument("--seed", type=int, default=0, help="gbm seed (0)")
     ap.add_argument("--threads", type=int, default=2, help="gbm threads (2)")
     return ap
@@ -156,11 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         report, stages = run(args.dataset or args.events, args.items, horizon_days=args.horizon_days,
                              period_days=args.period_days, min_history_days=args.min_history_days,
                              test_frac=args.test_frac, valid_frac=args.valid_frac, seed=args.seed,
-                             num_threads=args.threads, oracle=args.oracle, progress=sys.stderr.isatty())
-    except (DatasetError, ExamplesError) as e:
+                             num_threads=args.threads, oracle=args.oracle, progress=sys.stderr.isatty(),
+                             model_dir=args.model, top_n=args.top_n, explain_sample=args.explain_sample)
+    except (DatasetError, ExamplesError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(report))
+    if "explanations" in report:
+        print(format_explanations(report))
     print(f"wall time {report['seconds']:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()) + ")")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

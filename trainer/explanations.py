@@ -192,17 +192,28 @@ def _cap(s: str) -> str:
     return s[:1].upper() + s[1:]
 
 
-def target_explanation(signals: Mapping[str, float], horizon_days: int, rng: random.Random,
+def _as_random(rng) -> random.Random:
+    """A random.Random, or one seeded from a numpy Generator (the trainer's), so both drive the choices."""
+    if isinstance(rng, random.Random):
+        return rng
+    if hasattr(rng, "integers"):
+        return random.Random(int(rng.integers(0, 2**63 - 1)))
+    raise TypeError(f"rng must be random.Random or numpy.random.Generator, got {type(rng).__name__}")
+
+
+def target_explanation(signals: Mapping[str, float], horizon_days: int, rng,
                        outlook: str | None = None) -> str:
     """A faithful one- or two-sentence explanation of the item's trend.
 
     `outlook` ("rise"/"fall"/"steady") is what the explanation forecasts; the
     trainer may pass the direction of the true next-period count so the text
     agrees with the score head. By default it follows the main window's trend.
-    Only numbers the prompt shows are cited.
+    Only numbers the prompt shows are cited. `rng`: random.Random or
+    numpy.random.Generator.
     """
     if outlook is not None and outlook not in OUTLOOKS:
         raise ValueError(f"outlook must be one of {OUTLOOKS}, got {outlook!r}")
+    rng = _as_random(rng)
     f = _Facts(signals, horizon_days)
     w = f.main
     rel = _direction(f.count[w], f.prev[w])
@@ -298,7 +309,7 @@ def _replace(text: str, start: int, end: int, new: str) -> str:
     return text[:start] + new + text[end:]
 
 
-def negative_explanations(signals: Mapping[str, float], positive: str, rng: random.Random,
+def negative_explanations(signals: Mapping[str, float], positive: str, rng,
                           other_signals: Mapping[str, float] | None = None,
                           horizon_days: int = 7) -> list[tuple[str, str]]:
     """Unfaithful variants of a faithful explanation, as (kind, text).
@@ -306,8 +317,10 @@ def negative_explanations(signals: Mapping[str, float], positive: str, rng: rand
     Kinds: "direction" (direction words flipped), "number" (one cited number
     changed), "window" (one window phrase swapped for another window), "other"
     (an explanation of `other_signals`). A variant the checker still accepts
-    (say the swapped window has the same count) is left out.
+    (say the swapped window has the same count) is left out. `rng`: random.Random
+    or numpy.random.Generator.
     """
+    rng = _as_random(rng)
     result = check(positive, signals)
     out: list[tuple[str, str]] = []
 
@@ -324,8 +337,7 @@ def negative_explanations(signals: Mapping[str, float], positive: str, rng: rand
         keep("direction", text)
 
     # one wrong number
-    numbers = [c for c in result.claims if c.kind == "number" and c.ok and isinstance(c.true, float)
-               and c.measure in ("count", "prev_count", "users") and c.true is not None]
+    numbers = [c for c in result.claims if c.kind == "number" and c.ok and c.measure in ("count", "prev_count", "users")]
     if numbers:
         c = rng.choice(numbers)
         true = int(round(c.true))

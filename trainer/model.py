@@ -202,7 +202,7 @@ def load_base(base: str):
 
     path = resolve_base(base)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    lm = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return lm, tokenizer
 
 

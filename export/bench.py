@@ -1,0 +1,186 @@
+"""Score-path throughput: ONNX (onnxruntime) against PyTorch eager, same model, same prompts, same run.
+
+    python -m export.bench --model models/trail-smollm2 --json
+    python -m export.bench --model models/trail-smollm2 --json --batch 512 --rounds 20   # on a GPU
+
+Prompts are real (the last cut-off of the training data, as export.onnx samples them),
+cut into batches of --batch; every round runs each engine once over the same batches, in
+turn, so that a busy machine slows all of them alike. PyTorch runs `Trail.score` with the
+LoRA merged (what a PyTorch deployment would run); ONNX runs score.onnx and, when
+exported, its int8 (CPU) and fp16 (CUDA) variants. On a machine with CUDA (onnxruntime-gpu
+installed instead of onnxruntime, and a CUDA build of torch) both sides run on the GPU.
+Explanation speed: greedy tokens per second of the ONNX generator (and of PyTorch's
+`generate`) on a few prompts.
+
+Prints one JSON object: provider, onnx_items_per_s, torch_items_per_s, batch, seq_len, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stream.model_artefact import Artefact
+from stream.onnx_models import CPU, CUDA, Generator, ScoreModel, available_providers
+from stream.trends import TrendConfig
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(model_dir: Path, batch: int = 32, batches: int = 2, rounds: int = 2, threads: int | None = None,
+          explain_prompts: int = 2, provider: str = "auto", events: str | None = None,
+          items: str | None = None) -> dict:
+    from export.onnx import sample_prompts
+    from trainer.model import load
+
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    art = Artefact.load(model_dir, _spec_trend(model_dir))
+    cuda = provider != "cpu" and CUDA in available_providers()
+    providers = [CUDA, CPU] if cuda else [CPU]
+    device = "cuda" if cuda and torch.cuda.is_available() else "cpu"
+
+    model, manifest = load(model_dir, merge=True)
+    tok = art.tokenizer()
+    sample = sample_prompts(model, manifest, batch * batches, events=events, items=items)
+    model.to(device)
+    rows = tok.ids(sample.prompts)
+    while len(rows) < batch * batches:  # fewer real items than asked: repeat them
+        rows, sample.features = rows + rows, np.concatenate([sample.features, sample.features])
+    rows, feats = rows[: batch * batches], sample.features[: batch * batches]
+    order = np.argsort([len(r) for r in rows], kind="stable")  # length-bucketed batches, as the stream does
+    batches_np = []
+    for b in range(batches):
+        idx = order[b * batch : (b + 1) * batch]
+        ids, mask = tok.pad([rows[i] for i in idx])
+        batches_np.append((ids, mask, feats[idx]))
+    batches_t = [tuple(torch.from_numpy(a).to(device) for a in bt) for bt in batches_np]
+
+    engines: dict[str, object] = {}
+    engines["onnx_fp32"] = ScoreModel(art.path("score.fp32"), providers, threads)
+    if art.has("score.int8") and not cuda:
+        engines["onnx_int8"] = ScoreModel(art.path("score.int8"), [CPU], threads)
+    if art.has("score.fp16") and cuda:
+        engines["onnx_fp16"] = ScoreModel(art.path("score.fp16"), providers, threads)
+
+    @torch.no_grad()
+    def run_torch() -> None:
+        for ids, mask, x in batches_t:
+            model.score(ids, mask, x)
+        _sync(device)
+
+    def run_onnx(m: ScoreModel) -> None:
+        for ids, mask, x in batches_np:
+            m(ids, mask, x)
+
+    runs = {"torch": run_torch, **{k: (lambda m=m: run_onnx(m)) for k, m in engines.items()}}
+    elapsed = {k: 0.0 for k in runs}
+    for fn in runs.values():  # warm-up (session init, allocator, CUDA kernels)
+        fn()
+    for _ in range(rounds):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            elapsed[k] += time.perf_counter() - t0
+    items = rounds * batch * batches
+    rate = {k: items / v for k, v in elapsed.items()}
+
+    # explanations: greedy tokens per second
+    gen = Generator(art.path("generator"), providers, tok.end_id, threads)
+    limit = art.max_explanation_tokens
+    prompts = [rows[i] for i in range(min(explain_prompts, len(rows)))]
+    gen.generate(prompts[0], 4)
+    t0, tokens = time.perf_counter(), 0
+    for ids in prompts:
+        tokens += len(gen.generate(ids, limit))
+    onnx_tps = tokens / (time.perf_counter() - t0)
+    t0, t_tokens = time.perf_counter(), 0
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids], device=device)
+            out = model.lm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=limit,
+                                    do_sample=False, eos_token_id=tok.end_id, pad_token_id=tok.end_id)
+            t_tokens += out.shape[1] - x.shape[1]
+    _sync(device)
+    torch_tps = t_tokens / (time.perf_counter() - t0)
+
+    seq = [b[0].shape[1] for b in batches_np]
+    result = {
+        "provider": engines["onnx_fp32"].provider,
+        "onnx_items_per_s": round(rate["onnx_fp32"], 1),
+        "torch_items_per_s": round(rate["torch"], 1),
+        "batch": batch,
+        "seq_len": int(round(float(np.mean(seq)))),
+        "seq_len_range": [int(min(seq)), int(max(seq))],
+        "speedup": round(rate["onnx_fp32"] / rate["torch"], 2),
+        "torch_device": device,
+        "threads": threads,
+        "items_timed": items,
+        "rounds": rounds,
+        "explain_tokens_per_s": round(onnx_tps, 1),
+        "torch_explain_tokens_per_s": round(torch_tps, 1),
+        "explain_tokens": tokens,
+        "model_version": art.model_version,
+        "cpu": cpu_name(),
+    }
+    for k in ("onnx_int8", "onnx_fp16"):
+        if k in rate:
+            result[f"{k}_items_per_s"] = round(rate[k], 1)
+            result[f"speedup_{k.split('_')[1]}"] = round(rate[k] / rate["torch"], 2)
+            result[f"{k}_parity_max_abs_diff"] = art.parity(f"score.{k.split('_')[1]}").get("max_abs_diff")
+    if device == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(0)
+    return result
+
+
+def _spec_trend(model_dir: Path) -> TrendConfig:
+    """The trend config the artefact was trained with (the bench checks files, not this stream's settings)."""
+    manifest = json.loads((Path(model_dir) / "manifest.json").read_text())
+    return TrendConfig.from_spec(manifest["feature_spec"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, type=Path, help="an exported artefact (python -m export.onnx first)")
+    ap.add_argument("--batch", type=int, default=32, help="prompts per run (default 32; try 512 on a GPU)")
+    ap.add_argument("--batches", type=int, default=2, help="distinct batches per round (default 2)")
+    ap.add_argument("--rounds", type=int, default=2, help="timed rounds (default 2)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for both engines (default: all cores)")
+    ap.add_argument("--explain", type=int, default=2, help="prompts for explanation tokens/s (default 2)")
+    ap.add_argument("--provider", choices=("auto", "cpu"), default="auto", help="auto: CUDA when onnxruntime-gpu has it")
+    ap.add_argument("--events", default=None, help="prompts from this event log instead of the training datasets")
+    ap.add_argument("--items", default=None, help="item table for --events")
+    ap.add_argument("--json", action="store_true", help="print only the JSON object")
+    args = ap.parse_args(argv)
+    result = bench(args.model, args.batch, args.batches, args.rounds, args.threads, args.explain, args.provider,
+                   args.events, args.items)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,271 @@
+"""A TRAIL model artefact as the stream serves it: manifest checks, features, tokenizer. No torch.
+
+`python -m export.onnx --model DIR` writes `DIR/onnx/` and records every file it wrote
+(path, size, sha256, parity figures) in the manifest's "onnx" section. `Artefact.load`
+reads that back and refuses, with a message that says what to do, an artefact that
+
+- has no manifest, or a manifest that is not valid JSON or lacks a field;
+- was trained on another feature spec (`TrendConfig.spec()`) or prompt version
+  (`stream.prompts.PROMPT_VERSION`) than this code computes;
+- was never exported, or whose ONNX files are missing, truncated or altered
+  (size and sha256 are checked, so a corrupt file fails at start, not at the first tick).
+
+`Features` is the serving copy of the trainer's normalisation (signed log1p, then the
+training mean/std recorded in the manifest) and `PromptTokenizer` the serving copy of
+`Trail.encode_prompts` on the `tokenizers` library (Rust): both are tested to produce
+exactly what the trainer produces.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stream.prompts import PROMPT_VERSION
+from stream.trends import Signals, TrendConfig
+
+MANIFEST = "manifest.json"
+ONNX_DIR = "onnx"
+END_TOKEN = "<|im_end|>"
+
+# Files export.onnx writes, by role (the manifest's "onnx"."files" maps role -> record).
+SCORE_VARIANTS = ("fp32", "int8", "fp16")
+ROLES = ("score.fp32", "score.int8", "score.fp16", "numeric", "generator", "tokenizer")
+REQUIRED_ROLES = ("score.fp32", "numeric", "generator", "tokenizer")
+
+
+class ArtefactError(RuntimeError):
+    """The model artefact cannot be served; the message says why and what to do."""
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_record(root: Path, path: Path) -> dict[str, Any]:
+    """What the manifest records about one exported file (path relative to the artefact)."""
+    return {"path": str(path.relative_to(root)), "bytes": path.stat().st_size, "sha256": sha256_of(path)}
+
+
+@dataclass(frozen=True)
+class Features:
+    """Raw trend signals -> the score head's normalised input (the trainer's Normalisation, in numpy)."""
+
+    names: tuple[str, ...]  # the signals in model order, then "horizon_days"
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def from_manifest(cls, normalisation: dict) -> Features:
+        names, mean, std = normalisation["names"], normalisation["mean"], normalisation["std"]
+        if not (len(names) == len(mean) == len(std)) or not names:
+            raise ArtefactError(f"manifest normalisation is inconsistent: {len(names)} names, {len(mean)} means, "
+                                f"{len(std)} stds")
+        return cls(tuple(names), np.asarray(mean, np.float64), np.asarray(std, np.float64))
+
+    @property
+    def signal_names(self) -> tuple[str, ...]:
+        return self.names[:-1]
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        """(N, S) raw values in `names` order -> (N, S) float32, exactly as trainer.model.Normalisation.apply."""
+        t = np.sign(raw) * np.log1p(np.abs(raw))
+        return ((t - self.mean) / self.std).astype(np.float32)
+
+    def of_signals(self, signals: Signals, horizon_days: float) -> np.ndarray:
+        """(N, S) model input for every item of a tick: its signals in model order, then the horizon."""
+        missing = [n for n in self.signal_names if n not in signals.names]
+        if missing:
+            raise ArtefactError(f"the model reads signals this stream does not compute: {missing}")
+        cols = [signals.names.index(n) for n in self.signal_names]
+        raw = np.empty((len(signals), len(self.names)), np.float64)
+        raw[:, :-1] = signals.values[:, cols]
+        raw[:, -1] = float(horizon_days)
+        return self.apply(raw)
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization` (applied by its decode when the tokenizer asks for it)."""
+    return (text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",").replace(" ' ", "'")
+            .replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s").replace(" 've", "'ve")
+            .replace(" 're", "'re"))
+
+
+class PromptTokenizer:
+    """Right-padded prompt ids, as `Trail.encode_prompts`; decoding, as `Trail.explain`."""
+
+    def __init__(self, path: Path, max_prompt_tokens: int, clean_up_spaces: bool) -> None:
+        from tokenizers import Tokenizer  # the Rust library; no transformers, no torch
+
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on a bad file
+            raise ArtefactError(f"{path}: not a readable tokenizer.json ({e})") from e
+        self.tok.no_truncation()
+        self.tok.no_padding()
+        end = self.tok.token_to_id(END_TOKEN)
+        if end is None:
+            raise ArtefactError(f"{path}: the tokenizer has no {END_TOKEN} token")
+        self.end_id = end
+        self.max_prompt_tokens = max_prompt_tokens
+        self.clean_up_spaces = clean_up_spaces
+
+    def ids(self, prompts: list[str]) -> list[list[int]]:
+        return [e.ids[: self.max_prompt_tokens] for e in self.tok.encode_batch(prompts)]
+
+    def pad(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(B, T) int64 ids right-padded with the end token, (B, T) int64 mask."""
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.end_id, np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        return ids, mask
+
+    def encode(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return self.pad(self.ids(prompts))
+
+    def decode(self, ids: list[int]) -> str:
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        return (clean_up_tokenization(text) if self.clean_up_spaces else text).strip()
+
+
+def _diff(a: dict, b: dict) -> list[str]:
+    keys = sorted(set(a) | set(b))
+    return [f"{k}: artefact {a.get(k)!r} vs stream {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+@dataclass(frozen=True)
+class Artefact:
+    root: Path
+    manifest: dict[str, Any]
+
+    # ---- loading and validation -----------------------------------------------
+    @classmethod
+    def load(cls, root: str | Path, trend: TrendConfig | None = None, prompt_version: str = PROMPT_VERSION,
+             verify: bool = True) -> Artefact:
+        """Read and check an exported artefact; every failure is an ArtefactError saying what to do."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not root.is_dir():
+            raise ArtefactError(f"model directory {root} does not exist (set TRAIL_MODEL_DIR to a TRAIL artefact)")
+        if not path.is_file():
+            raise ArtefactError(f"{root} is not a TRAIL model artefact: no {MANIFEST}")
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtefactError(f"{path} is not valid JSON ({e}); the artefact is corrupt") from e
+        if not isinstance(manifest, dict):
+            raise ArtefactError(f"{path} is not a JSON object; the artefact is corrupt")
+        missing = [k for k in ("model_version", "feature_spec", "normalisation", "prompt_version", "trail_config",
+                               "horizon_days") if k not in manifest]
+        if missing:
+            raise ArtefactError(f"{path} lacks {', '.join(missing)}; not a TRAIL artefact or written by an older trainer")
+        art = cls(root, manifest)
+        art.check_compatible(trend or TrendConfig.from_env(), prompt_version)
+        art.check_files(verify)
+        return art
+
+    def check_compatible(self, trend: TrendConfig, prompt_version: str) -> None:
+        ours = trend.spec()
+        theirs = self.manifest["feature_spec"]
+        if theirs != ours:
+            raise ArtefactError(
+                f"model {self.model_version} was trained on another feature spec than this stream computes "
+                f"({'; '.join(_diff(theirs, ours))}). Serve it with the trend settings it was trained with "
+                f"(TRAIL_BUCKET_S, TRAIL_WINDOWS, TRAIL_EMA_HALFLIFE_S) or retrain it."
+            )
+        if self.manifest["prompt_version"] != prompt_version:
+            raise ArtefactError(
+                f"model {self.model_version} was trained on prompt version {self.manifest['prompt_version']!r}, "
+                f"this stream renders {prompt_version!r} (stream.prompts.PROMPT_VERSION): retrain the model, "
+                f"or serve it with the code it was trained with."
+            )
+        names = self.manifest["normalisation"].get("names", [])
+        if list(names[:-1]) != list(trend.signal_names):
+            raise ArtefactError(f"model {self.model_version} reads signals {names[:-1]}, the stream computes "
+                                f"{list(trend.signal_names)}")
+
+    def check_files(self, verify: bool = True) -> None:
+        onnx = self.manifest.get("onnx") or {}
+        files = onnx.get("files") or {}
+        if not files:
+            raise ArtefactError(f"model {self.model_version} at {self.root} has no ONNX export: "
+                                f"run `python -m export.onnx --model {self.root}` first")
+        absent = [r for r in REQUIRED_ROLES if r not in files]
+        if absent:
+            raise ArtefactError(f"{self.root}: the export lacks {', '.join(absent)}; run `python -m export.onnx "
+                                f"--model {self.root}` again")
+        for role, rec in files.items():
+            path = self.root / rec["path"]
+            if not path.is_file():
+                raise ArtefactError(f"{path} ({role}) is missing; run `python -m export.onnx --model {self.root}` again")
+            size = path.stat().st_size
+            if size != rec["bytes"]:
+                raise ArtefactError(f"{path} ({role}) is {size} bytes, the export wrote {rec['bytes']}: the file is "
+                                    f"truncated or was replaced; export again")
+            if verify and sha256_of(path) != rec["sha256"]:
+                raise ArtefactError(f"{path} ({role}) does not match the sha256 the export recorded: the file is "
+                                    f"corrupt; export again")
+
+    # ---- what the serving code reads -------------------------------------------------
+    @property
+    def model_version(self) -> str:
+        return str(self.manifest["model_version"])
+
+    @property
+    def onnx(self) -> dict[str, Any]:
+        return self.manifest.get("onnx") or {}
+
+    def has(self, role: str) -> bool:
+        return role in self.onnx.get("files", {})
+
+    def path(self, role: str) -> Path:
+        rec = self.onnx.get("files", {}).get(role)
+        if rec is None:
+            raise ArtefactError(f"{self.root}: the export has no {role} file")
+        return self.root / rec["path"]
+
+    def parity(self, role: str) -> dict[str, Any]:
+        return self.onnx.get("parity", {}).get(role, {})
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return int(self.manifest["trail_config"].get("max_prompt_tokens", 80))
+
+    @property
+    def max_explanation_tokens(self) -> int:
+        return int(self.manifest["trail_config"].get("max_explanation_tokens", 48))
+
+    def features(self) -> Features:
+        return Features.from_manifest(self.manifest["normalisation"])
+
+    def tokenizer(self) -> PromptTokenizer:
+        tok = self.onnx.get("tokenizer", {})
+        return PromptTokenizer(self.path("tokenizer"), self.max_prompt_tokens,
+                               bool(tok.get("clean_up_tokenization_spaces", False)))
+
+    def horizon_days(self, requested: float | None = None) -> int:
+        """The forecast horizon to serve: `requested` (TRAIL_HORIZON_DAYS), else the artefact's only one."""
+        known = sorted({int(round(float(v))) for v in self.manifest["horizon_days"].values()})
+        if requested is not None:
+            h = int(round(float(requested)))
+            if h not in known:
+                raise ArtefactError(f"horizon {requested} d: model {self.model_version} was trained on horizons "
+                                    f"{known} d only (set TRAIL_HORIZON_DAYS to one of them)")
+            return h
+        if len(known) != 1:
+            by_set = ", ".join(f"{k}: {v}" for k, v in sorted(self.manifest["horizon_days"].items()))
+            raise ArtefactError(f"model {self.model_version} was trained on several horizons ({by_set}); "
+                                f"set TRAIL_HORIZON_DAYS to the one of the data this stream serves")
+        return known[0]

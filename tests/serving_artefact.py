@@ -1,0 +1,125 @@
+"""An exported TRAIL artefact for the serving tests, built once and cached on disk.
+
+Source: the committed models/trail-smollm2 when it exists (used as is when its export is
+current), else a tiny model fitted here (`trainer.fit --steps 2` on Online Retail II,
+about two minutes). The export goes to $TRAIL_CACHE/test-artefacts/<key>, where the key
+hashes the trained weights and export.onnx's EXPORT_VERSION, so a changed model or export
+format is exported again and an unchanged one is reused by every later run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from trainer.backbone import cache_dir
+
+REPO = Path(__file__).resolve().parent.parent
+COMMITTED = REPO / "models" / "trail-smollm2"
+TRAINED_FILES = ("manifest.json", "score_head.safetensors", "adapter")
+
+
+def _export_version() -> str:
+    """export.onnx's EXPORT_VERSION, read without importing torch."""
+    import re
+
+    m = re.search(r'^EXPORT_VERSION = "([^"]+)"', (REPO / "export" / "onnx.py").read_text(), re.M)
+    if m is None:
+        raise RuntimeError("export/onnx.py has no EXPORT_VERSION")
+    return m.group(1)
+
+
+def _run(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def _current(directory: Path) -> bool:
+    from stream.model_artefact import Artefact, ArtefactError
+
+    try:
+        Artefact.load(directory, _trend_of(directory))
+    except ArtefactError:
+        return False
+    return True
+
+
+def _trend_of(directory: Path):
+    import json
+
+    from stream.trends import TrendConfig
+
+    return TrendConfig.from_spec(json.loads((directory / "manifest.json").read_text())["feature_spec"])
+
+
+def _hash_tree(h: "hashlib._Hash", path: Path) -> None:
+    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        if f.name == "manifest.json":
+            import json
+
+            m = json.loads(f.read_text())
+            m.pop("onnx", None)
+            h.update(json.dumps(m, sort_keys=True).encode())
+        else:
+            h.update(f.read_bytes())
+
+
+def _trained() -> Path:
+    if (COMMITTED / "manifest.json").is_file():
+        return COMMITTED
+    target = cache_dir() / "test-artefacts" / "tiny-retail-fit"
+    if not (target / "manifest.json").is_file():
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _run(["trainer.fit", "--dataset", "retail", "--out", str(tmp), "--steps", "2", "--max-train-cutoffs", "8",
+              "--budget-minutes", "2", "--version", "trail-test-tiny"])
+        shutil.rmtree(tmp / "checkpoint", ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+    return target
+
+
+def exported_artefact() -> Path:
+    """Path to an exported artefact (fp32 + int8 score path, numeric, generator, tokenizer)."""
+    root = cache_dir() / "test-artefacts"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one exporter at a time (pytest-xdist, parallel CI jobs)
+        source = _trained()
+        if source == COMMITTED and _current(COMMITTED):
+            return COMMITTED
+        h = hashlib.sha256()
+        for name in TRAINED_FILES:
+            if (source / name).exists():
+                _hash_tree(h, source / name)
+        h.update(_export_version().encode())
+        target = root / f"export-{h.hexdigest()[:16]}"
+        if (target / "manifest.json").is_file() and _current(target):
+            return target
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name in TRAINED_FILES:
+            src = source / name
+            if src.is_dir():
+                shutil.copytree(src, tmp / name)
+            elif src.exists():
+                shutil.copy2(src, tmp / name)
+        _run(["export.onnx", "--model", str(tmp), "--prompts", "12", "--explain", "3"])
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        for old in root.glob("export-*"):  # keep the disk bounded: one export per model
+            if old != target and old.is_dir() and not old.name.endswith(".tmp"):
+                shutil.rmtree(old, ignore_errors=True)
+        return target
+
+
+if __name__ == "__main__":
+    print(exported_artefact(), file=sys.stdout)
+    os._exit(0)
