@@ -108,7 +108,7 @@ def sample_prompts(model: Trail, manifest: Manifest, n: int, seed: int = 0, data
     an event log (and item table) instead, scored at the manifest's first horizon.
     """
     from stream.trends import TrendConfig
-    from trainer.datasets import load_dataset
+    from stream.datasets import load_dataset
     from trainer.examples import build_examples
     from trainer.inference import features_of, numeric_scores, prompts_of
 

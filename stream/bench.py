@@ -84,7 +84,7 @@ def synthetic_events(n: int, seed: int = 7) -> pd.DataFrame:
 
 
 def real_events(n: int) -> pd.DataFrame:
-    from trainer.datasets import load_dataset  # the CLI only: stream/ does not depend on trainer/
+    from stream.datasets import load_dataset  # the CLI only: stream/ does not depend on trainer/
 
     ev = load_dataset("retail").events
     if n > len(ev):

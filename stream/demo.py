@@ -57,7 +57,7 @@ class Board:
         self.explanations[rec["item_id"]] = rec
         self.explanations_seen += 1
 
-    def render(self, top: int, titles: dict[str, str], status: str) -> str:
+    def render(self, top: int, titles: dict[str, str], status: str, explained: int = 5) -> str:
         lines = [status, f"tick {self.tick or '-'}   predictions {self.predictions_seen:,}   "
                          f"explanations {self.explanations_seen:,}", ""]
         lines.append(f"{'#':>3}  {'item':<34} {'score':>6} {'pred.':>6}  explanation")
@@ -67,12 +67,20 @@ class Board:
             exp = self.explanations.get(item)
             text = "" if exp is None else ("✓ " if exp["faithful"] else "✗ ") + exp["explanation"]
             lines.append(f"{rec['rank']:>3}  {name:<34} {rec['score']:>6.2f} {rec['predicted_count']:>6.0f}  {text[:110]}")
+        latest = sorted(self.explanations.values(), key=lambda r: r["tick"], reverse=True)[:explained]
+        if latest:
+            lines += ["", "latest explanations of the top movers (✓ every claim checked true against the signals)"]
+        for exp in latest:
+            name = (titles.get(exp["item_id"]) or exp["item_id"])[:34]
+            mark = "✓" if exp["faithful"] else "✗"
+            lines.append(f"  {exp['tick'][:13]}  rank {exp['rank']:>4}  {name:<34} {mark} {exp['explanation']}")
         return "\n".join(lines)
 
 
-def worker_env(args: argparse.Namespace, bootstrap: str, var: Path) -> dict[str, str]:
+def worker_env(args: argparse.Namespace, bootstrap: str, var: Path, horizon_days: float) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
+        "TRAIL_HORIZON_DAYS": env.get("TRAIL_HORIZON_DAYS") or f"{horizon_days:g}",
         "KAFKA_BOOTSTRAP": bootstrap,
         "TRAIL_STATE_DIR": str(var / "state"),
         "TRAIL_TICK_S": str(args.tick),
@@ -121,6 +129,21 @@ async def show(board: Board, titles: dict[str, str], top: int, stop: asyncio.Eve
             await asyncio.wait_for(stop.wait(), every)
 
 
+def ensure_export(model: Path) -> None:
+    """The committed artefact carries the trained weights, not the ONNX files (1.3 GB): export them once."""
+    from stream.model_artefact import Artefact, ArtefactError
+    from stream.trends import TrendConfig
+
+    try:
+        Artefact.load(model, TrendConfig.from_env())
+        return
+    except ArtefactError as e:
+        if "export.onnx" not in str(e):
+            raise
+    print(f"exporting {model} to ONNX once (score path, int8 variant, generator; a few minutes) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "export.onnx", "--model", str(model)], check=True)
+
+
 def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
     faust = shutil.which("faust", path=str(Path(sys.executable).parent)) or "faust"
     out = open(log_path, "ab")
@@ -140,7 +163,7 @@ def stop_worker(proc: subprocess.Popen, timeout: float = 60.0) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from trainer.datasets import load_dataset  # the loaders are pandas only
+    from stream.datasets import load_dataset
 
     var = Path(args.var)
     var.mkdir(parents=True, exist_ok=True)
@@ -154,6 +177,7 @@ async def run(args: argparse.Namespace) -> int:
         start_ms = int(time.mktime(time.strptime(args.start, "%Y-%m-%d")) * 1000)
         events = events[events["ts"] >= start_ms - args.warmup_days * DAY_MS]
     titles = dict(zip(dataset.items["item_id"], dataset.items["title"].astype(str)))
+    ensure_export(Path(args.model))
     topics = Topics.from_env()
 
     broker = None
@@ -171,7 +195,7 @@ async def run(args: argparse.Namespace) -> int:
     progress = {"phase": "starting"}
     try:
         await ensure_topics(bootstrap, topics)
-        worker = start_worker(worker_env(args, bootstrap, var), var / "worker.log")
+        worker = start_worker(worker_env(args, bootstrap, var, dataset.horizon_days), var / "worker.log")
         from stream.replay import replay
 
         warm = events[events["ts"] < events["ts"].iloc[0] + args.warmup_days * DAY_MS]

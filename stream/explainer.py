@@ -13,8 +13,10 @@ Movers (top `m` of a tick's predictions):
 - `rank_jump`: previous tick's rank minus this tick's rank (an item new to the ranking
   jumps from just below the last rank).
 
-Each explanation is checked against the signals it was generated from
-(`stream.faithfulness.check`); the record carries `faithful` and `claims_checked`.
+Each explanation is verified and revised against the signals it was generated from
+(`stream.faithfulness.repair`: wrong numbers and directions are corrected, a clause with a
+claim that cannot be corrected is dropped); the record carries the checker's verdict on
+the published text, `faithful`, and `claims_checked`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from stream.faithfulness import check
+from stream.faithfulness import repair
 from stream.model_artefact import PromptTokenizer
 from stream.prompts import main_window, signal_windows, window_hours
 from stream.records import Explanation, Prediction
@@ -56,6 +58,7 @@ class ExplainerStats:
     faithful: int = 0
     dropped_requests: int = 0  # replaced before they started
     dropped_items: int = 0  # items of dropped or interrupted requests
+    repaired: int = 0  # explanations the checker corrected before publishing
     failed: int = 0
     seconds: float = 0.0
     tokens: int = 0
@@ -138,13 +141,17 @@ class Explainer:
 
     # ---- the work -----------------------------------------------------------------------------------
     def explain_one(self, mover: Mover) -> tuple[Explanation, int]:
-        """Generate, decode and check one explanation (runs in the executor)."""
+        """Generate, decode, verify and revise one explanation (runs in the executor)."""
         p = mover.prediction
         ids = self.tokenizer.ids([mover.prompt])[0]
         new = self.generate(ids, self.max_new_tokens)
-        text = self.tokenizer.decode(new)
-        result = check(text, p.signals, title=mover.title)
-        return Explanation(p.item_id, p.tick, p.rank, text, result.faithful, result.checked, self.model_version), len(new)
+        # verify and revise: claims the checker can correct against the signals are corrected,
+        # the rest of an unfaithful clause is dropped; `faithful` is the checker's verdict on what is published
+        fixed = repair(self.tokenizer.decode(new), p.signals, title=mover.title)
+        if fixed.changed:
+            self.stats.repaired += 1
+        return (Explanation(p.item_id, p.tick, p.rank, fixed.text, fixed.faithful, fixed.checked, self.model_version),
+                len(new))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

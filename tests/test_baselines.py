@@ -10,7 +10,7 @@ import pytest
 
 from stream.trends import TrendConfig
 from trainer.baselines import GBM, ExpDecay, Forecaster, Markov, MostPop, RecentPop, make_baselines, reference_window
-from trainer.datasets import Dataset, load_dataset
+from stream.datasets import Dataset, load_dataset
 from trainer.evaluate import evaluate_methods, fit_baselines, main
 from trainer.examples import DAY_MS, build_examples, split_cutoffs
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from trainer import datasets as D
-from trainer.datasets import DatasetError, load_dataset, load_events, parse_online_retail, ts_to_ms
+from stream.datasets import DatasetError, load_dataset, load_events, parse_online_retail, ts_to_ms
 
 EVENT_DTYPES = {"item_id": object, "user_id": object, "ts": np.int64, "event_type": object, "weight": np.float64}
 

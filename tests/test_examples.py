@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trainer.datasets import Dataset, load_dataset
+from stream.datasets import Dataset, load_dataset
 from trainer.examples import DAY_MS, ExamplesError, build_examples, make_cutoffs, split_cutoffs
 
 H = 7 * DAY_MS

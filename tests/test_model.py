@@ -8,7 +8,7 @@ import torch
 
 from stream.faithfulness import check
 from trainer import fit
-from trainer.datasets import load_dataset
+from stream.datasets import load_dataset
 from trainer.examples import build_examples
 from trainer.inference import prompts_of, score_frame
 from trainer.model import Manifest, info_nce, load, pairwise_rank_loss

@@ -19,7 +19,7 @@ from aiokafka.partitioner import murmur2
 
 from stream.events import parse_batch
 from stream.trends import Signals, TrendConfig, TrendTable
-from trainer.datasets import Dataset, load_dataset
+from stream.datasets import Dataset, load_dataset
 from trainer.examples import build_examples
 
 PARTITIONS = 3

@@ -39,7 +39,7 @@ def scorer(artefact_dir, trend) -> TickScorer:
 @pytest.fixture(scope="module")
 def retail_cutoff(trend):
     """The signals of every candidate at a real Online Retail II cut-off, with titles."""
-    from trainer.datasets import load_dataset
+    from stream.datasets import load_dataset
     from trainer.examples import build_examples
 
     ds = load_dataset("retail")

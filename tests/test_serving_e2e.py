@@ -38,7 +38,7 @@ TICK_S = 1.0
 
 
 def retail_slice():
-    from trainer.datasets import load_dataset
+    from stream.datasets import load_dataset
 
     ds = load_dataset("retail")
     ev = ds.events

@@ -28,7 +28,7 @@ FAUST = Path(sys.executable).with_name("faust")
 
 def retail_slice(days: int, start_day: int = 0) -> pd.DataFrame:
     """`days` days of Online Retail II events (the event frame), from `start_day` days after its start."""
-    from trainer.datasets import load_dataset
+    from stream.datasets import load_dataset
 
     ev = load_dataset("retail").events
     t0 = int(ev["ts"].iloc[0]) + start_day * 86_400_000

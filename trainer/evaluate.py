@@ -22,7 +22,7 @@ import structlog
 
 from stream.trends import TrendConfig
 from trainer.baselines import make_baselines
-from trainer.datasets import DatasetError, load_dataset
+from stream.datasets import DatasetError, load_dataset
 from trainer.examples import Examples, ExamplesError, Split, build_examples, split_cutoffs
 from trainer.metrics import KS, evaluate_predictions
 

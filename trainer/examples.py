@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from stream.events import EventBatch
 from stream.trends import TrendConfig, TrendTable
-from trainer.datasets import Dataset
+from stream.datasets import Dataset
 
 log = structlog.get_logger(__name__)
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from stream.prompts import PROMPT_VERSION, main_window, window_hours
 from stream.trends import TrendConfig
-from trainer.datasets import load_dataset
+from stream.datasets import load_dataset
 from trainer.examples import Examples, build_examples, split_cutoffs
 from trainer.explanations import negative_explanations, target_explanation
 from trainer.inference import features_of, prompts_of

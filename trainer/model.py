@@ -60,7 +60,8 @@ class Normalisation:
     @classmethod
     def fit(cls, names: list[str], values: np.ndarray) -> "Normalisation":
         t = signal_transform(values)
-        return cls(list(names), t.mean(axis=0).tolist(), np.maximum(t.std(axis=0), 1e-6).tolist())
+        # floor: a signal constant in a small training slice must not divide later inputs by ~0
+        return cls(list(names), t.mean(axis=0).tolist(), np.maximum(t.std(axis=0), 1e-2).tolist())
 
     def apply(self, values: np.ndarray) -> np.ndarray:
         """(N, S) raw signals in `names` order -> (N, S) float32 model input."""

@@ -450,7 +450,7 @@ def load_dataset(name_or_path: str | Path, items: str | Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trainer.datasets",
+    ap = argparse.ArgumentParser(prog="python -m stream.datasets",
                                  description="Load a dataset (filling the cache) and print a summary.")
     ap.add_argument("dataset", help="retail, ml100k, or the path of a CSV/Parquet/JSONL event log")
     ap.add_argument("--items", help="item table for an event-log path")
