@@ -1,0 +1,77 @@
+"""The README's first command, end to end: the demo entry point on the real broker and the embedded store."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving_artefact import exported_artefact
+from stream.store import StoreConfig, connect
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(cmd)
+    return found
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_leaves_results_and_no_processes(tmp_path):
+    model = exported_artefact()
+    var = tmp_path / "var"
+    env = dict(os.environ, TRAIL_EXPLAIN_TOP="2", TRAIL_SCORE_TOP_N="24")
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream.demo", "--duration", "75", "--speed", "172800", "--warmup-days", "35",
+         "--tick", "2", "--model", str(model), "--var", str(var)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "final ranking" in proc.stdout
+    assert not _processes_mentioning(str(var)), "the demo left a worker behind"
+    assert not [c for c in _processes_mentioning("tansu") if "trail-tansu" in c and str(tmp_path) in c]
+
+    client = connect(StoreConfig.from_env({"TRAIL_CLICKHOUSE_PATH": str(var / "clickhouse")}))
+    try:
+        ticks = client.query(
+            "SELECT tick, count(), min(rank), max(rank), uniqExact(rank) FROM trail_predictions FINAL GROUP BY tick"
+        ).result_rows
+        assert len(ticks) >= 2, ticks
+        for tick, n, lo, hi, distinct in ticks:
+            assert (lo, hi, distinct) == (1, n, n), f"ranks of {tick} are not 1..{n}"
+        first, last = min(t[0] for t in ticks), max(t[0] for t in ticks)
+        assert first.year == 2010 and last > first  # the replayed period of Online Retail II
+        explained = client.query(
+            "SELECT e.item_id, e.faithful, e.claims_checked, p.rank FROM trail_explanations AS e FINAL "
+            "JOIN trail_predictions AS p FINAL USING (item_id, tick, model_version)"
+        ).result_rows
+        assert explained, "no explanation of a top mover reached the store"
+        assert all(isinstance(f, bool) for _, f, _, _ in explained)
+    finally:
+        client.close()
+
+
+def test_readme_commands_are_what_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    first_block = re.search(r"## Two commands\s+```bash\n(.*?)```", readme, re.S)
+    assert first_block, "README must lead with the two set-up commands"
+    commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines() if line.strip()]
+    assert commands == ["./trail demo", "./trail test"]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert re.search(r"^exec \./trail test\b", ci, re.M), "CI must run the README's test command"
+    trail = (REPO / "trail").read_text()
+    assert "demo) setup; exec \"$PY\" -m stream.demo" in trail and "test) setup; exec \"$PY\" -m pytest" in trail
