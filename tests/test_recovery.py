@@ -153,12 +153,10 @@ def test_two_workers_split_the_partitions_and_match_one(broker, topics, tmp_path
 def test_state_ahead_of_a_recreated_topic_is_rebuilt_not_trusted(broker, topics, tmp_path):
     """A state dir left over from an earlier incarnation of the topic (offsets beyond the log's end)
     must not make the worker skip the new log's events as already counted."""
-    import time
-
     from stream.events import EventBatch
     from stream.trends import TrendTable
     from stream.worker import TrendWorker
-    from worker_helpers import as_dict
+    from worker_helpers import as_dict, run_until_tick
 
     events = retail_slice(days=3)
     fence, as_of = fences(int(events["ts"].iloc[-1]), topics.partitions, TREND)
@@ -182,15 +180,7 @@ def test_state_ahead_of_a_recreated_topic_is_rebuilt_not_trusted(broker, topics,
         async def collect(as_of_ms, signals):
             seen[as_of_ms] = as_dict(signals)
 
-        await worker.start()
-        run = asyncio.create_task(worker.run())
-        try:
-            deadline = time.monotonic() + 30
-            while as_of not in seen and time.monotonic() < deadline and not run.done():
-                await asyncio.sleep(0.05)
-        finally:
-            await worker.stop()
-            await run
+        await run_until_tick(worker, as_of, seen)
         return worker.counters()
 
     counters = asyncio.run(scenario())

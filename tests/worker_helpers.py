@@ -187,3 +187,19 @@ class FaustWorker:
             rc = self.proc.wait()
         self._log.close()
         return rc
+
+
+async def run_until_tick(worker, as_of_ms: int, seen: dict, timeout_s: float = 30.0) -> None:
+    """Start `worker`, run it until a tick hook has filled seen[as_of_ms] (or the timeout), stop it."""
+    import asyncio
+    import time
+
+    await worker.start()
+    run = asyncio.create_task(worker.run())
+    try:
+        deadline = time.monotonic() + timeout_s
+        while as_of_ms not in seen and time.monotonic() < deadline and not run.done():
+            await asyncio.sleep(0.05)
+    finally:
+        await worker.stop()
+        await run
