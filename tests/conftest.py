@@ -48,3 +48,17 @@ def smollm2_tokenizer():
     from trainer.backbone import resolve_base
 
     return transformers.AutoTokenizer.from_pretrained(resolve_base())
+
+
+@pytest.fixture(scope="module")
+def retail_slice():
+    """About two months of Online Retail II (Jan-Feb 2010): four weekly cut-offs after 28 days of history."""
+    import pandas as pd
+
+    from stream.datasets import Dataset, load_dataset
+
+    ds = load_dataset("retail")
+    lo = pd.Timestamp("2010-01-01", tz="UTC").value // 10**6
+    hi = pd.Timestamp("2010-03-01", tz="UTC").value // 10**6
+    ev = ds.events[(ds.events["ts"] >= lo) & (ds.events["ts"] < hi)].reset_index(drop=True)
+    return Dataset("retail-slice", ev, ds.items, 7.0)

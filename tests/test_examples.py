@@ -6,20 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stream.datasets import Dataset, load_dataset
+from stream.datasets import Dataset
 from trainer.examples import DAY_MS, ExamplesError, build_examples, make_cutoffs, split_cutoffs
 
 H = 7 * DAY_MS
 
-
-@pytest.fixture(scope="module")
-def retail_slice() -> Dataset:
-    """About two months of Online Retail II (Jan-Feb 2010): four weekly cut-offs after 28 days of history."""
-    ds = load_dataset("retail")
-    lo = pd.Timestamp("2010-01-01", tz="UTC").value // 10**6
-    hi = pd.Timestamp("2010-03-01", tz="UTC").value // 10**6
-    ev = ds.events[(ds.events["ts"] >= lo) & (ds.events["ts"] < hi)].reset_index(drop=True)
-    return Dataset("retail-slice", ev, ds.items, 7.0)
 
 
 @pytest.fixture(scope="module")

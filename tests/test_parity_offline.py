@@ -14,25 +14,15 @@ from __future__ import annotations
 import numpy as np
 import orjson
 import pandas as pd
-import pytest
 from aiokafka.partitioner import murmur2
 
 from stream.events import parse_batch
 from stream.trends import Signals, TrendConfig, TrendTable
-from stream.datasets import Dataset, load_dataset
 from trainer.examples import build_examples
 
 PARTITIONS = 3
 NOW_MS = pd.Timestamp("2030-01-01", tz="UTC").value // 10**6
 
-
-@pytest.fixture(scope="module")
-def retail_slice() -> Dataset:
-    ds = load_dataset("retail")
-    lo = pd.Timestamp("2010-01-01", tz="UTC").value // 10**6
-    hi = pd.Timestamp("2010-03-01", tz="UTC").value // 10**6
-    ev = ds.events[(ds.events["ts"] >= lo) & (ds.events["ts"] < hi)].reset_index(drop=True)
-    return Dataset("retail-slice", ev, ds.items, 7.0)
 
 
 def worker_apply(table: TrendTable, batch, pending: list[int], snaps: dict[int, Signals]) -> None:
