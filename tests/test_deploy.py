@@ -51,8 +51,7 @@ def test_compose_file_is_valid_against_the_compose_spec(compose):
 
 def test_compose_runs_the_whole_system(compose):
     services = compose["services"]
-    assert {"kafka", "kafka-init", "clickhouse", "grafana", "trail-worker", "trail-explainer",
-            "trail-worker-gpu"} <= services.keys()
+    assert {"kafka", "kafka-init", "clickhouse", "grafana", "trail-worker", "trail-worker-gpu"} <= services.keys()
     kafka = services["kafka"]
     assert kafka["image"].startswith("apache/kafka:")
     env = kafka["environment"]
@@ -76,7 +75,7 @@ def test_compose_runs_the_whole_system(compose):
 
 def test_workers_point_at_the_compose_services(compose):
     services = compose["services"]
-    for name in ("trail-worker", "trail-explainer", "trail-worker-gpu"):
+    for name in ("trail-worker", "trail-worker-gpu"):
         svc = services[name]
         assert svc["command"][:4] == ["faust", "-A", "stream.app", "worker"], name
         env = svc["environment"]
@@ -86,8 +85,12 @@ def test_workers_point_at_the_compose_services(compose):
         assert env["CLICKHOUSE_DATABASE"] == services["clickhouse"]["environment"]["CLICKHOUSE_DB"]
         for var in ("TRAIL_SINK_SPILL_DIR", "TRAIL_STATE_DIR"):  # on the service's own volume
             assert env[var].startswith("/var/lib/trail/"), (name, var)
-    spill_volumes = [services[n]["volumes"][0].split(":")[0] for n in ("trail-worker", "trail-explainer", "trail-worker-gpu")]
-    assert len(set(spill_volumes)) == 3, "each sink needs its own spill directory"
+    spill_volumes = [services[n]["volumes"][0].split(":")[0] for n in ("trail-worker", "trail-worker-gpu")]
+    assert len(set(spill_volumes)) == 2, "each sink needs its own spill directory"
+    # every worker serves the model: scorer, ranker, explainer
+    for name in ("trail-worker", "trail-worker-gpu"):
+        env = services[name]["environment"]
+        assert "stream.serving:on_tick" in env["TRAIL_TICK_HOOKS"] and env["TRAIL_MODEL_DIR"].startswith("/app/models/")
     gpu = services["trail-worker-gpu"]
     assert gpu["profiles"] == ["gpu"] and gpu["build"]["dockerfile"] == "deploy/Dockerfile.gpu"
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
