@@ -15,7 +15,8 @@ validation limits from `ValidationConfig.from_env`:
     TRAIL_MAX_POLL_RECORDS   records per getmany [5000]
     TRAIL_SESSION_TIMEOUT_S  group session timeout; a dead worker's partitions move after it [10]
     TRAIL_PUBLISH_SNAPSHOTS  0 turns the snapshot topic off (hooks still run) [1]
-    TRAIL_TICK_HOOKS         module:attr[,module:attr] async callables run every tick []
+    TRAIL_TICK_HOOKS         module:attr[,module:attr] async callables run every tick
+                             [SERVING_HOOKS when TRAIL_MODEL_DIR is set, else none]
     TRAIL_WEB_PORT           Faust web port; unset: no web server (as --without-web) []
 """
 
@@ -31,6 +32,8 @@ from stream.topics import TopicSpec, Topics
 from stream.trends import TrendConfig
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+# scorer + ranker + explainer, and the trend snapshots the accuracy dashboard reads
+SERVING_HOOKS = "stream.serving:on_tick,stream.sink_hooks:store_snapshots"
 
 
 def bootstrap_from_env(env: Mapping[str, str]) -> str:
@@ -93,7 +96,10 @@ class WorkerConfig:
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerConfig:
         env = os.environ if env is None else env
         d = cls()
-        hooks = tuple(h.strip() for h in env.get("TRAIL_TICK_HOOKS", "").split(",") if h.strip())
+        spec = env.get("TRAIL_TICK_HOOKS")
+        if spec is None and env.get("TRAIL_MODEL_DIR", "").strip():
+            spec = SERVING_HOOKS  # a model to serve and no explicit hooks: run the whole service
+        hooks = tuple(h.strip() for h in (spec or "").split(",") if h.strip())
         for h in hooks:
             if ":" not in h:
                 raise ValueError(f"TRAIL_TICK_HOOKS entry {h!r} is not module:attribute")

@@ -84,9 +84,7 @@ def worker_env(args: argparse.Namespace, bootstrap: str, var: Path, horizon_days
         "KAFKA_BOOTSTRAP": bootstrap,
         "TRAIL_STATE_DIR": str(var / "state"),
         "TRAIL_TICK_S": str(args.tick),
-        "TRAIL_MODEL_DIR": str(args.model),
-        # the scorer + explainer, and the trend snapshots the accuracy dashboard reads
-        "TRAIL_TICK_HOOKS": env.get("TRAIL_TICK_HOOKS") or "stream.serving:on_tick,stream.sink_hooks:store_snapshots",
+        "TRAIL_MODEL_DIR": str(args.model),  # the worker then runs the serving hooks (stream.config)
         "TRAIL_LOG_LEVEL": env.get("TRAIL_LOG_LEVEL", "warning"),
     })
     if not env.get("CLICKHOUSE_URL"):

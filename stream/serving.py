@@ -1,6 +1,6 @@
 """The model inside the stream: per-tick scoring, one global ranking, predictions, explanations.
 
-    TRAIL_MODEL_DIR=models/trail-smollm2 TRAIL_TICK_HOOKS=stream.serving:on_tick faust -A stream.app worker
+    TRAIL_MODEL_DIR=models/trail-smollm2 faust -A stream.app worker      # TRAIL_TICK_HOOKS defaults to these hooks
 
 `stream.serving:on_tick` is resolved when the Faust service starts: the artefact is loaded
 and checked then (feature spec, prompt version, ONNX files and their hashes, sessions

@@ -296,3 +296,12 @@ def test_slow_hooks_get_the_newest_tick_and_never_hold_up_consumption(broker, to
     assert calls[-1] == closed and calls == sorted(calls)
     assert worker.ticks_skipped_by_hooks > 0  # ticks came faster than the hook: the older ones were dropped
     assert len(calls) < worker.ticks_published
+
+
+def test_a_model_dir_turns_on_the_serving_hooks_unless_hooks_are_given():
+    from stream.config import SERVING_HOOKS, WorkerConfig
+
+    assert WorkerConfig.from_env({}).tick_hooks == ()
+    assert ",".join(WorkerConfig.from_env({"TRAIL_MODEL_DIR": "models/x"}).tick_hooks) == SERVING_HOOKS
+    assert WorkerConfig.from_env({"TRAIL_MODEL_DIR": "models/x", "TRAIL_TICK_HOOKS": ""}).tick_hooks == ()
+    assert WorkerConfig.from_env({"TRAIL_MODEL_DIR": "m", "TRAIL_TICK_HOOKS": "a.b:c"}).tick_hooks == ("a.b:c",)
