@@ -18,7 +18,7 @@ from stream.partitions import CheckpointStore, PartitionState
 from stream.snapshots import decode_snapshot, encode_snapshot, iso_ms
 from stream.trends import HOUR_MS, TrendConfig, TrendTable
 from stream.worker import TrendWorker, load_hook
-from worker_helpers import as_dict, offline_signals, retail_slice, run_until_tick, worker_config
+from worker_helpers import as_dict, offline_signals, read_records, retail_slice, run_until_tick, worker_config
 
 T0 = 1_262_304_000_000  # 2010-01-01
 CFG = TrendConfig(windows=(("6h", 6), ("1d", 24)), ema_halflife_buckets=6)
@@ -184,28 +184,6 @@ async def _produce(bootstrap: str, topic: str, partition: int, records: list[tup
         await p.stop()
 
 
-async def _consume(bootstrap: str, topic: str, expect: int, timeout_s: float = 20.0) -> list:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-    await c.start()
-    try:
-        while not (parts := c.partitions_for_topic(topic)):
-            await c._client.force_metadata_update()
-            await asyncio.sleep(0.05)
-        c.assign([TopicPartition(topic, p) for p in parts])
-        out: list = []
-        deadline = time.monotonic() + timeout_s
-        while len(out) < expect and time.monotonic() < deadline:
-            for rs in (await c.getmany(timeout_ms=200)).values():
-                out.extend(rs)
-        for rs in (await c.getmany(timeout_ms=300)).values():  # and nothing more
-            out.extend(rs)
-        return out
-    finally:
-        await c.stop()
-
-
 @pytest.mark.broker
 def test_bad_records_go_to_the_dlq_and_the_worker_goes_on(broker, topics, tmp_path):
     good = [("A", "u1", T0), ("B", "u2", T0 + 10 * 60_000), ("A", "u2", T0 + 3 * HOUR_MS)]
@@ -240,7 +218,7 @@ def test_bad_records_go_to_the_dlq_and_the_worker_goes_on(broker, topics, tmp_pa
             seen[as_of_ms] = as_dict(signals)
 
         await run_until_tick(worker, as_of, seen)
-        return worker.counters(), await _consume(broker, topics.dlq, len(bad))
+        return worker.counters(), await read_records(broker, topics.dlq, len(bad))
 
     counters, dlq = asyncio.run(scenario())
     assert as_of in seen, "the worker did not publish the tick after the bad records"

@@ -12,8 +12,8 @@ import pytest
 from stream.partitions import CheckpointStore
 from stream.replay import replay
 from stream.trends import TrendConfig
-from worker_helpers import (FaustWorker, fences, offline_signals, partition_of, read_snapshot, retail_slice,
-                            worker_config, worker_env)
+from worker_helpers import (FaustWorker, fences, offline_signals, partition_of, read_records, read_snapshot,
+                            retail_slice, worker_config, worker_env)
 
 pytestmark = pytest.mark.broker
 TREND = TrendConfig()
@@ -53,27 +53,6 @@ async def _markers(bootstrap: str, topic: str, partitions: int) -> None:
         await p.stop()
 
 
-async def _dlq_count(bootstrap: str, topic: str, expect: int, timeout_s: float) -> int:
-    import time
-
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
-    await c.start()
-    try:
-        while not (parts := c.partitions_for_topic(topic)):
-            await c._client.force_metadata_update()
-            await asyncio.sleep(0.05)
-        c.assign([TopicPartition(topic, q) for q in parts])
-        n = 0
-        deadline = time.monotonic() + timeout_s
-        while n < expect and time.monotonic() < deadline:
-            n += sum(len(rs) for rs in (await c.getmany(timeout_ms=100)).values())
-        return n
-    finally:
-        await c.stop()
-
-
 def test_kill9_and_restart_count_every_event_once(broker, topics, tmp_path):
     events, fence, as_of = _log_with_fences(topics.partitions)
     half = len(events) // 2
@@ -96,7 +75,7 @@ def test_kill9_and_restart_count_every_event_once(broker, topics, tmp_path):
         # (the next tick is seconds away) when the worker is killed.
         _publish(broker, topics, second)
         asyncio.run(_markers(broker, topics.events, topics.partitions))
-        assert asyncio.run(_dlq_count(broker, topics.dlq, topics.partitions, 20)) == topics.partitions
+        assert len(asyncio.run(read_records(broker, topics.dlq, topics.partitions, 20))) == topics.partitions
     finally:
         w1.kill9()
     assert {p: store.load(p).last_offset + 1 for p in range(topics.partitions)} == checkpointed

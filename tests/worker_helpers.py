@@ -203,3 +203,29 @@ async def run_until_tick(worker, as_of_ms: int, seen: dict, timeout_s: float = 3
     finally:
         await worker.stop()
         await run
+
+
+async def read_records(bootstrap: str, topic: str, expect: int, timeout_s: float = 20.0) -> list:
+    """Every record of `topic` from the start: at least `expect` (or until the timeout), then whatever else comes."""
+    import asyncio
+    import time
+
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
+    await c.start()
+    try:
+        while not (parts := c.partitions_for_topic(topic)):
+            await c._client.force_metadata_update()
+            await asyncio.sleep(0.05)
+        c.assign([TopicPartition(topic, p) for p in parts])
+        out: list = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < expect and time.monotonic() < deadline:
+            for rs in (await c.getmany(timeout_ms=200)).values():
+                out.extend(rs)
+        for rs in (await c.getmany(timeout_ms=300)).values():  # and nothing more
+            out.extend(rs)
+        return out
+    finally:
+        await c.stop()
