@@ -64,6 +64,13 @@ def test_demo_runs_end_to_end_and_leaves_results_and_no_processes(tmp_path):
     finally:
         client.close()
 
+    # the README's SQL example, as written, on this store (chdb: one process per directory, so a child)
+    snippet = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", snippet], cwd=var.parent, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = eval(out.stdout.strip().splitlines()[-1])  # the snippet prints the rows
+    assert [r[0] for r in rows] == list(range(1, 11))
+
 
 def test_readme_commands_are_what_ci_runs():
     readme = (REPO / "README.md").read_text()
