@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -68,7 +69,7 @@ def test_demo_runs_end_to_end_and_leaves_results_and_no_processes(tmp_path):
     snippet = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
     out = subprocess.run([sys.executable, "-c", snippet], cwd=var.parent, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = eval(out.stdout.strip().splitlines()[-1])  # the snippet prints the rows
+    rows = ast.literal_eval(out.stdout.strip().splitlines()[-1])  # the snippet prints the rows
     assert [r[0] for r in rows] == list(range(1, 11))
 
 
