@@ -50,15 +50,24 @@ def smollm2_tokenizer():
     return transformers.AutoTokenizer.from_pretrained(resolve_base())
 
 
-@pytest.fixture(scope="module")
-def retail_slice():
-    """About two months of Online Retail II (Jan-Feb 2010): four weekly cut-offs after 28 days of history."""
+@pytest.fixture(scope="session")
+def retail_between():
+    """Online Retail II cut to [start, end) (UTC dates) as a Dataset with the weekly horizon."""
     import pandas as pd
 
     from stream.datasets import Dataset, load_dataset
 
-    ds = load_dataset("retail")
-    lo = pd.Timestamp("2010-01-01", tz="UTC").value // 10**6
-    hi = pd.Timestamp("2010-03-01", tz="UTC").value // 10**6
-    ev = ds.events[(ds.events["ts"] >= lo) & (ds.events["ts"] < hi)].reset_index(drop=True)
-    return Dataset("retail-slice", ev, ds.items, 7.0)
+    def cut(start: str, end: str) -> Dataset:
+        ds = load_dataset("retail")
+        lo = pd.Timestamp(start, tz="UTC").value // 10**6
+        hi = pd.Timestamp(end, tz="UTC").value // 10**6
+        ev = ds.events[(ds.events["ts"] >= lo) & (ds.events["ts"] < hi)].reset_index(drop=True)
+        return Dataset("retail-slice", ev, ds.items, 7.0)
+
+    return cut
+
+
+@pytest.fixture(scope="module")
+def retail_slice(retail_between):
+    """About two months of Online Retail II (Jan-Feb 2010): four weekly cut-offs after 28 days of history."""
+    return retail_between("2010-01-01", "2010-03-01")

@@ -10,7 +10,7 @@ import pytest
 
 from stream.trends import TrendConfig
 from trainer.baselines import GBM, ExpDecay, Forecaster, Markov, MostPop, RecentPop, make_baselines, reference_window
-from stream.datasets import Dataset, load_dataset
+from stream.datasets import Dataset
 from trainer.evaluate import evaluate_methods, fit_baselines, main
 from trainer.examples import DAY_MS, build_examples, split_cutoffs
 
@@ -66,12 +66,8 @@ def test_heuristic_formulas_by_hand():
 
 
 @pytest.fixture(scope="module")
-def retail_examples():
-    ds = load_dataset("retail")
-    lo = pd.Timestamp("2010-01-01", tz="UTC").value // 10**6
-    hi = pd.Timestamp("2010-05-01", tz="UTC").value // 10**6
-    ev = ds.events[(ds.events["ts"] >= lo) & (ds.events["ts"] < hi)].reset_index(drop=True)
-    return build_examples(Dataset("retail-slice", ev, ds.items, 7.0))
+def retail_examples(retail_between):
+    return build_examples(retail_between("2010-01-01", "2010-05-01"))
 
 
 def test_baselines_give_finite_counts_on_real_data(retail_examples):
