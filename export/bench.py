@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stream.model_artefact import Artefact
-from stream.onnx_models import CPU, CUDA, Generator, ScoreModel, available_providers
-from stream.trends import TrendConfig
+from stream.serving.artefact import Artefact
+from stream.serving.onnx_models import CPU, CUDA, Generator, ScoreModel, available_providers
+from stream.core.trends import TrendConfig
 
 
 def cpu_name() -> str:

@@ -14,7 +14,7 @@ the manifest's "onnx" section:
   numeric.onnx       the score head's numeric branch alone (features -> score): the stream's
                      cheap prior over every active item
   generator/model.onnx  optimum's text-generation-with-past export of the merged model, for
-                     the explanations (greedy, serving loop in stream.onnx_models.Generator)
+                     the explanations (greedy, serving loop in stream.serving.onnx_models.Generator)
   tokenizer.json     the tokenizer the model was trained with (the `tokenizers` library reads it)
 
 Parity, on real prompts (the last cut-off of each training dataset: the numeric branch's
@@ -43,8 +43,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from stream.model_artefact import MANIFEST, ONNX_DIR, PromptTokenizer, file_record, sha256_of
-from stream.onnx_models import CPU, CUDA, Generator, NumericModel, ScoreModel, available_providers
+from stream.serving.artefact import MANIFEST, ONNX_DIR, PromptTokenizer, file_record, sha256_of
+from stream.serving.onnx_models import CPU, CUDA, Generator, NumericModel, ScoreModel, available_providers
 from trainer.model import ADAPTER_DIR, HEAD_FILE, Manifest, Trail
 
 log = structlog.get_logger(__name__)
@@ -107,8 +107,8 @@ def sample_prompts(model: Trail, manifest: Manifest, n: int, seed: int = 0, data
     `datasets`: built-in names (default: the manifest's training datasets); `events`/`items`:
     an event log (and item table) instead, scored at the manifest's first horizon.
     """
-    from stream.trends import TrendConfig
-    from stream.datasets import load_dataset
+    from stream.core.trends import TrendConfig
+    from stream.core.datasets import load_dataset
     from trainer.examples import build_examples
     from trainer.inference import features_of, numeric_scores, prompts_of
 

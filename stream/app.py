@@ -3,23 +3,23 @@
     faust -A stream.app worker --without-web        # configuration: stream.config (env)
 
 Faust hosts the process (start-up, signals, graceful shutdown, the optional web
-server); the work is done by one Faust service that runs `stream.worker.TrendWorker`:
+server); the work is done by one Faust service that runs `stream.ingest.worker.TrendWorker`:
 its own aiokafka consumer (group `$TRAIL_GROUP_ID`) feeding per-partition trend
 tables, a tick every `$TRAIL_TICK_S` seconds that publishes a trend snapshot to
 `$TRAIL_SNAPSHOTS_TOPIC`, checkpoints the tables and commits. Why no Faust agents
-or tables: see stream.worker.
+or tables: see stream.ingest.worker.
 
 Extension point - code that runs every tick (the scorer):
 
     from stream.app import on_tick
-    from stream.trends import Signals
+    from stream.core.trends import Signals
 
     @on_tick
     async def score(as_of_ms: int, signals: Signals) -> None: ...
 
 or without touching this module, `TRAIL_TICK_HOOKS=package.module:function`
 (comma-separated; resolved when the service starts). The contract is in
-stream.worker's module doc.
+stream.ingest.worker's module doc.
 
 Two or more workers share the partitions (same $TRAIL_GROUP_ID, one state dir
 each); run each `--without-web` or with its own `--web-port`.
@@ -35,7 +35,7 @@ import structlog
 from mode import Service
 
 from stream.config import WorkerConfig
-from stream.worker import TrendWorker, load_hook
+from stream.ingest.worker import TrendWorker, load_hook
 
 
 def configure_logging(level: int = logging.INFO) -> None:

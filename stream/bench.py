@@ -7,9 +7,9 @@ for generated ones) to a fresh topic on a local Tansu broker (or `--bootstrap`),
 measures, reading the same topic each time:
 
 - `raw_consume_events_per_s`: aiokafka getmany, no processing (the ceiling);
-- `decode_events_per_s`: stream.events.parse_batch (orjson + validation) over the
+- `decode_events_per_s`: stream.core.events.parse_batch (orjson + validation) over the
   consumed values, no Kafka;
-- `pipeline_events_per_s`: stream.worker.TrendWorker, the code `faust -A stream.app
+- `pipeline_events_per_s`: stream.ingest.worker.TrendWorker, the code `faust -A stream.app
   worker` runs, in this process: Kafka -> validation -> de-duplication -> lateness ->
   every window, distinct users, item lives, in the per-partition trend tables;
 - `faust_table_events_per_s`: the idiomatic Faust way (stream.bench_faust: an agent
@@ -44,10 +44,10 @@ import pandas as pd
 import structlog
 
 from stream.config import WorkerConfig
-from stream.events import parse_batch
+from stream.core.events import parse_batch
 from stream.replay import replay
 from stream.topics import Topics, ensure_topics
-from stream.worker import TrendWorker, consumer_settings
+from stream.ingest.worker import TrendWorker, consumer_settings
 
 log = structlog.get_logger(__name__)
 
@@ -84,7 +84,7 @@ def synthetic_events(n: int, seed: int = 7) -> pd.DataFrame:
 
 
 def real_events(n: int) -> pd.DataFrame:
-    from stream.datasets import load_dataset  # the CLI only: stream/ does not depend on trainer/
+    from stream.core.datasets import load_dataset  # the CLI only: stream/ does not depend on trainer/
 
     ev = load_dataset("retail").events
     if n > len(ev):

@@ -27,13 +27,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stream.events import ValidationConfig
+from stream.core.events import ValidationConfig
 from stream.topics import TopicSpec, Topics
-from stream.trends import TrendConfig
+from stream.core.trends import TrendConfig
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 # scorer + ranker + explainer, and the trend snapshots the accuracy dashboard reads
-SERVING_HOOKS = "stream.serving:on_tick,stream.sink_hooks:store_snapshots"
+SERVING_HOOKS = "stream.serving.service:on_tick,stream.store.hooks:store_snapshots"
 
 
 def bootstrap_from_env(env: Mapping[str, str]) -> str:

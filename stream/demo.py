@@ -129,8 +129,8 @@ async def show(board: Board, titles: dict[str, str], top: int, stop: asyncio.Eve
 
 def ensure_export(model: Path) -> None:
     """The committed artefact carries the trained weights, not the ONNX files (1.3 GB): export them once."""
-    from stream.model_artefact import Artefact, ArtefactError
-    from stream.trends import TrendConfig
+    from stream.serving.artefact import Artefact, ArtefactError
+    from stream.core.trends import TrendConfig
 
     try:
         Artefact.load(model, TrendConfig.from_env())
@@ -161,7 +161,7 @@ def stop_worker(proc: subprocess.Popen, timeout: float = 60.0) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    from stream.datasets import load_dataset
+    from stream.core.datasets import load_dataset
 
     var = Path(args.var)
     var.mkdir(parents=True, exist_ok=True)

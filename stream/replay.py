@@ -13,7 +13,7 @@ Record timestamps are the publish time by default; the event time is in the valu
 Kafka's time-based retention reads record timestamps, so stamping a 2010 log with
 its event times (`--record-time event`) gets it deleted by a real broker.
 
-The loaders (stream.datasets, pandas) are imported lazily by the CLI only.
+The loaders (stream.core.datasets, pandas) are imported lazily by the CLI only.
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed is not None and not args.speed > 0:
         ap.error("--speed must be > 0")
 
-    from stream.datasets import DatasetError, load_dataset
+    from stream.core.datasets import DatasetError, load_dataset
 
     try:
         ds = load_dataset(args.dataset or args.events, args.items)

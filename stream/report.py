@@ -20,9 +20,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from stream import dashboards
-from stream.dashboards import DashboardParams
-from stream.store import StoreConfig, StoreError, connect
+from stream.store import dashboards
+from stream.store.dashboards import DashboardParams
+from stream.store.clickhouse import StoreConfig, StoreError, connect
 
 SIGNALS_SHOWN = ("count_7d", "velocity_7d", "users_7d")
 

@@ -55,7 +55,7 @@ def retail_between():
     """Online Retail II cut to [start, end) (UTC dates) as a Dataset with the weekly horizon."""
     import pandas as pd
 
-    from stream.datasets import Dataset, load_dataset
+    from stream.core.datasets import Dataset, load_dataset
 
     def cut(start: str, end: str) -> Dataset:
         ds = load_dataset("retail")

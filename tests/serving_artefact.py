@@ -41,7 +41,7 @@ def _run(args: list[str]) -> None:
 
 
 def _current(directory: Path) -> bool:
-    from stream.model_artefact import Artefact, ArtefactError
+    from stream.serving.artefact import Artefact, ArtefactError
 
     try:
         Artefact.load(directory, _trend_of(directory))
@@ -53,7 +53,7 @@ def _current(directory: Path) -> bool:
 def _trend_of(directory: Path):
     import json
 
-    from stream.trends import TrendConfig
+    from stream.core.trends import TrendConfig
 
     return TrendConfig.from_spec(json.loads((directory / "manifest.json").read_text())["feature_spec"])
 

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 
 from stream.config import WorkerConfig, bootstrap_from_env
-from stream.events import REASON_LATE, ValidationConfig, encode_event, read_dlq_headers
-from stream.partitions import CheckpointStore, PartitionState
-from stream.snapshots import decode_snapshot, encode_snapshot, iso_ms
-from stream.trends import HOUR_MS, TrendConfig, TrendTable
-from stream.worker import TrendWorker, load_hook
+from stream.core.events import REASON_LATE, ValidationConfig, encode_event, read_dlq_headers
+from stream.ingest.partitions import CheckpointStore, PartitionState
+from stream.core.snapshots import decode_snapshot, encode_snapshot, iso_ms
+from stream.core.trends import HOUR_MS, TrendConfig, TrendTable
+from stream.ingest.worker import TrendWorker, load_hook
 from worker_helpers import as_dict, offline_signals, read_records, retail_slice, run_until_tick, worker_config
 
 T0 = 1_262_304_000_000  # 2010-01-01
@@ -76,11 +76,11 @@ def test_bad_config_is_a_clear_error(env, message):
 
 
 def test_load_hook():
-    assert load_hook("stream.snapshots:iso_ms") is iso_ms
+    assert load_hook("stream.core.snapshots:iso_ms") is iso_ms
     with pytest.raises(ValueError, match="cannot be loaded"):
-        load_hook("stream.snapshots:nope")
+        load_hook("stream.core.snapshots:nope")
     with pytest.raises(ValueError, match="not callable"):
-        load_hook("stream.trends:HOUR_MS")
+        load_hook("stream.core.trends:HOUR_MS")
 
 
 # ---- per-partition ingest and checkpoints ---------------------------------------------------

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stream.trends import TrendConfig
+from stream.core.trends import TrendConfig
 from trainer.baselines import GBM, ExpDecay, Forecaster, Markov, MostPop, RecentPop, make_baselines, reference_window
-from stream.datasets import Dataset
+from stream.core.datasets import Dataset
 from trainer.evaluate import evaluate_methods, fit_baselines, main
 from trainer.examples import DAY_MS, build_examples, split_cutoffs
 

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from stream.broker import LocalBroker, probe_metadata
-from stream.events import dlq_record, encode_event, parse_batch, read_dlq_headers
+from stream.core.events import dlq_record, encode_event, parse_batch, read_dlq_headers
 from stream.replay import replay
 from stream.topics import Topics, ensure_topics
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from stream import datasets as D
-from stream.datasets import DatasetError, load_dataset, load_events, parse_online_retail, ts_to_ms
+from stream.core.datasets import DatasetError, load_dataset, load_events, parse_online_retail, ts_to_ms
 
 EVENT_DTYPES = {"item_id": object, "user_id": object, "ts": np.int64, "event_type": object, "weight": np.float64}
 

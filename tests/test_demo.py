@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from serving_artefact import exported_artefact
-from stream.store import StoreConfig, connect
+from stream.store.clickhouse import StoreConfig, connect
 
 REPO = Path(__file__).resolve().parent.parent
 

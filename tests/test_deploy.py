@@ -90,7 +90,7 @@ def test_workers_point_at_the_compose_services(compose):
     # every worker serves the model: scorer, ranker, explainer
     for name in ("trail-worker", "trail-worker-gpu"):
         env = services[name]["environment"]
-        assert "stream.serving:on_tick" in env["TRAIL_TICK_HOOKS"] and env["TRAIL_MODEL_DIR"].startswith("/app/models/")
+        assert "stream.serving.service:on_tick" in env["TRAIL_TICK_HOOKS"] and env["TRAIL_MODEL_DIR"].startswith("/app/models/")
     gpu = services["trail-worker-gpu"]
     assert gpu["profiles"] == ["gpu"] and gpu["build"]["dockerfile"] == "deploy/Dockerfile.gpu"
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
@@ -117,7 +117,7 @@ def test_grafana_is_provisioned_with_clickhouse_and_the_dashboard(compose):
 def test_topic_settings_match_the_code_and_the_compose_init(compose, topics_yaml):
     from stream.config import WorkerConfig
     from stream.topics import Topics
-    from stream.trends import TrendConfig
+    from stream.core.trends import TrendConfig
 
     declared = {name: (t["partitions"], {k: str(v) for k, v in t["config"].items()})
                 for name, t in topics_yaml["topics"].items()}

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.events import (
+from stream.core.events import (
     DAY_MS,
     EVENT_TYPES,
     H_EXC_MESSAGE,

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stream.datasets import Dataset
+from stream.core.datasets import Dataset
 from trainer.examples import DAY_MS, ExamplesError, build_examples, make_cutoffs, split_cutoffs
 
 H = 7 * DAY_MS

@@ -9,13 +9,13 @@ import time
 
 import pytest
 
-from stream.explainer import ExplainRequest, Explainer, Mover, MoverPicker, pace, select_movers
-from stream.faithfulness import check
-from stream.model_artefact import Artefact
-from stream.onnx_models import CPU, Generator
-from stream.prompts import render_prompt
-from stream.records import Explanation, Prediction
-from stream.trends import TrendConfig
+from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker, pace, select_movers
+from stream.core.faithfulness import check
+from stream.serving.artefact import Artefact
+from stream.serving.onnx_models import CPU, Generator
+from stream.core.prompts import render_prompt
+from stream.core.records import Explanation, Prediction
+from stream.core.trends import TrendConfig
 from serving_artefact import exported_artefact
 
 TICK = 1_291_161_600_000  # 2010-12-01

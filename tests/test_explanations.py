@@ -10,10 +10,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from stream.events import EventBatch
-from stream.faithfulness import check
-from stream.prompts import detailed_windows, render_prompt, signal_windows
-from stream.trends import HOUR_MS, TrendConfig, TrendTable
+from stream.core.events import EventBatch
+from stream.core.faithfulness import check
+from stream.core.prompts import detailed_windows, render_prompt, signal_windows
+from stream.core.trends import HOUR_MS, TrendConfig, TrendTable
 from trainer.explanations import negative_explanations, target_explanation
 
 WINDOW_SETS = [("1d", "7d", "28d"), ("2h", "5h"), ("1h", "6h", "24h"), ("7d",)]
@@ -45,7 +45,7 @@ def random_row(rng: random.Random, windows=("1d", "7d", "28d")) -> dict[str, flo
 
 
 def trend_table_rows() -> list[dict[str, float]]:
-    """Rows straight from stream.trends over a small random event stream."""
+    """Rows straight from stream.core.trends over a small random event stream."""
     rng = np.random.default_rng(3)
     t0 = 1_700_000_000_000 // HOUR_MS * HOUR_MS
     n = 3000

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from export.onnx import TOLERANCE, ExportError, require_parity
-from stream.model_artefact import Artefact, sha256_of
-from stream.onnx_models import CPU, Generator, NumericModel, ScoreModel
-from stream.prompts import render_prompt
-from stream.trends import TrendConfig
+from stream.serving.artefact import Artefact, sha256_of
+from stream.serving.onnx_models import CPU, Generator, NumericModel, ScoreModel
+from stream.core.prompts import render_prompt
+from stream.core.trends import TrendConfig
 from serving_artefact import exported_artefact
 
 

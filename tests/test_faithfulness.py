@@ -1,4 +1,4 @@
-"""stream.faithfulness: catches planted false claims, passes true ones, incl. free paraphrases."""
+"""stream.core.faithfulness: catches planted false claims, passes true ones, incl. free paraphrases."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.faithfulness import Claim, FaithfulnessResult, check, window_spans
+from stream.core.faithfulness import Claim, FaithfulnessResult, check, window_spans
 
 # An item bought 41 times in the last 7 days (12 the week before) by 29 customers.
 S = {
@@ -220,9 +220,9 @@ def test_deterministic_and_typed():
 
 def test_serving_path_stays_light():
     """The stream runs the checker and the prompt: no torch, trainer/ or export/ (not even numpy)."""
-    import stream.prompts
+    import stream.core.prompts
 
-    for module in (sys.modules[check.__module__], stream.prompts):
+    for module in (sys.modules[check.__module__], stream.core.prompts):
         tree = ast.parse(Path(module.__file__).read_text())
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
@@ -234,7 +234,7 @@ def test_serving_path_stays_light():
     ("SET OF 3 CAKE TINS PANTRY DESIGN", None), ("Toy Story (1995)", "Animation"),
 ])
 def test_the_prompts_own_facts_pass_and_title_numbers_make_no_claims(title, category):
-    from stream.prompts import render_prompt
+    from stream.core.prompts import render_prompt
 
     for horizon in (1, 7):
         echo = render_prompt(title, category, S, horizon).rsplit("\n", 1)[0]  # a model that parrots its input

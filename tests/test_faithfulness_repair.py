@@ -1,4 +1,4 @@
-"""stream.faithfulness.repair: false numbers and directions rewritten to the truth, unfixable clauses dropped."""
+"""stream.core.faithfulness.repair: false numbers and directions rewritten to the truth, unfixable clauses dropped."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from stream.faithfulness import _DIRECTION_OF, Repair, _direction_phrase, check, repair
-from stream.prompts import signal_windows
+from stream.core.faithfulness import _DIRECTION_OF, Repair, _direction_phrase, check, repair
+from stream.core.prompts import signal_windows
 from test_explanations import cases, random_row, trend_table_rows
 from test_faithfulness import FALSE, S, TRUE
 from trainer.explanations import negative_explanations, target_explanation

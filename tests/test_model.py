@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from stream.faithfulness import check
+from stream.core.faithfulness import check
 from trainer import fit
-from stream.datasets import load_dataset
+from stream.core.datasets import load_dataset
 from trainer.examples import build_examples
 from trainer.inference import prompts_of, score_frame
 from trainer.model import Manifest, info_nce, load, pairwise_rank_loss

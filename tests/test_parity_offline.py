@@ -3,7 +3,7 @@
 The log is turned into `trail.events` records (JSON values, item_id keys), spread over
 partitions with Kafka's default partitioner, delivered in a slightly shuffled arrival
 order (within the allowed lateness), in polls of random size, with one poll delivered
-twice (at-least-once). Each partition parses its polls with `stream.events.parse_batch`
+twice (at-least-once). Each partition parses its polls with `stream.core.events.parse_batch`
 and keeps its own `TrendTable`; a partition reads a cut-off once its closed boundary
 has passed it. The union of the partitions' snapshots must equal the examples frame's
 signal columns exactly, cut-off by cut-off.
@@ -16,8 +16,8 @@ import orjson
 import pandas as pd
 from aiokafka.partitioner import murmur2
 
-from stream.events import parse_batch
-from stream.trends import Signals, TrendConfig, TrendTable
+from stream.core.events import parse_batch
+from stream.core.trends import Signals, TrendConfig, TrendTable
 from trainer.examples import build_examples
 
 PARTITIONS = 3

@@ -1,4 +1,4 @@
-"""stream.prompts: deterministic, compact, the same text online and offline."""
+"""stream.core.prompts: deterministic, compact, the same text online and offline."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from stream.events import EventBatch
-from stream.prompts import (
+from stream.core.events import EventBatch
+from stream.core.prompts import (
     MAX_TITLE_CHARS,
     PROMPT_VERSION,
     main_window,
@@ -21,7 +21,7 @@ from stream.prompts import (
     training_text,
     window_hours,
 )
-from stream.trends import HOUR_MS, TrendConfig, TrendTable
+from stream.core.trends import HOUR_MS, TrendConfig, TrendTable
 
 ROW = {
     "count_1d": 6.0, "prev_count_1d": 3.0, "users_1d": 5.0, "velocity_1d": 3.0, "accel_1d": 1.0,

@@ -9,9 +9,9 @@ import asyncio
 import pandas as pd
 import pytest
 
-from stream.partitions import CheckpointStore
+from stream.ingest.partitions import CheckpointStore
 from stream.replay import replay
-from stream.trends import TrendConfig
+from stream.core.trends import TrendConfig
 from worker_helpers import (FaustWorker, fences, offline_signals, partition_of, read_records, read_snapshot,
                             retail_slice, worker_config, worker_env)
 
@@ -132,9 +132,9 @@ def test_two_workers_split_the_partitions_and_match_one(broker, topics, tmp_path
 def test_state_ahead_of_a_recreated_topic_is_rebuilt_not_trusted(broker, topics, tmp_path):
     """A state dir left over from an earlier incarnation of the topic (offsets beyond the log's end)
     must not make the worker skip the new log's events as already counted."""
-    from stream.events import EventBatch
-    from stream.trends import TrendTable
-    from stream.worker import TrendWorker
+    from stream.core.events import EventBatch
+    from stream.core.trends import TrendTable
+    from stream.ingest.worker import TrendWorker
     from worker_helpers import as_dict, run_until_tick
 
     events = retail_slice(days=3)

@@ -12,11 +12,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from stream.config import WorkerConfig
-from stream.model_artefact import Artefact, ArtefactError, Features
-from stream.onnx_models import CPU, CUDA, choose_providers
-from stream.scorer import ItemInfo, ScoredPart, TickScorer, rank_tick
-from stream.serving import Serving, ServingConfig
-from stream.trends import Signals, TrendConfig
+from stream.serving.artefact import Artefact, ArtefactError, Features
+from stream.serving.onnx_models import CPU, CUDA, choose_providers
+from stream.serving.scorer import ItemInfo, ScoredPart, TickScorer, rank_tick
+from stream.serving.service import Serving, ServingConfig
+from stream.core.trends import Signals, TrendConfig
 from serving_artefact import exported_artefact
 
 
@@ -39,7 +39,7 @@ def scorer(artefact_dir, trend) -> TickScorer:
 @pytest.fixture(scope="module")
 def retail_cutoff(trend):
     """The signals of every candidate at a real Online Retail II cut-off, with titles."""
-    from stream.datasets import load_dataset
+    from stream.core.datasets import load_dataset
     from trainer.examples import build_examples
 
     ds = load_dataset("retail")
@@ -125,7 +125,7 @@ def test_refuses_a_broken_artefact(artefact_dir, trend, tmp_path, case):
         else:
             numeric.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:] if case == "altered" else b"\0" * len(data))
         if case == "unloadable":  # a file that matches its record but is no ONNX model
-            from stream.model_artefact import sha256_of
+            from stream.serving.artefact import sha256_of
 
             edit_manifest(d, lambda m: m["onnx"]["files"]["numeric"].update(sha256=sha256_of(numeric)))
     elif case == "missing_field":
@@ -246,8 +246,8 @@ def test_serving_path_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import stream.serving, stream.scorer, stream.explainer, stream.catalogue, "
-            "stream.model_artefact, stream.onnx_models; "
+    code = ("import sys; import stream.serving.service, stream.serving.scorer, stream.serving.explainer, stream.ingest.catalogue, "
+            "stream.serving.artefact, stream.serving.onnx_models; "
             "print([m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'transformers', 'trainer', 'export', 'optimum', 'peft')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

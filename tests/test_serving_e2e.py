@@ -20,12 +20,12 @@ import orjson
 import pytest
 
 from stream.config import WorkerConfig
-from stream.records import Explanation, Prediction
+from stream.core.records import Explanation, Prediction
 from stream.replay import replay
-from stream.serving import Serving, ServingConfig
-from stream.sink import ResultSink, SinkConfig
-from stream.store import StoreConfig, connect
-from stream.worker import TrendWorker
+from stream.serving.service import Serving, ServingConfig
+from stream.store.sink import ResultSink, SinkConfig
+from stream.store.clickhouse import StoreConfig, connect
+from stream.ingest.worker import TrendWorker
 from serving_artefact import exported_artefact
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -38,7 +38,7 @@ TICK_S = 1.0
 
 
 def retail_slice():
-    from stream.datasets import load_dataset
+    from stream.core.datasets import load_dataset
 
     ds = load_dataset("retail")
     ev = ds.events

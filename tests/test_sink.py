@@ -9,9 +9,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from stream.records import Explanation, Prediction, RecordError, TrendSnapshot
-from stream.sink import ResultSink, SinkClosed, SinkConfig, SinkFull, SpillDirInUse
-from stream.store import StoreConfig, connect
+from stream.core.records import Explanation, Prediction, RecordError, TrendSnapshot
+from stream.store.sink import ResultSink, SinkClosed, SinkConfig, SinkFull, SpillDirInUse
+from stream.store.clickhouse import StoreConfig, connect
 
 T0 = datetime(2011, 12, 1, tzinfo=timezone.utc)
 
@@ -186,7 +186,7 @@ def test_tick_hook_stores_trend_snapshots_through_the_shared_sink(tmp_path, monk
     import numpy as np
 
     from stream import sink_hooks
-    from stream.trends import Signals
+    from stream.core.trends import Signals
 
     monkeypatch.setenv("TRAIL_CLICKHOUSE_PATH", str(tmp_path / "clickhouse"))
     monkeypatch.setenv("TRAIL_SINK_SPILL_DIR", str(tmp_path / "spill"))

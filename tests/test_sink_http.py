@@ -19,9 +19,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from clickhouse_http import ClickHouseHTTPProcess  # noqa: E402
 
-from stream.records import Explanation, Prediction  # noqa: E402
-from stream.sink import ResultSink, SinkConfig  # noqa: E402
-from stream.store import StoreConfig, connect  # noqa: E402
+from stream.core.records import Explanation, Prediction  # noqa: E402
+from stream.store.sink import ResultSink, SinkConfig  # noqa: E402
+from stream.store.clickhouse import StoreConfig, connect  # noqa: E402
 
 USER, PASSWORD = "trail", "s3cret"
 T0 = datetime(2011, 11, 1, tzinfo=timezone.utc)

@@ -12,8 +12,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from stream.records import Explanation, Prediction, RecordError, TrendSnapshot, tick_iso, to_tick
-from stream.store import (
+from stream.core.records import Explanation, Prediction, RecordError, TrendSnapshot, tick_iso, to_tick
+from stream.store.clickhouse import (
     MIGRATIONS_TABLE,
     RESULT_TABLES,
     TABLE_COLUMNS,
@@ -226,7 +226,7 @@ def test_ttl_drops_rows_written_longer_ago_than_the_retention(store):
 def test_a_second_process_on_the_embedded_store_gets_a_clear_error(store):
     config, _ = store
     code = textwrap.dedent(f"""
-        from stream.store import StoreConfig, StoreError, connect
+        from stream.store.clickhouse import StoreConfig, StoreError, connect
         try:
             connect(StoreConfig(path={str(config.path)!r}))
         except StoreError as ex:

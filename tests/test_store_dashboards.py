@@ -23,11 +23,11 @@ import pytest
 import yaml
 from scipy.stats import spearmanr
 
-from stream import dashboards, report
-from stream.dashboards import DashboardParams
-from stream.records import Explanation, Prediction, TrendSnapshot
-from stream.sink import ResultSink, SinkConfig
-from stream.store import REPO_ROOT, StoreConfig, connect
+from stream.store import dashboards, report
+from stream.store.dashboards import DashboardParams
+from stream.core.records import Explanation, Prediction, TrendSnapshot
+from stream.store.sink import ResultSink, SinkConfig
+from stream.store.clickhouse import REPO_ROOT, StoreConfig, connect
 
 DAY = 86_400
 MODEL = "recentpop-ml100k"
@@ -245,7 +245,7 @@ def interpolate(sql: str, items: tuple[str, ...], start: datetime, end: datetime
 
 def test_grafana_json_is_generated_from_the_sql_files():
     committed = json.loads(dashboards.GRAFANA_JSON.read_text())
-    assert committed == json.loads(dashboards.render_grafana_json()), "run: python -m stream.dashboards --write"
+    assert committed == json.loads(dashboards.render_grafana_json()), "run: python -m stream.store.dashboards --write"
     assert dashboards.main(["--check"]) == 0
     panels = {p["title"]: p for p in committed["panels"]}
     assert len(panels) == 4

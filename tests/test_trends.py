@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.events import EventBatch
-from stream.trends import HOUR_MS, TrendConfig, TrendTable
+from stream.core.events import EventBatch
+from stream.core.trends import HOUR_MS, TrendConfig, TrendTable
 
 CFG = TrendConfig(bucket_ms=HOUR_MS, windows=(("2h", 2), ("5h", 5)), ema_halflife_buckets=3, allowed_lateness_ms=2 * HOUR_MS)
 T0 = 1_700_000_000_000 // HOUR_MS * HOUR_MS

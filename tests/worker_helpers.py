@@ -17,10 +17,10 @@ import orjson
 import pandas as pd
 
 from stream.config import WorkerConfig
-from stream.events import EventBatch
-from stream.snapshots import SnapshotRecord, decode_snapshot
+from stream.core.events import EventBatch
+from stream.core.snapshots import SnapshotRecord, decode_snapshot
 from stream.topics import Topics
-from stream.trends import Signals, TrendConfig, TrendTable
+from stream.core.trends import Signals, TrendConfig, TrendTable
 
 REPO = Path(__file__).resolve().parents[1]
 FAUST = Path(sys.executable).with_name("faust")
@@ -28,7 +28,7 @@ FAUST = Path(sys.executable).with_name("faust")
 
 def retail_slice(days: int, start_day: int = 0) -> pd.DataFrame:
     """`days` days of Online Retail II events (the event frame), from `start_day` days after its start."""
-    from stream.datasets import load_dataset
+    from stream.core.datasets import load_dataset
 
     ev = load_dataset("retail").events
     t0 = int(ev["ts"].iloc[0]) + start_day * 86_400_000

@@ -1,1 +1,1 @@
-"""Offline side of TRAIL: datasets, training examples built with stream.trends, baselines, evaluation."""
+"""Offline side of TRAIL: datasets, training examples built with stream.core.trends, baselines, evaluation."""

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import structlog
 
-from stream.trends import TrendConfig
+from stream.core.trends import TrendConfig
 
 log = structlog.get_logger(__name__)
 

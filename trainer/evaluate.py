@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import structlog
 
-from stream.trends import TrendConfig
+from stream.core.trends import TrendConfig
 from trainer.baselines import make_baselines
-from stream.datasets import DatasetError, load_dataset
+from stream.core.datasets import DatasetError, load_dataset
 from trainer.examples import Examples, ExamplesError, Split, build_examples, split_cutoffs
 from trainer.metrics import KS, evaluate_predictions
 

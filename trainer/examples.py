@@ -4,7 +4,7 @@ For each cut-off t (bucket-aligned, UTC midnight plus whole periods):
 
 - candidates: the items `TrendTable.signals_at(t)` returns, i.e. those with at least
   one event in the longest window before t; their feature columns are exactly those
-  signals, computed by `stream.trends` from events with ts < t only;
+  signals, computed by `stream.core.trends` from events with ts < t only;
 - label_count: the item's number of events with t <= ts < t + h (the horizon).
   Signals read ts < t, labels ts >= t: every event belongs to exactly one side of
   the cut-off. (The issue writes the horizon as (t, t+h]; with millisecond
@@ -32,9 +32,9 @@ import pandas as pd
 import structlog
 from tqdm import tqdm
 
-from stream.events import EventBatch
-from stream.trends import TrendConfig, TrendTable
-from stream.datasets import Dataset
+from stream.core.events import EventBatch
+from stream.core.trends import TrendConfig, TrendTable
+from stream.core.datasets import Dataset
 
 log = structlog.get_logger(__name__)
 

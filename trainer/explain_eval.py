@@ -1,12 +1,12 @@
 """How true and how varied explanations are: TRAIL's against the base model prompted zero-shot.
 
-Every explanation is checked by `stream.faithfulness.check` against the signals
+Every explanation is checked by `stream.core.faithfulness.check` against the signals
 its prompt showed (the item title is passed so numbers repeated from it do not
 count). `faithful_share` is the share of explanations without a false claim;
 `claim_precision` the share of checked claims that are true.
 
 TRAIL's explanations are reported twice: `trail_raw` as generated (greedy), and
-`trail` as served, after `stream.faithfulness.repair` rewrote false numbers and
+`trail` as served, after `stream.core.faithfulness.repair` rewrote false numbers and
 directions to the signals' values and dropped clauses it could not fix (the
 stream serves the repaired text). `trail` adds how much repair did:
 `repaired_share` (share of texts changed) and the totals `fixed_numbers`,
@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from stream.faithfulness import Repair, check, repair
+from stream.core.faithfulness import Repair, check, repair
 from trainer.inference import prompts_of
 from trainer.model import Trail
 

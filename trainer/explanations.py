@@ -1,12 +1,12 @@
 """Target explanations built from the trend signals, and negatives for contrastive training.
 
 `target_explanation` writes one or two short sentences that say whether the item
-is likely to rise or fall and cite the signals the prompt shows (stream.prompts):
+is likely to rise or fall and cite the signals the prompt shows (stream.core.prompts):
 the main window's count against the window before, its distinct users, the
 shortest window's pulse, the longest window, the age. Phrasings vary (templates,
 synonyms, which facts to cite, their order) so the model learns to read the
 numbers, not one sentence. Every target is faithful by construction and must
-pass stream.faithfulness.check with at least one claim (tests/test_explanations.py
+pass stream.core.faithfulness.check with at least one claim (tests/test_explanations.py
 asserts it over thousands of random rows).
 
 `negative_explanations` perturbs a faithful explanation into unfaithful ones
@@ -20,8 +20,8 @@ import random
 import re
 from collections.abc import Mapping
 
-from stream.faithfulness import check, window_spans
-from stream.prompts import detailed_windows, main_window, signal_windows, window_hours
+from stream.core.faithfulness import check, window_spans
+from stream.core.prompts import detailed_windows, main_window, signal_windows, window_hours
 
 OUTLOOKS = ("rise", "fall", "steady")
 # ~40 SmolLM2 tokens (numbers cost a token per digit): a longer draft drops its second fact
@@ -117,7 +117,7 @@ _UPDOWN = {"rise": ["up from", "rising from", "up from"], "fall": ["down from", 
 
 
 class _Facts:
-    """The numbers a target may cite: those the prompt shows (stream.prompts.detailed_windows)."""
+    """The numbers a target may cite: those the prompt shows (stream.core.prompts.detailed_windows)."""
 
     def __init__(self, signals: Mapping[str, float], horizon_days: int) -> None:
         self.windows = signal_windows(signals)

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stream.prompts import PROMPT_VERSION, main_window, window_hours
-from stream.trends import TrendConfig
-from stream.datasets import load_dataset
+from stream.core.prompts import PROMPT_VERSION, main_window, window_hours
+from stream.core.trends import TrendConfig
+from stream.core.datasets import load_dataset
 from trainer.examples import Examples, build_examples, split_cutoffs
 from trainer.explanations import negative_explanations, target_explanation
 from trainer.inference import features_of, prompts_of

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from stream.prompts import render_prompt
+from stream.core.prompts import render_prompt
 from trainer.model import Trail
 
 

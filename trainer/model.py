@@ -1,6 +1,6 @@
 """TRAIL: one causal LM that scores an item's next-period popularity and explains it.
 
-    prompt  = render_prompt(item, signals)           (stream.prompts: the same text online)
+    prompt  = render_prompt(item, signals)           (stream.core.prompts: the same text online)
     h       = LM(prompt)[last prompt token]           (B, H) hidden state, LoRA on the top layers
     score   = numeric(x) + text(h)                    (B,) predicted log(1+next-period count)
     explain = LM head continuing the prompt           ("bought 41 times in the last 7 days, ...")

@@ -38,7 +38,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from stream.prompts import main_window, short_title, signal_windows, window_hours
+from stream.core.prompts import main_window, short_title, signal_windows, window_hours
 
 # ---- vocabulary ----------------------------------------------------------
 

@@ -30,14 +30,14 @@ from urllib.parse import unquote, urlparse
 
 import structlog
 
-from stream.records import Explanation, Prediction, TrendSnapshot
+from stream.core.records import Explanation, Prediction, TrendSnapshot
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
 
 log = structlog.get_logger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DDL_DIR = REPO_ROOT / "deploy" / "clickhouse"
 DEFAULT_EMBEDDED_PATH = Path("var/clickhouse")
 MIGRATIONS_TABLE = "trail_schema_migrations"

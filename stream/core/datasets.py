@@ -33,7 +33,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-EVENT_TYPES = ("view", "click", "cart", "purchase", "rating")  # as stream.events.EVENT_TYPES
+EVENT_TYPES = ("view", "click", "cart", "purchase", "rating")  # as stream.core.events.EVENT_TYPES
 EVENT_COLUMNS = ["item_id", "user_id", "ts", "event_type", "weight"]
 ITEM_COLUMNS = ["item_id", "title", "category", "price", "description"]
 
@@ -450,7 +450,7 @@ def load_dataset(name_or_path: str | Path, items: str | Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stream.datasets",
+    ap = argparse.ArgumentParser(prog="python -m stream.core.datasets",
                                  description="Load a dataset (filling the cache) and print a summary.")
     ap.add_argument("dataset", help="retail, ml100k, or the path of a CSV/Parquet/JSONL event log")
     ap.add_argument("--items", help="item table for an event-log path")

@@ -57,11 +57,11 @@ from aiokafka.errors import (CommitFailedError, IllegalStateError, KafkaError, N
                              OffsetOutOfRangeError)
 
 from stream.config import WorkerConfig
-from stream.events import DlqRecord, dlq_record, read_dlq_headers
-from stream.partitions import CheckpointStore, Counters, PartitionState
-from stream.snapshots import encode_snapshot, iso_ms
+from stream.core.events import DlqRecord, dlq_record, read_dlq_headers
+from stream.ingest.partitions import CheckpointStore, Counters, PartitionState
+from stream.core.snapshots import encode_snapshot, iso_ms
 from stream.topics import ensure_topics
-from stream.trends import Signals, TrendTable
+from stream.core.trends import Signals, TrendTable
 
 log = structlog.get_logger(__name__)
 

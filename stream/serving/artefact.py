@@ -6,7 +6,7 @@ reads that back and refuses, with a message that says what to do, an artefact th
 
 - has no manifest, or a manifest that is not valid JSON or lacks a field;
 - was trained on another feature spec (`TrendConfig.spec()`) or prompt version
-  (`stream.prompts.PROMPT_VERSION`) than this code computes;
+  (`stream.core.prompts.PROMPT_VERSION`) than this code computes;
 - was never exported, or whose ONNX files are missing, truncated or altered
   (size and sha256 are checked, so a corrupt file fails at start, not at the first tick).
 
@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from stream.prompts import PROMPT_VERSION
-from stream.trends import Signals, TrendConfig
+from stream.core.prompts import PROMPT_VERSION
+from stream.core.trends import Signals, TrendConfig
 
 MANIFEST = "manifest.json"
 ONNX_DIR = "onnx"
@@ -188,7 +188,7 @@ class Artefact:
         if self.manifest["prompt_version"] != prompt_version:
             raise ArtefactError(
                 f"model {self.model_version} was trained on prompt version {self.manifest['prompt_version']!r}, "
-                f"this stream renders {prompt_version!r} (stream.prompts.PROMPT_VERSION): retrain the model, "
+                f"this stream renders {prompt_version!r} (stream.core.prompts.PROMPT_VERSION): retrain the model, "
                 f"or serve it with the code it was trained with."
             )
         names = self.manifest["normalisation"].get("names", [])

@@ -5,7 +5,7 @@ the scorer, the explainer and the hook below all submit through `shared_sink()`,
 configured from the environment (StoreConfig.from_env, SinkConfig.from_env) on first use
 and drained at interpreter exit (or by `close_shared_sink()` from a shutdown handler).
 
-    TRAIL_TICK_HOOKS=stream.sink_hooks:store_snapshots faust -A stream.app worker
+    TRAIL_TICK_HOOKS=stream.store.hooks:store_snapshots faust -A stream.app worker
 
 stores every active item's signals at each tick in trail_trend_snapshots, which the
 accuracy dashboard reads realised counts from.
@@ -17,10 +17,10 @@ import asyncio
 import atexit
 import threading
 
-from stream.records import TrendSnapshot, to_tick
-from stream.sink import ResultSink, SinkConfig
-from stream.store import StoreConfig
-from stream.trends import SIGNALS_VERSION, Signals
+from stream.core.records import TrendSnapshot, to_tick
+from stream.store.sink import ResultSink, SinkConfig
+from stream.store.clickhouse import StoreConfig
+from stream.core.trends import SIGNALS_VERSION, Signals
 
 FEATURE_VERSION = f"signals-v{SIGNALS_VERSION}"
 

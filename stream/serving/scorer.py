@@ -5,7 +5,7 @@ Per tick, as the trainer scores an evaluation cut-off (trainer.inference.score_f
 1. features of every active item (`Features`: the manifest's normalisation);
 2. the cheap prior: the score head's numeric branch (numeric.onnx, a small MLP) on all of them;
 3. the top `top_n` by that prior get the LLM score path (score.onnx): prompt rendered by
-   `stream.prompts.render_prompt` with the item's title/category, tokenised by the
+   `stream.core.prompts.render_prompt` with the item's title/category, tokenised by the
    artefact's tokenizer, batched by length (little padding), `batch` prompts per run;
 4. every other item keeps its numeric-branch score.
 
@@ -17,7 +17,7 @@ With several workers each scores the items of its own partitions (`ScoredPart`) 
 the prior take their LLM score, the rest their numeric score, exactly as one process
 would. Each part therefore carries its local top (top_n + publish_top) by the prior, with
 LLM scores for the local top_n (a superset of the global top_n's members in its
-partitions); stream.serving moves the parts through a single-partition topic to one ranker.
+partitions); stream.serving.service moves the parts through a single-partition topic to one ranker.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import numpy as np
 import orjson
 import structlog
 
-from stream.model_artefact import Artefact, ArtefactError
-from stream.onnx_models import CPU, NumericModel, ScoreModel, choose_providers
-from stream.prompts import render_prompt
-from stream.records import Prediction, to_tick
-from stream.trends import Signals
+from stream.serving.artefact import Artefact, ArtefactError
+from stream.serving.onnx_models import CPU, NumericModel, ScoreModel, choose_providers
+from stream.core.prompts import render_prompt
+from stream.core.records import Prediction, to_tick
+from stream.core.trends import Signals
 
 log = structlog.get_logger(__name__)
 
@@ -120,7 +120,7 @@ class ScorerStats:
 
 
 class TickScorer:
-    """The per-tick scoring work; synchronous (stream.serving runs it in an executor thread)."""
+    """The per-tick scoring work; synchronous (stream.serving.service runs it in an executor thread)."""
 
     def __init__(self, artefact: Artefact, *, top_n: int = 100, publish_top: int = 0, batch: int | None = None,
                  provider: str = "auto", variant: str = "auto", horizon_days: float | None = None,

@@ -54,8 +54,8 @@ from typing import Any
 import orjson
 import structlog
 
-from stream.records import RECORD_TYPES, Explanation, Prediction, RecordError, TrendSnapshot
-from stream.store import StoreConfig, connect, ensure_schema, insert_records
+from stream.core.records import RECORD_TYPES, Explanation, Prediction, RecordError, TrendSnapshot
+from stream.store.clickhouse import StoreConfig, connect, ensure_schema, insert_records
 
 log = structlog.get_logger(__name__)
 

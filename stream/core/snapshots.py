@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 import orjson
 
-from stream.trends import Signals
+from stream.core.trends import Signals
 
 
 def iso_ms(ms: int) -> str:

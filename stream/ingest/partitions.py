@@ -1,6 +1,6 @@
 """Per-partition trend state of the worker, and its checkpoints on disk.
 
-Pure module (numpy + stream.events/trends): the Kafka side lives in stream.worker.
+Pure module (numpy + stream.core.events/trends): the Kafka side lives in stream.ingest.worker.
 
 A partition's state is one `TrendTable` whose `last_offset` is the newest source
 offset *handled* (applied, rejected or late). Its checkpoint file holds the table
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import structlog
 
-from stream.events import REASON_LATE, ValidationConfig, parse_batch
-from stream.trends import TrendConfig, TrendTable
+from stream.core.events import REASON_LATE, ValidationConfig, parse_batch
+from stream.core.trends import TrendConfig, TrendTable
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,7 @@ Movers (top `m` of a tick's predictions):
   jumps from just below the last rank).
 
 Each explanation is verified and revised against the signals it was generated from
-(`stream.faithfulness.repair`: wrong numbers and directions are corrected, a clause with a
+(`stream.core.faithfulness.repair`: wrong numbers and directions are corrected, a clause with a
 claim that cannot be corrected is dropped); the record carries the checker's verdict on
 the published text, `faithful`, and `claims_checked`.
 """
@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from stream.faithfulness import repair
-from stream.model_artefact import PromptTokenizer
-from stream.prompts import main_window, signal_windows, window_hours
-from stream.records import Explanation, Prediction
+from stream.core.faithfulness import repair
+from stream.serving.artefact import PromptTokenizer
+from stream.core.prompts import main_window, signal_windows, window_hours
+from stream.core.records import Explanation, Prediction
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import structlog
 
-from stream.scorer import ItemInfo
+from stream.serving.scorer import ItemInfo
 
 log = structlog.get_logger(__name__)
 

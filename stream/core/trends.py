@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from stream.events import EventBatch
+from stream.core.events import EventBatch
 
 HOUR_MS = 3_600_000
 SIGNALS_VERSION = 1  # bump when a signal's definition changes: artefacts record it

@@ -5,7 +5,7 @@ The .sql files use ClickHouse query parameters (`{top_n:UInt32}`), so they run u
 through clickhouse-connect (`parameters=`), `clickhouse-client --param_top_n=10`, or the
 HTTP interface (`param_top_n=10`). Grafana's ClickHouse data source interpolates its own
 variables instead, so `grafana_sql` rewrites each parameter into a dashboard variable or a
-time macro; `python -m stream.dashboards --write` regenerates
+time macro; `python -m stream.store.dashboards --write` regenerates
 deploy/grafana/dashboards/trail.json and `--check` fails when it is out of date.
 """
 
@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stream.store import REPO_ROOT
+from stream.store.clickhouse import REPO_ROOT
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -189,7 +189,7 @@ def render_grafana_json(directory: Path = DASHBOARD_DIR) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stream.dashboards",
+    ap = argparse.ArgumentParser(prog="python -m stream.store.dashboards",
                                  description="Build the Grafana dashboard JSON from deploy/dashboards/*.sql.")
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", action="store_true", help=f"write {GRAFANA_JSON.relative_to(REPO_ROOT)}")
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     current = GRAFANA_JSON.read_text(encoding="utf-8") if GRAFANA_JSON.exists() else ""
     if current != text:
-        print(f"{GRAFANA_JSON} is out of date: run python -m stream.dashboards --write", file=sys.stderr)
+        print(f"{GRAFANA_JSON} is out of date: run python -m stream.store.dashboards --write", file=sys.stderr)
         return 1
     print(f"{GRAFANA_JSON} matches deploy/dashboards/*.sql")
     return 0

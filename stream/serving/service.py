@@ -2,7 +2,7 @@
 
     TRAIL_MODEL_DIR=models/trail-smollm2 faust -A stream.app worker      # TRAIL_TICK_HOOKS defaults to these hooks
 
-`stream.serving:on_tick` is resolved when the Faust service starts: the artefact is loaded
+`stream.serving.service:on_tick` is resolved when the Faust service starts: the artefact is loaded
 and checked then (feature spec, prompt version, ONNX files and their hashes, sessions
 opened), so a wrong or corrupt model stops the worker at start with a clear message.
 
@@ -54,15 +54,15 @@ from typing import Any
 import orjson
 import structlog
 
-from stream.catalogue import ItemCatalogue
+from stream.ingest.catalogue import ItemCatalogue
 from stream.config import WorkerConfig
-from stream.explainer import ExplainRequest, Explainer, Mover, MoverPicker
-from stream.model_artefact import Artefact
-from stream.onnx_models import Generator, choose_providers
-from stream.records import Explanation, Prediction
-from stream.scorer import ItemInfo, ScoredPart, TickScorer, rank_tick, season_of
+from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker
+from stream.serving.artefact import Artefact
+from stream.serving.onnx_models import Generator, choose_providers
+from stream.core.records import Explanation, Prediction
+from stream.serving.scorer import ItemInfo, ScoredPart, TickScorer, rank_tick, season_of
 from stream.topics import TopicSpec
-from stream.trends import Signals
+from stream.core.trends import Signals
 
 log = structlog.get_logger(__name__)
 
@@ -314,7 +314,7 @@ class Serving:
         return ExplainRequest(as_of, movers)
 
     def scorer_prompt(self, p: Prediction, info: ItemInfo, month: str) -> str:
-        from stream.prompts import render_prompt
+        from stream.core.prompts import render_prompt
 
         return render_prompt(info.title, info.category, p.signals, self.scorer.horizon_days, item_id=p.item_id,
                              month=month)
@@ -345,7 +345,7 @@ class Serving:
             await self.sink.asubmit(records)
 
 
-# ---- the hook as stream.app loads it: TRAIL_TICK_HOOKS=stream.serving:on_tick ----------------------------
+# ---- the hook as stream.app loads it: TRAIL_TICK_HOOKS=stream.serving.service:on_tick ----------------------------
 
 _serving: Serving | None = None
 
@@ -354,7 +354,7 @@ def serving_from_env() -> Serving:
     """The process's Serving, built (and the artefact checked) on first use."""
     global _serving
     if _serving is None:
-        from stream.sink_hooks import shared_sink
+        from stream.store.hooks import shared_sink
 
         app = sys.modules.get("stream.app")  # the running Faust app, when there is one
         _serving = Serving(ServingConfig.from_env(), WorkerConfig.from_env(), sink=shared_sink(),
@@ -363,7 +363,7 @@ def serving_from_env() -> Serving:
 
 
 def __getattr__(name: str) -> Any:
-    # `stream.serving:on_tick` is looked up when the service starts: the model is loaded then.
+    # `stream.serving.service:on_tick` is looked up when the service starts: the model is loaded then.
     if name == "on_tick":
         return serving_from_env().on_tick
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

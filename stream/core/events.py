@@ -69,6 +69,10 @@ class ValidationConfig:
     max_bytes: int = 64 * 1024
     min_ts_ms: int = TS_1990_MS
     max_future_ms: int = DAY_MS
+    # weight is a purchase quantity (negative: a return) or a rating value; see the module doc
+    min_weight: float = -1e6
+    max_weight: float = 1e6
+    max_id_chars: int = 256  # item_id / user_id length limit, in characters
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ValidationConfig:
@@ -392,7 +396,7 @@ def dlq_record(
         (H_PARTITION, str(partition)),
         (H_OFFSET, str(offset)),
         (H_STAGE, stage),
-        (H_CLASS, "stream.events.parse_batch" if stage == "VALUE_CONVERTER" else "stream.trends.TrendTable"),
+        (H_CLASS, "stream.core.events.parse_batch" if stage == "VALUE_CONVERTER" else "stream.core.trends.TrendTable"),
         (H_EXC_CLASS, "trail.InvalidEvent" if stage == "VALUE_CONVERTER" else "trail.LateEvent"),
         (H_EXC_MESSAGE, reason),
         (H_REASON, reason),
