@@ -152,7 +152,7 @@ def test_produce_consume_and_dlq_round_trip(broker, topics):
 
 @pytest.fixture(scope="module")
 def retail_slice():
-    from stream import datasets as D
+    from stream.core import datasets as D
 
     raw = pd.read_csv(D._wheel_path(*D.RETAIL_FILE), nrows=8_000,
                       dtype={"Invoice": str, "StockCode": str, "Description": str, "InvoiceDate": str,

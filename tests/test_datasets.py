@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from stream import datasets as D
+from stream.core import datasets as D
 from stream.core.datasets import DatasetError, load_dataset, load_events, parse_online_retail, ts_to_ms
 
 EVENT_DTYPES = {"item_id": object, "user_id": object, "ts": np.int64, "event_type": object, "weight": np.float64}

@@ -185,7 +185,7 @@ def test_misuse_is_reported(embedded, tmp_path):
 def test_tick_hook_stores_trend_snapshots_through_the_shared_sink(tmp_path, monkeypatch):
     import numpy as np
 
-    from stream import sink_hooks
+    from stream.store import hooks as sink_hooks
     from stream.core.trends import Signals
 
     monkeypatch.setenv("TRAIL_CLICKHOUSE_PATH", str(tmp_path / "clickhouse"))
