@@ -23,7 +23,8 @@ import pytest
 import yaml
 from scipy.stats import spearmanr
 
-from stream.store import dashboards, report
+from stream import report
+from stream.store import dashboards
 from stream.store.dashboards import DashboardParams
 from stream.core.records import Explanation, Prediction, TrendSnapshot
 from stream.store.sink import ResultSink, SinkConfig
