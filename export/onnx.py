@@ -1,29 +1,31 @@
 """Trained TRAIL artefact -> the ONNX files the stream serves, with parity checks against PyTorch.
 
-    python -m export.onnx --model models/trail-smollm2 [--int8] [--fp16]
+    python -m export.onnx --model models/trail-smollm2
 
 Writes into DIR/onnx/ and records every file (size, sha256) and every parity figure in
 the manifest's "onnx" section:
 
-  score.onnx         the score path: decoder (LoRA merged) -> hidden state at the last
-                     real prompt token -> score head. No LM head. Inputs input_ids and
-                     attention_mask (B, T) int64, features (B, S) float32; output score (B,).
-                     Batch and sequence axes are dynamic.
-  score.int8.onnx    (--int8) dynamic int8 quantisation of its MatMuls, for CPUs
-  score.fp16.onnx    (--fp16) float16 weights and activations (float32 inputs/outputs), for GPUs
-  numeric.onnx       the score head's numeric branch alone (features -> score): the stream's
-                     cheap prior over every active item
+  item_encoder.onnx  the item state: decoder (LoRA merged), last hidden layer mean-pooled over the
+                     item text's tokens (BOS left out). Inputs input_ids, attention_mask (B, T) int64;
+                     output item_state (B, H) float32. Batch and sequence axes are dynamic. The stream
+                     runs it once per item (cached). No LM head.
+  head.onnx          the score head: x (B, S) normalised signals + horizon, item_state (B, H) ->
+                     score (B,) ranking score, log_count (B,) predicted log1p(count). Dynamic batch.
   generator/model.onnx  optimum's text-generation-with-past export of the merged model, for
                      the explanations (greedy, serving loop in stream.serving.onnx_models.Generator)
   tokenizer.json     the tokenizer the model was trained with (the `tokenizers` library reads it)
 
-Parity, on real prompts (the last cut-off of each training dataset: the numeric branch's
-top items, as the stream picks them, plus a random sample): the serving tokenizer must give
-exactly `Trail.encode_prompts`' ids; ONNX scores vs PyTorch `Trail.score` (the unmerged
-LoRA model, as trained) at several batch sizes and sequence lengths, not only the traced
-shape, max abs diff recorded, and the export fails beyond --tolerance; the int8/fp16
-variants get their own figure and are dropped (not recorded, so never served) beyond
-theirs; greedy explanations of the ONNX generator must equal `Trail.explain`'s.
+Parity, on real items (the last cut-off of each training dataset: the numeric part's top items
+plus a random sample): the serving tokenizer must give exactly `Trail.encode_prompts`' and
+`Trail.encode_items`' ids; ONNX item states vs PyTorch `Trail.item_state` (the unmerged LoRA
+model, as trained) on the real item texts and at every B x T of ENCODER_BATCHES x
+ENCODER_LENGTHS with padding (not only the traced shape); the ONNX head vs the PyTorch head
+at HEAD_BATCHES; and end to end, head.onnx on item_encoder.onnx's states vs the PyTorch model's
+score and log_count. Every figure is recorded and the export fails beyond its tolerance.
+fp32 only: no quantised variant (dynamic int8 passed on one machine and failed on another,
+its error depending on the CPU's kernels; the item encoder runs once per item, so its speed
+matters far less than the per-tick path did). Greedy explanations of the ONNX generator must
+equal `Trail.explain`'s.
 """
 
 from __future__ import annotations
@@ -44,48 +46,60 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from stream.serving.artefact import MANIFEST, ONNX_DIR, PromptTokenizer, file_record, sha256_of
-from stream.serving.onnx_models import CPU, CUDA, Generator, NumericModel, ScoreModel, available_providers
+from stream.serving.artefact import SCORE_DESIGN, DEFAULT_MAX_ITEM_TOKENS
+from stream.serving.onnx_models import CPU, Generator, ItemEncoder, ScoreHeadModel
 from trainer.model import ADAPTER_DIR, HEAD_FILE, Manifest, Trail
 
 log = structlog.get_logger(__name__)
 
 OPSET = 17
-EXPORT_VERSION = "1"  # bump when the files or the manifest's onnx section change shape
-# max |onnx - torch| / max(1, |torch|) of the score (log1p(count) units)
-TOLERANCE = {"fp32": 1e-3, "int8": 0.15, "fp16": 0.05}
-BATCH_SIZES = (1, 3, 8)
-TRUNCATE_TO = (9, 23)  # re-test at sequence lengths unlike the traced one
+EXPORT_VERSION = "2"  # bump when the files or the manifest's onnx section change shape
+# max |onnx - torch| / max(1, |torch|): item states (scaled by the case's largest |state|), head outputs,
+# and the end-to-end score/log_count (log1p(count) units)
+TOLERANCE = {"item_encoder": 1e-3, "head": 1e-5, "score": 1e-3}
+ENCODER_BATCHES = (1, 3, 17)
+ENCODER_LENGTHS = (5, 19, 40)  # with padding: one row of T tokens, the others shorter
+HEAD_BATCHES = (1, 7, 2600)  # 2600: a whole Online Retail II tick in one run
 TRACE_BATCH = 4
 
 
-class ScorePath(nn.Module):
-    """Trail.score with an explicit causal mask and positions, so that every shape traces as dynamic."""
+def _decoder_hidden(decoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden layer (B, T, H) with an explicit causal + padding mask and explicit positions: transformers'
+    own mask construction would bake the traced sequence length into the graph."""
+    t = input_ids.shape[1]
+    pos = torch.arange(t, device=input_ids.device).unsqueeze(0)  # right padding: positions 0..T-1
+    causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+    allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, T)
+    bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return decoder(input_ids=input_ids, attention_mask=bias, position_ids=pos, cache_position=pos[0],
+                   use_cache=False).last_hidden_state
+
+
+class ItemEncoderPath(nn.Module):
+    """Trail.item_state on the merged decoder: the last hidden layer, mean-pooled over the item text's tokens
+    (the leading BOS left out, as the trainer pools), as a graph dynamic in batch and sequence."""
 
     def __init__(self, model: Trail) -> None:
         super().__init__()
         self.decoder = model.decoder
-        self.head = model.head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        t = input_ids.shape[1]
-        pos = torch.arange(t, device=input_ids.device).unsqueeze(0)  # right padding: positions 0..T-1
-        causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
-        allowed = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, T)
-        bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
-        hs = self.decoder(input_ids=input_ids, attention_mask=bias, position_ids=pos, cache_position=pos[0],
-                          use_cache=False).last_hidden_state  # (B, T, H)
-        last = attention_mask.sum(dim=1) - 1  # (B,) last real token
-        h = hs[torch.arange(input_ids.shape[0]), last]  # (B, H)
-        return self.head(h, features)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hs = _decoder_hidden(self.decoder, input_ids, attention_mask)  # (B, T, H)
+        not_bos = (torch.arange(input_ids.shape[1], device=input_ids.device) > 0).to(torch.float32)  # (T,)
+        pool = (attention_mask.to(torch.float32) * not_bos[None, :]).unsqueeze(-1)  # (B, T, 1)
+        return (hs * pool).sum(dim=1) / pool.sum(dim=1).clamp(min=1.0)  # (B, H)
 
 
-class NumericPath(nn.Module):
+class HeadPath(nn.Module):
+    """The score head: x (B, S), item_state (B, H) -> score (B,), log_count (B,)."""
+
     def __init__(self, model: Trail) -> None:
         super().__init__()
-        self.numeric = model.head.numeric
+        self.head = model.head
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.numeric(features).squeeze(-1)
+    def forward(self, x: torch.Tensor, item_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        score, log_count = self.head(x, item_state)
+        return score, log_count
 
 
 class ExportError(RuntimeError):
@@ -96,6 +110,7 @@ class ExportError(RuntimeError):
 class Sample:
     prompts: list[str]
     features: np.ndarray  # (N, S) float32
+    texts: list[str]  # (N,) each row's item text (stream.core.prompts.item_text)
 
 
 # ---- real prompts --------------------------------------------------------------------------
@@ -110,7 +125,7 @@ def sample_prompts(model: Trail, manifest: Manifest, n: int, seed: int = 0, data
     from stream.core.trends import TrendConfig
     from stream.core.datasets import load_dataset
     from trainer.examples import build_examples
-    from trainer.inference import features_of, numeric_scores, prompts_of
+    from trainer.inference import features_of, item_texts_of, numeric_scores, prompts_of
 
     if events:
         loaded = [(load_dataset(events, items), float(next(iter(manifest.horizon_days.values()), 7.0)))]
@@ -125,6 +140,7 @@ def sample_prompts(model: Trail, manifest: Manifest, n: int, seed: int = 0, data
     trend = TrendConfig.from_spec(manifest.feature_spec)
     per = max(2, n // len(loaded))
     prompts: list[str] = []
+    texts: list[str] = []
     feats: list[np.ndarray] = []
     rng = np.random.default_rng(seed)
     for ds, horizon in loaded:
@@ -134,59 +150,80 @@ def sample_prompts(model: Trail, manifest: Manifest, n: int, seed: int = 0, data
         top = order[: per // 2]
         rest = rng.choice(order[per // 2 :], size=min(per - len(top), len(order) - len(top)), replace=False)
         pick = rows.iloc[np.concatenate([top, rest])].reset_index(drop=True)
-        prompts += prompts_of(pick, model.norm.names[:-1], horizon)
+        prompts += prompts_of(pick, model.norm.signal_names, horizon)
         feats.append(features_of(model, pick, horizon))
-    return Sample(prompts, np.concatenate(feats))
+        index, unique = item_texts_of(pick)
+        texts += [unique[i] for i in index]
+    return Sample(prompts, np.concatenate(feats), texts)
 
 
 # ---- parity ------------------------------------------------------------------------------------
 
-def score_cases(tok: PromptTokenizer, sample: Sample) -> list[tuple[str, list[list[int]], np.ndarray]]:
-    """(name, token rows, features) batches of several sizes and lengths, in a shuffled order."""
-    rows = tok.ids(sample.prompts)
-    n = len(rows)
-    order = np.random.default_rng(1).permutation(n)
-    cases = [(f"all{n}", rows, sample.features)]
-    start = 0
-    for b in BATCH_SIZES:
-        idx = order[start : start + b] if start + b <= n else order[:b]
-        start += b
-        cases.append((f"batch{b}", [rows[i] for i in idx], sample.features[idx]))
-    for t in TRUNCATE_TO:
-        idx = order[: min(5, n)]
-        cases.append((f"len{t}", [rows[i][:t] for i in idx], sample.features[idx]))
+def encoder_cases(tok: PromptTokenizer, texts: list[str], seed: int = 1) -> list[tuple[str, list[list[int]]]]:
+    """(name, token rows) of the item encoder's parity check: the real item texts as the stream tokenises
+    them, and every (B, T) of ENCODER_BATCHES x ENCODER_LENGTHS, right-padded (rows of several lengths up
+    to T in one batch; longer rows are real texts' tokens joined)."""
+    rows = tok.ids(texts)
+    stream_of_tokens = [t for r in rows for t in r[1:]] or [tok.end_id]
+    bos = rows[0][:1] if rows and rows[0] else []
+    rng = np.random.default_rng(seed)
+    cases = [(f"texts{len(rows)}", rows)]
+    for b in ENCODER_BATCHES:
+        for t in ENCODER_LENGTHS:
+            batch = []
+            for i in range(b):
+                n = t if i == 0 else int(rng.integers(2, t + 1))  # one row as long as T: the padded width
+                start = int(rng.integers(0, len(stream_of_tokens)))
+                body = [stream_of_tokens[(start + k) % len(stream_of_tokens)] for k in range(n - len(bos))]
+                batch.append(bos + body)
+            cases.append((f"b{b}xt{t}", batch))
     return cases
 
 
 @torch.no_grad()
-def torch_scores(model: Trail, ids: np.ndarray, mask: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return model.score(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(x)).float().numpy()
+def torch_item_states(model: Trail, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return model.item_state(torch.from_numpy(ids), torch.from_numpy(mask)).float().numpy()
 
 
-def score_parity(run, tok: PromptTokenizer, cases, reference: dict[str, np.ndarray]) -> dict:
-    """Max |onnx - torch| per case, absolute and scaled by max(1, |torch|) (float32 keeps ~7 digits)."""
+def state_parity(run, tok: PromptTokenizer, cases, reference: dict[str, np.ndarray]) -> dict:
+    """Max |onnx - torch| of the item states per case, absolute and scaled by max(1, max |torch|) of the case."""
     diffs, scaled = {}, {}
-    for name, rows, x in cases:
+    for name, rows in cases:
         ids, mask = tok.pad(rows)
-        d = np.abs(run(ids, mask, x) - reference[name])
-        diffs[name] = float(d.max())
-        scaled[name] = float((d / np.maximum(1.0, np.abs(reference[name]))).max())
+        ref = reference[name]
+        d = float(np.abs(run(ids, mask) - ref).max())
+        diffs[name] = d
+        scaled[name] = d / max(1.0, float(np.abs(ref).max()))
     return {"max_abs_diff": max(diffs.values()), "max_scaled_diff": max(scaled.values()), "cases": diffs,
-            "shapes": {name: [len(rows), max(len(r) for r in rows)] for name, rows, _ in cases}}
+            "shapes": {name: [len(rows), max(len(r) for r in rows)] for name, rows in cases}}
+
+
+def head_parity(run, model: Trail, x: np.ndarray, states: np.ndarray) -> dict:
+    """ONNX head vs PyTorch head at batch sizes HEAD_BATCHES (real rows, tiled to the size)."""
+    diffs = {}
+    rng = np.random.default_rng(2)
+    for b in HEAD_BATCHES:
+        idx = rng.integers(0, len(x), size=b) if b > len(x) else rng.permutation(len(x))[:b]
+        with torch.no_grad():
+            ref = [t.float().numpy() for t in model.head(torch.from_numpy(x[idx]), torch.from_numpy(states[idx]))]
+        got = run(x[idx], states[idx])
+        diffs[f"batch{b}"] = max(float((np.abs(g - r) / np.maximum(1.0, np.abs(r))).max()) for g, r in zip(got, ref))
+    return {"max_abs_diff": max(diffs.values()), "max_scaled_diff": max(diffs.values()), "cases": diffs,
+            "batches": list(HEAD_BATCHES)}
 
 
 def require_parity(role: str, result: dict, tolerance: float) -> None:
     """Fail the export when an ONNX file differs from PyTorch by more than `tolerance`
-    (absolute for scores within +-1, relative beyond: `max_scaled_diff`)."""
+    (absolute for values within +-1, relative beyond: `max_scaled_diff`)."""
     diff = result.get("max_scaled_diff", result["max_abs_diff"])
     if diff > tolerance:
         raise ExportError(f"ONNX {role} differs from PyTorch by {diff:.3g} > tolerance {tolerance} "
                           f"(max abs diff {result['max_abs_diff']:.3g}; per case: {result.get('cases', {})})")
 
 
-def check_tokenizer(model: Trail, tok: PromptTokenizer, prompts: list[str]) -> dict:
-    """The serving tokenizer must give exactly Trail.encode_prompts' ids (BOS, truncation, padding)."""
-    ids, mask = model.encode_prompts(prompts)
+def check_tokenizer(model: Trail, tok: PromptTokenizer, prompts: list[str], encode=None) -> dict:
+    """The serving tokenizer must give exactly Trail.encode_prompts' (or `encode`'s) ids (BOS, truncation, padding)."""
+    ids, mask = (encode or model.encode_prompts)(prompts)
     ours, our_mask = tok.encode(prompts)
     if ours.shape == tuple(ids.shape) and np.array_equal(ours, ids.numpy()) and np.array_equal(our_mask, mask.numpy()):
         return {"prompts": len(prompts), "identical": len(prompts)}
@@ -194,43 +231,29 @@ def check_tokenizer(model: Trail, tok: PromptTokenizer, prompts: list[str]) -> d
         theirs = ids[i][mask[i].bool()].tolist()
         mine = tok.ids([p])[0]
         if mine != theirs:
-            raise ExportError(f"serving tokenizer differs from Trail.encode_prompts on {p!r}: {mine} vs {theirs}")
-    raise ExportError("serving tokenizer pads differently from Trail.encode_prompts")
+            raise ExportError(f"serving tokenizer differs from the trainer's on {p!r}: {mine} vs {theirs}")
+    raise ExportError("serving tokenizer pads differently from the trainer")
 
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def export_score(model: Trail, tok: PromptTokenizer, sample: Sample, path: Path) -> None:
-    ids, mask = tok.encode(sample.prompts[:TRACE_BATCH])
-    args = (torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(sample.features[:TRACE_BATCH]))
+def export_item_encoder(model: Trail, tok: PromptTokenizer, texts: list[str], path: Path) -> None:
+    ids, mask = tok.encode(texts[:TRACE_BATCH])
     with torch.no_grad():
         torch.onnx.export(
-            ScorePath(model).eval(), args, str(path), input_names=["input_ids", "attention_mask", "features"],
-            output_names=["score"], opset_version=OPSET, dynamo=False,
-            dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-                          "features": {0: "batch"}, "score": {0: "batch"}},
+            ItemEncoderPath(model).eval(), (torch.from_numpy(ids), torch.from_numpy(mask)), str(path),
+            input_names=["input_ids", "attention_mask"], output_names=["item_state"], opset_version=OPSET,
+            dynamo=False, dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
+                                        "attention_mask": {0: "batch", 1: "sequence"}, "item_state": {0: "batch"}},
         )
 
 
-def export_numeric(model: Trail, n_features: int, path: Path) -> None:
+def export_head(model: Trail, n_features: int, hidden: int, path: Path) -> None:
     with torch.no_grad():
-        torch.onnx.export(NumericPath(model).eval(), (torch.zeros(2, n_features),), str(path), input_names=["features"],
-                          output_names=["score"], opset_version=OPSET, dynamo=False,
-                          dynamic_axes={"features": {0: "batch"}, "score": {0: "batch"}})
-
-
-def quantise_int8(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
-
-
-def convert_fp16(src: Path, dst: Path) -> None:
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    m = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.save(m, str(dst))
+        torch.onnx.export(HeadPath(model).eval(), (torch.zeros(2, n_features), torch.zeros(2, hidden)), str(path),
+                          input_names=["x", "item_state"], output_names=["score", "log_count"], opset_version=OPSET,
+                          dynamo=False, dynamic_axes={"x": {0: "batch"}, "item_state": {0: "batch"},
+                                                      "score": {0: "batch"}, "log_count": {0: "batch"}})
 
 
 def export_generator(model: Trail, out: Path) -> Path:
@@ -286,21 +309,24 @@ def versions() -> dict[str, str]:
 
 # ---- main --------------------------------------------------------------------------------------
 
-def export(directory: Path, int8: bool = True, fp16: bool = False, n_prompts: int = 24, n_explain: int = 6,
-           tolerance: float = TOLERANCE["fp32"], datasets: list[str] | None = None, events: str | None = None,
-           items: str | None = None, command: str = "") -> dict:
+def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: float = TOLERANCE["score"],
+           datasets: list[str] | None = None, events: str | None = None, items: str | None = None,
+           command: str = "") -> dict:
     from trainer.model import load
 
     started = time.time()
     directory = Path(directory)
     manifest = Manifest.load(directory)
+    if getattr(manifest, "score_design", None) != SCORE_DESIGN:
+        raise ExportError(f"{directory}: score_design {getattr(manifest, 'score_design', None)!r}, this export "
+                          f"writes {SCORE_DESIGN!r} (item encoder + head): retrain the model with python -m trainer.fit")
     out = directory / ONNX_DIR
     tmp_out = directory / (ONNX_DIR + ".tmp")
     if tmp_out.exists():
         shutil.rmtree(tmp_out)
     tmp_out.mkdir(parents=True)
     threads = torch.get_num_threads()
-    stages = ["load", "sample", "reference", "score", "numeric", "variants", "generator", "record"]
+    stages = ["load", "sample", "reference", "item_encoder", "head", "generator", "record"]
     bar = tqdm(stages, desc="export", unit="stage")
     it = iter(bar)
     timings: dict[str, float] = {}
@@ -316,62 +342,56 @@ def export(directory: Path, int8: bool = True, fp16: bool = False, n_prompts: in
     stage()
     model, manifest = load(directory)  # unmerged: the reference is the model as trained
     model.tokenizer.backend_tokenizer.save(str(tmp_out / "tokenizer.json"))
-    tok = PromptTokenizer(tmp_out / "tokenizer.json", model.cfg.max_prompt_tokens,
-                          bool(getattr(model.tokenizer, "clean_up_tokenization_spaces", False)))
+    clean_up = bool(getattr(model.tokenizer, "clean_up_tokenization_spaces", False))
+    tok = PromptTokenizer(tmp_out / "tokenizer.json", model.cfg.max_prompt_tokens, clean_up)
+    max_item_tokens = int(getattr(model.cfg, "max_item_tokens", DEFAULT_MAX_ITEM_TOKENS))
+    item_tok = PromptTokenizer(tmp_out / "tokenizer.json", max_item_tokens, clean_up)
     stage()
     sample = sample_prompts(model, manifest, n_prompts, datasets=datasets, events=events, items=items)
-    tok_parity = check_tokenizer(model, tok, sample.prompts)
+    parity: dict[str, dict] = {"tokenizer": check_tokenizer(model, tok, sample.prompts)}
+    unique_texts = list(dict.fromkeys(sample.texts))
+    parity["item_tokenizer"] = check_tokenizer(model, item_tok, unique_texts, encode=model.encode_items)
     stage()
-    cases = score_cases(tok, sample)
-    reference = {name: torch_scores(model, *tok.pad(rows), x) for name, rows, x in cases}
+    enc_cases = encoder_cases(item_tok, unique_texts)
+    enc_reference = {name: torch_item_states(model, *item_tok.pad(rows)) for name, rows in enc_cases}
+    ref_states = torch_item_states(model, *item_tok.encode(sample.texts))  # (N, H) each sample row's state
+    with torch.no_grad():
+        ref_outputs = [t.float().numpy() for t in model.head(torch.from_numpy(sample.features),
+                                                             torch.from_numpy(ref_states))]
     explain_prompts = sample.prompts[:n_explain]
     reference_explanations = model.explain(explain_prompts)
     model.lm = model.lm.merge_and_unload()  # the LoRA folded into the weights: one plain decoder to export
     model.eval()
 
     stage()
-    score_path = tmp_out / "score.onnx"
-    export_score(model, tok, sample, score_path)
-    parity: dict[str, dict] = {"tokenizer": tok_parity}
-    parity["score.fp32"] = score_parity(ScoreModel(score_path, [CPU], threads), tok, cases, reference)
-    parity["score.fp32"]["tolerance"] = tolerance
-    require_parity("score.fp32", parity["score.fp32"], tolerance)
+    file_seconds: dict[str, dict[str, float]] = {}
+    t0 = time.time()
+    enc_path = tmp_out / "item_encoder.onnx"
+    export_item_encoder(model, item_tok, unique_texts, enc_path)
+    t1 = time.time()
+    encoder = ItemEncoder(enc_path, [CPU], threads)
+    parity["item_encoder"] = state_parity(encoder, item_tok, enc_cases, enc_reference)
+    parity["item_encoder"]["tolerance"] = TOLERANCE["item_encoder"]
+    require_parity("item_encoder", parity["item_encoder"], TOLERANCE["item_encoder"])
+    file_seconds["item_encoder"] = {"export": round(t1 - t0, 1), "parity": round(time.time() - t1, 1)}
     stage()
-    numeric_path = tmp_out / "numeric.onnx"
-    export_numeric(model, sample.features.shape[1], numeric_path)
-    with torch.no_grad():
-        ref_numeric = model.head.numeric(torch.from_numpy(sample.features)).squeeze(-1).numpy()
-    diff = float(np.abs(NumericModel(numeric_path, threads)(sample.features) - ref_numeric).max())
-    parity["numeric"] = {"max_abs_diff": diff, "items": len(sample.features), "tolerance": 1e-5}
-    require_parity("numeric", parity["numeric"], 1e-5)
-
-    stage()
-    variants = {"fp32": score_path}
-    wanted = [("int8", tmp_out / "score.int8.onnx", quantise_int8)] if int8 else []
-    if fp16:
-        wanted.append(("fp16", tmp_out / "score.fp16.onnx", convert_fp16))
-    for name, path, make in wanted:
-        make(score_path, path)
-        providers = [CUDA, CPU] if name == "fp16" and CUDA in available_providers() else [CPU]
-        try:
-            result = score_parity(ScoreModel(path, providers, threads), tok, cases, {k: v for k, v in reference.items()})
-        except RuntimeError as e:  # e.g. float16 kernels missing on this CPU build
-            log.warning("export.variant_unverified", variant=name, error=str(e).splitlines()[0][:300])
-            path.unlink()
-            parity[f"score.{name}"] = {"rejected": f"could not be run here to check parity: {str(e).splitlines()[0][:200]}"}
-            continue
-        result["tolerance"] = TOLERANCE[name]
-        result["provider"] = providers[0]
-        try:
-            require_parity(f"score.{name}", result, TOLERANCE[name])
-        except ExportError as e:
-            log.warning("export.variant_rejected", variant=name, max_abs_diff=result["max_abs_diff"],
-                        tolerance=TOLERANCE[name])
-            result["rejected"] = str(e)[:300]
-            path.unlink()
-        else:
-            variants[name] = path
-        parity[f"score.{name}"] = result
+    t0 = time.time()
+    head_path = tmp_out / "head.onnx"
+    export_head(model, sample.features.shape[1], ref_states.shape[1], head_path)
+    t1 = time.time()
+    head = ScoreHeadModel(head_path, [CPU], threads)
+    parity["head"] = head_parity(head, model, sample.features, ref_states)
+    parity["head"]["tolerance"] = TOLERANCE["head"]
+    require_parity("head", parity["head"], TOLERANCE["head"])
+    # end to end: the stream's path (ONNX states into the ONNX head) against the model as trained
+    got = head(sample.features, encoder(*item_tok.encode(sample.texts)))
+    e2e = {k: float((np.abs(g - r) / np.maximum(1.0, np.abs(r))).max())
+           for k, g, r in zip(("score", "log_count"), got, ref_outputs)}
+    parity["score"] = {"max_abs_diff": max(e2e.values()), "max_scaled_diff": max(e2e.values()), "cases": e2e,
+                       "items": len(sample.texts), "tolerance": tolerance}
+    require_parity("score (item_encoder.onnx + head.onnx)", parity["score"], tolerance)
+    del encoder, head
+    file_seconds["head"] = {"export": round(t1 - t0, 1), "parity": round(time.time() - t1, 1)}
 
     stage()
     gen_path = export_generator(model, tmp_out / "generator")
@@ -389,20 +409,25 @@ def export(directory: Path, int8: bool = True, fp16: bool = False, n_prompts: in
     if out.exists():
         shutil.rmtree(out)
     tmp_out.rename(out)
-    files = {f"score.{k}": file_record(directory, out / p.relative_to(tmp_out)) for k, p in variants.items()}
-    files["numeric"] = file_record(directory, out / "numeric.onnx")
+    files = {"item_encoder": file_record(directory, out / "item_encoder.onnx"),
+             "head": file_record(directory, out / "head.onnx")}
     files["generator"] = file_record(directory, out / "generator" / "model.onnx")
     files["tokenizer"] = file_record(directory, out / "tokenizer.json")
     manifest = Manifest.load(directory)
     manifest.onnx = {
         "files": files,
         "parity": parity,
-        "inputs": {"input_ids": "int64 (batch, sequence)", "attention_mask": "int64 (batch, sequence)",
-                   "features": f"float32 (batch, {sample.features.shape[1]})"},
-        "outputs": {"score": "float32 (batch,) predicted log1p(next-period count)"},
+        "score_design": SCORE_DESIGN,
+        "inputs": {"item_encoder": {"input_ids": "int64 (batch, sequence)", "attention_mask": "int64 (batch, sequence)"},
+                   "head": {"x": f"float32 (batch, {sample.features.shape[1]})",
+                            "item_state": f"float32 (batch, {ref_states.shape[1]})"}},
+        "outputs": {"item_encoder": {"item_state": f"float32 (batch, {ref_states.shape[1]}) mean of the last hidden "
+                                                   f"layer over the item text's tokens, BOS left out"},
+                    "head": {"score": "float32 (batch,) ranking score",
+                             "log_count": "float32 (batch,) predicted log1p(next-period count)"}},
         "tokenizer": {"end_token": "<|im_end|>", "end_id": tok.end_id,
                       "clean_up_tokenization_spaces": tok.clean_up_spaces,
-                      "max_prompt_tokens": model.cfg.max_prompt_tokens},
+                      "max_prompt_tokens": model.cfg.max_prompt_tokens, "max_item_tokens": max_item_tokens},
         "opset": OPSET,
         "export_version": EXPORT_VERSION,
         "source": source_hashes(directory),
@@ -410,6 +435,7 @@ def export(directory: Path, int8: bool = True, fp16: bool = False, n_prompts: in
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - started, 1),
         "stage_seconds": timings,
+        "file_seconds": {**file_seconds, "generator": {"export_and_parity": timings.get("generator", 0.0)}},
         "command": command,
     }
     manifest.save(directory)
@@ -421,13 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m export.onnx", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path, help="artefact directory written by trainer.fit")
-    ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
-                    help="also write the int8 dynamic-quantised score path for CPUs (default: on)")
-    ap.add_argument("--fp16", action="store_true", help="also write a float16 score path for GPUs")
-    ap.add_argument("--prompts", type=int, default=24, help="real prompts for the score parity check (default 24)")
+    ap.add_argument("--prompts", type=int, default=24,
+                    help="real items (prompts, item texts, signals) for the parity checks (default 24)")
     ap.add_argument("--explain", type=int, default=6, help="prompts for the greedy-explanation parity check (default 6)")
-    ap.add_argument("--tolerance", type=float, default=TOLERANCE["fp32"],
-                    help=f"max abs score difference allowed, fp32 (default {TOLERANCE['fp32']})")
+    ap.add_argument("--tolerance", type=float, default=TOLERANCE["score"],
+                    help=f"max score / log_count difference allowed end to end (default {TOLERANCE['score']})")
     ap.add_argument("--dataset", action="append", default=None,
                     help="dataset for the parity prompts (default: the manifest's training datasets)")
     ap.add_argument("--events", default=None, help="an event log (CSV/Parquet/JSONL) for the parity prompts instead")
@@ -435,11 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not (args.model / MANIFEST).is_file():
         ap.error(f"--model {args.model}: not a TRAIL artefact (no {MANIFEST}); train one with python -m trainer.fit")
-    if args.prompts < max(BATCH_SIZES) + TRACE_BATCH:
-        ap.error(f"--prompts must be at least {max(BATCH_SIZES) + TRACE_BATCH}")
+    if args.prompts < 12:
+        ap.error("--prompts must be at least 12")
     command = "python -m export.onnx " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
-        onnx = export(args.model, int8=args.int8, fp16=args.fp16, n_prompts=args.prompts, n_explain=args.explain,
+        onnx = export(args.model, n_prompts=args.prompts, n_explain=args.explain,
                       tolerance=args.tolerance, datasets=args.dataset, events=args.events, items=args.items,
                       command=command)
     except ExportError as e:

@@ -43,11 +43,11 @@ import orjson
 import pandas as pd
 import structlog
 
-from stream.config import WorkerConfig
 from stream.core.events import parse_batch
 from stream.replay import replay
 from stream.topics import Topics, ensure_topics
 from stream.ingest.worker import TrendWorker, consumer_settings
+from stream.settings import WorkerConfig, load_settings
 
 log = structlog.get_logger(__name__)
 
@@ -208,11 +208,12 @@ async def run_bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> 
     topics = Topics(events=f"{prefix}.events", items=f"{prefix}.items", dlq=f"{prefix}.events.dlq",
                     predictions=f"{prefix}.predictions", explanations=f"{prefix}.explanations",
                     partitions=args.partitions)
-    cfg = replace(WorkerConfig.from_env(), bootstrap=bootstrap, topics=topics, snapshots_topic=f"{prefix}.snapshots",
+    cfg = replace(load_settings().worker, bootstrap=bootstrap, topics=topics, snapshots_topic=f"{prefix}.snapshots",
                   state_dir=workdir / "state", group_id=f"{prefix}-trends", session_timeout_s=3.0,
                   max_poll_records=args.max_poll_records)
-    await ensure_topics(bootstrap, topics)
-    pub = await replay(events, None, bootstrap, topics=topics, progress=not args.quiet, create_topics=False)
+    await ensure_topics(bootstrap, topics, kafka=cfg.kafka)
+    pub = await replay(events, None, bootstrap, topics=topics, progress=not args.quiet, create_topics=False,
+                       kafka=cfg.kafka)
     n = len(events)
     log.info("bench.published", events=n, events_per_s=round(pub.events_per_s))
 

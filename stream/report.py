@@ -23,6 +23,7 @@ from typing import Any
 from stream.store import dashboards
 from stream.store.dashboards import DashboardParams
 from stream.store.clickhouse import StoreConfig, StoreError, connect
+from stream.settings import SettingsError, load_settings
 
 SIGNALS_SHOWN = ("count_7d", "velocity_7d", "users_7d")
 
@@ -101,15 +102,15 @@ def _nan(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _store_config(args: argparse.Namespace) -> StoreConfig:
+def _store_config(args: argparse.Namespace, env: StoreConfig) -> StoreConfig:
     overrides: dict[str, Any] = {}
     if args.url:
         overrides["url"] = args.url
     if args.path:
-        overrides["path"] = Path(args.path)
+        overrides["path"] = Path(args.path).absolute()
     if args.database:
         overrides["database"] = args.database
-    config = StoreConfig.from_env(**overrides)
+    config = replace(env, **overrides)
     if config.embedded and not Path(config.path).is_dir():
         raise StoreError(f"no embedded store at {Path(config.path).resolve()}: run the stream first, or set "
                          "TRAIL_CLICKHOUSE_PATH (--path) or CLICKHOUSE_URL (--url)")
@@ -140,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as ex:
         ap.error(str(ex))
     try:
-        config = _store_config(args)
+        env = load_settings().store
+        config = _store_config(args, env)
         client = connect(config, create_database=False)
-    except StoreError as ex:
+    except (StoreError, SettingsError) as ex:
         print(f"error: {ex}", file=sys.stderr)
         return 2
     except Exception as ex:  # e.g. the server is unreachable: say where we looked
-        print(f"error: cannot reach the store ({StoreConfig.from_env().describe() if not args.url else args.url}): {ex}",
+        print(f"error: cannot reach the store ({env.describe() if not args.url else args.url}): {ex}",
               file=sys.stderr)
         return 2
     try:

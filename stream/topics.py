@@ -1,16 +1,8 @@
-"""TRAIL's Kafka topics: names, partition counts and settings (from the environment), and
-an idempotent `ensure_topics`.
+"""TRAIL's Kafka topics: names, partition counts and settings, and an idempotent `ensure_topics`.
 
-Environment (defaults in brackets):
-    TRAIL_EVENTS_TOPIC [trail.events]      TRAIL_ITEMS_TOPIC [trail.items]
-    TRAIL_DLQ_TOPIC [trail.events.dlq]     TRAIL_PREDICTIONS_TOPIC [trail.predictions]
-    TRAIL_EXPLANATIONS_TOPIC [trail.explanations]
-    TRAIL_PARTITIONS [4]   partitions of events, DLQ, predictions and explanations
-    TRAIL_ITEMS_PARTITIONS [1]   the item table is read whole by every worker
-    TRAIL_REPLICATION [1]
-    TRAIL_EVENTS_RETENTION_MS [90 days]   must exceed the trend span (3 x the longest window
-        + lateness = 84 d): a worker that lost its state rebuilds it by re-reading the topic
-    TRAIL_DLQ_RETENTION_MS [30 days]   TRAIL_OUTPUT_RETENTION_MS [7 days] (predictions, explanations)
+The values come from the environment through `stream.settings` (TRAIL_*_TOPIC, TRAIL_PARTITIONS,
+TRAIL_*_RETENTION_MS, ...). The events' retention must exceed the trend span (3 x the longest
+window + lateness = 84 d): a worker that lost its state rebuilds it by re-reading the topic.
 
 The partition count of trail.events fixes which worker owns which item (the key is the
 item id); `ensure_topics` therefore never changes the partition count of an existing
@@ -23,11 +15,14 @@ the broker deletes the records as soon as their segment rolls.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
+
+if TYPE_CHECKING:
+    from stream.settings import KafkaSecurity
 
 log = structlog.get_logger(__name__)
 
@@ -57,41 +52,6 @@ class Topics:
     dlq_retention_ms: int = 30 * DAY_MS
     output_retention_ms: int = 7 * DAY_MS
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Topics:
-        env = os.environ if env is None else env
-        d = cls()
-
-        def s(name: str, default: str) -> str:
-            v = env.get(name, "").strip()
-            return v or default
-
-        def i(name: str, default: int, minimum: int) -> int:
-            v = env.get(name, "").strip()
-            if not v:
-                return default
-            try:
-                n = int(v)
-            except ValueError:
-                raise ValueError(f"{name}={v!r} is not an integer") from None
-            if n < minimum:
-                raise ValueError(f"{name}={n} must be >= {minimum}")
-            return n
-
-        return cls(
-            events=s("TRAIL_EVENTS_TOPIC", d.events),
-            items=s("TRAIL_ITEMS_TOPIC", d.items),
-            dlq=s("TRAIL_DLQ_TOPIC", d.dlq),
-            predictions=s("TRAIL_PREDICTIONS_TOPIC", d.predictions),
-            explanations=s("TRAIL_EXPLANATIONS_TOPIC", d.explanations),
-            partitions=i("TRAIL_PARTITIONS", d.partitions, 1),
-            items_partitions=i("TRAIL_ITEMS_PARTITIONS", d.items_partitions, 1),
-            replication=i("TRAIL_REPLICATION", d.replication, 1),
-            events_retention_ms=i("TRAIL_EVENTS_RETENTION_MS", d.events_retention_ms, -1),
-            dlq_retention_ms=i("TRAIL_DLQ_RETENTION_MS", d.dlq_retention_ms, -1),
-            output_retention_ms=i("TRAIL_OUTPUT_RETENTION_MS", d.output_retention_ms, -1),
-        )
-
     def specs(self) -> list[TopicSpec]:
         delete = "delete"
         return [
@@ -118,12 +78,13 @@ class EnsureResult:
 
 async def ensure_topics(bootstrap: str, topics: Topics | None = None,
                         specs: list[TopicSpec] | None = None,
-                        request_timeout_ms: int = 10_000) -> EnsureResult:
+                        request_timeout_ms: int = 10_000, kafka: KafkaSecurity | None = None) -> EnsureResult:
     """Create whichever of the topics are missing; safe to call again and from several processes."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    specs = (topics or Topics.from_env()).specs() if specs is None else specs
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms)
+    specs = (topics or Topics()).specs() if specs is None else specs
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms,
+                                **(kafka.client_kwargs() if kafka else {}))
     await admin.start()
     try:
         present = set(await admin.list_topics())

@@ -12,7 +12,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from stream.config import WorkerConfig, bootstrap_from_env
+from stream.settings import SettingsError, load_settings
 from stream.core.events import REASON_LATE, ValidationConfig, encode_event, read_dlq_headers
 from stream.ingest.partitions import CheckpointStore, PartitionState
 from stream.core.snapshots import decode_snapshot, encode_snapshot, iso_ms
@@ -26,12 +26,12 @@ CFG = TrendConfig(windows=(("6h", 6), ("1d", 24)), ema_halflife_buckets=6)
 
 # ---- configuration -------------------------------------------------------------------------
 
-def test_config_defaults():
-    c = WorkerConfig.from_env({})
+def test_config_defaults(tmp_path):
+    c = load_settings({}, cwd=tmp_path).worker
     assert c.bootstrap == "127.0.0.1:9092"
     assert c.topics.events == "trail.events" and c.topics.dlq == "trail.events.dlq"
     assert c.snapshots_topic == "trail.snapshots"
-    assert c.tick_s == 5.0 and c.checkpoint_s == 0 and c.state_dir == Path("var/state")
+    assert c.tick_s == 5.0 and c.checkpoint_s == 0 and c.state_dir == tmp_path / "var" / "state"
     assert c.group_id == "trail-trends"
     assert c.max_poll_records == 5000 and c.session_timeout_s == 10.0
     assert c.trend == TrendConfig() and c.publish_snapshots and c.web_port is None
@@ -39,12 +39,12 @@ def test_config_defaults():
 
 
 def test_config_from_env():
-    c = WorkerConfig.from_env({
+    c = load_settings({
         "KAFKA_BOOTSTRAP": "k1:9092, k2:9093", "TRAIL_EVENTS_TOPIC": "ev", "TRAIL_SNAPSHOTS_TOPIC": "snap",
         "TRAIL_TICK_S": "0.5", "TRAIL_STATE_DIR": "/tmp/s", "TRAIL_GROUP_ID": "g", "TRAIL_BUCKET_S": "60",
         "TRAIL_WINDOWS": "1h:3600,6h:21600", "TRAIL_TICK_HOOKS": "a.b:c, d:e", "TRAIL_PUBLISH_SNAPSHOTS": "0",
         "TRAIL_PARTITIONS": "8", "TRAIL_MAX_POLL_RECORDS": "100", "TRAIL_CHECKPOINT_S": "30",
-    })
+    }).worker
     assert c.bootstrap == "k1:9092,k2:9093" and c.faust_broker == ["kafka://k1:9092", "kafka://k2:9093"]
     assert (c.topics.events, c.snapshots_topic, c.tick_s, c.group_id) == ("ev", "snap", 0.5, "g")
     assert c.state_dir == Path("/tmp/s") and c.max_poll_records == 100 and c.checkpoint_s == 30
@@ -59,20 +59,21 @@ def test_config_from_env():
     ({"TRAIL_BROKER_URL": "kafka://h:1", "KAFKA_BOOTSTRAP": "k:3"}, "k:3"),
 ])
 def test_bootstrap_from_env(env, want):
-    assert bootstrap_from_env(env) == want
+    assert load_settings(env).worker.bootstrap == want
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"TRAIL_TICK_S": "soon"}, "TRAIL_TICK_S"),
-    ({"TRAIL_TICK_S": "0"}, "TRAIL_TICK_S"),
-    ({"KAFKA_BOOTSTRAP": "nohost"}, "host:port"),
-    ({"TRAIL_BROKER_URL": "redis://h:1"}, "kafka://"),
-    ({"TRAIL_TICK_HOOKS": "nocolon"}, "module:attribute"),
-    ({"TRAIL_PUBLISH_SNAPSHOTS": "maybe"}, "TRAIL_PUBLISH_SNAPSHOTS"),
+    ({"TRAIL_TICK_S": "soon"}, "TRAIL_TICK_S='soon': must be seconds >= 0.05"),
+    ({"TRAIL_TICK_S": "0"}, "TRAIL_TICK_S='0'"),
+    ({"KAFKA_BOOTSTRAP": "nohost"}, "KAFKA_BOOTSTRAP='nohost': broker address 'nohost' is not host:port"),
+    ({"TRAIL_BROKER_URL": "redis://h:1"}, "TRAIL_BROKER_URL='redis://h:1': only kafka://"),
+    ({"TRAIL_TICK_HOOKS": "nocolon"}, "TRAIL_TICK_HOOKS='nocolon': entry 'nocolon' is not module:function"),
+    ({"TRAIL_PUBLISH_SNAPSHOTS": "maybe"}, "TRAIL_PUBLISH_SNAPSHOTS='maybe'"),
+    ({"TRAIL_WEB_PORT": "http"}, "TRAIL_WEB_PORT='http': must be a port"),
 ])
 def test_bad_config_is_a_clear_error(env, message):
-    with pytest.raises(ValueError, match=message):
-        WorkerConfig.from_env(env)
+    with pytest.raises(SettingsError, match=message):
+        load_settings(env)
 
 
 def test_load_hook():
@@ -276,10 +277,10 @@ def test_slow_hooks_get_the_newest_tick_and_never_hold_up_consumption(broker, to
     assert len(calls) < worker.ticks_published
 
 
-def test_a_model_dir_turns_on_the_serving_hooks_unless_hooks_are_given():
-    from stream.config import SERVING_HOOKS, WorkerConfig
+def test_tick_hooks_setting_holds_only_the_extension_hooks():
+    def hooks(env):
+        return load_settings(env).worker.tick_hooks
 
-    assert WorkerConfig.from_env({}).tick_hooks == ()
-    assert ",".join(WorkerConfig.from_env({"TRAIL_MODEL_DIR": "models/x"}).tick_hooks) == SERVING_HOOKS
-    assert WorkerConfig.from_env({"TRAIL_MODEL_DIR": "models/x", "TRAIL_TICK_HOOKS": ""}).tick_hooks == ()
-    assert WorkerConfig.from_env({"TRAIL_MODEL_DIR": "m", "TRAIL_TICK_HOOKS": "a.b:c"}).tick_hooks == ("a.b:c",)
+    assert hooks({}) == () and hooks({"TRAIL_MODEL_DIR": "models/x"}) == ()  # the app wires serving itself
+    assert hooks({"TRAIL_MODEL_DIR": "models/x", "TRAIL_TICK_HOOKS": ""}) == ()
+    assert hooks({"TRAIL_MODEL_DIR": "m", "TRAIL_TICK_HOOKS": "a.b:c"}) == ("a.b:c",)

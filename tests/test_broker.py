@@ -19,6 +19,7 @@ import pytest
 from stream.broker import LocalBroker, probe_metadata
 from stream.core.events import dlq_record, encode_event, parse_batch, read_dlq_headers
 from stream.replay import replay
+from stream.settings import SettingsError, load_settings
 from stream.topics import Topics, ensure_topics
 
 pytestmark = pytest.mark.broker
@@ -87,14 +88,14 @@ def test_ensure_topics_is_idempotent_and_reports_partition_mismatch(broker):
     assert other.created == [] and other.partition_mismatch["ens.events"] == (3, 5)
 
 
-def test_topics_from_env():
-    t = Topics.from_env({"TRAIL_EVENTS_TOPIC": "x.events", "TRAIL_PARTITIONS": "8"})
+def test_topics_from_settings():
+    t = load_settings({"TRAIL_EVENTS_TOPIC": "x.events", "TRAIL_PARTITIONS": "8"}).worker.topics
     assert t.events == "x.events" and t.items == "trail.items" and t.partitions == 8
     specs = {s.name: s for s in t.specs()}
     assert specs["x.events"].partitions == 8 and specs["trail.items"].config["cleanup.policy"] == "compact"
     assert int(specs["x.events"].config["retention.ms"]) > 28 * 86_400_000
-    with pytest.raises(ValueError, match="TRAIL_PARTITIONS"):
-        Topics.from_env({"TRAIL_PARTITIONS": "0"})
+    with pytest.raises(SettingsError, match="TRAIL_PARTITIONS='0'"):
+        load_settings({"TRAIL_PARTITIONS": "0"})
 
 
 def test_produce_consume_and_dlq_round_trip(broker, topics):

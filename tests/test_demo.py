@@ -43,10 +43,15 @@ def test_demo_runs_end_to_end_and_leaves_results_and_no_processes(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "final ranking" in proc.stdout
+    for stage in ("dataset:", "broker:", "topics:", "replay:", "worker:", "first prediction:"):
+        assert stage in proc.stderr, f"no progress line for {stage!r}:\n{proc.stderr[-3000:]}"
+    log = (var / "worker.log").read_bytes()
+    assert b"\x1b" not in log, "terminal control codes in the worker log"
+    assert b"Unclosed" not in log and b"Traceback" not in log, log[-3000:].decode(errors="replace")
     assert not _processes_mentioning(str(var)), "the demo left a worker behind"
     assert not [c for c in _processes_mentioning("tansu") if "trail-tansu" in c and str(tmp_path) in c]
 
-    client = connect(StoreConfig.from_env({"TRAIL_CLICKHOUSE_PATH": str(var / "clickhouse")}))
+    client = connect(StoreConfig(path=var / "clickhouse"))
     try:
         ticks = client.query(
             "SELECT tick, count(), min(rank), max(rank), uniqExact(rank) FROM trail_predictions FINAL GROUP BY tick"
@@ -83,3 +88,37 @@ def test_readme_commands_are_what_ci_runs():
     assert re.search(r"^exec \./trail test\b", ci, re.M), "CI must run the README's test command"
     trail = (REPO / "trail").read_text()
     assert "demo) setup; exec \"$PY\" -m stream.demo" in trail and "test) setup; exec \"$PY\" -m pytest" in trail
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_demo_stops_with_the_workers_last_errors_when_the_worker_dies(tmp_path):
+    model = exported_artefact()
+    var = tmp_path / "var"
+    var.mkdir()
+    (var / "worker.log").write_text("the previous run\n")
+    env = dict(os.environ, TRAIL_TICK_HOOKS="stream.no_such_module:hook")  # the worker fails at start
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream.demo", "--duration", "120", "--warmup-days", "1", "--model", str(model),
+         "--var", str(var)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "final ranking" not in proc.stdout
+    assert "the worker stopped unexpectedly" in proc.stderr and "stream.no_such_module:hook" in proc.stderr
+    assert f"full log: {var / 'worker.log'}" in proc.stderr
+    assert (var / "worker.prev.log").read_text() == "the previous run\n"  # kept beside the new one
+    assert not _processes_mentioning(str(var)), "the demo left a process behind"
+
+
+def test_worker_log_helpers(tmp_path):
+    from stream.demo import fresh_log, last_errors
+
+    log = tmp_path / "worker.log"
+    log.write_text("old\n")
+    assert fresh_log(log) == log and not log.exists() and (tmp_path / "worker.prev.log").read_text() == "old\n"
+    log.write_text('{"event": "tick", "level": "info"}\n'
+                   '{"event": "boom", "level": "error", "exception": "Traceback (most recent call last):\\nX"}\n'
+                   '{"event": "worker.stopped", "level": "info"}\n')
+    lines = last_errors(log)
+    assert lines[0].startswith("error boom") and "Traceback" in lines[0] and lines[-1] == "info worker.stopped"
+    log.write_text("".join(f"line {i}\n" for i in range(40)))
+    assert last_errors(log, n=5) == [f"line {i}" for i in range(35, 40)]

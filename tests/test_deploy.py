@@ -87,10 +87,14 @@ def test_workers_point_at_the_compose_services(compose):
             assert env[var].startswith("/var/lib/trail/"), (name, var)
     spill_volumes = [services[n]["volumes"][0].split(":")[0] for n in ("trail-worker", "trail-worker-gpu")]
     assert len(set(spill_volumes)) == 2, "each sink needs its own spill directory"
-    # every worker serves the model: scorer, ranker, explainer
+    # every worker serves the model (stream.app builds scorer, ranker, explainer and the sink when
+    # TRAIL_MODEL_DIR is set); TRAIL_TICK_HOOKS names only extension hooks, none of the built-in ones
     for name in ("trail-worker", "trail-worker-gpu"):
         env = services[name]["environment"]
-        assert "stream.serving.service:on_tick" in env["TRAIL_TICK_HOOKS"] and env["TRAIL_MODEL_DIR"].startswith("/app/models/")
+        assert env["TRAIL_MODEL_DIR"].startswith("/app/models/")
+        hooks = [h.strip() for h in env.get("TRAIL_TICK_HOOKS", "").split(",") if h.strip()]
+        assert not {"stream.serving.service:on_tick", "stream.store.hooks:store_snapshots"} & set(hooks), hooks
+        assert services[name]["stop_grace_period"] == "60s"  # the ordered shutdown needs more than Docker's 10 s
     gpu = services["trail-worker-gpu"]
     assert gpu["profiles"] == ["gpu"] and gpu["build"]["dockerfile"] == "deploy/Dockerfile.gpu"
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
@@ -115,7 +119,7 @@ def test_grafana_is_provisioned_with_clickhouse_and_the_dashboard(compose):
 
 
 def test_topic_settings_match_the_code_and_the_compose_init(compose, topics_yaml):
-    from stream.config import WorkerConfig
+    from stream.settings import WorkerConfig
     from stream.topics import Topics
     from stream.core.trends import TrendConfig
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from stream.settings import SettingsError, load_settings
 from stream.core.events import (
     DAY_MS,
     EVENT_TYPES,
@@ -83,7 +84,7 @@ BAD = [
     (b'{"item_id":"a","event_type":"view"}', "missing_field:ts"),
     (b'{"item_id":"a","ts":1262304000000}', "missing_field:event_type"),
     (b'{"item_id":7,"ts":1262304000000,"event_type":"view"}', "bad_type:item_id"),
-    (b'{"item_id":"","ts":1262304000000,"event_type":"view"}', "bad_type:item_id"),
+    (b'{"item_id":"","ts":1262304000000,"event_type":"view"}', "bad_value:item_id"),
     (b'{"item_id":["a"],"ts":1262304000000,"event_type":"view"}', "bad_type:item_id"),
     (b'{"item_id":"a","user_id":5,"ts":1262304000000,"event_type":"view"}', "bad_type:user_id"),
     (b'{"item_id":"a","ts":1262304000000.5,"event_type":"view"}', "bad_type:ts"),
@@ -111,6 +112,95 @@ def test_bad_records(value, reason):
     r = one(value)
     assert len(r.batch) == 0
     assert [(x.index, x.reason) for x in r.rejects] == [(0, reason)]
+
+
+def _rec(**fields) -> bytes:
+    obj = {"item_id": "a", "user_id": "u", "ts": TS_2010, "event_type": "view"}
+    obj.update(fields)
+    return orjson.dumps(obj)
+
+
+_WEIGHT_TAIL = b'{"item_id":"a","ts":1262304000000,"event_type":"view","weight":'
+VALUE_LIMITS = [
+    # (id, value, reason): right JSON type, value outside the limits (issue 10 item 5)
+    ("weight -1e308", _rec(weight=-1e308), "bad_value:weight"),
+    ("weight 1e308", _rec(weight=1e308), "bad_value:weight"),
+    ("weight above max", _rec(weight=1_000_001), "bad_value:weight"),
+    ("weight below min", _rec(weight=-1e6 - 0.5), "bad_value:weight"),
+    ("weight u64 int", _WEIGHT_TAIL + b"18446744073709551615}", "bad_value:weight"),
+    # orjson refuses numbers that overflow a double and NaN/Infinity (not JSON): they never reach a weight
+    ("weight 1e400", _WEIGHT_TAIL + b"1e400}", "bad_json"),
+    ("weight -1e400", _WEIGHT_TAIL + b"-1e400}", "bad_json"),
+    ("weight NaN", _WEIGHT_TAIL + b"NaN}", "bad_json"),
+    ("weight Infinity", _WEIGHT_TAIL + b"Infinity}", "bad_json"),
+    ("weight true", _rec(weight=True), "bad_type:weight"),
+    ("weight false", _rec(weight=False), "bad_type:weight"),
+    ("weight string", _rec(weight="2"), "bad_type:weight"),
+    ("weight list", _rec(weight=[2]), "bad_type:weight"),
+    ("item_id NUL", _rec(item_id="a\x00b"), "bad_value:item_id"),
+    ("item_id newline", _rec(item_id="a\nb"), "bad_value:item_id"),
+    ("item_id tab", _rec(item_id="\ta"), "bad_value:item_id"),
+    ("item_id DEL", _rec(item_id="a\x7f"), "bad_value:item_id"),
+    ("item_id C1 NEL", _rec(item_id="a\x85b"), "bad_value:item_id"),
+    ("item_id C1 U+009F", _rec(item_id="\x9f"), "bad_value:item_id"),
+    ("item_id raw DEL byte", b'{"item_id":"a\x7f","ts":1262304000000,"event_type":"view"}', "bad_value:item_id"),
+    ("item_id empty", _rec(item_id=""), "bad_value:item_id"),
+    ("item_id spaces", _rec(item_id="   "), "bad_value:item_id"),
+    ("item_id unicode spaces", _rec(item_id=" \u3000\u2003"), "bad_value:item_id"),
+    ("item_id 257 chars", _rec(item_id="x" * 257), "bad_value:item_id"),
+    ("item_id 257 non-ASCII chars", _rec(item_id="\u00e9" * 257), "bad_value:item_id"),
+    ("user_id NUL", _rec(user_id="u\x00"), "bad_value:user_id"),
+    ("user_id newline", _rec(user_id="u\n"), "bad_value:user_id"),
+    ("user_id C1", _rec(user_id="\x85"), "bad_value:user_id"),
+    ("user_id 257 chars", _rec(user_id="u" * 257), "bad_value:user_id"),
+]
+
+
+@pytest.mark.parametrize("value,reason", [(v, r) for _, v, r in VALUE_LIMITS], ids=[n for n, _, _ in VALUE_LIMITS])
+def test_value_limits_reject_with_reason_and_lose_nothing_around(value, reason):
+    good = [encode_event(f"g{k}", TS_2010 + k, "purchase", f"u{k}", float(k - 2)) for k in range(4)]
+    values = [good[0], good[1], value, good[2], good[3]]
+    r = parse_batch(values, offsets=[10, 11, 12, 13, 14], now_ms=NOW)
+    assert [(x.index, x.reason) for x in r.rejects] == [(2, reason)]
+    b = r.batch
+    assert b.index.tolist() == [0, 1, 3, 4] and b.offset.tolist() == [10, 11, 13, 14]
+    assert b.item_id.tolist() == ["g0", "g1", "g2", "g3"]
+    assert b.weight.tolist() == [-2.0, -1.0, 0.0, 1.0]  # negative weight (a return) is fine
+    assert one(value).rejects[0].reason == reason  # alone, the same reason
+
+
+@pytest.mark.parametrize("fields", [
+    {"item_id": "x" * 256},
+    {"user_id": "u" * 256},
+    {"item_id": "\u65e5" * 256},  # the limit counts characters, not bytes
+    {"item_id": "caf\u00e9-\u00fc-\u65e5\u672c"},
+    {"item_id": "Toy Story (1995)", "user_id": "caf\u00e9 \u2615"},
+    {"item_id": " a "},  # surrounding spaces are kept as they are
+    {"item_id": "a\u00a0b\u200dc"},  # not printable but not Cc (no-break space, zero-width joiner)
+    {"user_id": ""},  # only item_id must be non-blank
+    {"weight": 1e6}, {"weight": -1e6}, {"weight": -3}, {"weight": 0}, {"weight": 4.5}, {"weight": None},
+])
+def test_value_limits_accept(fields):
+    r = one(_rec(**fields))
+    assert r.rejects == []
+    b = r.batch
+    assert b.item_id[0] == fields.get("item_id", "a") and b.user_id[0] == fields.get("user_id", "u")
+    w = fields.get("weight")
+    assert float(b.weight[0]) == (1.0 if w is None else float(w))
+
+
+def test_value_limits_are_configurable():
+    cfg = ValidationConfig(min_weight=0.5, max_weight=5.0, max_id_chars=4)
+    assert one(_rec(weight=5.0), config=cfg).rejects == []
+    assert one(_rec(weight=5.5), config=cfg).rejects[0].reason == "bad_value:weight"
+    assert one(_rec(weight=0), config=cfg).rejects[0].reason == "bad_value:weight"
+    assert one(_rec(), config=cfg).rejects == []  # no weight: 1.0, not range-checked
+    assert one(_rec(item_id="abcd", user_id="wxyz"), config=cfg).rejects == []
+    assert one(_rec(item_id="abcde"), config=cfg).rejects[0].reason == "bad_value:item_id"
+    assert one(_rec(user_id="vwxyz"), config=cfg).rejects[0].reason == "bad_value:user_id"
+    # infinite bounds still reject nothing finite and admit no inf/NaN (JSON has none; orjson refuses 1e400)
+    inf = ValidationConfig(min_weight=float("-inf"), max_weight=float("inf"))
+    assert one(_rec(weight=-1e308), config=inf).rejects == []
 
 
 def test_oversized_is_checked_before_decoding():
@@ -141,16 +231,23 @@ def test_timestamp_bounds_are_configurable_and_now_is_injectable():
     assert len(r.batch) == 1 and r.rejects[0].reason == "absurd_ts"
 
 
-def test_config_from_env():
-    cfg = ValidationConfig.from_env({"TRAIL_MAX_EVENT_BYTES": "1000", "TRAIL_MIN_EVENT_TS": "2000-01-01T00:00:00Z",
-                                     "TRAIL_MAX_FUTURE_MS": "5"})
-    assert cfg == ValidationConfig(max_bytes=1000, min_ts_ms=946_684_800_000, max_future_ms=5)
-    assert ValidationConfig.from_env({"TRAIL_MIN_EVENT_TS": "946684800000"}).min_ts_ms == 946_684_800_000
-    assert ValidationConfig.from_env({}) == ValidationConfig()
-    with pytest.raises(ValueError, match="TRAIL_MAX_EVENT_BYTES"):
-        ValidationConfig.from_env({"TRAIL_MAX_EVENT_BYTES": "lots"})
-    with pytest.raises(ValueError, match="TRAIL_MIN_EVENT_TS"):
-        ValidationConfig.from_env({"TRAIL_MIN_EVENT_TS": "last tuesday"})
+def test_config_from_settings():
+    def validation(env):
+        return load_settings(env).worker.validation
+
+    cfg = validation({"TRAIL_MAX_EVENT_BYTES": "1000", "TRAIL_MIN_EVENT_TS": "2000-01-01T00:00:00Z",
+                      "TRAIL_MAX_FUTURE_MS": "5", "TRAIL_MIN_WEIGHT": "0", "TRAIL_MAX_WEIGHT": "5",
+                      "TRAIL_MAX_ID_CHARS": "64"})
+    assert cfg == ValidationConfig(max_bytes=1000, min_ts_ms=946_684_800_000, max_future_ms=5, min_weight=0,
+                                   max_weight=5, max_id_chars=64)
+    assert validation({"TRAIL_MIN_EVENT_TS": "946684800000"}).min_ts_ms == 946_684_800_000
+    assert validation({}) == ValidationConfig()
+    with pytest.raises(SettingsError, match="TRAIL_MAX_EVENT_BYTES='lots'"):
+        validation({"TRAIL_MAX_EVENT_BYTES": "lots"})
+    with pytest.raises(SettingsError, match="TRAIL_MIN_EVENT_TS='last tuesday'"):
+        validation({"TRAIL_MIN_EVENT_TS": "last tuesday"})
+    with pytest.raises(SettingsError, match="TRAIL_MIN_WEIGHT=5, TRAIL_MAX_WEIGHT=1"):
+        validation({"TRAIL_MIN_WEIGHT": "5", "TRAIL_MAX_WEIGHT": "1"})
 
 
 def test_mixed_batch_keeps_order_offsets_and_indices():
@@ -208,7 +305,7 @@ def test_never_raises_and_accounts_for_every_record(values):
     assert seen == list(range(len(values)))
     for x in r.rejects:
         assert x.reason in {"bad_encoding", "bad_json", "not_object", "unknown_event_type", "absurd_ts",
-                            "oversized"} or x.reason.split(":")[0] in {"missing_field", "bad_type"}
+                            "oversized"} or x.reason.split(":")[0] in {"missing_field", "bad_type", "bad_value"}
     # every accepted record re-encodes to one that parses to the same event
     b = r.batch
     again = parse_batch([encode_event(b.item_id[k], int(b.ts_ms[k]), b.event_type[k], b.user_id[k],

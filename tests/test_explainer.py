@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker, pace, select_movers
+from stream.core.forecast import pace
+from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker, select_movers
 from stream.core.faithfulness import check
 from stream.serving.artefact import Artefact
 from stream.serving.onnx_models import CPU, Generator
@@ -137,3 +138,30 @@ def test_real_generator_explains_and_is_checked(artefact):
     result = check(e.explanation, p.signals, title=title)
     assert (e.faithful, e.claims_checked) == (result.faithful, result.checked)
     assert (e.item_id, e.rank, e.model_version) == ("85123A", 1, artefact.model_version)
+
+
+@pytest.mark.parametrize("decoded,predicted,want", [
+    # a false number and direction, repaired; the forecast "rise" matches a predicted 60 against a pace of 41
+    (" Likely to rise: bought 40 times in the last 7 days, down from 10 the week before.", 60.0,
+     ("Likely to rise: bought 41 times in the last 7 days, up from 10 the week before.", True, "rise", True)),
+    # true as decoded, but the forecast contradicts the model's own (steady) prediction
+    (" Likely to rise: bought 41 times in the last 7 days, up from 10 the week before.", 41.0,
+     ("Likely to rise: bought 41 times in the last 7 days, up from 10 the week before.", False, "rise", False)),
+    # no forecast stated
+    (" Bought 41 times in the last 7 days.", 41.0, ("Bought 41 times in the last 7 days.", False, None, False)),
+])
+def test_the_record_says_what_happened(artefact, decoded, predicted, want):
+    """raw_explanation is the decoded text, repaired says the stream changed it, forecast_agrees compares
+    the stated forecast with the direction of the record's own predicted count."""
+    tok = artefact.tokenizer()
+    ids = tok.ids([decoded])[0][1:] + [tok.end_id]
+
+    async def publish(records: list[Explanation]) -> None: ...
+
+    ex = Explainer(lambda prompt, limit: ids, tok, "v-test", 48, publish, horizon_days=7)
+    p = pred("a", 1, predicted, 41)
+    assert pace(p.signals, 7) == 41
+    record, _ = ex.explain_one(Mover(p, render_prompt("Item", None, p.signals, 7), "Item"))
+    assert (record.explanation, record.repaired, record.forecast, record.forecast_agrees) == want
+    assert record.raw_explanation == tok.decode(ids) and record.faithful
+    assert Explanation.from_json(record.to_json()) == record

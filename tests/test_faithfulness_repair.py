@@ -7,7 +7,9 @@ from collections import Counter
 
 import pytest
 
-from stream.core.faithfulness import _DIRECTION_OF, Repair, _direction_phrase, check, repair
+from stream.core.faithfulness import Repair, check, repair
+from stream.core.faithfulness.repairer import _direction_phrase
+from stream.core.faithfulness.vocabulary import _DIRECTION_OF
 from stream.core.prompts import signal_windows
 from test_explanations import cases, random_row, trend_table_rows
 from test_faithfulness import FALSE, S, TRUE
@@ -101,15 +103,15 @@ def test_unattributable_clauses_are_dropped():
 def test_what_cannot_be_repaired_comes_back_untouched():
     for text in ("Sold 41 times, up from 12.", "Demand doubled week on week.", "41 interactions in the last 3 days."):
         r = repair(text, S)
-        assert r == Repair(text, False, 0, 0, 0, False, check(text, S).checked), r
+        assert r == Repair(text, False, 0, 0, 0, False, check(text, S).checked, check(text, S).outlook), r
 
 
 def test_faithful_texts_are_unchanged():
     for text in TRUE:
         r = repair(text, S)
-        assert r == Repair(text, False, 0, 0, 0, True, check(text, S).checked)
+        assert r == Repair(text, False, 0, 0, 0, True, check(text, S).checked, check(text, S).outlook)
     r = repair("Likely to rise next week.", S)  # nothing checkable: faithful as the checker says
-    assert (r.changed, r.faithful, r.checked) == (False, True, 0)
+    assert (r.changed, r.faithful, r.checked, r.outlook) == (False, True, 0, "rise")
     assert repair("Pack of 72 cake cases: 41 sales in the last week.", S, title="PACK OF 72 CAKE CASES").changed is False
 
 
@@ -213,7 +215,7 @@ def test_typed_result():
     r = repair("Sales are falling.", S)
     assert isinstance(r, Repair) and r.to_dict() == {
         "text": "Sales are rising.", "changed": True, "fixed_numbers": 0, "fixed_directions": 1,
-        "dropped_clauses": 0, "faithful": True, "checked": 1}
+        "dropped_clauses": 0, "faithful": True, "checked": 1, "outlook": None}
 
 
 def test_evaluation_reports_raw_and_served_explanations():

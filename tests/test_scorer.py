@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from stream.config import WorkerConfig
-from stream.serving.artefact import Artefact, ArtefactError, Features
+from stream.settings import SettingsError, WorkerConfig, load_settings
+from stream.core.features import Normalisation
+from stream.core.records import ItemInfo
+from stream.serving.artefact import Artefact, ArtefactError
 from stream.serving.onnx_models import CPU, CUDA, choose_providers
-from stream.serving.scorer import ItemInfo, ScoredPart, TickScorer, rank_tick
+from stream.serving.scorer import (ItemStateCache, ScoredChunk, ScoredChunkError, ScoredPart, TickScorer, rank_tick,
+                                   text_for)
 from stream.serving.service import Serving, ServingConfig
 from stream.core.trends import Signals, TrendConfig
 from serving_artefact import exported_artefact
@@ -32,8 +35,7 @@ def trend(artefact_dir) -> TrendConfig:
 
 @pytest.fixture(scope="module")
 def scorer(artefact_dir, trend) -> TickScorer:
-    return TickScorer(Artefact.load(artefact_dir, trend), top_n=12, variant="fp32", provider="cpu", horizon_days=7,
-                      threads=2)
+    return TickScorer(Artefact.load(artefact_dir, trend), provider="cpu", horizon_days=7, threads=2)
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +50,10 @@ def retail_cutoff(trend):
     names = trend.signal_names
     signals = Signals(int(rows["cutoff_ms"].iloc[0]), rows["item_id"].tolist(), names,
                       rows[list(names)].to_numpy(np.float64))
-    items = {i: ItemInfo(t if isinstance(t, str) else None, c if isinstance(c, str) else None)
-             for i, t, c in zip(rows["item_id"], rows["title"], rows["category"])}
+    desc = rows["description"] if "description" in rows else [None] * len(rows)
+    items = {i: ItemInfo(t if isinstance(t, str) else None, c if isinstance(c, str) else None,
+                         d if isinstance(d, str) else None)
+             for i, t, c, d in zip(rows["item_id"], rows["title"], rows["category"], desc)}
     return rows, signals, items
 
 
@@ -74,8 +78,26 @@ def edit_manifest(directory: Path, fn) -> None:
 
 def test_a_sound_artefact_loads(artefact_dir, trend):
     art = Artefact.load(artefact_dir, trend)
-    assert art.has("score.fp32") and art.has("numeric") and art.has("generator") and art.has("tokenizer")
+    assert art.has("item_encoder") and art.has("head") and art.has("generator") and art.has("tokenizer")
     assert art.horizon_days(7) == 7
+    assert art.manifest["score_design"] == "item-state-v2"
+
+
+@pytest.mark.parametrize("case", ["v1", "other_design", "text_version"])
+def test_refuses_another_score_design_or_item_text(artefact_dir, trend, tmp_path, case):
+    """A v1 artefact (one LLM score path over the prompt, no score_design) is refused: retrain, re-export."""
+    d = clone(artefact_dir, tmp_path / "a")
+    if case == "v1":
+        edit_manifest(d, lambda m: (m.pop("score_design"), m.pop("item_state")))
+        expected = r"no score_design \(a v1 artefact.*serves score_design 'item-state-v2'.*retrain it"
+    elif case == "other_design":
+        edit_manifest(d, lambda m: m.__setitem__("score_design", "item-state-v3"))
+        expected = "score_design 'item-state-v3'.*retrain"
+    else:
+        edit_manifest(d, lambda m: m["item_state"].__setitem__("text_version", "i0"))
+        expected = "item text version 'i0'.*ITEM_TEXT_VERSION.*retrain"
+    with pytest.raises(ArtefactError, match=expected):
+        Artefact.load(d, trend)
 
 
 def test_refuses_another_feature_spec(artefact_dir, trend):
@@ -100,10 +122,10 @@ def test_serving_refuses_at_construction(artefact_dir, trend, tmp_path):
                                   "altered", "unloadable", "missing_field"])
 def test_refuses_a_broken_artefact(artefact_dir, trend, tmp_path, case):
     d = clone(artefact_dir, tmp_path / "a")
-    numeric = d / "onnx" / "numeric.onnx"
+    numeric = d / "onnx" / "head.onnx"
     expected = {
         "no_dir": "does not exist", "no_manifest": "no manifest.json", "bad_json": "not valid JSON",
-        "not_exported": "run `python -m export.onnx", "missing_file": "numeric.onnx.*missing",
+        "not_exported": "run `python -m export.onnx", "missing_file": "head.onnx.*missing",
         "truncated": "truncated", "altered": "sha256", "unloadable": "cannot be loaded by onnxruntime",
         "missing_field": "lacks feature_spec",
     }[case]
@@ -127,7 +149,7 @@ def test_refuses_a_broken_artefact(artefact_dir, trend, tmp_path, case):
         if case == "unloadable":  # a file that matches its record but is no ONNX model
             from stream.serving.artefact import sha256_of
 
-            edit_manifest(d, lambda m: m["onnx"]["files"]["numeric"].update(sha256=sha256_of(numeric)))
+            edit_manifest(d, lambda m: m["onnx"]["files"]["head"].update(sha256=sha256_of(numeric)))
     elif case == "missing_field":
         edit_manifest(d, lambda m: m.pop("feature_spec"))
     with pytest.raises((ArtefactError, RuntimeError), match=expected):
@@ -154,9 +176,8 @@ def test_provider_falls_back_to_cpu_when_cuda_cannot_start(artefact_dir, trend, 
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
     assert choose_providers("auto") == [CUDA, CPU]
     with capture_logs() as logs:
-        sc = TickScorer(Artefact.load(artefact_dir, trend), top_n=4, horizon_days=7)
+        sc = TickScorer(Artefact.load(artefact_dir, trend), horizon_days=7)
     assert sc.provider == CPU
-    assert sc.variant == ("int8" if Artefact.load(artefact_dir, trend).has("score.int8") else "fp32")
     assert sc.batch == 32
     assert any(entry["event"] == "onnx.cuda_unavailable" for entry in logs)
 
@@ -176,29 +197,78 @@ def test_provider_choice(monkeypatch):
 # ---- features and scores ---------------------------------------------------------------------------------
 
 def test_features_equal_the_trainers(artefact_dir, trend):
-    from trainer.model import Normalisation
+    """The stream serves the normalisation the trainer fitted, with the one definition of it."""
+    from trainer.model import Manifest
 
     m = json.loads((artefact_dir / "manifest.json").read_text())
     raw = np.random.default_rng(0).normal(0, 50, (200, len(m["normalisation"]["names"])))
     raw[:, ::3] = np.abs(raw[:, ::3]).round()
-    assert np.array_equal(Features.from_manifest(m["normalisation"]).apply(raw), Normalisation(**m["normalisation"]).apply(raw))
+    served = Artefact.load(artefact_dir, trend).features()
+    trained = Normalisation.from_dict(Manifest.load(artefact_dir).normalisation)  # what trainer.model.load builds
+    assert served == trained and served.to_dict() == m["normalisation"]
+    assert np.array_equal(served.apply(raw), trained.apply(raw))
 
 
 def test_tick_scores_equal_trainer_score_frame(artefact_dir, scorer, retail_cutoff):
-    """Stream scoring of a tick == the trainer's scoring of the same cut-off (prompts, prior, LLM path)."""
+    """Stream scoring of a tick == the trainer's scoring of the same cut-off: every item, full score."""
+    from stream.core.features import predicted_count
     from trainer.inference import score_frame
     from trainer.model import load
 
     rows, signals, items = retail_cutoff
     model, _ = load(artefact_dir)
-    expected = score_frame(model, rows, 7.0, top_n=scorer.top_n, progress=False)
-    preds = rank_tick([scorer.score(signals.as_of_ms, signals, items)], scorer.top_n, 0, scorer.model_version)
-    got = {p.item_id: p.score for p in preds}
-    assert len(got) == len(rows)
-    diff = np.abs(np.array([got[i] for i in rows["item_id"]]) - expected) / np.maximum(1.0, np.abs(expected))
-    assert diff.max() < 1e-4
+    score, log_count = score_frame(model, rows, 7.0, progress=False)
+    fresh = TickScorer(scorer.artefact, provider="cpu", horizon_days=7, threads=2)
+    preds = rank_tick([fresh.score(signals.as_of_ms, signals, items)], 0, fresh.model_version)
+    got = {p.item_id: p for p in preds}
+    assert len(got) == len(rows) == len(set(rows["item_id"]))  # every active item, no subset
+    s = np.array([got[i].score for i in rows["item_id"]])
+    c = np.array([got[i].predicted_count for i in rows["item_id"]])
+    assert (np.abs(s - score) / np.maximum(1.0, np.abs(score))).max() < 1e-3
+    expect_c = predicted_count(log_count)
+    assert (np.abs(c - expect_c) / np.maximum(1.0, expect_c)).max() < 1e-2
     assert sorted(p.rank for p in preds) == list(range(1, len(rows) + 1))
-    assert scorer.stats.last["llm_items"] == scorer.top_n
+    assert fresh.stats.last["items"] == fresh.stats.last["encoded"] == len(rows)
+
+
+def test_item_states_are_cached_and_invalidated_by_a_catalogue_change(scorer, retail_cutoff):
+    _, signals, items = retail_cutoff
+    sc = TickScorer(scorer.artefact, provider="cpu", horizon_days=7, threads=2, cache_items=10_000)
+    n = len(signals)
+    first = sc.score(signals.as_of_ms, signals, items)
+    assert sc.stats.last["encoded"] == n and sc.cache.misses == n and len(sc.cache) == n
+    again = sc.score(signals.as_of_ms, signals, items)  # warm: nothing encoded, same scores
+    assert sc.stats.last["encoded"] == 0 and sc.cache.hits == n
+    assert np.array_equal(first.score, again.score) and np.array_equal(first.log_count, again.log_count)
+    # the catalogue's record of one item changes: that item alone is encoded again
+    item = signals.item_ids[0]
+    old = items.get(item) or ItemInfo()
+    changed = {**items, item: ItemInfo((old.title or item) + " XL", old.category, old.description)}
+    third = sc.score(signals.as_of_ms, signals, changed)
+    assert sc.stats.last["encoded"] == 1 and sc.cache.invalidations == 1
+    assert np.array_equal(third.score[1:], first.score[1:])
+    want = sc.encode([text_for(item, changed[item])])[0]
+    assert np.array_equal(sc.cache.get(item, text_for(item, changed[item])), want)
+    assert third.score[0] != first.score[0] or third.log_count[0] != first.log_count[0]
+    # a tick with new items encodes only those; ids unknown to the catalogue are named by their id
+    sub = Signals(signals.as_of_ms, ["never-seen-1", "never-seen-2", *signals.item_ids[:3]], signals.names,
+                  np.concatenate([signals.values[:2], signals.values[:3]]))
+    sc.score(sub.as_of_ms, sub, changed)
+    assert sc.stats.last["encoded"] == 2
+
+
+def test_item_state_cache_is_a_bounded_lru():
+    cache = ItemStateCache(capacity=2)
+    a, b, c = (np.full(4, v, np.float32) for v in (1, 2, 3))
+    cache.put("a", "A", a)
+    cache.put("b", "B", b)
+    assert cache.get("a", "A") is a  # a is now the most recent
+    cache.put("c", "C", c)  # b, the least recently used, goes
+    assert "b" not in cache and "a" in cache and "c" in cache and cache.evictions == 1
+    assert cache.get("a", "A (new title)") is None and "a" not in cache and cache.invalidations == 1
+    assert cache.nbytes() == c.nbytes and len(cache) == 1
+    with pytest.raises(ValueError):
+        ItemStateCache(0)
 
 
 def test_several_workers_rank_as_one(scorer, retail_cutoff):
@@ -206,40 +276,148 @@ def test_several_workers_rank_as_one(scorer, retail_cutoff):
     from stream.replay import _partition_for
 
     _, signals, items = retail_cutoff
-    whole = rank_tick([scorer.score(signals.as_of_ms, signals, items)], scorer.top_n, 0, scorer.model_version)
+    whole = rank_tick([scorer.score(signals.as_of_ms, signals, items)], 0, scorer.model_version)
     part_of = np.array([_partition_for(i.encode(), 3) for i in signals.item_ids])
     for publish_top in (0, 20):
         parts = []
-        scorer.publish_top = publish_top  # each part keeps its local top (top_n + publish_top) by the prior
+        scorer.publish_top = publish_top  # each part keeps its local top publish_top by score
         try:
             for p in range(3):
                 idx = np.flatnonzero(part_of == p)
                 sub = Signals(signals.as_of_ms, [signals.item_ids[i] for i in idx], signals.names, signals.values[idx])
                 part = scorer.score(signals.as_of_ms, sub, items, partitions=[p], total_partitions=3)
                 if publish_top:
-                    assert len(part.item_ids) <= scorer.top_n + publish_top
-                parts.append(ScoredPart.from_messages([json.loads(m) for m in part.messages(chunk=50)]))
+                    assert len(part.item_ids) <= publish_top
+                parts.append(ScoredPart.from_chunks([ScoredChunk.from_json(m) for m in part.messages(chunk=50)]))
         finally:
             scorer.publish_top = 0
-        merged = rank_tick(parts, scorer.top_n, publish_top, scorer.model_version)
+        merged = rank_tick(parts, publish_top, scorer.model_version)
         expect = whole[:publish_top] if publish_top else whole
         assert [(p.item_id, p.rank) for p in merged] == [(p.item_id, p.rank) for p in expect]
         assert np.allclose([p.score for p in merged], [p.score for p in expect], rtol=1e-6, atol=1e-5)
+        assert np.allclose([p.predicted_count for p in merged], [p.predicted_count for p in expect], rtol=1e-5)
         assert merged[0].signals == expect[0].signals
+
+
+def test_the_tick_is_scored_in_the_scorer_thread(scorer, retail_cutoff):
+    """Serving.on_tick runs TickScorer.score (item encoding included) in its executor, not on the event loop."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stream.serving.service import ServingStats
+
+    _, signals, items = retail_cutoff
+    threads = []
+    real = scorer.score
+
+    def score(*args, **kw):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kw)
+
+    class Producer:
+        sent = 0
+
+        async def send(self, *_, **__):
+            Producer.sent += 1
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+
+    serving = Serving.__new__(Serving)
+    serving._closing, serving.started, serving.worker = False, True, None
+    serving.topics = WorkerConfig().topics
+    serving.config = ServingConfig()
+    serving.catalogue = type("C", (), {"items": items})()
+    serving.scorer = type("S", (), {"score": staticmethod(score), "stats": scorer.stats})()
+    serving._executor = ThreadPoolExecutor(1, thread_name_prefix="trail-scorer")
+    serving._producer, serving.source, serving.stats = Producer(), "w", ServingStats()
+    try:
+        asyncio.run(serving.on_tick(signals.as_of_ms, signals))
+    finally:
+        serving._executor.shutdown()
+    assert threads and threads[0].startswith("trail-scorer") and Producer.sent >= 1
+
+
+def test_scored_chunks_round_trip_and_reject_malformed_messages():
+    values = np.arange(12, dtype=np.float64).reshape(4, 3)
+    part = ScoredPart(5_000, list("abcd"), np.array([0.5, 1.5, 2.5, 3.5]), np.array([1.0, 0.0, 0.25, 2.0]),
+                      ("x", "y", "z"), values, [1, 2], 3, "w1")
+    messages = part.messages(chunk=3)
+    assert len(messages) == 2
+    back = ScoredPart.from_chunks([ScoredChunk.from_json(m) for m in reversed(messages)])
+    assert (back.as_of_ms, back.item_ids, back.names, back.partitions, back.total_partitions, back.source) == \
+        (5_000, list("abcd"), ("x", "y", "z"), [1, 2], 3, "w1")
+    assert np.array_equal(back.values, values) and np.array_equal(back.score, part.score)
+    assert np.array_equal(back.log_count, part.log_count)
+    good = json.loads(messages[0])
+    for bad, why in [(b"not json", "not valid JSON"), (b"[1]", "JSON object"),
+                     ({k: v for k, v in good.items() if k != "names"}, "lacks names"),
+                     ({**good, "as_of_ms": "5000"}, "as_of_ms"), ({**good, "chunk": 2}, "chunk 2 of 2"),
+                     ({**good, "partitions": [1, "2"]}, "partitions"),
+                     ({**good, "score": [1.0, "x", 2.0]}, "numbers only"),
+                     ({**good, "log_count": [1.0]}, "log_count has shape"),
+                     ({**good, "values": [[1.0, 2.0]] * 3}, "values")]:
+        raw = bad if isinstance(bad, bytes) else json.dumps(bad).encode()
+        with pytest.raises(ScoredChunkError, match=why):
+            ScoredChunk.from_json(raw)
+
+
+def test_the_ranker_skips_malformed_messages_and_ranks_complete_ticks():
+    """_rank_loop: a bad message is logged and skipped; a tick is ranked once its parts cover every partition."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from stream.serving.service import ServingStats
+
+    def part(partition: int, ids: str) -> ScoredPart:
+        n = len(ids)
+        return ScoredPart(7_000, list(ids), np.arange(n, dtype=np.float64), np.zeros(n), ("x",),
+                          np.ones((n, 1)), [partition], 2, f"w{partition}")
+
+    messages = [b"{oops", *part(0, "abc").messages(chunk=2), b'{"as_of_ms": 7000}', *part(1, "de").messages()]
+    records = [SimpleNamespace(value=v, offset=i) for i, v in enumerate(messages)]
+
+    class Ranker:
+        calls = 0
+
+        async def getmany(self, **_):
+            self.calls += 1
+            if self.calls > 1:
+                raise asyncio.CancelledError
+            return {"tp": records}
+
+    ranked = []
+
+    async def rank(as_of, tp):
+        ranked.append((as_of, sorted(i for p in serving._ticks.pop(as_of).parts() for i in p.item_ids)))
+
+    serving = Serving.__new__(Serving)
+    serving._ranker, serving._ticks, serving._last_ranked, serving.stats = Ranker(), {}, None, ServingStats()
+    serving._rank = rank
+    with capture_logs() as logs, pytest.raises(asyncio.CancelledError):
+        asyncio.run(serving._rank_loop())
+    bad = [e for e in logs if e["event"] == "ranker.bad_message"]
+    assert [e["offset"] for e in bad] == [0, 3] and "lacks" in bad[1]["error"]
+    assert ranked == [(7_000, list("abcde"))]
 
 
 def test_an_empty_tick(scorer, trend):
     empty = Signals(0, [], trend.signal_names, np.zeros((0, len(trend.signal_names))))
-    assert rank_tick([scorer.score(0, empty)], scorer.top_n, 0, scorer.model_version) == []
+    assert rank_tick([scorer.score(0, empty)], 0, scorer.model_version) == []
 
 
-def test_serving_config_from_env(tmp_path):
-    cfg = ServingConfig.from_env({"TRAIL_MODEL_DIR": str(tmp_path), "TRAIL_SCORE_TOP_N": "7", "TRAIL_PROVIDER": "cpu",
-                                  "TRAIL_HORIZON_DAYS": "7", "TRAIL_EXPLAIN_BY": "rank_jump"})
-    assert (cfg.model_dir, cfg.top_n, cfg.provider, cfg.horizon_days, cfg.explain_by) == (tmp_path, 7, "cpu", 7.0,
-                                                                                          "rank_jump")
-    with pytest.raises(ValueError, match="TRAIL_SCORE_TOP_N"):
-        ServingConfig.from_env({"TRAIL_SCORE_TOP_N": "many"})
+def test_serving_config_from_settings(tmp_path):
+    cfg = load_settings({"TRAIL_MODEL_DIR": str(tmp_path), "TRAIL_ITEM_CACHE_SIZE": "7", "TRAIL_PROVIDER": "cpu",
+                         "TRAIL_HORIZON_DAYS": "7", "TRAIL_EXPLAIN_BY": "rank_jump"}).serving
+    assert (cfg.model_dir, cfg.cache_items, cfg.provider, cfg.horizon_days, cfg.explain_by) == (
+        tmp_path, 7, "cpu", 7.0, "rank_jump")
+    assert load_settings({}).serving is None  # no model, no serving
+    assert load_settings({"TRAIL_MODEL_DIR": str(tmp_path)}).serving.cache_items == 200_000
+    with pytest.raises(SettingsError, match="TRAIL_ITEM_CACHE_SIZE='many'"):
+        load_settings({"TRAIL_ITEM_CACHE_SIZE": "many"})
+    with pytest.raises(SettingsError, match="TRAIL_PROVIDER='gpu': must be one of auto, cuda, cpu"):
+        load_settings({"TRAIL_PROVIDER": "gpu"})
 
 
 def test_serving_path_imports_no_torch():

@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 import pytest
 
-from stream.config import WorkerConfig
+from stream.settings import WorkerConfig
 from stream.core.records import Explanation, Prediction
 from stream.replay import replay
 from stream.serving.service import Serving, ServingConfig
@@ -31,7 +31,8 @@ from serving_artefact import exported_artefact
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 PREDICTION_FIELDS = {"item_id", "tick", "score", "predicted_count", "rank", "signals", "model_version"}
-EXPLANATION_FIELDS = {"item_id", "tick", "rank", "explanation", "faithful", "claims_checked", "model_version"}
+EXPLANATION_FIELDS = {"item_id", "tick", "rank", "explanation", "raw_explanation", "repaired", "faithful",
+                      "claims_checked", "forecast", "forecast_agrees", "model_version"}
 SLICE_DAYS = 40
 EVENTS_PER_S = 10_000
 TICK_S = 1.0
@@ -155,6 +156,8 @@ def test_replayed_retail_is_scored_ranked_and_explained(broker, topics, tmp_path
         assert set(d) == EXPLANATION_FIELDS
         e = Explanation.from_dict(d)
         assert isinstance(d["faithful"], bool) and isinstance(d["claims_checked"], int)
+        assert d["repaired"] == (d["explanation"] != d["raw_explanation"])  # the record says when it was rewritten
+        assert d["forecast"] in ("rise", "steady", "fall", None) and (d["forecast_agrees"] is False or d["forecast"])
         assert d["tick"] in by_tick, "an explanation of a tick that was never predicted"
         tick_ranks = by_tick[d["tick"]]
         assert tick_ranks[e.item_id] == e.rank  # the rank the item had in that tick's predictions

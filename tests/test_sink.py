@@ -6,11 +6,13 @@ import asyncio
 import socket
 import time
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
 from stream.core.records import Explanation, Prediction, RecordError, TrendSnapshot
 from stream.store.sink import ResultSink, SinkClosed, SinkConfig, SinkFull, SpillDirInUse
+from stream.settings import SettingsError, load_settings
 from stream.store.clickhouse import StoreConfig, connect
 
 T0 = datetime(2011, 12, 1, tzinfo=timezone.utc)
@@ -177,29 +179,29 @@ def test_misuse_is_reported(embedded, tmp_path):
         sink.submit(predictions(1))
     with pytest.raises(ValueError, match="batch_rows must be > 0"):
         SinkConfig(batch_rows=0)
-    assert SinkConfig.from_env({"TRAIL_SINK_BATCH_ROWS": "7", "TRAIL_SINK_SPILL_DIR": "/x"}).batch_rows == 7
-    with pytest.raises(ValueError, match="TRAIL_SINK_FLUSH_INTERVAL_S='soon' is not a number"):
-        SinkConfig.from_env({"TRAIL_SINK_FLUSH_INTERVAL_S": "soon"})
+    config = load_settings({"TRAIL_SINK_BATCH_ROWS": "7", "TRAIL_SINK_SPILL_DIR": "/x"}).sink
+    assert config.batch_rows == 7 and config.spill_dir == Path("/x")
+    with pytest.raises(SettingsError, match="TRAIL_SINK_FLUSH_INTERVAL_S='soon': must be seconds > 0"):
+        load_settings({"TRAIL_SINK_FLUSH_INTERVAL_S": "soon"})
+    with pytest.raises(SettingsError, match="TRAIL_SINK_BATCH_ROWS='0'"):
+        load_settings({"TRAIL_SINK_BATCH_ROWS": "0"})
 
 
-def test_tick_hook_stores_trend_snapshots_through_the_shared_sink(tmp_path, monkeypatch):
+def test_tick_hook_stores_trend_snapshots_through_the_sink(tmp_path):
     import numpy as np
 
     from stream.store import hooks as sink_hooks
     from stream.core.trends import Signals
 
-    monkeypatch.setenv("TRAIL_CLICKHOUSE_PATH", str(tmp_path / "clickhouse"))
-    monkeypatch.setenv("TRAIL_SINK_SPILL_DIR", str(tmp_path / "spill"))
-    monkeypatch.setenv("TRAIL_SINK_FLUSH_INTERVAL_S", "0.05")
-    monkeypatch.delenv("CLICKHOUSE_URL", raising=False)
     names = ("count_7d", "users_7d")
     as_of = 1_322_697_600_000  # 2011-12-01T00:00Z
     signals = Signals(as_of, ["a", "b", "c"], names, np.array([[3.0, 2.0], [1.0, 1.0], [0.0, 0.0]]))
+    sink = ResultSink(StoreConfig(path=tmp_path / "clickhouse"),
+                      SinkConfig(flush_interval_s=0.05, spill_dir=tmp_path / "spill")).start()
     try:
-        asyncio.run(sink_hooks.store_snapshots(as_of, signals))
-        assert sink_hooks.shared_sink() is sink_hooks.shared_sink()
+        asyncio.run(sink_hooks.SnapshotStore(sink).on_tick(as_of, signals))
     finally:
-        assert sink_hooks.close_shared_sink(timeout=30)
+        assert sink.close(timeout=30)
     config = StoreConfig(path=tmp_path / "clickhouse")
     client = connect(config)
     try:

@@ -13,7 +13,9 @@ import orjson
 import pytest
 
 from stream.core.records import Explanation, Prediction, RecordError, TrendSnapshot, tick_iso, to_tick
+from stream.settings import SettingsError, load_settings
 from stream.store.clickhouse import (
+    DEFAULT_DDL_DIR,
     MIGRATIONS_TABLE,
     RESULT_TABLES,
     TABLE_COLUMNS,
@@ -100,27 +102,28 @@ def test_from_dict_names_missing_fields():
 
 # ---- configuration ----------------------------------------------------------------------
 
-def test_store_config_from_env():
-    c = StoreConfig.from_env({"CLICKHOUSE_URL": "https://ch.example:9443", "CLICKHOUSE_USER": "u",
-                              "CLICKHOUSE_PASSWORD": "secret", "CLICKHOUSE_DATABASE": "results",
-                              "TRAIL_RESULTS_TTL_DAYS": "0", "CLICKHOUSE_COMPRESS": "0"})
+def test_store_config_from_settings():
+    c = load_settings({"CLICKHOUSE_URL": "https://ch.example:9443", "CLICKHOUSE_USER": "u",
+                       "CLICKHOUSE_PASSWORD": "secret", "CLICKHOUSE_DATABASE": "results",
+                       "TRAIL_RESULTS_TTL_DAYS": "0", "CLICKHOUSE_COMPRESS": "0"}).store
     assert (c.url, c.user, c.password, c.database, c.ttl_days, c.compress) == (
         "https://ch.example:9443", "u", "secret", "results", 0, False)
     assert not c.embedded and "secret" not in c.describe() and "secret" not in repr(c)
-    e = StoreConfig.from_env({"TRAIL_CLICKHOUSE_PATH": "/tmp/x"})
+    e = load_settings({"TRAIL_CLICKHOUSE_PATH": "/tmp/x"}).store
     assert e.embedded and e.path == Path("/tmp/x") and e.compress is True and e.database == "trail"
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"CLICKHOUSE_URL": "clickhouse:8123"}, "must look like http://host:8123"),
-    ({"CLICKHOUSE_DATABASE": "a-b"}, "plain identifier"),
-    ({"TRAIL_RESULTS_TTL_DAYS": "-1"}, "must be >= 0"),
-    ({"TRAIL_RESULTS_TTL_DAYS": "ninety"}, "not an integer"),
-    ({"CLICKHOUSE_SECURE": "maybe"}, "not a boolean"),
+    ({"CLICKHOUSE_URL": "clickhouse:8123"}, "CLICKHOUSE_URL='clickhouse:8123': must look like http://host:8123"),
+    ({"CLICKHOUSE_DATABASE": "a-b"}, r"CLICKHOUSE_DATABASE='a-b': must be an identifier"),
+    ({"TRAIL_RESULTS_TTL_DAYS": "-1"}, "TRAIL_RESULTS_TTL_DAYS='-1': must be a whole number of days >= 0"),
+    ({"TRAIL_RESULTS_TTL_DAYS": "ninety"}, "TRAIL_RESULTS_TTL_DAYS='ninety'"),
+    ({"CLICKHOUSE_SECURE": "maybe"}, "CLICKHOUSE_SECURE='maybe': must be 1/0, true/false"),
+    ({"CLICKHOUSE_COMPRESS": "snappy"}, "CLICKHOUSE_COMPRESS='snappy': must be 1/0, true/false or lz4"),
 ])
 def test_store_config_rejects_bad_env(env, message):
-    with pytest.raises(StoreError, match=message):
-        StoreConfig.from_env(env)
+    with pytest.raises(SettingsError, match=message):
+        load_settings(env)
 
 
 # ---- DDL ---------------------------------------------------------------------------------
@@ -147,8 +150,8 @@ def test_bad_ddl_folder_is_a_clear_error(tmp_path):
 def test_schema_is_created_once_and_matches_the_insert_layout(store):
     config, client = store
     assert ensure_schema(client, config) == []  # second start-up: nothing to apply
-    rows = client.query(f"SELECT version, name FROM {MIGRATIONS_TABLE} FINAL").result_rows
-    assert rows == [(1, "001_results")]
+    rows = client.query(f"SELECT version, name FROM {MIGRATIONS_TABLE} FINAL ORDER BY version").result_rows
+    assert rows == [(1, "001_results"), (2, "002_explanation_provenance")]
     for table in RESULT_TABLES:
         described = [(r[0], r[1]) for r in client.query(f"DESCRIBE TABLE {table}").result_rows]
         assert described == list(TABLE_COLUMNS[table]), table
@@ -162,12 +165,29 @@ def test_a_new_migration_file_is_applied_on_the_next_start(store, tmp_path):
     ddl.mkdir()
     for m in sorted(config.ddl_dir.glob("*.sql")):
         (ddl / m.name).write_text(m.read_text())
-    (ddl / "002_extra.sql").write_text(
+    (ddl / "003_extra.sql").write_text(
         "ALTER TABLE trail_predictions ADD COLUMN IF NOT EXISTS region LowCardinality(String) DEFAULT '';\n")
     config2 = StoreConfig(path=config.path, ttl_days=config.ttl_days, ddl_dir=ddl)
-    assert ensure_schema(client, config2) == [2]
+    assert ensure_schema(client, config2) == [3]
     assert "region" in [r[0] for r in client.query("DESCRIBE TABLE trail_predictions").result_rows]
     assert ensure_schema(client, config2) == []
+
+
+def test_explanation_provenance_migrates_a_version_1_store(tmp_path):
+    """A store written before 002: old rows read as raw = published, not repaired, no forecast."""
+    v1 = tmp_path / "ddl-v1"
+    v1.mkdir()
+    (v1 / "001_results.sql").write_text((DEFAULT_DDL_DIR / "001_results.sql").read_text())
+    config = StoreConfig(path=tmp_path / "ch", ddl_dir=v1)
+    client = connect(config)
+    assert ensure_schema(client, config) == [1]
+    client.command("INSERT INTO trail_explanations (item_id, tick, model_version, rank, explanation, faithful, "
+                   "claims_checked, written_at) VALUES ('a', '2011-01-01 00:00:00', 'v', 1, 'old text', true, 2, now64(3))")
+    assert ensure_schema(client, StoreConfig(path=config.path)) == [2]
+    row = client.query("SELECT explanation, raw_explanation, repaired, forecast, forecast_agrees "
+                       "FROM trail_explanations FINAL").result_rows
+    assert row == [("old text", "old text", False, None, False)]
+    client.close()
 
 
 # ---- inserts, replays, TTL ----------------------------------------------------------------

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from stream.core.events import EventBatch
 from stream.core.trends import HOUR_MS, TrendConfig, TrendTable
+from stream.settings import SettingsError, load_settings
 
 CFG = TrendConfig(bucket_ms=HOUR_MS, windows=(("2h", 2), ("5h", 5)), ema_halflife_buckets=3, allowed_lateness_ms=2 * HOUR_MS)
 T0 = 1_700_000_000_000 // HOUR_MS * HOUR_MS
@@ -182,9 +183,11 @@ def test_cutoffs_never_see_the_future():
     assert_same(as_dict(full[1]), reference(items, users, ts.tolist(), cutoffs[1]))
 
 
-def test_config_from_env_and_spec_round_trip():
-    cfg = TrendConfig.from_env({"TRAIL_BUCKET_S": "60", "TRAIL_WINDOWS": "1h:3600,6h:21600", "TRAIL_LATENESS_S": "120"})
+def test_config_from_settings_and_spec_round_trip():
+    cfg = load_settings({"TRAIL_BUCKET_S": "60", "TRAIL_WINDOWS": "1h:3600,6h:21600",
+                         "TRAIL_LATENESS_S": "120"}).worker.trend
     assert cfg.windows == (("1h", 60), ("6h", 360)) and cfg.allowed_lateness_ms == 120_000
     assert TrendConfig.from_spec(cfg.spec()).spec() == cfg.spec()
-    with pytest.raises(ValueError, match="whole number of buckets"):
-        TrendConfig.from_env({"TRAIL_BUCKET_S": "3600", "TRAIL_WINDOWS": "1m:60"})
+    assert load_settings({"TRAIL_BUCKET_S": "60"}).worker.trend.windows == (("1d", 1440), ("7d", 10080), ("28d", 40320))
+    with pytest.raises(SettingsError, match="TRAIL_WINDOWS: window 1m .* not a whole number of TRAIL_BUCKET_S=3600"):
+        load_settings({"TRAIL_BUCKET_S": "3600", "TRAIL_WINDOWS": "1m:60"})

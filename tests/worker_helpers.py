@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from stream.config import WorkerConfig
+from stream.settings import WorkerConfig
 from stream.core.events import EventBatch
 from stream.core.snapshots import SnapshotRecord, decode_snapshot
 from stream.topics import Topics

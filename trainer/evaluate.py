@@ -3,17 +3,31 @@
 Cut-offs are split in time order (trainer.examples.split_cutoffs); learned methods
 train on the train cut-offs and early-stop on the validation ones; every method is
 scored on the same test cut-offs by trainer.metrics. Any forecaster can join: a
-method is just a function from an examples frame to predicted counts, so
-`evaluate_methods` serves the baselines here and later models alike.
+method is a function from an examples frame to predicted counts (or to a
+`Forecast`, when it ranks by a score that is not its count), so `evaluate_report`
+serves the baselines and the TRAIL model alike.
+
+The report (docs/evaluation.md has the JSON contract):
+- `methods`: every method's metrics on the test cut-offs (with `--model`: `trail`
+  and its ablations `trail_numeric`, `trail_text_shuffled`);
+- `slices.cold_start`: the same metrics over the candidates with under
+  `cold_days` (28) days of history at the cut-off (age_h), ranked among
+  themselves against the truth restricted to them;
+- `ci`: with `trail`, paired bootstrap over test cut-offs of trail minus the best
+  baseline (by that metric on the test cut-offs) for NDCG@10 and MAE;
+- `protocol`: the horizon, period, history and split actually used. For an event
+  log the unset ones adapt to the log's span (`choose_protocol`).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,25 +35,63 @@ import pandas as pd
 import structlog
 
 from stream.core.trends import TrendConfig
+from stream.settings import load_settings
 from trainer.baselines import make_baselines
-from stream.core.datasets import DatasetError, load_dataset
-from trainer.examples import Examples, ExamplesError, Split, build_examples, split_cutoffs
-from trainer.metrics import KS, evaluate_predictions
+from stream.core.datasets import ALIASES, BUILTIN, DatasetError, load_dataset
+from trainer.examples import (DAY_MS, Examples, ExamplesError, Split, Truth, build_examples, make_cutoffs,
+                              split_cutoffs)
+from trainer.metrics import KS, aggregate, cutoff_metrics, paired_bootstrap
 
 log = structlog.get_logger(__name__)
 
-Method = Callable[[pd.DataFrame], np.ndarray]
+
+@dataclass(frozen=True)
+class Forecast:
+    """A method's output when it ranks by something other than its count: both row-aligned."""
+
+    count: np.ndarray  # predicted count in the horizon (MAE/RMSE on log1p)
+    score: np.ndarray  # ranking score, higher = more popular (NDCG/HR/Recall, Spearman)
+
+
+Method = Callable[[pd.DataFrame], "np.ndarray | Forecast"]
+
+BASELINES = ("most_pop", "recent_pop", "exp_decay", "markov", "gbm")  # make_baselines' names
+TRAIL_VARIANTS = {"trail": "full", "trail_numeric": "numeric", "trail_text_shuffled": "shuffled"}
+CI_METRICS = {"ndcg@10": "max", "mae_log": "min"}  # metric -> which baseline is best
+COLD_DAYS = 28.0
+SCORE_DESIGN = "item-state-v2"
+
+# Adaptive protocol for event logs (choose_protocol)
+HORIZON_CHOICES_DAYS = (7.0, 3.0, 1.0, 0.5, 0.25, 0.125, 1 / 24)
+TARGET_CUTOFFS = 10
+DEFAULT_MIN_HISTORY_DAYS = 28.0
+
+
+# --- predictions --------------------------------------------------------------------------------------
+
+def predict_all(frame: pd.DataFrame, methods: dict[str, Method]) -> tuple[dict[str, Forecast], dict[str, float]]:
+    """Each method's forecast of the frame's rows, and the seconds each took."""
+    out, seconds = {}, {}
+    for name, predict in methods.items():
+        t = time.perf_counter()
+        res = predict(frame)
+        if isinstance(res, Forecast):
+            fc = Forecast(np.asarray(res.count, np.float64), np.asarray(res.score, np.float64))
+        else:
+            count = np.asarray(res, np.float64)
+            fc = Forecast(count, count)
+        seconds[name] = time.perf_counter() - t
+        out[name] = fc
+    return out, seconds
 
 
 def evaluate_methods(examples: Examples, split: Split, methods: dict[str, Method],
                      ks: Sequence[int] = KS) -> dict[str, dict[str, float | None]]:
     """Metrics of each method on the test cut-offs; a method maps frame rows to predicted counts."""
     test = examples.rows(split.test)
-    results = {}
-    for name, predict in methods.items():
-        pred = np.asarray(predict(test), np.float64)
-        results[name] = evaluate_predictions(test, pred, examples.truth, cutoffs=split.test, ks=ks)
-    return results
+    preds, _ = predict_all(test, methods)
+    return {name: aggregate(cutoff_metrics(test, fc.count, examples.truth, split.test, ks, rank_by=fc.score))
+            for name, fc in preds.items()}
 
 
 def fit_baselines(examples: Examples, split: Split, seed: int = 0, num_threads: int = 2) -> dict[str, Method]:
@@ -52,55 +104,173 @@ def fit_baselines(examples: Examples, split: Split, seed: int = 0, num_threads: 
     return fitted
 
 
-def run(dataset: str, items: str | None = None, horizon_days: float | None = None, period_days: float | None = None,
-        min_history_days: float = 28.0, test_frac: float = 0.2, valid_frac: float = 0.1,
-        config: TrendConfig | None = None, seed: int = 0, num_threads: int = 2, oracle: bool = False,
-        progress: bool = False, model_dir: str | None = None, top_n: int = 100,
-        explain_sample: int = 50) -> tuple[dict, dict[str, float]]:
-    """Load, build examples, fit and score the baselines. Returns (report, seconds per stage).
+# --- slices, bootstrap, report ------------------------------------------------------------------------
 
-    `oracle` adds a row scored with the true counts: the ceiling of any count forecast
-    under this protocol (the shared list cannot fit every user).
+def restrict_truth(truth: Truth, frame: pd.DataFrame, mask: np.ndarray, cutoffs: Sequence[int]) -> Truth:
+    """The truth pairs of `cutoffs` whose item is a selected (`mask`) candidate of that cut-off."""
+    cut = frame["cutoff_ms"].to_numpy(np.int64)
+    codes = truth.item_codes(frame["item_id"].to_numpy(dtype=object))
+    pairs = {}
+    for c in cutoffs:
+        user, item = truth.at(c)
+        keep = np.isin(item, codes[mask & (cut == int(c))])
+        pairs[int(c)] = (user[keep], item[keep])
+    return Truth(truth.items, pairs)
+
+
+def cold_start_mask(frame: pd.DataFrame, cold_days: float = COLD_DAYS) -> np.ndarray:
+    """Candidates with under `cold_days` of history at the cut-off (age_h: hours since first seen)."""
+    return frame["age_h"].to_numpy(np.float64) < cold_days * 24.0
+
+
+def best_baseline(results: dict[str, dict[str, float | None]], metric: str, better: str) -> str | None:
+    """The baseline with the best value of `metric` (ties: report order); None when none has one."""
+    scored = [(name, results[name][metric]) for name in BASELINES if results.get(name, {}).get(metric) is not None]
+    if not scored:
+        return None
+    pick = max if better == "max" else min
+    return pick(scored, key=lambda nv: nv[1])[0]
+
+
+def confidence_intervals(results: dict[str, dict[str, float | None]], tables: dict[str, dict[str, np.ndarray]],
+                         method: str = "trail", n_boot: int = 2000, seed: int = 0,
+                         level: float = 0.95) -> dict[str, dict]:
+    """`ci`: per metric of CI_METRICS, `method` minus the best baseline, paired bootstrap over cut-offs."""
+    out = {}
+    for metric, better in CI_METRICS.items():
+        best = best_baseline(results, metric, better)
+        entry: dict = {"best_baseline": best, "diff": None, "low": None, "high": None, "n_boot": int(n_boot),
+                       "seed": int(seed), "level": level}
+        if best is not None and method in tables:
+            entry |= paired_bootstrap(tables[method], tables[best], metric, n_boot=n_boot, seed=seed, level=level)
+        out[metric] = entry
+    return out
+
+
+def ablation_intervals(tables: dict[str, dict[str, np.ndarray]], n_boot: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> dict[str, dict]:
+    """`ci_ablations`: trail minus each of its ablations, same bootstrap (what the LLM part adds)."""
+    out = {}
+    for name in TRAIL_VARIANTS:
+        if name != "trail" and name in tables and "trail" in tables:
+            out[name] = {metric: paired_bootstrap(tables["trail"], tables[name], metric, n_boot=n_boot, seed=seed,
+                                                  level=level) for metric in CI_METRICS}
+    return out
+
+
+def evaluate_report(examples: Examples, split: Split, methods: dict[str, Method], ks: Sequence[int] = KS,
+                    cold_days: float = COLD_DAYS, n_boot: int = 2000, seed: int = 0,
+                    level: float = 0.95) -> tuple[dict, dict[str, Forecast]]:
+    """`methods`, `slices`, `ci` (with trail) and `ci_ablations` of the report, and the test forecasts."""
+    test = examples.rows(split.test)
+    preds, seconds = predict_all(test, methods)
+    tables = {name: cutoff_metrics(test, fc.count, examples.truth, split.test, ks, rank_by=fc.score)
+              for name, fc in preds.items()}
+    results = {name: aggregate(t) for name, t in tables.items()}
+
+    cold = cold_start_mask(test, cold_days)
+    cold_frame = test[cold].reset_index(drop=True)
+    cold_truth = restrict_truth(examples.truth, test, cold, split.test)
+    cold_tables = {name: cutoff_metrics(cold_frame, fc.count[cold], cold_truth, split.test, ks,
+                                        rank_by=fc.score[cold]) for name, fc in preds.items()}
+    n_cut = max(1, len(split.test))
+    users = next(iter(cold_tables.values()))["users"] if cold_tables else np.zeros(0)
+    report: dict = {
+        "methods": results,
+        "slices": {"cold_start": {
+            "max_age_days": cold_days,
+            "rows": int(cold.sum()),
+            "share_of_rows": float(cold.mean()) if len(cold) else None,
+            "items_per_cutoff": float(cold.sum() / n_cut),
+            "users_per_cutoff": float(users.sum() / n_cut),
+            "methods": {name: aggregate(t) for name, t in cold_tables.items()},
+        }},
+        "method_seconds": seconds,
+    }
+    if "trail" in tables:
+        report["ci"] = confidence_intervals(results, tables, "trail", n_boot=n_boot, seed=seed, level=level)
+        report["ci_ablations"] = ablation_intervals(tables, n_boot=n_boot, seed=seed, level=level)
+    return report, preds
+
+
+# --- protocol -----------------------------------------------------------------------------------------
+
+def count_cutoffs(ts_min: int, ts_max: int, horizon_days: float, period_days: float, min_history_days: float,
+                  bucket_ms: int) -> int:
+    """How many cut-offs make_cutoffs gives (0 when the log is too short or the settings invalid)."""
+    try:
+        return len(make_cutoffs(ts_min, ts_max, round(horizon_days * DAY_MS), round(period_days * DAY_MS),
+                                round(min_history_days * DAY_MS), bucket_ms))
+    except ExamplesError:
+        return 0
+
+
+def choose_protocol(ts_min: int, ts_max: int, bucket_ms: int, horizon_days: float | None = None,
+                    period_days: float | None = None,
+                    min_history_days: float | None = None) -> dict[str, float | int]:
+    """Horizon, period and history for an event log of this span; the given values are kept.
+
+    History: 28 days (the longest trend window) or, for a log shorter than 84 days, a
+    third of its span (rounded down to half days; at least one trend bucket).
+    Horizon (period = horizon unless given): the longest of 7 d, 3 d, 1 d, 12 h, 6 h,
+    3 h, 1 h (whole trend buckets only) that yields at least TARGET_CUTOFFS (10) cut-offs,
+    else the one yielding the most. Returns {"horizon_days", "period_days",
+    "min_history_days", "n_cutoffs"}.
     """
-    t0 = time.perf_counter()
-    ds = load_dataset(dataset, items, horizon_days=horizon_days)
-    t1 = time.perf_counter()
-    examples = build_examples(ds, config or TrendConfig.from_env(), period_days=period_days,
-                              min_history_days=min_history_days, progress=progress)
-    split = split_cutoffs(examples.cutoffs, examples.horizon_ms, test_frac=test_frac, valid_frac=valid_frac)
-    t2 = time.perf_counter()
-    methods = fit_baselines(examples, split, seed=seed, num_threads=num_threads)
-    if oracle:
-        methods["oracle"] = lambda frame: frame["label_count"].to_numpy(np.float64)
-    trail = None
-    if model_dir:
-        trail = load_trail(model_dir, config or TrendConfig.from_env())
-        horizon = examples.horizon_ms / 86_400_000
-        methods["trail"] = lambda frame: trail_counts(trail, frame, horizon, top_n)
-    t3 = time.perf_counter()
-    results = evaluate_methods(examples, split, methods)
-    t4 = time.perf_counter()
-    stages = {"load": t1 - t0, "examples": t2 - t1, "fit": t3 - t2, "predict+metrics": t4 - t3}
-    extra = {}
-    if trail is not None and explain_sample:
-        from trainer.explain_eval import evaluate_explanations, sample_rows
-        from trainer.inference import numeric_scores
+    span_days = (ts_max - ts_min) / DAY_MS
+    if min_history_days is None:  # a third of the span, in half days, at most 28 days
+        mh = max(min(DEFAULT_MIN_HISTORY_DAYS, np.floor(span_days / 3 * 2) / 2), bucket_ms / DAY_MS)
+    else:
+        mh = float(min_history_days)
+    if horizon_days is not None:
+        choices = [float(horizon_days)]
+    else:
+        choices = [h for h in HORIZON_CHOICES_DAYS if round(h * DAY_MS) % bucket_ms == 0] or [bucket_ms / DAY_MS]
+    best = None
+    for h in choices:
+        p = h if period_days is None else period_days
+        n = count_cutoffs(ts_min, ts_max, h, p, mh, bucket_ms)
+        if n >= TARGET_CUTOFFS:
+            best = (h, p, n)
+            break
+        if best is None or n > best[2]:
+            best = (h, p, n)
+    h, p, n = best
+    return {"horizon_days": h, "period_days": p, "min_history_days": mh, "n_cutoffs": n}
 
-        test = examples.rows(split.test)
-        rows = sample_rows(test, numeric_scores(trail, test, horizon), explain_sample, top_n, seed=seed)
-        explained = evaluate_explanations(trail, rows, horizon)
-        extra = {"explanations": explained["metrics"], "explanation_samples": explained["samples"],
-                 "model": {"dir": str(model_dir), "top_n": top_n}}
-        stages["explanations"] = time.perf_counter() - t4
-    log.info("evaluate.done", dataset=ds.name, split=split.describe(), rows=len(examples.frame),
-             **{k: round(v, 2) for k, v in stages.items()})
-    report = {"dataset": ds.name, "cutoffs": int(len(split.test)), "methods": results,
-              "seconds": time.perf_counter() - t0} | extra
-    return report, stages
 
+def is_builtin(name: str) -> bool:
+    """As load_dataset decides: an existing path is an event log, else a built-in name or alias."""
+    return not Path(name).exists() and ALIASES.get(name.lower(), name.lower()) in BUILTIN
+
+
+def _protocol_hint(ds, bucket_ms: int, horizon_days: float, period_days: float, min_history_days: float) -> str:
+    ts = ds.events["ts"].to_numpy(np.int64)
+    got = count_cutoffs(int(ts[0]), int(ts[-1]), horizon_days, period_days, min_history_days, bucket_ms)
+    auto = choose_protocol(int(ts[0]), int(ts[-1]), bucket_ms)
+    msg = (f"a {horizon_days:g}-day horizon every {period_days:g} days after {min_history_days:g} days of history "
+           f"gives {got} cut-off(s) on this log; a train/validation/test split needs at least 3 (10 or more for "
+           "stable figures)")
+    if auto["n_cutoffs"] >= 3:
+        msg += (f"; pass e.g. --horizon-days {auto['horizon_days']:g} --period-days {auto['period_days']:g} "
+                f"--min-history-days {auto['min_history_days']:g} ({auto['n_cutoffs']} cut-offs)")
+    else:
+        msg += ("; the log is too short for any horizon down to one trend bucket (cut-offs fall on UTC "
+                "midnights): use a longer log")
+    return msg
+
+
+# --- TRAIL --------------------------------------------------------------------------------------------
 
 def load_trail(model_dir: str, config: TrendConfig):
-    """The TRAIL artefact, refused when its features are not the ones computed here."""
+    """The TRAIL artefact, refused when it is not an item-state-v2 model or its features differ from these."""
+    path = Path(model_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: not a TRAIL model directory (no manifest.json)")
+    design = json.loads(path.read_text()).get("score_design")
+    if design != SCORE_DESIGN:
+        raise ValueError(f"{model_dir}: this artefact predates {SCORE_DESIGN}; retrain (python -m trainer.fit); "
+                         f"its manifest has score_design {design!r}")
     from trainer.model import load
 
     model, manifest = load(model_dir)
@@ -110,11 +280,115 @@ def load_trail(model_dir: str, config: TrendConfig):
     return model
 
 
-def trail_counts(model, frame: pd.DataFrame, horizon_days: float, top_n: int) -> np.ndarray:
-    from trainer.inference import score_frame
-    from trainer.model import predicted_count
+def trail_methods(model, horizon_days: float, seed: int = 0, score_frame: Callable | None = None
+                  ) -> dict[str, Method]:
+    """`trail`, `trail_numeric`, `trail_text_shuffled` from trainer.inference.score_frame's variants.
 
-    return predicted_count(score_frame(model, frame, horizon_days, top_n=top_n))
+    score_frame(model, frame, horizon_days, *, variant, seed) -> (score, log_count):
+    the ranking metrics use `score`, the count metrics predicted_count(log_count).
+    """
+    from stream.core.features import predicted_count
+
+    if score_frame is None:
+        from trainer.inference import score_frame
+    params = inspect.signature(score_frame).parameters
+    if "variant" not in params:
+        raise ValueError("trainer.inference.score_frame has no `variant` argument: it predates "
+                         f"{SCORE_DESIGN}; the ablations need score_frame(model, frame, horizon_days, *, "
+                         "variant='full'|'numeric'|'shuffled', seed=0) -> (score, log_count)")
+
+    def method(variant: str) -> Method:
+        def predict(frame: pd.DataFrame) -> Forecast:
+            kwargs = {"variant": variant} | ({"seed": seed} if "seed" in params else {})
+            res = score_frame(model, frame, horizon_days, **kwargs)
+            if not (isinstance(res, tuple) and len(res) == 2):
+                raise ValueError(f"score_frame(variant={variant!r}) returned {type(res).__name__}; "
+                                 "expected (score, log_count)")
+            score, log_count = (np.asarray(r, np.float64).reshape(-1) for r in res)
+            if score.shape != (len(frame),) or log_count.shape != (len(frame),):
+                raise ValueError(f"score_frame(variant={variant!r}) returned shapes {score.shape}, "
+                                 f"{log_count.shape} for {len(frame)} rows")
+            return Forecast(count=predicted_count(log_count), score=score)
+        return predict
+
+    return {name: method(variant) for name, variant in TRAIL_VARIANTS.items()}
+
+
+# --- run ----------------------------------------------------------------------------------------------
+
+def run(dataset: str, items: str | None = None, horizon_days: float | None = None, period_days: float | None = None,
+        min_history_days: float | None = None, test_frac: float = 0.2, valid_frac: float = 0.1,
+        config: TrendConfig | None = None, seed: int = 0, num_threads: int = 2, oracle: bool = False,
+        progress: bool = False, model_dir: str | None = None, top_n: int = 100,
+        explain_sample: int = 50, cold_days: float = COLD_DAYS, n_boot: int = 2000,
+        extra_methods: dict[str, Method] | None = None) -> tuple[dict, dict[str, float]]:
+    """Load, build examples, fit and score the baselines (and TRAIL). Returns (report, seconds per stage).
+
+    `oracle` adds a row scored with the true counts: the ceiling of any count forecast
+    under this protocol (the shared list cannot fit every user). `extra_methods`
+    join the baselines (tests use it for a stand-in `trail`).
+    """
+    t0 = time.perf_counter()
+    config = config or load_settings().worker.trend
+    trail = load_trail(model_dir, config) if model_dir else None  # fail fast, before the examples
+    builtin = is_builtin(str(dataset))
+    ds = load_dataset(dataset, items, horizon_days=horizon_days)
+    t1 = time.perf_counter()
+    if builtin:
+        proto = {"horizon_days": ds.horizon_days, "period_days": period_days or ds.horizon_days,
+                 "min_history_days": DEFAULT_MIN_HISTORY_DAYS if min_history_days is None else min_history_days}
+    else:
+        ts = ds.events["ts"].to_numpy(np.int64)
+        if len(ts) == 0:
+            raise ExamplesError(f"{dataset}: the event log has no events")
+        proto = choose_protocol(int(ts[0]), int(ts[-1]), config.bucket_ms, horizon_days, period_days,
+                                min_history_days)
+        proto.pop("n_cutoffs")
+    try:
+        examples = build_examples(ds, config, horizon_days=proto["horizon_days"], period_days=proto["period_days"],
+                                  min_history_days=proto["min_history_days"], progress=progress)
+        split = split_cutoffs(examples.cutoffs, examples.horizon_ms, test_frac=test_frac, valid_frac=valid_frac)
+    except ExamplesError as e:
+        if len(ds.events) == 0:
+            raise
+        raise ExamplesError(f"{e}; {_protocol_hint(ds, config.bucket_ms, **proto)}") from None
+    t2 = time.perf_counter()
+    methods = fit_baselines(examples, split, seed=seed, num_threads=num_threads)
+    if oracle:
+        methods["oracle"] = lambda frame: frame["label_count"].to_numpy(np.float64)
+    horizon = examples.horizon_ms / DAY_MS
+    if trail is not None:
+        methods |= trail_methods(trail, horizon, seed=seed)
+    methods |= extra_methods or {}
+    t3 = time.perf_counter()
+    body, preds = evaluate_report(examples, split, methods, cold_days=cold_days, n_boot=n_boot, seed=seed)
+    t4 = time.perf_counter()
+    stages = {"load": t1 - t0, "examples": t2 - t1, "fit": t3 - t2, "predict+metrics": t4 - t3}
+    extra = {}
+    if trail is not None and explain_sample:
+        from trainer.explain_eval import evaluate_explanations, sample_rows
+
+        test = examples.rows(split.test)
+        rows = sample_rows(test, preds["trail"].score, explain_sample, top_n, seed=seed)
+        explained = evaluate_explanations(trail, rows, horizon)
+        extra = {"explanations": explained["metrics"], "explanation_samples": explained["samples"],
+                 "model": {"dir": str(model_dir), "top_n": top_n}}
+        stages["explanations"] = time.perf_counter() - t4
+    log.info("evaluate.done", dataset=ds.name, split=split.describe(), rows=len(examples.frame),
+             **{k: round(v, 2) for k, v in stages.items()})
+    day = lambda ms: pd.Timestamp(int(ms), unit="ms", tz="UTC").isoformat()  # noqa: E731
+    protocol = {"horizon_days": horizon, "period_days": examples.period_ms / DAY_MS,
+                "min_history_days": float(proto["min_history_days"]), "adaptive": not builtin,
+                "split": split.describe(), "test_first": day(split.test[0]), "test_last": day(split.test[-1]),
+                "test_rows": int(examples.frame["cutoff_ms"].isin(split.test).sum())}
+    report = {"dataset": ds.name, "cutoffs": int(len(split.test)), "methods": body["methods"],
+              "slices": body["slices"]}
+    for key in ("ci", "ci_ablations"):
+        if key in body:
+            report[key] = body[key]
+    report |= {"protocol": protocol, "method_seconds": body["method_seconds"],
+               "seconds": time.perf_counter() - t0} | extra
+    return report, stages
 
 
 def format_explanations(report: dict) -> str:
@@ -129,12 +403,27 @@ def format_explanations(report: dict) -> str:
 
 def format_table(report: dict, ks: Sequence[int] = KS) -> str:
     cols = [f"{m}@{k}" for k in ks for m in ("ndcg", "hr", "recall")] + ["mae_log", "rmse_log", "spearman"]
-    width = max(10, *(len(m) for m in report["methods"]))
-    lines = [f"{report['dataset']}: {report['cutoffs']} test cut-offs",
-             f"{'method':<{width}} " + " ".join(f"{c:>9}" for c in cols)]
-    for name, metrics in report["methods"].items():
-        cells = ["{:>9}".format("-" if metrics[c] is None else f"{metrics[c]:.4f}") for c in cols]
-        lines.append(f"{name:<{width}} " + " ".join(cells))
+
+    def table(methods: dict) -> list[str]:
+        width = max(10, *(len(m) for m in methods))
+        lines = [f"{'method':<{width}} " + " ".join(f"{c:>9}" for c in cols)]
+        for name, metrics in methods.items():
+            cells = ["{:>9}".format("-" if metrics[c] is None else f"{metrics[c]:.4f}") for c in cols]
+            lines.append(f"{name:<{width}} " + " ".join(cells))
+        return lines
+
+    lines = [f"{report['dataset']}: {report['cutoffs']} test cut-offs"] + table(report["methods"])
+    cold = report.get("slices", {}).get("cold_start")
+    if cold:
+        lines += [f"cold start (age < {cold['max_age_days']:g} d): {cold['items_per_cutoff']:.1f} items and "
+                  f"{cold['users_per_cutoff']:.1f} scored users per cut-off"] + table(cold["methods"])
+    for metric, ci in report.get("ci", {}).items():
+        if ci["diff"] is None:
+            lines.append(f"trail - best baseline ({ci['best_baseline']}) {metric}: -")
+        else:
+            bounds = "-" if ci["low"] is None else f"[{ci['low']:+.4f}, {ci['high']:+.4f}]"
+            lines.append(f"trail - best baseline ({ci['best_baseline']}) {metric}: {ci['diff']:+.4f}, "
+                         f"{ci['level']:.0%} interval {bounds} ({ci['n_boot']} paired resamples of cut-offs)")
     return "\n".join(lines)
 
 
@@ -169,31 +458,39 @@ def _positive(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m trainer.evaluate",
-        description="Score the popularity baselines (most_pop, recent_pop, exp_decay, markov, gbm) on the "
-                    "time-ordered test cut-offs of a dataset: MAE/RMSE on log1p(count), Spearman, and "
-                    "global-ranking HR/NDCG/Recall@{5,10,20}. Trend windows follow TRAIL_BUCKET_S / "
-                    "TRAIL_WINDOWS / TRAIL_EMA_HALFLIFE_S like the stream.")
+        description="Score the popularity baselines (most_pop, recent_pop, exp_decay, markov, gbm) and, with "
+                    "--model, TRAIL and its ablations (trail_numeric, trail_text_shuffled) on the time-ordered "
+                    "test cut-offs of a dataset: MAE/RMSE on log1p(count), Spearman, global-ranking "
+                    "HR/NDCG/Recall@{5,10,20}, the same over cold-start items, and paired-bootstrap intervals "
+                    "of TRAIL minus the best baseline. Trend windows follow TRAIL_BUCKET_S / TRAIL_WINDOWS / "
+                    "TRAIL_EMA_HALFLIFE_S like the stream.")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", help="built-in dataset: retail (Online Retail II) or ml100k (MovieLens-100K)")
     src.add_argument("--events", help="event log (CSV/TSV/Parquet/JSONL with item_id, ts, optional user_id ...)")
     ap.add_argument("--items", help="item table for --events (item_id, title, category ...)")
     ap.add_argument("--json", help="write the results here as JSON")
     ap.add_argument("--plot", help="draw NDCG@K per method into this PNG")
-    ap.add_argument("--horizon-days", type=_positive, help="forecast horizon h (default: the dataset's; retail 7, "
-                                                           "ml100k 3, event logs 7)")
+    ap.add_argument("--horizon-days", type=_positive,
+                    help="forecast horizon h (default: retail 7, ml100k 3; an event log: the longest of 7, 3, 1, "
+                         "0.5, 0.25 ... days giving at least 10 cut-offs over its span)")
     ap.add_argument("--period-days", type=_positive, help="spacing of cut-offs (default: the horizon)")
-    ap.add_argument("--min-history-days", type=_positive, default=28.0,
-                    help="history before the first cut-off (default 28)")
+    ap.add_argument("--min-history-days", type=_positive,
+                    help="history before the first cut-off (default 28; an event log shorter than 84 days: a "
+                         "third of its span)")
     ap.add_argument("--test-frac", type=float, default=0.2, help="share of cut-offs for test, the last ones (0.2)")
     ap.add_argument("--valid-frac", type=float, default=0.1, help="share of cut-offs for validation, before test (0.1)")
     ap.add_argument("--oracle", action="store_true",
                     help="also score the true counts as a method named oracle (the protocol's ceiling)")
     ap.add_argument("--model", help="a TRAIL artefact directory: adds method 'trail' and an explanations section")
     ap.add_argument("--top-n", type=int, default=100,
-                    help="per cut-off, candidates the LLM scores (the rest keep the numeric-branch score; 100)")
+                    help="explanations are sampled from each cut-off's top N by the TRAIL score (100)")
+    ap.add_argument("--cold-days", type=_positive, default=COLD_DAYS,
+                    help="cold-start slice: candidates with under this many days of history (28)")
+    ap.add_argument("--n-boot", type=int, default=2000,
+                    help="paired bootstrap resamples of the test cut-offs for the intervals (2000)")
     ap.add_argument("--explain-sample", type=int, default=50,
                     help="test candidates whose explanations are generated and checked, TRAIL and zero-shot (50)")
-    ap.add_argument("--seed", type=int, default=0, help="gbm seed (0)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of gbm, the bootstrap and the text shuffle (0)")
     ap.add_argument("--threads", type=int, default=2, help="gbm threads (2)")
     return ap
 
@@ -208,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
                              period_days=args.period_days, min_history_days=args.min_history_days,
                              test_frac=args.test_frac, valid_frac=args.valid_frac, seed=args.seed,
                              num_threads=args.threads, oracle=args.oracle, progress=sys.stderr.isatty(),
-                             model_dir=args.model, top_n=args.top_n, explain_sample=args.explain_sample)
+                             model_dir=args.model, top_n=args.top_n, explain_sample=args.explain_sample,
+                             cold_days=args.cold_days, n_boot=args.n_boot)
     except (DatasetError, ExamplesError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

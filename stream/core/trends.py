@@ -33,20 +33,6 @@ SIGNALS_VERSION = 1  # bump when a signal's definition changes: artefacts record
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier: spreads item hashes before xor with user hashes
 
 
-def _parse_windows(text: str, bucket_ms: int) -> tuple[tuple[str, int], ...]:
-    """'1d:86400,7d:604800' (name:seconds) -> (("1d", 24), ("7d", 168)) in buckets."""
-    windows = []
-    for part in text.split(","):
-        name, _, seconds = part.strip().partition(":")
-        if not name or not seconds.isdigit():
-            raise ValueError(f"bad window {part!r}: expected name:seconds, e.g. 7d:604800")
-        length_ms = int(seconds) * 1000
-        if length_ms % bucket_ms:
-            raise ValueError(f"window {name} ({seconds}s) is not a whole number of buckets ({bucket_ms // 1000}s)")
-        windows.append((name, length_ms // bucket_ms))
-    return tuple(windows)
-
-
 @dataclass(frozen=True)
 class TrendConfig:
     # Hour buckets suit retail and rating logs (events per item per hour are few);
@@ -109,24 +95,6 @@ class TrendConfig:
             bucket_ms=int(spec["bucket_ms"]),
             windows=tuple((str(n), int(w)) for n, w in spec["windows"]),
             ema_halflife_buckets=int(spec["ema_halflife_buckets"]),
-        )
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "TrendConfig":
-        env = dict(os.environ if env is None else env)
-        default = cls()
-        bucket_ms = int(env.get("TRAIL_BUCKET_S", default.bucket_ms // 1000)) * 1000
-        windows = (
-            _parse_windows(env["TRAIL_WINDOWS"], bucket_ms)
-            if env.get("TRAIL_WINDOWS")
-            else tuple((n, w * default.bucket_ms // bucket_ms) for n, w in default.windows)
-        )
-        halflife_ms = int(env.get("TRAIL_EMA_HALFLIFE_S", default.ema_halflife_buckets * default.bucket_ms // 1000)) * 1000
-        return cls(
-            bucket_ms=bucket_ms,
-            windows=windows,
-            ema_halflife_buckets=max(1, halflife_ms // bucket_ms),
-            allowed_lateness_ms=int(env.get("TRAIL_LATENESS_S", default.allowed_lateness_ms // 1000)) * 1000,
         )
 
 
@@ -200,6 +168,16 @@ class TrendTable:
         self.head_bucket: int | None = None  # newest bucket holding an event
         self.watermark_ms: int | None = None  # newest event time seen
         self.last_offset = -1  # newest source offset applied (de-duplication on replay)
+        # Changes since the last checkpoint (see mark_checkpoint / take_delta); off until a checkpoint
+        # store marks the table, so offline tables keep nothing extra.
+        self._ck_on = False
+        self._ck_epoch = 0  # bumped by every mark: a store's delta chain is valid for one epoch
+        self._ck_dirty = np.zeros(0, bool)  # slots touched since the mark
+        self._ck_cells: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (flat cell, +count, bucket)
+        self._ck_users: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (pair hash, slot, bucket)
+        self._ck_removed: list[str] = []  # items expired since the mark
+        self._ck_rows = 0
+        self._ck_overflow = False  # too much changed to track: the next checkpoint is a full one
 
     # ---- sizes -----------------------------------------------------------
     def __len__(self) -> int:
@@ -216,6 +194,8 @@ class TrendTable:
         self._first_ms = np.concatenate([self._first_ms, np.zeros(new - old, np.int64)])
         self._last_bucket = np.concatenate([self._last_bucket, np.zeros(new - old, np.int64)])
         self._total = np.concatenate([self._total, np.zeros(new - old, np.int64)])
+        if self._ck_on:
+            self._ck_dirty = np.concatenate([self._ck_dirty, np.zeros(new - old, bool)])
         self._ids += [None] * (new - old)
         self._free = list(range(new - 1, old - 1, -1)) + self._free
 
@@ -318,7 +298,12 @@ class TrendTable:
         slots = slots_u[codes]
         self._update_lives(slots_u, is_new, codes, buckets, ts)
         in_ring = buckets > self.head_bucket - self._ring  # a batch can span more than the ring
-        flat, counts = np.unique((slots * self._ring + buckets % self._ring)[in_ring], return_counts=True)
+        cells = (slots * self._ring + buckets % self._ring)[in_ring]
+        if self._ck_on:
+            flat, first, counts = np.unique(cells, return_index=True, return_counts=True)
+            self._track(slots_u, cells=(flat, counts.astype(np.int32), buckets[in_ring][first]))
+        else:
+            flat, counts = np.unique(cells, return_counts=True)
         self._counts.reshape(-1)[flat] += counts.astype(np.int32)
 
         users = np.asarray(batch.user_id, object)[idx]
@@ -328,6 +313,8 @@ class TrendTable:
             pair = item_hash * _MIX ^ _hash_strings(users[has_user])
             self._u_pending.append((pair, slots[has_user].astype(np.int32), buckets[has_user]))
             self._u_pending_rows += len(pair)
+            if self._ck_on:
+                self._track(None, users=self._u_pending[-1])
             if self._u_pending_rows > max(50_000, len(self._u_hash)):
                 self._compact_users()
         return ApplyResult(len(idx), duplicates, late)
@@ -357,6 +344,8 @@ class TrendTable:
         gone = in_use[self._last_bucket[in_use] <= self.head_bucket - self._ring]
         for s in gone.tolist():
             del self._slot[self._ids[s]]
+            if self._ck_on:
+                self._ck_removed.append(self._ids[s])
             self._ids[s] = None
             self._free.append(s)
         if len(gone):
@@ -519,3 +508,146 @@ class TrendTable:
     def load(cls, path: str, config: TrendConfig) -> "TrendTable":
         with np.load(path, allow_pickle=True) as data:
             return cls.from_state({k: data[k] for k in data.files}, config)
+
+    # ---- incremental checkpoint --------------------------------------------
+    # Between two checkpoints a table changes in few places: the rows of the items it touched, the
+    # user observations it added, the items it expired and its header (head, watermark, offset).
+    # Advancing the head also zeroes buckets of every item; that is not recorded: `apply_delta`
+    # advances the loaded table's head the same way, which zeroes the same buckets.
+    _CK_MAX_ROWS = 4_000_000  # tracked cells + user rows between marks; beyond, the next checkpoint is full
+
+    @property
+    def checkpoint_epoch(self) -> int:
+        """Changes to the epoch when tracking restarts: a delta chain is valid for one epoch."""
+        return self._ck_epoch
+
+    def mark_checkpoint(self) -> int:
+        """The current state is on disk: track the changes from here on. Returns the new epoch."""
+        self._ck_on = True
+        self._ck_epoch += 1
+        self._ck_dirty = np.zeros(self.capacity, bool)
+        self._ck_cells, self._ck_users, self._ck_removed = [], [], []
+        self._ck_rows = 0
+        self._ck_overflow = False
+        return self._ck_epoch
+
+    def _track(self, slots: np.ndarray | None, cells: tuple | None = None, users: tuple | None = None) -> None:
+        if slots is not None:
+            self._ck_dirty[slots] = True
+        for log, part in ((self._ck_cells, cells), (self._ck_users, users)):
+            if part is not None and len(part[0]):
+                log.append(part)
+                self._ck_rows += len(part[0])
+        if self._ck_rows > self._CK_MAX_ROWS:  # e.g. a catch-up between two checkpoints: a full one is cheaper
+            self._ck_on, self._ck_overflow = False, True
+            self._ck_dirty = np.zeros(0, bool)
+            self._ck_cells, self._ck_users, self._ck_removed = [], [], []
+
+    def take_delta(self) -> dict[str, object] | None:
+        """The changes since the last mark, then a new mark; None when they were not tracked
+        (never marked, or too many changes): write a full checkpoint instead.
+
+        Cells and user observations of items expired since the mark (their slot may hold another
+        item now) are all older than the ring and left out.
+        """
+        if not self._ck_on:
+            return None
+        ring = self._ring
+        oldest = np.iinfo(np.int64).min if self.head_bucket is None else self.head_bucket - ring
+        slots = np.array([s for s in np.flatnonzero(self._ck_dirty).tolist() if self._ids[s] is not None], np.int64)
+        live = np.zeros(self.capacity, bool)
+        live[slots] = True
+        cell_item = cell_col = np.zeros(0, np.int32)
+        cell_count = np.zeros(0, np.int32)
+        if self._ck_cells:
+            flat = np.concatenate([c[0] for c in self._ck_cells])
+            count = np.concatenate([c[1] for c in self._ck_cells])
+            bucket = np.concatenate([c[2] for c in self._ck_cells])
+            keep = (bucket > oldest) & live[flat // ring]
+            flat, inverse = np.unique(flat[keep], return_inverse=True)
+            cell_count = np.zeros(len(flat), np.int32)
+            np.add.at(cell_count, inverse.reshape(-1), count[keep])
+            cell_item = np.searchsorted(slots, flat // ring).astype(np.int32)
+            cell_col = (flat % ring).astype(np.int32)
+        u_hash, u_item, u_bucket = np.zeros(0, np.uint64), np.zeros(0, np.int32), np.zeros(0, np.int64)
+        if self._ck_users:
+            u_hash = np.concatenate([u[0] for u in self._ck_users])
+            u_slot = np.concatenate([u[1] for u in self._ck_users])
+            u_bucket = np.concatenate([u[2] for u in self._ck_users])
+            keep = (u_bucket > oldest) & live[u_slot]
+            u_hash, u_slot, u_bucket = u_hash[keep], u_slot[keep], u_bucket[keep]
+            _, first = np.unique(u_hash ^ (u_bucket.astype(np.uint64) * _MIX), return_index=True)
+            first.sort()
+            u_hash, u_slot, u_bucket = u_hash[first], u_slot[first], u_bucket[first]
+            u_item = np.searchsorted(slots, u_slot).astype(np.int32)
+        delta = {
+            "scalars": self._scalars(),
+            "item_ids": [self._ids[s] for s in slots.tolist()],
+            "first_ms": self._first_ms[slots],
+            "last_bucket": self._last_bucket[slots],
+            "total": self._total[slots],
+            "cell_item": cell_item,
+            "cell_col": cell_col,
+            "cell_count": cell_count,
+            "u_hash": u_hash,
+            "u_item": u_item,
+            "u_bucket": u_bucket,
+            "removed": list(dict.fromkeys(self._ck_removed)),
+        }
+        self.mark_checkpoint()
+        return delta
+
+    def apply_delta(self, delta: dict[str, object]) -> None:
+        """Replay one `take_delta` on the state of its mark (loaded from the checkpoint before it)."""
+        head, watermark, offset = (int(x) for x in np.asarray(delta["scalars"]).tolist())
+        if head != -1:
+            self._advance_head(head)  # zeroes the buckets the head passed, for every item, as the live table did
+        gone = []
+        for item in delta["removed"]:
+            s = self._slot.pop(item, None)
+            if s is not None:
+                self._ids[s] = None
+                self._free.append(s)
+                gone.append(s)
+        if gone:
+            self._compact_users()
+            alive = np.isin(self._u_slot, gone, invert=True)
+            self._u_hash, self._u_slot, self._u_bucket = self._u_hash[alive], self._u_slot[alive], self._u_bucket[alive]
+        ids = list(delta["item_ids"])
+        slots = np.fromiter((self._slot.get(i, -1) for i in ids), np.int64, len(ids))
+        new = np.flatnonzero(slots < 0)
+        if len(new) > len(self._free):
+            self._grow(len(new) - len(self._free))
+        for i in new.tolist():
+            s = self._free.pop()
+            self._slot[ids[i]] = s
+            self._ids[s] = ids[i]
+            self._counts[s] = 0
+            slots[i] = s
+        self._first_ms[slots] = delta["first_ms"]
+        self._last_bucket[slots] = delta["last_bucket"]
+        self._total[slots] = delta["total"]
+        cell_item = np.asarray(delta["cell_item"], np.int64)
+        if len(cell_item):
+            flat = slots[cell_item] * self._ring + np.asarray(delta["cell_col"], np.int64)
+            self._counts.reshape(-1)[flat] += np.asarray(delta["cell_count"], np.int32)
+        u_hash = np.asarray(delta["u_hash"], np.uint64)
+        if len(u_hash):
+            u_slot = slots[np.asarray(delta["u_item"], np.int64)].astype(np.int32)
+            self._u_pending.append((u_hash, u_slot, np.asarray(delta["u_bucket"], np.int64)))
+            self._u_pending_rows += len(u_hash)
+            if self._u_pending_rows > max(50_000, len(self._u_hash)):
+                self._compact_users()
+        self.head_bucket = None if head == -1 else head
+        self.watermark_ms = None if watermark == np.iinfo(np.int64).min else watermark
+        self.last_offset = offset
+
+    def _scalars(self) -> np.ndarray:
+        return np.array(
+            [
+                -1 if self.head_bucket is None else self.head_bucket,
+                np.iinfo(np.int64).min if self.watermark_ms is None else self.watermark_ms,
+                self.last_offset,
+            ],
+            np.int64,
+        )

@@ -1,4 +1,4 @@
-"""The item table (`trail.items`, compacted) read whole into memory: item_id -> title, category.
+"""The item table (`trail.items`, compacted) read whole into memory: item_id -> title, category, description.
 
 Prompts name the item by its title and category. Every scoring process reads the whole
 topic from the beginning (no consumer group: each process needs every item), then keeps
@@ -9,12 +9,15 @@ catalogue does not know yet is named by its id in the prompt (render_prompt does
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
 
-from stream.serving.scorer import ItemInfo
+from stream.core.records import ItemInfo
+
+if TYPE_CHECKING:
+    from stream.settings import KafkaSecurity
 
 log = structlog.get_logger(__name__)
 
@@ -24,9 +27,10 @@ def _text(v: Any) -> str | None:
 
 
 class ItemCatalogue:
-    def __init__(self, bootstrap: str, topic: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, *, kafka: KafkaSecurity | None = None) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
+        self.kafka = kafka
         self.items: dict[str, ItemInfo] = {}
         self.bad_records = 0
         self._consumer: Any = None
@@ -38,7 +42,8 @@ class ItemCatalogue:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
-                                          auto_offset_reset="earliest")
+                                          auto_offset_reset="earliest",
+                                          **(self.kafka.client_kwargs() if self.kafka else {}))
         await self._consumer.start()
         parts = self._consumer.partitions_for_topic(self.topic)
         if not parts:
@@ -72,7 +77,8 @@ class ItemCatalogue:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             self.bad_records += 1
             return
-        self.items[item_id] = ItemInfo(_text(rec.get("title")), _text(rec.get("category")))
+        self.items[item_id] = ItemInfo(_text(rec.get("title")), _text(rec.get("category")),
+                                       _text(rec.get("description")))
 
     async def _run(self) -> None:
         while True:

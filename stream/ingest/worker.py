@@ -11,10 +11,10 @@ auto-commit off) and handles each poll as numpy batches.
 Exactly-once state over at-least-once delivery:
 - each partition's TrendTable skips offsets it has already handled;
 - every tick (at most every `checkpoint_s`) the DLQ sends are awaited, then the
-  changed tables are checkpointed (atomic file per partition, `last_offset`
-  inside), then `last_offset + 1` is committed - commit only after the state is
-  safe; the same happens for the partitions being revoked before a rebalance and
-  on shutdown;
+  changed tables are checkpointed (per partition a delta record appended to its
+  log, or now and then a new snapshot; atomic either way, `last_offset` inside),
+  then `last_offset + 1` is committed - commit only after the state is safe; the
+  same happens for the partitions being revoked before a rebalance and on shutdown;
 - on assignment a partition resumes from its checkpoint (seek to last_offset + 1)
   or, without one (another worker had it, or the disk was lost), is rebuilt from
   the beginning of the partition. A rebuild is exact only while the topic's
@@ -56,8 +56,9 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import (CommitFailedError, IllegalStateError, KafkaError, NoOffsetForPartitionError,
                              OffsetOutOfRangeError)
 
-from stream.config import WorkerConfig
+from stream.settings import WorkerConfig
 from stream.core.events import DlqRecord, dlq_record, read_dlq_headers
+from stream.core.mailbox import Mailbox
 from stream.ingest.partitions import CheckpointStore, Counters, PartitionState
 from stream.core.snapshots import encode_snapshot, iso_ms
 from stream.topics import ensure_topics
@@ -85,6 +86,7 @@ def consumer_settings(config: WorkerConfig) -> dict[str, Any]:
         "session_timeout_ms": session_ms,
         "heartbeat_interval_ms": max(100, session_ms // 3),
         "max_poll_records": config.max_poll_records,
+        **config.kafka.client_kwargs(),
     }
 
 
@@ -126,9 +128,7 @@ class TrendWorker:
         self._inflight: list[tuple[DlqRecord, asyncio.Future[Any]]] = []  # DLQ sends not yet acknowledged
         self.dlq_failed = 0
         self._checkpointed_at = -float("inf")
-        self._pending_tick: tuple[int, dict[int, Signals]] | None = None
-        self._tick_ready: asyncio.Event | None = None
-        self._hooks_idle: asyncio.Event | None = None
+        self._ticks: Mailbox[tuple[int, dict[int, Signals]]] = Mailbox()  # latest tick for the hooks
         self._hook_task: asyncio.Task[None] | None = None
         self._dlq_partitions = 0
         self._ahead: dict[int, int] = {}  # partition -> ticks its state has been beyond the log's end
@@ -147,18 +147,16 @@ class TrendWorker:
         specs = [s for s in cfg.topics.specs() if s.name in (cfg.topics.events, cfg.topics.dlq)]
         if cfg.publish_snapshots:
             specs.append(cfg.snapshot_spec())
-        await ensure_topics(cfg.bootstrap, specs=specs)
+        await ensure_topics(cfg.bootstrap, specs=specs, kafka=cfg.kafka)
         self.producer = AIOKafkaProducer(bootstrap_servers=cfg.bootstrap, acks="all", linger_ms=5,
                                          enable_idempotence=False, max_batch_size=MAX_BATCH_BYTES,
-                                         max_request_size=MAX_REQUEST_BYTES)
+                                         max_request_size=MAX_REQUEST_BYTES, **cfg.kafka.client_kwargs())
         await self.producer.start()
         self._dlq_partitions = len(await self.producer.partitions_for(cfg.topics.dlq))
         self.consumer = AIOKafkaConsumer(group_id=cfg.group_id, **consumer_settings(cfg))
         self.consumer.subscribe([self.topic], listener=_Listener(self))
         await self.consumer.start()
-        self._tick_ready = asyncio.Event()
-        self._hooks_idle = asyncio.Event()
-        self._hooks_idle.set()
+        self._ticks = Mailbox()  # of this event loop
         self._hook_task = asyncio.create_task(self._run_hooks(), name="trail-tick-hooks")
         log.info("worker.started", topic=self.topic, group=cfg.group_id, bootstrap=cfg.bootstrap,
                  state_dir=str(cfg.state_dir), tick_s=cfg.tick_s, hooks=len(self.tick_hooks))
@@ -199,13 +197,7 @@ class TrendWorker:
         if self.consumer is not None:
             async with self._lock:
                 await self._checkpoint(list(self.parts.values()))
-        if self._hook_task is not None:
-            assert self._hooks_idle is not None and self._tick_ready is not None
-            while (self._pending_tick is not None or not self._hooks_idle.is_set()) and not self._hook_task.done():
-                await asyncio.sleep(0.01)
-            self._hook_task.cancel()
-            await asyncio.gather(self._hook_task, return_exceptions=True)
-            self._hook_task = None
+        await self.stop_ticks(deliver_pending=True)
         if self.consumer is not None:
             await self.consumer.stop()
             self.consumer = None
@@ -213,6 +205,20 @@ class TrendWorker:
             await self.producer.stop()
             self.producer = None
         log.info("worker.stopped", **self.counters().as_dict())
+
+    async def stop_ticks(self, deliver_pending: bool = False) -> None:
+        """Run no more tick hooks: the tick being handled finishes, a pending one is delivered first
+        (`deliver_pending`) or dropped. Consumption, checkpoints and commits go on until `stop()`.
+        The app calls this first on shutdown, so that nothing it stops next gets another tick."""
+        if self._hook_task is None:
+            return
+        if not deliver_pending and self._ticks.waiting is not None:
+            log.info("tick.dropped_at_stop", as_of=iso_ms(self._ticks.discard()[0]))
+        while not self._ticks.idle and not self._hook_task.done():
+            await asyncio.sleep(0.01)
+        self._hook_task.cancel()
+        await asyncio.gather(self._hook_task, return_exceptions=True)
+        self._hook_task = None
 
     # ---- consume path --------------------------------------------------------------
     async def _handle(self, records: dict[Any, list[Any]]) -> None:
@@ -351,25 +357,18 @@ class TrendWorker:
         return published
 
     def _offer(self, as_of: int, parts: dict[int, Signals]) -> None:
-        assert self._tick_ready is not None
-        if self._pending_tick is not None:
+        if self._hook_task is None:  # stop_ticks() was called: no hook runs any more
+            return
+        skipped = self._ticks.put((as_of, parts))
+        if skipped is not None:
             self.ticks_skipped_by_hooks += 1
-            log.warning("tick.hooks_behind", skipped_as_of=iso_ms(self._pending_tick[0]),
+            log.warning("tick.hooks_behind", skipped_as_of=iso_ms(skipped[0]),
                         skipped_total=self.ticks_skipped_by_hooks)
-        self._pending_tick = (as_of, parts)
-        self._tick_ready.set()
 
     async def _run_hooks(self) -> None:
-        assert self._tick_ready is not None and self._hooks_idle is not None
         names = self.config.trend.signal_names
         while True:
-            await self._tick_ready.wait()
-            self._tick_ready.clear()
-            if self._pending_tick is None:
-                continue
-            self._hooks_idle.clear()
-            as_of, parts = self._pending_tick
-            self._pending_tick = None
+            as_of, parts = await self._ticks.get()
             try:
                 if self.config.publish_snapshots:
                     await self._publish_snapshot(parts)
@@ -383,7 +382,7 @@ class TrendWorker:
             except Exception:  # noqa: BLE001 - e.g. the snapshot topic is unreachable; the next tick retries
                 log.exception("tick.publish_failed", as_of=iso_ms(as_of))
             finally:
-                self._hooks_idle.set()
+                self._ticks.task_done()
 
     async def _publish_snapshot(self, parts: dict[int, Signals]) -> None:
         topic = self.config.snapshots_topic

@@ -5,15 +5,18 @@
 reads that back and refuses, with a message that says what to do, an artefact that
 
 - has no manifest, or a manifest that is not valid JSON or lacks a field;
-- was trained on another feature spec (`TrendConfig.spec()`) or prompt version
-  (`stream.core.prompts.PROMPT_VERSION`) than this code computes;
+- was trained on another feature spec (`TrendConfig.spec()`), prompt version
+  (`stream.core.prompts.PROMPT_VERSION`), score design (`SCORE_DESIGN`: item states + a head; a v1
+  artefact with one prompt-reading score path is refused: retrain and re-export it) or item-text
+  version (`stream.core.prompts.ITEM_TEXT_VERSION`) than this code computes;
 - was never exported, or whose ONNX files are missing, truncated or altered
   (size and sha256 are checked, so a corrupt file fails at start, not at the first tick).
 
-`Features` is the serving copy of the trainer's normalisation (signed log1p, then the
-training mean/std recorded in the manifest) and `PromptTokenizer` the serving copy of
-`Trail.encode_prompts` on the `tokenizers` library (Rust): both are tested to produce
-exactly what the trainer produces.
+`features()` is the trainer's own normalisation (`stream.core.features.Normalisation`:
+signed log1p, then the training mean/std recorded in the manifest), and `PromptTokenizer`
+the serving copy of `Trail.encode_prompts` (and, truncated at `max_item_tokens`, of
+`Trail.encode_items`) on the `tokenizers` library (Rust), tested to produce exactly what the
+trainer produces.
 """
 
 from __future__ import annotations
@@ -26,17 +29,29 @@ from typing import Any
 
 import numpy as np
 
+from stream.core.features import FeatureError, Normalisation
+from stream.core import prompts as _prompts
 from stream.core.prompts import PROMPT_VERSION
-from stream.core.trends import Signals, TrendConfig
+from stream.core.trends import TrendConfig
+from stream.settings import load_settings
 
 MANIFEST = "manifest.json"
 ONNX_DIR = "onnx"
 END_TOKEN = "<|im_end|>"
 
+# What the score is made of (docs/model.md): the LLM encodes each item's text once into a state,
+# a small head combines it with the trend signals every tick. The manifest's "score_design" must say so.
+SCORE_DESIGN = "item-state-v2"
+DEFAULT_MAX_ITEM_TOKENS = 32
 # Files export.onnx writes, by role (the manifest's "onnx"."files" maps role -> record).
-SCORE_VARIANTS = ("fp32", "int8", "fp16")
-ROLES = ("score.fp32", "score.int8", "score.fp16", "numeric", "generator", "tokenizer")
-REQUIRED_ROLES = ("score.fp32", "numeric", "generator", "tokenizer")
+ROLES = ("item_encoder", "head", "generator", "tokenizer")
+REQUIRED_ROLES = ROLES
+
+
+def item_text_version() -> str | None:
+    """The item-text version this code renders (stream.core.prompts.ITEM_TEXT_VERSION), if it has one."""
+    v = getattr(_prompts, "ITEM_TEXT_VERSION", None)
+    return None if v is None else str(v)
 
 
 class ArtefactError(RuntimeError):
@@ -54,43 +69,6 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
 def file_record(root: Path, path: Path) -> dict[str, Any]:
     """What the manifest records about one exported file (path relative to the artefact)."""
     return {"path": str(path.relative_to(root)), "bytes": path.stat().st_size, "sha256": sha256_of(path)}
-
-
-@dataclass(frozen=True)
-class Features:
-    """Raw trend signals -> the score head's normalised input (the trainer's Normalisation, in numpy)."""
-
-    names: tuple[str, ...]  # the signals in model order, then "horizon_days"
-    mean: np.ndarray
-    std: np.ndarray
-
-    @classmethod
-    def from_manifest(cls, normalisation: dict) -> Features:
-        names, mean, std = normalisation["names"], normalisation["mean"], normalisation["std"]
-        if not (len(names) == len(mean) == len(std)) or not names:
-            raise ArtefactError(f"manifest normalisation is inconsistent: {len(names)} names, {len(mean)} means, "
-                                f"{len(std)} stds")
-        return cls(tuple(names), np.asarray(mean, np.float64), np.asarray(std, np.float64))
-
-    @property
-    def signal_names(self) -> tuple[str, ...]:
-        return self.names[:-1]
-
-    def apply(self, raw: np.ndarray) -> np.ndarray:
-        """(N, S) raw values in `names` order -> (N, S) float32, exactly as trainer.model.Normalisation.apply."""
-        t = np.sign(raw) * np.log1p(np.abs(raw))
-        return ((t - self.mean) / self.std).astype(np.float32)
-
-    def of_signals(self, signals: Signals, horizon_days: float) -> np.ndarray:
-        """(N, S) model input for every item of a tick: its signals in model order, then the horizon."""
-        missing = [n for n in self.signal_names if n not in signals.names]
-        if missing:
-            raise ArtefactError(f"the model reads signals this stream does not compute: {missing}")
-        cols = [signals.names.index(n) for n in self.signal_names]
-        raw = np.empty((len(signals), len(self.names)), np.float64)
-        raw[:, :-1] = signals.values[:, cols]
-        raw[:, -1] = float(horizon_days)
-        return self.apply(raw)
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -172,9 +150,34 @@ class Artefact:
         if missing:
             raise ArtefactError(f"{path} lacks {', '.join(missing)}; not a TRAIL artefact or written by an older trainer")
         art = cls(root, manifest)
-        art.check_compatible(trend or TrendConfig.from_env(), prompt_version)
+        art.check_design()
+        art.check_compatible(trend or load_settings().worker.trend, prompt_version)
         art.check_files(verify)
         return art
+
+    def check_design(self) -> None:
+        """The score design and item-text version this code serves (a v1 artefact has neither)."""
+        design = self.manifest.get("score_design")
+        if design != SCORE_DESIGN:
+            found = "no score_design (a v1 artefact: one LLM score path over the whole prompt)" if design is None \
+                else f"score_design {design!r}"
+            raise ArtefactError(
+                f"model {self.model_version} at {self.root} has {found}; this stream serves score_design "
+                f"{SCORE_DESIGN!r} (item states + score head): retrain it with this code (python -m trainer.fit), "
+                f"then re-export the new artefact to ONNX")
+        state = self.manifest.get("item_state")
+        if not isinstance(state, dict) or not isinstance(state.get("hidden_size"), int):
+            raise ArtefactError(f"model {self.model_version}: the manifest's item_state section is missing or lacks "
+                                f"hidden_size; retrain / re-export it")
+        if state.get("pooling", "mean") != "mean":
+            raise ArtefactError(f"model {self.model_version} pools item states by {state.get('pooling')!r}; this "
+                                f"stream's encoder export is mean-pooled: retrain it")
+        ours = item_text_version()
+        if ours is not None and state.get("text_version") != ours:
+            raise ArtefactError(
+                f"model {self.model_version} encodes item text version {state.get('text_version')!r}, this stream "
+                f"renders {ours!r} (stream.core.prompts.ITEM_TEXT_VERSION): retrain the model, or serve it with the "
+                f"code it was trained with")
 
     def check_compatible(self, trend: TrendConfig, prompt_version: str) -> None:
         ours = trend.spec()
@@ -244,15 +247,33 @@ class Artefact:
         return int(self.manifest["trail_config"].get("max_prompt_tokens", 80))
 
     @property
+    def max_item_tokens(self) -> int:
+        return int(self.manifest["trail_config"].get("max_item_tokens", DEFAULT_MAX_ITEM_TOKENS))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.manifest["item_state"]["hidden_size"])
+
+    @property
     def max_explanation_tokens(self) -> int:
         return int(self.manifest["trail_config"].get("max_explanation_tokens", 48))
 
-    def features(self) -> Features:
-        return Features.from_manifest(self.manifest["normalisation"])
+    def features(self) -> Normalisation:
+        try:
+            return Normalisation.from_dict(self.manifest["normalisation"])
+        except (FeatureError, KeyError, TypeError, ValueError) as e:
+            raise ArtefactError(f"model {self.model_version}: manifest normalisation is unusable ({e}); "
+                                f"the artefact is corrupt") from e
 
     def tokenizer(self) -> PromptTokenizer:
         tok = self.onnx.get("tokenizer", {})
         return PromptTokenizer(self.path("tokenizer"), self.max_prompt_tokens,
+                               bool(tok.get("clean_up_tokenization_spaces", False)))
+
+    def item_tokenizer(self) -> PromptTokenizer:
+        """Item texts -> ids as `Trail.encode_items` (truncated at max_item_tokens)."""
+        tok = self.onnx.get("tokenizer", {})
+        return PromptTokenizer(self.path("tokenizer"), self.max_item_tokens,
                                bool(tok.get("clean_up_tokenization_spaces", False)))
 
     def horizon_days(self, requested: float | None = None) -> int:

@@ -2,9 +2,10 @@
 
 The explainer is slower than scoring (about a second per explanation on a CPU) and must
 never hold it up, so it runs as its own task with its own executor thread and a mailbox
-of one request: `offer()` never blocks; a request not yet started is replaced by a newer
-tick's (latest tick wins) and counted as dropped, and a request being worked on stops
-between two items when a newer one arrives (its remaining items are counted as dropped).
+of one request (`stream.core.mailbox.Mailbox`): `offer()` never blocks; a request not yet
+started is replaced by a newer tick's (latest tick wins) and counted as dropped, and a
+request being worked on stops between two items when a newer one arrives (its remaining
+items are counted as dropped).
 
 Movers (top `m` of a tick's predictions):
 - `rise` (default): predicted count for the horizon minus the current pace (the count of
@@ -13,10 +14,21 @@ Movers (top `m` of a tick's predictions):
 - `rank_jump`: previous tick's rank minus this tick's rank (an item new to the ranking
   jumps from just below the last rank).
 
+Generation is batched and constrained when the explainer is given `generate_batch` (the ONNX
+generator's `Generator.generate_batch`) and a `constraint` (stream.serving.constraint.ClaimConstraint):
+the movers of a tick are decoded together (up to `batch_size` at a time), each row held by
+llguidance to its own claim grammar (stream.core.faithfulness.grammar: only the numbers its
+prompt shows, direction words true, the forecast clause forced to
+`outlook(predicted_count, pace(signals, horizon))` of the record's own prediction). A newer
+tick then interrupts a request between two batches. Without them (tests, a bare callable), one
+item at a time, unconstrained.
+
 Each explanation is verified and revised against the signals it was generated from
 (`stream.core.faithfulness.repair`: wrong numbers and directions are corrected, a clause with a
 claim that cannot be corrected is dropped); the record carries the checker's verdict on
-the published text, `faithful`, and `claims_checked`.
+the published text, `faithful`, and `claims_checked`; and says what happened: `raw_explanation`
+(as decoded), `repaired`, the stated `forecast` and whether it agrees with the model's own
+predicted direction (`forecast_agrees`, stream.core.forecast).
 """
 
 from __future__ import annotations
@@ -29,8 +41,10 @@ from dataclasses import dataclass, field
 import structlog
 
 from stream.core.faithfulness import repair
+from stream.core.faithfulness.grammar import claim_grammar
+from stream.core.mailbox import Mailbox
 from stream.serving.artefact import PromptTokenizer
-from stream.core.prompts import main_window, signal_windows, window_hours
+from stream.core.forecast import outlook, pace
 from stream.core.records import Explanation, Prediction
 
 log = structlog.get_logger(__name__)
@@ -62,16 +76,12 @@ class ExplainerStats:
     failed: int = 0
     seconds: float = 0.0
     tokens: int = 0
+    batches: int = 0  # generate_batch calls
+    constrained: int = 0  # explanations decoded under the claim grammar
+    guide_seconds: float = 0.0  # of `seconds`: computing and applying the grammar's token masks
 
     def as_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
-
-
-def pace(signals: dict[str, float], horizon_days: float) -> float:
-    """The current count at the horizon's length: the closest window's count, scaled."""
-    windows = signal_windows(signals)
-    w = main_window(windows, horizon_days)
-    return signals[f"count_{w}"] * horizon_days * 24 / window_hours(w)
 
 
 def select_movers(predictions: list[Prediction], m: int, by: str = "rise", horizon_days: float = 7,
@@ -95,8 +105,17 @@ class Explainer:
 
     def __init__(self, generate: Callable[[list[int], int], list[int]], tokenizer: PromptTokenizer,
                  model_version: str, max_new_tokens: int,
-                 publish: Callable[[list[Explanation]], Awaitable[None]], executor: Executor | None = None) -> None:
+                 publish: Callable[[list[Explanation]], Awaitable[None]], executor: Executor | None = None, *,
+                 horizon_days: float = 7.0,
+                 generate_batch: Callable[..., list[list[int]]] | None = None,
+                 constraint=None, batch_size: int = 8, constrained_max_new_tokens: int | None = None) -> None:
         self.generate = generate
+        self.generate_batch = generate_batch
+        self.constraint = constraint  # stream.serving.constraint.ClaimConstraint, or None: unconstrained
+        self.batch_size = max(1, batch_size)
+        # the grammar ends every text itself; room for its longest shapes (the targets' max is ~43 tokens)
+        self.constrained_max_new_tokens = constrained_max_new_tokens or max(max_new_tokens, 64)
+        self.horizon_days = horizon_days
         self.tokenizer = tokenizer
         self.model_version = model_version
         self.max_new_tokens = max_new_tokens
@@ -104,10 +123,7 @@ class Explainer:
         self._own_executor = executor is None
         self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="trail-explainer")
         self.stats = ExplainerStats()
-        self._pending: ExplainRequest | None = None
-        self._ready = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._mailbox: Mailbox[ExplainRequest] = Mailbox()
         self._task: asyncio.Task | None = None
 
     # ---- the mailbox ------------------------------------------------------------------------------
@@ -115,14 +131,12 @@ class Explainer:
         """Queue the request of a new tick; never blocks. An older request not started yet is dropped."""
         if not request.movers:
             return
-        if self._pending is not None:
+        stale = self._mailbox.put(request)
+        if stale is not None:
             self.stats.dropped_requests += 1
-            self.stats.dropped_items += len(self._pending.movers)
-            log.info("explainer.dropped_stale", tick_ms=self._pending.tick_ms, newer_tick_ms=request.tick_ms,
+            self.stats.dropped_items += len(stale.movers)
+            log.info("explainer.dropped_stale", tick_ms=stale.tick_ms, newer_tick_ms=request.tick_ms,
                      dropped_requests=self.stats.dropped_requests)
-        self._pending = request
-        self._idle.clear()
-        self._ready.set()
 
     def start(self) -> None:
         if self._task is None:
@@ -137,55 +151,107 @@ class Explainer:
             self.executor.shutdown(wait=False)
 
     async def wait_idle(self, timeout: float | None = None) -> None:
-        await asyncio.wait_for(self._idle.wait(), timeout)
+        await self._mailbox.wait_idle(timeout)
 
     # ---- the work -----------------------------------------------------------------------------------
+    def forecast_of(self, p: Prediction) -> str:
+        """The direction of the record's own prediction: what the forecast clause must say."""
+        return outlook(p.predicted_count, pace(p.signals, self.horizon_days))
+
+    def explain_batch(self, movers: list[Mover]) -> list[tuple[Explanation, int]]:
+        """Generate (one batch, constrained when a constraint is set), verify and revise (runs in the executor)."""
+        if self.generate_batch is None:
+            return [self.explain_one(m) for m in movers]
+        ids = self.tokenizer.ids([m.prompt for m in movers])
+        guide = None
+        limit = self.max_new_tokens
+        if self.constraint is not None:
+            guide = self.constraint.guide([
+                claim_grammar(m.prediction.signals, self.horizon_days, self.forecast_of(m.prediction)).lark()
+                for m in movers])
+            limit = self.constrained_max_new_tokens
+        new = self.generate_batch(ids, limit, guide)
+        self.stats.batches += 1
+        if guide is not None:
+            self.stats.constrained += len(movers)
+            self.stats.guide_seconds += guide.seconds
+        return [self._record(m, n) for m, n in zip(movers, new)]
+
     def explain_one(self, mover: Mover) -> tuple[Explanation, int]:
         """Generate, decode, verify and revise one explanation (runs in the executor)."""
-        p = mover.prediction
+        if self.generate_batch is not None:
+            return self.explain_batch([mover])[0]
         ids = self.tokenizer.ids([mover.prompt])[0]
-        new = self.generate(ids, self.max_new_tokens)
+        return self._record(mover, self.generate(ids, self.max_new_tokens))
+
+    def _record(self, mover: Mover, new: list[int]) -> tuple[Explanation, int]:
+        p = mover.prediction
         # verify and revise: claims the checker can correct against the signals are corrected,
         # the rest of an unfaithful clause is dropped; `faithful` is the checker's verdict on what is published
-        fixed = repair(self.tokenizer.decode(new), p.signals, title=mover.title)
+        raw = self.tokenizer.decode(new)
+        fixed = repair(raw, p.signals, title=mover.title)
         if fixed.changed:
             self.stats.repaired += 1
-        return (Explanation(p.item_id, p.tick, p.rank, fixed.text, fixed.faithful, fixed.checked, self.model_version),
+        agrees = fixed.outlook is not None and fixed.outlook == self.forecast_of(p)
+        return (Explanation(p.item_id, p.tick, p.rank, fixed.text, fixed.faithful, fixed.checked, self.model_version,
+                            raw_explanation=raw, repaired=fixed.changed, forecast=fixed.outlook, forecast_agrees=agrees),
                 len(new))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._ready.wait()
-            self._ready.clear()
-            request, self._pending = self._pending, None
-            if request is None:
-                if self._pending is None:
-                    self._idle.set()
+            request = await self._mailbox.get()
+            try:
+                await self._explain(loop, request)
+            finally:
+                self._mailbox.task_done()
+
+    async def _explain(self, loop: asyncio.AbstractEventLoop, request: ExplainRequest) -> None:
+        self.stats.requests += 1
+        if self.generate_batch is not None:
+            await self._explain_batched(loop, request)
+            return
+        for i, mover in enumerate(request.movers):
+            if self._mailbox.waiting is not None:  # a newer tick arrived: the rest of this one is stale
+                left = len(request.movers) - i
+                self.stats.dropped_items += left
+                log.info("explainer.interrupted", tick_ms=request.tick_ms, dropped_items=left)
+                break
+            t0 = loop.time()
+            try:
+                record, tokens = await loop.run_in_executor(self.executor, self.explain_one, mover)
+                await self.publish([record])
+            except Exception:  # noqa: BLE001 - one bad item must not stop the explainer
+                self.stats.failed += 1
+                log.exception("explainer.failed", item_id=mover.prediction.item_id, tick_ms=request.tick_ms)
                 continue
-            self.stats.requests += 1
-            for i, mover in enumerate(request.movers):
-                if self._pending is not None:  # a newer tick arrived: the rest of this one is stale
-                    left = len(request.movers) - i
-                    self.stats.dropped_items += left
-                    log.info("explainer.interrupted", tick_ms=request.tick_ms, dropped_items=left)
-                    break
-                t0 = loop.time()
-                try:
-                    record, tokens = await loop.run_in_executor(self.executor, self.explain_one, mover)
-                    await self.publish([record])
-                except Exception:  # noqa: BLE001 - one bad item must not stop the explainer
-                    self.stats.failed += 1
-                    log.exception("explainer.failed", item_id=mover.prediction.item_id, tick_ms=request.tick_ms)
-                    continue
-                self.stats.explained += 1
-                self.stats.faithful += int(record.faithful)
-                self.stats.tokens += tokens
-                self.stats.seconds += loop.time() - t0
-            if self._pending is None:
-                self._idle.set()
-            else:
-                self._ready.set()
+            self.stats.explained += 1
+            self.stats.faithful += int(record.faithful)
+            self.stats.tokens += tokens
+            self.stats.seconds += loop.time() - t0
+
+
+    async def _explain_batched(self, loop: asyncio.AbstractEventLoop, request: ExplainRequest) -> None:
+        movers = request.movers
+        for start in range(0, len(movers), self.batch_size):
+            if start and self._mailbox.waiting is not None:  # a newer tick arrived: the rest of this one is stale
+                left = len(movers) - start
+                self.stats.dropped_items += left
+                log.info("explainer.interrupted", tick_ms=request.tick_ms, dropped_items=left)
+                break
+            chunk = movers[start : start + self.batch_size]
+            t0 = loop.time()
+            try:
+                results = await loop.run_in_executor(self.executor, self.explain_batch, chunk)
+                await self.publish([r for r, _ in results])
+            except Exception:  # noqa: BLE001 - one bad batch must not stop the explainer
+                self.stats.failed += len(chunk)
+                log.exception("explainer.failed", item_ids=[m.prediction.item_id for m in chunk], tick_ms=request.tick_ms)
+                continue
+            self.stats.explained += len(results)
+            self.stats.faithful += sum(int(r.faithful) for r, _ in results)
+            self.stats.tokens += sum(n for _, n in results)
+            self.stats.seconds += loop.time() - t0
 
 
 @dataclass

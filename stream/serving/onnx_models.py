@@ -1,4 +1,4 @@
-"""onnxruntime sessions for the exported TRAIL model: score path, numeric prior, greedy generator.
+"""onnxruntime sessions for the exported TRAIL model: item encoder, score head, greedy generator.
 
 Providers are chosen once, at start: CUDA when onnxruntime-gpu is installed and a GPU
 answers, else CPU; which one actually runs is read back from the session (onnxruntime
@@ -14,7 +14,6 @@ stopping at the end token or after `max_new_tokens`.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,45 +79,60 @@ def on_cuda(sess: Any) -> bool:
     return sess.get_providers()[0] == CUDA
 
 
-def default_threads() -> int | None:
-    v = os.environ.get("TRAIL_ORT_THREADS", "").strip()
-    return int(v) if v else None
+class _Session:
+    """One onnxruntime session run on numpy feeds; on CUDA through IO binding."""
 
-
-class ScoreModel:
-    """input_ids (B, T), attention_mask (B, T), features (B, S) -> score (B,): predicted log1p(count)."""
-
-    def __init__(self, path: Path, providers: list[str], threads: int | None = None, role: str = "score") -> None:
+    def __init__(self, path: Path, providers: list[str], threads: int | None, role: str, outputs: list[str]) -> None:
         self.sess = open_session(path, providers, threads, role)
         self.path = Path(path)
         self.cuda = on_cuda(self.sess)
         self.provider = self.sess.get_providers()[0]
+        self.outputs = outputs
+        got = [o.name for o in self.sess.get_outputs()]
+        if any(o not in got for o in outputs):
+            raise RuntimeError(f"{path} ({role}): outputs {got}, expected {outputs}; export again")
 
-    def __call__(self, ids: np.ndarray, mask: np.ndarray, x: np.ndarray) -> np.ndarray:
-        feed = {"input_ids": ids.astype(np.int64, copy=False), "attention_mask": mask.astype(np.int64, copy=False),
-                "features": x.astype(np.float32, copy=False)}
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         if not self.cuda:
-            return self.sess.run(["score"], feed)[0].astype(np.float32, copy=False)
+            return [v.astype(np.float32, copy=False) for v in self.sess.run(self.outputs, feed)]
         binding = self.sess.io_binding()
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
-        binding.bind_output("score", "cuda")
+        for name in self.outputs:
+            binding.bind_output(name, "cuda")
         self.sess.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
+        return [v.astype(np.float32, copy=False) for v in binding.copy_outputs_to_cpu()]
 
 
-class NumericModel:
-    """features (B, S) -> the score head's numeric branch (B,): the cheap prior over every active item."""
+class ItemEncoder(_Session):
+    """input_ids, attention_mask (B, T) int64 -> item_state (B, H) float32: the fine-tuned LLM's last hidden
+    layer, mean-pooled over the item text's tokens (item_encoder.onnx). Run once per item, cached by the scorer."""
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
-        # A 3-layer MLP: the CPU is faster than a round trip to the GPU.
-        self.sess = open_session(path, [CPU], threads, "numeric")
+    def __init__(self, path: Path, providers: list[str], threads: int | None = None, role: str = "item_encoder") -> None:
+        super().__init__(path, providers, threads, role, ["item_state"])
 
-    def __call__(self, x: np.ndarray, batch: int = 8192) -> np.ndarray:
+    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self.run({"input_ids": ids.astype(np.int64, copy=False),
+                         "attention_mask": mask.astype(np.int64, copy=False)})[0]
+
+
+class ScoreHeadModel(_Session):
+    """x (B, S) normalised signals, item_state (B, H) -> score (B,) ranking score, log_count (B,) predicted
+    log1p(next-period count) (head.onnx). A small network: run on every active item every tick."""
+
+    def __init__(self, path: Path, providers: list[str], threads: int | None = None, role: str = "head") -> None:
+        super().__init__(path, providers, threads, role, ["score", "log_count"])
+
+    def __call__(self, x: np.ndarray, item_state: np.ndarray, batch: int = 16384) -> tuple[np.ndarray, np.ndarray]:
         if len(x) == 0:
-            return np.zeros(0, np.float32)
-        return np.concatenate([self.sess.run(["score"], {"features": x[i : i + batch]})[0]
-                               for i in range(0, len(x), batch)]).astype(np.float32, copy=False)
+            return np.zeros(0, np.float32), np.zeros(0, np.float32)
+        scores, counts = [], []
+        for i in range(0, len(x), batch):
+            s, c = self.run({"x": np.ascontiguousarray(x[i : i + batch], np.float32),
+                             "item_state": np.ascontiguousarray(item_state[i : i + batch], np.float32)})
+            scores.append(s)
+            counts.append(c)
+        return np.concatenate(scores), np.concatenate(counts)
 
 
 @dataclass(frozen=True)
@@ -130,7 +144,7 @@ class _Cache:
 
 
 class Generator:
-    """Greedy decoding on optimum's decoder-with-past export; one prompt at a time, as Trail.explain."""
+    """Greedy decoding on optimum's decoder-with-past export, one prompt or a batch, optionally constrained."""
 
     def __init__(self, path: Path, providers: list[str], end_id: int, threads: int | None = None) -> None:
         self.sess = open_session(path, providers, threads, "generator")
@@ -147,24 +161,49 @@ class Generator:
         self.cache = _Cache([(n, n.replace("past_key_values", "present")) for n in past], int(shape[1]),
                             int(shape[3]), dtype)
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, guide: Any = None) -> list[int]:
         """New token ids after the prompt (the end token, when reached, is the last)."""
+        return self.generate_batch([prompt_ids], max_new_tokens, guide)[0]
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, guide: Any = None) -> list[list[int]]:
+        """Greedy continuations of several prompts in one batch: left padding, an attention mask that hides
+        the padding, position ids counted from each row's first real token (as transformers' generate), and a
+        stop per row (a finished row is fed the end token until every row is done). `guide`
+        (stream.serving.constraint.Guide, one matcher per row) masks each row's logits before the argmax."""
+        if not prompts:
+            return []
         c = self.cache
-        ids = np.asarray([prompt_ids], np.int64)
-        n = ids.shape[1]
-        past: dict[str, Any] = {name: np.zeros((1, c.kv_heads, 0, c.head_dim), c.dtype) for name, _ in c.names}
-        out: list[int] = []
-        for step in range(max_new_tokens):
-            total = n + len(out)
-            feed: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64)}
+        b = len(prompts)
+        width = max(len(p) for p in prompts)
+        ids = np.full((b, width), self.end_id, np.int64)
+        mask = np.zeros((b, width), np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        past: dict[str, Any] = {name: np.zeros((b, c.kv_heads, 0, c.head_dim), c.dtype) for name, _ in c.names}
+        out: list[list[int]] = [[] for _ in range(b)]
+        live = list(range(b))
+        for _ in range(max_new_tokens):
+            feed: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
             if "position_ids" in self.inputs:
-                feed["position_ids"] = np.arange(total - ids.shape[1], total, dtype=np.int64)[None, :]
+                feed["position_ids"] = positions
             logits, past = self._step(feed, past)
-            token = int(np.argmax(logits[0, -1]))
-            out.append(token)
-            if token == self.end_id:
+            last = np.ascontiguousarray(logits[:, -1], dtype=np.float32)
+            if guide is not None:
+                guide.mask(last, live)
+            tokens = last.argmax(axis=1)
+            if guide is not None:
+                guide.advance(live, [int(tokens[i]) for i in live])
+            for i in live:
+                out[i].append(int(tokens[i]))
+            live = [i for i in live if tokens[i] != self.end_id]
+            if not live:
                 break
-            ids = np.asarray([[token]], np.int64)
+            tokens[[i for i in range(b) if i not in live]] = self.end_id
+            ids = tokens.astype(np.int64)[:, None]
+            mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
         return out
 
     def _step(self, feed: dict[str, Any], past: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:

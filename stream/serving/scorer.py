@@ -1,111 +1,254 @@
 """Scores the active items of a tick with the exported TRAIL model (onnxruntime, no torch).
 
-Per tick, as the trainer scores an evaluation cut-off (trainer.inference.score_frame):
+Every active item gets the full TRAIL score every tick, as the trainer scores an evaluation
+cut-off (trainer.inference):
 
-1. features of every active item (`Features`: the manifest's normalisation);
-2. the cheap prior: the score head's numeric branch (numeric.onnx, a small MLP) on all of them;
-3. the top `top_n` by that prior get the LLM score path (score.onnx): prompt rendered by
-   `stream.core.prompts.render_prompt` with the item's title/category, tokenised by the
-   artefact's tokenizer, batched by length (little padding), `batch` prompts per run;
-4. every other item keeps its numeric-branch score.
+1. features of every active item (`stream.core.features.Normalisation`, the trainer's, from the manifest);
+2. its item state: the fine-tuned LLM's mean-pooled last hidden layer over
+   `item_text(title, category, description)` (item_encoder.onnx), computed once per item and kept in an
+   LRU cache (`ItemStateCache`) keyed by item id and text: an item met for the first time, or whose
+   `trail.items` record (title, category, description) changed,
+   is encoded again; the new items of a tick are encoded together, sorted by length, `batch` per run;
+3. the score head (head.onnx, a small network) on all of them at once: `score` (the ranking score) and
+   `log_count` (predicted log1p of the next-period count; `predicted_count` is its count).
 
-Choosing the LLM candidates by the numeric branch (rather than recent count or risers) is
-what training and evaluation do, so the served ranking is the evaluated one.
+All of it runs in the scorer's executor thread (stream.serving.service), never on the event loop.
 
-With several workers each scores the items of its own partitions (`ScoredPart`) and
-`rank_tick` merges the parts of a tick into one global ranking: the global top `top_n` by
-the prior take their LLM score, the rest their numeric score, exactly as one process
-would. Each part therefore carries its local top (top_n + publish_top) by the prior, with
-LLM scores for the local top_n (a superset of the global top_n's members in its
-partitions); stream.serving.service moves the parts through a single-partition topic to one ranker.
+Memory of the cache: one float32 state of `hidden_size` (576 for SmolLM2-135M: 2,304 bytes) plus its
+text and dict entry, about 2.6 kB per item: the default 200,000 items (TRAIL_ITEM_CACHE_SIZE) hold at
+most ~0.5 GB; Online Retail II's 5.3k products take ~14 MB. Evicted items are encoded again when
+they return.
+
+With several workers each scores the items of its own partitions (`ScoredPart`) and `rank_tick`
+merges the parts of a tick into one global ranking by score. Each part carries every item it scored,
+or its local top `publish_top` by score (a superset of the global top `publish_top`'s members in its
+partitions, so the merged ranking is the single-process one); stream.serving.service moves the parts
+through a single-partition topic to one ranker, as `ScoredChunk` messages (orjson, validated when read).
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 import orjson
 import structlog
 
-from stream.serving.artefact import Artefact, ArtefactError
-from stream.serving.onnx_models import CPU, NumericModel, ScoreModel, choose_providers
-from stream.core.prompts import render_prompt
-from stream.core.records import Prediction, to_tick
+from stream.core.features import predicted_count
+from stream.core.prompts import item_text, render_prompt
+from stream.core.records import ItemInfo, Prediction, load_json, to_tick
 from stream.core.trends import Signals
+from stream.serving.artefact import Artefact
+from stream.serving.onnx_models import CPU, ItemEncoder, ScoreHeadModel, choose_providers
 
 log = structlog.get_logger(__name__)
 
 CPU_BATCH = 32
 CUDA_BATCH = 512
+DEFAULT_CACHE_ITEMS = 200_000
 PART_CHUNK_ITEMS = 500  # items per ranking-topic message (~100 kB)
 
 
-def season_of(as_of_ms: int) -> str:
-    """The month shown in the prompt ("Dec"), as trainer.inference.season_of."""
-    return datetime.fromtimestamp(as_of_ms / 1000, UTC).strftime("%b")
+def prompt_for(item_id: str, info: ItemInfo | None, signals: Mapping[str, float], horizon_days: int,
+               month: str) -> str:
+    """The prompt of one item at one tick: what the explainer continues."""
+    info = info or ItemInfo()
+    return render_prompt(info.title, info.category, signals, horizon_days, item_id=item_id, month=month)
 
 
-MAX_LOG_COUNT = 40.0  # e^40 events: beyond any real count, and far from float overflow (~709)
+def text_for(item_id: str, info: ItemInfo | None) -> str:
+    """The item block the LLM encodes into the item's state (stream.core.prompts.item_text)."""
+    info = info or ItemInfo()
+    return item_text(info.title, info.category, description=info.description, item_id=item_id)
 
 
-def predicted_count(score: np.ndarray) -> np.ndarray:
-    """log1p(count) -> count, as trainer.model.predicted_count (clipped: a wild score must not
-    become an infinite count that the record contract rejects)."""
-    return np.expm1(np.clip(score, 0.0, MAX_LOG_COUNT))
+class ItemStateCache:
+    """Item id -> (text, state), least recently used evicted beyond `capacity` items.
+
+    A lookup with a text other than the cached one (the catalogue's record changed) is a miss
+    that drops the stale entry (`invalidations`)."""
+
+    def __init__(self, capacity: int = DEFAULT_CACHE_ITEMS) -> None:
+        if capacity < 1:
+            raise ValueError("item state cache capacity must be >= 1")
+        self.capacity = capacity
+        self._d: OrderedDict[str, tuple[str, np.ndarray]] = OrderedDict()
+        self.hits = self.misses = self.invalidations = self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._d
+
+    def get(self, item_id: str, text: str) -> np.ndarray | None:
+        entry = self._d.get(item_id)
+        if entry is not None:
+            if entry[0] == text:
+                self._d.move_to_end(item_id)
+                self.hits += 1
+                return entry[1]
+            del self._d[item_id]
+            self.invalidations += 1
+        self.misses += 1
+        return None
+
+    def put(self, item_id: str, text: str, state: np.ndarray) -> None:
+        self._d[item_id] = (text, state)
+        self._d.move_to_end(item_id)
+        while len(self._d) > self.capacity:
+            self._d.popitem(last=False)
+            self.evictions += 1
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached states (the arrays alone)."""
+        return sum(s.nbytes for _, s in self._d.values())
 
 
-@dataclass(frozen=True)
-class ItemInfo:
-    title: str | None = None
-    category: str | None = None
+class ScoredChunkError(ValueError):
+    """A ranking-topic message that is not a valid ScoredChunk; the message says what is wrong."""
+
+
+def _int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScoredChunkError(f"scored chunk: {name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ScoredChunkError(f"scored chunk: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _strings(name: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ScoredChunkError(f"scored chunk: {name} must be a list of strings")
+    return tuple(value)
+
+
+def _floats(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    if not isinstance(value, list):
+        raise ScoredChunkError(f"scored chunk: {name} must be a list")
+    try:
+        out = np.asarray(value)
+    except (TypeError, ValueError):  # ragged rows
+        raise ScoredChunkError(f"scored chunk: {name} must have shape {shape}") from None
+    if out.size and out.dtype.kind not in "iuf":
+        raise ScoredChunkError(f"scored chunk: {name} must hold numbers only")
+    if out.shape != shape and not (out.size == 0 and 0 in shape):
+        raise ScoredChunkError(f"scored chunk: {name} has shape {out.shape}, expected {shape}")
+    return out.astype(np.float64).reshape(shape)
+
+
+@dataclass(frozen=True, eq=False)
+class ScoredChunk:
+    """One message of the ranking topic: chunk `chunk` of `chunks` of one worker's ScoredPart of a tick."""
+
+    as_of_ms: int
+    source: str  # which worker
+    chunk: int
+    chunks: int
+    partitions: tuple[int, ...] | None  # the event partitions the part covers; None = all of them
+    total_partitions: int
+    names: tuple[str, ...]  # the signals, in `values` column order
+    item_ids: tuple[str, ...]
+    score: np.ndarray  # (N,) TRAIL ranking score
+    log_count: np.ndarray  # (N,) predicted log1p(next-period count)
+    values: np.ndarray  # (N, S) raw signals
+
+    _fields = ("as_of_ms", "source", "chunk", "chunks", "partitions", "total_partitions", "names", "item_ids",
+               "score", "log_count", "values")
+
+    def to_json(self) -> bytes:
+        return orjson.dumps({
+            "as_of_ms": self.as_of_ms, "source": self.source, "chunk": self.chunk, "chunks": self.chunks,
+            "partitions": None if self.partitions is None else list(self.partitions),
+            "total_partitions": self.total_partitions, "names": list(self.names), "item_ids": list(self.item_ids),
+            "score": self.score.tolist(), "log_count": self.log_count.tolist(), "values": self.values.tolist(),
+        })
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ScoredChunk:
+        """Parse and validate one message; anything malformed raises ScoredChunkError."""
+        return cls.from_dict(load_json(raw, "scored chunk", ScoredChunkError))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ScoredChunk:
+        if not isinstance(data, dict):
+            raise ScoredChunkError(f"scored chunk must be a JSON object, got {type(data).__name__}")
+        missing = [k for k in cls._fields if k not in data]
+        if missing:
+            raise ScoredChunkError(f"scored chunk lacks {', '.join(missing)}")
+        chunks = _int("chunks", data["chunks"], 1)
+        chunk = _int("chunk", data["chunk"], 0)
+        if chunk >= chunks:
+            raise ScoredChunkError(f"scored chunk: chunk {chunk} of {chunks}")
+        total = _int("total_partitions", data["total_partitions"], 1)
+        partitions = data["partitions"]
+        if partitions is not None:
+            if not isinstance(partitions, list):
+                raise ScoredChunkError("scored chunk: partitions must be null or a list of integers")
+            partitions = tuple(_int("partitions[]", q, 0) for q in partitions)
+        if not isinstance(data["source"], str):
+            raise ScoredChunkError("scored chunk: source must be a string")
+        names = _strings("names", data["names"])
+        item_ids = _strings("item_ids", data["item_ids"])
+        n = len(item_ids)
+        score = _floats("score", data["score"], (n,))
+        log_count = _floats("log_count", data["log_count"], (n,))
+        if not (np.isfinite(score).all() and np.isfinite(log_count).all()):
+            raise ScoredChunkError("scored chunk: score and log_count must be finite")
+        return cls(
+            as_of_ms=_int("as_of_ms", data["as_of_ms"], 0), source=data["source"], chunk=chunk, chunks=chunks,
+            partitions=partitions, total_partitions=total, names=names, item_ids=item_ids, score=score,
+            log_count=log_count, values=_floats("values", data["values"], (n, len(names))),
+        )
 
 
 @dataclass
 class ScoredPart:
-    """One worker's scored items of one tick (its local top by the prior, or all)."""
+    """One worker's scored items of one tick (all of them, or its local top `publish_top` by score)."""
 
     as_of_ms: int
     item_ids: list[str]
-    numeric: np.ndarray  # (N,) numeric-branch score
-    llm: np.ndarray  # (N,) LLM score path, NaN where not computed
+    score: np.ndarray  # (N,) TRAIL ranking score
+    log_count: np.ndarray  # (N,) predicted log1p(next-period count)
     names: tuple[str, ...]
     values: np.ndarray  # (N, S) raw signals
     partitions: list[int] | None = None  # the event partitions covered; None = all of them
     total_partitions: int = 1
     source: str = ""  # which worker
 
-    def messages(self, chunk: int = PART_CHUNK_ITEMS) -> list[bytes]:
-        """orjson messages for the ranking topic (chunked: a retail tick has thousands of items)."""
+    def chunks(self, size: int = PART_CHUNK_ITEMS) -> list[ScoredChunk]:
+        """The part as ranking-topic messages (chunked: a retail tick has thousands of items)."""
         n = len(self.item_ids)
-        chunks = max(1, math.ceil(n / chunk))
-        out = []
-        for c in range(chunks):
-            sl = slice(c * chunk, (c + 1) * chunk)
-            llm = [None if math.isnan(v) else v for v in self.llm[sl].tolist()]
-            out.append(orjson.dumps({
-                "as_of_ms": self.as_of_ms, "source": self.source, "chunk": c, "chunks": chunks,
-                "partitions": self.partitions, "total_partitions": self.total_partitions, "names": list(self.names),
-                "item_ids": self.item_ids[sl], "numeric": self.numeric[sl].tolist(), "llm": llm,
-                "values": self.values[sl].tolist(),
-            }))
-        return out
+        count = max(1, math.ceil(n / size))
+        partitions = None if self.partitions is None else tuple(self.partitions)
+        return [ScoredChunk(self.as_of_ms, self.source, c, count, partitions, self.total_partitions,
+                            tuple(self.names), tuple(self.item_ids[c * size : (c + 1) * size]),
+                            self.score[c * size : (c + 1) * size], self.log_count[c * size : (c + 1) * size],
+                            self.values[c * size : (c + 1) * size])
+                for c in range(count)]
+
+    def messages(self, chunk: int = PART_CHUNK_ITEMS) -> list[bytes]:
+        """orjson bytes of `chunks(chunk)`, one message each."""
+        return [c.to_json() for c in self.chunks(chunk)]
 
     @staticmethod
-    def from_messages(raw: list[dict[str, Any]]) -> ScoredPart:
-        raw = sorted(raw, key=lambda m: m["chunk"])
-        first = raw[0]
-        names = tuple(first["names"])
-        values = [v for m in raw for v in m["values"]]
+    def from_chunks(chunks: list[ScoredChunk]) -> ScoredPart:
+        """The part back from all its chunks (any order)."""
+        chunks = sorted(chunks, key=lambda c: c.chunk)
+        first = chunks[0]
+        if any((c.as_of_ms, c.source, c.names) != (first.as_of_ms, first.source, first.names) for c in chunks):
+            raise ScoredChunkError("scored chunks of different ticks, workers or signal names in one part")
         return ScoredPart(
-            as_of_ms=int(first["as_of_ms"]), item_ids=[i for m in raw for i in m["item_ids"]],
-            numeric=np.asarray([v for m in raw for v in m["numeric"]], np.float64),
-            llm=np.asarray([np.nan if v is None else v for m in raw for v in m["llm"]], np.float64),
-            names=names, values=np.asarray(values, np.float64).reshape(len(values), len(names)),
-            partitions=first["partitions"], total_partitions=int(first["total_partitions"]), source=first["source"],
+            as_of_ms=first.as_of_ms, item_ids=[i for c in chunks for i in c.item_ids],
+            score=np.concatenate([c.score for c in chunks]), log_count=np.concatenate([c.log_count for c in chunks]),
+            names=first.names, values=np.concatenate([c.values for c in chunks]),
+            partitions=None if first.partitions is None else list(first.partitions),
+            total_partitions=first.total_partitions, source=first.source,
         )
 
 
@@ -113,108 +256,101 @@ class ScoredPart:
 class ScorerStats:
     ticks: int = 0
     items: int = 0
-    llm_items: int = 0
+    encoded: int = 0  # item states computed (cache misses)
     seconds: float = 0.0
-    llm_seconds: float = 0.0
+    encode_seconds: float = 0.0
     last: dict[str, Any] = field(default_factory=dict)
 
 
 class TickScorer:
     """The per-tick scoring work; synchronous (stream.serving.service runs it in an executor thread)."""
 
-    def __init__(self, artefact: Artefact, *, top_n: int = 100, publish_top: int = 0, batch: int | None = None,
-                 provider: str = "auto", variant: str = "auto", horizon_days: float | None = None,
-                 threads: int | None = None) -> None:
-        if top_n < 0 or publish_top < 0:
-            raise ValueError("top_n and publish_top must be >= 0")
+    def __init__(self, artefact: Artefact, *, publish_top: int = 0, batch: int | None = None, provider: str = "auto",
+                 horizon_days: float | None = None, threads: int | None = None,
+                 cache_items: int = DEFAULT_CACHE_ITEMS) -> None:
+        if publish_top < 0:
+            raise ValueError("publish_top must be >= 0")
         self.artefact = artefact
         self.model_version = artefact.model_version
         self.features = artefact.features()
-        self.tokenizer = artefact.tokenizer()
+        self.tokenizer = artefact.tokenizer()  # prompts (the explainer's)
+        self.item_tokenizer = artefact.item_tokenizer()
         self.horizon_days = artefact.horizon_days(horizon_days)
-        self.top_n = top_n
         self.publish_top = publish_top
         providers = choose_providers(provider)
-        self.variant = self._variant(variant, providers)
-        self.numeric = NumericModel(artefact.path("numeric"), threads)
-        self.model = ScoreModel(artefact.path(f"score.{self.variant}"), providers, threads, f"score.{self.variant}")
-        if variant == "auto" and self.model.provider == CPU and providers[0] != CPU:
-            # CUDA was asked for but could not start: take the variant made for CPUs
-            cpu_variant = self._variant("auto", [CPU])
-            if cpu_variant != self.variant:
-                self.variant = cpu_variant
-                self.model = ScoreModel(artefact.path(f"score.{cpu_variant}"), [CPU], threads, f"score.{cpu_variant}")
-        self.provider = self.model.provider
-        self.batch = batch or (CUDA_BATCH if self.model.cuda else CPU_BATCH)
+        self.encoder = ItemEncoder(artefact.path("item_encoder"), providers, threads)
+        # A few small matrix products per item: the CPU beats a round trip to the GPU.
+        self.head = ScoreHeadModel(artefact.path("head"), [CPU], threads)
+        self.provider = self.encoder.provider
+        self.batch = batch or (CUDA_BATCH if self.encoder.cuda else CPU_BATCH)
+        self.cache = ItemStateCache(cache_items)
+        self.hidden_size = artefact.hidden_size
         self.stats = ScorerStats()
-        log.info("scorer.ready", model_version=self.model_version, provider=self.provider, variant=self.variant,
-                 batch=self.batch, top_n=top_n, horizon_days=self.horizon_days,
-                 parity=artefact.parity(f"score.{self.variant}").get("max_abs_diff"))
-
-    def _variant(self, asked: str, providers: list[str]) -> str:
-        if asked == "auto":
-            order = ("fp16", "fp32") if providers[0] != CPU else ("int8", "fp32")
-            return next(v for v in order if self.artefact.has(f"score.{v}"))
-        if asked not in ("fp32", "int8", "fp16"):
-            raise ValueError(f"score variant {asked!r}: use auto, fp32, int8 or fp16")
-        if not self.artefact.has(f"score.{asked}"):
-            raise ArtefactError(f"model {self.model_version} has no {asked} score path; export it "
-                                f"(python -m export.onnx --model {self.artefact.root} --{asked}) or use TRAIL_SCORE_VARIANT=auto")
-        return asked
+        log.info("scorer.ready", model_version=self.model_version, provider=self.provider, batch=self.batch,
+                 horizon_days=self.horizon_days, cache_items=cache_items,
+                 parity=artefact.parity("item_encoder").get("max_abs_diff"))
 
     # ---- the pieces ------------------------------------------------------------------------------
-    def prompts(self, as_of_ms: int, signals: Signals, rows: np.ndarray, items: dict[str, ItemInfo]) -> list[str]:
-        month = season_of(as_of_ms)
-        names = signals.names
-        out = []
-        for i in rows.tolist():
-            info = items.get(signals.item_ids[i]) or ItemInfo()
-            out.append(render_prompt(info.title, info.category, dict(zip(names, signals.values[i].tolist())),
-                                     self.horizon_days, item_id=signals.item_ids[i], month=month))
-        return out
-
-    def llm_scores(self, prompts: list[str], x: np.ndarray) -> np.ndarray:
-        """Score path over prompts, batched by token length."""
-        rows = self.tokenizer.ids(prompts)
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """(N, H) item states of `texts`, batched by token length (little padding)."""
+        out = np.empty((len(texts), self.hidden_size), np.float32)
+        if not texts:
+            return out
+        rows = self.item_tokenizer.ids(texts)
         order = np.argsort([len(r) for r in rows], kind="stable")
-        out = np.empty(len(rows), np.float32)
         for start in range(0, len(order), self.batch):
             idx = order[start : start + self.batch]
-            ids, mask = self.tokenizer.pad([rows[i] for i in idx])
-            out[idx] = self.model(ids, mask, x[idx])
+            out[idx] = self.encoder(*self.item_tokenizer.pad([rows[i] for i in idx]))
         return out
 
-    def score(self, as_of_ms: int, signals: Signals, items: dict[str, ItemInfo] | None = None,
-              partitions: list[int] | None = None, total_partitions: int = 1, source: str = "") -> ScoredPart:
-        """This worker's part of a tick: the prior on all items, the LLM on its top_n."""
-        import time
+    def item_states(self, item_ids: list[str], items: Mapping[str, ItemInfo]) -> tuple[np.ndarray, int]:
+        """(N, H) states of the items, from the cache or encoded now (and cached); and how many were encoded."""
+        states = np.empty((len(item_ids), self.hidden_size), np.float32)
+        todo: dict[str, tuple[str, list[int]]] = {}  # item id -> (text, rows): an id twice is encoded once
+        for i, item in enumerate(item_ids):
+            text = text_for(item, items.get(item))
+            cached = self.cache.get(item, text)
+            if cached is not None:
+                states[i] = cached
+            else:
+                todo.setdefault(item, (text, []))[1].append(i)
+        if todo:
+            new = self.encode([t for t, _ in todo.values()])
+            for (item, (text, rows)), state in zip(todo.items(), new):
+                states[rows] = state
+                self.cache.put(item, text, state)
+        return states, len(todo)
 
+    def score(self, as_of_ms: int, signals: Signals, items: Mapping[str, ItemInfo] | None = None,
+              partitions: list[int] | None = None, total_partitions: int = 1, source: str = "") -> ScoredPart:
+        """This worker's part of a tick: the full TRAIL score of every active item."""
         t0 = time.perf_counter()
         items = items or {}
         x = self.features.of_signals(signals, self.horizon_days)
-        numeric = self.numeric(x).astype(np.float64)
-        order = np.argsort(-numeric, kind="stable")
-        keep = order if self.publish_top == 0 else order[: self.top_n + self.publish_top]
-        cand = order[: self.top_n]
-        llm = np.full(len(signals), np.nan)
+        states, encoded = self.item_states(list(signals.item_ids), items)
         t1 = time.perf_counter()
-        if len(cand):
-            llm[cand] = self.llm_scores(self.prompts(as_of_ms, signals, cand, items), x[cand])
+        score, log_count = self.head(x, states)
+        score, log_count = score.astype(np.float64), log_count.astype(np.float64)
+        keep = np.arange(len(signals))
+        if self.publish_top:
+            keep = np.array(sorted(keep.tolist(), key=lambda i: (-score[i], signals.item_ids[i]))[: self.publish_top],
+                            dtype=np.int64)
         t2 = time.perf_counter()
         s = self.stats
         s.ticks += 1
         s.items += len(signals)
-        s.llm_items += len(cand)
+        s.encoded += encoded
         s.seconds += t2 - t0
-        s.llm_seconds += t2 - t1
-        s.last = {"items": len(signals), "llm_items": len(cand), "seconds": round(t2 - t0, 3),
-                  "llm_items_per_s": round(len(cand) / (t2 - t1), 1) if len(cand) and t2 > t1 else None}
-        return ScoredPart(as_of_ms, [signals.item_ids[i] for i in keep.tolist()], numeric[keep], llm[keep],
+        s.encode_seconds += t1 - t0
+        s.last = {"items": len(signals), "encoded": encoded, "seconds": round(t2 - t0, 3),
+                  "encode_seconds": round(t1 - t0, 3), "head_seconds": round(t2 - t1, 3),
+                  "cached_items": len(self.cache)}
+        return ScoredPart(as_of_ms, [signals.item_ids[i] for i in keep.tolist()], score[keep], log_count[keep],
                           tuple(signals.names), signals.values[keep], partitions, total_partitions, source)
 
 
-def rank_tick(parts: list[ScoredPart], top_n: int, publish_top: int, model_version: str) -> list[Prediction]:
-    """One global ranking from the parts of a tick: ranks 1..K, K = all items or publish_top."""
+def rank_tick(parts: list[ScoredPart], publish_top: int, model_version: str) -> list[Prediction]:
+    """One global ranking from the parts of a tick by TRAIL score: ranks 1..K, K = all items or publish_top."""
     if not parts:
         return []
     as_of = parts[0].as_of_ms
@@ -222,7 +358,7 @@ def rank_tick(parts: list[ScoredPart], top_n: int, publish_top: int, model_versi
         raise ValueError("rank_tick: parts of different ticks")
     seen: set[str] = set()
     ids: list[str] = []
-    num, llm, values, names = [], [], [], parts[0].names
+    score, log_count, values, names = [], [], [], parts[0].names
     for p in parts:
         if p.names != names:
             raise ValueError("rank_tick: parts with different signal names")
@@ -231,21 +367,15 @@ def rank_tick(parts: list[ScoredPart], top_n: int, publish_top: int, model_versi
                 continue
             seen.add(item)
             ids.append(item)
-            num.append(p.numeric[i])
-            llm.append(p.llm[i])
+            score.append(p.score[i])
+            log_count.append(p.log_count[i])
             values.append(p.values[i])
-    numeric, llm_arr = np.asarray(num), np.asarray(llm)
-    final = numeric.copy()
-    prior = np.argsort(-numeric, kind="stable")[:top_n]
-    has_llm = ~np.isnan(llm_arr[prior])
-    final[prior[has_llm]] = llm_arr[prior[has_llm]]
-    if not has_llm.all():
-        log.warning("rank.missing_llm_scores", items=int((~has_llm).sum()), as_of_ms=as_of)
+    final = np.asarray(score, np.float64)
     # highest score first; ties by item id, so every ranker orders a tick the same way
     order = sorted(range(len(ids)), key=lambda i: (-final[i], ids[i]))
     if publish_top:
         order = order[:publish_top]
     tick = to_tick(as_of)
-    counts = predicted_count(final)
+    counts = predicted_count(np.asarray(log_count, np.float64))
     return [Prediction(ids[i], tick, float(final[i]), float(counts[i]), r, dict(zip(names, values[i].tolist())),
                        model_version) for r, i in enumerate(order, start=1)]

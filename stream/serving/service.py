@@ -1,10 +1,12 @@
 """The model inside the stream: per-tick scoring, one global ranking, predictions, explanations.
 
-    TRAIL_MODEL_DIR=models/trail-smollm2 faust -A stream.app worker      # TRAIL_TICK_HOOKS defaults to these hooks
+    TRAIL_MODEL_DIR=models/trail-smollm2 faust -A stream.app worker
 
-`stream.serving.service:on_tick` is resolved when the Faust service starts: the artefact is loaded
-and checked then (feature spec, prompt version, ONNX files and their hashes, sessions
-opened), so a wrong or corrupt model stops the worker at start with a clear message.
+`stream.app` builds one `Serving` when a model directory is configured, hands it the process's
+trend worker and result sink, starts it before the first tick and stops it on shutdown
+(`Serving.stop` has the order). The artefact is loaded and checked when the app starts (feature
+spec, prompt version, ONNX files and their hashes, sessions opened), so a wrong or corrupt
+model stops the worker at start with a clear message.
 
 Data flow (docs/serving.md has the picture and the reasons):
 
@@ -20,21 +22,8 @@ after `grace_s`, with what arrived (logged). Ticks older than the last one ranke
 dropped (counted), so predictions move forward only. The ranker commits its offsets on
 trail.scores once a tick's predictions are acknowledged by Kafka and durable in the sink.
 
-Environment (defaults in brackets), on top of stream.config's:
-    TRAIL_MODEL_DIR        the exported artefact [models/trail-smollm2]
-    TRAIL_SCORE_TOP_N      LLM candidates per tick, chosen by the numeric prior [100]
-    TRAIL_PUBLISH_TOP      predictions per tick, 0 = every active item [0]
-    TRAIL_SCORE_BATCH      prompts per ONNX run [32 on CPU, 512 on CUDA]
-    TRAIL_PROVIDER         auto | cuda | cpu [auto]
-    TRAIL_SCORE_VARIANT    auto | fp32 | int8 | fp16 [auto: int8 on CPU, fp16 on CUDA, if exported]
-    TRAIL_HORIZON_DAYS     forecast horizon [the artefact's, when it has one]
-    TRAIL_ORT_THREADS      onnxruntime intra-op threads for scoring [onnxruntime's default]
-    TRAIL_EXPLAIN_TOP      movers explained per tick [3]
-    TRAIL_EXPLAIN_BY       rise | rank_jump [rise]
-    TRAIL_EXPLAIN_THREADS  onnxruntime threads of the generator [1]
-    TRAIL_SCORES_TOPIC     the ranking topic (one partition) [trail.scores]
-    TRAIL_RANKER_GROUP     consumer group of the ranker [trail-ranker]
-    TRAIL_RANK_GRACE_S     wait for a tick's missing parts at most this long [10]
+Configuration: TRAIL_MODEL_DIR, TRAIL_SCORE_*, TRAIL_EXPLAIN_*, TRAIL_RANK* and the rest of
+`ServingConfig` come from the environment through `stream.settings`.
 """
 
 from __future__ import annotations
@@ -42,25 +31,24 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import sys
 import time
 import uuid
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import structlog
 
 from stream.ingest.catalogue import ItemCatalogue
-from stream.config import WorkerConfig
+from stream.settings import WorkerConfig
 from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker
 from stream.serving.artefact import Artefact
 from stream.serving.onnx_models import Generator, choose_providers
-from stream.core.records import Explanation, Prediction
-from stream.serving.scorer import ItemInfo, ScoredPart, TickScorer, rank_tick, season_of
+from stream.serving.constraint import ClaimConstraint
+from stream.core.features import season_of
+from stream.core.records import Explanation, ItemInfo, Prediction
+from stream.serving.scorer import ScoredChunk, ScoredChunkError, ScoredPart, TickScorer, prompt_for, rank_tick
 from stream.topics import TopicSpec
 from stream.core.trends import Signals
 
@@ -72,11 +60,10 @@ SCORES_RETENTION_MS = 3_600_000
 @dataclass(frozen=True)
 class ServingConfig:
     model_dir: Path = Path("models/trail-smollm2")
-    top_n: int = 100
     publish_top: int = 0
-    batch: int | None = None
+    batch: int | None = None  # item texts per encoder run
     provider: str = "auto"
-    variant: str = "auto"
+    cache_items: int = 200_000  # item states kept (LRU); ~2.6 kB each for SmolLM2-135M
     horizon_days: float | None = None
     threads: int | None = None
     explain_top: int = 3
@@ -87,50 +74,32 @@ class ServingConfig:
     grace_s: float = 10.0
     catalogue_wait_s: float = 30.0
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> ServingConfig:
-        env = os.environ if env is None else env
-        names = {"model_dir": "TRAIL_MODEL_DIR", "top_n": "TRAIL_SCORE_TOP_N", "publish_top": "TRAIL_PUBLISH_TOP",
-                 "batch": "TRAIL_SCORE_BATCH", "provider": "TRAIL_PROVIDER", "variant": "TRAIL_SCORE_VARIANT",
-                 "horizon_days": "TRAIL_HORIZON_DAYS", "threads": "TRAIL_ORT_THREADS",
-                 "explain_top": "TRAIL_EXPLAIN_TOP", "explain_by": "TRAIL_EXPLAIN_BY",
-                 "explain_threads": "TRAIL_EXPLAIN_THREADS", "scores_topic": "TRAIL_SCORES_TOPIC",
-                 "ranker_group": "TRAIL_RANKER_GROUP", "grace_s": "TRAIL_RANK_GRACE_S"}
-        kinds = {"model_dir": Path, "top_n": int, "publish_top": int, "batch": int, "horizon_days": float,
-                 "threads": int, "explain_top": int, "explain_threads": int, "grace_s": float}
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            var = names.get(f.name)
-            raw = env.get(var, "").strip() if var else ""
-            if not raw:
-                continue
-            kind = kinds.get(f.name, str)
-            try:
-                values[f.name] = kind(raw)
-            except ValueError:
-                raise ValueError(f"{var}={raw!r} is not a valid {kind.__name__}") from None
-        return cls(**values)
-
 
 @dataclass
 class _Tick:
     first_seen: float
-    chunks: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    chunks: dict[str, dict[int, ScoredChunk]] = field(default_factory=dict)  # source -> chunk index -> chunk
     last_offset: int = -1
 
+    def add(self, chunk: ScoredChunk, offset: int) -> None:
+        self.chunks.setdefault(chunk.source, {})[chunk.chunk] = chunk
+        self.last_offset = max(self.last_offset, offset)
+
+    def _whole(self) -> list[list[ScoredChunk]]:
+        """The chunks of every source whose part has arrived whole."""
+        return [list(c.values()) for c in self.chunks.values() if c and len(c) == next(iter(c.values())).chunks]
+
     def parts(self) -> list[ScoredPart]:
-        return [ScoredPart.from_messages(list(c.values())) for c in self.chunks.values()
-                if c and len(c) == next(iter(c.values()))["chunks"]]
+        return [ScoredPart.from_chunks(c) for c in self._whole()]
 
     def complete(self) -> bool:
-        parts = [next(iter(c.values())) for c in self.chunks.values()
-                 if c and len(c) == next(iter(c.values()))["chunks"]]
-        if not parts:
+        firsts = [c[0] for c in self._whole()]
+        if not firsts:
             return False
-        if any(p["partitions"] is None for p in parts):
+        if any(c.partitions is None for c in firsts):
             return True
-        covered = {q for p in parts for q in p["partitions"]}
-        return covered >= set(range(int(parts[0]["total_partitions"])))
+        covered = {q for c in firsts for q in c.partitions}
+        return covered >= set(range(firsts[0].total_partitions))
 
 
 @dataclass
@@ -156,15 +125,19 @@ class Serving:
         self.worker = worker
         self.sink = sink
         self.artefact = Artefact.load(config.model_dir, worker_config.trend)
-        self.scorer = TickScorer(self.artefact, top_n=config.top_n, publish_top=config.publish_top, batch=config.batch,
-                                 provider=config.provider, variant=config.variant, horizon_days=config.horizon_days,
-                                 threads=config.threads)
+        self.scorer = TickScorer(self.artefact, publish_top=config.publish_top, batch=config.batch,
+                                 provider=config.provider, horizon_days=config.horizon_days, threads=config.threads,
+                                 cache_items=config.cache_items)
         gen = Generator(self.artefact.path("generator"), choose_providers(config.provider), self.scorer.tokenizer.end_id,
                         config.explain_threads)
+        # one batch per tick's movers, each row held to its claim grammar (stream.serving.constraint)
         self.explainer = Explainer(gen.generate, self.scorer.tokenizer, self.artefact.model_version,
-                                   self.artefact.max_explanation_tokens, self._publish_explanations)
+                                   self.artefact.max_explanation_tokens, self._publish_explanations,
+                                   horizon_days=self.scorer.horizon_days, generate_batch=gen.generate_batch,
+                                   constraint=ClaimConstraint(self.artefact.path("tokenizer"), self.scorer.tokenizer.end_id),
+                                   batch_size=max(1, config.explain_top))
         self.picker = MoverPicker(config.explain_top, config.explain_by, self.scorer.horizon_days)
-        self.catalogue = ItemCatalogue(worker_config.bootstrap, self.topics.items)
+        self.catalogue = ItemCatalogue(worker_config.bootstrap, self.topics.items, kafka=worker_config.kafka)
         self.source = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stats = ServingStats()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="trail-scorer")
@@ -176,6 +149,7 @@ class Serving:
         self._last_ranked: int | None = None
         self._start_lock: asyncio.Lock | None = None
         self.started = False
+        self._closing = False
 
     # ---- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -189,9 +163,10 @@ class Serving:
         specs = [s for s in t.specs() if s.name in (t.items, t.predictions, t.explanations)]
         specs.append(TopicSpec(self.config.scores_topic, 1, t.replication,
                                {"cleanup.policy": "delete", "retention.ms": str(SCORES_RETENTION_MS)}))
-        await ensure_topics(self.worker_config.bootstrap, specs=specs)
+        kafka = self.worker_config.kafka
+        await ensure_topics(self.worker_config.bootstrap, specs=specs, kafka=kafka)
         self._producer = AIOKafkaProducer(bootstrap_servers=self.worker_config.bootstrap, acks="all", linger_ms=5,
-                                          max_request_size=4 * 1024 * 1024)
+                                          max_request_size=4 * 1024 * 1024, **kafka.client_kwargs())
         await self._producer.start()
         await self.catalogue.start()
         session_ms = int(self.worker_config.session_timeout_s * 1000)
@@ -199,7 +174,8 @@ class Serving:
                                         group_id=self.config.ranker_group, enable_auto_commit=False,
                                         auto_offset_reset="earliest", session_timeout_ms=session_ms,
                                         heartbeat_interval_ms=max(100, session_ms // 3),
-                                        fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
+                                        fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024,
+                                        **kafka.client_kwargs())
         await self._ranker.start()
         self.explainer.start()
         self._tasks = [asyncio.create_task(self._rank_loop(), name="trail-ranker"),
@@ -207,26 +183,44 @@ class Serving:
         await self.catalogue.wait_caught_up(self.config.catalogue_wait_s)
         self.started = True
         log.info("serving.started", model_version=self.artefact.model_version, provider=self.scorer.provider,
-                 variant=self.scorer.variant, top_n=self.config.top_n, items_known=len(self.catalogue.items),
+                 cache_items=self.config.cache_items, items_known=len(self.catalogue.items),
                  source=self.source)
 
-    async def stop(self) -> None:
-        for task in self._tasks:
+    async def stop(self, flush_timeout_s: float = 30.0) -> None:
+        """Stop in the order that loses nothing already published and leaves nothing open:
+        no more ranking or explaining; the sink flushed and the ranked ticks' offsets committed;
+        the ranker out of its group (its partition moves at once, not after the session timeout);
+        the explainer's and scorer's threads joined; the catalogue and the producer closed.
+        Call it after the tick hooks have stopped (stream.app does)."""
+        self._closing = True
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._commits:  # offsets of ticks already published; a store that is down must not hold the stop
-            await asyncio.wait(list(self._commits), timeout=10)
-        self._tasks = []
-        await self.explainer.stop()
-        await self.catalogue.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.explainer.stop()  # its task: no new explanation starts; a running generate() finishes below
+        if self.sink is not None:
+            # what was ranked becomes durable, so that its offsets can be committed
+            if not await asyncio.to_thread(self.sink.flush, flush_timeout_s):
+                log.warning("serving.sink_not_flushed", timeout_s=flush_timeout_s)
+        if self._commits:  # a store that is down must not hold the stop: those ticks are ranked again
+            _, pending = await asyncio.wait(list(self._commits), timeout=10)
+            for task in pending:
+                task.cancel()
         if self._ranker is not None:
-            await self._ranker.stop()
+            coordinator = getattr(self._ranker, "_coordinator", None)
+            member, generation = getattr(coordinator, "member_id", None), getattr(coordinator, "generation", None)
+            await self._ranker.stop()  # sends LeaveGroup (aiokafka: for generations > 0)
             self._ranker = None
+            log.info("ranker.stopped", group=self.config.ranker_group, member_id=member, generation=generation)
+        await asyncio.to_thread(self.explainer.executor.shutdown, True)
+        await asyncio.to_thread(self._executor.shutdown, True)
+        await self.catalogue.stop()
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
-        self._executor.shutdown(wait=False)
         self.started = False
+        log.info("serving.stopped", ticks_scored=self.stats.ticks_scored, ticks_ranked=self.stats.ticks_ranked,
+                 predictions=self.stats.predictions, explanations=self.stats.explanations)
 
     # ---- the tick hook (every worker) ----------------------------------------------------------------
     def _ownership(self) -> tuple[list[int] | None, int]:
@@ -237,6 +231,8 @@ class Serving:
         return sorted(w.parts), total
 
     async def on_tick(self, as_of_ms: int, signals: Signals) -> None:
+        if self._closing:
+            return
         if not self.started:
             if self._start_lock is None:
                 self._start_lock = asyncio.Lock()
@@ -259,17 +255,16 @@ class Serving:
             for tp, msgs in batches.items():
                 for m in msgs:
                     try:
-                        msg = orjson.loads(m.value)
-                        as_of = int(msg["as_of_ms"])
-                    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                        log.warning("ranker.bad_message", offset=m.offset)
+                        chunk = ScoredChunk.from_json(m.value)
+                    except ScoredChunkError as e:
+                        log.warning("ranker.bad_message", offset=m.offset, error=str(e))
                         continue
+                    as_of = chunk.as_of_ms
                     if self._last_ranked is not None and as_of <= self._last_ranked:
                         self.stats.late_messages += 1  # a part of a tick already ranked
                         continue
                     tick = self._ticks.setdefault(as_of, _Tick(time.monotonic()))
-                    tick.chunks.setdefault(msg["source"], {})[int(msg["chunk"])] = msg
-                    tick.last_offset = max(tick.last_offset, m.offset)
+                    tick.add(chunk, m.offset)
                     if tick.complete():
                         await self._rank(as_of, tp)
 
@@ -290,8 +285,7 @@ class Serving:
             del self._ticks[older]
             self.stats.ticks_dropped += 1
         self._last_ranked = as_of
-        predictions = rank_tick(tick.parts(), self.config.top_n, self.config.publish_top,
-                                self.artefact.model_version)
+        predictions = rank_tick(tick.parts(), self.config.publish_top, self.artefact.model_version)
         seq = await self._publish_predictions(predictions)
         self.stats.ticks_ranked += 1
         self.stats.last_published_at = time.time()
@@ -309,15 +303,9 @@ class Serving:
         month = season_of(as_of)
         for p in self.picker(predictions):
             info = self.catalogue.items.get(p.item_id) or ItemInfo()
-            prompt = self.scorer_prompt(p, info, month)
+            prompt = prompt_for(p.item_id, info, p.signals, self.scorer.horizon_days, month)
             movers.append(Mover(p, prompt, info.title))
         return ExplainRequest(as_of, movers)
-
-    def scorer_prompt(self, p: Prediction, info: ItemInfo, month: str) -> str:
-        from stream.core.prompts import render_prompt
-
-        return render_prompt(info.title, info.category, p.signals, self.scorer.horizon_days, item_id=p.item_id,
-                             month=month)
 
     async def _commit_when_durable(self, tp: Any, offset: int, seq: int | None) -> None:
         try:
@@ -343,27 +331,3 @@ class Serving:
         self.stats.explanations += len(records)
         if self.sink is not None:
             await self.sink.asubmit(records)
-
-
-# ---- the hook as stream.app loads it: TRAIL_TICK_HOOKS=stream.serving.service:on_tick ----------------------------
-
-_serving: Serving | None = None
-
-
-def serving_from_env() -> Serving:
-    """The process's Serving, built (and the artefact checked) on first use."""
-    global _serving
-    if _serving is None:
-        from stream.store.hooks import shared_sink
-
-        app = sys.modules.get("stream.app")  # the running Faust app, when there is one
-        _serving = Serving(ServingConfig.from_env(), WorkerConfig.from_env(), sink=shared_sink(),
-                           worker=getattr(app, "worker", None))
-    return _serving
-
-
-def __getattr__(name: str) -> Any:
-    # `stream.serving.service:on_tick` is looked up when the service starts: the model is loaded then.
-    if name == "on_tick":
-        return serving_from_env().on_tick
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,15 +3,16 @@
 One code path for both deployments, through clickhouse-connect:
 
 * embedded (default): the real ClickHouse engine in-process via chdb,
-  `clickhouse_connect.get_client(dsn="chdb:///<dir>")`, data under TRAIL_CLICKHOUSE_PATH
-  (./var/clickhouse). chdb serves one data directory per process and its client is
-  synchronous, so callers use a client from one thread at a time (the sink has its own thread).
+  `clickhouse_connect.get_client(dsn="chdb:///<dir>")`, data under TRAIL_CLICKHOUSE_PATH.
+  chdb serves one data directory per process and its client is synchronous, so callers use
+  a client from one thread at a time (the sink has its own thread).
 * server: CLICKHOUSE_URL=http://host:8123 (https://... or CLICKHOUSE_SECURE=1 for TLS), with
   CLICKHOUSE_USER, CLICKHOUSE_PASSWORD, CLICKHOUSE_DATABASE.
 
 The DDL lives in deploy/clickhouse/NNN_name.sql (TRAIL_DDL_DIR overrides the folder);
 `ensure_schema` applies the files not yet recorded in trail_schema_migrations, then sets
-the retention TTL (TRAIL_RESULTS_TTL_DAYS, 0 = keep forever).
+the retention TTL (TRAIL_RESULTS_TTL_DAYS, 0 = keep forever). `stream.settings` reads these
+variables into a StoreConfig.
 
 clickhouse_connect is imported inside functions only: importing this module costs nothing.
 """
@@ -19,9 +20,8 @@ clickhouse_connect is imported inside functions only: importing this module cost
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -58,8 +58,9 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     Explanation.table: (
         ("item_id", "String"), ("tick", _TS), ("model_version", "LowCardinality(String)"),
-        ("rank", "UInt32"), ("explanation", "String"), ("faithful", "Bool"),
-        ("claims_checked", "UInt32"), ("written_at", _TS),
+        ("rank", "UInt32"), ("explanation", "String"), ("raw_explanation", "String"), ("repaired", "Bool"),
+        ("faithful", "Bool"), ("claims_checked", "UInt32"), ("forecast", "Nullable(String)"),
+        ("forecast_agrees", "Bool"), ("written_at", _TS),
     ),
     TrendSnapshot.table: (
         ("item_id", "String"), ("tick", _TS), ("model_version", "LowCardinality(String)"),
@@ -70,32 +71,6 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
 
 class StoreError(RuntimeError):
     """The store is misconfigured or its schema files are unusable."""
-
-
-def _flag(name: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off", ""):
-        return False
-    raise StoreError(f"{name}={value!r} is not a boolean (use 1/0, true/false)")
-
-
-def _int(name: str, value: str, minimum: int) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise StoreError(f"{name}={value!r} is not an integer") from None
-    if n < minimum:
-        raise StoreError(f"{name}={n} must be >= {minimum}")
-    return n
-
-
-def _compression(value: str) -> bool | str:
-    """CLICKHOUSE_COMPRESS: empty = on (lz4 when installed), a method name, or a boolean."""
-    if value.lower() in ("lz4", "zstd", "gzip", "deflate", "br"):
-        return value.lower()
-    return _flag("CLICKHOUSE_COMPRESS", value) if value else True
 
 
 @dataclass(frozen=True)
@@ -127,29 +102,6 @@ class StoreConfig:
     @property
     def embedded(self) -> bool:
         return self.url is None
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> StoreConfig:
-        env = os.environ if env is None else env
-        d = cls()
-
-        def get(name: str) -> str:
-            return env.get(name, "").strip()
-
-        url = get("CLICKHOUSE_URL") or None
-        values: dict[str, Any] = {
-            "url": url,
-            "path": Path(get("TRAIL_CLICKHOUSE_PATH") or d.path),
-            "database": get("CLICKHOUSE_DATABASE") or d.database,
-            "user": get("CLICKHOUSE_USER") or d.user,
-            "password": env.get("CLICKHOUSE_PASSWORD", d.password),
-            "secure": _flag("CLICKHOUSE_SECURE", get("CLICKHOUSE_SECURE")) if get("CLICKHOUSE_SECURE") else d.secure,
-            "compress": _compression(get("CLICKHOUSE_COMPRESS")),
-            "ttl_days": _int("TRAIL_RESULTS_TTL_DAYS", get("TRAIL_RESULTS_TTL_DAYS"), 0) if get("TRAIL_RESULTS_TTL_DAYS") else d.ttl_days,
-            "ddl_dir": Path(get("TRAIL_DDL_DIR") or d.ddl_dir),
-        }
-        values.update(overrides)
-        return cls(**values)
 
     def describe(self) -> str:
         """Where the store is, for logs and error messages (never the password)."""

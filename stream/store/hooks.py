@@ -1,11 +1,12 @@
-"""The stream process's shared ResultSink, and a tick hook that stores trend snapshots.
+"""Trend snapshots into ClickHouse: a tick hook the app wires when it runs a sink.
 
-One sink per process (it owns a spill directory and, embedded, the chdb data directory):
-the scorer, the explainer and the hook below all submit through `shared_sink()`, which is
-configured from the environment (StoreConfig.from_env, SinkConfig.from_env) on first use
-and drained at interpreter exit (or by `close_shared_sink()` from a shutdown handler).
+`stream.app` builds one ResultSink per process (it owns a spill directory and, embedded,
+the chdb data directory) and hands it to everything that stores results: the ranker, the
+explainer and `SnapshotStore` below, whose `on_tick` method it adds to the trend worker's
+tick hooks. The app drains and closes the sink last, after everything that submits to it
+has stopped (stream.app's module doc has the shutdown order).
 
-    TRAIL_TICK_HOOKS=stream.store.hooks:store_snapshots faust -A stream.app worker
+    SnapshotStore(sink).on_tick      # async (as_of_ms, signals): every active item's signals
 
 stores every active item's signals at each tick in trail_trend_snapshots, which the
 accuracy dashboard reads realised counts from.
@@ -14,35 +15,12 @@ accuracy dashboard reads realised counts from.
 from __future__ import annotations
 
 import asyncio
-import atexit
-import threading
 
 from stream.core.records import TrendSnapshot, to_tick
-from stream.store.sink import ResultSink, SinkConfig
-from stream.store.clickhouse import StoreConfig
+from stream.store.sink import ResultSink
 from stream.core.trends import SIGNALS_VERSION, Signals
 
 FEATURE_VERSION = f"signals-v{SIGNALS_VERSION}"
-
-_lock = threading.Lock()
-_sink: ResultSink | None = None
-
-
-def shared_sink() -> ResultSink:
-    global _sink
-    with _lock:
-        if _sink is None:
-            _sink = ResultSink(StoreConfig.from_env(), SinkConfig.from_env()).start()
-            atexit.register(close_shared_sink)
-        return _sink
-
-
-def close_shared_sink(timeout: float | None = 60.0) -> bool:
-    """Drain and stop the shared sink (True when everything was written or spilled)."""
-    global _sink
-    with _lock:
-        sink, _sink = _sink, None
-    return True if sink is None else sink.close(timeout)
 
 
 def snapshot_records(signals: Signals, feature_version: str = FEATURE_VERSION) -> list[TrendSnapshot]:
@@ -52,7 +30,14 @@ def snapshot_records(signals: Signals, feature_version: str = FEATURE_VERSION) -
             for item, row in zip(signals.item_ids, signals.values.tolist())]
 
 
-async def store_snapshots(as_of_ms: int, signals: Signals) -> None:
-    """Tick hook: queue this tick's signals for trail_trend_snapshots (waits only when the sink is full)."""
-    records = await asyncio.to_thread(snapshot_records, signals)  # thousands of records: off the loop
-    await shared_sink().asubmit(records)
+class SnapshotStore:
+    """The tick hook that queues each tick's signals for trail_trend_snapshots through `sink`."""
+
+    def __init__(self, sink: ResultSink, feature_version: str = FEATURE_VERSION) -> None:
+        self.sink = sink
+        self.feature_version = feature_version
+
+    async def on_tick(self, as_of_ms: int, signals: Signals) -> None:
+        """Waits only when the sink is full (back-pressure on the tick hooks, never on consumption)."""
+        records = await asyncio.to_thread(snapshot_records, signals, self.feature_version)  # thousands: off the loop
+        await self.sink.asubmit(records)

@@ -4,8 +4,9 @@
 event loop and writes them from its own thread (the clickhouse-connect client, embedded
 chdb or HTTP, is synchronous), so no ClickHouse call ever runs on the asyncio loop.
 
-    sink = ResultSink(StoreConfig.from_env()); sink.start()
-    seq = await sink.asubmit(predictions + explanations)   # never blocks unless full
+    settings = load_settings()                               # stream.settings
+    sink = ResultSink(settings.store, settings.sink); sink.start()
+    seq = await sink.asubmit(predictions + explanations)     # never blocks unless full
     await sink.wait_durable(seq)                             # then commit the Kafka offsets
     sink.close()                                             # drains
 
@@ -98,26 +99,6 @@ class SinkConfig:
             _positive(name, getattr(self, name))
         if self.max_spill_bytes < 0:
             raise ValueError(f"SinkConfig.max_spill_bytes must be >= 0 (0 disables spilling), got {self.max_spill_bytes}")
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> SinkConfig:
-        """TRAIL_SINK_BATCH_ROWS, _FLUSH_INTERVAL_S, _MAX_BUFFER_ROWS, _SPILL_AFTER_S,
-        _MAX_SPILL_BYTES, _RETRY_INITIAL_S, _RETRY_MAX_S, TRAIL_SINK_SPILL_DIR."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for name, kind in (("batch_rows", int), ("flush_interval_s", float), ("max_buffer_rows", int),
-                           ("spill_after_s", float), ("max_spill_bytes", int), ("retry_initial_s", float),
-                           ("retry_max_s", float)):
-            raw = env.get(f"TRAIL_SINK_{name.upper()}", "").strip()
-            if raw:
-                try:
-                    values[name] = kind(raw)
-                except ValueError:
-                    raise ValueError(f"TRAIL_SINK_{name.upper()}={raw!r} is not a number") from None
-        if env.get("TRAIL_SINK_SPILL_DIR", "").strip():
-            values["spill_dir"] = Path(env["TRAIL_SINK_SPILL_DIR"].strip())
-        values.update(overrides)
-        return cls(**values)
 
 
 @dataclass

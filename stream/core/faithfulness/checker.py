@@ -1,0 +1,406 @@
+"""The checker: every number and direction of an explanation tied to a window and a measure,
+then verified against the item's signals within the tolerances (stream.core.faithfulness has the rules)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+from stream.core.faithfulness.vocabulary import (COUNT_NOUNS, UNIT, USER_NOUNS, _ADJECTIVES, _CHANGE_WORD_AFTER,
+    _DOWN_WORDS, _FORECAST, _FUNCTION_WORDS, _I, _MARK_CHANGE, _MARK_CUR, _MARK_PREV, _OUTLOOK_OF, _OUTLOOK_WORD,
+    _UNIT_HOURS, _UP_WORDS, _WORD)
+from stream.core.faithfulness.parse import _Clause, _Item, _Parser, _trailing_qualifier
+from stream.core.prompts import main_window, short_title, signal_windows
+
+
+# ---- results ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One checkable statement of an explanation."""
+
+    text: str  # the explanation's characters that make the claim
+    start: int
+    end: int
+    kind: str  # "number" | "direction" | "comparison"
+    measure: str | None  # count, prev_count, users, change, ratio, percent, age, idle, total; None if unknown
+    window: str | None  # the signals' window name ("7d"); None for age/idle/total or when unattributed
+    stated: float | str  # the number, or the direction ("rise", "not fall", "steady" ...)
+    true: float | str | None  # what the signals say; None when the claim could not be tied to a signal
+    ok: bool
+    reason: str = ""  # why a claim is false
+
+
+@dataclass(frozen=True)
+class FaithfulnessResult:
+    claims: list[Claim]
+    checked: int  # claims verified (all of `claims`)
+    false: int  # claims that are wrong or cannot be tied to a signal
+    faithful: bool  # no false claim (also True when nothing was checkable: see checked)
+    outlook: str | None = None  # forecast direction ("rise"/"fall"/"steady"), not a checked claim
+    unattributed: int = field(default=0)  # of `false`: claims not tied to any signal
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _true_direction(c: float, p: float) -> str:
+    v = c - p
+    if abs(v) <= max(1.0, 0.1 * max(c, p)):
+        return "steady" if v == 0 else ("steady/rise" if v > 0 else "steady/fall")
+    return "rise" if v > 0 else "fall"
+
+
+def _direction_ok(rel: str, neg: bool, c: float, p: float) -> bool:
+    v = c - p
+    steady = abs(v) <= max(1.0, 0.1 * max(c, p))
+    holds = {"rise": v > 0, "fall": v < 0, "steady": steady}[rel]
+    return holds != neg
+
+
+def _number_ok(stated: float, true: float, q: str, tol_abs: float = 1.0, tol_rel: float = 0.1) -> bool:
+    if q == "approx":
+        return abs(stated - true) <= max(tol_abs, tol_rel * abs(true))
+    if q == "gt":
+        return true > stated
+    if q == "ge":
+        return true >= stated
+    if q == "lt":
+        return true < stated
+    if q == "le":
+        return true <= stated
+    return math.isclose(stated, true, abs_tol=1e-9)
+
+
+def _unit_hours(unit: str) -> float:
+    u = unit.lower()
+    u = u.rstrip("s") if len(u) > 1 else u
+    h = _UNIT_HOURS.get(u, 24.0)
+    return 730.5 if h < 0 else h  # a month as an age: 30.4 days
+
+
+class _Checker:
+    def __init__(self, text: str, signals: Mapping[str, float], windows: tuple[str, ...], default_window: str) -> None:
+        self.text = text
+        self.s = signals
+        self.windows = windows
+        self.default_window = default_window
+        self.claims: list[Claim] = []
+        self.outlook: str | None = None
+
+    def add(self, it: _Item, kind: str, measure: str | None, window: str | None, stated, true, ok: bool, reason: str = "") -> None:
+        self.claims.append(Claim(self.text[it.start : it.end], it.start, it.end, kind, measure, window, stated, true, ok, reason))
+
+    def unattributed(self, it: _Item, kind: str, measure: str | None, window: str | None, stated, reason: str) -> None:
+        self.add(it, kind, measure, window, stated, None, False, reason)
+
+    def sig(self, name: str) -> float | None:
+        v = self.s.get(name)
+        return None if v is None else float(v)
+
+    def run(self, parser: _Parser) -> None:
+        clauses = parser.clauses()
+        items = parser.items
+        ci = 0
+        for it in items:
+            while ci + 1 < len(clauses) and it.start >= clauses[ci + 1].start:
+                ci += 1
+            it.clause = ci
+        by_clause: list[list[_Item]] = [[] for _ in clauses]
+        for it in items:
+            by_clause[it.clause].append(it)
+        for c, its in zip(clauses, by_clause):
+            c.forecast = any(i.kind == "future" for i in its) or bool(_FORECAST.search(self.text, c.start, c.end))
+            phrases = [i for i in its if i.kind == "window"]
+            if phrases:
+                c.own = phrases[-1].data["w"]
+        # window in force: own; else the next clause's if joined by "and"; else the one before; else the
+        # next one in the same sentence
+        context: str | None = None
+        for k, c in enumerate(clauses):
+            if c.own is not None:
+                c.window = c.own
+            elif c.soft_next and k + 1 < len(clauses) and clauses[k + 1].own is not None:
+                c.window = clauses[k + 1].own
+            elif context is not None:
+                c.window = context
+            else:
+                c.window = next((d.own for d in clauses[k + 1 :] if d.sentence == c.sentence and d.own), None)
+            if c.window is not None:
+                context = c.window
+        last_measure: dict[int, str] = {}  # sentence -> base measure of its last number
+        for c, its in zip(clauses, by_clause):
+            if c.forecast and not any(i.kind in ("direction", "comparison") for i in its):
+                m = _OUTLOOK_WORD.search(self.text, c.start, c.end)  # "expect more interactions next week"
+                if m:
+                    self.outlook = _OUTLOOK_OF[m.group(1).lower()]
+            phrases = [i for i in its if i.kind in ("window", "future")]
+            for it in its:
+                if it.kind in ("window", "future"):
+                    continue
+                near = self._nearest(it, phrases)
+                if it.kind in ("direction", "comparison"):
+                    self._direction(it, c, near)
+                elif it.kind in ("age", "idle"):
+                    self._age_idle(it)
+                elif it.kind == "total":
+                    if it.data["soft"] and near is not None and near.kind == "window":
+                        # "41 interactions in total over the last 7 days": the window's count
+                        self._count_number(it, c, near, its, last_measure, force_noun="count")
+                    else:
+                        self._simple(it, "total", "total_count", it.data["n"], it.data["q"])
+                elif it.kind in ("ratio", "percent"):
+                    self._ratio(it, c, near, its)
+                elif it.kind == "number":
+                    self._count_number(it, c, near, its, last_measure)
+
+    @staticmethod
+    def _nearest(it: _Item, phrases: list[_Item]) -> _Item | None:
+        best, best_d = None, None
+        end = it.data.get("ext", it.end)  # a number with its noun: "41 interactions"
+        for p in phrases:
+            d = (it.start - p.end) if p.end <= it.start else (p.start - end)
+            d = d * 2 + (1 if p.end <= it.start else 0)  # ties: the phrase after the claim
+            if best_d is None or d < best_d:
+                best, best_d = p, d
+        return best
+
+    def _window_of(self, c: _Clause, near: _Item | None) -> tuple[str | None, bool, bool]:
+        """(window, phrase says previous window, phrase is in the future)."""
+        if near is not None:
+            if near.kind == "future":
+                return None, False, True
+            return near.data["w"], near.data["prev"], False
+        return c.window, False, False
+
+    def _direction(self, it: _Item, c: _Clause, near: _Item | None) -> None:
+        rel, neg = it.data["rel"], it.data["neg"]
+        stated = ("not " if neg else "") + rel
+        window, _, future = self._window_of(c, near)
+        if c.forecast or future:
+            self.outlook = stated if stated in ("rise", "fall", "steady") else self.outlook
+            return
+        kind = it.kind
+        window = window or self.default_window
+        if window == "?":
+            self.unattributed(it, kind, "count", None, stated, "window the signals do not have")
+            return
+        cur, prev = self.sig(f"count_{window}"), self.sig(f"prev_count_{window}")
+        if cur is None or prev is None:
+            self.unattributed(it, kind, "count", window, stated, f"no count_{window} signal")
+            return
+        self.add(it, kind, "count", window, stated, _true_direction(cur, prev), _direction_ok(rel, neg, cur, prev),
+                 "" if _direction_ok(rel, neg, cur, prev) else f"{cur:g} vs {prev:g} before")
+
+    def _simple(self, it: _Item, measure: str, signal: str, stated: float, q: str) -> None:
+        true = self.sig(signal)
+        if true is None:
+            self.unattributed(it, "number", measure, None, stated, f"no {signal} signal")
+            return
+        ok = _number_ok(stated, true, q)
+        self.add(it, "number", measure, None, stated, true, ok, "" if ok else f"{signal} is {true:g}")
+
+    def _age_idle(self, it: _Item) -> None:
+        signal = "age_h" if it.kind == "age" else "idle_h"
+        hours = self.sig(signal)
+        stated, q, unit = it.data["n"], it.data["q"], it.data["unit"]
+        if hours is None:
+            self.unattributed(it, "number", it.kind, None, stated, f"no {signal} signal")
+            return
+        true = hours / _unit_hours(unit)
+        # ages are stated rounded either way: within one unit of the truth
+        ok = abs(stated - true) < 1 if q == "exact" else _number_ok(stated, true, q)
+        self.add(it, "number", it.kind, None, stated, round(true, 2), ok, "" if ok else f"{signal} is {hours:g}h")
+
+    def _ratio(self, it: _Item, c: _Clause, near: _Item | None, its: list[_Item]) -> None:
+        window, _, future = self._window_of(c, near)
+        window = window or (self.default_window if it.kind == "ratio" else None)
+        measure = it.kind
+        stated, q = it.data["n"], it.data["q"]
+        if future:
+            self.unattributed(it, "comparison", measure, None, stated, "a forecast number, not a signal")
+            return
+        if window in (None, "?"):
+            self.unattributed(it, "comparison", measure, None, stated, "no window")
+            return
+        cur, prev = self.sig(f"count_{window}"), self.sig(f"prev_count_{window}")
+        if cur is None or prev is None or prev == 0:
+            self.unattributed(it, "comparison", measure, window, stated, "no previous count to compare with")
+            return
+        if it.kind == "ratio":
+            true = cur / prev
+            ok = abs(true - stated) <= 0.1 * stated if q == "exact" else _number_ok(stated, true, q, 0.0, 0.2)
+        else:
+            sign = it.data["sign"]
+            if sign:
+                signed = -stated if sign in "-−" else stated
+            else:
+                rel = self._clause_direction(it, its)
+                if rel is None:
+                    self.unattributed(it, "comparison", measure, window, stated, "a percentage without up/down")
+                    return
+                signed = stated if rel == "rise" else -stated
+            stated = signed
+            true = 100.0 * (cur - prev) / prev
+            ok = _number_ok(signed, true, q, 2.0, 0.1) if q != "exact" else abs(signed - true) <= max(1.0, 0.05 * abs(true))
+        self.add(it, "comparison", measure, window, stated, round(true, 3), ok, "" if ok else f"{cur:g} vs {prev:g} before")
+
+    def _clause_direction(self, it: _Item, its: list[_Item]) -> str | None:
+        dirs = [i for i in its if i.kind in ("direction", "comparison") and i.data["rel"] in ("rise", "fall")]
+        if not dirs:
+            after = self.text[it.end : it.end + 25].lower()
+            m = _CHANGE_WORD_AFTER.match(after)
+            if not m:
+                return None
+            return "rise" if m.group(1) in ("more", "higher", "increase", "rise", "jump", "gain", "growth") else "fall"
+        d = min(dirs, key=lambda i: abs(i.start - it.start))
+        return d.data["rel"] if not d.data["neg"] else ("fall" if d.data["rel"] == "rise" else "rise")
+
+    def _count_number(self, it: _Item, c: _Clause, near: _Item | None, its: list[_Item],
+                      last_measure: dict[int, str], force_noun: str | None = None) -> None:
+        text = self.text
+        stated = it.data["n"]
+        before = text[c.start : it.start]
+        before, q = _trailing_qualifier(before)
+        if it.kind == "total":
+            q = it.data["q"]
+        # the words after the number: its noun
+        words = [w.lower() for w in _WORD.findall(text[it.end : c.end])[:4]]
+        change_sign = 0
+        noun = force_noun
+        rest = words
+        while rest and rest[0] in _ADJECTIVES:
+            rest = rest[1:]
+        if rest and rest[0] in ("more", "extra", "additional", "fewer", "less"):
+            change_sign = 1 if rest[0] in ("more", "extra", "additional") else -1
+            rest = rest[1:]
+        if noun is None and rest:
+            w = rest[0]
+            if w in COUNT_NOUNS:
+                noun = "count"
+            elif w in USER_NOUNS:
+                noun = "users"
+            elif re.fullmatch(UNIT, w):
+                self.unattributed(it, "number", None, None, stated,
+                                  f"a duration ('{stated:g} {w}') that is no window, age or idle time")
+                return
+            elif w == "of" and rest[1:2] == ["them"]:
+                noun = None
+            elif w not in _FUNCTION_WORDS and not w.isdigit():
+                self.unattributed(it, "number", None, None, stated, f"unknown measure '{w}'")
+                return
+        m_change = _MARK_CHANGE.search(before)
+        m_prev = _MARK_PREV.search(before)
+        m_cur = _MARK_CUR.search(before)
+        if m_change and not (m_change.group("dir") or m_change.group("noun")) and noun == "users":
+            m_change = None  # "bought by 29 customers": who, not how much it changed
+        if m_change and not change_sign and not (m_prev or m_cur):
+            word = (m_change.group("dir") or m_change.group("noun") or "").lower()
+            if word in _UP_WORDS:
+                change_sign = 1
+            elif word in _DOWN_WORDS:
+                change_sign = -1
+            else:
+                rel = self._clause_direction(it, its)
+                change_sign = 0 if rel is None else (1 if rel == "rise" else -1)
+                if rel is None:
+                    self.unattributed(it, "number", "change", None, stated, "a change without up/down")
+                    return
+        window, phrase_prev, future = self._window_of(c, near)
+        labelled = near is not None and near.end <= it.start and not text[near.end : it.start].strip(" :")
+        # a bare number takes the measure of the sentence's previous number ("29 buyers vs 20"),
+        # unless a window labels it ("1d:6", "last day: 6"): then it is that window's count
+        base = noun or ("count" if labelled else last_measure.get(c.sentence, "count"))
+        if noun is None and base == "users" and (m_prev or (phrase_prev and not m_cur)):
+            base = "count"  # "from 29 users, compared with 12 the week before": there is no previous-window user count
+        if noun:
+            last_measure[c.sentence] = noun
+        if future:
+            self.unattributed(it, "number", base, None, stated, "a forecast number, not a signal")
+            return
+        if window is None:
+            self.unattributed(it, "number", base, None, stated, "no window")
+            return
+        if window == "?":
+            self.unattributed(it, "number", base, None, stated, "a window the signals do not have")
+            return
+        if change_sign:
+            if base != "count":
+                self.unattributed(it, "number", "change", window, stated, "no previous-window user signal")
+                return
+            cur, prev = self.sig(f"count_{window}"), self.sig(f"prev_count_{window}")
+            if cur is None or prev is None:
+                self.unattributed(it, "number", "change", window, stated, f"no count_{window} signal")
+                return
+            true = cur - prev
+            signed = change_sign * stated
+            ok = _number_ok(signed, true, q)
+            self.add(it, "number", "change", window, signed, true, ok, "" if ok else f"{cur:g} vs {prev:g} before")
+            return
+        # "41 against 12 the week before": when another number of the clause is marked as the
+        # previous one, an unmarked number is the current window's, whatever phrase is nearest
+        sibling_prev = any(
+            o is not it and o.kind == "number" and _MARK_PREV.search(_trailing_qualifier(text[c.start : o.start])[0])
+            for o in its
+        )
+        is_prev = bool(m_prev) or (phrase_prev and not m_cur and not sibling_prev)
+        if is_prev and base == "users":
+            if m_prev and m_prev.group(0).strip().lower() == "from":
+                is_prev = False  # "bought by ... from 29 customers": the users of the window itself
+            else:
+                self.unattributed(it, "number", "users", window, stated, "no previous-window user signal")
+                return
+        signal = f"{'prev_count' if is_prev else ('users' if base == 'users' else 'count')}_{window}"
+        measure = signal.rsplit("_", 1)[0]
+        true = self.sig(signal)
+        if true is None:
+            self.unattributed(it, "number", measure, window, stated, f"no {signal} signal")
+            return
+        if is_prev and q in ("gt", "lt") and phrase_prev:
+            # "41 sales, more than 12 the week before": 12 is the previous count, and the current is higher
+            cur = self.sig(f"count_{window}")
+            ok = math.isclose(stated, true) and cur is not None and ((cur > true) if q == "gt" else (cur < true))
+        else:
+            ok = _number_ok(stated, true, q)
+        self.add(it, "number", measure, window, stated, true, ok, "" if ok else f"{signal} is {true:g}")
+
+
+
+def check(explanation: str, signals: Mapping[str, float], *, default_window: str | None = None,
+          title: str | None = None) -> FaithfulnessResult:
+    """Extract the checkable claims of `explanation` and verify each against `signals`.
+
+    `default_window` is the window a direction with no window anywhere in the text
+    talks about ("Demand is rising."); by default the window closest to 7 days.
+    `title`: the item's title; where the text repeats it (or its prompt form), its
+    words make no claims ("Pack of 72 cake cases" states no count).
+    """
+    if not isinstance(explanation, str):
+        raise TypeError(f"explanation must be str, got {type(explanation).__name__}")
+    windows = signal_windows(signals)
+    if not windows:
+        raise ValueError(f"signals row has no count_<window> keys: {sorted(signals)}")
+    default = default_window or main_window(windows, 7)
+    if default not in windows:
+        raise ValueError(f"default_window {default!r} is not among the signals' windows {windows}")
+    parser = _Parser(explanation, windows)
+    if isinstance(title, str) and title.strip():
+        for form in {title.strip(), short_title(title).rstrip("…")}:
+            for m in re.finditer(re.escape(form), explanation, _I):
+                parser.taken[m.start() : m.end()] = b"\x01" * (m.end() - m.start())
+    parser.parse()
+    checker = _Checker(explanation, signals, windows, default)
+    checker.run(parser)
+    claims = sorted(checker.claims, key=lambda c: c.start)
+    false = sum(not c.ok for c in claims)
+    return FaithfulnessResult(
+        claims=claims,
+        checked=len(claims),
+        false=false,
+        faithful=false == 0,
+        outlook=checker.outlook,
+        unattributed=sum(c.true is None for c in claims),
+    )

@@ -1,0 +1,296 @@
+"""The claim grammar: every true explanation of one item, as a grammar the decoder is held to.
+
+`claim_grammar(signals, horizon_days, forecast)` builds, per item, the language of the
+sentences the model was trained to write (the shapes, templates and synonym banks of
+`trainer.explanations.target_explanation`) with the item's own numbers substituted and
+every direction and comparison word fixed to the truth of the comparison it states:
+
+- numbers: only whole values the prompt shows (`count_w` of every window, `prev_count_w`
+  and `users_w` of the detailed windows, the age), each in the phrase that names its
+  window and measure, so a number is only ever emitted where it is true;
+- directions: "up from / rose from / down from / the same as ..." of the main window
+  follow its count against the previous one (strict: ties are "the same as");
+- the forecast clause ("Likely to rise next week.", "Expect fewer events ...") is the
+  given `forecast` (`stream.core.forecast.outlook` of the model's own prediction); the
+  joining word is "and" when it agrees with the current trend, "but" when it does not.
+
+The model still chooses: which of the four sentence shapes, which lead and verb, which
+window phrase, which noun, which second fact (users, the shortest window, the longest
+window with or without its previous count, the age, or none). The grammar is written as
+Lark for llguidance (`lark()`), which turns it into per-step token masks in the stream
+(numpy, stream.serving.onnx_models) and in the trainer (a transformers LogitsProcessor);
+`sample()` draws random sentences of the same language, so tests can check that
+everything it admits passes `stream.core.faithfulness.check` with the forced forecast.
+Generation follows the prompt's separator: the decoded text starts with one space.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from stream.core.prompts import detailed_windows, main_window, signal_windows, window_hours
+
+OUTLOOKS = ("rise", "steady", "fall")
+
+# ---- the vocabulary of the training targets (trainer/explanations.py writes the same phrases) ----
+COUNT_NOUNS = ("interactions", "events")
+USER_NOUNS = ("users", "distinct users", "different users", "unique users", "people")
+LEADS = {
+    "rise": ("Rising", "Trending up", "Demand is rising", "Interest is growing", "Picking up", "On the rise",
+             "Growing", "Demand is climbing"),
+    "fall": ("Falling", "Trending down", "Demand is cooling", "Interest is fading", "Slowing down",
+             "On the decline", "Declining", "Demand is dropping"),
+    "steady": ("Steady", "Holding steady", "Flat", "Demand is stable", "Unchanged"),
+}
+OUTLOOK_SENTENCES = {
+    "rise": ("Likely to rise {h}.", "Expect more {noun} {h}.", "Should keep climbing {h}.", "Likely to grow {h}.",
+             "Set to rise {h}.", "Likely to pick up {h}."),
+    "fall": ("Likely to fall {h}.", "Expect fewer {noun} {h}.", "Likely to cool off {h}.", "Set to decline {h}.",
+             "Likely to slow down {h}."),
+    "steady": ("Likely to stay steady {h}.", "Expect similar demand {h}.", "Likely to hold steady {h}."),
+}
+OUTLOOK_LEADS = {
+    "rise": ("Likely to rise", "Expected to grow", "Likely to keep rising", "Set to climb"),
+    "fall": ("Likely to fall", "Expected to decline", "Likely to cool off", "Set to drop"),
+    "steady": ("Likely to stay steady", "Expected to hold steady"),
+}
+VERB_PAST = {"rise": ("rose", "climbed", "grew", "jumped"), "fall": ("fell", "dropped", "declined", "slipped")}
+UPDOWN = {"rise": ("up from", "rising from"), "fall": ("down from", "falling from")}
+
+
+def _unit_phrase(hours: float) -> tuple[int, str]:
+    if hours % 168 == 0 and hours >= 168 and hours != 168:
+        return int(hours // 168), "weeks"
+    if hours % 24 == 0:
+        return int(hours // 24), "days"
+    if hours == int(hours):
+        return int(hours), "hours"
+    return int(round(hours * 60)), "minutes"
+
+
+def current_phrases(window: str) -> tuple[str, ...]:
+    """Ways to name the window ending at the cut-off ("the last 7 days")."""
+    h = window_hours(window)
+    named = {1.0: ("the last hour", "the past hour"),
+             24.0: ("the last day", "the past day", "the last 24 hours", "the past 24 hours"),
+             168.0: ("the last 7 days", "the past 7 days", "the past week", "the last week"),
+             672.0: ("the last 28 days", "the past 28 days", "the last 4 weeks", "the past four weeks")}
+    if h in named:
+        return named[h]
+    n, unit = _unit_phrase(h)
+    days = (f"the last {int(h // 24)} days", f"the past {int(h // 24)} days") if unit == "weeks" else ()
+    return (f"the last {n} {unit}", f"the past {n} {unit}") + days
+
+
+def previous_phrases(window: str) -> tuple[str, ...]:
+    """Ways to name the window before it ("the week before")."""
+    h = window_hours(window)
+    named = {1.0: ("the hour before", "the previous hour"),
+             24.0: ("the day before", "the previous day", "the prior day"),
+             168.0: ("the week before", "the previous week", "the prior week", "the previous 7 days", "the 7 days before"),
+             672.0: ("the previous 28 days", "the 28 days before", "the prior 4 weeks", "the previous four weeks")}
+    if h in named:
+        return named[h]
+    n, unit = _unit_phrase(h)
+    return (f"the previous {n} {unit}", f"the {n} {unit} before", f"the prior {n} {unit}")
+
+
+def horizon_phrases(horizon_days: float) -> tuple[str, ...]:
+    d = int(horizon_days) if float(horizon_days).is_integer() else horizon_days
+    if d == 1:
+        return ("tomorrow", "over the next day")
+    if d == 7:
+        return ("next week", "over the coming week", "in the next 7 days")
+    return (f"over the next {d} days", f"in the coming {d} days")
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 interactions' -> '1 interaction' (nouns here are regular plurals, or 'people')."""
+    if n != 1:
+        return f"{n} {noun}"
+    if noun.endswith("people"):
+        return f"{n} {noun[:-6]}person"
+    return f"{n} {noun[:-1]}"
+
+
+def direction(cur: int, prev: int) -> str:
+    return "rise" if cur > prev else "fall" if cur < prev else "steady"
+
+
+# ---- a tiny grammar algebra: a Seq is a tuple of parts; a part is a literal or an Alt ----------------
+@dataclass(frozen=True)
+class Alt:
+    """One of several sequences (each a tuple of parts: str literals or Alts)."""
+
+    options: tuple[tuple, ...]
+
+    @staticmethod
+    def of(*options) -> "Alt":
+        return Alt(tuple(o if isinstance(o, tuple) else (o,) for o in options))
+
+
+def _cap_seq(seq: tuple) -> tuple:
+    first, rest = seq[0], seq[1:]
+    if isinstance(first, str):
+        return (first[:1].upper() + first[1:],) + rest
+    return (Alt(tuple(_cap_seq(o) for o in first.options)),) + rest
+
+
+def _lower_seq(seq: tuple) -> tuple:
+    first, rest = seq[0], seq[1:]
+    if isinstance(first, str):
+        return (first[:1].lower() + first[1:],) + rest
+    return (Alt(tuple(_lower_seq(o) for o in first.options)),) + rest
+
+
+def cap(part: Alt) -> Alt:
+    return Alt(tuple(_cap_seq(o) for o in part.options))
+
+
+EMPTY: tuple = ()
+
+
+@dataclass(frozen=True)
+class ClaimGrammar:
+    """The per-item language of true explanations (see the module doc)."""
+
+    root: Alt
+    forecast: str
+
+    def lark(self) -> str:
+        """The grammar in llguidance's Lark dialect (the decoded text starts with a space)."""
+        rules: dict[Alt, str] = {}
+        lines: list[str] = []
+
+        def name(alt: Alt) -> str:
+            if alt not in rules:
+                rules[alt] = f"r{len(rules)}"
+                body = " | ".join(seq_text(s) for s in alt.options)
+                lines.append(f"{rules[alt]}: {body}")
+            return rules[alt]
+
+        def seq_text(seq: tuple) -> str:
+            merged: list = []
+            for p in seq:  # adjacent literals are one literal
+                if isinstance(p, str) and merged and isinstance(merged[-1], str):
+                    merged[-1] += p
+                elif p != "":
+                    merged.append(p)
+            if not merged:
+                return '""'
+            return " ".join(json.dumps(p) if isinstance(p, str) else name(p) for p in merged)
+
+        top = name(self.root)
+        return "\n".join([f'start: " " {top}'] + lines) + "\n"
+
+    def sample(self, rng: random.Random) -> str:
+        """One random sentence of the language (without the leading space)."""
+        def walk(part) -> str:
+            if isinstance(part, str):
+                return part
+            return "".join(walk(p) for p in rng.choice(part.options))
+        return walk(self.root)
+
+
+def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: str,
+                  nouns: Sequence[str] = COUNT_NOUNS) -> ClaimGrammar:
+    """The true explanations of one item whose forecast clause says `forecast`."""
+    if forecast not in OUTLOOKS:
+        raise ValueError(f"forecast must be one of {OUTLOOKS}, got {forecast!r}")
+    windows = signal_windows(signals)
+    if not windows:
+        raise ValueError(f"signals row has no count_<window> keys: {sorted(signals)}")
+    hd = int(horizon_days) if float(horizon_days).is_integer() else horizon_days
+    w = main_window(windows, hd)
+    shown = detailed_windows(windows, hd)
+    count = {x: int(round(signals[f"count_{x}"])) for x in windows}
+    prev = {x: int(round(signals[f"prev_count_{x}"])) for x in shown}
+    users = {x: int(round(signals[f"users_{x}"])) for x in shown}
+    age_h = int(round(signals["age_h"]))
+    short = windows[0] if len(windows) > 1 and windows[0] != w else None
+    long = windows[-1] if len(windows) > 1 and windows[-1] != w else None
+    c, p = count[w], prev[w]
+    rel = direction(c, p)
+    agrees = forecast == rel
+    cur, prv = Alt.of(*current_phrases(w)), Alt.of(*previous_phrases(w))
+    hz = Alt.of(*horizon_phrases(hd))
+
+    def per_noun(noun: str) -> Alt:
+        # the main window against the one before (trainer.explanations._trend_clause)
+        if rel == "steady" and c == 0:
+            trend = Alt.of((f"no {noun} in ", cur, " or ", prv), (f"no {noun} in ", cur, ", the same as ", prv))
+        elif rel == "steady":
+            head = plural(c, noun)
+            trend = Alt.of((head, " in ", cur, ", the same as ", prv), (head, " in ", cur, ", unchanged from ", prv),
+                           (head, " in ", cur, f" and {p} in ", prv), (head, " over ", cur, ", level with ", prv))
+        else:
+            head = plural(c, noun)
+            trend = Alt.of((head, " in ", cur, ", ", Alt.of(*UPDOWN[rel]), f" {p} ", prv),
+                           (head, " in ", cur, f" vs {p} ", prv),
+                           (f"{noun} ", Alt.of(*VERB_PAST[rel]), f" from {p} to {c} over ", cur),
+                           (head, " over ", cur, f" against {p} ", prv),
+                           (head, " in ", cur, f" ({p} ", prv, ")"))
+
+        def count_clause(x: str, with_prev: bool | None) -> Alt:
+            head = Alt.of(f"no {noun}", f"zero {noun}") if count[x] == 0 else plural(count[x], noun)
+            base = (head, " in ", Alt.of(*current_phrases(x)))
+            if not with_prev:
+                return Alt.of(base)
+            px, pp = prev[x], Alt.of(*previous_phrases(x))
+            tail = Alt.of((f" vs {px} ", pp), (f" ({px} ", pp, ")"))
+            return Alt.of(base + (tail,), base) if with_prev is None else Alt.of(base + (tail,))
+
+        extras: list[tuple[str, Alt]] = []
+        if w in users and c > 0:
+            u = users[w]
+            if u == 1:
+                extras.append(("users", Alt.of("from a single user", "all from one user", "from 1 distinct user",
+                                               "by one person")))
+            else:
+                un = Alt.of(*(plural(u, n) for n in USER_NOUNS))
+                extras.append(("users", Alt.of(("from ", un), ("by ", un), ("across ", un), (un,))))
+        if short:
+            extras.append(("pulse", count_clause(short, None if short in prev else False)))
+        if long:
+            extras.append(("long", count_clause(long, None)))
+        if age_h < 48:
+            hrs = plural(age_h, "hours")
+            extras.append(("age", Alt.of(f"first seen {hrs} ago", f"only {hrs} old")))
+        else:
+            d = round(age_h / 24)
+            extras.append(("age", Alt.of(f"first seen {d} days ago", f"{d} days old", f"around for {d} days")))
+        extra = Alt(tuple(o for _, e in extras for o in e.options))
+        other = Alt(tuple(o for k, e in extras if k != "users" for o in e.options))
+        user = [e for k, e in extras if k == "users"]
+
+        sentences = Alt(tuple(tuple(_split(s.format(noun=noun, h="\0"), hz)) for s in OUTLOOK_SENTENCES[forecast]))
+        opt = lambda sep, a: Alt.of((sep, a), EMPTY)  # noqa: E731 - "(sep a)?"
+        shapes = [
+            # 0: "Likely to rise: 41 interactions in the last 7 days, up from 12 the week before; from 29 users."
+            (Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, opt("; ", extra), "."),
+            # 2: "41 interactions in the last 7 days vs 12 the week before, but likely to cool off next week."
+            (cap(trend), opt("; ", extra), ", and " if agrees else ", but ", Alt(tuple(_lower_seq(o) for o in sentences.options))),
+            # 3: "Likely to fall next week. Interactions fell from 60 to 41 over the last 7 days; 6 in the last day."
+            (sentences, " ", cap(trend), opt(", ", extra), "."),
+        ]
+        if agrees:
+            # 1: "Demand is rising: ... . Expect more interactions next week."
+            body = (trend, opt(", ", user[0])) if user else (trend,)
+            second = Alt.of((cap(other), ". "), EMPTY) if other.options else ""
+            shapes.append((Alt.of(*LEADS[rel]), ": ") + body + (". ", second, sentences))
+        return Alt(tuple(shapes))
+
+    root = Alt(tuple(o for n in nouns for o in per_noun(n).options))
+    return ClaimGrammar(root, forecast)
+
+
+def _split(template: str, hz: Alt) -> list:
+    """'Likely to rise \\0.' -> ['Likely to rise ', hz, '.']"""
+    head, _, tail = template.partition("\0")
+    return [head, hz, tail] if _ else [template]
+
+
+__all__ = ["ClaimGrammar", "claim_grammar", "OUTLOOKS", "current_phrases", "previous_phrases", "horizon_phrases"]
