@@ -150,7 +150,95 @@ def bench(model_dir: Path, batch: int = 32, batches: int = 2, rounds: int = 2, t
             result[f"{k}_parity_max_abs_diff"] = art.parity(f"score.{k.split('_')[1]}").get("max_abs_diff")
     if device == "cuda":
         result["gpu"] = torch.cuda.get_device_name(0)
+    result |= explanation_bench(art, explain_rows(json.loads((Path(model_dir) / "manifest.json").read_text()),
+                                                  max(10, explain_prompts), events=events, items=items),
+                                providers, threads)
     return result
+
+
+def explain_rows(manifest: dict, n: int, seed: int = 0, events: str | None = None, items: str | None = None
+                 ) -> list[tuple[str, dict[str, float], float]]:
+    """(prompt, signals, horizon_days) of real items at each dataset's last cut-off: the busiest half and a
+    random rest, as the stream would meet them (no torch: the prompt and the signals are all generation needs)."""
+    from stream.core.datasets import load_dataset
+    from trainer.examples import build_examples
+    from trainer.inference import prompts_of
+
+    trend = TrendConfig.from_spec(manifest["feature_spec"])
+    if events:
+        loaded = [(load_dataset(events, items), float(next(iter(manifest["horizon_days"].values()), 7.0)))]
+    else:
+        loaded = [(load_dataset(name), float(manifest["horizon_days"].get(name, 7.0))) for name in manifest["datasets"]]
+    per = max(2, n // len(loaded))
+    rng = np.random.default_rng(seed)
+    out = []
+    for ds, horizon in loaded:
+        ex = build_examples(ds, trend, horizon_days=horizon)
+        rows = ex.rows(ex.cutoffs[-1:])
+        names = list(trend.signal_names()) if hasattr(trend, "signal_names") else [
+            c for c in rows.columns if c.split("_")[0] in ("count", "prev", "users", "velocity", "accel")
+            or c in ("ema", "total_count", "age_h", "idle_h")]
+        busy = rows[[c for c in names if c.startswith("count_")]].to_numpy(np.float64).sum(axis=1)
+        order = np.argsort(-busy, kind="stable")
+        top = order[: per // 2]
+        rest = rng.choice(order[per // 2 :], size=min(per - len(top), len(order) - len(top)), replace=False)
+        pick = rows.iloc[np.concatenate([top, rest])].reset_index(drop=True)
+        signals = [dict(zip(names, r)) for r in pick[names].to_numpy(np.float64).tolist()]
+        out += [(p, s, horizon) for p, s in zip(prompts_of(pick, names, horizon), signals)]
+    return out
+
+
+def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], float]], providers: list[str],
+                      threads: int | None, batch: int = 5, single: int = 5) -> dict:
+    """Explanations per second as the stream makes them: the movers of a tick as one batch (`batch`, the
+    default TRAIL_EXPLAIN_TOP), each row held to its claim grammar with fast-forward, against one at a time
+    (the first `single` rows) and against unconstrained batched greedy. The forced forecast is each item's
+    rise / steady / fall in turn (speed does not depend on which; the stream forces the score's direction)."""
+    from stream.core.faithfulness import check
+    from stream.core.faithfulness.grammar import claim_grammar
+    from stream.core.forecast import OUTLOOKS
+    from stream.serving.constraint import ClaimConstraint
+
+    tok = art.tokenizer()
+    gen = Generator(art.path("generator"), providers, tok.end_id, threads)
+    cc = ClaimConstraint(art.path("tokenizer"), tok.end_id)
+    limit = max(art.max_explanation_tokens, 64)
+    prompts = tok.ids([p for p, _, _ in rows])
+    grammars = [claim_grammar(s, h, OUTLOOKS[i % 3]).lark() for i, (_, s, h) in enumerate(rows)]
+    gen.generate(prompts[0], 2)  # warm-up
+
+    def run(b: int, n: int, constrained: bool) -> dict:
+        t0, tokens, steps, guide_s, forced, faithful = time.perf_counter(), 0, 0, 0.0, 0, 0
+        for i in range(0, n, b):
+            guide = cc.guide(grammars[i : i + b]) if constrained else None
+            new = gen.generate_batch(prompts[i : i + b], limit if constrained else art.max_explanation_tokens, guide)
+            tokens += sum(len(x) for x in new)
+            faithful += sum(check(tok.decode(x), rows[i + j][1]).faithful for j, x in enumerate(new))
+            if guide is not None:
+                steps, guide_s, forced = steps + guide.steps, guide_s + guide.seconds, forced + guide.forced
+        dt = time.perf_counter() - t0
+        return {"per_s": n / dt, "tokens_per_s": tokens / dt, "tokens": tokens, "steps": steps,
+                "guide_ms_per_step": 1000 * guide_s / steps if steps else None,
+                "forced_share": forced / tokens if tokens else None, "faithful_share": faithful / n}
+
+    n = len(rows) - len(rows) % batch or len(rows)
+    batched = run(batch, n, True)
+    one = run(1, min(single, len(rows)), True)
+    free = run(batch, n, False)
+    return {
+        "explanations_per_s": round(batched["per_s"], 2),
+        "explain_batch": batch,
+        "explain_rows": n,
+        "explain_batched_tokens_per_s": round(batched["tokens_per_s"], 1),
+        "explanations_per_s_single": round(one["per_s"], 2),
+        "explain_single_tokens_per_s": round(one["tokens_per_s"], 1),
+        "explanations_per_s_unconstrained": round(free["per_s"], 2),
+        "explain_unconstrained_tokens_per_s": round(free["tokens_per_s"], 1),
+        "explain_guide_ms_per_step": round(batched["guide_ms_per_step"] or 0.0, 2),
+        "explain_forced_share": round(batched["forced_share"] or 0.0, 3),
+        "explain_faithful_share": batched["faithful_share"],
+        "explain_faithful_share_unconstrained": free["faithful_share"],
+    }
 
 
 def _spec_trend(model_dir: Path) -> TrendConfig:

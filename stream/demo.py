@@ -74,16 +74,23 @@ class Board:
             item = rec["item_id"]
             name = (titles.get(item) or item)[:34]
             exp = self.explanations.get(item)
-            text = "" if exp is None else ("✓ " if exp["faithful"] else "✗ ") + exp["explanation"]
+            text = "" if exp is None else _mark(exp) + " " + exp["explanation"]
             lines.append(f"{rec['rank']:>3}  {name:<34} {rec['score']:>6.2f} {rec['predicted_count']:>6.0f}  {text[:110]}")
         latest = sorted(self.explanations.values(), key=lambda r: r["tick"], reverse=True)[:explained]
         if latest:
-            lines += ["", "latest explanations of the top movers (✓ every claim checked true against the signals)"]
+            lines += ["", "latest explanations of the top movers (✓ every claim checked true against the signals, "
+                          "✎ rewritten by the stream's repair step, ✗ a claim is false; ! forecast disagrees with the score)"]
         for exp in latest:
             name = (titles.get(exp["item_id"]) or exp["item_id"])[:34]
-            mark = "✓" if exp["faithful"] else "✗"
-            lines.append(f"  {exp['tick'][:13]}  rank {exp['rank']:>4}  {name:<34} {mark} {exp['explanation']}")
+            lines.append(f"  {exp['tick'][:13]}  rank {exp['rank']:>4}  {name:<34} {_mark(exp)} {exp['explanation']}")
         return "\n".join(lines)
+
+
+def _mark(exp: dict) -> str:
+    """✓ faithful as the model wrote it, ✎ faithful after the stream's repair, ✗ not faithful; ! the stated
+    forecast is not the direction of the model's own prediction."""
+    mark = "✗" if not exp["faithful"] else ("✎" if exp.get("repaired") else "✓")
+    return mark + ("!" if exp.get("forecast") and not exp.get("forecast_agrees") else "")
 
 
 def worker_env(args: argparse.Namespace, bootstrap: str, var: Path, horizon_days: float) -> dict[str, str]:

@@ -121,7 +121,8 @@ def test_evaluate_cli_writes_the_json_contract(tmp_path, capsys):
     out, png = tmp_path / "r.json", tmp_path / "ndcg.png"
     assert main(["--events", str(events), "--items", str(items), "--json", str(out), "--plot", str(png)]) == 0
     report = json.loads(out.read_text())
-    assert set(report) == {"dataset", "cutoffs", "methods", "slices", "protocol", "method_seconds", "seconds"}
+    assert set(report) == {"dataset", "cutoffs", "methods", "slices", "protocol", "per_cutoff", "method_seconds",
+                           "seconds"}
     assert report["dataset"] == "events" and report["cutoffs"] == 2  # 11 cut-offs: 20% test
     assert report["protocol"]["horizon_days"] == 7 and report["protocol"]["min_history_days"] == 28
     assert list(report["methods"]) == ["most_pop", "recent_pop", "exp_decay", "markov", "gbm"]

@@ -122,3 +122,18 @@ def test_worker_log_helpers(tmp_path):
     assert lines[0].startswith("error boom") and "Traceback" in lines[0] and lines[-1] == "info worker.stopped"
     log.write_text("".join(f"line {i}\n" for i in range(40)))
     assert last_errors(log, n=5) == [f"line {i}" for i in range(35, 40)]
+
+
+def test_the_board_marks_repaired_texts_and_disagreeing_forecasts():
+    from stream.demo import Board
+
+    board = Board()
+    board.add_prediction({"item_id": "a", "tick": "2011-12-01T00", "rank": 1, "score": 2.0, "predicted_count": 9})
+    board.add_prediction({"item_id": "b", "tick": "2011-12-01T00", "rank": 2, "score": 1.0, "predicted_count": 3})
+    base = {"tick": "2011-12-01T00", "explanation": "Bought 9 times.", "faithful": True}
+    board.add_explanation(base | {"item_id": "a", "rank": 1, "repaired": True, "forecast": "rise", "forecast_agrees": True})
+    board.add_explanation(base | {"item_id": "b", "rank": 2, "repaired": False, "forecast": "fall", "forecast_agrees": False})
+    lines = board.render(5, {}, "status").splitlines()
+    row_a = next(line for line in lines if line.startswith("  1"))
+    row_b = next(line for line in lines if line.startswith("  2"))
+    assert "✎ Bought" in row_a and "✓! Bought" in row_b

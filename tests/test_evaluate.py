@@ -185,6 +185,12 @@ def test_report_contract_with_a_stand_in_trail(tmp_path):
     assert ci["ndcg@10"]["diff"] == pytest.approx(m["trail"]["ndcg@10"] - m[best]["ndcg@10"])
     assert ci["ndcg@10"]["low"] <= ci["ndcg@10"]["diff"] <= ci["ndcg@10"]["high"]
     assert report["slices"]["cold_start"]["rows"] > 0
+    per = report["per_cutoff"]  # what the bootstrap resamples: averages back to the headline numbers
+    assert len(per["cutoff_ms"]) == report["cutoffs"]
+    trail = per["methods"]["trail"]
+    assert np.mean([v for v in trail["ndcg@10"] if v is not None]) == pytest.approx(m["trail"]["ndcg@10"])
+    rows = np.array(per["rows"], float)
+    assert (np.array(trail["mae_log"]) * rows).sum() / rows.sum() == pytest.approx(m["trail"]["mae_log"])
 
 
 def test_v1_artefact_is_refused_clearly(tmp_path, capsys):

@@ -157,3 +157,18 @@ def test_training_targets_are_faithful_to_the_prompt_signals(rows):
         signals = dict(zip(names, r))
         text = fit.target_explanation(signals, 3, rng, outlook="rise")
         assert check(text, signals).faithful
+
+
+def test_label_gain_is_the_metric_weight():
+    """NDCG@10 of a cut-off = sum of label_gain x discount over the list / scored users."""
+    from trainer.metrics import evaluate_predictions, top_k
+
+    examples = build_examples(load_dataset("ml100k"))
+    cutoff = int(examples.cutoffs[-3])
+    rows = examples.rows([cutoff])
+    pred = rows["count_7d"].to_numpy(np.float64)
+    got = evaluate_predictions(rows, pred, examples.truth, ks=(10,))["ndcg@10"]
+    top = top_k(rows["item_id"].to_numpy(dtype=object), pred, 10)
+    users = len(np.unique(examples.truth.at(cutoff)[0]))
+    dcg = (rows["label_gain"].to_numpy()[top] / np.log2(np.arange(len(top)) + 2.0)).sum()
+    assert got == pytest.approx(dcg / users, rel=1e-9)

@@ -135,11 +135,12 @@ class FaustWorker:
     env: dict[str, str]
     log_path: Path
     proc: subprocess.Popen | None = None
+    cwd: Path = REPO
 
     def start(self) -> FaustWorker:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([str(FAUST), "-A", "stream.app", "worker", "--without-web", "-l", "warn"],
-                                     cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         return self
 

@@ -158,6 +158,19 @@ def ablation_intervals(tables: dict[str, dict[str, np.ndarray]], n_boot: int = 2
     return out
 
 
+def per_cutoff_json(tables: dict[str, dict[str, np.ndarray]]) -> dict:
+    """`per_cutoff`: each test cut-off's NDCG@10 and MAE per method (what the bootstrap resamples)."""
+    if not tables:
+        return {"cutoff_ms": [], "users": [], "rows": [], "methods": {}}
+    first = next(iter(tables.values()))
+    nan_none = lambda xs: [None if np.isnan(x) else float(x) for x in xs]  # noqa: E731
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"cutoff_ms": first["cutoff_ms"].tolist(), "users": first["users"].tolist(),
+                "rows": first["rows"].tolist(),
+                "methods": {name: {"ndcg@10": nan_none(t["ndcg@10"]) if "ndcg@10" in t else None,
+                                   "mae_log": nan_none(t["abs_err"] / t["rows"])} for name, t in tables.items()}}
+
+
 def evaluate_report(examples: Examples, split: Split, methods: dict[str, Method], ks: Sequence[int] = KS,
                     cold_days: float = COLD_DAYS, n_boot: int = 2000, seed: int = 0,
                     level: float = 0.95) -> tuple[dict, dict[str, Forecast]]:
@@ -185,6 +198,7 @@ def evaluate_report(examples: Examples, split: Split, methods: dict[str, Method]
             "users_per_cutoff": float(users.sum() / n_cut),
             "methods": {name: aggregate(t) for name, t in cold_tables.items()},
         }},
+        "per_cutoff": per_cutoff_json(tables),
         "method_seconds": seconds,
     }
     if "trail" in tables:
@@ -369,7 +383,7 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
         from trainer.explain_eval import evaluate_explanations, sample_rows
 
         test = examples.rows(split.test)
-        rows = sample_rows(test, preds["trail"].score, explain_sample, top_n, seed=seed)
+        rows = sample_rows(test, preds["trail"].score, explain_sample, top_n, seed=seed, counts=preds["trail"].count)
         explained = evaluate_explanations(trail, rows, horizon)
         extra = {"explanations": explained["metrics"], "explanation_samples": explained["samples"],
                  "model": {"dir": str(model_dir), "top_n": top_n}}
@@ -386,7 +400,7 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
     for key in ("ci", "ci_ablations"):
         if key in body:
             report[key] = body[key]
-    report |= {"protocol": protocol, "method_seconds": body["method_seconds"],
+    report |= {"protocol": protocol, "per_cutoff": body["per_cutoff"], "method_seconds": body["method_seconds"],
                "seconds": time.perf_counter() - t0} | extra
     return report, stages
 
@@ -424,6 +438,10 @@ def format_table(report: dict, ks: Sequence[int] = KS) -> str:
             bounds = "-" if ci["low"] is None else f"[{ci['low']:+.4f}, {ci['high']:+.4f}]"
             lines.append(f"trail - best baseline ({ci['best_baseline']}) {metric}: {ci['diff']:+.4f}, "
                          f"{ci['level']:.0%} interval {bounds} ({ci['n_boot']} paired resamples of cut-offs)")
+    for name, by_metric in report.get("ci_ablations", {}).items():
+        cells = [f"{metric} {ci['diff']:+.4f} [{ci['low']:+.4f}, {ci['high']:+.4f}]" for metric, ci in by_metric.items()
+                 if ci["diff"] is not None and ci["low"] is not None]
+        lines.append(f"trail - {name}: " + ("; ".join(cells) if cells else "-"))
     return "\n".join(lines)
 
 

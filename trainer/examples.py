@@ -16,6 +16,11 @@ For each cut-off t (bucket-aligned, UTC midnight plus whole periods):
   number of truth pairs (below) of the item: what the global-ranking metrics reward
   (an item in the shared list is a hit for each of them), so the score head's
   listwise loss uses it as the gain;
+- label_gain: the item's exact weight in the global NDCG@10 of trainer.metrics: the sum,
+  over the users who interact with it in [t, t+h), of 1 / that user's ideal DCG@10
+  (a user with many truth items spreads the same total over them). NDCG@10 at the
+  cut-off is sum_i label_gain_i * discount(position_i) / (scored users), so a listwise
+  loss with these gains optimises the metric itself;
 - truth: the (user, item) pairs with an event in [t, t+h), de-duplicated, over ALL
   items (not only candidates: an item no method could rank still counts as a miss)
   and only events with a user (guest purchases have none).
@@ -43,7 +48,8 @@ from stream.core.datasets import Dataset
 log = structlog.get_logger(__name__)
 
 DAY_MS = 86_400_000
-LABEL_COLUMNS = ("label_count", "label_log", "label_rank", "label_users")
+LABEL_COLUMNS = ("label_count", "label_log", "label_rank", "label_users", "label_gain")
+GAIN_K = 10  # label_gain is the item's weight in NDCG@GAIN_K
 
 
 class ExamplesError(ValueError):
@@ -147,7 +153,8 @@ def build_examples(dataset: Dataset, config: TrendConfig | None = None, horizon_
     table = TrendTable(config, capacity=max(1024, n_items))
     batch = EventBatch.from_frame(events)
     names = list(config.signal_names)
-    parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # (cutoff, codes, values, counts, users)
+    parts: list[tuple] = []  # (cutoff, codes, values, counts, users, gains)
+    ideal = np.cumsum(1.0 / np.log2(np.arange(GAIN_K) + 2.0))  # ideal DCG@K of n truth items, n = 1..K
     truth = Truth(vocab)
     snapshots = table.signals_at_cutoffs(batch, cutoffs.tolist())
     for cutoff, signals in tqdm(zip(cutoffs.tolist(), snapshots), total=len(cutoffs), disable=not progress,
@@ -161,8 +168,12 @@ def build_examples(dataset: Dataset, config: TrendConfig | None = None, horizon_
         has_user = u >= 0
         pair = np.unique(u[has_user].astype(np.int64) * n_items + it[has_user])
         truth.pairs[cutoff] = (pair // n_items, pair % n_items)
-        n_users = np.bincount(pair % n_items, minlength=n_items)  # distinct users per item: the truth pairs
-        parts.append((cutoff, codes, signals.values[order], counts[codes], n_users[codes]))
+        pu, pi = pair // n_items, pair % n_items
+        n_users = np.bincount(pi, minlength=n_items)  # distinct users per item: the truth pairs
+        _, uidx, n_truth = np.unique(pu, return_inverse=True, return_counts=True)
+        weight = 1.0 / ideal[np.minimum(n_truth, GAIN_K) - 1][uidx] if len(pu) else np.zeros(0)
+        gains = np.bincount(pi, weights=weight, minlength=n_items)
+        parts.append((cutoff, codes, signals.values[order], counts[codes], n_users[codes], gains[codes]))
 
     frame = _assemble(parts, names, vocab, dataset.items)
     log.info("examples.built", dataset=dataset.name, cutoffs=len(cutoffs), rows=len(frame),
@@ -170,7 +181,7 @@ def build_examples(dataset: Dataset, config: TrendConfig | None = None, horizon_
     return Examples(dataset.name, frame, truth, cutoffs, horizon_ms, period_ms, config)
 
 
-def _assemble(parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]], names: list[str], vocab: np.ndarray,
+def _assemble(parts: list[tuple], names: list[str], vocab: np.ndarray,
               items: pd.DataFrame) -> pd.DataFrame:
     sizes = [len(p[1]) for p in parts]
     cutoff_col = np.repeat(np.array([p[0] for p in parts], np.int64), sizes)
@@ -178,6 +189,7 @@ def _assemble(parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndar
     values = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, len(names)))
     labels = np.concatenate([p[3] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
     users = np.concatenate([p[4] for p in parts]).astype(np.int64) if parts else np.zeros(0, np.int64)
+    gains = np.concatenate([p[5] for p in parts]).astype(np.float64) if parts else np.zeros(0)
     frame = pd.DataFrame(values, columns=names)
     frame.insert(0, "cutoff_ms", cutoff_col)
     frame.insert(1, "item_id", pd.Series(vocab[codes], dtype=object))
@@ -186,6 +198,7 @@ def _assemble(parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndar
     frame["label_rank"] = (frame.groupby("cutoff_ms", sort=False)["label_count"]
                            .rank(method="min", ascending=False).astype(np.int64))
     frame["label_users"] = users
+    frame["label_gain"] = gains
     meta = items.set_index("item_id")
     frame["title"] = frame["item_id"].map(meta["title"]).astype(object)
     frame["title"] = frame["title"].where(frame["title"].notna(), frame["item_id"])

@@ -1,20 +1,31 @@
-"""How true and how varied explanations are: TRAIL's against the base model prompted zero-shot.
+"""How true and how varied explanations are: TRAIL's decodings against the base model prompted zero-shot.
 
 Every explanation is checked by `stream.core.faithfulness.check` against the signals
 its prompt showed (the item title is passed so numbers repeated from it do not
 count). `faithful_share` is the share of explanations without a false claim;
 `claim_precision` the share of checked claims that are true.
 
-TRAIL's explanations are reported twice: `trail_raw` as generated (greedy), and
-`trail` as served, after `stream.core.faithfulness.repair` rewrote false numbers and
-directions to the signals' values and dropped clauses it could not fix (the
-stream serves the repaired text). `trail` adds how much repair did:
-`repaired_share` (share of texts changed) and the totals `fixed_numbers`,
-`fixed_directions`, `dropped_clauses`. The base model's zero-shot answers are
-reported raw: they are the honest baseline.
+TRAIL's explanations are reported three times (docs/explanations.md):
+- `trail_unconstrained`: plain greedy decoding, what the model learnt on its own;
+- `trail_raw`: greedy decoding held to the item's claim grammar
+  (`stream.core.faithfulness.grammar`, llguidance token masks; the forecast clause forced to
+  `outlook(predicted count, pace)` of the model's own prediction), before any repair — what
+  the stream decodes;
+- `trail`: what the stream publishes, `repair(trail_raw)`, with `repaired_share` and the
+  totals `fixed_numbers`, `fixed_directions`, `dropped_clauses`.
+Each has `forecast_agreement` (the stated forecast against the direction of the model's own
+predicted count) and `forecast_accuracy` (against the realised direction, outlook(true next
+count, pace)), beside `majority_accuracy` (always saying the sample's most common realised
+direction). The base model's zero-shot answers (`base_zero_shot`) are the honest baseline.
+
+Generation is batched (torch `generate`, left padding, `batch` prompts at a time); the
+constraint is a transformers LogitsProcessor over the same llguidance matchers the stream's
+ONNX loop uses (`stream.serving.constraint`).
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -22,13 +33,15 @@ import torch
 from tqdm import tqdm
 
 from stream.core.faithfulness import Repair, check, repair
+from stream.core.faithfulness.grammar import claim_grammar
+from stream.core.forecast import outlook, pace
 from trainer.inference import prompts_of
-from trainer.model import Trail
 
 ZERO_SHOT_INSTRUCTION = (
     "Here are an item's recent sales/interaction counts.\n{prompt}\n"
     "In one or two sentences, say whether it will rise or fall next period and why, citing the numbers."
 )
+BATCH = 16
 
 
 def distinct_n(texts: list[str], n: int = 2) -> float | None:
@@ -51,6 +64,22 @@ def explanation_metrics(texts: list[str], signals: list[dict[str, float]], title
     }
 
 
+def forecast_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str],
+                     predicted: list[str] | None, realised: list[str] | None) -> dict:
+    """The stated forecast against the model's own direction and against what happened."""
+    stated = [check(t, s, title=ti).outlook for t, s, ti in zip(texts, signals, titles)]
+    n = len(stated)
+    out: dict = {"forecast_stated_share": sum(x is not None for x in stated) / n if n else None,
+                 "forecasts": dict(Counter(x or "none" for x in stated))}
+    if predicted is not None and n:
+        out["forecast_agreement"] = sum(a == b for a, b in zip(stated, predicted)) / n
+    if realised is not None and n:
+        out["forecast_accuracy"] = sum(a == b for a, b in zip(stated, realised)) / n
+        out["majority_accuracy"] = Counter(realised).most_common(1)[0][1] / n
+        out["realised"] = dict(Counter(realised))
+    return out
+
+
 def repair_metrics(repairs: list[Repair]) -> dict:
     n = len(repairs)
     return {
@@ -61,46 +90,164 @@ def repair_metrics(repairs: list[Repair]) -> dict:
     }
 
 
-def score_trail(raw: list[str], signals: list[dict[str, float]], titles: list[str],
-                item_ids: list) -> tuple[dict, list[dict]]:
-    """Metrics of TRAIL's raw and served (repaired) explanations, and one sample per item."""
+def score_trail(raw: list[str], signals: list[dict[str, float]], titles: list[str], item_ids: list,
+                unconstrained: list[str] | None = None, predicted: list[str] | None = None,
+                realised: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """Metrics of TRAIL's constrained (raw), published (repaired) and unconstrained explanations, and one
+    sample per item. `predicted` / `realised`: outlook of the model's predicted / the true next count."""
     if not len(raw) == len(signals) == len(titles) == len(item_ids):
         raise ValueError(f"lengths differ: {len(raw)} explanations, {len(signals)} signal rows, "
                          f"{len(titles)} titles, {len(item_ids)} item ids")
     repairs = [repair(e, s, title=t) for e, s, t in zip(raw, signals, titles)]
     served = [r.text for r in repairs]
-    report = {"trail": explanation_metrics(served, signals, titles) | repair_metrics(repairs),
-              "trail_raw": explanation_metrics(raw, signals, titles)}
-    samples = [{"item_id": i, "title": t, "explanation_raw": e, "faithful_raw": check(e, s, title=t).faithful,
-                "explanation": r.text, "faithful": check(r.text, s, title=t).faithful}
-               for i, t, e, r, s in zip(item_ids, titles, raw, repairs, signals)]
+    report = {"trail": explanation_metrics(served, signals, titles) | repair_metrics(repairs)
+              | forecast_metrics(served, signals, titles, predicted, realised),
+              "trail_raw": explanation_metrics(raw, signals, titles)
+              | forecast_metrics(raw, signals, titles, predicted, realised)}
+    if unconstrained is not None:
+        report["trail_unconstrained"] = (explanation_metrics(unconstrained, signals, titles)
+                                         | forecast_metrics(unconstrained, signals, titles, predicted, realised))
+    samples = []
+    for k, (i, t, e, r, s) in enumerate(zip(item_ids, titles, raw, repairs, signals)):
+        sample = {"item_id": i, "title": t, "explanation_raw": e, "faithful_raw": check(e, s, title=t).faithful,
+                  "explanation": r.text, "faithful": check(r.text, s, title=t).faithful, "repaired": r.changed}
+        if predicted is not None:
+            sample["forecast_predicted"] = predicted[k]
+        if realised is not None:
+            sample["forecast_realised"] = realised[k]
+        if unconstrained is not None:
+            sample["explanation_unconstrained"] = unconstrained[k]
+            sample["faithful_unconstrained"] = check(unconstrained[k], s, title=t).faithful
+        samples.append(sample)
     return report, samples
 
 
+# ---- batched generation (torch) -----------------------------------------------------------------
+
+class GuideProcessor:
+    """A transformers LogitsProcessor holding each row of a batched `generate` to its llguidance matcher.
+
+    Rows are left-padded, so every row's new tokens start at the same column `prompt_len`;
+    the token a row sampled at the previous step is fed to its matcher before its next mask.
+    A row that emitted the end token is done (generate pads it from then on)."""
+
+    def __init__(self, guide, prompt_len: int, end_id: int) -> None:
+        self.guide, self.prompt_len, self.end_id = guide, prompt_len, end_id
+        self.done: set[int] = set()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        b = input_ids.shape[0]
+        if input_ids.shape[1] > self.prompt_len:
+            live = [i for i in range(b) if i not in self.done]
+            last = input_ids[:, -1].tolist()
+            self.guide.advance(live, [last[i] for i in live])
+            self.done |= {i for i in live if last[i] == self.end_id}
+        arr = scores.detach().to(torch.float32).cpu().numpy().copy()
+        self.guide.mask(arr, [i for i in range(b) if i not in self.done])
+        return torch.from_numpy(arr).to(scores.device, scores.dtype)
+
+
+_CONSTRAINTS: dict[int, object] = {}
+
+
+def claim_constraint(model):
+    """The llguidance tokenizer of the model's tokenizer (built once per model: ~0.2 s)."""
+    from stream.serving.constraint import ClaimConstraint
+
+    key = id(model.tokenizer)
+    if key not in _CONSTRAINTS:
+        backend = model.tokenizer.backend_tokenizer
+        _CONSTRAINTS[key] = ClaimConstraint(backend.to_str(), model.end_id)
+    return _CONSTRAINTS[key]
+
+
 @torch.no_grad()
-def zero_shot(model: Trail, prompts: list[str], max_new_tokens: int = 60) -> list[str]:
-    """The base model (LoRA disabled) answering an instruction built from the same prompt."""
-    tok = model.tokenizer
-    out = []
-    with model.lm.disable_adapter():
-        for p in tqdm(prompts, desc="zero-shot base", unit="item"):
-            chat = [{"role": "user", "content": ZERO_SHOT_INSTRUCTION.format(prompt=p)}]
-            ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
-            gen = model.lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                    do_sample=False, eos_token_id=model.end_id, pad_token_id=model.end_id)
-            out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip())
+def generate_ids(model, rows: list[list[int]], max_new_tokens: int, grammars: list[str] | None = None,
+                 batch: int = BATCH, desc: str | None = None) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, `batch` at a time (left padding), optionally constrained."""
+    from transformers import LogitsProcessorList
+
+    end = model.end_id
+    out: list[list[int]] = [None] * len(rows)  # type: ignore[list-item]
+    order = np.argsort([len(r) for r in rows], kind="stable")  # similar lengths share a batch
+    chunks = [order[i : i + batch] for i in range(0, len(order), batch)]
+    for idx in tqdm(chunks, desc=desc, unit="batch", disable=desc is None):
+        width = max(len(rows[i]) for i in idx)
+        ids = torch.full((len(idx), width), end, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for j, i in enumerate(idx):
+            ids[j, width - len(rows[i]):] = torch.tensor(rows[i])
+            mask[j, width - len(rows[i]):] = 1
+        procs = None
+        if grammars is not None:
+            procs = LogitsProcessorList([GuideProcessor(claim_constraint(model).guide([grammars[i] for i in idx]),
+                                                        width, end)])
+        gen = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                eos_token_id=end, pad_token_id=end, logits_processor=procs)
+        for j, i in enumerate(idx):
+            new = gen[j, width:].tolist()
+            if end in new:
+                new = new[: new.index(end) + 1]
+            out[i] = new
     return out
 
 
-def evaluate_explanations(model: Trail, rows: pd.DataFrame, horizon_days: float, zero_shot_too: bool = True) -> dict:
+def explain_texts(model, prompts: list[str], *, signals: list[dict[str, float]] | None = None,
+                  forecasts: list[str] | None = None, horizon_days: float = 7, max_new_tokens: int | None = None,
+                  batch: int = BATCH, desc: str | None = None) -> list[str]:
+    """TRAIL's greedy explanations, batched; constrained to each item's claim grammar when `forecasts`
+    (one outlook per prompt, with `signals`) are given. Decoded as `Trail.explain` does."""
+    limit = max_new_tokens or model.cfg.max_explanation_tokens
+    rows = [model.tokenizer(p).input_ids[: model.cfg.max_prompt_tokens] for p in prompts]
+    grammars = None
+    if forecasts is not None:
+        if signals is None:
+            raise ValueError("constrained decoding needs the signals of every prompt")
+        grammars = [claim_grammar(s, horizon_days, f).lark() for s, f in zip(signals, forecasts)]
+        limit = max(limit, 64)  # the grammar ends the text itself (explainer.constrained_max_new_tokens)
+    new = generate_ids(model, rows, limit, grammars, batch, desc)
+    return [model.tokenizer.decode(n, skip_special_tokens=True).strip() for n in new]
+
+
+@torch.no_grad()
+def zero_shot(model, prompts: list[str], max_new_tokens: int = 60, batch: int = BATCH) -> list[str]:
+    """The base model (LoRA disabled) answering an instruction built from the same prompt."""
+    tok = model.tokenizer
+    rows = []
+    for p in prompts:
+        chat = [{"role": "user", "content": ZERO_SHOT_INSTRUCTION.format(prompt=p)}]
+        rows.append(list(tok.apply_chat_template(chat, add_generation_prompt=True)))
+    with model.lm.disable_adapter():
+        new = generate_ids(model, rows, max_new_tokens, None, batch, "zero-shot base")
+    return [tok.decode(n, skip_special_tokens=True).strip() for n in new]
+
+
+def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_shot_too: bool = True,
+                          predicted_count: np.ndarray | None = None, batch: int = BATCH) -> dict:
+    """Constrained, published and unconstrained TRAIL explanations of `rows` (and the base model's).
+
+    `predicted_count`: the model's predicted next-period count per row (else the rows'
+    `predicted_count` column, as `sample_rows(..., counts=)` adds it); the forecast clause is
+    forced to its direction. `label_count` (the true next count), when present, gives the
+    realised direction for `forecast_accuracy`."""
     names = list(model.norm.signal_names)
     prompts = prompts_of(rows, names, horizon_days)
     signals = [dict(zip(names, r)) for r in rows[names].to_numpy(np.float64).tolist()]
     titles = rows["title"].astype(str).tolist()
-    raw = [model.explain([p])[0] for p in tqdm(prompts, desc="TRAIL explanations", unit="item")]
-    report, samples = score_trail(raw, signals, titles, rows["item_id"].tolist())
+    if predicted_count is None:
+        if "predicted_count" not in rows:
+            raise ValueError("evaluate_explanations needs the model's predicted counts (predicted_count=)")
+        predicted_count = rows["predicted_count"].to_numpy(np.float64)
+    paces = [pace(s, horizon_days) for s in signals]
+    predicted = [outlook(float(c), p) for c, p in zip(predicted_count, paces)]
+    realised = ([outlook(float(c), p) for c, p in zip(rows["label_count"].to_numpy(np.float64), paces)]
+                if "label_count" in rows else None)
+    raw = explain_texts(model, prompts, signals=signals, forecasts=predicted, horizon_days=horizon_days, batch=batch,
+                        desc="TRAIL explanations (constrained)")
+    free = explain_texts(model, prompts, batch=batch, desc="TRAIL explanations (unconstrained)")
+    report, samples = score_trail(raw, signals, titles, rows["item_id"].tolist(), free, predicted, realised)
     if zero_shot_too:
-        base = zero_shot(model, prompts)
+        base = zero_shot(model, prompts, batch=batch)
         report["base_zero_shot"] = explanation_metrics(base, signals, titles)
         for sample, text, s, t in zip(samples, base, signals, titles):
             sample["base_zero_shot"] = text
@@ -108,8 +255,13 @@ def evaluate_explanations(model: Trail, rows: pd.DataFrame, horizon_days: float,
     return {"metrics": report, "samples": samples}
 
 
-def sample_rows(frame: pd.DataFrame, scores: np.ndarray, n: int, top_n: int, seed: int = 0) -> pd.DataFrame:
-    """n rows drawn evenly from each cut-off's top_n by score (the items the stream would explain)."""
-    ranked = frame.assign(_score=scores).sort_values(["cutoff_ms", "_score"], ascending=[True, False])
+def sample_rows(frame: pd.DataFrame, scores: np.ndarray, n: int, top_n: int, seed: int = 0,
+                counts: np.ndarray | None = None) -> pd.DataFrame:
+    """n rows drawn evenly from each cut-off's top_n by score (the items the stream would explain);
+    `counts` (the model's predicted counts, aligned with `frame`) ride along as `predicted_count`."""
+    ranked = frame.assign(_score=scores)
+    if counts is not None:
+        ranked = ranked.assign(predicted_count=np.asarray(counts, np.float64))
+    ranked = ranked.sort_values(["cutoff_ms", "_score"], ascending=[True, False])
     head = ranked.groupby("cutoff_ms", sort=False).head(top_n)
     return head.sample(n=min(n, len(head)), random_state=seed).drop(columns="_score")

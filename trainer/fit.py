@@ -66,7 +66,8 @@ class FitConfig:
     count_epochs: int = 30
     patience: int = 6
     rank_k: int = 20  # LambdaRank's NDCG truncation (the metric reports @5, @10, @20)
-    count_loss: str = "huber"  # "huber" (delta 1) or "mse" on log1p(count)
+    rank_gain: str = "label_gain"  # the metric's exact per-item weight, or "label_users" (distinct users)
+    count_loss: str = "huber"  # "huber" (delta 1), "mse" or "l1" on log1p(count)
     item_batch: int = 64
 
 
@@ -224,14 +225,15 @@ class HeadData:
     lists: list[torch.Tensor]
 
 
-def head_data(model: Trail, part: Part, frame: pd.DataFrame, states: dict[str, np.ndarray]) -> HeadData:
+def head_data(model: Trail, part: Part, frame: pd.DataFrame, states: dict[str, np.ndarray],
+              gain: str = FitConfig.rank_gain) -> HeadData:
     index, texts = item_texts_of(frame)
     z = np.stack([states[t] for t in texts])[index] if len(frame) else np.zeros((0, model.lm.config.hidden_size))
     cut = frame["cutoff_ms"].to_numpy(np.int64)
     bounds = np.flatnonzero(np.r_[True, cut[1:] != cut[:-1], True])
     return HeadData(part, frame, torch.from_numpy(features_of(model, frame, part.horizon_days)),
                     torch.from_numpy(z.astype(np.float32)), torch.from_numpy(frame["label_log"].to_numpy(np.float32)),
-                    torch.from_numpy(frame["label_users"].to_numpy(np.float32)),
+                    torch.from_numpy(frame[gain].to_numpy(np.float32)),
                     [torch.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
@@ -262,6 +264,8 @@ def valid_mae(data: list[HeadData], log_fn) -> float:
 
 
 def _count_loss(pred: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "l1":  # the metric is MAE on log1p(count): its minimiser is the conditional median
+        return F.l1_loss(pred, y)
     return F.huber_loss(pred, y, delta=1.0) if kind == "huber" else F.mse_loss(pred, y)
 
 
@@ -401,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep only the rows of the N busiest items (tests: bounds the item encoding)")
     ap.add_argument("--rank-epochs", type=int, default=FitConfig.rank_epochs)
     ap.add_argument("--count-epochs", type=int, default=FitConfig.count_epochs)
-    ap.add_argument("--count-loss", choices=("huber", "mse"), default=FitConfig.count_loss)
+    ap.add_argument("--count-loss", choices=("huber", "mse", "l1"), default=FitConfig.count_loss)
+    ap.add_argument("--rank-gain", choices=("label_gain", "label_users"), default=FitConfig.rank_gain,
+                    help="gain of the listwise loss: the metric's per-item NDCG@10 weight, or distinct users")
     ap.add_argument("--resume", action="store_true", help="continue phase 1 from DIR/checkpoint if present")
     ap.add_argument("--version", default=None, help="model_version (default: trail-<date>)")
     return ap
@@ -437,7 +443,8 @@ def train(argv: list[str] | None = None) -> Trail:
 
     cfg = FitConfig(steps=args.steps, budget_minutes=args.budget_minutes, batch=args.batch, seed=args.seed,
                     negatives=min(FitConfig.negatives, args.batch), rank_epochs=args.rank_epochs,
-                    count_epochs=args.count_epochs, count_loss=args.count_loss)
+                    count_epochs=args.count_epochs, count_loss=args.count_loss,
+                    rank_gain=args.rank_gain)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -480,8 +487,8 @@ def train(argv: list[str] | None = None) -> Trail:
 
     # ---- phase 3: the score head ----
     t3 = time.time()
-    train_data = [head_data(model, p, p.train, states) for p in parts]
-    valid_data = [head_data(model, p, p.valid, states) for p in parts]
+    train_data = [head_data(model, p, p.train, states, cfg.rank_gain) for p in parts]
+    valid_data = [head_data(model, p, p.valid, states, cfg.rank_gain) for p in parts]
     head_report = train_head(model, train_data, valid_data, cfg)
     head_report["minutes"] = round((time.time() - t3) / 60, 2)
     minutes = round((time.time() - started) / 60, 2)
@@ -493,7 +500,7 @@ def train(argv: list[str] | None = None) -> Trail:
         "phase2_item_states": enc | {"pooling": POOLING},
         "phase3_head": {"rows": int(sum(len(d.x) for d in train_data)),
                         "lists": int(sum(len(d.lists) for d in train_data)),
-                        "rank_loss": f"LambdaRank |dNDCG@{cfg.rank_k}| on label_users", "count_loss": cfg.count_loss,
+                        "rank_loss": f"LambdaRank |dNDCG@{cfg.rank_k}| with gains {cfg.rank_gain}", "count_loss": cfg.count_loss,
                         "early_stopping": "validation cut-offs (NDCG@10 for the ranking, MAE log for the count)",
                         "fit_config": asdict(cfg)} | head_report,
     }

@@ -76,6 +76,7 @@ class Guide:
         self.bitmask = lln.allocate_token_bitmask(len(matchers), constraint.vocab_size)
         self.seconds = 0.0  # time spent computing and applying masks
         self.steps = 0
+        self.forced = 0  # tokens fast-forwarded (fed without a decoding step of their own)
 
     def mask(self, logits: np.ndarray, rows: Sequence[int] | None = None) -> None:
         """Set the logits of disallowed tokens to -inf, in place; logits (B, V) for the batch's rows."""
@@ -105,6 +106,23 @@ class Guide:
                 continue
             if not m.consume_token(int(t)):
                 raise GuideError(f"row {i}: token {t} refused: {m.get_error()}")
+
+    def fast_forward(self, row: int, limit: int | None = None) -> list[int]:
+        """The tokens the grammar forces next for this row (consumed here): the rest of a number, of a
+        window phrase ... The caller feeds them to the model in the same step as the sampled token."""
+        m = self.matchers[row]
+        if m is None or m.is_stopped() or limit == 0:
+            return []
+        ff = m.compute_ff_tokens()[:limit]
+        if ff and not m.consume_tokens(ff):
+            raise GuideError(f"row {row}: forced tokens {ff} refused: {m.get_error()}")
+        self.forced += len(ff)
+        return ff
+
+    def stopped(self, row: int) -> bool:
+        """The grammar is complete and admits nothing but the end token."""
+        m = self.matchers[row]
+        return m is not None and m.is_stopped()
 
     def accepting(self, row: int) -> bool:
         m = self.matchers[row]

@@ -165,11 +165,17 @@ class Generator:
         """New token ids after the prompt (the end token, when reached, is the last)."""
         return self.generate_batch([prompt_ids], max_new_tokens, guide)[0]
 
-    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, guide: Any = None) -> list[list[int]]:
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, guide: Any = None,
+                       fast_forward: bool = True) -> list[list[int]]:
         """Greedy continuations of several prompts in one batch: left padding, an attention mask that hides
         the padding, position ids counted from each row's first real token (as transformers' generate), and a
-        stop per row (a finished row is fed the end token until every row is done). `guide`
-        (stream.serving.constraint.Guide, one matcher per row) masks each row's logits before the argmax."""
+        stop per row (a finished row is fed the end token until every row is done).
+
+        `guide` (stream.serving.constraint.Guide, one matcher per row) masks each row's logits before the
+        argmax. With `fast_forward`, the tokens its grammar forces after a sampled one (the rest of a number
+        or of a window phrase: about half of a constrained text) join that token in the next step's input, so
+        one decoder pass advances a row by several tokens; rows of different lengths in one step are
+        left-padded inside the step (masked slots), and each row's logits are read at its last real token."""
         if not prompts:
             return []
         c = self.cache
@@ -181,10 +187,11 @@ class Generator:
             ids[i, width - len(p):] = p
             mask[i, width - len(p):] = 1
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        next_pos = mask.sum(axis=1)  # (B,) position of each row's next token
         past: dict[str, Any] = {name: np.zeros((b, c.kv_heads, 0, c.head_dim), c.dtype) for name, _ in c.names}
         out: list[list[int]] = [[] for _ in range(b)]
         live = list(range(b))
-        for _ in range(max_new_tokens):
+        while live:
             feed: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
             if "position_ids" in self.inputs:
                 feed["position_ids"] = positions
@@ -195,15 +202,34 @@ class Generator:
             tokens = last.argmax(axis=1)
             if guide is not None:
                 guide.advance(live, [int(tokens[i]) for i in live])
+            step: dict[int, list[int]] = {}
             for i in live:
-                out[i].append(int(tokens[i]))
-            live = [i for i in live if tokens[i] != self.end_id]
+                t = int(tokens[i])
+                out[i].append(t)
+                step[i] = [t]
+                if t == self.end_id or len(out[i]) >= max_new_tokens:
+                    continue
+                if guide is not None and fast_forward:
+                    ff = guide.fast_forward(i, max_new_tokens - len(out[i]))
+                    out[i] += ff
+                    step[i] += ff
+                    if guide.stopped(i) and len(out[i]) < max_new_tokens:
+                        out[i].append(self.end_id)  # complete: the end token is the only one left
+            live = [i for i in live if out[i][-1] != self.end_id and len(out[i]) < max_new_tokens]
             if not live:
                 break
-            tokens[[i for i in range(b) if i not in live]] = self.end_id
-            ids = tokens.astype(np.int64)[:, None]
-            mask = np.concatenate([mask, np.ones((b, 1), np.int64)], axis=1)
-            positions = positions[:, -1:] + 1
+            k = max(len(step[i]) for i in live)
+            ids = np.full((b, k), self.end_id, np.int64)
+            new_mask = np.zeros((b, k), np.int64)
+            positions = np.repeat(next_pos[:, None], k, axis=1)
+            for i in range(b):
+                row = step.get(i, [self.end_id]) if i in live else [self.end_id]
+                n = len(row)
+                ids[i, k - n:] = row
+                new_mask[i, k - n:] = 1
+                positions[i, k - n:] = next_pos[i] + np.arange(n)
+                next_pos[i] += n
+            mask = np.concatenate([mask, new_mask], axis=1)
         return out
 
     def _step(self, feed: dict[str, Any], past: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:

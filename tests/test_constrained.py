@@ -1,0 +1,177 @@
+"""Faithful decoding: the claim grammar, its llguidance constraint, batched generation (ONNX and torch)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stream.core.faithfulness import check
+from stream.core.faithfulness.grammar import OUTLOOKS, claim_grammar
+from stream.core.forecast import outlook, pace
+from stream.core.prompts import render_prompt
+from test_explanations import cases, trend_table_rows
+
+
+def test_every_sentence_of_the_grammar_is_true_and_forecasts_as_told():
+    """Random sentences of the language (all shapes, phrasings, facts) pass the checker with >= 1 claim
+    and state exactly the forced forecast, on rows with zeros, ties, single users, huge counts,
+    four window sets and horizons 1/7/28."""
+    rng = random.Random(0)
+    rows = [(r, h) for r, h, _, _ in cases(600, 11)] + [(r, 7) for r in trend_table_rows()[:200]]
+    for row, h in rows:
+        for fc in OUTLOOKS:
+            g = claim_grammar(row, h, fc)
+            for _ in range(2):
+                text = g.sample(rng)
+                r = check(text, row)
+                assert r.faithful and r.checked >= 1, (text, row, [(c.text, c.reason) for c in r.claims if not c.ok])
+                assert r.outlook == fc, (text, fc)
+
+
+def test_grammar_is_valid_lark_for_llguidance(smollm2_tokenizer):
+    from stream.serving.constraint import ClaimConstraint
+
+    cc = ClaimConstraint(smollm2_tokenizer.backend_tokenizer.to_str(), smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    rng = random.Random(1)
+    for row, h, _, _ in cases(40, 3):
+        g = claim_grammar(row, h, rng.choice(OUTLOOKS))
+        guide = cc.guide([g.lark()])
+        text = g.sample(rng)
+        ids = smollm2_tokenizer(" " + text, add_special_tokens=False).input_ids + [cc.end_id]
+        for t in ids:  # the tokenisation of any sentence of the language is allowed step by step
+            guide.mask(logits := np.zeros((1, cc.vocab_size), np.float32), [0])
+            assert np.isfinite(logits[0, t]), (text, t)
+            guide.advance([0], [t])
+        assert guide.matchers[0].is_stopped()
+
+
+# ---- real prompts, the exported artefact -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real_rows(retail_between):
+    """Real Online Retail II rows: the last cut-off of two months, its busiest items and a random rest."""
+    from trainer.examples import build_examples
+
+    ex = build_examples(retail_between("2010-01-01", "2010-03-15"))
+    rows = ex.rows(ex.cutoffs[-1:])
+    rows = rows.sort_values("count_7d", ascending=False)
+    pick = pd.concat([rows.head(6), rows.iloc[6:].sample(6, random_state=0)])
+    return pick.reset_index(drop=True), ex
+
+
+@pytest.fixture(scope="module")
+def onnx_parts():
+    from serving_artefact import exported_artefact
+    from stream.serving.artefact import Artefact
+    from stream.serving.constraint import ClaimConstraint
+    from stream.serving.onnx_models import CPU, Generator
+    from stream.core.trends import TrendConfig
+
+    d = exported_artefact()
+    art = Artefact.load(d, TrendConfig.from_spec(json.loads((d / "manifest.json").read_text())["feature_spec"]))
+    tok = art.tokenizer()
+    gen = Generator(art.path("generator"), [CPU], tok.end_id, threads=2)
+    return art, tok, gen, ClaimConstraint(art.path("tokenizer"), tok.end_id)
+
+
+def _prompts_and_signals(real_rows):
+    from trainer.inference import prompts_of
+    from stream.core.prompts import signal_windows
+
+    rows, ex = real_rows
+    names = [c for c in rows.columns if c.split("_")[0] in ("count", "prev", "users", "velocity", "accel")
+             or c in ("ema", "total_count", "age_h", "idle_h")]
+    signals = [dict(zip(names, r)) for r in rows[names].to_numpy(np.float64).tolist()]
+    assert signal_windows(signals[0])
+    return prompts_of(rows, names, 7), signals, rows["title"].astype(str).tolist()
+
+
+def test_batched_greedy_equals_one_at_a_time(onnx_parts, real_rows):
+    art, tok, gen, _ = onnx_parts
+    prompts, _, _ = _prompts_and_signals(real_rows)
+    ids = tok.ids(prompts[:5])
+    assert len({len(i) for i in ids}) > 1, "the batch must mix prompt lengths (left padding)"
+    single = [gen.generate(i, 20) for i in ids]
+    assert gen.generate_batch(ids, 20) == single
+
+
+def test_constrained_outputs_pass_the_checker_with_the_forced_forecast(onnx_parts, real_rows):
+    art, tok, gen, cc = onnx_parts
+    prompts, signals, titles = _prompts_and_signals(real_rows)
+    forecasts = [OUTLOOKS[i % 3] for i in range(len(prompts))]  # every direction, whatever the trend
+    guide = cc.guide([claim_grammar(s, 7, f).lark() for s, f in zip(signals, forecasts)])
+    new = gen.generate_batch(tok.ids(prompts), 64, guide)
+    for n, s, f, t in zip(new, signals, forecasts, titles):
+        assert n[-1] == tok.end_id, "the grammar ends the text before the limit"
+        text = tok.decode(n)
+        r = check(text, s, title=t)
+        assert r.faithful and r.checked >= 1 and r.outlook == f, (text, f)
+
+
+def test_explainer_batches_and_constrains(onnx_parts, real_rows):
+    import asyncio
+
+    from stream.core.records import Prediction
+    from stream.serving.explainer import ExplainRequest, Explainer, Mover
+
+    art, tok, gen, cc = onnx_parts
+    prompts, signals, titles = _prompts_and_signals(real_rows)
+    tick = 1_268_611_200_000
+    preds = [Prediction(f"i{i}", tick, 1.0, pace(s, 7) * (0.2, 1.0, 3.0)[i % 3] + 3 * (i % 3 - 1), i + 1, s, "v")
+             for i, s in enumerate(signals[:5])]
+    published = []
+
+    async def publish(records):
+        published.extend(records)
+
+    async def main():
+        ex = Explainer(gen.generate, tok, "v", 48, publish, horizon_days=7, generate_batch=gen.generate_batch,
+                       constraint=cc, batch_size=5)
+        ex.start()
+        ex.offer(ExplainRequest(tick, [Mover(p, pr, t) for p, pr, t in zip(preds, prompts, titles)]))
+        await asyncio.sleep(0.01)
+        await ex.wait_idle(300)
+        await ex.stop()
+        return ex
+
+    ex = asyncio.run(main())
+    assert ex.stats.batches == 1 and ex.stats.explained == 5 and ex.stats.constrained == 5
+    for r, p in zip(published, preds):
+        assert r.faithful and not r.repaired and r.raw_explanation == r.explanation
+        assert r.forecast == outlook(p.predicted_count, pace(p.signals, 7)) and r.forecast_agrees
+
+
+# ---- torch side (the shipped adapter) ------------------------------------------------------------
+
+def test_torch_batched_constrained_generation(real_rows):
+    torch = pytest.importorskip("torch")
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from trainer.explain_eval import explain_texts
+    from trainer.model import END_TOKEN, load_base
+
+    adapter = Path(__file__).resolve().parent.parent / "models" / "trail-smollm2" / "adapter"
+    if not adapter.is_dir():
+        pytest.skip("no shipped adapter")
+    from peft import PeftModel
+
+    lm, tok = load_base("smollm2-135m-instruct")
+    lm = PeftModel.from_pretrained(lm, adapter).eval()
+    m = SimpleNamespace(lm=lm, tokenizer=tok, end_id=tok.convert_tokens_to_ids(END_TOKEN),
+                        cfg=SimpleNamespace(max_explanation_tokens=24, max_prompt_tokens=80))
+    prompts, signals, titles = _prompts_and_signals(real_rows)
+    prompts, signals, titles = prompts[:4], signals[:4], titles[:4]
+    forecasts = ["rise", "fall", "steady", "fall"]
+    texts = explain_texts(m, prompts, signals=signals, forecasts=forecasts, horizon_days=7, batch=4)
+    for text, s, f, t in zip(texts, signals, forecasts, titles):
+        r = check(text, s, title=t)
+        assert r.faithful and r.checked >= 1 and r.outlook == f, (text, f)
+    # unconstrained, batched with left padding == one at a time
+    free = explain_texts(m, prompts[:3], max_new_tokens=12, batch=3)
+    assert free == [explain_texts(m, [p], max_new_tokens=12, batch=1)[0] for p in prompts[:3]]
+    del torch
