@@ -1,18 +1,26 @@
-"""Score-path throughput: ONNX (onnxruntime) against PyTorch eager, same model, same prompts, same run.
+"""Serving speed: a real tick scored by the stream's TickScorer, item encoding ONNX vs PyTorch, explanations.
 
     python -m export.bench --model models/trail-smollm2 --json
     python -m export.bench --model models/trail-smollm2 --json --batch 512 --rounds 20   # on a GPU
 
-Prompts are real (the last cut-off of the training data, as export.onnx samples them),
-cut into batches of --batch; every round runs each engine once over the same batches, in
-turn, so that a busy machine slows all of them alike. PyTorch runs `Trail.score` with the
-LoRA merged (what a PyTorch deployment would run); ONNX runs score.onnx and, when
-exported, its int8 (CPU) and fp16 (CUDA) variants. On a machine with CUDA (onnxruntime-gpu
-installed instead of onnxruntime, and a CUDA build of torch) both sides run on the GPU.
-Explanation speed: greedy tokens per second of the ONNX generator (and of PyTorch's
-`generate`) on a few prompts.
+Tick: Online Retail II replayed through stream.core.trends to a late-2011 tick (TICK_AS_OF); its
+active items (`tick_items`, ~2,600) scored by stream.serving.scorer.TickScorer, exactly as the stream
+does: first cold (every item state encoded: `cold_tick_score_s`, `item_encode_per_s`), then warm
+(states cached: `tick_score_s`, the median of --tick-rounds; the head on every item).
 
-Prints one JSON object: provider, onnx_items_per_s, torch_items_per_s, batch, seq_len, ...
+Item encoding: real item texts (the last cut-off of the training data, as export.onnx samples them),
+cut into batches of --batch; every round runs each engine once over the same batches, in turn, so
+that a busy machine slows all of them alike. PyTorch runs `Trail.item_state` with the LoRA merged
+(what a PyTorch deployment would run); ONNX runs item_encoder.onnx. On a machine with CUDA
+(onnxruntime-gpu installed instead of onnxruntime, and a CUDA build of torch) both sides run on the GPU.
+Explanation speed: greedy tokens per second of the ONNX generator (and of PyTorch's
+`generate`) on a few prompts; and `explanations_per_s` (explanation_bench): real prompts of
+the manifest's datasets, a tick's movers as one batch of 5, constrained to their claim
+grammars with fast-forward, one onnxruntime thread (the stream's explainer default), beside
+one at a time (`explanations_per_s_single`) and unconstrained batched greedy.
+
+Prints one JSON object: tick_items, tick_score_s, item_encode_per_s, provider, onnx_items_per_s (item
+encodings/s), torch_items_per_s, batch, seq_len, ...
 """
 
 from __future__ import annotations
@@ -28,8 +36,8 @@ import numpy as np
 import torch
 
 from stream.serving.artefact import Artefact
-from stream.serving.onnx_models import CPU, CUDA, Generator, ScoreModel, available_providers
-from stream.core.trends import TrendConfig
+from stream.serving.onnx_models import CPU, CUDA, Generator, ItemEncoder, available_providers
+from stream.core.trends import Signals, TrendConfig
 
 
 def cpu_name() -> str:
@@ -47,9 +55,79 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+TICK_AS_OF = "2011-11-15T00:00:00Z"  # a late-2011 Online Retail II tick (the busiest season of the data)
+
+
+def retail_tick(trend: TrendConfig, as_of: str = TICK_AS_OF):
+    """(Signals, items) of a real tick: Online Retail II replayed through stream.core.trends up to `as_of`,
+    every item active at that moment, with its catalogue record (title, category, description)."""
+    import pandas as pd
+
+    from stream.core.datasets import load_dataset
+    from stream.core.events import EventBatch
+    from stream.core.records import ItemInfo
+    from stream.core.trends import TrendTable
+
+    ds = load_dataset("retail")
+    as_of_ms = int(pd.Timestamp(as_of).value // 1_000_000)
+    events = ds.events[ds.events["ts"] < as_of_ms].sort_values("ts", kind="stable") if "ts" in ds.events \
+        else ds.events
+    table = TrendTable(trend, capacity=max(1024, int(events["item_id"].nunique())))
+    signals = next(iter(table.signals_at_cutoffs(EventBatch.from_frame(events), [as_of_ms])))
+
+    def text(v):
+        return v if isinstance(v, str) and v.strip() else None
+
+    cols = {c: ds.items[c] if c in ds.items else [None] * len(ds.items) for c in ("title", "category", "description")}
+    items = {str(i): ItemInfo(text(t), text(c), text(d))
+             for i, t, c, d in zip(ds.items["item_id"], cols["title"], cols["category"], cols["description"])}
+    return signals, items
+
+
+def tick_bench(art: Artefact, trend: TrendConfig, threads: int, provider: str, rounds: int = 5,
+               max_items: int = 0) -> dict:
+    """The stream's own TickScorer on a real retail tick: every active item gets the full score.
+
+    cold: the first tick of a fresh scorer, every item state encoded (item_encode_per_s);
+    warm: the same tick again, states cached (tick_score_s: median of `rounds`)."""
+    from stream.serving.scorer import TickScorer
+
+    signals, items = retail_tick(trend)
+    if max_items and len(signals) > max_items:
+        signals = Signals(signals.as_of_ms, list(signals.item_ids[:max_items]), signals.names,
+                          signals.values[:max_items])
+    known = {int(round(float(v))) for v in art.manifest["horizon_days"].values()}
+    horizon = int(round(float(art.manifest["horizon_days"].get("retail", 7.0)))) if len(known) > 1 else None
+    scorer = TickScorer(art, provider=provider, horizon_days=horizon, threads=threads)
+    t0 = time.perf_counter()
+    part = scorer.score(signals.as_of_ms, signals, items)
+    cold = time.perf_counter() - t0
+    encoded = scorer.stats.last["encoded"]
+    encode_s = scorer.stats.last["encode_seconds"]
+    warm = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        again = scorer.score(signals.as_of_ms, signals, items)
+        warm.append(time.perf_counter() - t0)
+        assert scorer.stats.last["encoded"] == 0 and len(again.item_ids) == len(part.item_ids)
+    return {
+        "tick_as_of": TICK_AS_OF,
+        "tick_items": len(signals),
+        "tick_scored_items": len(part.item_ids),
+        "tick_score_s": round(float(np.median(warm)), 4),
+        "tick_score_s_max": round(max(warm), 4),
+        "cold_tick_score_s": round(cold, 2),
+        "item_encode_per_s": round(encoded / encode_s, 1) if encode_s > 0 else None,
+        "items_encoded": encoded,
+        "item_cache_bytes": scorer.cache.nbytes(),
+        "tick_rounds": rounds,
+        "scorer_provider": scorer.provider,
+    }
+
+
 def bench(model_dir: Path, batch: int = 32, batches: int = 2, rounds: int = 2, threads: int | None = None,
           explain_prompts: int = 2, provider: str = "auto", events: str | None = None,
-          items: str | None = None) -> dict:
+          items: str | None = None, tick_rounds: int = 5, tick_items: int = 0) -> dict:
     from export.onnx import sample_prompts
     from trainer.model import load
 
@@ -60,38 +138,33 @@ def bench(model_dir: Path, batch: int = 32, batches: int = 2, rounds: int = 2, t
     providers = [CUDA, CPU] if cuda else [CPU]
     device = "cuda" if cuda and torch.cuda.is_available() else "cpu"
 
+    tick = tick_bench(art, _spec_trend(model_dir), threads, "cuda" if cuda else "cpu", tick_rounds, tick_items)
+
     model, manifest = load(model_dir, merge=True)
     tok = art.tokenizer()
+    item_tok = art.item_tokenizer()
     sample = sample_prompts(model, manifest, batch * batches, events=events, items=items)
     model.to(device)
-    rows = tok.ids(sample.prompts)
-    while len(rows) < batch * batches:  # fewer real items than asked: repeat them
-        rows, sample.features = rows + rows, np.concatenate([sample.features, sample.features])
-    rows, feats = rows[: batch * batches], sample.features[: batch * batches]
-    order = np.argsort([len(r) for r in rows], kind="stable")  # length-bucketed batches, as the stream does
-    batches_np = []
-    for b in range(batches):
-        idx = order[b * batch : (b + 1) * batch]
-        ids, mask = tok.pad([rows[i] for i in idx])
-        batches_np.append((ids, mask, feats[idx]))
+    rows = tok.ids(sample.prompts)  # prompts: the explanation part below
+    item_rows = item_tok.ids(sample.texts)
+    while len(item_rows) < batch * batches:  # fewer real items than asked: repeat them
+        item_rows = item_rows + item_rows
+    item_rows = item_rows[: batch * batches]
+    order = np.argsort([len(r) for r in item_rows], kind="stable")  # length-bucketed batches, as the stream does
+    batches_np = [item_tok.pad([item_rows[i] for i in order[b * batch : (b + 1) * batch]]) for b in range(batches)]
     batches_t = [tuple(torch.from_numpy(a).to(device) for a in bt) for bt in batches_np]
 
-    engines: dict[str, object] = {}
-    engines["onnx_fp32"] = ScoreModel(art.path("score.fp32"), providers, threads)
-    if art.has("score.int8") and not cuda:
-        engines["onnx_int8"] = ScoreModel(art.path("score.int8"), [CPU], threads)
-    if art.has("score.fp16") and cuda:
-        engines["onnx_fp16"] = ScoreModel(art.path("score.fp16"), providers, threads)
+    engines: dict[str, object] = {"onnx_fp32": ItemEncoder(art.path("item_encoder"), providers, threads)}
 
     @torch.no_grad()
     def run_torch() -> None:
-        for ids, mask, x in batches_t:
-            model.score(ids, mask, x)
+        for ids, mask in batches_t:
+            model.item_state(ids, mask)
         _sync(device)
 
-    def run_onnx(m: ScoreModel) -> None:
-        for ids, mask, x in batches_np:
-            m(ids, mask, x)
+    def run_onnx(m: ItemEncoder) -> None:
+        for ids, mask in batches_np:
+            m(ids, mask)
 
     runs = {"torch": run_torch, **{k: (lambda m=m: run_onnx(m)) for k, m in engines.items()}}
     elapsed = {k: 0.0 for k in runs}
@@ -126,6 +199,7 @@ def bench(model_dir: Path, batch: int = 32, batches: int = 2, rounds: int = 2, t
 
     seq = [b[0].shape[1] for b in batches_np]
     result = {
+        **tick,
         "provider": engines["onnx_fp32"].provider,
         "onnx_items_per_s": round(rate["onnx_fp32"], 1),
         "torch_items_per_s": round(rate["torch"], 1),
@@ -143,16 +217,12 @@ def bench(model_dir: Path, batch: int = 32, batches: int = 2, rounds: int = 2, t
         "model_version": art.model_version,
         "cpu": cpu_name(),
     }
-    for k in ("onnx_int8", "onnx_fp16"):
-        if k in rate:
-            result[f"{k}_items_per_s"] = round(rate[k], 1)
-            result[f"speedup_{k.split('_')[1]}"] = round(rate[k] / rate["torch"], 2)
-            result[f"{k}_parity_max_abs_diff"] = art.parity(f"score.{k.split('_')[1]}").get("max_abs_diff")
+    result["item_encoder_parity_max_abs_diff"] = art.parity("item_encoder").get("max_abs_diff")
     if device == "cuda":
         result["gpu"] = torch.cuda.get_device_name(0)
     result |= explanation_bench(art, explain_rows(json.loads((Path(model_dir) / "manifest.json").read_text()),
                                                   max(10, explain_prompts), events=events, items=items),
-                                providers, threads)
+                                providers, 1)  # one thread: the stream's TRAIL_EXPLAIN_THREADS default
     return result
 
 
@@ -175,7 +245,7 @@ def explain_rows(manifest: dict, n: int, seed: int = 0, events: str | None = Non
     for ds, horizon in loaded:
         ex = build_examples(ds, trend, horizon_days=horizon)
         rows = ex.rows(ex.cutoffs[-1:])
-        names = list(trend.signal_names()) if hasattr(trend, "signal_names") else [
+        names = list(trend.signal_names) if hasattr(trend, "signal_names") else [
             c for c in rows.columns if c.split("_")[0] in ("count", "prev", "users", "velocity", "accel")
             or c in ("ema", "total_count", "age_h", "idle_h")]
         busy = rows[[c for c in names if c.startswith("count_")]].to_numpy(np.float64).sum(axis=1)
@@ -228,6 +298,7 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     return {
         "explanations_per_s": round(batched["per_s"], 2),
         "explain_batch": batch,
+        "explain_threads": threads,
         "explain_rows": n,
         "explain_batched_tokens_per_s": round(batched["tokens_per_s"], 1),
         "explanations_per_s_single": round(one["per_s"], 2),
@@ -251,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path, help="an exported artefact (python -m export.onnx first)")
-    ap.add_argument("--batch", type=int, default=32, help="prompts per run (default 32; try 512 on a GPU)")
+    ap.add_argument("--batch", type=int, default=32, help="item texts per encoder run (default 32; try 512 on a GPU)")
     ap.add_argument("--batches", type=int, default=2, help="distinct batches per round (default 2)")
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds (default 2)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both engines (default: all cores)")
@@ -259,10 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--provider", choices=("auto", "cpu"), default="auto", help="auto: CUDA when onnxruntime-gpu has it")
     ap.add_argument("--events", default=None, help="prompts from this event log instead of the training datasets")
     ap.add_argument("--items", default=None, help="item table for --events")
+    ap.add_argument("--tick-rounds", type=int, default=5, help="warm rounds of the retail tick (default 5)")
+    ap.add_argument("--tick-items", type=int, default=0, help="score only the first N items of the tick (default: all)")
     ap.add_argument("--json", action="store_true", help="print only the JSON object")
     args = ap.parse_args(argv)
     result = bench(args.model, args.batch, args.batches, args.rounds, args.threads, args.explain, args.provider,
-                   args.events, args.items)
+                   args.events, args.items, args.tick_rounds, args.tick_items)
     if args.json:
         print(json.dumps(result))
     else:

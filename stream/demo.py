@@ -101,7 +101,6 @@ def worker_env(args: argparse.Namespace, bootstrap: str, var: Path, horizon_days
         "TRAIL_STATE_DIR": str(var / "state"),
         "TRAIL_TICK_S": str(args.tick),
         "TRAIL_MODEL_DIR": str(args.model),  # the worker then scores, ranks, explains and stores (stream.app)
-        "TRAIL_LOG_LEVEL": env.get("TRAIL_LOG_LEVEL", "warning"),
     })
     if not env.get("CLICKHOUSE_URL"):
         env.setdefault("TRAIL_CLICKHOUSE_PATH", str(var / "clickhouse"))
@@ -268,7 +267,7 @@ async def run(args: argparse.Namespace) -> int:
         return 2
     topics = settings.worker.topics
     kafka = settings.worker.kafka
-    var = Path(args.var)
+    var = Path(args.var).resolve()  # absolute once: nothing may depend on the cwd after start-up
     var.mkdir(parents=True, exist_ok=True)
     log_path = var / "worker.log"
     # The embedded broker starts empty, so checkpoints of an earlier run (offsets into a log that
@@ -276,13 +275,13 @@ async def run(args: argparse.Namespace) -> int:
     for sub in ("state", "clickhouse") if args.fresh else ("state",) if not args.bootstrap else ():
         shutil.rmtree(var / sub, ignore_errors=True)
 
-    model = Path(args.model)
+    model = Path(args.model).resolve()
     exporter = None
     if export_needed(model, settings.worker.trend):
         # the longest stage of a first run: everything up to the worker's start overlaps it
         exporter = start_export(model, var / "export.log")
-        progress("export", f"exporting {model.name} to ONNX once (score path, int8 variant, generator; "
-                           f"about 2 minutes), log {var / 'export.log'}")
+        progress("export", f"exporting {model.name} to ONNX once (item encoder, score head, generator; "
+                           f"about 3 minutes), log {var / 'export.log'}")
     broker = None
     worker = None
     stop = asyncio.Event()

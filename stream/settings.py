@@ -256,7 +256,7 @@ class _Env(BaseSettings):
     TRAIL_HORIZON_DAYS: float | None = _var(None, "forecast horizon", "days > 0", shown="the artefact's", gt=0)
     TRAIL_ORT_THREADS: int | None = _var(None, "onnxruntime intra-op threads for scoring", "a whole number >= 1",
                                          shown="onnxruntime's", ge=1)
-    TRAIL_EXPLAIN_TOP: int = _var(3, "movers explained per tick", "a whole number >= 0", ge=0)
+    TRAIL_EXPLAIN_TOP: int = _var(5, "movers explained per tick", "a whole number >= 0", ge=0)
     TRAIL_EXPLAIN_BY: Literal["rise", "rank_jump"] = _var("rise", "how movers are picked")
     TRAIL_EXPLAIN_THREADS: int = _var(1, "onnxruntime threads of the explanation generator", "a whole number >= 1",
                                       ge=1)

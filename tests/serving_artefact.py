@@ -84,8 +84,13 @@ def _v2(directory: Path) -> bool:
 def _trained() -> Path:
     if (COMMITTED / "manifest.json").is_file() and _v2(COMMITTED):
         return COMMITTED
-    target = cache_dir() / "test-artefacts" / "tiny-retail-fit-v2"
+    # keyed by the trainer's model code: a changed head or LoRA layout cannot load an older fit's weights
+    code = hashlib.sha256(b"".join((REPO / "trainer" / f).read_bytes() for f in ("model.py", "fit.py")))
+    target = cache_dir() / "test-artefacts" / f"tiny-retail-fit-v2-{code.hexdigest()[:12]}"
     if not (target / "manifest.json").is_file():
+        for old in target.parent.glob("tiny-retail-fit*"):  # one tiny fit on disk
+            if old.is_dir() and not old.name.endswith(".tmp"):
+                shutil.rmtree(old, ignore_errors=True)
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         _run(["trainer.fit", "--dataset", "retail", "--out", str(tmp), "--steps", "2", "--max-train-cutoffs", "8",

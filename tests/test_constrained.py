@@ -65,17 +65,28 @@ def real_rows(retail_between):
 
 @pytest.fixture(scope="module")
 def onnx_parts():
-    from serving_artefact import exported_artefact
-    from stream.serving.artefact import Artefact
+    """The exported generator and tokenizer (tests/serving_artefact.py; TRAIL_GENERATOR_ARTEFACT=DIR points
+    at another exported artefact: only its generator and tokenizer files are used)."""
+    import os
+    from pathlib import Path
+
+    from stream.serving.artefact import PromptTokenizer
     from stream.serving.constraint import ClaimConstraint
     from stream.serving.onnx_models import CPU, Generator
-    from stream.core.trends import TrendConfig
 
-    d = exported_artefact()
-    art = Artefact.load(d, TrendConfig.from_spec(json.loads((d / "manifest.json").read_text())["feature_spec"]))
-    tok = art.tokenizer()
-    gen = Generator(art.path("generator"), [CPU], tok.end_id, threads=2)
-    return art, tok, gen, ClaimConstraint(art.path("tokenizer"), tok.end_id)
+    if os.environ.get("TRAIL_GENERATOR_ARTEFACT"):
+        d = Path(os.environ["TRAIL_GENERATOR_ARTEFACT"])
+    else:
+        from serving_artefact import exported_artefact
+
+        d = exported_artefact()
+    manifest = json.loads((d / "manifest.json").read_text())
+    files = manifest["onnx"]["files"]
+    cfg = manifest["trail_config"]
+    tok = PromptTokenizer(d / files["tokenizer"]["path"], cfg["max_prompt_tokens"],
+                          manifest["onnx"].get("tokenizer", {}).get("clean_up_tokenization_spaces", False))
+    gen = Generator(d / files["generator"]["path"], [CPU], tok.end_id, threads=2)
+    return None, tok, gen, ClaimConstraint(d / files["tokenizer"]["path"], tok.end_id)
 
 
 def _prompts_and_signals(real_rows):
@@ -175,3 +186,28 @@ def test_torch_batched_constrained_generation(real_rows):
     free = explain_texts(m, prompts[:3], max_new_tokens=12, batch=3)
     assert free == [explain_texts(m, [p], max_new_tokens=12, batch=1)[0] for p in prompts[:3]]
     del torch
+
+
+def test_forecast_metrics_and_seeded_samples(tmp_path):
+    from trainer.explain_eval import forecast_metrics, samples_markdown, score_trail, write_samples
+
+    s = {"count_1d": 2.0, "count_7d": 41.0, "prev_count_7d": 12.0, "users_7d": 29.0, "count_28d": 90.0,
+         "prev_count_28d": 80.0, "users_28d": 51.0, "age_h": 2880.0}
+    texts = ["Likely to rise next week. 41 events in the last 7 days, up from 12 the week before.",
+             "41 events in the last 7 days, up from 12 the week before, but likely to cool off next week.",
+             "41 events in the last 7 days."]
+    m = forecast_metrics(texts, [s] * 3, ["A"] * 3, ["rise", "rise", "fall"], ["rise", "fall", "fall"])
+    assert m["forecast_agreement"] == pytest.approx(1 / 3) and m["forecast_accuracy"] == pytest.approx(2 / 3)
+    assert m["majority_accuracy"] == pytest.approx(2 / 3) and m["forecasts"] == {"rise": 1, "fall": 1, "none": 1}
+    report, samples = score_trail(texts, [s] * 3, ["A"] * 3, ["a", "b", "c"], texts, ["rise"] * 3, ["fall"] * 3)
+    assert set(report) == {"trail", "trail_raw", "trail_unconstrained"}
+    assert report["trail_raw"]["forecast_agreement"] == pytest.approx(1 / 3)
+    rep = {"dataset": "x", "explanation_samples": samples, "model": {"dir": "m"}}
+    md = samples_markdown([rep], n=2, seed=0)
+    assert md == samples_markdown([rep], n=2, seed=0) and md.count("\n| ") == 2 + 1  # header + 2 rows
+    doc = tmp_path / "d.md"
+    from trainer.explain_eval import SAMPLES_BEGIN, SAMPLES_END
+
+    doc.write_text(f"a\n{SAMPLES_BEGIN}\nold\n{SAMPLES_END}\nb\n")
+    write_samples(str(doc), md)
+    assert "old" not in doc.read_text() and doc.read_text().startswith("a\n") and doc.read_text().endswith("b\n")

@@ -90,7 +90,8 @@ def test_the_trainer_and_the_stream_import_the_one_definition():
     import trainer.model
 
     assert trainer.model.Normalisation is Normalisation
-    assert trainer.inference.season_of is stream.serving.scorer.season_of is season_of
+    assert trainer.inference.season_of is season_of
+    assert stream.serving.scorer.item_text is trainer.inference.item_text  # the item block both encode
     assert stream.serving.scorer.predicted_count is predicted_count
     for module in (trainer.model, trainer.inference, stream.serving.artefact, stream.serving.scorer):
         assert not hasattr(module, "signal_transform") and not hasattr(module, "Features"), module

@@ -384,7 +384,7 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
 
         test = examples.rows(split.test)
         rows = sample_rows(test, preds["trail"].score, explain_sample, top_n, seed=seed, counts=preds["trail"].count)
-        explained = evaluate_explanations(trail, rows, horizon)
+        explained = evaluate_explanations(trail, rows, horizon, model_dir=model_dir)
         extra = {"explanations": explained["metrics"], "explanation_samples": explained["samples"],
                  "model": {"dir": str(model_dir), "top_n": top_n}}
         stages["explanations"] = time.perf_counter() - t4

@@ -192,19 +192,73 @@ def generate_ids(model, rows: list[list[int]], max_new_tokens: int, grammars: li
     return out
 
 
+class OnnxGenerator:
+    """The artefact's exported ONNX generator (greedy identical to torch, export.onnx's parity check) with the
+    stream's own batched, constrained loop: the evaluation then measures exactly what the stream decodes,
+    several times faster than torch `generate` on a CPU."""
+
+    def __init__(self, model_dir, threads: int | None = None) -> None:
+        import json
+        from pathlib import Path
+
+        from stream.serving.artefact import PromptTokenizer
+        from stream.serving.constraint import ClaimConstraint
+        from stream.serving.onnx_models import CPU, Generator
+
+        root = Path(model_dir)
+        manifest = json.loads((root / "manifest.json").read_text())
+        files = (manifest.get("onnx") or {}).get("files") or {}
+        if "generator" not in files or "tokenizer" not in files:
+            raise FileNotFoundError(f"{model_dir}: no exported generator (python -m export.onnx --model {model_dir})")
+        tok_cfg = manifest["onnx"].get("tokenizer", {})
+        self.tokenizer = PromptTokenizer(root / files["tokenizer"]["path"],
+                                         int(manifest["trail_config"].get("max_prompt_tokens", 80)),
+                                         bool(tok_cfg.get("clean_up_tokenization_spaces", False)))
+        self.generator = Generator(root / files["generator"]["path"], [CPU], self.tokenizer.end_id, threads)
+        self.constraint = ClaimConstraint(root / files["tokenizer"]["path"], self.tokenizer.end_id)
+
+    @staticmethod
+    def available(model_dir) -> bool:
+        import json
+        from pathlib import Path
+
+        path = Path(model_dir) / "manifest.json"
+        if not path.is_file():
+            return False
+        files = (json.loads(path.read_text()).get("onnx") or {}).get("files") or {}
+        return all((Path(model_dir) / files[r]["path"]).is_file() for r in ("generator", "tokenizer") if r in files) \
+            and "generator" in files and "tokenizer" in files
+
+    def explain(self, prompts: list[str], grammars: list[str] | None, limit: int, batch: int,
+                desc: str | None = None) -> list[str]:
+        rows = self.tokenizer.ids(prompts)
+        out: list[str] = [""] * len(rows)
+        order = np.argsort([len(r) for r in rows], kind="stable")
+        chunks = [order[i : i + batch] for i in range(0, len(order), batch)]
+        for idx in tqdm(chunks, desc=desc, unit="batch", disable=desc is None):
+            guide = self.constraint.guide([grammars[i] for i in idx]) if grammars is not None else None
+            new = self.generator.generate_batch([rows[i] for i in idx], limit, guide)
+            for i, n in zip(idx, new):
+                out[i] = self.tokenizer.decode(n)
+        return out
+
+
 def explain_texts(model, prompts: list[str], *, signals: list[dict[str, float]] | None = None,
                   forecasts: list[str] | None = None, horizon_days: float = 7, max_new_tokens: int | None = None,
-                  batch: int = BATCH, desc: str | None = None) -> list[str]:
+                  batch: int = BATCH, desc: str | None = None, onnx: OnnxGenerator | None = None) -> list[str]:
     """TRAIL's greedy explanations, batched; constrained to each item's claim grammar when `forecasts`
-    (one outlook per prompt, with `signals`) are given. Decoded as `Trail.explain` does."""
+    (one outlook per prompt, with `signals`) are given. Decoded as `Trail.explain` does. With `onnx`,
+    on the exported generator (the stream's loop) instead of torch."""
     limit = max_new_tokens or model.cfg.max_explanation_tokens
-    rows = [model.tokenizer(p).input_ids[: model.cfg.max_prompt_tokens] for p in prompts]
     grammars = None
     if forecasts is not None:
         if signals is None:
             raise ValueError("constrained decoding needs the signals of every prompt")
         grammars = [claim_grammar(s, horizon_days, f).lark() for s, f in zip(signals, forecasts)]
         limit = max(limit, 64)  # the grammar ends the text itself (explainer.constrained_max_new_tokens)
+    if onnx is not None:
+        return onnx.explain(prompts, grammars, limit, batch, desc)
+    rows = [model.tokenizer(p).input_ids[: model.cfg.max_prompt_tokens] for p in prompts]
     new = generate_ids(model, rows, limit, grammars, batch, desc)
     return [model.tokenizer.decode(n, skip_special_tokens=True).strip() for n in new]
 
@@ -223,13 +277,16 @@ def zero_shot(model, prompts: list[str], max_new_tokens: int = 60, batch: int = 
 
 
 def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_shot_too: bool = True,
-                          predicted_count: np.ndarray | None = None, batch: int = BATCH) -> dict:
+                          predicted_count: np.ndarray | None = None, batch: int = BATCH,
+                          model_dir: str | None = None) -> dict:
     """Constrained, published and unconstrained TRAIL explanations of `rows` (and the base model's).
 
     `predicted_count`: the model's predicted next-period count per row (else the rows'
     `predicted_count` column, as `sample_rows(..., counts=)` adds it); the forecast clause is
     forced to its direction. `label_count` (the true next count), when present, gives the
-    realised direction for `forecast_accuracy`."""
+    realised direction for `forecast_accuracy`. `model_dir`: when it holds an ONNX export, TRAIL's
+    texts are decoded on its generator with the stream's batched loop (greedy identical to torch);
+    else with torch `generate`."""
     names = list(model.norm.signal_names)
     prompts = prompts_of(rows, names, horizon_days)
     signals = [dict(zip(names, r)) for r in rows[names].to_numpy(np.float64).tolist()]
@@ -242,9 +299,10 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
     predicted = [outlook(float(c), p) for c, p in zip(predicted_count, paces)]
     realised = ([outlook(float(c), p) for c, p in zip(rows["label_count"].to_numpy(np.float64), paces)]
                 if "label_count" in rows else None)
+    onnx = OnnxGenerator(model_dir) if model_dir is not None and OnnxGenerator.available(model_dir) else None
     raw = explain_texts(model, prompts, signals=signals, forecasts=predicted, horizon_days=horizon_days, batch=batch,
-                        desc="TRAIL explanations (constrained)")
-    free = explain_texts(model, prompts, batch=batch, desc="TRAIL explanations (unconstrained)")
+                        desc="TRAIL explanations (constrained)", onnx=onnx)
+    free = explain_texts(model, prompts, batch=batch, desc="TRAIL explanations (unconstrained)", onnx=onnx)
     report, samples = score_trail(raw, signals, titles, rows["item_id"].tolist(), free, predicted, realised)
     if zero_shot_too:
         base = zero_shot(model, prompts, batch=batch)
@@ -252,7 +310,8 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
         for sample, text, s, t in zip(samples, base, signals, titles):
             sample["base_zero_shot"] = text
             sample["base_faithful"] = check(text, s, title=t).faithful
-    return {"metrics": report, "samples": samples}
+    return {"metrics": report, "samples": samples,
+            "generation": {"engine": "onnx" if onnx is not None else "torch", "batch": batch}}
 
 
 def sample_rows(frame: pd.DataFrame, scores: np.ndarray, n: int, top_n: int, seed: int = 0,
@@ -265,3 +324,77 @@ def sample_rows(frame: pd.DataFrame, scores: np.ndarray, n: int, top_n: int, see
     ranked = ranked.sort_values(["cutoff_ms", "_score"], ascending=[True, False])
     head = ranked.groupby("cutoff_ms", sort=False).head(top_n)
     return head.sample(n=min(n, len(head)), random_state=seed).drop(columns="_score")
+
+
+# ---- seeded samples for docs/explanations.md ---------------------------------------------------------
+
+SAMPLES_BEGIN = "<!-- explanation-samples:begin (python -m trainer.explain_eval --samples ...) -->"
+SAMPLES_END = "<!-- explanation-samples:end -->"
+
+
+def samples_markdown(reports: list[dict], n: int = 10, seed: int = 0) -> str:
+    """n samples per evaluation report, drawn with `seed` from its `explanation_samples` (themselves a
+    seeded draw of test candidates): never chosen by hand."""
+    import random
+
+    lines = []
+    for rep in reports:
+        pool = rep.get("explanation_samples") or []
+        pick = random.Random(seed).sample(range(len(pool)), min(n, len(pool)))
+        model = (rep.get("model") or {}).get("dir", "?")
+        lines += [f"**{rep.get('dataset', '?')}** ({len(pick)} of {len(pool)} evaluated test candidates, seed {seed}, "
+                  f"model `{model}`)", "",
+                  "| item | forecast (model / realised) | constrained (published) | unconstrained greedy |",
+                  "|---|---|---|---|"]
+        for i in sorted(pick):
+            s = pool[i]
+            cell = lambda t: (t or "").replace("|", "\\|").replace("\n", " ")  # noqa: E731
+            pub = cell(s.get("explanation"))
+            if s.get("repaired"):
+                pub += " *(repaired)*"
+            if not s.get("faithful", True):
+                pub += " *(unfaithful)*"
+            free = cell(s.get("explanation_unconstrained"))
+            if "faithful_unconstrained" in s and not s["faithful_unconstrained"]:
+                free += " ✗"
+            lines.append(f"| {cell(s.get('title'))[:40]} | {s.get('forecast_predicted', '?')} / "
+                         f"{s.get('forecast_realised', '?')} | {pub} | {free} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_samples(doc: str, markdown: str) -> None:
+    """Replace what stands between the sample markers of `doc`."""
+    from pathlib import Path
+
+    path = Path(doc)
+    text = path.read_text()
+    if SAMPLES_BEGIN not in text or SAMPLES_END not in text:
+        raise ValueError(f"{doc}: no sample markers ({SAMPLES_BEGIN!r} ... {SAMPLES_END!r})")
+    head, rest = text.split(SAMPLES_BEGIN, 1)
+    _, tail = rest.split(SAMPLES_END, 1)
+    path.write_text(f"{head}{SAMPLES_BEGIN}\n{markdown}{SAMPLES_END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m trainer.explain_eval",
+                                 description="Seeded explanation samples from trainer.evaluate reports.")
+    ap.add_argument("--samples", nargs="+", required=True, metavar="REPORT.json",
+                    help="reports written by python -m trainer.evaluate --model DIR --json")
+    ap.add_argument("--n", type=int, default=10, help="samples per dataset (default 10)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--write", default=None, metavar="DOC.md", help="replace the samples between the markers of DOC.md")
+    args = ap.parse_args(argv)
+    md = samples_markdown([json.loads(open(p).read()) for p in args.samples], args.n, args.seed)
+    if args.write:
+        write_samples(args.write, md)
+    else:
+        print(md, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

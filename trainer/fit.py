@@ -61,13 +61,16 @@ class FitConfig:
     checkpoint_every: int = 50
     seed: int = 0
     # phase 3: the score head
-    head_lr: float = 3e-3
+    head_lr: float = 3e-3  # the numeric count
+    rank_lr: float = 1e-3  # the ranking residual on top of exp_decay's order
+    item_lr: float = 1e-3  # the item terms
+    lr_decay: float = 0.9  # per epoch: L1 gradients do not shrink near the optimum, the step must
     rank_epochs: int = 40  # upper bounds: early stopping on validation decides
     count_epochs: int = 30
     patience: int = 6
     rank_k: int = 20  # LambdaRank's NDCG truncation (the metric reports @5, @10, @20)
     rank_gain: str = "label_gain"  # the metric's exact per-item weight, or "label_users" (distinct users)
-    count_loss: str = "huber"  # "huber" (delta 1), "mse" or "l1" on log1p(count)
+    count_loss: str = "l1"  # "l1" (the metric is MAE), "huber" (delta 1) or "mse" on log1p(count)
     item_batch: int = 64
 
 
@@ -295,6 +298,11 @@ def _early_stopped(name: str, module: torch.nn.Module, epochs: int, patience: in
             "epochs_run": len(history) - 1, "valid_history": history}
 
 
+def _decay(opt: torch.optim.Optimizer, factor: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] *= factor
+
+
 def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: FitConfig) -> dict:
     """Phase 3: rank (LambdaRank) -> rank_item (kept only if it raises validation NDCG@10)
     -> count (regression) -> count_item (residual), each early-stopped on validation."""
@@ -314,6 +322,7 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
             loss.backward()
             opt.step()
             total += loss.item()
+        _decay(opt, cfg.lr_decay)
         return total / max(1, len(lists))
 
     def count_epoch(module, fn) -> float:
@@ -326,10 +335,11 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
                 loss.backward()
                 opt.step()
                 total, n = total + loss.item(), n + 1
+        _decay(opt, cfg.lr_decay)
         return total / max(1, n)
 
-    opts = {m: torch.optim.AdamW(m.parameters(), lr=cfg.head_lr, weight_decay=1e-4)
-            for m in (head.rank, head.rank_item, head.count, head.count_item)}
+    lrs = {head.rank: cfg.rank_lr, head.rank_item: cfg.item_lr, head.count: cfg.head_lr, head.count_item: cfg.item_lr}
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=1e-4) for m, lr in lrs.items()}
 
     def rank_num(d, idx):
         return head.rank(d.x[idx]).squeeze(-1)
@@ -350,6 +360,10 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
         return run
 
     report = {}
+    names = list(model.norm.names)
+    if model.cfg.rank_prior:
+        head.rank.prior.zero_()
+        head.rank.prior[names.index(model.cfg.rank_prior)] = 1.0
     head.train()
     report["rank"] = _early_stopped("rank", head.rank, cfg.rank_epochs, cfg.patience,
                                     lambda: rank_epoch(head.rank, rank_num), lambda: valid_ndcg(valid, np_of(rank_num)),
@@ -405,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep only the rows of the N busiest items (tests: bounds the item encoding)")
     ap.add_argument("--rank-epochs", type=int, default=FitConfig.rank_epochs)
     ap.add_argument("--count-epochs", type=int, default=FitConfig.count_epochs)
+    ap.add_argument("--item-lr", type=float, default=FitConfig.item_lr, help="learning rate of the item terms")
     ap.add_argument("--count-loss", choices=("huber", "mse", "l1"), default=FitConfig.count_loss)
     ap.add_argument("--rank-gain", choices=("label_gain", "label_users"), default=FitConfig.rank_gain,
                     help="gain of the listwise loss: the metric's per-item NDCG@10 weight, or distinct users")
@@ -444,7 +459,7 @@ def train(argv: list[str] | None = None) -> Trail:
     cfg = FitConfig(steps=args.steps, budget_minutes=args.budget_minutes, batch=args.batch, seed=args.seed,
                     negatives=min(FitConfig.negatives, args.batch), rank_epochs=args.rank_epochs,
                     count_epochs=args.count_epochs, count_loss=args.count_loss,
-                    rank_gain=args.rank_gain)
+                    rank_gain=args.rank_gain, item_lr=args.item_lr)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -7,7 +7,8 @@
     log_count = count(x) + count_item(z, x)              (B,) predicted log1p(next-period count)
     explain = LM head continuing render_prompt(...)      ("bought 41 times in the last 7 days, ...")
 
-`rank` and `count` read the numbers only; the item terms are the LLM's contribution,
+`rank` starts as exp_decay's order (x[ema]) and learns a residual; `rank` and `count`
+read the numbers only; the item terms are the LLM's contribution,
 zero-initialised residuals trained after the numeric parts are frozen, kept only
 when they help on the validation cut-offs (rank_item is zeroed when it costs NDCG).
 `head.numeric_only(x)` is the same head without them (the `trail_numeric` ablation).
@@ -49,6 +50,8 @@ class TrailConfig:
     max_explanation_tokens: int = 48
     max_item_tokens: int = 48  # the item block (title, category, description) the item state reads
     item_dim: int = 32  # item state projected to this before it meets the signals
+    item_uses_x: bool = False  # the count's item term reads the item state only (a per-item effect)
+    rank_prior: str = "ema"  # the ranking starts as exp_decay: score = x[ema] + a learned residual
 
 
 def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
@@ -64,10 +67,11 @@ class ItemTerm(nn.Module):
 
     The last layer starts at zero, so adding the term changes nothing until it is trained."""
 
-    def __init__(self, hidden_size: int, n_features: int, cfg: TrailConfig) -> None:
+    def __init__(self, hidden_size: int, n_features: int, cfg: TrailConfig, uses_x: bool = True) -> None:
         super().__init__()
+        self.uses_x = uses_x
         self.proj = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, cfg.item_dim))
-        self.mlp = nn.Sequential(nn.Linear(cfg.item_dim + n_features, cfg.head_hidden), nn.GELU(),
+        self.mlp = nn.Sequential(nn.Linear(cfg.item_dim + (n_features if uses_x else 0), cfg.head_hidden), nn.GELU(),
                                  nn.Linear(cfg.head_hidden, 1))
         self.zero_()
 
@@ -76,7 +80,26 @@ class ItemTerm(nn.Module):
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.cat([self.proj(z), x], dim=-1)).squeeze(-1)  # (B,)
+        h = torch.cat([self.proj(z), x], dim=-1) if self.uses_x else self.proj(z)
+        return self.mlp(h).squeeze(-1)  # (B,)
+
+
+class PriorMLP(nn.Module):
+    """x @ prior + MLP(x), the MLP's last layer zero-initialised: it starts as the prior.
+
+    For the ranking the prior picks the normalised `ema` input: a monotone function of the
+    decayed count, i.e. exactly exp_decay's order. Training learns the residual; early
+    stopping on validation compares every epoch with that start."""
+
+    def __init__(self, n_features: int, hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("prior", torch.zeros(n_features))
+        self.mlp = _mlp(n_features, hidden, 1)
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.prior).unsqueeze(-1) + self.mlp(x)  # (B, 1)
 
 
 class ScoreHead(nn.Module):
@@ -84,10 +107,10 @@ class ScoreHead(nn.Module):
 
     def __init__(self, hidden_size: int, n_features: int, cfg: TrailConfig) -> None:
         super().__init__()
-        self.rank = _mlp(n_features, cfg.head_hidden, 1)  # ranking score from the trend signals
+        self.rank = PriorMLP(n_features, cfg.head_hidden)  # ranking score from the trend signals
         self.rank_item = ItemTerm(hidden_size, n_features, cfg)  # kept only if validation NDCG says so
         self.count = _mlp(n_features, cfg.head_hidden, 1)  # numeric log1p(count)
-        self.count_item = ItemTerm(hidden_size, n_features, cfg)  # the item's residual on the count
+        self.count_item = ItemTerm(hidden_size, n_features, cfg, uses_x=cfg.item_uses_x)  # the item's residual
 
     def numeric_only(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(score, log_count) without the item terms: the `trail_numeric` ablation."""

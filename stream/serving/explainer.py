@@ -166,10 +166,13 @@ class Explainer:
         guide = None
         limit = self.max_new_tokens
         if self.constraint is not None:
-            guide = self.constraint.guide([
-                claim_grammar(m.prediction.signals, self.horizon_days, self.forecast_of(m.prediction)).lark()
-                for m in movers])
-            limit = self.constrained_max_new_tokens
+            try:
+                guide = self.constraint.guide([
+                    claim_grammar(m.prediction.signals, self.horizon_days, self.forecast_of(m.prediction)).lark()
+                    for m in movers])
+                limit = self.constrained_max_new_tokens
+            except Exception:  # noqa: BLE001 - a grammar that cannot be built: decode free, repair and say so
+                log.exception("explainer.no_constraint", item_ids=[m.prediction.item_id for m in movers])
         new = self.generate_batch(ids, limit, guide)
         self.stats.batches += 1
         if guide is not None:

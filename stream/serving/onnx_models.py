@@ -9,7 +9,9 @@ key/value cache on the GPU between steps.
 The generator is optimum's `text-generation-with-past` export of the merged model; the
 loop below is the greedy search of `Trail.explain` (transformers' `generate` with
 do_sample=False) in numpy: prompt in one pass, then one token per step with the cache,
-stopping at the end token or after `max_new_tokens`.
+stopping at the end token or after `max_new_tokens`. `generate_batch` runs several prompts
+at once (left padding, per-row stop; equal to one at a time), optionally held to per-row
+claim grammars (stream.serving.constraint) with grammar-forced tokens fast-forwarded.
 """
 
 from __future__ import annotations
