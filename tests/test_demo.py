@@ -35,7 +35,7 @@ def _processes_mentioning(text: str) -> list[str]:
 def test_demo_runs_end_to_end_and_leaves_results_and_no_processes(tmp_path):
     model = exported_artefact()
     var = tmp_path / "var"
-    env = dict(os.environ, TRAIL_EXPLAIN_TOP="2", TRAIL_SCORE_TOP_N="24")
+    env = dict(os.environ, TRAIL_EXPLAIN_TOP="2")
     proc = subprocess.run(
         [sys.executable, "-m", "stream.demo", "--duration", "75", "--speed", "172800", "--warmup-days", "35",
          "--tick", "2", "--model", str(model), "--var", str(var)],

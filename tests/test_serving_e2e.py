@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from stream.settings import WorkerConfig
+from stream.core.features import MAX_LOG_COUNT
 from stream.core.records import Explanation, Prediction
 from stream.replay import replay
 from stream.serving.service import Serving, ServingConfig
@@ -139,6 +140,7 @@ def test_replayed_retail_is_scored_ranked_and_explained(broker, topics, tmp_path
     assert preds and expl
 
     by_tick: dict[str, dict[str, int]] = {}
+    scores: dict[str, dict[int, float]] = {}
     for m in preds:
         d = orjson.loads(m.value)
         assert set(d) == PREDICTION_FIELDS
@@ -146,10 +148,14 @@ def test_replayed_retail_is_scored_ranked_and_explained(broker, topics, tmp_path
         p = Prediction.from_dict(d)  # validates types: ISO tick, finite score, count >= 0, rank >= 1
         assert p.model_version == out["model_version"]
         assert set(out["names"]) <= set(p.signals)
-        assert p.predicted_count == pytest.approx(max(np.expm1(max(p.score, 0.0)), 0.0), rel=1e-6)
+        # the count head, not the ranking score: bounded by what log_count can give (stream.core.features)
+        assert 0 <= p.predicted_count <= np.expm1(MAX_LOG_COUNT)
         by_tick.setdefault(d["tick"], {})[p.item_id] = p.rank
+        scores.setdefault(d["tick"], {})[p.rank] = p.score
     for tick, ranks in by_tick.items():
         assert sorted(ranks.values()) == list(range(1, len(ranks) + 1)), f"ranks of {tick} are not a permutation"
+        ordered = [scores[tick][r] for r in sorted(scores[tick])]
+        assert ordered == sorted(ordered, reverse=True), f"ranks of {tick} do not follow the score"
 
     for m in expl:
         d = orjson.loads(m.value)

@@ -54,7 +54,7 @@ def test_sigterm_stops_a_serving_worker_in_order_and_cleanly(broker, topics, tmp
     scores, ranker_group = f"{topics.events}.scores", f"{topics.events}.ranker"
     env = worker_env(config, app_id=f"{topics.events}.app")
     env.update({"TRAIL_MODEL_DIR": str(model), "TRAIL_CLICKHOUSE_PATH": str(tmp_path / "clickhouse"),
-                "TRAIL_SCORES_TOPIC": scores, "TRAIL_RANKER_GROUP": ranker_group, "TRAIL_SCORE_TOP_N": "8",
+                "TRAIL_SCORES_TOPIC": scores, "TRAIL_RANKER_GROUP": ranker_group,
                 "TRAIL_EXPLAIN_TOP": "2", "TRAIL_ORT_THREADS": "1", "TRAIL_HORIZON_DAYS": "7"})
     env.pop("CLICKHOUSE_URL", None)
 

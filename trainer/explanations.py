@@ -21,7 +21,8 @@ import re
 from collections.abc import Mapping
 
 from stream.core.faithfulness import check, window_spans
-from stream.core.prompts import detailed_windows, main_window, signal_windows, window_hours
+from stream.core.faithfulness.grammar import current_phrases, direction, horizon_phrases, plural, previous_phrases
+from stream.core.prompts import detailed_windows, main_window, signal_windows
 
 OUTLOOKS = ("rise", "fall", "steady")
 # ~40 SmolLM2 tokens (numbers cost a token per digit): a longer draft drops its second fact
@@ -31,66 +32,8 @@ USER_NOUNS = ("users", "distinct users", "different users", "unique users", "peo
 _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
-def _unit_phrase(hours: float) -> tuple[int, str]:
-    if hours % 168 == 0 and hours >= 168 and hours != 168:
-        return int(hours // 168), "weeks"
-    if hours % 24 == 0:
-        return int(hours // 24), "days"
-    if hours == int(hours):
-        return int(hours), "hours"
-    return int(round(hours * 60)), "minutes"
-
-
-def current_phrases(window: str) -> list[str]:
-    """Ways to name the window ending at the cut-off ("the last 7 days")."""
-    h = window_hours(window)
-    named = {1.0: ["the last hour", "the past hour"],
-             24.0: ["the last day", "the past day", "the last 24 hours", "the past 24 hours"],
-             168.0: ["the last 7 days", "the past 7 days", "the past week", "the last week"],
-             672.0: ["the last 28 days", "the past 28 days", "the last 4 weeks", "the past four weeks"]}
-    if h in named:
-        return named[h]
-    n, unit = _unit_phrase(h)
-    days = [f"the last {int(h // 24)} days", f"the past {int(h // 24)} days"] if unit == "weeks" else []
-    return [f"the last {n} {unit}", f"the past {n} {unit}"] + days
-
-
-def previous_phrases(window: str) -> list[str]:
-    """Ways to name the window before it ("the week before")."""
-    h = window_hours(window)
-    named = {1.0: ["the hour before", "the previous hour"],
-             24.0: ["the day before", "the previous day", "the prior day"],
-             168.0: ["the week before", "the previous week", "the prior week", "the previous 7 days", "the 7 days before"],
-             672.0: ["the previous 28 days", "the 28 days before", "the prior 4 weeks", "the previous four weeks"]}
-    if h in named:
-        return named[h]
-    n, unit = _unit_phrase(h)
-    return [f"the previous {n} {unit}", f"the {n} {unit} before", f"the prior {n} {unit}"]
-
-
-def _horizon_phrase(horizon_days: int, rng: random.Random) -> str:
-    if horizon_days == 1:
-        return rng.choice(["tomorrow", "over the next day"])
-    if horizon_days == 7:
-        return rng.choice(["next week", "over the coming week", "in the next 7 days"])
-    return rng.choice([f"over the next {horizon_days} days", f"in the coming {horizon_days} days"])
-
-
-def _plural(n: int, noun: str) -> str:
-    """'1 interactions' -> '1 interaction' (nouns here are regular plurals, or 'people')."""
-    if n != 1:
-        return f"{n} {noun}"
-    if noun.endswith("people"):
-        return f"{n} {noun[:-6]}person"
-    return f"{n} {noun[:-1]}"
-
-
 def _n(x: float) -> int:
     return int(round(x))
-
-
-def _direction(cur: int, prev: int) -> str:
-    return "rise" if cur > prev else "fall" if cur < prev else "steady"
 
 
 _LEADS = {
@@ -137,7 +80,7 @@ class _Facts:
 def _trend_clause(f: _Facts, w: str, noun: str, rng: random.Random) -> str:
     """Count of window w against the window before, with the direction."""
     c, p = f.count[w], f.prev[w]
-    rel = _direction(c, p)
+    rel = direction(c, p)
     cur, prev = rng.choice(current_phrases(w)), rng.choice(previous_phrases(w))
     # forms 0 and 2 carry a direction word ("up from", "rose from"): weighted up, as
     # direction flips are the contrastive pairs that matter most
@@ -146,26 +89,26 @@ def _trend_clause(f: _Facts, w: str, noun: str, rng: random.Random) -> str:
         return rng.choice([f"no {noun} in {cur} or {prev}", f"no {noun} in {cur}, the same as {prev}"])
     if rel == "steady":
         return rng.choice([
-            f"{_plural(c, noun)} in {cur}, the same as {prev}",
-            f"{_plural(c, noun)} in {cur}, unchanged from {prev}",
-            f"{_plural(c, noun)} in {cur} and {p} in {prev}",
-            f"{_plural(c, noun)} over {cur}, level with {prev}",
+            f"{plural(c, noun)} in {cur}, the same as {prev}",
+            f"{plural(c, noun)} in {cur}, unchanged from {prev}",
+            f"{plural(c, noun)} in {cur} and {p} in {prev}",
+            f"{plural(c, noun)} over {cur}, level with {prev}",
         ])
     if form == 0:
-        return f"{_plural(c, noun)} in {cur}, {rng.choice(_UPDOWN[rel])} {p} {prev}"
+        return f"{plural(c, noun)} in {cur}, {rng.choice(_UPDOWN[rel])} {p} {prev}"
     if form == 1:
-        return f"{_plural(c, noun)} in {cur} vs {p} {prev}"
+        return f"{plural(c, noun)} in {cur} vs {p} {prev}"
     if form == 2:
         return f"{noun} {rng.choice(_VERB_PAST[rel])} from {p} to {c} over {cur}"
     if form == 3:
-        return f"{_plural(c, noun)} over {cur} against {p} {prev}"
-    return f"{_plural(c, noun)} in {cur} ({p} {prev})"
+        return f"{plural(c, noun)} over {cur} against {p} {prev}"
+    return f"{plural(c, noun)} in {cur} ({p} {prev})"
 
 
 def _count_clause(f: _Facts, w: str, noun: str, rng: random.Random, with_prev: bool) -> str:
     c = f.count[w]
     cur = rng.choice(current_phrases(w))
-    head = rng.choice([f"no {noun}", f"zero {noun}"]) if c == 0 else f"{_plural(c, noun)}"
+    head = rng.choice([f"no {noun}", f"zero {noun}"]) if c == 0 else f"{plural(c, noun)}"
     text = f"{head} in {cur}"
     if with_prev:
         p = f.prev[w]
@@ -183,7 +126,7 @@ def _users_clause(f: _Facts, w: str, rng: random.Random) -> str:
 
 def _age_clause(f: _Facts, rng: random.Random) -> str:
     if f.age_h < 48:
-        return rng.choice([f"first seen {_plural(f.age_h, 'hours')} ago", f"only {_plural(f.age_h, 'hours')} old"])
+        return rng.choice([f"first seen {plural(f.age_h, 'hours')} ago", f"only {plural(f.age_h, 'hours')} old"])
     d = round(f.age_h / 24)
     return rng.choice([f"first seen {d} days ago", f"{d} days old", f"around for {d} days"])
 
@@ -216,7 +159,7 @@ def target_explanation(signals: Mapping[str, float], horizon_days: int, rng,
     rng = _as_random(rng)
     f = _Facts(signals, horizon_days)
     w = f.main
-    rel = _direction(f.count[w], f.prev[w])
+    rel = direction(f.count[w], f.prev[w])
     outlook = outlook or rel
     noun = rng.choice(COUNT_NOUNS)
     trend = _trend_clause(f, w, noun, rng)
@@ -241,7 +184,7 @@ def target_explanation(signals: Mapping[str, float], horizon_days: int, rng,
     elif pick == "age":
         extra = _age_clause(f, rng)
 
-    hz = _horizon_phrase(horizon_days, rng)
+    hz = rng.choice(horizon_phrases(horizon_days))
     shape = rng.randrange(4)
     text = _assemble(shape, trend, extra, pick, rel, outlook, noun, hz, rng)
     if len(text) > MAX_CHARS and extra:
