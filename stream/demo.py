@@ -281,7 +281,7 @@ async def run(args: argparse.Namespace) -> int:
         # the longest stage of a first run: everything up to the worker's start overlaps it
         exporter = start_export(model, var / "export.log")
         progress("export", f"exporting {model.name} to ONNX once (item encoder, score head, generator; "
-                           f"about 3 minutes), log {var / 'export.log'}")
+                           f"about a minute on 2 cores), log {var / 'export.log'}")
     broker = None
     worker = None
     stop = asyncio.Event()
