@@ -33,6 +33,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stream.core.decoding import EXPLAIN_TEMPERATURE, EXPLAIN_TOP_P
 from stream.core.events import TS_1990_MS, ValidationConfig
 from stream.core.trends import TrendConfig
 from stream.store.clickhouse import DEFAULT_DDL_DIR, StoreConfig
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 _DEFAULT_WINDOWS = (("1d", 86_400), ("7d", 604_800), ("28d", 2_419_200))  # TrendConfig's, in seconds
+_DEFAULT_DECAYS = (("7d", 604_800), ("14d", 1_209_600))  # TrendConfig.decays, in seconds
 _COMPRESSION = Literal["lz4", "zstd", "gzip", "deflate", "br"]
 
 
@@ -207,6 +209,9 @@ class _Env(BaseSettings):
         _DEFAULT_WINDOWS, "trend windows, shortest first",
         "name:seconds[,name:seconds...], each a whole number of buckets")
     TRAIL_EMA_HALFLIFE_S: int = _var(259_200, "half-life of the decayed count", "a whole number of seconds > 0", gt=0)
+    TRAIL_DECAYS: tuple[tuple[str, int], ...] = _var(
+        _DEFAULT_DECAYS, "more decayed counts (signals ema_<name>)",
+        "name:half-life seconds[,...], each a whole number of buckets, or `none`")
     TRAIL_LATENESS_S: int = _var(3600, "later events go to the DLQ with reason `late`",
                                  "a whole number of seconds >= 0", ge=0)
     # Event validation
@@ -251,6 +256,9 @@ class _Env(BaseSettings):
     TRAIL_ITEM_CACHE_SIZE: int = _var(200_000, "item states the scorer keeps (least recently used dropped; "
                                       "~2.6 kB each for SmolLM2-135M: 200k items ~0.5 GB)", "a whole number >= 1",
                                       ge=1)
+    TRAIL_ITEM_WARM: int = _var(20_000, "catalogue items whose states are encoded at start, before the first tick "
+                                "(the cache is kept in TRAIL_CACHE/item_states: a restart reads it back); 0: none",
+                                "a whole number >= 0", ge=0)
     TRAIL_PROVIDER: Literal["auto", "cuda", "cpu"] = _var(
         "auto", "onnxruntime provider; auto: `cuda` when onnxruntime-gpu and a GPU are present, else `cpu`")
     TRAIL_HORIZON_DAYS: float | None = _var(None, "forecast horizon", "days > 0", shown="the artefact's", gt=0)
@@ -260,6 +268,11 @@ class _Env(BaseSettings):
     TRAIL_EXPLAIN_BY: Literal["rise", "rank_jump"] = _var("rise", "how movers are picked")
     TRAIL_EXPLAIN_THREADS: int = _var(1, "onnxruntime threads of the explanation generator", "a whole number >= 1",
                                       ge=1)
+    TRAIL_EXPLAIN_TEMPERATURE: float = _var(
+        EXPLAIN_TEMPERATURE, "sampling temperature of explanations, among the tokens the claim grammar allows "
+        "(one seed per item and tick: a replay gives the same texts); 0: greedy", "a number >= 0", ge=0)
+    TRAIL_EXPLAIN_TOP_P: float = _var(EXPLAIN_TOP_P, "nucleus (top-p) cut of that sampling", "a number in (0, 1]",
+                                      gt=0, le=1)
     TRAIL_RANKER_GROUP: str = _var("trail-ranker", "consumer group of the ranker", "a group id")
     TRAIL_RANK_GRACE_S: float = _var(10.0, "wait at most this long for a tick's missing parts", "seconds >= 0", ge=0)
     # Results store
@@ -335,6 +348,23 @@ class _Env(BaseSettings):
         if [s for _, s in windows] != sorted(s for _, s in windows):
             raise ValueError("windows must be sorted shortest first")
         return tuple(windows)
+
+    @field_validator("TRAIL_DECAYS", mode="before")
+    @classmethod
+    def _decays(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        decays: list[tuple[str, int]] = []
+        if v.strip().lower() == "none":
+            return ()
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            name, _, seconds = part.partition(":")
+            if not name or not seconds.isdigit() or int(seconds) == 0:
+                raise ValueError(f"bad decay {part!r}: expected name:half-life seconds (> 0), e.g. 7d:604800")
+            decays.append((name, int(seconds)))
+        if len({n for n, _ in decays}) != len(decays):
+            raise ValueError("decay names must be distinct")
+        return tuple(decays)
 
     @field_validator("TRAIL_MIN_EVENT_TS", mode="before")
     @classmethod
@@ -443,9 +473,15 @@ def load_settings(env: Mapping[str, str] | None = None, *, cwd: Path | None = No
             where = "TRAIL_WINDOWS" if "TRAIL_WINDOWS" in given else f"TRAIL_WINDOWS (default {_show(e.TRAIL_WINDOWS)})"
             raise SettingsError(f"{where}: window {name} ({seconds}s) is not a whole number of "
                                 f"TRAIL_BUCKET_S={bucket_s} buckets")
-    trend = _build(TrendConfig, "TRAIL_BUCKET_S/TRAIL_WINDOWS", bucket_ms=bucket_s * 1000,
+    for name, seconds in e.TRAIL_DECAYS:
+        if seconds % bucket_s:
+            where = "TRAIL_DECAYS" if "TRAIL_DECAYS" in given else f"TRAIL_DECAYS (default {_show(e.TRAIL_DECAYS)})"
+            raise SettingsError(f"{where}: half-life {name} ({seconds}s) is not a whole number of "
+                                f"TRAIL_BUCKET_S={bucket_s} buckets")
+    trend = _build(TrendConfig, "TRAIL_BUCKET_S/TRAIL_WINDOWS/TRAIL_DECAYS", bucket_ms=bucket_s * 1000,
                    windows=tuple((n, s // bucket_s) for n, s in e.TRAIL_WINDOWS),
                    ema_halflife_buckets=max(1, e.TRAIL_EMA_HALFLIFE_S // bucket_s),
+                   decays=tuple((n, s // bucket_s) for n, s in e.TRAIL_DECAYS),
                    allowed_lateness_ms=e.TRAIL_LATENESS_S * 1000)
     if e.TRAIL_MIN_WEIGHT >= e.TRAIL_MAX_WEIGHT:
         raise SettingsError(f"TRAIL_MIN_WEIGHT={e.TRAIL_MIN_WEIGHT:g}, TRAIL_MAX_WEIGHT={e.TRAIL_MAX_WEIGHT:g}: "
@@ -523,9 +559,11 @@ def _serving(e: _Env) -> ServingConfig | None:
 
     return ServingConfig(model_dir=e.TRAIL_MODEL_DIR, publish_top=e.TRAIL_PUBLISH_TOP,
                          batch=e.TRAIL_SCORE_BATCH, provider=e.TRAIL_PROVIDER, cache_items=e.TRAIL_ITEM_CACHE_SIZE,
+                         warm_items=e.TRAIL_ITEM_WARM, item_store_dir=e.TRAIL_CACHE / "item_states",
                          horizon_days=e.TRAIL_HORIZON_DAYS, threads=e.TRAIL_ORT_THREADS,
                          explain_top=e.TRAIL_EXPLAIN_TOP, explain_by=e.TRAIL_EXPLAIN_BY,
-                         explain_threads=e.TRAIL_EXPLAIN_THREADS, scores_topic=e.TRAIL_SCORES_TOPIC,
+                         explain_threads=e.TRAIL_EXPLAIN_THREADS, explain_temperature=e.TRAIL_EXPLAIN_TEMPERATURE,
+                         explain_top_p=e.TRAIL_EXPLAIN_TOP_P, scores_topic=e.TRAIL_SCORES_TOPIC,
                          ranker_group=e.TRAIL_RANKER_GROUP, grace_s=e.TRAIL_RANK_GRACE_S)
 
 

@@ -49,6 +49,25 @@ def test_artefact_describes_itself(tiny):
     assert not list(out.glob("*.npz"))  # the item-state cache lives in the cache dir, not the artefact
 
 
+def test_ranking_prior_is_the_best_validation_candidate_and_the_head_holds_it(tiny):
+    model, out = tiny
+    prior = Manifest.load(out).training["phase3_head"]["rank_prior"]
+    assert len(prior["tried"]) == 3 * len(fit.PRIOR_WEIGHTS)  # ema, ema_7d, ema_14d x the users weights
+    best = max(t["valid_ndcg@10"] for t in prior["tried"])
+    assert [t for t in prior["tried"] if t["prior"] == prior["chosen"]][0]["valid_ndcg@10"] == best
+    names = list(model.norm.names)
+    want = np.zeros(len(names), np.float32)
+    for name, w in prior["chosen"].items():
+        want[names.index(name)] = w
+    assert np.array_equal(model.head.rank.prior.numpy(), want)
+
+
+def test_worst_gain_needs_every_dataset_to_improve(monkeypatch):
+    monkeypatch.setattr(fit, "valid_ndcg_parts", lambda data, fn: np.array([0.30, 0.11]))
+    assert fit.worst_gain([], None, np.array([0.20, 0.12])) == pytest.approx(-0.01)  # one dataset lost: not kept
+    assert fit.worst_gain([], None, np.array([0.29, 0.10])) == pytest.approx(0.01)
+
+
 def test_loaded_copy_scores_and_explains_identically(tiny, rows):
     model, out = tiny
     loaded, _ = load(out)

@@ -16,8 +16,8 @@ from stream.core.features import Normalisation
 from stream.core.records import ItemInfo
 from stream.serving.artefact import Artefact, ArtefactError
 from stream.serving.onnx_models import CPU, CUDA, choose_providers
-from stream.serving.scorer import (ItemStateCache, ScoredChunk, ScoredChunkError, ScoredPart, TickScorer, rank_tick,
-                                   text_for)
+from stream.serving.scorer import (ItemStateCache, ItemStateStore, ScoredChunk, ScoredChunkError, ScoredPart,
+                                   TickScorer, WarmUp, rank_tick, store_key, text_for)
 from stream.serving.service import Serving, ServingConfig
 from stream.core.trends import Signals, TrendConfig
 from serving_artefact import exported_artefact
@@ -312,11 +312,16 @@ def test_the_tick_is_scored_in_the_scorer_thread(scorer, retail_cutoff):
 
     _, signals, items = retail_cutoff
     threads = []
+    saved = []
     real = scorer.score
 
     def score(*args, **kw):
         threads.append(threading.current_thread().name)
         return real(*args, **kw)
+
+    def save_states(force=False):
+        saved.append(threading.current_thread().name)
+        return True
 
     class Producer:
         sent = 0
@@ -332,7 +337,9 @@ def test_the_tick_is_scored_in_the_scorer_thread(scorer, retail_cutoff):
     serving.topics = WorkerConfig().topics
     serving.config = ServingConfig()
     serving.catalogue = type("C", (), {"items": items})()
-    serving.scorer = type("S", (), {"score": staticmethod(score), "stats": scorer.stats})()
+    serving.scorer = type("S", (), {"score": staticmethod(score), "stats": scorer.stats,
+                                    "save_due": staticmethod(lambda force=False: True),
+                                    "save_states": staticmethod(save_states)})()
     serving._executor = ThreadPoolExecutor(1, thread_name_prefix="trail-scorer")
     serving._producer, serving.source, serving.stats = Producer(), "w", ServingStats()
     try:
@@ -340,6 +347,167 @@ def test_the_tick_is_scored_in_the_scorer_thread(scorer, retail_cutoff):
     finally:
         serving._executor.shutdown()
     assert threads and threads[0].startswith("trail-scorer") and Producer.sent >= 1
+    assert saved and saved[0].startswith("trail-scorer")  # the item-state store is written there too
+
+
+# ---- the item-state store and the warm-up ------------------------------------------------------------
+
+def _states(n: int, h: int = 4) -> list[np.ndarray]:
+    return [np.full(h, i, np.float32) for i in range(n)]
+
+
+def test_item_state_store_round_trip(tmp_path):
+    store = ItemStateStore(tmp_path / "item_states" / "onnx-k.npz", "k", 4, every_s=3600)
+    cache = ItemStateCache(10)
+    a, b, c = _states(3)
+    cache.put("a", "A", a)
+    cache.put("b", "Bé ✓", b)  # any text: stored as UTF-8
+    cache.put("c", "C", c)
+    cache.get("a", "A")  # a is the most recent now: the order on disk is the LRU's
+    assert store.load(cache) == 0 and not store.due(cache)  # no file yet; the cache is what was read
+    cache.put("d", "D", np.full(4, 9, np.float32))
+    assert store.due(cache)  # first write: not throttled
+    assert store.save(cache) and store.path.is_file() and not store.due(cache)
+    assert list(store.path.parent.iterdir()) == [store.path]  # the temporary file became the store
+    cache.put("e", "E", np.zeros(4, np.float32))
+    assert not store.due(cache) and store.due(cache, force=True)  # changed, but written a moment ago
+
+    again = ItemStateCache(10)
+    assert ItemStateStore(store.path, "k", 4).load(again) == 4
+    assert [e[0] for e in again.entries()] == ["b", "c", "a", "d"]
+    assert np.array_equal(again.get("b", "Bé ✓"), b) and np.array_equal(again.get("a", "A"), a)
+    assert again.get("c", "C (new title)") is None and again.invalidations == 1  # a changed text is a miss
+
+    small = ItemStateCache(2)  # more on disk than the cache holds: the most recently used ones
+    assert ItemStateStore(store.path, "k", 4).load(small) == 2
+    assert [e[0] for e in small.entries()] == ["a", "d"] and small.evictions == 0
+
+    empty = ItemStateStore(tmp_path / "empty.npz", "k", 4)
+    assert empty.save(ItemStateCache(3)) and empty.load(ItemStateCache(3)) == 0
+
+
+@pytest.mark.parametrize("case", ["torn", "garbage", "other_key", "other_hidden_size", "trainer_format", "bad_offsets"])
+def test_item_state_store_ignores_a_torn_or_foreign_file(tmp_path, case):
+    path = tmp_path / "onnx-k.npz"
+    cache = ItemStateCache(10)
+    for i, state in enumerate(_states(50)):
+        cache.put(f"i{i}", f"text {i}", state)
+    ItemStateStore(path, "other" if case == "other_key" else "k", 4).save(cache)
+    if case == "other_hidden_size":
+        wide = ItemStateCache(10)
+        wide.put("x", "X", np.zeros(8, np.float32))
+        ItemStateStore(path, "k", 8).save(wide)
+    elif case == "torn":
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) // 2])
+    elif case == "garbage":
+        path.write_bytes(b"not a store at all" * 100)
+    elif case == "trainer_format":  # trainer.model._StateCache's layout
+        np.savez(path, keys=np.array(["ab"]), states=np.zeros((1, 4), np.float32))
+    elif case == "bad_offsets":
+        with np.load(path) as z:
+            arrays = dict(z)
+        arrays["text_ends"] = arrays["text_ends"][::-1].copy()
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    fresh = ItemStateCache(10)
+    store = ItemStateStore(path, "k", 4)
+    with capture_logs() as logs:
+        assert store.load(fresh) == 0
+    assert len(fresh) == 0
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["item_store.ignored"]
+    fresh.put("a", "A", np.ones(4, np.float32))  # and the next write replaces the bad file
+    assert store.save(fresh) and ItemStateStore(path, "k", 4).load(ItemStateCache(10)) == 1
+
+
+def test_store_key_follows_the_encoder_and_the_item_text(tmp_path, monkeypatch):
+    """The store's file changes with whatever changes a state besides its text, read from the manifest."""
+    import copy
+
+    from stream.core import prompts
+
+    files = {role: {"path": f"onnx/{role}.onnx", "bytes": 1, "sha256": f"{i}" * 64}
+             for i, role in enumerate(("item_encoder", "head", "generator", "tokenizer"))}
+    manifest = {"onnx": {"files": files}, "trail_config": {"max_item_tokens": 48}, "item_state": {"hidden_size": 4}}
+    art = Artefact(tmp_path, manifest)
+    key = store_key(art)
+
+    def edited(fn) -> Artefact:
+        m = copy.deepcopy(manifest)
+        fn(m)
+        return Artefact(tmp_path, m)
+
+    assert store_key(edited(lambda m: None)) == key
+    assert store_key(edited(lambda m: m["onnx"]["files"]["item_encoder"].__setitem__("sha256", "f" * 64))) != key
+    assert store_key(edited(lambda m: m["onnx"]["files"]["tokenizer"].__setitem__("sha256", "f" * 64))) != key
+    assert store_key(edited(lambda m: m["trail_config"].__setitem__("max_item_tokens", 7))) != key
+    assert store_key(edited(lambda m: m["onnx"]["files"]["head"].__setitem__("sha256", "f" * 64))) == key
+    assert store_key(edited(lambda m: m["onnx"]["files"]["generator"].__setitem__("sha256", "f" * 64))) == key
+    store = ItemStateStore.for_artefact(art, tmp_path / "item_states")
+    assert store.path == tmp_path / "item_states" / f"onnx-{key}.npz" and store.hidden_size == 4
+    monkeypatch.setattr(prompts, "ITEM_TEXT_VERSION", "i999")
+    assert store_key(art) != key
+
+
+def test_warm_up_encodes_the_catalogue_and_a_restart_is_warm(scorer, retail_cutoff, tmp_path):
+    _, signals, items = retail_cutoff
+    n = 24
+    sub = Signals(signals.as_of_ms, signals.item_ids[:n], signals.names, signals.values[:n])
+    catalogue = {i: items[i] for i in sub.item_ids if i in items}
+    art = scorer.artefact
+    sc = TickScorer(art, provider="cpu", horizon_days=7, threads=2, store=ItemStateStore.for_artefact(art, tmp_path))
+    with capture_logs() as logs:
+        first = sc.warm(catalogue, limit=10)  # at most 10
+    assert (first.items, first.encoded, first.from_disk) == (len(catalogue), 10, 0) and len(sc.cache) == 10
+    assert any(e["event"] == "serving.warming" and e["done"] == e["total"] == 10 for e in logs)
+    assert sc.store.path.is_file()  # written after the warm-up
+    rest = sc.warm(catalogue, limit=50_000)
+    assert rest.encoded == len(catalogue) - 10 and sc.warm(catalogue, limit=50_000).encoded == 0
+    assert sc.warm(catalogue, limit=0).encoded == 0
+    part = sc.score(sub.as_of_ms, sub, catalogue)
+    assert len(catalogue) == n and sc.stats.last["encoded"] == 0 and sc.stats.last["items"] == n
+    assert not sc.save_due(force=True)  # the warm-up wrote everything already
+
+    restarted = TickScorer(art, provider="cpu", horizon_days=7, threads=2,
+                           store=ItemStateStore.for_artefact(art, tmp_path))
+    again = restarted.score(sub.as_of_ms, sub, catalogue)
+    assert restarted.stats.last["encoded"] == 0 and restarted.store.loaded == len(sc.cache)
+    assert np.array_equal(again.score, part.score) and np.array_equal(again.log_count, part.log_count)
+    warm = restarted.warm(catalogue, limit=50_000)
+    assert (warm.encoded, warm.from_disk) == (0, n)
+    # a catalogue record that changed is encoded again at the next warm-up
+    item = next(iter(catalogue))
+    changed = {**catalogue, item: ItemInfo((catalogue[item].title or item) + " XL", catalogue[item].category)}
+    assert restarted.warm(changed, limit=50_000).encoded == 1
+
+
+def test_serving_warms_up_in_the_scorer_thread():
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = []
+
+    def warm(items, limit, should_stop):
+        calls.append((threading.current_thread().name, dict(items), limit, should_stop()))
+        return WarmUp(len(items), 2, 0.5, 1)
+
+    serving = Serving.__new__(Serving)
+    serving._closing = False
+    serving.config = ServingConfig(warm_items=123)
+    serving.catalogue = type("C", (), {"items": {"a": ItemInfo("A"), "b": ItemInfo("B")}})()
+    serving.scorer = type("S", (), {"warm": staticmethod(warm), "cache": ItemStateCache(3)})()
+    serving._executor = ThreadPoolExecutor(1, thread_name_prefix="trail-scorer")
+    try:
+        with capture_logs() as logs:
+            done = asyncio.run(serving._warm_up())
+    finally:
+        serving._executor.shutdown()
+    assert done == WarmUp(2, 2, 0.5, 1)
+    (thread, items, limit, stopping), = calls
+    assert thread.startswith("trail-scorer") and set(items) == {"a", "b"} and limit == 123 and not stopping
+    assert [{k: e[k] for k in ("items", "encoded", "seconds", "from_disk")} for e in logs
+            if e["event"] == "serving.warmed"] == [{"items": 2, "encoded": 2, "seconds": 0.5, "from_disk": 1}]
 
 
 def test_scored_chunks_round_trip_and_reject_malformed_messages():
@@ -416,7 +584,12 @@ def test_serving_config_from_settings(tmp_path):
     assert (cfg.model_dir, cfg.cache_items, cfg.provider, cfg.horizon_days, cfg.explain_by) == (
         tmp_path, 7, "cpu", 7.0, "rank_jump")
     assert load_settings({}).serving is None  # no model, no serving
-    assert load_settings({"TRAIL_MODEL_DIR": str(tmp_path)}).serving.cache_items == 200_000
+    default = load_settings({"TRAIL_MODEL_DIR": str(tmp_path), "TRAIL_CACHE": str(tmp_path / "cache")}).serving
+    assert (default.cache_items, default.warm_items) == (200_000, 50_000)
+    assert default.item_store_dir == tmp_path / "cache" / "item_states"  # beside the trainer's item states
+    assert load_settings({"TRAIL_MODEL_DIR": str(tmp_path), "TRAIL_ITEM_WARM": "0"}).serving.warm_items == 0
+    with pytest.raises(SettingsError, match="TRAIL_ITEM_WARM='-1': must be a whole number >= 0"):
+        load_settings({"TRAIL_ITEM_WARM": "-1"})
     with pytest.raises(SettingsError, match="TRAIL_ITEM_CACHE_SIZE='many'"):
         load_settings({"TRAIL_ITEM_CACHE_SIZE": "many"})
     with pytest.raises(SettingsError, match="TRAIL_PROVIDER='gpu': must be one of auto, cuda, cpu"):

@@ -11,7 +11,8 @@ from stream.core.events import EventBatch
 from stream.core.trends import HOUR_MS, TrendConfig, TrendTable
 from stream.settings import SettingsError, load_settings
 
-CFG = TrendConfig(bucket_ms=HOUR_MS, windows=(("2h", 2), ("5h", 5)), ema_halflife_buckets=3, allowed_lateness_ms=2 * HOUR_MS)
+CFG = TrendConfig(bucket_ms=HOUR_MS, windows=(("2h", 2), ("5h", 5)), ema_halflife_buckets=3, decays=(("4h", 4), ("8h", 8)),
+                  allowed_lateness_ms=2 * HOUR_MS)
 T0 = 1_700_000_000_000 // HOUR_MS * HOUR_MS
 
 
@@ -47,7 +48,8 @@ def reference(items, users, ts, as_of, cfg=CFG) -> dict[str, dict[str, float]]:
             row[f"users_{name}"] = len({u for b, u, _ in ev if end - w <= b < end and u is not None})
             row[f"velocity_{name}"] = c0 - c1
             row[f"accel_{name}"] = (c0 - c1) - (c1 - c2)
-        row["ema"] = sum(2 ** (-(end - 1 - b) / cfg.ema_halflife_buckets) for b, _, _ in ev if b >= end - cfg.longest)
+        for name, halflife in [("ema", cfg.ema_halflife_buckets)] + [(f"ema_{n}", h) for n, h in cfg.decays]:
+            row[name] = sum(2 ** (-(end - 1 - b) / halflife) for b, _, _ in ev if b >= end - cfg.longest)
         life = ev  # a silence of a whole ring starts a new life (arrival order)
         newest = None
         for k, (b, _, _) in enumerate(ev):

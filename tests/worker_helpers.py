@@ -95,6 +95,7 @@ def worker_env(config: WorkerConfig, app_id: str) -> dict[str, str]:
         "TRAIL_BUCKET_S": str(tc.bucket_ms // 1000),
         "TRAIL_WINDOWS": ",".join(f"{n}:{w * tc.bucket_ms // 1000}" for n, w in tc.windows),
         "TRAIL_EMA_HALFLIFE_S": str(tc.ema_halflife_buckets * tc.bucket_ms // 1000),
+        "TRAIL_DECAYS": ",".join(f"{n}:{h * tc.bucket_ms // 1000}" for n, h in tc.decays) or "none",
         "TRAIL_LATENESS_S": str(tc.allowed_lateness_ms // 1000),
     })
     return env

@@ -26,6 +26,7 @@ import inspect
 import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ import numpy as np
 import pandas as pd
 import structlog
 
+from stream.core.decoding import EXPLAIN_TEMPERATURE, EXPLAIN_TOP_P
+from stream.core.forecast import outlook, pace
 from stream.core.trends import TrendConfig
 from stream.settings import load_settings
 from trainer.baselines import make_baselines
@@ -253,6 +256,21 @@ def choose_protocol(ts_min: int, ts_max: int, bucket_ms: int, horizon_days: floa
     return {"horizon_days": h, "period_days": p, "min_history_days": mh, "n_cutoffs": n}
 
 
+def forecast_accuracy_all(frame: pd.DataFrame, predicted_count: np.ndarray, horizon_days: float) -> dict:
+    """The forced forecast's accuracy over all rows of `frame` (test candidates), against the realised
+    direction, beside always saying the most common realised direction: `*_all_candidates`."""
+    signal_cols = [c for c in frame.columns if c.startswith("count_")]
+    paces = [pace(dict(zip(signal_cols, r)), horizon_days) for r in frame[signal_cols].to_numpy(np.float64).tolist()]
+    stated = [outlook(float(c), p) for c, p in zip(predicted_count, paces)]
+    realised = [outlook(float(c), p) for c, p in zip(frame["label_count"].to_numpy(np.float64), paces)]
+    n = len(realised)
+    if not n:
+        return {}
+    return {"forecast_accuracy_all_candidates": sum(a == b for a, b in zip(stated, realised)) / n,
+            "majority_accuracy_all_candidates": Counter(realised).most_common(1)[0][1] / n,
+            "all_candidates": n}
+
+
 def is_builtin(name: str) -> bool:
     """As load_dataset decides: an existing path is an event log, else a built-in name or alias."""
     return not Path(name).exists() and ALIASES.get(name.lower(), name.lower()) in BUILTIN
@@ -335,12 +353,14 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
         config: TrendConfig | None = None, seed: int = 0, num_threads: int = 2, oracle: bool = False,
         progress: bool = False, model_dir: str | None = None, top_n: int = 100,
         explain_sample: int = 50, cold_days: float = COLD_DAYS, n_boot: int = 2000,
-        extra_methods: dict[str, Method] | None = None) -> tuple[dict, dict[str, float]]:
+        extra_methods: dict[str, Method] | None = None, explain_temperature: float = EXPLAIN_TEMPERATURE,
+        explain_top_p: float = EXPLAIN_TOP_P) -> tuple[dict, dict[str, float]]:
     """Load, build examples, fit and score the baselines (and TRAIL). Returns (report, seconds per stage).
 
     `oracle` adds a row scored with the true counts: the ceiling of any count forecast
     under this protocol (the shared list cannot fit every user). `extra_methods`
-    join the baselines (tests use it for a stand-in `trail`).
+    join the baselines (tests use it for a stand-in `trail`). `explain_temperature` / `explain_top_p`:
+    how the constrained explanations are sampled (the stream's defaults; temperature 0: greedy).
     """
     t0 = time.perf_counter()
     config = config or load_settings().worker.trend
@@ -384,7 +404,11 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
 
         test = examples.rows(split.test)
         rows = sample_rows(test, preds["trail"].score, explain_sample, top_n, seed=seed, counts=preds["trail"].count)
-        explained = evaluate_explanations(trail, rows, horizon, model_dir=model_dir)
+        explained = evaluate_explanations(trail, rows, horizon, model_dir=model_dir, temperature=explain_temperature,
+                                          top_p=explain_top_p)
+        # the constrained forecast clause is outlook(predicted count) by construction (forecast_agreement
+        # 1.0), so its accuracy over every test candidate needs no text: beside the 200-row sample's
+        explained["metrics"]["trail_raw"] |= forecast_accuracy_all(test, preds["trail"].count, horizon)
         extra = {"explanations": explained["metrics"], "explanation_samples": explained["samples"],
                  "model": {"dir": str(model_dir), "top_n": top_n}}
         stages["explanations"] = time.perf_counter() - t4
@@ -473,6 +497,20 @@ def _positive(text: str) -> float:
     return value
 
 
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 (0: greedy), got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m trainer.evaluate",
@@ -508,6 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="paired bootstrap resamples of the test cut-offs for the intervals (2000)")
     ap.add_argument("--explain-sample", type=int, default=50,
                     help="test candidates whose explanations are generated and checked, TRAIL and zero-shot (50)")
+    ap.add_argument("--explain-temperature", type=_temperature, default=EXPLAIN_TEMPERATURE,
+                    help="sampling temperature of the constrained explanations, seeded per item and cut-off as the "
+                         f"stream samples; 0: greedy; the unconstrained and zero-shot ones stay greedy "
+                         f"({EXPLAIN_TEMPERATURE:g})")
+    ap.add_argument("--explain-top-p", type=_top_p, default=EXPLAIN_TOP_P,
+                    help=f"nucleus (top-p) cut of that sampling ({EXPLAIN_TOP_P:g})")
     ap.add_argument("--seed", type=int, default=0, help="seed of gbm, the bootstrap and the text shuffle (0)")
     ap.add_argument("--threads", type=int, default=2, help="gbm threads (2)")
     return ap
@@ -524,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                              test_frac=args.test_frac, valid_frac=args.valid_frac, seed=args.seed,
                              num_threads=args.threads, oracle=args.oracle, progress=sys.stderr.isatty(),
                              model_dir=args.model, top_n=args.top_n, explain_sample=args.explain_sample,
-                             cold_days=args.cold_days, n_boot=args.n_boot)
+                             cold_days=args.cold_days, n_boot=args.n_boot,
+                             explain_temperature=args.explain_temperature, explain_top_p=args.explain_top_p)
     except (DatasetError, ExamplesError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,10 +7,12 @@ count). `faithful_share` is the share of explanations without a false claim;
 
 TRAIL's explanations are reported three times (docs/explanations.md):
 - `trail_unconstrained`: plain greedy decoding, what the model learnt on its own;
-- `trail_raw`: greedy decoding held to the item's claim grammar
+- `trail_raw`: decoding held to the item's claim grammar
   (`stream.core.faithfulness.grammar`, llguidance token masks; the forecast clause forced to
   `outlook(predicted count, pace)` of the model's own prediction), before any repair — what
-  the stream decodes;
+  the stream decodes: sampled among the allowed tokens as the stream samples (temperature,
+  top_p: stream.core.decoding's defaults; one seed per explanation,
+  `explanation_seed(model_version, item_id, cutoff_ms)`), or greedy with temperature 0;
 - `trail`: what the stream publishes, `repair(trail_raw)`, with `repaired_share` and the
   totals `fixed_numbers`, `fixed_directions`, `dropped_clauses`.
 Each has `forecast_agreement` (the stated forecast against the direction of the model's own
@@ -20,7 +22,10 @@ direction). The base model's zero-shot answers (`base_zero_shot`) are the honest
 
 Generation is batched (torch `generate`, left padding, `batch` prompts at a time); the
 constraint is a transformers LogitsProcessor over the same llguidance matchers the stream's
-ONNX loop uses (`stream.serving.constraint`).
+ONNX loop uses (`stream.serving.constraint`), and sampling another (`SampleProcessor`) that
+draws each row's token with the stream's own sampler (`stream.serving.onnx_models.Sampler`:
+one PCG64 generator per row) and hands `generate` (still do_sample=False) only that token.
+Each evaluation's `decoding` in the report says how it was decoded.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from stream.core import decoding
 from stream.core.faithfulness import Repair, check, repair
 from stream.core.faithfulness.grammar import claim_grammar
 from stream.core.forecast import outlook, pace
@@ -147,6 +153,31 @@ class GuideProcessor:
         return torch.from_numpy(arr).to(scores.device, scores.dtype)
 
 
+class SampleProcessor:
+    """A transformers LogitsProcessor that samples each row's next token itself (after the guide's mask, when
+    one comes first in the list) with `stream.serving.onnx_models.Sampler` (per-row PCG64 seeds) and leaves
+    only that token finite, so greedy `generate` emits it. A row that emitted the end token is done and is
+    not drawn for (generate pads it from then on)."""
+
+    def __init__(self, sampler, prompt_len: int, end_id: int) -> None:
+        self.sampler, self.prompt_len, self.end_id = sampler, prompt_len, end_id
+        self.done: set[int] = set()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        b = input_ids.shape[0]
+        if input_ids.shape[1] > self.prompt_len:
+            last = input_ids[:, -1].tolist()
+            self.done |= {i for i in range(b) if last[i] == self.end_id}
+        arr = scores.detach().to(torch.float32).cpu().numpy()
+        out = np.full(arr.shape, -np.inf, np.float32)
+        for i in range(b):
+            if i in self.done:
+                out[i] = arr[i]
+            else:
+                out[i, self.sampler.row(arr[i], i)] = 0.0
+        return torch.from_numpy(out).to(scores.device, scores.dtype)
+
+
 _CONSTRAINTS: dict[int, object] = {}
 
 
@@ -163,10 +194,19 @@ def claim_constraint(model):
 
 @torch.no_grad()
 def generate_ids(model, rows: list[list[int]], max_new_tokens: int, grammars: list[str] | None = None,
-                 batch: int = BATCH, desc: str | None = None) -> list[list[int]]:
-    """Greedy continuations of token-id prompts, `batch` at a time (left padding), optionally constrained."""
+                 batch: int = BATCH, desc: str | None = None, *, temperature: float = 0.0, top_p: float = 1.0,
+                 seeds: list[int] | None = None) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, `batch` at a time (left padding), optionally constrained;
+    sampled (`SampleProcessor`, row i seeded with seeds[i]; None: 0) when temperature > 0."""
     from transformers import LogitsProcessorList
 
+    from stream.serving.onnx_models import Sampler
+
+    decoding.check(temperature, top_p)
+    if decoding.sampled(temperature):
+        seeds = [0] * len(rows) if seeds is None else list(seeds)
+        if len(seeds) != len(rows):
+            raise ValueError(f"{len(seeds)} seeds for {len(rows)} prompts: give one per row")
     end = model.end_id
     out: list[list[int]] = [None] * len(rows)  # type: ignore[list-item]
     order = np.argsort([len(r) for r in rows], kind="stable")  # similar lengths share a batch
@@ -178,12 +218,14 @@ def generate_ids(model, rows: list[list[int]], max_new_tokens: int, grammars: li
         for j, i in enumerate(idx):
             ids[j, width - len(rows[i]):] = torch.tensor(rows[i])
             mask[j, width - len(rows[i]):] = 1
-        procs = None
+        procs = []
         if grammars is not None:
-            procs = LogitsProcessorList([GuideProcessor(claim_constraint(model).guide([grammars[i] for i in idx]),
-                                                        width, end)])
+            procs.append(GuideProcessor(claim_constraint(model).guide([grammars[i] for i in idx]), width, end))
+        if decoding.sampled(temperature):
+            procs.append(SampleProcessor(Sampler(temperature, top_p, [seeds[i] for i in idx]), width, end))
         gen = model.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                eos_token_id=end, pad_token_id=end, logits_processor=procs)
+                                eos_token_id=end, pad_token_id=end,
+                                logits_processor=LogitsProcessorList(procs) if procs else None)
         for j, i in enumerate(idx):
             new = gen[j, width:].tolist()
             if end in new:
@@ -230,14 +272,18 @@ class OnnxGenerator:
             and "generator" in files and "tokenizer" in files
 
     def explain(self, prompts: list[str], grammars: list[str] | None, limit: int, batch: int,
-                desc: str | None = None) -> list[str]:
+                desc: str | None = None, *, temperature: float = 0.0, top_p: float = 1.0,
+                seeds: list[int] | None = None) -> list[str]:
         rows = self.tokenizer.ids(prompts)
+        if seeds is None:
+            seeds = [0] * len(rows)
         out: list[str] = [""] * len(rows)
         order = np.argsort([len(r) for r in rows], kind="stable")
         chunks = [order[i : i + batch] for i in range(0, len(order), batch)]
         for idx in tqdm(chunks, desc=desc, unit="batch", disable=desc is None):
             guide = self.constraint.guide([grammars[i] for i in idx]) if grammars is not None else None
-            new = self.generator.generate_batch([rows[i] for i in idx], limit, guide)
+            new = self.generator.generate_batch([rows[i] for i in idx], limit, guide, temperature=temperature,
+                                                top_p=top_p, seeds=[seeds[i] for i in idx])
             for i, n in zip(idx, new):
                 out[i] = self.tokenizer.decode(n)
         return out
@@ -245,10 +291,12 @@ class OnnxGenerator:
 
 def explain_texts(model, prompts: list[str], *, signals: list[dict[str, float]] | None = None,
                   forecasts: list[str] | None = None, horizon_days: float = 7, max_new_tokens: int | None = None,
-                  batch: int = BATCH, desc: str | None = None, onnx: OnnxGenerator | None = None) -> list[str]:
+                  batch: int = BATCH, desc: str | None = None, onnx: OnnxGenerator | None = None,
+                  temperature: float = 0.0, top_p: float = 1.0, seeds: list[int] | None = None) -> list[str]:
     """TRAIL's greedy explanations, batched; constrained to each item's claim grammar when `forecasts`
     (one outlook per prompt, with `signals`) are given. Decoded as `Trail.explain` does. With `onnx`,
-    on the exported generator (the stream's loop) instead of torch."""
+    on the exported generator (the stream's loop) instead of torch. `temperature > 0`: sampled
+    (top_p; prompt i seeded with seeds[i]) instead of greedy."""
     limit = max_new_tokens or model.cfg.max_explanation_tokens
     grammars = None
     if forecasts is not None:
@@ -257,9 +305,9 @@ def explain_texts(model, prompts: list[str], *, signals: list[dict[str, float]] 
         grammars = [claim_grammar(s, horizon_days, f).lark() for s, f in zip(signals, forecasts)]
         limit = max(limit, 64)  # the grammar ends the text itself (explainer.constrained_max_new_tokens)
     if onnx is not None:
-        return onnx.explain(prompts, grammars, limit, batch, desc)
+        return onnx.explain(prompts, grammars, limit, batch, desc, temperature=temperature, top_p=top_p, seeds=seeds)
     rows = [model.tokenizer(p).input_ids[: model.cfg.max_prompt_tokens] for p in prompts]
-    new = generate_ids(model, rows, limit, grammars, batch, desc)
+    new = generate_ids(model, rows, limit, grammars, batch, desc, temperature=temperature, top_p=top_p, seeds=seeds)
     return [model.tokenizer.decode(n, skip_special_tokens=True).strip() for n in new]
 
 
@@ -276,9 +324,28 @@ def zero_shot(model, prompts: list[str], max_new_tokens: int = 60, batch: int = 
     return [tok.decode(n, skip_special_tokens=True).strip() for n in new]
 
 
+def explanation_seeds(rows: pd.DataFrame, model_version: str = "") -> list[int]:
+    """The stream's seed rule (stream.core.decoding.explanation_seed) for each row: its item and cut-off (ms)."""
+    if "cutoff_ms" not in rows or "item_id" not in rows:
+        raise ValueError("sampled explanations need the rows' item_id and cutoff_ms (their seeds)")
+    return [decoding.explanation_seed(model_version, str(i), int(c))
+            for i, c in zip(rows["item_id"].tolist(), rows["cutoff_ms"].to_numpy(np.int64).tolist())]
+
+
+def _model_version(model_dir: str | None) -> str:
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "manifest.json" if model_dir is not None else None
+    if path is None or not path.is_file():
+        return ""
+    return str(json.loads(path.read_text()).get("model_version") or "")
+
+
 def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_shot_too: bool = True,
                           predicted_count: np.ndarray | None = None, batch: int = BATCH,
-                          model_dir: str | None = None) -> dict:
+                          model_dir: str | None = None, temperature: float = decoding.EXPLAIN_TEMPERATURE,
+                          top_p: float = decoding.EXPLAIN_TOP_P) -> dict:
     """Constrained, published and unconstrained TRAIL explanations of `rows` (and the base model's).
 
     `predicted_count`: the model's predicted next-period count per row (else the rows'
@@ -286,7 +353,13 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
     forced to its direction. `label_count` (the true next count), when present, gives the
     realised direction for `forecast_accuracy`. `model_dir`: when it holds an ONNX export, TRAIL's
     texts are decoded on its generator with the stream's batched loop (greedy identical to torch);
-    else with torch `generate`."""
+    else with torch `generate`.
+
+    The constrained texts (`trail_raw`, `trail`) are decoded as the stream decodes them: sampled with
+    `temperature` / `top_p` (0: greedy), row i seeded with explanation_seed(model version of `model_dir`'s
+    manifest, item_id, cutoff_ms); `trail_unconstrained` and `base_zero_shot` stay greedy. Each metrics
+    entry carries its `decoding`."""
+    decoding.check(temperature, top_p)
     names = list(model.norm.signal_names)
     prompts = prompts_of(rows, names, horizon_days)
     signals = [dict(zip(names, r)) for r in rows[names].to_numpy(np.float64).tolist()]
@@ -300,13 +373,22 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
     realised = ([outlook(float(c), p) for c, p in zip(rows["label_count"].to_numpy(np.float64), paces)]
                 if "label_count" in rows else None)
     onnx = OnnxGenerator(model_dir) if model_dir is not None and OnnxGenerator.available(model_dir) else None
+    version = _model_version(model_dir)
+    seeds = explanation_seeds(rows, version) if decoding.sampled(temperature) else None
     raw = explain_texts(model, prompts, signals=signals, forecasts=predicted, horizon_days=horizon_days, batch=batch,
-                        desc="TRAIL explanations (constrained)", onnx=onnx)
+                        desc="TRAIL explanations (constrained)", onnx=onnx, temperature=temperature, top_p=top_p,
+                        seeds=seeds)
     free = explain_texts(model, prompts, batch=batch, desc="TRAIL explanations (unconstrained)", onnx=onnx)
     report, samples = score_trail(raw, signals, titles, rows["item_id"].tolist(), free, predicted, realised)
+    constrained = decoding.settings(temperature, top_p)
+    if decoding.sampled(temperature):
+        constrained["model_version"] = version
+    for name in ("trail", "trail_raw"):
+        report[name]["decoding"] = dict(constrained)
+    report["trail_unconstrained"]["decoding"] = decoding.settings(0.0, 1.0)
     if zero_shot_too:
         base = zero_shot(model, prompts, batch=batch)
-        report["base_zero_shot"] = explanation_metrics(base, signals, titles)
+        report["base_zero_shot"] = explanation_metrics(base, signals, titles) | {"decoding": decoding.settings(0, 1)}
         for sample, text, s, t in zip(samples, base, signals, titles):
             sample["base_zero_shot"] = text
             sample["base_faithful"] = check(text, s, title=t).faithful

@@ -189,8 +189,13 @@ def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume
         step, rng_state = load_checkpoint(model, opt, ckpt)
         rng.bit_generator.state = rng_state
         log.info("fit.resumed", step=step)
-    deadline = time.time() + cfg.budget_minutes * 60
-    bar = tqdm(total=cfg.steps, initial=step, desc="phase 1: LLM", unit="step")
+    budget_s = cfg.budget_minutes * 60
+    deadline = time.time() + budget_s
+    # the bar shows what ends the phase: the wall-clock budget, unless --steps is the tighter bound
+    by_time = cfg.steps >= FitConfig.steps
+    bar = (tqdm(total=round(budget_s), desc=f"phase 1: LLM ({cfg.budget_minutes:g}-min budget)", unit="s",
+                bar_format="{l_bar}{bar}| {elapsed}<{remaining}{postfix}") if by_time
+           else tqdm(total=cfg.steps, initial=step, desc="phase 1: LLM", unit="step"))
     running: dict[str, float] = {}
     first = step
     while step < cfg.steps and time.time() < deadline:
@@ -201,8 +206,8 @@ def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume
         opt.zero_grad()
         step += 1
         running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in losses.items()}
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
+        bar.update(min(round(budget_s), round(budget_s - (deadline - time.time()))) - bar.n if by_time else 1)
+        bar.set_postfix({"step": step} | {k: f"{v:.3f}" for k, v in running.items()})
         if step % 25 == 0:
             log.info("fit.llm", step=step, **{k: round(v, 4) for k, v in running.items()})
         if step % cfg.checkpoint_every == 0:
@@ -252,13 +257,35 @@ def encode_items(model: Trail, parts: list[Part], cfg: FitConfig) -> tuple[dict[
 
 # ---- phase 3: the score head ------------------------------------------------------------------
 
-def valid_ndcg(data: list[HeadData], score_fn, k: int = 10) -> float:
-    """Mean over parts of NDCG@k on the validation cut-offs, ranking by score_fn(d) (numpy, row-aligned)."""
-    out = []
-    for d in data:
-        m = evaluate_predictions(d.frame, score_fn(d), d.part.examples.truth, ks=(k,))
-        out.append(m[f"ndcg@{k}"] or 0.0)
-    return float(np.mean(out))
+def valid_ndcg_parts(data: list[HeadData], score_fn, k: int = 10) -> np.ndarray:
+    """NDCG@k of each part on its validation cut-offs, ranking by score_fn(d)."""
+    return np.array([evaluate_predictions(d.frame, score_fn(d), d.part.examples.truth, ks=(k,))[f"ndcg@{k}"] or 0.0
+                     for d in data])
+
+
+def worst_gain(data: list[HeadData], score_fn, start: np.ndarray) -> float:
+    """The smallest validation NDCG@10 gain over `start` across the parts: a ranking change is
+    kept only when it helps every dataset (a mean would trade one data set's loss for another's gain)."""
+    return float((valid_ndcg_parts(data, score_fn) - start).min())
+
+
+PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0)  # of the longest window's distinct users, added to a decayed count
+
+
+def choose_prior(valid: list[HeadData], names: list[str], decays: list[str], users: str) -> tuple[dict[str, float], list]:
+    """The ranking's starting point: x[decay] + w * x[users], the pair with the best mean validation
+    NDCG@10 (ties: the earlier, simpler one). A dozen candidates, chosen on validation only."""
+    tried = []
+    for decay in decays:
+        for w in PRIOR_WEIGHTS:
+            prior = {decay: 1.0} | ({users: w} if w else {})
+            vec = np.zeros(len(names), np.float32)
+            for n, v in prior.items():
+                vec[names.index(n)] = v
+            value = float(valid_ndcg_parts(valid, lambda d: d.x.numpy() @ vec).mean())
+            tried.append({"prior": prior, "valid_ndcg@10": round(value, 5)})
+    best = max(tried, key=lambda t: t["valid_ndcg@10"])  # max keeps the first of equals
+    return best["prior"], tried
 
 
 def valid_mae(data: list[HeadData], log_fn) -> float:
@@ -361,16 +388,27 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
 
     report = {}
     names = list(model.norm.names)
-    if model.cfg.rank_prior:
-        head.rank.prior.zero_()
-        head.rank.prior[names.index(model.cfg.rank_prior)] = 1.0
+    if model.cfg.rank_prior == "auto":
+        decays = [n for n in names if n == "ema" or n.startswith("ema_")]
+        users = [n for n in names if n.startswith("users_")][-1]  # the longest window's
+        prior, tried = choose_prior(valid, names, decays, users)
+    else:
+        prior, tried = {model.cfg.rank_prior: 1.0}, []
+    head.rank.prior.zero_()
+    for n, w in prior.items():
+        head.rank.prior[names.index(n)] = w
+    report["rank_prior"] = {"chosen": prior, "tried": tried}
+    log.info("fit.rank_prior", chosen=prior)
     head.train()
+    start = valid_ndcg_parts(valid, np_of(rank_num))
     report["rank"] = _early_stopped("rank", head.rank, cfg.rank_epochs, cfg.patience,
-                                    lambda: rank_epoch(head.rank, rank_num), lambda: valid_ndcg(valid, np_of(rank_num)),
-                                    True)
+                                    lambda: rank_epoch(head.rank, rank_num),
+                                    lambda: worst_gain(valid, np_of(rank_num), start), True)
+    report["rank"]["kept"] = report["rank"]["best_epoch"] > 0
+    start = valid_ndcg_parts(valid, np_of(rank_num))
     report["rank_item"] = _early_stopped("rank_item", head.rank_item, cfg.rank_epochs // 2, cfg.patience,
                                          lambda: rank_epoch(head.rank_item, rank_full),
-                                         lambda: valid_ndcg(valid, np_of(rank_full)), True)
+                                         lambda: worst_gain(valid, np_of(rank_full), start), True)
     report["rank_item"]["kept"] = report["rank_item"]["best_epoch"] > 0
     report["count"] = _early_stopped("count", head.count, cfg.count_epochs, cfg.patience,
                                      lambda: count_epoch(head.count, count_num),
@@ -384,8 +422,8 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
     per = {}
     for d in valid:
         name = d.part.examples.dataset
-        per[name] = {"ndcg@10": round(valid_ndcg([d], np_of(rank_full)), 5),
-                     "ndcg@10_numeric": round(valid_ndcg([d], np_of(rank_num)), 5),
+        per[name] = {"ndcg@10": round(float(valid_ndcg_parts([d], np_of(rank_full))[0]), 5),
+                     "ndcg@10_numeric": round(float(valid_ndcg_parts([d], np_of(rank_num))[0]), 5),
                      "mae_log": round(valid_mae([d], np_of(count_full)), 5),
                      "mae_log_numeric": round(valid_mae([d], np_of(count_num)), 5)}
     report["valid"] = per
@@ -516,7 +554,8 @@ def train(argv: list[str] | None = None) -> Trail:
         "phase3_head": {"rows": int(sum(len(d.x) for d in train_data)),
                         "lists": int(sum(len(d.lists) for d in train_data)),
                         "rank_loss": f"LambdaRank |dNDCG@{cfg.rank_k}| with gains {cfg.rank_gain}", "count_loss": cfg.count_loss,
-                        "early_stopping": "validation cut-offs (NDCG@10 for the ranking, MAE log for the count)",
+                        "early_stopping": "validation cut-offs: for the ranking, the smallest NDCG@10 gain across the "
+                                          "datasets (kept only when every one improves); MAE log for the count",
                         "fit_config": asdict(cfg)} | head_report,
     }
     metrics = {"valid": head_report["valid"], "llm_steps": llm["total_steps"], "train_minutes": minutes,

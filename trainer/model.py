@@ -51,7 +51,9 @@ class TrailConfig:
     max_item_tokens: int = 48  # the item block (title, category, description) the item state reads
     item_dim: int = 32  # item state projected to this before it meets the signals
     item_uses_x: bool = False  # the count's item term reads the item state only (a per-item effect)
-    rank_prior: str = "ema"  # the ranking starts as exp_decay: score = x[ema] + a learned residual
+    # the ranking starts as a decayed count (+ w * distinct users), chosen on validation ("auto"),
+    # or as the named signal ("ema" = exp_decay's order); a learned residual goes on top
+    rank_prior: str = "auto"
 
 
 def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:

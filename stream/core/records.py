@@ -186,6 +186,9 @@ class Explanation(_Record):
     stream's verify-and-revise step changed it. `faithful` is the checker's verdict on the published
     text. `forecast` is the direction the text states ("rise" / "steady" / "fall", None when it states
     none) and `forecast_agrees` whether that is the direction of the model's own predicted count.
+    `decoding` says how the text was decoded: "greedy", or "sampled t=<temperature> p=<top_p> seed=<seed>"
+    (stream.core.decoding); None: not said (records written before it). It travels on Kafka only: the
+    store's columns (stream.store.clickhouse.TABLE_COLUMNS) do not include it.
     """
 
     item_id: str
@@ -199,10 +202,12 @@ class Explanation(_Record):
     repaired: bool = False
     forecast: str | None = None
     forecast_agrees: bool = False
+    decoding: str | None = None
 
     table: ClassVar[str] = "trail_explanations"
     _fields: ClassVar[tuple[str, ...]] = ("item_id", "tick", "rank", "explanation", "raw_explanation", "repaired",
-                                          "faithful", "claims_checked", "forecast", "forecast_agrees", "model_version")
+                                          "faithful", "claims_checked", "forecast", "forecast_agrees", "decoding",
+                                          "model_version")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "item_id", _text("item_id", self.item_id))
@@ -218,11 +223,14 @@ class Explanation(_Record):
         if self.forecast is None and self.forecast_agrees:
             raise RecordError("forecast_agrees without a forecast")
         object.__setattr__(self, "claims_checked", _count("claims_checked", self.claims_checked, 0))
+        if self.decoding is not None:
+            object.__setattr__(self, "decoding", _text("decoding", self.decoding))
         object.__setattr__(self, "model_version", _text("model_version", self.model_version))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Explanation:
-        """Also reads records written before the provenance fields (raw = published, not repaired)."""
+        """Also reads records written before the provenance fields (raw = published, not repaired) and before
+        `decoding` (None)."""
         _require(data, ("item_id", "tick", "rank", "explanation", "faithful", "claims_checked", "model_version"),
                  cls.__name__)
         return cls(**{name: data[name] for name in cls._fields if name in data})

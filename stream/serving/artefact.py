@@ -186,7 +186,7 @@ class Artefact:
             raise ArtefactError(
                 f"model {self.model_version} was trained on another feature spec than this stream computes "
                 f"({'; '.join(_diff(theirs, ours))}). Serve it with the trend settings it was trained with "
-                f"(TRAIL_BUCKET_S, TRAIL_WINDOWS, TRAIL_EMA_HALFLIFE_S) or retrain it."
+                f"(TRAIL_BUCKET_S, TRAIL_WINDOWS, TRAIL_EMA_HALFLIFE_S, TRAIL_DECAYS) or retrain it."
             )
         if self.manifest["prompt_version"] != prompt_version:
             raise ArtefactError(

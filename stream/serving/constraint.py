@@ -4,7 +4,8 @@
 explanations with the forecast clause fixed; llguidance (Rust, MIT; `pip install llguidance`)
 compiles it (~2 ms) and, at every step, computes the set of tokens that keep the text inside
 it (~0.1 ms a row on this CPU, against ~25-60 ms for one decoder step). The mask is applied to
-the logits before the argmax, so greedy decoding picks the model's most likely *allowed* token:
+the logits before a token is chosen (greedy, or seeded sampling: stream.core.decoding), so the
+decoder only ever picks an *allowed* token:
 the model still chooses shape, phrasing and which facts to cite; it cannot emit a wrong number,
 a wrong direction word, or a forecast other than the forced one. Once the grammar is complete,
 the only allowed token is the end token.
@@ -65,7 +66,7 @@ class ClaimConstraint:
 
 
 class Guide:
-    """Per-row matchers of one batch: `mask(logits, rows)` before the argmax, `advance(rows, tokens)` after."""
+    """Per-row matchers of one batch: `mask(logits, rows)` before a token is chosen, `advance(rows, tokens)` after."""
 
     def __init__(self, constraint: ClaimConstraint, matchers: list) -> None:
         import llguidance.numpy as lln

@@ -1,4 +1,4 @@
-"""Explanations for the top movers of each tick: ONNX greedy generation + the faithfulness check.
+"""Explanations for the top movers of each tick: ONNX generation (seeded sampling) + the faithfulness check.
 
 The explainer is slower than scoring (about a second per explanation on a CPU) and must
 never hold it up, so it runs as its own task with its own executor thread and a mailbox
@@ -23,6 +23,13 @@ prompt shows, direction words true, the forecast clause forced to
 tick then interrupts a request between two batches. Without them (tests, a bare callable), one
 item at a time, unconstrained.
 
+Batched decoding samples among the tokens the grammar allows (`temperature`, `top_p`:
+TRAIL_EXPLAIN_TEMPERATURE / TRAIL_EXPLAIN_TOP_P; 0 is greedy), which keeps the texts true while
+they stop collapsing into one template. Each mover has its own seed,
+`stream.core.decoding.explanation_seed(model_version, item_id, tick in ms)`, so a replayed tick
+gives the same texts whatever shares its batch; the record's `decoding` says how it was decoded
+("greedy" or "sampled t=0.7 p=0.9 seed=...").
+
 Each explanation is verified and revised against the signals it was generated from
 (`stream.core.faithfulness.repair`: wrong numbers and directions are corrected, a clause with a
 claim that cannot be corrected is dropped); the record carries the checker's verdict on
@@ -37,9 +44,11 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 
 import structlog
 
+from stream.core import decoding
 from stream.core.faithfulness import repair
 from stream.core.faithfulness.grammar import claim_grammar
 from stream.core.mailbox import Mailbox
@@ -50,6 +59,12 @@ from stream.core.records import Explanation, Prediction
 log = structlog.get_logger(__name__)
 
 MOVER_CRITERIA = ("rise", "rank_jump")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def tick_ms(tick: datetime) -> int:
+    """A record's tick in epoch milliseconds, exactly (no float rounding)."""
+    return (tick - _EPOCH) // timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True)
@@ -108,9 +123,13 @@ class Explainer:
                  publish: Callable[[list[Explanation]], Awaitable[None]], executor: Executor | None = None, *,
                  horizon_days: float = 7.0,
                  generate_batch: Callable[..., list[list[int]]] | None = None,
-                 constraint=None, batch_size: int = 8, constrained_max_new_tokens: int | None = None) -> None:
+                 constraint=None, batch_size: int = 8, constrained_max_new_tokens: int | None = None,
+                 temperature: float = decoding.EXPLAIN_TEMPERATURE, top_p: float = decoding.EXPLAIN_TOP_P) -> None:
+        decoding.check(temperature, top_p)
         self.generate = generate
         self.generate_batch = generate_batch
+        # batched decoding: sampled among the allowed tokens (temperature > 0) with one seed per mover, or greedy
+        self.temperature, self.top_p = float(temperature), float(top_p)
         self.constraint = constraint  # stream.serving.constraint.ClaimConstraint, or None: unconstrained
         self.batch_size = max(1, batch_size)
         # the grammar ends every text itself; room for its longest shapes (the targets' max is ~43 tokens)
@@ -158,6 +177,10 @@ class Explainer:
         """The direction of the record's own prediction: what the forecast clause must say."""
         return outlook(p.predicted_count, pace(p.signals, self.horizon_days))
 
+    def seed_of(self, p: Prediction) -> int:
+        """The sampling seed of this prediction's explanation: (model version, item, tick) only."""
+        return decoding.explanation_seed(self.model_version, p.item_id, tick_ms(p.tick))
+
     def explain_batch(self, movers: list[Mover]) -> list[tuple[Explanation, int]]:
         """Generate (one batch, constrained when a constraint is set), verify and revise (runs in the executor)."""
         if self.generate_batch is None:
@@ -173,12 +196,18 @@ class Explainer:
                 limit = self.constrained_max_new_tokens
             except Exception:  # noqa: BLE001 - a grammar that cannot be built: decode free, repair and say so
                 log.exception("explainer.no_constraint", item_ids=[m.prediction.item_id for m in movers])
-        new = self.generate_batch(ids, limit, guide)
+        if decoding.sampled(self.temperature):
+            seeds = [self.seed_of(m.prediction) for m in movers]
+            new = self.generate_batch(ids, limit, guide, temperature=self.temperature, top_p=self.top_p, seeds=seeds)
+            how = [decoding.describe(self.temperature, self.top_p, s) for s in seeds]
+        else:
+            new = self.generate_batch(ids, limit, guide)
+            how = ["greedy"] * len(movers)
         self.stats.batches += 1
         if guide is not None:
             self.stats.constrained += len(movers)
             self.stats.guide_seconds += guide.seconds
-        return [self._record(m, n) for m, n in zip(movers, new)]
+        return [self._record(m, n, d) for m, n, d in zip(movers, new, how)]
 
     def explain_one(self, mover: Mover) -> tuple[Explanation, int]:
         """Generate, decode, verify and revise one explanation (runs in the executor)."""
@@ -187,7 +216,7 @@ class Explainer:
         ids = self.tokenizer.ids([mover.prompt])[0]
         return self._record(mover, self.generate(ids, self.max_new_tokens))
 
-    def _record(self, mover: Mover, new: list[int]) -> tuple[Explanation, int]:
+    def _record(self, mover: Mover, new: list[int], how: str | None = None) -> tuple[Explanation, int]:
         p = mover.prediction
         # verify and revise: claims the checker can correct against the signals are corrected,
         # the rest of an unfaithful clause is dropped; `faithful` is the checker's verdict on what is published
@@ -197,7 +226,8 @@ class Explainer:
             self.stats.repaired += 1
         agrees = fixed.outlook is not None and fixed.outlook == self.forecast_of(p)
         return (Explanation(p.item_id, p.tick, p.rank, fixed.text, fixed.faithful, fixed.checked, self.model_version,
-                            raw_explanation=raw, repaired=fixed.changed, forecast=fixed.outlook, forecast_agrees=agrees),
+                            raw_explanation=raw, repaired=fixed.changed, forecast=fixed.outlook, forecast_agrees=agrees,
+                            decoding=how),
                 len(new))
 
     async def _run(self) -> None:

@@ -12,16 +12,24 @@ do_sample=False) in numpy: prompt in one pass, then one token per step with the 
 stopping at the end token or after `max_new_tokens`. `generate_batch` runs several prompts
 at once (left padding, per-row stop; equal to one at a time), optionally held to per-row
 claim grammars (stream.serving.constraint) with grammar-forced tokens fast-forwarded.
+
+With `temperature > 0` it samples instead (`Sampler`): after the grammar's mask, softmax of
+logits / temperature over the allowed tokens, a nucleus (top-p) cut, and a draw from the row's
+own `numpy.random.Generator(PCG64(seed))`; a row's text then depends on its prompt and its seed
+only, not on the other rows of its batch. Temperature 0 is the greedy argmax, unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import structlog
+
+from stream.core.decoding import check as check_sampling
 
 log = structlog.get_logger(__name__)
 
@@ -137,6 +145,66 @@ class ScoreHeadModel(_Session):
         return np.concatenate(scores), np.concatenate(counts)
 
 
+def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator,
+                 candidates: int = 256) -> int:
+    """One token drawn from a row of (masked) logits: softmax(logits / temperature) over the allowed
+    (not -inf) tokens, cut to the nucleus (the fewest most likely tokens whose probability reaches top_p),
+    renormalised, one uniform draw from `rng`.
+
+    The tokens are ranked by (logit desc, token id asc), so a nucleus of one token is exactly the greedy
+    argmax (ties: the lowest id, as numpy's argmax); then no number is drawn. Only the top `candidates`
+    allowed tokens are sorted when they already hold top_p of the mass (np.argpartition; a full 49k sort
+    otherwise), so an unconstrained step costs a partition, not a sort."""
+    allowed = np.flatnonzero(logits > -np.inf)
+    n = allowed.size
+    if n <= 1:
+        return int(allowed[0]) if n else int(logits.argmax())  # forced (or nothing allowed: as greedy)
+    x = logits[allowed]  # ranked by the raw logits: the order of logits / temperature, without rounding ties
+    e = np.exp((x - x.max()) * np.float32(1.0 / temperature))
+    total = e.sum(dtype=np.float64)
+    cand = None
+    if n > candidates and top_p < 1:
+        top = np.argpartition(-x, candidates - 1)[:candidates]
+        if e[top].sum(dtype=np.float64) >= top_p * total:
+            cand = top
+    if cand is None:
+        cand = np.arange(n)
+    order = cand[np.lexsort((cand, -x[cand]))]  # logit desc, then token id asc (allowed is ascending)
+    probs = e[order].astype(np.float64) / total
+    k = len(order) if top_p >= 1 else min(len(order), int(np.searchsorted(np.cumsum(probs), top_p)) + 1)
+    if k == 1:
+        return int(allowed[order[0]])
+    cum = np.cumsum(probs[:k])
+    j = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), k - 1)
+    return int(allowed[order[j]])
+
+
+class Sampler:
+    """Seeded nucleus sampling for the rows of one batch: one `numpy.random.Generator(PCG64(seed))` per row,
+    drawn from only when that row has a real choice, so a row's draws depend on its own tokens alone."""
+
+    def __init__(self, temperature: float, top_p: float, seeds: Sequence[int]) -> None:
+        check_sampling(temperature, top_p)
+        if temperature <= 0:
+            raise ValueError("Sampler needs temperature > 0 (0 is greedy: no sampler)")
+        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.rngs = [np.random.Generator(np.random.PCG64(int(s))) for s in seeds]
+
+    def __len__(self) -> int:
+        return len(self.rngs)
+
+    def row(self, logits: np.ndarray, i: int) -> int:
+        """The token of row i from its (V,) logits."""
+        return sample_token(logits, self.temperature, self.top_p, self.rngs[i])
+
+    def pick(self, logits: np.ndarray, rows: Sequence[int]) -> np.ndarray:
+        """(B,) tokens: rows in `rows` sampled from their logits (B, V), the others 0 (not read)."""
+        tokens = np.zeros(len(logits), np.int64)
+        for i in rows:
+            tokens[i] = self.row(logits[i], i)
+        return tokens
+
+
 @dataclass(frozen=True)
 class _Cache:
     names: list[tuple[str, str]]  # (input name, output name) per cache tensor
@@ -146,7 +214,8 @@ class _Cache:
 
 
 class Generator:
-    """Greedy decoding on optimum's decoder-with-past export, one prompt or a batch, optionally constrained."""
+    """Greedy (or seeded sampled) decoding on optimum's decoder-with-past export, one prompt or a batch,
+    optionally constrained."""
 
     def __init__(self, path: Path, providers: list[str], end_id: int, threads: int | None = None) -> None:
         self.sess = open_session(path, providers, threads, "generator")
@@ -163,12 +232,15 @@ class Generator:
         self.cache = _Cache([(n, n.replace("past_key_values", "present")) for n in past], int(shape[1]),
                             int(shape[3]), dtype)
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, guide: Any = None) -> list[int]:
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, guide: Any = None, *,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[int]:
         """New token ids after the prompt (the end token, when reached, is the last)."""
-        return self.generate_batch([prompt_ids], max_new_tokens, guide)[0]
+        return self.generate_batch([prompt_ids], max_new_tokens, guide, temperature=temperature, top_p=top_p,
+                                   seeds=[seed])[0]
 
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, guide: Any = None,
-                       fast_forward: bool = True) -> list[list[int]]:
+                       fast_forward: bool = True, *, temperature: float = 0.0, top_p: float = 1.0,
+                       seeds: Sequence[int] | None = None) -> list[list[int]]:
         """Greedy continuations of several prompts in one batch: left padding, an attention mask that hides
         the padding, position ids counted from each row's first real token (as transformers' generate), and a
         stop per row (a finished row is fed the end token until every row is done).
@@ -177,9 +249,20 @@ class Generator:
         argmax. With `fast_forward`, the tokens its grammar forces after a sampled one (the rest of a number
         or of a window phrase: about half of a constrained text) join that token in the next step's input, so
         one decoder pass advances a row by several tokens; rows of different lengths in one step are
-        left-padded inside the step (masked slots), and each row's logits are read at its last real token."""
+        left-padded inside the step (masked slots), and each row's logits are read at its last real token.
+
+        `temperature > 0` samples instead of the argmax (`Sampler`: after the guide's mask, top-p nucleus,
+        row i drawing from PCG64(seeds[i]); seeds None: 0 for every row); forced tokens stay forced.
+        `temperature` 0 is greedy, the same tokens as without these arguments."""
         if not prompts:
             return []
+        check_sampling(temperature, top_p)
+        sampler = None
+        if temperature > 0:
+            seeds = [0] * len(prompts) if seeds is None else list(seeds)
+            if len(seeds) != len(prompts):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one per row")
+            sampler = Sampler(temperature, top_p, seeds)
         c = self.cache
         b = len(prompts)
         width = max(len(p) for p in prompts)
@@ -201,7 +284,7 @@ class Generator:
             last = np.ascontiguousarray(logits[:, -1], dtype=np.float32)
             if guide is not None:
                 guide.mask(last, live)
-            tokens = last.argmax(axis=1)
+            tokens = last.argmax(axis=1) if sampler is None else sampler.pick(last, live)
             if guide is not None:
                 guide.advance(live, [int(tokens[i]) for i in live])
             step: dict[int, list[int]] = {}

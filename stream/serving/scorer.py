@@ -14,10 +14,24 @@ cut-off (trainer.inference):
 
 All of it runs in the scorer's executor thread (stream.serving.service), never on the event loop.
 
+The cache persists (`ItemStateStore`): `<TRAIL_CACHE>/item_states/onnx-<key>.npz`, beside the trainer's
+torch-side `<key>.npz` files (trainer.model), holds every cached item's id, text and state. The key
+(`store_key`) hashes what a state depends on besides its text: the sha256 the export recorded for
+item_encoder.onnx and tokenizer.json (read from the manifest, not re-hashed), the item-token limit and
+`ITEM_TEXT_VERSION`; a re-exported model or another item text gets a new file. It is read once, before
+the first warm-up or tick (the most recently used entries, up to the cache's capacity); a torn or
+foreign file is logged and ignored. It is written atomically (temporary file, then rename) when the
+cache changed: after a tick at most every `SAVE_EVERY_S`, after the warm-up and at stop.
+
+The warm-up (`TickScorer.warm`, run by `Serving.start` once the catalogue has caught up, before the
+first tick; at most TRAIL_ITEM_WARM items) encodes the catalogue's items the cache lacks, so the first
+tick of a fresh worker does not encode the whole catalogue while the tick hooks fall behind, and a
+restarted worker, warm from disk, encodes only what changed.
+
 Memory of the cache: one float32 state of `hidden_size` (576 for SmolLM2-135M: 2,304 bytes) plus its
 text and dict entry, about 2.6 kB per item: the default 200,000 items (TRAIL_ITEM_CACHE_SIZE) hold at
-most ~0.5 GB; Online Retail II's 5.3k products take ~14 MB. Evicted items are encoded again when
-they return.
+most ~0.5 GB; Online Retail II's 5.3k products take ~14 MB (and about as much on disk). Evicted items
+are encoded again when they return.
 
 With several workers each scores the items of its own partitions (`ScoredPart`) and `rank_tick`
 merges the parts of a tick into one global ranking by score. Each part carries every item it scored,
@@ -28,11 +42,15 @@ through a single-partition topic to one ranker, as `ScoredChunk` messages (orjso
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +61,7 @@ from stream.core.features import predicted_count
 from stream.core.prompts import item_text, render_prompt
 from stream.core.records import ItemInfo, Prediction, load_json, to_tick
 from stream.core.trends import Signals
-from stream.serving.artefact import Artefact
+from stream.serving.artefact import Artefact, item_text_version
 from stream.serving.onnx_models import CPU, ItemEncoder, ScoreHeadModel, choose_providers
 
 log = structlog.get_logger(__name__)
@@ -52,6 +70,8 @@ CPU_BATCH = 32
 CUDA_BATCH = 512
 DEFAULT_CACHE_ITEMS = 200_000
 PART_CHUNK_ITEMS = 500  # items per ranking-topic message (~100 kB)
+SAVE_EVERY_S = 60.0  # least seconds between two writes of the item-state store after ticks
+STORE_FORMAT = "trail-onnx-item-states-v1"
 
 
 def prompt_for(item_id: str, info: ItemInfo | None, signals: Mapping[str, float], horizon_days: int,
@@ -79,6 +99,7 @@ class ItemStateCache:
         self.capacity = capacity
         self._d: OrderedDict[str, tuple[str, np.ndarray]] = OrderedDict()
         self.hits = self.misses = self.invalidations = self.evictions = 0
+        self.puts = 0  # how often it changed: the store writes only a cache that did
 
     def __len__(self) -> int:
         return len(self._d)
@@ -98,7 +119,17 @@ class ItemStateCache:
         self.misses += 1
         return None
 
+    def fresh(self, item_id: str, text: str) -> bool:
+        """Whether `item_id` is cached with `text`; unlike `get`, no counter or recency changes."""
+        entry = self._d.get(item_id)
+        return entry is not None and entry[0] == text
+
+    def entries(self) -> list[tuple[str, str, np.ndarray]]:
+        """(item id, text, state) of every entry, least recently used first."""
+        return [(item, text, state) for item, (text, state) in self._d.items()]
+
     def put(self, item_id: str, text: str, state: np.ndarray) -> None:
+        self.puts += 1
         self._d[item_id] = (text, state)
         self._d.move_to_end(item_id)
         while len(self._d) > self.capacity:
@@ -108,6 +139,110 @@ class ItemStateCache:
     def nbytes(self) -> int:
         """Bytes held by the cached states (the arrays alone)."""
         return sum(s.nbytes for _, s in self._d.values())
+
+
+def store_key(artefact: Artefact) -> str:
+    """What an item state depends on besides its text: the encoder and tokenizer files (the sha256 the
+    export recorded in the manifest: not re-hashed at start), the item-token limit, the item-text version."""
+    files = artefact.onnx.get("files", {})
+    parts = [STORE_FORMAT, files["item_encoder"]["sha256"], files["tokenizer"]["sha256"],
+             str(artefact.max_item_tokens), str(artefact.hidden_size), str(item_text_version())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def _pack(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings as one uint8 array of their UTF-8 bytes and the (N,) int64 end offsets (no pickle, no padding)."""
+    raw = [v.encode() for v in strings]
+    ends = np.cumsum([len(r) for r in raw], dtype=np.int64) if raw else np.zeros(0, np.int64)
+    return np.frombuffer(b"".join(raw), np.uint8), ends
+
+
+def _unpack(blob: np.ndarray, ends: np.ndarray) -> list[str]:
+    if blob.dtype != np.uint8 or blob.ndim != 1 or ends.dtype != np.int64 or ends.ndim != 1:
+        raise ValueError("packed strings of the wrong type")
+    if len(ends) and (ends[0] < 0 or np.any(np.diff(ends) < 0) or ends[-1] != len(blob)):
+        raise ValueError("packed string offsets out of order")
+    data = blob.tobytes()
+    starts = [0, *ends[:-1].tolist()]
+    return [data[a:b].decode() for a, b in zip(starts, ends.tolist())]
+
+
+@dataclass
+class ItemStateStore:
+    """An `ItemStateCache` on disk: one .npz (no pickle) of item ids, texts and (N, H) float32 states,
+    least recently used first; see the module doc."""
+
+    path: Path
+    key: str
+    hidden_size: int
+    every_s: float = SAVE_EVERY_S
+    loaded: int = 0  # entries the last `load` put into the cache
+    saved_puts: int = -1  # the cache's `puts` when it was last read or written; -1: neither yet
+    saved_at: float = -math.inf  # time.monotonic() of the last write (or failed one)
+
+    @classmethod
+    def for_artefact(cls, artefact: Artefact, directory: Path, every_s: float = SAVE_EVERY_S) -> ItemStateStore:
+        key = store_key(artefact)
+        return cls(Path(directory) / f"onnx-{key}.npz", key, artefact.hidden_size, every_s)
+
+    def load(self, cache: ItemStateCache) -> int:
+        """Put the stored entries into `cache` (the most recent ones when there are more than it holds);
+        how many. A missing file is no entries; a torn, foreign or unreadable one is logged and ignored."""
+        self.loaded = 0
+        if self.path.is_file():
+            t0 = time.perf_counter()
+            try:
+                with np.load(self.path, allow_pickle=False) as z:
+                    if str(z["format"]) != STORE_FORMAT or str(z["key"]) != self.key:
+                        raise ValueError(f"written for {z['format']} / key {z['key']}, not {self.key}")
+                    ids, texts = _unpack(z["ids"], z["id_ends"]), _unpack(z["texts"], z["text_ends"])
+                    states = z["states"]
+                if states.dtype != np.float32 or states.shape != (len(ids), self.hidden_size) or len(texts) != len(ids):
+                    raise ValueError(f"states {states.dtype} {states.shape} for {len(ids)} ids, {len(texts)} texts; "
+                                     f"expected hidden size {self.hidden_size}")
+            except Exception as e:  # noqa: BLE001 - a cache file must never stop the worker: encode again instead
+                log.warning("item_store.ignored", path=str(self.path), error=f"{type(e).__name__}: {e}")
+            else:
+                keep = max(0, len(ids) - cache.capacity)
+                for item, text, state in zip(ids[keep:], texts[keep:], states[keep:]):
+                    cache.put(item, text, state)
+                self.loaded = len(ids) - keep
+                log.info("item_store.loaded", path=str(self.path), entries=self.loaded, dropped=keep,
+                         seconds=round(time.perf_counter() - t0, 3))
+        self.saved_puts = cache.puts
+        return self.loaded
+
+    def due(self, cache: ItemStateCache, force: bool = False) -> bool:
+        """Whether `cache` changed since it was read or last written, and the last write is `every_s` old."""
+        changed = cache.puts != self.saved_puts
+        return changed and (force or time.monotonic() - self.saved_at >= self.every_s)
+
+    def save(self, cache: ItemStateCache) -> bool:
+        """Write every entry of `cache`, atomically (a reader sees the old file or the new one, never a part)."""
+        t0 = time.perf_counter()
+        puts, entries = cache.puts, cache.entries()
+        ids, id_ends = _pack([e[0] for e in entries])
+        texts, text_ends = _pack([e[1] for e in entries])
+        states = (np.stack([e[2] for e in entries]).astype(np.float32, copy=False) if entries
+                  else np.zeros((0, self.hidden_size), np.float32))
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+        self.saved_at = time.monotonic()  # a failed write is retried after every_s too, not every tick
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+                np.savez(f, format=np.array(STORE_FORMAT), key=np.array(self.key), ids=ids, id_ends=id_ends,
+                         texts=texts, text_ends=text_ends, states=states)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            log.warning("item_store.save_failed", path=str(self.path), error=str(e))
+            return False
+        self.saved_puts = puts
+        log.info("item_store.saved", path=str(self.path), entries=len(entries), bytes=self.path.stat().st_size,
+                 seconds=round(time.perf_counter() - t0, 3))
+        return True
 
 
 class ScoredChunkError(ValueError):
@@ -262,12 +397,22 @@ class ScorerStats:
     last: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class WarmUp:
+    """What `TickScorer.warm` did."""
+
+    items: int  # catalogue items looked at
+    encoded: int  # states computed now
+    seconds: float
+    from_disk: int  # entries the store put into the cache
+
+
 class TickScorer:
     """The per-tick scoring work; synchronous (stream.serving.service runs it in an executor thread)."""
 
     def __init__(self, artefact: Artefact, *, publish_top: int = 0, batch: int | None = None, provider: str = "auto",
                  horizon_days: float | None = None, threads: int | None = None,
-                 cache_items: int = DEFAULT_CACHE_ITEMS) -> None:
+                 cache_items: int = DEFAULT_CACHE_ITEMS, store: ItemStateStore | None = None) -> None:
         if publish_top < 0:
             raise ValueError("publish_top must be >= 0")
         self.artefact = artefact
@@ -284,11 +429,63 @@ class TickScorer:
         self.provider = self.encoder.provider
         self.batch = batch or (CUDA_BATCH if self.encoder.cuda else CPU_BATCH)
         self.cache = ItemStateCache(cache_items)
+        self.store = store
+        self._loaded = store is None
         self.hidden_size = artefact.hidden_size
         self.stats = ScorerStats()
         log.info("scorer.ready", model_version=self.model_version, provider=self.provider, batch=self.batch,
                  horizon_days=self.horizon_days, cache_items=cache_items,
+                 store=None if store is None else str(store.path),
                  parity=artefact.parity("item_encoder").get("max_abs_diff"))
+
+    # ---- the item-state store --------------------------------------------------------------------
+    def load_states(self) -> int:
+        """Read the store into the cache, once (the first warm-up or tick does); the entries it gave."""
+        if not self._loaded:
+            self._loaded = True
+            self.store.load(self.cache)
+        return self.store.loaded if self.store is not None else 0
+
+    def save_due(self, force: bool = False) -> bool:
+        """Whether `save_states(force)` would write (cheap: the event loop may ask)."""
+        return self.store is not None and self._loaded and self.store.due(self.cache, force)
+
+    def save_states(self, force: bool = False) -> bool:
+        """Write the cache to the store if it changed, at most every `store.every_s` unless `force`.
+        Never before the store was read: that would replace the file with fewer entries."""
+        return self.save_due(force) and self.store.save(self.cache)
+
+    def warm(self, items: Mapping[str, ItemInfo], limit: int, should_stop: Callable[[], bool] = lambda: False,
+             chunk: int | None = None) -> WarmUp:
+        """Read the store, then encode the states of `items` (the catalogue) the cache lacks, at most
+        `limit` (and the cache's capacity) of them, in catalogue order; logs its progress. `should_stop`
+        is asked between chunks (a stop during start-up)."""
+        t0 = time.perf_counter()
+        from_disk = self.load_states()
+        todo: list[tuple[str, str]] = []
+        bound = min(limit, self.cache.capacity)
+        if bound > 0:
+            for item, info in items.items():
+                text = text_for(item, info)
+                if not self.cache.fresh(item, text):
+                    todo.append((item, text))
+                    if len(todo) >= bound:
+                        break
+        done = 0
+        chunk = chunk or self.batch * 16
+        for start in range(0, len(todo), chunk):
+            if should_stop():
+                log.info("serving.warm_stopped", done=done, total=len(todo))
+                break
+            part = todo[start : start + chunk]
+            for (item, text), state in zip(part, self.encode([t for _, t in part])):
+                self.cache.put(item, text, state)
+            done += len(part)
+            elapsed = time.perf_counter() - t0
+            log.info("serving.warming", done=done, total=len(todo), items_per_s=round(done / max(elapsed, 1e-9), 1))
+            self.save_states()  # throttled: a long warm-up cut short keeps what it did
+        self.save_states(force=True)
+        return WarmUp(len(items), done, round(time.perf_counter() - t0, 3), from_disk)
 
     # ---- the pieces ------------------------------------------------------------------------------
     def encode(self, texts: list[str]) -> np.ndarray:
@@ -325,6 +522,7 @@ class TickScorer:
               partitions: list[int] | None = None, total_partitions: int = 1, source: str = "") -> ScoredPart:
         """This worker's part of a tick: the full TRAIL score of every active item."""
         t0 = time.perf_counter()
+        self.load_states()
         items = items or {}
         x = self.features.of_signals(signals, self.horizon_days)
         states, encoded = self.item_states(list(signals.item_ids), items)

@@ -6,7 +6,11 @@
 trend worker and result sink, starts it before the first tick and stops it on shutdown
 (`Serving.stop` has the order). The artefact is loaded and checked when the app starts (feature
 spec, prompt version, ONNX files and their hashes, sessions opened), so a wrong or corrupt
-model stops the worker at start with a clear message.
+model stops the worker at start with a clear message. `Serving.start` then waits for the item
+catalogue and warms the scorer's item states up (from disk, then the catalogue's items the cache
+lacks, at most TRAIL_ITEM_WARM: stream.serving.scorer), in the scorer's thread, before the first
+tick: the app wires the tick hooks only after it, so a cold start delays the first tick instead
+of making the hooks skip ticks.
 
 Data flow (docs/serving.md has the picture and the reasons):
 
@@ -29,6 +33,7 @@ Configuration: TRAIL_MODEL_DIR, TRAIL_SCORE_*, TRAIL_EXPLAIN_*, TRAIL_RANK* and 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import time
@@ -42,13 +47,15 @@ import structlog
 
 from stream.ingest.catalogue import ItemCatalogue
 from stream.settings import WorkerConfig
+from stream.core.decoding import EXPLAIN_TEMPERATURE, EXPLAIN_TOP_P
 from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker
 from stream.serving.artefact import Artefact
 from stream.serving.onnx_models import CPU, Generator, choose_providers
 from stream.serving.constraint import ClaimConstraint
 from stream.core.features import season_of
 from stream.core.records import Explanation, ItemInfo, Prediction
-from stream.serving.scorer import ScoredChunk, ScoredChunkError, ScoredPart, TickScorer, prompt_for, rank_tick
+from stream.serving.scorer import (ItemStateStore, ScoredChunk, ScoredChunkError, ScoredPart, TickScorer, WarmUp,
+                                   prompt_for, rank_tick)
 from stream.topics import TopicSpec
 from stream.core.trends import Signals
 
@@ -64,11 +71,16 @@ class ServingConfig:
     batch: int | None = None  # item texts per encoder run
     provider: str = "auto"
     cache_items: int = 200_000  # item states kept (LRU); ~2.6 kB each for SmolLM2-135M
+    warm_items: int = 20_000  # catalogue items encoded at start (~2 min on 2 CPU cores: under the consumer poll limit)
+    item_store_dir: Path | None = None  # the item-state store's directory (settings: <TRAIL_CACHE>/item_states);
+    # None: states are kept in memory only
     horizon_days: float | None = None
     threads: int | None = None
     explain_top: int = 5
     explain_by: str = "rise"
     explain_threads: int | None = 1
+    explain_temperature: float = EXPLAIN_TEMPERATURE  # 0: greedy (stream.core.decoding)
+    explain_top_p: float = EXPLAIN_TOP_P
     scores_topic: str = "trail.scores"
     ranker_group: str = "trail-ranker"
     grace_s: float = 10.0
@@ -125,9 +137,11 @@ class Serving:
         self.worker = worker
         self.sink = sink
         self.artefact = Artefact.load(config.model_dir, worker_config.trend)
+        store = (None if config.item_store_dir is None
+                 else ItemStateStore.for_artefact(self.artefact, config.item_store_dir))
         self.scorer = TickScorer(self.artefact, publish_top=config.publish_top, batch=config.batch,
                                  provider=config.provider, horizon_days=config.horizon_days, threads=config.threads,
-                                 cache_items=config.cache_items)
+                                 cache_items=config.cache_items, store=store)
         providers = choose_providers(config.provider)
         # on CPU, the int8 generator when exported (export.onnx --generator-int8): ~1.8x the explanations/s
         role = "generator.int8" if providers[0] == CPU and self.artefact.has("generator.int8") else "generator"
@@ -137,7 +151,8 @@ class Serving:
                                    self.artefact.max_explanation_tokens, self._publish_explanations,
                                    horizon_days=self.scorer.horizon_days, generate_batch=gen.generate_batch,
                                    constraint=ClaimConstraint(self.artefact.path("tokenizer"), self.scorer.tokenizer.end_id),
-                                   batch_size=max(1, config.explain_top))
+                                   batch_size=max(1, config.explain_top), temperature=config.explain_temperature,
+                                   top_p=config.explain_top_p)
         self.picker = MoverPicker(config.explain_top, config.explain_by, self.scorer.horizon_days)
         self.catalogue = ItemCatalogue(worker_config.bootstrap, self.topics.items, kafka=worker_config.kafka)
         self.source = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -183,16 +198,28 @@ class Serving:
         self._tasks = [asyncio.create_task(self._rank_loop(), name="trail-ranker"),
                        asyncio.create_task(self._grace_loop(), name="trail-rank-grace")]
         await self.catalogue.wait_caught_up(self.config.catalogue_wait_s)
+        await self._warm_up()
         self.started = True
         log.info("serving.started", model_version=self.artefact.model_version, provider=self.scorer.provider,
                  cache_items=self.config.cache_items, items_known=len(self.catalogue.items),
                  source=self.source)
 
+    async def _warm_up(self) -> WarmUp:
+        """The item states of the catalogue, in the scorer's thread (see the module doc)."""
+        items = dict(self.catalogue.items)  # a copy: the catalogue goes on consuming on the loop meanwhile
+        warm = await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(self.scorer.warm, items, self.config.warm_items,
+                                              lambda: self._closing))
+        log.info("serving.warmed", items=warm.items, encoded=warm.encoded, seconds=warm.seconds,
+                 from_disk=warm.from_disk, cached_items=len(self.scorer.cache))
+        return warm
+
     async def stop(self, flush_timeout_s: float = 30.0) -> None:
         """Stop in the order that loses nothing already published and leaves nothing open:
         no more ranking or explaining; the sink flushed and the ranked ticks' offsets committed;
         the ranker out of its group (its partition moves at once, not after the session timeout);
-        the explainer's and scorer's threads joined; the catalogue and the producer closed.
+        the explainer's and scorer's threads joined (the item states written to their store in between);
+        the catalogue and the producer closed.
         Call it after the tick hooks have stopped (stream.app does)."""
         self._closing = True
         tasks, self._tasks = self._tasks, []
@@ -215,6 +242,10 @@ class Serving:
             self._ranker = None
             log.info("ranker.stopped", group=self.config.ranker_group, member_id=member, generation=generation)
         await asyncio.to_thread(self.explainer.executor.shutdown, True)
+        try:  # after a tick or warm-up still running there: the item states they encoded are kept
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.scorer.save_states, True)
+        except RuntimeError:  # the executor is shut down already: a second stop()
+            pass
         await asyncio.to_thread(self._executor.shutdown, True)
         await self.catalogue.stop()
         if self._producer is not None:
@@ -249,6 +280,8 @@ class Serving:
         await asyncio.gather(*futures)
         self.stats.ticks_scored += 1
         log.info("scorer.tick", as_of_ms=as_of_ms, month=season_of(as_of_ms), **self.scorer.stats.last)
+        if self.scorer.save_due():  # new item states, and the last write is SAVE_EVERY_S old: after publishing
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.scorer.save_states)
 
     # ---- the ranker (the process holding trail.scores) ------------------------------------------------
     async def _rank_loop(self) -> None:
