@@ -260,3 +260,12 @@ def test_choose_protocol_adapts_to_the_span():
     assert ten_days["horizon_days"] == 0.5 and ten_days["n_cutoffs"] >= 10
     kept = choose_protocol(T0, T0 + 60 * DAY_MS, HOUR, horizon_days=7, min_history_days=28)
     assert kept["horizon_days"] == 7 and kept["period_days"] == 7 and kept["min_history_days"] == 28
+
+
+def test_distinct_per_block_does_not_fall_with_the_sample_size():
+    from trainer.explain_eval import distinct_n, distinct_per_block
+
+    texts = [f"item {i % 50} rose from {i % 7} last week" for i in range(200)]  # 50 texts, repeated 4 times
+    assert distinct_per_block(texts) == pytest.approx(distinct_n(texts[:50]))
+    assert distinct_n(texts) < distinct_per_block(texts)  # over all 200 the repeats count against it
+    assert distinct_per_block(texts[:10]) == distinct_n(texts[:10])  # shorter than a block: the whole list

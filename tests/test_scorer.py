@@ -585,7 +585,7 @@ def test_serving_config_from_settings(tmp_path):
         tmp_path, 7, "cpu", 7.0, "rank_jump")
     assert load_settings({}).serving is None  # no model, no serving
     default = load_settings({"TRAIL_MODEL_DIR": str(tmp_path), "TRAIL_CACHE": str(tmp_path / "cache")}).serving
-    assert (default.cache_items, default.warm_items) == (200_000, 50_000)
+    assert (default.cache_items, default.warm_items) == (200_000, 20_000)
     assert default.item_store_dir == tmp_path / "cache" / "item_states"  # beside the trainer's item states
     assert load_settings({"TRAIL_MODEL_DIR": str(tmp_path), "TRAIL_ITEM_WARM": "0"}).serving.warm_items == 0
     with pytest.raises(SettingsError, match="TRAIL_ITEM_WARM='-1': must be a whole number >= 0"):

@@ -55,6 +55,17 @@ def distinct_n(texts: list[str], n: int = 2) -> float | None:
     return len(set(grams)) / len(grams) if grams else None
 
 
+DISTINCT_BLOCK = 50  # distinct-n falls as n grows: per block of 50 texts, as v1's baseline figure was measured
+
+
+def distinct_per_block(texts: list[str], n: int = 2, block: int = DISTINCT_BLOCK) -> float | None:
+    """Mean distinct-n over consecutive, disjoint blocks of `block` texts (a figure that does not fall with the
+    sample size, so a 200-text sample compares with a 50-text one); the whole list when shorter."""
+    blocks = [texts[i : i + block] for i in range(0, len(texts) - block + 1, block)] or [texts]
+    values = [v for v in (distinct_n(b, n) for b in blocks) if v is not None]
+    return sum(values) / len(values) if values else None
+
+
 def explanation_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str]) -> dict:
     results = [check(t, s, title=title) for t, s, title in zip(texts, signals, titles)]
     checked = sum(r.checked for r in results)
@@ -67,6 +78,7 @@ def explanation_metrics(texts: list[str], signals: list[dict[str, float]], title
         "claims_per_explanation": checked / n if n else None,
         "no_claim_share": sum(r.checked == 0 for r in results) / n if n else None,
         "distinct_2": distinct_n(texts, 2),
+        "distinct_2_per_50": distinct_per_block(texts, 2),
     }
 
 

@@ -482,7 +482,8 @@ def _adapter_source(path: str) -> tuple[Path, dict]:
         done = m.get("training", {}).get("llm", {})
         info |= {"model_version": m.get("model_version"), "trail_config": m.get("trail_config"),
                  "llm_steps": done.get("total_steps", m.get("metrics", {}).get("llm_steps")),
-                 "command": m.get("command")}
+                 "command": m.get("command"), "device": m.get("training", {}).get("device"),
+                 "phase1_llm": done or None}  # what trained the adapter: steps, minutes, losses, its own source
     return folder, info
 
 
