@@ -27,12 +27,12 @@ def table(methods):
         out.append(f"| {m} | "+" | ".join(cells)+" |")
     return "\n".join(out)
 def expl(e):
-    out=["| explanations (200 seeded test candidates) | faithful_share | claim_precision | distinct-2 | forecast_agreement | forecast_accuracy (majority) | repaired_share |","|---|---|---|---|---|---|---|"]
+    out=["| explanations (200 seeded test candidates) | faithful_share | claim_precision | distinct-2 (all 200 / per 50) | forecast_agreement | forecast_accuracy (majority) | repaired_share |","|---|---|---|---|---|---|---|"]
     for k in ("trail_raw","trail","trail_unconstrained","base_zero_shot"):
         if k not in e: continue
         v=e[k]; f=lambda n: "" if v.get(n) is None else f"{v[n]:.3f}"
         acc="" if v.get("forecast_accuracy") is None else f"{v['forecast_accuracy']:.3f} ({v['majority_accuracy']:.3f})"
-        out.append(f"| {k} | {f('faithful_share')} | {f('claim_precision')} | {f('distinct_2')} | {f('forecast_agreement')} | {acc} | {f('repaired_share')} |")
+        out.append(f"| {k} | {f('faithful_share')} | {f('claim_precision')} | {f('distinct_2')} / {f('distinct_2_per_50')} | {f('forecast_agreement')} | {acc} | {f('repaired_share')} |")
     raw=e.get("trail_raw",{})
     if raw.get("forecast_accuracy_all_candidates") is not None:
         out+=["",f"Forced forecast over all {raw['all_candidates']:,} test candidates (no text needed: it is outlook(predicted count)): accuracy {raw['forecast_accuracy_all_candidates']:.3f} vs majority {raw['majority_accuracy_all_candidates']:.3f}."]

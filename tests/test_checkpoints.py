@@ -16,7 +16,7 @@ from stream.ingest.deltas import decode_delta, encode_delta
 from stream.ingest.partitions import CheckpointStore
 
 CFG = TrendConfig(bucket_ms=HOUR_MS, windows=(("2h", 2), ("5h", 5)), ema_halflife_buckets=3,
-                  allowed_lateness_ms=2 * HOUR_MS)  # ring of 18 buckets: a few hours wrap it
+                  allowed_lateness_ms=2 * HOUR_MS, tick_slack_buckets=0)  # ring of 18 buckets: a few hours wrap it
 T0 = 1_700_000_000_000 // HOUR_MS * HOUR_MS
 
 
@@ -125,12 +125,12 @@ def _events(rng, n, start, spread_h=30):
 def test_a_delta_costs_what_changed(tmp_path):
     rng = np.random.default_rng(3)
     items, users, ts = _events(rng, 2000, T0)
-    table = TrendTable(TrendConfig())  # the default ring: 2018 hourly buckets per item
+    table = TrendTable(TrendConfig())  # the default ring: 2042 hourly buckets per item
     table.apply(batch(items, users, ts, range(2000)))
     store = CheckpointStore(tmp_path, "ev", TrendConfig())
     store.prepare()
     full = store.save(0, table)
-    assert full.kind == "full" and full.bytes > 40 * 2018 * 4
+    assert full.kind == "full" and full.bytes > 40 * TrendConfig().ring_buckets * 4
     table.apply(batch(["i1", "i2", "new"], ["u1", None, "u9"], [int(ts[-1])] * 3, [2000, 2001, 2002]))
     delta = store.save(0, table)
     assert delta.kind == "delta" and delta.bytes < 400

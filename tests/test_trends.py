@@ -50,10 +50,10 @@ def reference(items, users, ts, as_of, cfg=CFG) -> dict[str, dict[str, float]]:
             row[f"accel_{name}"] = (c0 - c1) - (c1 - c2)
         for name, halflife in [("ema", cfg.ema_halflife_buckets)] + [(f"ema_{n}", h) for n, h in cfg.decays]:
             row[name] = sum(2 ** (-(end - 1 - b) / halflife) for b, _, _ in ev if b >= end - cfg.longest)
-        life = ev  # a silence of a whole ring starts a new life (arrival order)
+        life = ev  # a silence of life_buckets starts a new life (arrival order)
         newest = None
         for k, (b, _, _) in enumerate(ev):
-            if newest is not None and b - newest >= cfg.ring_buckets:
+            if newest is not None and b - newest >= cfg.life_buckets:
                 life = ev[k:]
             newest = b if newest is None else max(newest, b)
         row["total_count"] = len(life)
@@ -94,6 +94,21 @@ def test_signals_match_reference_in_time_order(events, as_of_h, chunks):
     for a, b in zip(cut[:-1], cut[1:]):
         table.apply(batch(items[a:b], users[a:b], ts[a:b]))
     assert_same(as_dict(table.signals_at(as_of)), reference(items, users, ts, as_of))
+
+
+def test_a_tick_lagging_the_newest_event_by_the_slack_is_still_exact():
+    """A fast replay runs ahead of the tick timer: the ring keeps tick_slack_buckets more than the span."""
+    lag = CFG.tick_slack_buckets + CFG.allowed_lateness_ms // HOUR_MS  # newest event this far past the tick
+    offs = list(range(0, (CFG.span_buckets + lag + 4) * HOUR_MS, HOUR_MS // 2))
+    items = [f"i{k % 3}" for k in range(len(offs))]
+    users = [f"u{k % 5}" for k in range(len(offs))]
+    ts = [T0 + o for o in offs]
+    table = TrendTable(CFG)
+    table.apply(batch(items, users, ts))
+    as_of = T0 + (CFG.span_buckets + 4) * HOUR_MS
+    assert_same(as_dict(table.signals_at(as_of)), reference(items, users, ts, as_of))
+    with pytest.raises(ValueError, match="older than the table keeps"):
+        table.signals_at(as_of - 2 * HOUR_MS)
 
 
 @settings(max_examples=40, deadline=None)

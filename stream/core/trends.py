@@ -50,6 +50,10 @@ class TrendConfig:
     # Events up to an hour behind the partition's newest event are still counted;
     # later ones go to the DLQ with reason "late".
     allowed_lateness_ms: int = HOUR_MS
+    # Buckets the ring keeps beyond span + lateness: a tick's signals stay exact while the newest
+    # event is up to this far past its boundary (a fast replay runs hours ahead between two ticks;
+    # without it the demo withheld 1 tick in 8). A day of hour buckets: +1.2% memory per item.
+    tick_slack_buckets: int = 24
 
     def __post_init__(self) -> None:
         if not self.windows:
@@ -71,9 +75,15 @@ class TrendConfig:
         return 3 * self.longest
 
     @property
-    def ring_buckets(self) -> int:
+    def life_buckets(self) -> int:
+        """An item silent this long starts a new life (total_count and age_h restart): the span plus the lateness."""
         lateness = -(-self.allowed_lateness_ms // self.bucket_ms)
         return self.span_buckets + lateness + 1
+
+    @property
+    def ring_buckets(self) -> int:
+        """Buckets kept per item: a life, plus the slack a lagging tick reads."""
+        return self.life_buckets + self.tick_slack_buckets
 
     @property
     def signal_names(self) -> tuple[str, ...]:
@@ -244,8 +254,8 @@ class TrendTable:
     def _update_lives(self, slots_u: np.ndarray, is_new: np.ndarray, codes: np.ndarray, buckets: np.ndarray, ts: np.ndarray) -> None:
         """total_count and first-seen time, per item life.
 
-        An item silent for a whole ring starts a new life (its counts are all
-        zero by then and it may have been expired): age and total restart at the
+        An item silent for `life_buckets` (span + lateness) starts a new life (its
+        counts in the span are all zero by then and it may have been expired): age and total restart at the
         event that ends the silence, in arrival order, whatever the batching.
         """
         n_u = len(slots_u)
@@ -255,14 +265,15 @@ class TrendTable:
         np.maximum.at(hi, codes, buckets)
         prior = self._last_bucket[slots_u]
         lo = np.where(is_new, lo, np.minimum(lo, prior))
-        maybe = np.flatnonzero(hi - lo >= self._ring)  # rare: only these can start a new life
+        gap = self.config.life_buckets
+        maybe = np.flatnonzero(hi - lo >= gap)  # rare: only these can start a new life
         reset = np.zeros(n_u, bool)
         for u in maybe.tolist():
             rows = np.flatnonzero(codes == u)
             newest = None if is_new[u] else int(prior[u])
             start = None
             for r in rows.tolist():
-                if newest is not None and buckets[r] - newest >= self._ring:
+                if newest is not None and buckets[r] - newest >= gap:
                     start = r
                 newest = int(buckets[r]) if newest is None else max(newest, int(buckets[r]))
             if start is not None:

@@ -171,7 +171,8 @@ class CheckpointStore:
         self.config = config
         self.compact_fraction = compact_fraction
         self.compact_every = compact_every
-        self._spec = {**config.spec(), "allowed_lateness_ms": config.allowed_lateness_ms}
+        self._spec = {**config.spec(), "allowed_lateness_ms": config.allowed_lateness_ms,
+                      "ring_buckets": config.ring_buckets}
         self._chains: dict[int, _Chain] = {}
 
     def path(self, partition: int) -> Path:
