@@ -192,3 +192,16 @@ def test_label_gain_is_the_metric_weight():
     users = len(np.unique(examples.truth.at(cutoff)[0]))
     dcg = (rows["label_gain"].to_numpy()[top] / np.log2(np.arange(len(top)) + 2.0)).sum()
     assert got == pytest.approx(dcg / users, rel=1e-9)
+
+
+def test_init_adapter_carries_the_source_adapters_training_record(tmp_path):
+    import json
+
+    (tmp_path / "adapter").mkdir()
+    phase1 = {"steps": 1402, "minutes": 40.0, "total_steps": 2036, "final_losses": {"lm": 0.49}}
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "model_version": "src", "command": "python -m trainer.fit ...", "trail_config": {},
+        "training": {"device": "cpu (x86_64, 2 torch threads)", "phase1_llm": phase1}}))
+    folder, info = fit._adapter_source(str(tmp_path))
+    assert folder == tmp_path / "adapter"
+    assert info["llm_steps"] == 2036 and info["phase1_llm"] == phase1 and info["device"].startswith("cpu")

@@ -479,7 +479,7 @@ def _adapter_source(path: str) -> tuple[Path, dict]:
     manifest = (p / "manifest.json")
     if manifest.is_file():
         m = json.loads(manifest.read_text())
-        done = m.get("training", {}).get("llm", {})
+        done = m.get("training", {}).get("phase1_llm") or {}
         info |= {"model_version": m.get("model_version"), "trail_config": m.get("trail_config"),
                  "llm_steps": done.get("total_steps", m.get("metrics", {}).get("llm_steps")),
                  "command": m.get("command"), "device": m.get("training", {}).get("device"),
