@@ -339,12 +339,7 @@ class _Env(BaseSettings):
     def _windows(cls, v: Any) -> Any:
         if not isinstance(v, str):
             return v
-        windows = []
-        for part in v.split(","):
-            name, _, seconds = part.strip().partition(":")
-            if not name or not seconds.isdigit() or int(seconds) == 0:
-                raise ValueError(f"bad window {part!r}: expected name:seconds (seconds > 0), e.g. 7d:604800")
-            windows.append((name, int(seconds)))
+        windows = _named_seconds(v.split(","), "window", "name:seconds (seconds > 0)")
         if [s for _, s in windows] != sorted(s for _, s in windows):
             raise ValueError("windows must be sorted shortest first")
         return tuple(windows)
@@ -354,14 +349,10 @@ class _Env(BaseSettings):
     def _decays(cls, v: Any) -> Any:
         if not isinstance(v, str):
             return v
-        decays: list[tuple[str, int]] = []
         if v.strip().lower() == "none":
             return ()
-        for part in filter(None, (p.strip() for p in v.split(","))):
-            name, _, seconds = part.partition(":")
-            if not name or not seconds.isdigit() or int(seconds) == 0:
-                raise ValueError(f"bad decay {part!r}: expected name:half-life seconds (> 0), e.g. 7d:604800")
-            decays.append((name, int(seconds)))
+        decays = _named_seconds([p for p in (p.strip() for p in v.split(",")) if p], "decay",
+                                "name:half-life seconds (> 0)")
         if len({n for n, _ in decays}) != len(decays):
             raise ValueError("decay names must be distinct")
         return tuple(decays)
@@ -418,6 +409,17 @@ def _is_path(info: FieldInfo) -> bool:
     return info.annotation is Path or Path in get_args(info.annotation)
 
 
+def _named_seconds(parts: list[str], label: str, expected: str) -> list[tuple[str, int]]:
+    """"name:seconds" parts (TRAIL_WINDOWS, TRAIL_DECAYS) -> [(name, seconds)], seconds a whole number > 0."""
+    out = []
+    for part in parts:
+        name, _, seconds = part.strip().partition(":")
+        if not name or not seconds.isdigit() or int(seconds) == 0:
+            raise ValueError(f"bad {label} {part!r}: expected {expected}, e.g. 7d:604800")
+        out.append((name, int(seconds)))
+    return out
+
+
 def _show(value: Any) -> str:
     if value is None:
         return "(unset)"
@@ -468,16 +470,13 @@ def load_settings(env: Mapping[str, str] | None = None, *, cwd: Path | None = No
                              if _is_path(info) and getattr(e, name) is not None})
 
     bucket_s = e.TRAIL_BUCKET_S
-    for name, seconds in e.TRAIL_WINDOWS:
-        if seconds % bucket_s:
-            where = "TRAIL_WINDOWS" if "TRAIL_WINDOWS" in given else f"TRAIL_WINDOWS (default {_show(e.TRAIL_WINDOWS)})"
-            raise SettingsError(f"{where}: window {name} ({seconds}s) is not a whole number of "
-                                f"TRAIL_BUCKET_S={bucket_s} buckets")
-    for name, seconds in e.TRAIL_DECAYS:
-        if seconds % bucket_s:
-            where = "TRAIL_DECAYS" if "TRAIL_DECAYS" in given else f"TRAIL_DECAYS (default {_show(e.TRAIL_DECAYS)})"
-            raise SettingsError(f"{where}: half-life {name} ({seconds}s) is not a whole number of "
-                                f"TRAIL_BUCKET_S={bucket_s} buckets")
+    for var, what in (("TRAIL_WINDOWS", "window"), ("TRAIL_DECAYS", "half-life")):
+        value = getattr(e, var)
+        for name, seconds in value:
+            if seconds % bucket_s:
+                where = var if var in given else f"{var} (default {_show(value)})"
+                raise SettingsError(f"{where}: {what} {name} ({seconds}s) is not a whole number of "
+                                    f"TRAIL_BUCKET_S={bucket_s} buckets")
     trend = _build(TrendConfig, "TRAIL_BUCKET_S/TRAIL_WINDOWS/TRAIL_DECAYS", bucket_ms=bucket_s * 1000,
                    windows=tuple((n, s // bucket_s) for n, s in e.TRAIL_WINDOWS),
                    ema_halflife_buckets=max(1, e.TRAIL_EMA_HALFLIFE_S // bucket_s),
