@@ -212,13 +212,11 @@ def generate_ids(model, rows: list[list[int]], max_new_tokens: int, grammars: li
     sampled (`SampleProcessor`, row i seeded with seeds[i]; None: 0) when temperature > 0."""
     from transformers import LogitsProcessorList
 
-    from stream.serving.onnx_models import Sampler
+    from stream.serving.onnx_models import Sampler, row_seeds
 
     decoding.check(temperature, top_p)
     if decoding.sampled(temperature):
-        seeds = [0] * len(rows) if seeds is None else list(seeds)
-        if len(seeds) != len(rows):
-            raise ValueError(f"{len(seeds)} seeds for {len(rows)} prompts: give one per row")
+        seeds = row_seeds(seeds, len(rows))
     end = model.end_id
     out: list[list[int]] = [None] * len(rows)  # type: ignore[list-item]
     order = np.argsort([len(r) for r in rows], kind="stable")  # similar lengths share a batch

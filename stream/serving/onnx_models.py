@@ -179,6 +179,14 @@ def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.r
     return int(allowed[order[j]])
 
 
+def row_seeds(seeds: Sequence[int] | None, rows: int) -> list[int]:
+    """One sampling seed per row of a batch: `seeds` (exactly one per row), or 0 for every row when None."""
+    out = [0] * rows if seeds is None else [int(s) for s in seeds]
+    if len(out) != rows:
+        raise ValueError(f"{len(out)} seeds for {rows} prompts: give one per row")
+    return out
+
+
 class Sampler:
     """Seeded nucleus sampling for the rows of one batch: one `numpy.random.Generator(PCG64(seed))` per row,
     drawn from only when that row has a real choice, so a row's draws depend on its own tokens alone."""
@@ -257,12 +265,7 @@ class Generator:
         if not prompts:
             return []
         check_sampling(temperature, top_p)
-        sampler = None
-        if temperature > 0:
-            seeds = [0] * len(prompts) if seeds is None else list(seeds)
-            if len(seeds) != len(prompts):
-                raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts: give one per row")
-            sampler = Sampler(temperature, top_p, seeds)
+        sampler = Sampler(temperature, top_p, row_seeds(seeds, len(prompts))) if temperature > 0 else None
         c = self.cache
         b = len(prompts)
         width = max(len(p) for p in prompts)
