@@ -269,3 +269,17 @@ def test_distinct_per_block_does_not_fall_with_the_sample_size():
     assert distinct_per_block(texts) == pytest.approx(distinct_n(texts[:50]))
     assert distinct_n(texts) < distinct_per_block(texts)  # over all 200 the repeats count against it
     assert distinct_per_block(texts[:10]) == distinct_n(texts[:10])  # shorter than a block: the whole list
+
+
+def test_forced_forecast_accuracy_over_all_candidates():
+    import pandas as pd
+
+    from trainer.explain_eval import forecast_accuracy_all
+
+    # pace = count_7d at a 7-day horizon; steady within max(1, 0.2 x pace)
+    frame = pd.DataFrame({"count_1d": [1, 1, 1, 1], "count_7d": [10, 10, 10, 10], "count_28d": [40, 40, 40, 40],
+                          "label_count": [20, 10, 2, 11]})  # realised: rise, steady, fall, steady
+    out = forecast_accuracy_all(frame, np.array([30.0, 10.0, 10.0, 3.0]), 7.0)  # stated: rise, steady, steady, fall
+    assert out == {"forecast_accuracy_all_candidates": 0.5, "majority_accuracy_all_candidates": 0.5,
+                   "all_candidates": 4}
+    assert forecast_accuracy_all(frame.iloc[:0], np.zeros(0), 7.0) == {}

@@ -26,7 +26,6 @@ import inspect
 import json
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,6 @@ import pandas as pd
 import structlog
 
 from stream.core.decoding import EXPLAIN_TEMPERATURE, EXPLAIN_TOP_P
-from stream.core.forecast import outlook, pace
 from stream.core.trends import TrendConfig
 from stream.settings import load_settings
 from trainer.baselines import make_baselines
@@ -256,21 +254,6 @@ def choose_protocol(ts_min: int, ts_max: int, bucket_ms: int, horizon_days: floa
     return {"horizon_days": h, "period_days": p, "min_history_days": mh, "n_cutoffs": n}
 
 
-def forecast_accuracy_all(frame: pd.DataFrame, predicted_count: np.ndarray, horizon_days: float) -> dict:
-    """The forced forecast's accuracy over all rows of `frame` (test candidates), against the realised
-    direction, beside always saying the most common realised direction: `*_all_candidates`."""
-    signal_cols = [c for c in frame.columns if c.startswith("count_")]
-    paces = [pace(dict(zip(signal_cols, r)), horizon_days) for r in frame[signal_cols].to_numpy(np.float64).tolist()]
-    stated = [outlook(float(c), p) for c, p in zip(predicted_count, paces)]
-    realised = [outlook(float(c), p) for c, p in zip(frame["label_count"].to_numpy(np.float64), paces)]
-    n = len(realised)
-    if not n:
-        return {}
-    return {"forecast_accuracy_all_candidates": sum(a == b for a, b in zip(stated, realised)) / n,
-            "majority_accuracy_all_candidates": Counter(realised).most_common(1)[0][1] / n,
-            "all_candidates": n}
-
-
 def is_builtin(name: str) -> bool:
     """As load_dataset decides: an existing path is an event log, else a built-in name or alias."""
     return not Path(name).exists() and ALIASES.get(name.lower(), name.lower()) in BUILTIN
@@ -400,7 +383,7 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
     stages = {"load": t1 - t0, "examples": t2 - t1, "fit": t3 - t2, "predict+metrics": t4 - t3}
     extra = {}
     if trail is not None and explain_sample:
-        from trainer.explain_eval import evaluate_explanations, sample_rows
+        from trainer.explain_eval import evaluate_explanations, forecast_accuracy_all, sample_rows
 
         test = examples.rows(split.test)
         rows = sample_rows(test, preds["trail"].score, explain_sample, top_n, seed=seed, counts=preds["trail"].count)

@@ -82,6 +82,29 @@ def explanation_metrics(texts: list[str], signals: list[dict[str, float]], title
     }
 
 
+def directions(counts, paces: list[float]) -> list[str]:
+    """outlook() of each next-period count against its row's pace."""
+    return [outlook(float(c), p) for c, p in zip(counts, paces)]
+
+
+def accuracy(stated: list, realised: list[str]) -> tuple[float, float]:
+    """(share of `stated` equal to `realised`, the share always saying the most common realised direction gets)."""
+    n = len(realised)
+    return sum(a == b for a, b in zip(stated, realised)) / n, Counter(realised).most_common(1)[0][1] / n
+
+
+def forecast_accuracy_all(frame: pd.DataFrame, predicted_count: np.ndarray, horizon_days: float) -> dict:
+    """The forced forecast's accuracy over all rows of `frame` (test candidates), against the realised
+    direction, beside always saying the most common realised direction: `*_all_candidates`."""
+    if not len(frame):
+        return {}
+    windows = [c for c in frame.columns if c.startswith("count_")]  # all `pace` reads
+    paces = [pace(dict(zip(windows, r)), horizon_days) for r in frame[windows].to_numpy(np.float64).tolist()]
+    acc, majority = accuracy(directions(predicted_count, paces), directions(frame["label_count"], paces))
+    return {"forecast_accuracy_all_candidates": acc, "majority_accuracy_all_candidates": majority,
+            "all_candidates": len(frame)}
+
+
 def forecast_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str],
                      predicted: list[str] | None, realised: list[str] | None) -> dict:
     """The stated forecast against the model's own direction and against what happened."""
@@ -92,8 +115,7 @@ def forecast_metrics(texts: list[str], signals: list[dict[str, float]], titles: 
     if predicted is not None and n:
         out["forecast_agreement"] = sum(a == b for a, b in zip(stated, predicted)) / n
     if realised is not None and n:
-        out["forecast_accuracy"] = sum(a == b for a, b in zip(stated, realised)) / n
-        out["majority_accuracy"] = Counter(realised).most_common(1)[0][1] / n
+        out["forecast_accuracy"], out["majority_accuracy"] = accuracy(stated, realised)
         out["realised"] = dict(Counter(realised))
     return out
 
@@ -379,8 +401,8 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
             raise ValueError("evaluate_explanations needs the model's predicted counts (predicted_count=)")
         predicted_count = rows["predicted_count"].to_numpy(np.float64)
     paces = [pace(s, horizon_days) for s in signals]
-    predicted = [outlook(float(c), p) for c, p in zip(predicted_count, paces)]
-    realised = ([outlook(float(c), p) for c, p in zip(rows["label_count"].to_numpy(np.float64), paces)]
+    predicted = directions(predicted_count, paces)
+    realised = (directions(rows["label_count"], paces)
                 if "label_count" in rows else None)
     onnx = OnnxGenerator(model_dir) if model_dir is not None and OnnxGenerator.available(model_dir) else None
     version = _model_version(model_dir)
