@@ -257,7 +257,8 @@ async def _nothing(records):  # publish
 
 
 def test_explainer_seeds_per_mover_and_says_how_it_decoded():
-    from stream.serving.explainer import Explainer, tick_ms
+    from stream.core.records import tick_ms
+    from stream.serving.explainer import Explainer
 
     calls = []
 

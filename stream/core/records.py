@@ -14,15 +14,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar
 
 import orjson
 
 from stream.core.forecast import OUTLOOKS
 
-__all__ = ["Prediction", "Explanation", "TrendSnapshot", "RecordError", "to_tick", "tick_iso", "Record", "ItemInfo",
-           "load_json"]
+__all__ = ["Prediction", "Explanation", "TrendSnapshot", "RecordError", "to_tick", "tick_iso", "tick_ms", "Record",
+           "ItemInfo", "load_json"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class RecordError(ValueError):
@@ -55,6 +57,11 @@ def to_tick(value: datetime | str | int | float) -> datetime:
     else:
         raise RecordError(f"tick must be a datetime, ISO-8601 string or epoch ms, got {type(value).__name__}")
     return dt.replace(microsecond=dt.microsecond - dt.microsecond % 1000)
+
+
+def tick_ms(tick: datetime) -> int:
+    """A tick (as `to_tick` gives it) in epoch milliseconds, exactly (no float rounding)."""
+    return (tick - _EPOCH) // timedelta(milliseconds=1)
 
 
 def tick_iso(tick: datetime) -> str:

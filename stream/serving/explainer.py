@@ -44,7 +44,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 
 import structlog
 
@@ -54,17 +53,11 @@ from stream.core.faithfulness.grammar import claim_grammar
 from stream.core.mailbox import Mailbox
 from stream.serving.artefact import PromptTokenizer
 from stream.core.forecast import outlook, pace
-from stream.core.records import Explanation, Prediction
+from stream.core.records import Explanation, Prediction, tick_ms
 
 log = structlog.get_logger(__name__)
 
 MOVER_CRITERIA = ("rise", "rank_jump")
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-def tick_ms(tick: datetime) -> int:
-    """A record's tick in epoch milliseconds, exactly (no float rounding)."""
-    return (tick - _EPOCH) // timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True)
