@@ -42,6 +42,7 @@ def test_artefact_describes_itself(tiny):
     assert len(manifest.normalisation["names"]) == len(manifest.feature_spec["signal_names"]) + 1
     assert manifest.command.startswith("python -m trainer.fit") and "--steps 2" in manifest.command
     assert manifest.training["phase1_llm"]["steps"] == 2 and manifest.training["device"].startswith("cpu")
+    assert manifest.training["phase1_llm"]["w_digits"] == fit.FitConfig.w_digits
     assert manifest.training["phase2_item_states"]["items"] <= 40
     assert {"rank", "rank_item", "count", "count_item", "valid"} <= set(manifest.training["phase3_head"])
     assert manifest.about["score"] and "ml100k" in manifest.metrics["valid"]
@@ -192,6 +193,16 @@ def test_label_gain_is_the_metric_weight():
     users = len(np.unique(examples.truth.at(cutoff)[0]))
     dcg = (rows["label_gain"].to_numpy()[top] / np.log2(np.arange(len(top)) + 2.0)).sum()
     assert got == pytest.approx(dcg / users, rel=1e-9)
+
+
+def test_digit_tokens_are_the_vocabularys_numbers(tiny):
+    model, _ = tiny
+    digits = set(model.digit_ids.tolist())
+    ids = model.tokenizer(" 36 events, up from 129", add_special_tokens=False).input_ids
+    pieces = [model.tokenizer.decode([i]).strip() for i in ids]
+    assert {p for i, p in zip(ids, pieces) if i in digits} == {"3", "6", "1", "2", "9"}
+    assert all(p.isdigit() for p in (model.tokenizer.decode([i]).strip() for i in digits))
+    assert not digits & {i for i, p in zip(ids, pieces) if not p.isdigit()}
 
 
 def test_init_adapter_carries_the_source_adapters_training_record(tmp_path):

@@ -56,6 +56,9 @@ class FitConfig:
     lr: float = 1e-3  # LoRA; measured to converge within a few hundred CPU steps
     # loss weights (docs/model.md)
     w_lm: float = 1.0
+    # within L_lm, a digit token counts this many times: a miscopied digit makes a false claim,
+    # a rephrased word does not (most false claims of the unconstrained text are numbers)
+    w_digits: float = 3.0
     w_contrast: float = 0.5
     margin: float = 2.0  # nats of summed log-likelihood between a faithful explanation and its perturbed twin
     checkpoint_every: int = 50
@@ -137,8 +140,11 @@ def train_step(model: Trail, part: Part, rows: pd.DataFrame, cfg: FitConfig, rng
         prompts + [prompts[i] for i, _ in negatives], positives + [text for _, text in negatives]
     )
     hs = model.hidden(ids, mask)  # (B + n_neg, T, H)
-    logprob, n_tok = model.explanation_logprob(hs, ids, target)  # (B + n_neg,) summed log-prob, token counts
-    loss_lm = -logprob[:B].sum() / n_tok[:B].sum()  # mean NLL per token of the faithful targets only
+    tok_lp, tokens, row = model.token_logprobs(hs, ids, target)  # (N,) over every explanation token
+    logprob = torch.zeros(len(ids)).index_add_(0, row, tok_lp)  # (B + n_neg,) summed log-prob of each text
+    positive = row < B  # the faithful targets only
+    weight = torch.where(torch.isin(tokens, model.digit_ids), cfg.w_digits, 1.0)[positive]  # (N_pos,)
+    loss_lm = -(weight * tok_lp[positive]).sum() / weight.sum()  # weighted mean NLL per token
     if negatives:
         pos_lp = logprob[torch.tensor([i for i, _ in negatives])]
         # summed over the tokens: the shared prefix cancels, what remains is the tokens where they differ
@@ -173,8 +179,11 @@ def load_checkpoint(model: Trail, opt: torch.optim.Optimizer, path: Path) -> tup
     return state["step"], state["rng"]
 
 
-def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume: bool) -> dict:
-    """Phase 1: LoRA steps until the budget or --steps; returns what was done."""
+def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume: bool, prior_steps: int = 0) -> dict:
+    """Phase 1: LoRA steps until the budget or --steps; returns what was done.
+
+    `prior_steps`: the steps the --init-adapter already had. They join the sampling seed, so a
+    continued run draws new batches instead of replaying the ones its adapter was trained on."""
     if cfg.budget_minutes <= 0 or cfg.steps <= 0:
         log.info("fit.llm.skipped", reason="--budget-minutes 0 / --steps 0: the adapter is used as it is")
         return {"steps": 0, "minutes": 0.0, "final_losses": {}}
@@ -182,7 +191,8 @@ def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume
     model.train()
     params = lm_parameters(model)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    rng = np.random.default_rng(cfg.seed)
+    seed = [cfg.seed, prior_steps] if prior_steps else cfg.seed
+    rng = np.random.default_rng(seed)
     step = 0
     ckpt = out / "checkpoint"
     if resume and (ckpt / "state.pt").is_file():
@@ -215,6 +225,7 @@ def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume
     bar.close()
     model.eval()
     return {"steps": step - first, "resumed_from_step": first, "minutes": round((time.time() - started) / 60, 2),
+            "sampling_seed": seed, "w_digits": cfg.w_digits,
             "final_losses": {k: round(v, 4) for k, v in running.items()}}
 
 
@@ -449,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="wall-clock budget of the LLM phase (default %(default)s; 0 = no LLM steps)")
     ap.add_argument("--steps", type=int, default=FitConfig.steps, help="max LLM steps (default: budget decides)")
     ap.add_argument("--batch", type=int, default=FitConfig.batch)
+    ap.add_argument("--digit-weight", type=float, default=FitConfig.w_digits,
+                    help="weight of a digit token in the LM loss (default %(default)s; 1 = every token alike)")
     ap.add_argument("--lora-layers", type=int, default=TrailConfig.lora_layers)
     ap.add_argument("--seed", type=int, default=FitConfig.seed)
     ap.add_argument("--max-train-cutoffs", type=int, default=0, help="use only the last N training cut-offs (tests)")
@@ -498,7 +511,7 @@ def train(argv: list[str] | None = None) -> Trail:
     cfg = FitConfig(steps=args.steps, budget_minutes=args.budget_minutes, batch=args.batch, seed=args.seed,
                     negatives=min(FitConfig.negatives, args.batch), rank_epochs=args.rank_epochs,
                     count_epochs=args.count_epochs, count_loss=args.count_loss,
-                    rank_gain=args.rank_gain, item_lr=args.item_lr)
+                    rank_gain=args.rank_gain, item_lr=args.item_lr, w_digits=args.digit_weight)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -531,8 +544,8 @@ def train(argv: list[str] | None = None) -> Trail:
     model = build(model_cfg, norm, init_adapter=adapter_folder)
 
     # ---- phase 1: the LLM ----
-    llm = train_llm(model, parts, cfg, out, args.resume)
     prior_steps = adapter_info.get("llm_steps") or 0
+    llm = train_llm(model, parts, cfg, out, args.resume, prior_steps=prior_steps)
     llm |= {"init_adapter": adapter_info, "total_steps": prior_steps + llm["steps"]}
     log.info("fit.llm.done", **{k: v for k, v in llm.items() if k != "init_adapter"})
 

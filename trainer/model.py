@@ -17,6 +17,7 @@ docs/model.md has the losses and why.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -219,16 +220,22 @@ class Trail(nn.Module):
         hidden = self.lm.config.hidden_size
         return np.stack([known[k] for k in keys]).astype(np.float32) if keys else np.zeros((0, hidden), np.float32)
 
-    def explanation_logprob(self, hs: torch.Tensor, ids: torch.Tensor, target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed log-probability of each row's explanation tokens (B,), and each row's token count (B,)."""
+    def token_logprobs(self, hs: torch.Tensor, ids: torch.Tensor,
+                       target_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Log-probability of every explanation token (N,), its id (N,) and its row (N,)."""
         pred_pos = target_mask[:, 1:]  # (B, T-1): position t predicts token t+1
-        h = hs[:, :-1][pred_pos]  # (N_tok, H): only explanation positions reach the 49k-way LM head
-        logits = self.lm_head(h).float()  # (N_tok, V)
-        tokens = ids[:, 1:][pred_pos]  # (N_tok,)
-        tok_lp = -F.cross_entropy(logits, tokens, reduction="none")  # (N_tok,)
-        row = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(pred_pos)[pred_pos]  # (N_tok,)
-        per_row = torch.zeros(ids.shape[0]).index_add_(0, row, tok_lp)  # (B,)
-        return per_row, pred_pos.sum(dim=1)
+        h = hs[:, :-1][pred_pos]  # (N, H): only explanation positions reach the 49k-way LM head
+        logits = self.lm_head(h).float()  # (N, V)
+        tokens = ids[:, 1:][pred_pos]  # (N,)
+        tok_lp = -F.cross_entropy(logits, tokens, reduction="none")  # (N,)
+        row = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(pred_pos)[pred_pos]  # (N,)
+        return tok_lp, tokens, row
+
+    @functools.cached_property
+    def digit_ids(self) -> torch.Tensor:
+        """Sorted ids of the vocabulary's number tokens (SmolLM2 writes one digit per token)."""
+        vocab = range(len(self.tokenizer))
+        return torch.tensor([i for i in vocab if self.tokenizer.decode([i]).strip().isdigit()], dtype=torch.long)
 
     @torch.no_grad()
     def explain(self, prompts: list[str], max_new_tokens: int | None = None) -> list[str]:
