@@ -164,51 +164,61 @@ def score_trail(raw: list[str], signals: list[dict[str, float]], titles: list[st
 
 # ---- batched generation (torch) -----------------------------------------------------------------
 
-class GuideProcessor:
-    """A transformers LogitsProcessor holding each row of a batched `generate` to its llguidance matcher.
+class _RowProcessor:
+    """What the batched `generate` processors share. Rows are left-padded, so every row's new tokens start
+    at the same column `prompt_len`; a row that emitted the end token is done (generate pads it from then on)."""
 
-    Rows are left-padded, so every row's new tokens start at the same column `prompt_len`;
-    the token a row sampled at the previous step is fed to its matcher before its next mask.
-    A row that emitted the end token is done (generate pads it from then on)."""
-
-    def __init__(self, guide, prompt_len: int, end_id: int) -> None:
-        self.guide, self.prompt_len, self.end_id = guide, prompt_len, end_id
+    def __init__(self, prompt_len: int, end_id: int) -> None:
+        self.prompt_len, self.end_id = prompt_len, end_id
         self.done: set[int] = set()
 
+    def step(self, input_ids: torch.Tensor) -> tuple[list[int], list[int]]:
+        """(the rows live before the previous step's token, each row's previous token; both empty at the first
+        step), and marks the rows that token ended."""
+        if input_ids.shape[1] <= self.prompt_len:
+            return [], []
+        live = self.live(input_ids.shape[0])
+        last = input_ids[:, -1].tolist()
+        self.done |= {i for i in live if last[i] == self.end_id}
+        return live, last
+
+    def live(self, rows: int) -> list[int]:
+        return [i for i in range(rows) if i not in self.done]
+
+
+class GuideProcessor(_RowProcessor):
+    """A transformers LogitsProcessor holding each row of a batched `generate` to its llguidance matcher:
+    the token a row sampled at the previous step is fed to its matcher before its next mask."""
+
+    def __init__(self, guide, prompt_len: int, end_id: int) -> None:
+        super().__init__(prompt_len, end_id)
+        self.guide = guide
+
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        b = input_ids.shape[0]
-        if input_ids.shape[1] > self.prompt_len:
-            live = [i for i in range(b) if i not in self.done]
-            last = input_ids[:, -1].tolist()
+        live, last = self.step(input_ids)
+        if live:
             self.guide.advance(live, [last[i] for i in live])
-            self.done |= {i for i in live if last[i] == self.end_id}
         arr = scores.detach().to(torch.float32).cpu().numpy().copy()
-        self.guide.mask(arr, [i for i in range(b) if i not in self.done])
+        self.guide.mask(arr, self.live(len(arr)))
         return torch.from_numpy(arr).to(scores.device, scores.dtype)
 
 
-class SampleProcessor:
-    """A transformers LogitsProcessor that samples each row's next token itself (after the guide's mask, when
-    one comes first in the list) with `stream.serving.onnx_models.Sampler` (per-row PCG64 seeds) and leaves
-    only that token finite, so greedy `generate` emits it. A row that emitted the end token is done and is
-    not drawn for (generate pads it from then on)."""
+class SampleProcessor(_RowProcessor):
+    """A transformers LogitsProcessor that samples each live row's next token itself (after the guide's mask,
+    when one comes first in the list) with `stream.serving.onnx_models.Sampler` (per-row PCG64 seeds) and
+    leaves only that token finite, so greedy `generate` emits it."""
 
     def __init__(self, sampler, prompt_len: int, end_id: int) -> None:
-        self.sampler, self.prompt_len, self.end_id = sampler, prompt_len, end_id
-        self.done: set[int] = set()
+        super().__init__(prompt_len, end_id)
+        self.sampler = sampler
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        b = input_ids.shape[0]
-        if input_ids.shape[1] > self.prompt_len:
-            last = input_ids[:, -1].tolist()
-            self.done |= {i for i in range(b) if last[i] == self.end_id}
+        self.step(input_ids)
         arr = scores.detach().to(torch.float32).cpu().numpy()
-        out = np.full(arr.shape, -np.inf, np.float32)
-        for i in range(b):
-            if i in self.done:
-                out[i] = arr[i]
-            else:
-                out[i, self.sampler.row(arr[i], i)] = 0.0
+        out = arr.copy()  # a done row keeps its scores (generate pads it)
+        for i in self.live(len(arr)):
+            out[i] = -np.inf
+            out[i, self.sampler.row(arr[i], i)] = 0.0
         return torch.from_numpy(out).to(scores.device, scores.dtype)
 
 
