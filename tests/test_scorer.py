@@ -16,8 +16,8 @@ from stream.core.features import Normalisation
 from stream.core.records import ItemInfo
 from stream.serving.artefact import Artefact, ArtefactError
 from stream.serving.onnx_models import CPU, CUDA, choose_providers
-from stream.serving.scorer import (ItemStateCache, ItemStateStore, ScoredChunk, ScoredChunkError, ScoredPart,
-                                   TickScorer, WarmUp, rank_tick, store_key, text_for)
+from stream.serving.scorer import (KEEP_STORES, ItemStateCache, ItemStateStore, ScoredChunk, ScoredChunkError, ScoredPart,
+                                   TickScorer, WarmUp, prune_stores, rank_tick, store_key, text_for)
 from stream.serving.service import Serving, ServingConfig
 from stream.core.trends import Signals, TrendConfig
 from serving_artefact import exported_artefact
@@ -384,6 +384,26 @@ def test_item_state_store_round_trip(tmp_path):
 
     empty = ItemStateStore(tmp_path / "empty.npz", "k", 4)
     assert empty.save(ItemStateCache(3)) and empty.load(ItemStateCache(3)) == 0
+
+
+def test_a_write_keeps_the_most_recent_stores_and_removes_the_rest(tmp_path):
+    import os
+
+    old = []
+    for i in range(KEEP_STORES + 2):  # other models' files, written one second apart
+        f = tmp_path / f"{'onnx-' if i % 2 else ''}old{i}.npz"
+        f.write_bytes(b"x")
+        os.utime(f, (1000 + i, 1000 + i))
+        old.append(f)
+    (tmp_path / "notes.txt").write_text("not a store")
+    store = ItemStateStore(tmp_path / "onnx-k.npz", "k", 4)
+    cache = ItemStateCache(3)
+    cache.put("a", "A", np.zeros(4, np.float32))
+    assert store.save(cache)
+    left = sorted(f.name for f in tmp_path.iterdir())
+    assert left == sorted([store.path.name, "notes.txt"] + [f.name for f in old[-(KEEP_STORES - 1):]])
+    assert prune_stores(tmp_path, store.path) == []  # nothing more to remove
+    assert ItemStateStore(store.path, "k", 4).load(ItemStateCache(3)) == 1
 
 
 @pytest.mark.parametrize("case", ["torn", "garbage", "other_key", "other_hidden_size", "trainer_format", "bad_offsets"])

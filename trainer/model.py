@@ -263,7 +263,8 @@ def adapter_key(lm: nn.Module) -> str:
 
 
 class _StateCache:
-    """One .npz per state key under the settings' cache dir: {"keys": sha1 of text, "states": (N, H)}."""
+    """One .npz per state key under the settings' cache dir: {"keys": sha1 of text, "states": (N, H)};
+    the directory is the stream's too and keeps the most recent files (stream.serving.scorer.prune_stores)."""
 
     def __init__(self, state_key: str) -> None:
         from stream.settings import load_settings
@@ -286,11 +287,14 @@ class _StateCache:
     def put(self, new: dict[str, np.ndarray]) -> None:
         if not new:
             return
+        from stream.serving.scorer import prune_stores
+
         merged = self._read() | new
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".{np.random.randint(1 << 30)}.tmp.npz")
         np.savez(tmp, keys=np.array(list(merged)), states=np.stack(list(merged.values())).astype(np.float32))
         tmp.replace(self.path)
+        prune_stores(self.path.parent, self.path)
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,9 @@ item_encoder.onnx and tokenizer.json (read from the manifest, not re-hashed), th
 `ITEM_TEXT_VERSION`; a re-exported model or another item text gets a new file. It is read once, before
 the first warm-up or tick (the most recently used entries, up to the cache's capacity); a torn or
 foreign file is logged and ignored. It is written atomically (temporary file, then rename) when the
-cache changed: after a tick at most every `SAVE_EVERY_S`, after the warm-up and at stop.
+cache changed: after a tick at most every `SAVE_EVERY_S`, after the warm-up and at stop. Each model
+writes its own file, so after a write the directory keeps the `KEEP_STORES` most recently written
+(`prune_stores`, the trainer's files included) and deletes the rest.
 
 The warm-up (`TickScorer.warm`, run by `Serving.start` once the catalogue has caught up, before the
 first tick; at most TRAIL_ITEM_WARM items) encodes the catalogue's items the cache lacks, so the first
@@ -72,6 +74,7 @@ DEFAULT_CACHE_ITEMS = 200_000
 PART_CHUNK_ITEMS = 500  # items per ranking-topic message (~100 kB)
 SAVE_EVERY_S = 60.0  # least seconds between two writes of the item-state store after ticks
 STORE_FORMAT = "trail-onnx-item-states-v1"
+KEEP_STORES = 8  # item-state files kept in the directory, most recently written first: a rollback finds its own
 
 
 def prompt_for(item_id: str, info: ItemInfo | None, signals: Mapping[str, float], horizon_days: int,
@@ -240,9 +243,29 @@ class ItemStateStore:
             log.warning("item_store.save_failed", path=str(self.path), error=str(e))
             return False
         self.saved_puts = puts
+        prune_stores(self.path.parent, self.path)
         log.info("item_store.saved", path=str(self.path), entries=len(entries), bytes=self.path.stat().st_size,
                  seconds=round(time.perf_counter() - t0, 3))
         return True
+
+
+def prune_stores(directory: Path, current: Path, keep: int = KEEP_STORES) -> list[Path]:
+    """Delete all but the `keep` most recently written .npz files of `directory` (never `current`);
+    the paths removed. A file another process removes first, or cannot be removed, is left to it."""
+    try:
+        stores = [(f.stat().st_mtime, f) for f in Path(directory).glob("*.npz") if f != current]
+    except OSError:
+        return []
+    removed = []
+    for _, f in sorted(stores, reverse=True)[max(0, keep - 1):]:
+        try:
+            f.unlink()
+            removed.append(f)
+        except OSError:
+            continue
+    if removed:
+        log.info("item_store.pruned", directory=str(directory), removed=[f.name for f in removed], kept=keep)
+    return removed
 
 
 class ScoredChunkError(ValueError):
