@@ -233,6 +233,9 @@ def test_evaluation_reports_raw_and_served_explanations():
     assert (served["repaired_share"], served["fixed_numbers"], served["fixed_directions"], served["dropped_clauses"]) \
         == (0.5, 0, 2, 1)
     assert "repaired_share" not in unrepaired and served["n"] == unrepaired["n"] == 4
+    # what was false: two wrong directions (repaired), two counts and one unattributed number (not)
+    assert unrepaired["false_claims"] == {"direction:count": 2, "number:count": 2, "number:unattributed": 1}
+    assert served["false_claims"] == {"number:count": 2}
     assert [s["faithful_raw"] for s in samples] == [False, True, False, False]
     assert [s["faithful"] for s in samples] == [True, True, False, True]
     assert samples[0]["explanation"].endswith("down from 26 the previous week.")

@@ -71,6 +71,8 @@ def explanation_metrics(texts: list[str], signals: list[dict[str, float]], title
     checked = sum(r.checked for r in results)
     false = sum(r.false for r in results)
     n = len(results)
+    # what the false claims were: "<kind>:<measure>" ("number:prev_count", "direction:count", ...), most first
+    kinds = Counter(f"{c.kind}:{c.measure or 'unattributed'}" for r in results for c in r.claims if not c.ok)
     return {
         "n": n,
         "faithful_share": sum(r.faithful for r in results) / n if n else None,
@@ -79,6 +81,7 @@ def explanation_metrics(texts: list[str], signals: list[dict[str, float]], title
         "no_claim_share": sum(r.checked == 0 for r in results) / n if n else None,
         "distinct_2": distinct_n(texts, 2),
         "distinct_2_per_50": distinct_per_block(texts, 2),
+        "false_claims": dict(kinds.most_common()),
     }
 
 
