@@ -12,7 +12,8 @@ the manifest's "onnx" section:
   head.onnx          the score head: x (B, S) normalised signals + horizon, item_state (B, H) ->
                      score (B,) ranking score, log_count (B,) predicted log1p(count). Dynamic batch.
   generator/model.onnx  optimum's text-generation-with-past export of the merged model, for
-                     the explanations (greedy, serving loop in stream.serving.onnx_models.Generator)
+                     the explanations (greedy, serving loop in stream.serving.onnx_models.Generator);
+                     its logits are the last position's only, (B, 1, V) (`last_position_logits`)
   tokenizer.json     the tokenizer the model was trained with (the `tokenizers` library reads it)
 
 Parity, on real items (the last cut-off of each training dataset: the numeric part's top items
@@ -53,7 +54,7 @@ from trainer.model import ADAPTER_DIR, HEAD_FILE, Manifest, Trail
 log = structlog.get_logger(__name__)
 
 OPSET = 17
-EXPORT_VERSION = "2"  # bump when the files or the manifest's onnx section change shape
+EXPORT_VERSION = "3"  # bump when the files or the manifest's onnx section change shape
 # max |onnx - torch| / max(1, |torch|): item states (scaled by the case's largest |state|), head outputs,
 # and the end-to-end score/log_count (log1p(count) units)
 TOLERANCE = {"item_encoder": 1e-3, "head": 1e-5, "score": 1e-3}
@@ -269,7 +270,35 @@ def export_generator(model: Trail, out: Path) -> Path:
     for f in out.iterdir():
         if f.name not in ("model.onnx", "model.onnx_data", "config.json", "generation_config.json"):
             f.unlink()
+    last_position_logits(out / "model.onnx")
     return out / "model.onnx"
+
+
+def last_position_logits(path: Path) -> None:
+    """Make the generator's LM head read the last position only: logits (B, 1, V) instead of (B, T, V).
+
+    The decoding loop reads logits[:, -1] (stream.serving.onnx_models.Generator: every row is left-padded,
+    within a step too), so the 49k-way head over the other positions of a prompt pass (about a fifth of its
+    arithmetic, and B x T x 49,152 floats out of the session) was thrown away. A Slice of the final norm's
+    output along the sequence axis goes before the head's MatMul."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    at, head = next(((i, n) for i, n in enumerate(g.node) if "logits" in n.output), (None, None))
+    if head is None or head.op_type != "MatMul":
+        raise ExportError(f"{path}: expected the logits to come from a MatMul (the LM head), found "
+                          f"{head.op_type if head is not None else 'no node'}")
+    consts = {"trail_last_starts": [-1], "trail_last_ends": [np.iinfo(np.int64).max], "trail_last_axes": [1]}
+    g.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), k) for k, v in consts.items())
+    g.node.insert(at, helper.make_node("Slice", [head.input[0], *consts], ["trail_last_position"],
+                                       name="/trail/last_position"))
+    head.input[0] = "trail_last_position"
+    logits = next(o for o in g.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_value = 1  # (batch_size, 1, vocab)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 def quantise_generator(src: Path, dst: Path) -> Path:

@@ -141,6 +141,16 @@ def test_generator_is_greedy_trail_explain(artefact, model, sample):
     theirs = model.explain(sample.prompts[-1:], max_new_tokens=limit)
     ours = tok.decode(gen.generate(tok.ids(sample.prompts[-1:])[0], limit))
     assert ours == theirs[0]
+    # the LM head reads the last position only (export.onnx.last_position_logits)
+    logits = next(o for o in gen.sess.get_outputs() if o.name == "logits")
+    assert logits.shape[1:] == [1, 49152]
+    feed = {"input_ids": np.array([tok.ids(sample.prompts[:1])[0]], np.int64)}
+    feed["attention_mask"] = np.ones_like(feed["input_ids"])
+    feed |= {i.name: np.zeros((1, gen.cache.kv_heads, 0, gen.cache.head_dim), np.float32)
+             for i in gen.sess.get_inputs() if i.name.startswith("past_key_values.")}
+    if "position_ids" in gen.inputs:
+        feed["position_ids"] = np.arange(feed["input_ids"].shape[1])[None]
+    assert gen.sess.run(["logits"], feed)[0].shape == (1, 1, 49152)
 
 
 def test_parity_beyond_tolerance_fails_the_export():

@@ -325,7 +325,7 @@ def test_settings_flow_into_the_serving_config():
     from stream.settings import SettingsError, load_settings
 
     s = load_settings({"TRAIL_MODEL_DIR": "models/trail-smollm2"})
-    assert (s.serving.explain_temperature, s.serving.explain_top_p) == (0.7, 0.9)
+    assert (s.serving.explain_temperature, s.serving.explain_top_p) == (1.0, 0.95)
     s = load_settings({"TRAIL_MODEL_DIR": "m", "TRAIL_EXPLAIN_TEMPERATURE": "0", "TRAIL_EXPLAIN_TOP_P": "0.5"})
     assert (s.serving.explain_temperature, s.serving.explain_top_p) == (0.0, 0.5)
     for bad in ({"TRAIL_EXPLAIN_TEMPERATURE": "-0.1"}, {"TRAIL_EXPLAIN_TOP_P": "0"}, {"TRAIL_EXPLAIN_TOP_P": "1.5"}):
@@ -410,7 +410,7 @@ def test_evaluation_samples_the_constrained_texts_only(monkeypatch, tmp_path):
     assert constrained["seeds"] == [decoding.explanation_seed("m-eval", f"i{k}", TICK + k) for k in range(3)]
     assert "temperature" not in free and "seeds" not in free  # unconstrained: greedy
     m = out["metrics"]
-    assert m["trail_raw"]["decoding"]["mode"] == "sampled" and m["trail_raw"]["decoding"]["temperature"] == 0.7
+    assert m["trail_raw"]["decoding"]["mode"] == "sampled" and m["trail_raw"]["decoding"]["temperature"] == 1.0
     assert m["trail"]["decoding"] == m["trail_raw"]["decoding"] and m["trail"]["decoding"]["model_version"] == "m-eval"
     assert m["trail_unconstrained"]["decoding"] == {"mode": "greedy"} == m["base_zero_shot"]["decoding"]
     calls.clear()

@@ -15,9 +15,11 @@ import hashlib
 import math
 
 # the stream's and the evaluation's defaults (TRAIL_EXPLAIN_TEMPERATURE / TRAIL_EXPLAIN_TOP_P,
-# trainer.evaluate --explain-temperature / --explain-top-p); temperature 0 is greedy
-EXPLAIN_TEMPERATURE = 0.7
-EXPLAIN_TOP_P = 0.9
+# trainer.evaluate --explain-temperature / --explain-top-p); temperature 0 is greedy. Chosen on 200
+# validation candidates per dataset (trail-smollm2-v4): t 1.0 / top-p 0.95 gave distinct-2 0.184 / 0.098
+# (retail / ML-100K) against 0.166 / 0.088 at t 0.7 / top-p 0.9, every text still faithful
+EXPLAIN_TEMPERATURE = 1.0
+EXPLAIN_TOP_P = 0.95
 
 
 def explanation_seed(model_version: str, item_id: str, as_of_ms: int) -> int:

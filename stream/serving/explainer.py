@@ -28,7 +28,7 @@ TRAIL_EXPLAIN_TEMPERATURE / TRAIL_EXPLAIN_TOP_P; 0 is greedy), which keeps the t
 they stop collapsing into one template. Each mover has its own seed,
 `stream.core.decoding.explanation_seed(model_version, item_id, tick in ms)`, so a replayed tick
 gives the same texts whatever shares its batch; the record's `decoding` says how it was decoded
-("greedy" or "sampled t=0.7 p=0.9 seed=...").
+("greedy" or "sampled t=1.0 p=0.95 seed=...").
 
 Each explanation is verified and revised against the signals it was generated from
 (`stream.core.faithfulness.repair`: wrong numbers and directions are corrected, a clause with a
