@@ -36,8 +36,10 @@ def test_demo_runs_end_to_end_and_leaves_results_and_no_processes(tmp_path):
     model = exported_artefact()
     var = tmp_path / "var"
     env = dict(os.environ, TRAIL_EXPLAIN_TOP="2")
+    # 120 s: a fresh cache dir means a cold item-state warm-up (4,725 items, ~35 s on 2 quiet cores) before
+    # the first tick; 75 s left no prediction at all once the machine was busy
     proc = subprocess.run(
-        [sys.executable, "-m", "stream.demo", "--duration", "75", "--speed", "172800", "--warmup-days", "35",
+        [sys.executable, "-m", "stream.demo", "--duration", "120", "--speed", "172800", "--warmup-days", "35",
          "--tick", "2", "--model", str(model), "--var", str(var)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
