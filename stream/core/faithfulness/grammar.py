@@ -31,7 +31,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from stream.core.prompts import detailed_windows, main_window, signal_windows, window_hours
+from stream.core.prompts import detailed_windows, direction, main_window, signal_windows, window_hours
 
 OUTLOOKS = ("rise", "steady", "fall")
 
@@ -114,10 +114,6 @@ def plural(n: int, noun: str) -> str:
     if noun.endswith("people"):
         return f"{n} {noun[:-6]}person"
     return f"{n} {noun[:-1]}"
-
-
-def direction(cur: int, prev: int) -> str:
-    return "rise" if cur > prev else "fall" if cur < prev else "steady"
 
 
 # ---- a tiny grammar algebra: a Seq is a tuple of parts; a part is a literal or an Alt ----------------
