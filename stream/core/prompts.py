@@ -178,10 +178,11 @@ def render_prompt(
     lines = [head]
     detailed = detailed_windows(wins, horizon_days)
     for i, w in enumerate(wins):
-        line = f"{w}:{_n(signals, f'count_{w}')}{' events' if i == 0 else ''}"
+        count = _n(signals, f"count_{w}")
+        line = f"{w}:{count}{' events' if i == 0 else ''}"
         if w in detailed:
-            cur, prev = _n(signals, f"count_{w}"), _n(signals, f"prev_count_{w}")
-            line += f" (prev {prev}, {COMPARISON_WORDS[direction(cur, prev)]}), {_n(signals, f'users_{w}')} users"
+            prev = _n(signals, f"prev_count_{w}")
+            line += f" (prev {prev}, {COMPARISON_WORDS[direction(count, prev)]}), {_n(signals, f'users_{w}')} users"
         lines.append(line)
     age_h = _n(signals, "age_h")
     lines.append(f"age {age_h}h" if age_h < 48 else f"age {round(age_h / 24)}d")
