@@ -211,3 +211,23 @@ def test_forecast_metrics_and_seeded_samples(tmp_path):
     doc.write_text(f"a\n{SAMPLES_BEGIN}\nold\n{SAMPLES_END}\nb\n")
     write_samples(str(doc), md)
     assert "old" not in doc.read_text() and doc.read_text().startswith("a\n") and doc.read_text().endswith("b\n")
+
+
+def test_the_grammar_admits_a_movers_reason(smollm2_tokenizer):
+    """The targets' "..., but <longer window's trend>" for a mover is in the item's language, token by token."""
+    from stream.serving.constraint import ClaimConstraint
+    from test_explanations import MOVER
+    from trainer.explanations import target_explanation
+
+    cc = ClaimConstraint(smollm2_tokenizer.backend_tokenizer.to_str(), smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    lark = claim_grammar(MOVER, 7, "rise").lark()
+    texts = {target_explanation(MOVER, 7, random.Random(s), outlook="rise") for s in range(60)}
+    texts = [t for t in texts if "28 days, up" in t or "four weeks, up" in t or "from 97 to 109" in t]
+    assert len(texts) >= 5
+    for text in texts:
+        guide = cc.guide([lark])
+        for t in smollm2_tokenizer(" " + text, add_special_tokens=False).input_ids + [cc.end_id]:
+            guide.mask(logits := np.zeros((1, cc.vocab_size), np.float32), [0])
+            assert np.isfinite(logits[0, t]), text
+            guide.advance([0], [t])
+        assert guide.matchers[0].is_stopped()

@@ -15,6 +15,7 @@ from stream.core.faithfulness import check
 from stream.core.prompts import detailed_windows, render_prompt, signal_windows
 from stream.core.trends import HOUR_MS, TrendConfig, TrendTable
 from trainer.explanations import negative_explanations, target_explanation
+from trainer.model import TrailConfig
 
 WINDOW_SETS = [("1d", "7d", "28d"), ("2h", "5h"), ("1h", "6h", "24h"), ("7d",)]
 
@@ -192,3 +193,36 @@ def test_targets_are_short(smollm2_tokenizer):
     tok = smollm2_tokenizer
     lengths = sorted(len(tok(" " + t, add_special_tokens=False).input_ids) for t in texts)
     assert lengths[len(lengths) // 2] <= 32 and lengths[int(0.95 * len(lengths))] <= 40, lengths[-20:]
+
+
+MOVER = {"count_1d": 6.0, "prev_count_1d": 3.0, "users_1d": 6.0, "count_7d": 29.0, "prev_count_7d": 34.0,
+         "users_7d": 25.0, "count_28d": 109.0, "prev_count_28d": 97.0, "users_28d": 87.0, "age_h": 5000.0}
+
+
+def _cites_long_trend(text: str, row) -> bool:
+    return any(c.kind == "direction" and c.window == "28d" and c.ok for c in check(text, row).claims)
+
+
+def test_a_mover_is_told_why():
+    """7d fell but the forecast is a rise: most targets say why (the 28d trend is up, with a direction word)."""
+    texts = [target_explanation(MOVER, 7, random.Random(s), outlook="rise") for s in range(300)]
+    assert all(check(t, MOVER).faithful for t in texts)
+    why = [t for t in texts if _cites_long_trend(t, MOVER)]
+    assert 0.6 < len(why) / len(texts) < 0.95, len(why)
+    assert all(", but " in t for t in why)
+    # the 28d trend does not back a forecast of a fall after a fall, nor a rise when 28d fell too
+    for row, fc in ((dict(MOVER, prev_count_7d=20.0), "fall"), (dict(MOVER, prev_count_28d=120.0), "rise")):
+        assert not any(_cites_long_trend(target_explanation(row, 7, random.Random(s), outlook=fc), row)
+                       for s in range(100))
+
+
+def test_why_targets_fit_the_token_budget(smollm2_tokenizer):
+    rng = random.Random(5)
+    lengths = []
+    for _ in range(300):
+        # the busiest items of the shipped datasets: 3-digit weekly counts, 4-digit 28-day counts
+        row = dict(MOVER, count_7d=float(rng.randint(100, 899)), prev_count_7d=float(rng.randint(900, 999)),
+                   count_28d=float(rng.randint(2000, 3999)), prev_count_28d=float(rng.randint(1000, 1999)))
+        text = target_explanation(row, 7, rng, outlook="rise")
+        lengths.append(len(smollm2_tokenizer(" " + text, add_special_tokens=False).input_ids))
+    assert max(lengths) < TrailConfig.max_explanation_tokens, max(lengths)  # room for the end token

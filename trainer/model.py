@@ -48,7 +48,7 @@ class TrailConfig:
     head_hidden: int = 64
     embed_dim: int = 32  # InfoNCE space shared by the score token and the signal vector
     max_prompt_tokens: int = 96  # busy MovieLens items reach ~81 tokens (prompt p2); a cut prompt loses its last line
-    max_explanation_tokens: int = 48
+    max_explanation_tokens: int = 64  # a mover's reason with 3-4 digit counts reaches ~59 tokens (tests)
     max_item_tokens: int = 48  # the item block (title, category, description) the item state reads
     item_dim: int = 32  # item state projected to this before it meets the signals
     item_uses_x: bool = False  # the count's item term reads the item state only (a per-item effect)

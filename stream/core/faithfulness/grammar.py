@@ -16,7 +16,9 @@ every direction and comparison word fixed to the truth of the comparison it stat
 
 The model still chooses: which of the four sentence shapes, which lead and verb, which
 window phrase, which noun, which second fact (users, the shortest window, the longest
-window with or without its previous count, the age, or none). The grammar is written as
+window with or without its previous count, the age, or none; for a mover whose forecast goes
+against the main window's trend, also the reason: "..., but" the longer window's trend when it
+points the forecast's way, `why_window`). The grammar is written as
 Lark for llguidance (`lark()`), which turns it into per-step token masks in the stream
 (numpy, stream.serving.onnx_models) and in the trainer (a transformers LogitsProcessor);
 `sample()` draws random sentences of the same language, so tests can check that
@@ -59,6 +61,17 @@ OUTLOOK_LEADS = {
 }
 VERB_PAST = {"rise": ("rose", "climbed", "grew", "jumped"), "fall": ("fell", "dropped", "declined", "slipped")}
 UPDOWN = {"rise": ("up from", "rising from"), "fall": ("down from", "falling from")}
+
+
+def why_window(count: Mapping[str, int], prev: Mapping[str, int], main: str, long: str | None,
+               forecast: str) -> str | None:
+    """The window whose trend says why `forecast` goes against the main window's trend: the
+    longest window, when its own trend points the forecast's way ("29 in the last 7 days, down
+    from 34 the week before, but 109 in the last 28 days, up from 97 the 28 days before").
+    None when the forecast follows the main trend, is "steady", or no window backs it."""
+    if long is None or long == main or forecast == "steady" or forecast == direction(count[main], prev[main]):
+        return None
+    return long if direction(count[long], prev[long]) == forecast else None
 
 
 def _unit_phrase(hours: float) -> tuple[int, str]:
@@ -211,6 +224,7 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
     c, p = count[w], prev[w]
     rel = direction(c, p)
     agrees = forecast == rel
+    why = why_window(count, prev, w, long, forecast)
     cur, prv = Alt.of(*current_phrases(w)), Alt.of(*previous_phrases(w))
     hz = Alt.of(*horizon_phrases(hd))
 
@@ -264,13 +278,21 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
 
         sentences = Alt(tuple(tuple(_split(s.format(noun=noun, h="\0"), hz)) for s in OUTLOOK_SENTENCES[forecast]))
         opt = lambda sep, a: Alt.of((sep, a), EMPTY)  # noqa: E731 - "(sep a)?"
+        second_fact = lambda sep: opt(sep, extra)  # noqa: E731
+        if why:
+            # a mover's reason (trainer.explanations._why_clause): the longer window's trend, with a direction word
+            cw, pw, cur_w = count[why], prev[why], Alt.of(*current_phrases(why))
+            because = Alt.of((plural(cw, noun), " in ", cur_w, ", ", Alt.of(*UPDOWN[forecast]), f" {pw} ",
+                              Alt.of(*previous_phrases(why))),
+                             (f"{noun} ", Alt.of(*VERB_PAST[forecast]), f" from {pw} to {cw} over ", cur_w))
+            second_fact = lambda sep: Alt.of((sep, extra), (", but ", because), EMPTY)  # noqa: E731
         shapes = [
             # 0: "Likely to rise: 41 interactions in the last 7 days, up from 12 the week before; from 29 users."
-            (Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, opt("; ", extra), "."),
+            (Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, second_fact("; "), "."),
             # 2: "41 interactions in the last 7 days vs 12 the week before, but likely to cool off next week."
             (cap(trend), opt("; ", extra), ", and " if agrees else ", but ", Alt(tuple(_lower_seq(o) for o in sentences.options))),
             # 3: "Likely to fall next week. Interactions fell from 60 to 41 over the last 7 days; 6 in the last day."
-            (sentences, " ", cap(trend), opt(", ", extra), "."),
+            (sentences, " ", cap(trend), second_fact(", "), "."),
         ]
         if agrees:
             # 1: "Demand is rising: ... . Expect more interactions next week."
@@ -289,4 +311,4 @@ def _split(template: str, hz: Alt) -> list:
     return [head, hz, tail] if _ else [template]
 
 
-__all__ = ["ClaimGrammar", "claim_grammar", "OUTLOOKS", "current_phrases", "previous_phrases", "horizon_phrases"]
+__all__ = ["ClaimGrammar", "claim_grammar", "why_window", "OUTLOOKS", "current_phrases", "previous_phrases", "horizon_phrases"]
