@@ -231,3 +231,19 @@ def test_the_grammar_admits_a_movers_reason(smollm2_tokenizer):
             assert np.isfinite(logits[0, t]), text
             guide.advance([0], [t])
         assert guide.matchers[0].is_stopped()
+
+
+def test_reason_metrics_count_movers_that_say_why():
+    from test_explanations import MOVER
+    from trainer.explain_eval import reason_metrics
+
+    texts = ["Likely to rise: 29 events in the last 7 days, down from 34 the week before, but 109 events in the "
+             "last 28 days, up from 97 the previous 28 days.",  # against the 7d trend, with its reason
+             "Likely to rise: 29 events in the last 7 days, down from 34 the week before.",  # no reason
+             "Likely to fall: 29 events in the last 7 days, down from 34 the week before.",  # follows the trend
+             "Likely to stay steady: 29 events in the last 7 days, down from 34 the week before."]
+    m = reason_metrics(texts, [MOVER] * 4, ["Lunch bag"] * 4, 7)
+    assert m == {"against_trend": 2, "reason_share": 0.5, "reason_available": 2}
+    # a forecast of a rise after a fall with the 28d trend down too has no reason to give
+    m = reason_metrics(texts[1:2], [dict(MOVER, prev_count_28d=120.0)], ["Lunch bag"], 7)
+    assert m == {"against_trend": 1, "reason_share": 0.0, "reason_available": 0}

@@ -243,3 +243,13 @@ def test_the_prompts_own_facts_pass_and_title_numbers_make_no_claims(title, cate
         echo = render_prompt(title, category, S, horizon).rsplit("\n", 1)[0]  # a model that parrots its input
         assert check(echo, S, title=title).faithful, [c for c in check(echo, S, title=title).claims if not c.ok]
         assert not check(echo, S).faithful  # without the title, its numbers are unattributable claims
+
+
+@pytest.mark.parametrize("title", ["A", "Up", "Last", "Heat"])
+def test_a_short_title_blanks_whole_words_only(title):
+    """Title words make no claims, but only where the title stands as words: "A" is not the a in "last"."""
+    text = "Likely to rise: 29 events in the last 7 days, up from 21 the week before."
+    row = dict(S, count_7d=29.0, prev_count_7d=21.0)
+    r = check(text, row, title=title)
+    assert r.faithful and r.outlook == "rise", [(c.text, c.reason) for c in r.claims if not c.ok]
+    assert [c.kind for c in r.claims] == [c.kind for c in check(text, row).claims]

@@ -39,8 +39,9 @@ from tqdm import tqdm
 
 from stream.core import decoding
 from stream.core.faithfulness import Repair, check, repair
-from stream.core.faithfulness.grammar import claim_grammar
+from stream.core.faithfulness.grammar import claim_grammar, why_window
 from stream.core.forecast import outlook, pace
+from stream.core.prompts import direction, main_window, signal_windows
 from trainer.inference import prompts_of
 
 ZERO_SHOT_INSTRUCTION = (
@@ -123,6 +124,28 @@ def forecast_metrics(texts: list[str], signals: list[dict[str, float]], titles: 
     return out
 
 
+def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str], horizon_days: float) -> dict:
+    """Does a mover's text say why it is predicted to move? Over the texts whose stated forecast goes against
+    the main window's trend (`against_trend`): `reason_share`, the share that cite a true trend of another
+    window pointing the forecast's way ("..., down from 34 the week before, but 109 in the last 28 days, up
+    from 97"); `reason_available`, how many of them have such a window at all (`why_window`)."""
+    against = cited = available = 0
+    for t, s, ti in zip(texts, signals, titles):
+        r = check(t, s, title=ti)
+        windows = signal_windows(s)
+        main = main_window(windows, horizon_days)
+        c = {w: int(round(s[f"count_{w}"])) for w in windows}
+        p = {w: int(round(s[f"prev_count_{w}"])) for w in windows if f"prev_count_{w}" in s}
+        if r.outlook in (None, "steady") or main not in p or r.outlook == direction(c[main], p[main]):
+            continue
+        against += 1
+        available += why_window(c, p, main, windows[-1] if len(windows) > 1 else None, r.outlook) is not None
+        cited += any(k.kind == "direction" and k.ok and k.window not in (None, main)
+                     and k.window in p and direction(c[k.window], p[k.window]) == r.outlook for k in r.claims)
+    return {"against_trend": against, "reason_share": cited / against if against else None,
+            "reason_available": available}
+
+
 def repair_metrics(repairs: list[Repair]) -> dict:
     n = len(repairs)
     return {
@@ -135,9 +158,10 @@ def repair_metrics(repairs: list[Repair]) -> dict:
 
 def score_trail(raw: list[str], signals: list[dict[str, float]], titles: list[str], item_ids: list,
                 unconstrained: list[str] | None = None, predicted: list[str] | None = None,
-                realised: list[str] | None = None) -> tuple[dict, list[dict]]:
+                realised: list[str] | None = None, horizon_days: float | None = None) -> tuple[dict, list[dict]]:
     """Metrics of TRAIL's constrained (raw), published (repaired) and unconstrained explanations, and one
-    sample per item. `predicted` / `realised`: outlook of the model's predicted / the true next count."""
+    sample per item. `predicted` / `realised`: outlook of the model's predicted / the true next count.
+    With `horizon_days`, each set also has `reason_metrics` (does a mover's text say why)."""
     if not len(raw) == len(signals) == len(titles) == len(item_ids):
         raise ValueError(f"lengths differ: {len(raw)} explanations, {len(signals)} signal rows, "
                          f"{len(titles)} titles, {len(item_ids)} item ids")
@@ -150,6 +174,10 @@ def score_trail(raw: list[str], signals: list[dict[str, float]], titles: list[st
     if unconstrained is not None:
         report["trail_unconstrained"] = (explanation_metrics(unconstrained, signals, titles)
                                          | forecast_metrics(unconstrained, signals, titles, predicted, realised))
+    if horizon_days is not None:
+        for name, texts in (("trail", served), ("trail_raw", raw), ("trail_unconstrained", unconstrained)):
+            if texts is not None:
+                report[name] |= reason_metrics(texts, signals, titles, horizon_days)
     samples = []
     for k, (i, t, e, r, s) in enumerate(zip(item_ids, titles, raw, repairs, signals)):
         sample = {"item_id": i, "title": t, "explanation_raw": e, "faithful_raw": check(e, s, title=t).faithful,
@@ -424,7 +452,8 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
                         desc="TRAIL explanations (constrained)", onnx=onnx, temperature=temperature, top_p=top_p,
                         seeds=seeds)
     free = explain_texts(model, prompts, batch=batch, desc="TRAIL explanations (unconstrained)", onnx=onnx)
-    report, samples = score_trail(raw, signals, titles, rows["item_id"].tolist(), free, predicted, realised)
+    report, samples = score_trail(raw, signals, titles, rows["item_id"].tolist(), free, predicted, realised,
+                                  horizon_days)
     constrained = decoding.settings(temperature, top_p)
     if decoding.sampled(temperature):
         constrained["model_version"] = version

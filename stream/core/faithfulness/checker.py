@@ -389,7 +389,10 @@ def check(explanation: str, signals: Mapping[str, float], *, default_window: str
     parser = _Parser(explanation, windows)
     if isinstance(title, str) and title.strip():
         for form in {title.strip(), short_title(title).rstrip("…")}:
-            for m in re.finditer(re.escape(form), explanation, _I):
+            # whole words only, and a one-word title as written: "A" is not the a in "last", the film "Up"
+            # not the direction in "up from" (a longer title is matched in any case)
+            flags = _I if " " in form or len(form) > 5 else 0
+            for m in re.finditer(rf"(?<!\w){re.escape(form)}(?!\w)", explanation, flags):
                 parser.taken[m.start() : m.end()] = b"\x01" * (m.end() - m.start())
     parser.parse()
     checker = _Checker(explanation, signals, windows, default)
