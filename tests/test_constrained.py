@@ -247,3 +247,14 @@ def test_reason_metrics_count_movers_that_say_why():
     # a forecast of a rise after a fall with the 28d trend down too has no reason to give
     m = reason_metrics(texts[1:2], [dict(MOVER, prev_count_28d=120.0)], ["Lunch bag"], 7)
     assert m == {"against_trend": 1, "reason_share": 0.0, "reason_available": 0}
+
+
+def test_a_mover_with_a_reason_must_give_it():
+    """Where why_window names a window, every sentence of the language cites its trend; elsewhere it is optional."""
+    from test_explanations import MOVER, _cites_long_trend
+
+    rng = random.Random(2)
+    g = claim_grammar(MOVER, 7, "rise")
+    assert all(_cites_long_trend(g.sample(rng), MOVER) for _ in range(200))
+    steady = claim_grammar(MOVER, 7, "steady")
+    assert not any(_cites_long_trend(steady.sample(rng), MOVER) for _ in range(200))

@@ -16,9 +16,9 @@ every direction and comparison word fixed to the truth of the comparison it stat
 
 The model still chooses: which of the four sentence shapes, which lead and verb, which
 window phrase, which noun, which second fact (users, the shortest window, the longest
-window with or without its previous count, the age, or none; for a mover whose forecast goes
-against the main window's trend, also the reason: "..., but" the longer window's trend when it
-points the forecast's way, `why_window`). The grammar is written as
+window with or without its previous count, the age, or none). A mover whose forecast goes
+against the main window's trend while the longer window's trend points the forecast's way
+(`why_window`) must say so: "..., but" that trend, in shape 0 or 3. The grammar is written as
 Lark for llguidance (`lark()`), which turns it into per-step token masks in the stream
 (numpy, stream.serving.onnx_models) and in the trainer (a transformers LogitsProcessor);
 `sample()` draws random sentences of the same language, so tests can check that
@@ -278,21 +278,22 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
 
         sentences = Alt(tuple(tuple(_split(s.format(noun=noun, h="\0"), hz)) for s in OUTLOOK_SENTENCES[forecast]))
         opt = lambda sep, a: Alt.of((sep, a), EMPTY)  # noqa: E731 - "(sep a)?"
-        second_fact = lambda sep: opt(sep, extra)  # noqa: E731
         if why:
-            # a mover's reason (trainer.explanations._why_clause): the longer window's trend, with a direction word
+            # a mover with a reason (why_window) must give it (trainer.explanations._why_clause): the longer
+            # window's trend, its direction word fixed, after the forecast and the main trend
             cw, pw, cur_w = count[why], prev[why], Alt.of(*current_phrases(why))
             because = Alt.of((plural(cw, noun), " in ", cur_w, ", ", Alt.of(*UPDOWN[forecast]), f" {pw} ",
                               Alt.of(*previous_phrases(why))),
                              (f"{noun} ", Alt.of(*VERB_PAST[forecast]), f" from {pw} to {cw} over ", cur_w))
-            second_fact = lambda sep: Alt.of((sep, extra), (", but ", because), EMPTY)  # noqa: E731
+            return Alt.of((Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, ", but ", because, "."),
+                          (sentences, " ", cap(trend), ", but ", because, "."))
         shapes = [
             # 0: "Likely to rise: 41 interactions in the last 7 days, up from 12 the week before; from 29 users."
-            (Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, second_fact("; "), "."),
+            (Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, opt("; ", extra), "."),
             # 2: "41 interactions in the last 7 days vs 12 the week before, but likely to cool off next week."
             (cap(trend), opt("; ", extra), ", and " if agrees else ", but ", Alt(tuple(_lower_seq(o) for o in sentences.options))),
             # 3: "Likely to fall next week. Interactions fell from 60 to 41 over the last 7 days; 6 in the last day."
-            (sentences, " ", cap(trend), second_fact(", "), "."),
+            (sentences, " ", cap(trend), opt(", ", extra), "."),
         ]
         if agrees:
             # 1: "Demand is rising: ... . Expect more interactions next week."
