@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import numpy as np
 import pandas as pd
@@ -258,3 +259,25 @@ def test_a_mover_with_a_reason_must_give_it():
     assert all(_cites_long_trend(g.sample(rng), MOVER) for _ in range(200))
     steady = claim_grammar(MOVER, 7, "steady")
     assert not any(_cites_long_trend(steady.sample(rng), MOVER) for _ in range(200))
+
+
+def test_a_count_without_users_is_not_told_from_0_users():
+    """Events with no user id (retail's guest purchases, a log without users) count but have no user:
+    neither the grammar nor the training targets may say "from 0 users" about them."""
+    from trainer.explanations import target_explanation
+
+    row = {"count_1d": 4.0, "prev_count_1d": 0.0, "users_1d": 0.0, "velocity_1d": 4.0, "accel_1d": 4.0,
+           "count_7d": 9.0, "prev_count_7d": 3.0, "users_7d": 0.0, "velocity_7d": 6.0, "accel_7d": 2.0,
+           "count_28d": 20.0, "prev_count_28d": 18.0, "users_28d": 0.0, "velocity_28d": 2.0, "accel_28d": 0.0,
+           "ema": 3.0, "total_count": 80.0, "age_h": 900.0, "idle_h": 2.0}
+    user_words = re.compile(r"\b(users?|people|person)\b")
+    rng = random.Random(0)
+    for fc in OUTLOOKS:
+        g = claim_grammar(row, 7, fc)
+        assert not user_words.search(g.lark()), fc
+        for _ in range(50):
+            assert not user_words.search(g.sample(rng))
+    texts = [target_explanation(row, 7, random.Random(s)) for s in range(200)]
+    assert not any(user_words.search(t) for t in texts)
+    with_users = dict(row, users_7d=5.0)  # the same row with known users does cite them
+    assert any(user_words.search(target_explanation(with_users, 7, random.Random(s))) for s in range(200))

@@ -188,7 +188,7 @@ def target_explanation(signals: Mapping[str, float], horizon_days: int, rng,
                 return text
     # optional second fact: users of the main window, the shortest window's pulse, the longest window, the age
     extras = []
-    if w in f.users and f.count[w] > 0:
+    if f.users.get(w, 0) > 0:  # as the grammar: no "from 0 users" for events without a user id
         extras.append(("users", 3))
     if f.short:
         extras.append(("pulse", 2))

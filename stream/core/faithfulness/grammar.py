@@ -254,7 +254,9 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
             return Alt.of(base + (tail,), base) if with_prev is None else Alt.of(base + (tail,))
 
         extras: list[tuple[str, Alt]] = []
-        if w in users and c > 0:
+        # a count without users is from events that carry no user id (guest purchases, a log
+        # without users): "from 0 users" would read as a fact about the item, so it is not said
+        if users.get(w, 0) > 0:
             u = users[w]
             if u == 1:
                 extras.append(("users", Alt.of("from a single user", "all from one user", "from 1 distinct user",
