@@ -238,6 +238,7 @@ def test_events_cli_on_any_log(tmp_path, capsys, ts, users, days, partial_items)
         assert report["protocol"]["horizon_days"] == 7
     ranking = report["methods"]["gbm"]["ndcg@10"]
     assert (ranking is None) == (not users)  # no users: nothing to rank against, counts still scored
+    assert ("no test cut-off has an event with a user_id" in capsys.readouterr().out) == (not users)
     assert report["methods"]["gbm"]["mae_log"] is not None
 
 

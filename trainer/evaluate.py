@@ -433,7 +433,11 @@ def format_table(report: dict, ks: Sequence[int] = KS) -> str:
             lines.append(f"{name:<{width}} " + " ".join(cells))
         return lines
 
-    lines = [f"{report['dataset']}: {report['cutoffs']} test cut-offs"] + table(report["methods"])
+    lines = [f"{report['dataset']}: {report['cutoffs']} test cut-offs"]
+    if not sum(report.get("per_cutoff", {}).get("users", [1])):
+        lines.append("(ndcg, hr and recall are '-': they score each user's next-period items, and no test "
+                     "cut-off has an event with a user_id; mae_log, rmse_log and spearman need none)")
+    lines += table(report["methods"])
     cold = report.get("slices", {}).get("cold_start")
     if cold:
         lines += [f"cold start (age < {cold['max_age_days']:g} d): {cold['items_per_cutoff']:.1f} items and "
