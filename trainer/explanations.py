@@ -23,47 +23,27 @@ import re
 from collections.abc import Mapping
 
 from stream.core.faithfulness import check, window_spans
-from stream.core.faithfulness.grammar import (current_phrases, direction, horizon_phrases, plural, previous_phrases,
-                                              why_window)
+# one vocabulary: the targets draw from the claim grammar's phrase banks, so what the model
+# practises is what constrained decoding lets it write
+from stream.core.faithfulness.grammar import (COUNT_NOUNS, LEADS, ONE_USER, OUTLOOK_LEADS, OUTLOOK_SENTENCES,
+                                              OUTLOOKS, UPDOWN, USER_NOUNS, VERB_PAST, current_phrases, direction,
+                                              horizon_phrases, plural, previous_phrases, why_window)
 from stream.core.prompts import detailed_windows, main_window, signal_windows
 
-OUTLOOKS = ("rise", "fall", "steady")
 # ~40 SmolLM2 tokens (numbers cost a token per digit): a longer draft drops its second fact
 MAX_CHARS = 130
 # A mover's reason (the longer window's trend, `why_window`) is what its explanation is for: most
 # such targets cite it, and it may run to MAX_WHY_CHARS (~59 tokens with 3-4 digit counts, under max_explanation_tokens).
 WHY_SHARE = 0.8
 MAX_WHY_CHARS = 160
-COUNT_NOUNS = ("interactions", "events")
-USER_NOUNS = ("users", "distinct users", "different users", "unique users", "people")
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 
 
 def _n(x: float) -> int:
     return int(round(x))
 
 
-_LEADS = {
-    "rise": ["Rising", "Trending up", "Demand is rising", "Interest is growing", "Picking up", "On the rise",
-             "Growing", "Demand is climbing"],
-    "fall": ["Falling", "Trending down", "Demand is cooling", "Interest is fading", "Slowing down",
-             "On the decline", "Declining", "Demand is dropping"],
-    "steady": ["Steady", "Holding steady", "Flat", "Demand is stable", "Unchanged"],
-}
-_OUTLOOK_SENTENCES = {
-    "rise": ["Likely to rise {h}.", "Expect more {noun} {h}.", "Should keep climbing {h}.", "Likely to grow {h}.",
-             "Set to rise {h}.", "Likely to pick up {h}."],
-    "fall": ["Likely to fall {h}.", "Expect fewer {noun} {h}.", "Likely to cool off {h}.", "Set to decline {h}.",
-             "Likely to slow down {h}."],
-    "steady": ["Likely to stay steady {h}.", "Expect similar demand {h}.", "Likely to hold steady {h}."],
-}
-_OUTLOOK_LEADS = {
-    "rise": ["Likely to rise", "Expected to grow", "Likely to keep rising", "Set to climb"],
-    "fall": ["Likely to fall", "Expected to decline", "Likely to cool off", "Set to drop"],
-    "steady": ["Likely to stay steady", "Expected to hold steady"],
-}
-_VERB_PAST = {"rise": ["rose", "climbed", "grew", "jumped"], "fall": ["fell", "dropped", "declined", "slipped"]}
-_UPDOWN = {"rise": ["up from", "rising from", "up from"], "fall": ["down from", "falling from", "down from"]}
+# the plain "up from" / "down from" twice as often as "rising from" / "falling from"
+_UPDOWN = {k: v + v[:1] for k, v in UPDOWN.items()}
 
 
 class _Facts:
@@ -106,7 +86,7 @@ def _trend_clause(f: _Facts, w: str, noun: str, rng: random.Random) -> str:
     if form == 1:
         return f"{plural(c, noun)} in {cur} vs {p} {prev}"
     if form == 2:
-        return f"{noun} {rng.choice(_VERB_PAST[rel])} from {p} to {c} over {cur}"
+        return f"{noun} {rng.choice(VERB_PAST[rel])} from {p} to {c} over {cur}"
     if form == 3:
         return f"{plural(c, noun)} over {cur} against {p} {prev}"
     return f"{plural(c, noun)} in {cur} ({p} {prev})"
@@ -127,7 +107,7 @@ def _users_clause(f: _Facts, w: str, rng: random.Random) -> str:
     u = f.users[w]
     noun = rng.choice(USER_NOUNS)
     if u == 1:
-        return rng.choice(["from a single user", "all from one user", "from 1 distinct user", "by one person"])
+        return rng.choice(ONE_USER)
     return rng.choice([f"from {u} {noun}", f"by {u} {noun}", f"across {u} {noun}", f"{u} {noun}"])
 
 
@@ -136,7 +116,7 @@ def _why_clause(f: _Facts, w: str, outlook: str, noun: str, rng: random.Random) 
     c, p, cur = f.count[w], f.prev[w], rng.choice(current_phrases(w))
     if rng.random() < 0.5:
         return f"{plural(c, noun)} in {cur}, {rng.choice(_UPDOWN[outlook])} {p} {rng.choice(previous_phrases(w))}"
-    return f"{noun} {rng.choice(_VERB_PAST[outlook])} from {p} to {c} over {cur}"
+    return f"{noun} {rng.choice(VERB_PAST[outlook])} from {p} to {c} over {cur}"
 
 
 def _age_clause(f: _Facts, rng: random.Random) -> str:
@@ -222,21 +202,21 @@ def _assemble(shape: int, trend: str, extra: str, pick: str, rel: str, outlook: 
     if shape == 0:
         # "Likely to rise: 41 interactions in the last 7 days, up from 12 the week before; from 29 users."
         body = trend + ((", but " if pick == "why" else "; ") + extra if extra else "")
-        return f"{rng.choice(_OUTLOOK_LEADS[outlook])}: {body}."
+        return f"{rng.choice(OUTLOOK_LEADS[outlook])}: {body}."
     if shape == 1 and agrees:
         # "Demand is rising: ... . Expect more interactions next week."
         body = trend + (f", {extra}" if extra and pick == "users" else "")
         second = _cap(extra) + ". " if extra and pick != "users" else ""
-        return f"{rng.choice(_LEADS[rel])}: {body}. {second}{rng.choice(_OUTLOOK_SENTENCES[outlook]).format(noun=noun, h=hz)}"
+        return f"{rng.choice(LEADS[rel])}: {body}. {second}{rng.choice(OUTLOOK_SENTENCES[outlook]).format(noun=noun, h=hz)}"
     if shape == 2:
         # "41 interactions in the last 7 days vs 12 the week before, but likely to cool off next week."
         joint = ", and" if agrees else ", but"
         first = _cap(trend) + (f"; {extra}" if extra else "")
-        tail = rng.choice(_OUTLOOK_SENTENCES[outlook]).format(noun=noun, h=hz)
+        tail = rng.choice(OUTLOOK_SENTENCES[outlook]).format(noun=noun, h=hz)
         return f"{first}{joint} {tail[0].lower()}{tail[1:]}"
     # "Likely to fall next week. Interactions fell from 60 to 41 over the last 7 days; 6 in the last day."
     body = _cap(trend) + ((", but " if pick == "why" else ", ") + extra if extra else "")
-    return f"{rng.choice(_OUTLOOK_SENTENCES[outlook]).format(noun=noun, h=hz)} {body}."
+    return f"{rng.choice(OUTLOOK_SENTENCES[outlook]).format(noun=noun, h=hz)} {body}."
 
 
 # ---- negatives ---------------------------------------------------------------

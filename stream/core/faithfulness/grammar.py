@@ -40,6 +40,7 @@ OUTLOOKS = ("rise", "steady", "fall")
 # ---- the vocabulary of the training targets (trainer/explanations.py writes the same phrases) ----
 COUNT_NOUNS = ("interactions", "events")
 USER_NOUNS = ("users", "distinct users", "different users", "unique users", "people")
+ONE_USER = ("from a single user", "all from one user", "from 1 distinct user", "by one person")
 LEADS = {
     "rise": ("Rising", "Trending up", "Demand is rising", "Interest is growing", "Picking up", "On the rise",
              "Growing", "Demand is climbing"),
@@ -259,8 +260,7 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
         if users.get(w, 0) > 0:
             u = users[w]
             if u == 1:
-                extras.append(("users", Alt.of("from a single user", "all from one user", "from 1 distinct user",
-                                               "by one person")))
+                extras.append(("users", Alt.of(*ONE_USER)))
             else:
                 un = Alt.of(*(plural(u, n) for n in USER_NOUNS))
                 extras.append(("users", Alt.of(("from ", un), ("by ", un), ("across ", un), (un,))))
