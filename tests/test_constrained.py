@@ -244,10 +244,16 @@ def test_reason_metrics_count_movers_that_say_why():
              "Likely to fall: 29 events in the last 7 days, down from 34 the week before.",  # follows the trend
              "Likely to stay steady: 29 events in the last 7 days, down from 34 the week before."]
     m = reason_metrics(texts, [MOVER] * 4, ["Lunch bag"] * 4, 7)
-    assert m == {"against_trend": 2, "reason_share": 0.5, "reason_available": 2}
+    assert m == {"against_trend": 2, "reason_share": 0.5, "reason_available": 2, "level_available": 0}
     # a forecast of a rise after a fall with the 28d trend down too has no reason to give
     m = reason_metrics(texts[1:2], [dict(MOVER, prev_count_28d=120.0)], ["Lunch bag"], 7)
-    assert m == {"against_trend": 1, "reason_share": 0.0, "reason_available": 0}
+    assert m == {"against_trend": 1, "reason_share": 0.0, "reason_available": 0, "level_available": 0}
+    # a spike forecast to cool off, no window's trend backing it: its level does
+    from test_explanations import SPIKE
+    spiky = ["Likely to fall: 33 events in the last 7 days, up from 24 the week before, but already above its "
+             "28-day pace.", "Likely to fall: 33 events in the last 7 days, up from 24 the week before."]
+    m = reason_metrics(spiky, [SPIKE] * 2, ["Lunch bag"] * 2, 7)
+    assert m == {"against_trend": 2, "reason_share": 0.5, "reason_available": 2, "level_available": 2}
 
 
 def test_a_mover_with_a_reason_must_give_it():
@@ -259,6 +265,21 @@ def test_a_mover_with_a_reason_must_give_it():
     assert all(_cites_long_trend(g.sample(rng), MOVER) for _ in range(200))
     steady = claim_grammar(MOVER, 7, "steady")
     assert not any(_cites_long_trend(steady.sample(rng), MOVER) for _ in range(200))
+
+
+def test_a_spike_forecast_to_cool_off_must_say_it_is_above_its_pace():
+    """No window's trend backs a fall after a rise, but the week is well above its 28-day pace: every
+    sentence of the language says so; the same row forecast to rise, or a row near its pace, need not."""
+    from test_explanations import SPIKE
+
+    rng = random.Random(3)
+    level = lambda t, row: [c for c in check(t, row).claims if c.kind == "level"]  # noqa: E731
+    for _ in range(200):
+        text = claim_grammar(SPIKE, 7, "fall").sample(rng)
+        assert [(c.stated, c.ok) for c in level(text, SPIKE)] == [("above", True)], text
+    near = dict(SPIKE, count_28d=120.0, prev_count_28d=100.0)  # 33 against a pace of 30: within the band
+    for row, fc in ((SPIKE, "rise"), (SPIKE, "steady"), (near, "fall")):
+        assert not any(level(claim_grammar(row, 7, fc).sample(rng), row) for _ in range(100)), (row, fc)
 
 
 def test_a_count_without_users_is_not_told_from_0_users():

@@ -157,7 +157,7 @@ def test_negatives_are_always_caught():
                 assert edits and edits[-1][2] - edits[0][1] <= 3, (positive, text)
                 assert any(ch.isdigit() for w in b[edits[0][3] : edits[-1][4]] for ch in w), (positive, text)
             if kind == "direction":
-                assert any(c.kind in ("direction", "comparison") and not c.ok for c in r.claims), text
+                assert any(c.kind in ("direction", "comparison", "level") and not c.ok for c in r.claims), text
     assert kinds["number"] >= 0.95 * n
     assert kinds["other"] >= 0.7 * n
     assert kinds["direction"] >= 0.4 * n
@@ -199,6 +199,11 @@ MOVER = {"count_1d": 6.0, "prev_count_1d": 3.0, "users_1d": 6.0, "count_7d": 29.
          "users_7d": 25.0, "count_28d": 109.0, "prev_count_28d": 97.0, "users_28d": 87.0, "age_h": 5000.0}
 
 
+# up this week, up over 28 days, and well above the 28 days' weekly pace (33 vs 86 / 4)
+SPIKE = {"count_1d": 5.0, "prev_count_1d": 3.0, "users_1d": 4.0, "count_7d": 33.0, "prev_count_7d": 24.0,
+         "users_7d": 20.0, "count_28d": 86.0, "prev_count_28d": 70.0, "users_28d": 50.0, "age_h": 900.0}
+
+
 def _cites_long_trend(text: str, row) -> bool:
     return any(c.kind == "direction" and c.window == "28d" and c.ok for c in check(text, row).claims)
 
@@ -214,6 +219,18 @@ def test_a_mover_is_told_why():
     for row, fc in ((dict(MOVER, prev_count_7d=20.0), "fall"), (dict(MOVER, prev_count_28d=120.0), "rise")):
         assert not any(_cites_long_trend(target_explanation(row, 7, random.Random(s), outlook=fc), row)
                        for s in range(100))
+
+
+def test_a_spike_is_told_its_level():
+    """A fall forecast after a rise with no window's trend behind it: most targets say the week is above
+    its 28-day pace; flipping that word is caught by the checker."""
+    texts = [target_explanation(SPIKE, 7, random.Random(s), outlook="fall") for s in range(300)]
+    assert all(check(t, SPIKE).faithful for t in texts)
+    told = [t for t in texts if any(c.kind == "level" and c.ok for c in check(t, SPIKE).claims)]
+    assert 0.6 < len(told) / len(texts) < 0.95, len(told)
+    assert all(", but " in t and ("28-day" in t or "4-week" in t) for t in told)
+    kinds = dict(negative_explanations(SPIKE, told[0], random.Random(0), horizon_days=7))
+    assert "below its" in kinds["direction"] and not check(kinds["direction"], SPIKE).faithful
 
 
 def test_why_targets_fit_the_token_budget(smollm2_tokenizer):

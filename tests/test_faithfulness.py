@@ -253,3 +253,30 @@ def test_a_short_title_blanks_whole_words_only(title):
     r = check(text, row, title=title)
     assert r.faithful and r.outlook == "rise", [(c.text, c.reason) for c in r.claims if not c.ok]
     assert [c.kind for c in r.claims] == [c.kind for c in check(text, row).claims]
+
+
+def test_a_level_against_a_longer_windows_pace():
+    """"above its 28-day pace": the window in force against the 28 days' count scaled to its length."""
+    row = {"count_1d": 5.0, "prev_count_1d": 3.0, "count_7d": 33.0, "prev_count_7d": 24.0, "users_7d": 20.0,
+           "count_28d": 86.0, "prev_count_28d": 70.0, "age_h": 900.0}  # 7d pace of the 28 days: 21.5
+
+    def level(text):
+        r = check(text, row)
+        return [(c.window, c.stated, c.true, c.ok) for c in r.claims if c.kind == "level"], r.faithful
+
+    assert level("33 events in the last 7 days, up from 24 the week before, but already above its 28-day pace.") \
+        == ([("7d", "above", "above", True)], True)
+    assert level("Interactions rose from 24 to 33 over the last 7 days, but well above its 4-week average.")[1]
+    assert level("33 events in the last 7 days, below its four-week pace.") == ([("7d", "below", "above", False)], False)
+    assert level("33 events in the last 7 days, not above its 28-day pace.")[1] is False
+    assert level("5 events in the last day, above its 7-day pace.") == ([("1d", "above", "above", True)], True)
+    # a window the signals lack, or one no shorter than the window in force: not checkable, so false
+    assert level("33 events in the last 7 days, above its 3-day pace.")[1] is False
+    assert level("86 events in the last 28 days, above its 7-day pace.")[1] is False
+    # "above" as a hedge on a number is still a hedge; a forecast clause is not a claim about the signals
+    assert check("Above 30 events in the last 7 days.", row).faithful
+    assert level("33 events in the last 7 days; likely to stay above its 28-day pace next week.") == ([], True)
+    from stream.core.faithfulness import repair
+
+    fixed = repair("33 events in the last 7 days, but still below its 28-day pace.", row)
+    assert fixed.text == "33 events in the last 7 days, but still above its 28-day pace." and fixed.faithful

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from stream.core import decoding
 from stream.core.faithfulness import Repair, check, repair
-from stream.core.faithfulness.grammar import claim_grammar, why_window
+from stream.core.faithfulness.grammar import claim_grammar, level_reason, why_window
 from stream.core.forecast import outlook, pace
 from stream.core.prompts import direction, main_window, signal_windows
 from trainer.inference import prompts_of
@@ -126,10 +126,12 @@ def forecast_metrics(texts: list[str], signals: list[dict[str, float]], titles: 
 
 def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str], horizon_days: float) -> dict:
     """Does a mover's text say why it is predicted to move? Over the texts whose stated forecast goes against
-    the main window's trend (`against_trend`): `reason_share`, the share that cite a true trend of another
-    window pointing the forecast's way ("..., down from 34 the week before, but 109 in the last 28 days, up
-    from 97"); `reason_available`, how many of them have such a window at all (`why_window`)."""
-    against = cited = available = 0
+    the main window's trend (`against_trend`): `reason_share`, the share that give a true reason pointing the
+    forecast's way: another window's trend ("..., down from 34 the week before, but 109 in the last 28 days,
+    up from 97") or the main count's level against the longest window's pace ("..., but already above its
+    28-day pace"); `reason_available`, how many of them have such a reason at all (`why_window`,
+    `level_reason`), of which `level_available` by the level alone."""
+    against = cited = available = by_level = 0
     for t, s, ti in zip(texts, signals, titles):
         r = check(t, s, title=ti)
         windows = signal_windows(s)
@@ -139,11 +141,17 @@ def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: li
         if r.outlook in (None, "steady") or main not in p or r.outlook == direction(c[main], p[main]):
             continue
         against += 1
-        available += why_window(c, p, main, windows[-1] if len(windows) > 1 else None, r.outlook) is not None
-        cited += any(k.kind == "direction" and k.ok and k.window not in (None, main)
-                     and k.window in p and direction(c[k.window], p[k.window]) == r.outlook for k in r.claims)
+        long = windows[-1] if len(windows) > 1 else None
+        trend = why_window(c, p, main, long, r.outlook) is not None
+        level = not trend and level_reason(c, p, main, long, r.outlook) is not None
+        available += trend or level
+        by_level += level
+        backs = {"rise": "below", "fall": "above"}[r.outlook]
+        cited += any((k.kind == "direction" and k.ok and k.window not in (None, main) and k.window in p
+                      and direction(c[k.window], p[k.window]) == r.outlook)
+                     or (k.kind == "level" and k.ok and k.stated == backs) for k in r.claims)
     return {"against_trend": against, "reason_share": cited / against if against else None,
-            "reason_available": available}
+            "reason_available": available, "level_available": by_level}
 
 
 def repair_metrics(repairs: list[Repair]) -> dict:

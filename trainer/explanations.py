@@ -26,8 +26,9 @@ from stream.core.faithfulness import check, window_spans
 # one vocabulary: the targets draw from the claim grammar's phrase banks, so what the model
 # practises is what constrained decoding lets it write
 from stream.core.faithfulness.grammar import (COUNT_NOUNS, LEADS, ONE_USER, OUTLOOK_LEADS, OUTLOOK_SENTENCES,
-                                              OUTLOOKS, UPDOWN, USER_NOUNS, VERB_PAST, current_phrases, direction,
-                                              horizon_phrases, plural, previous_phrases, why_window)
+                                              LEVEL_PHRASES, OUTLOOKS, UPDOWN, USER_NOUNS, VERB_PAST, current_phrases,
+                                              direction, horizon_phrases, length_phrases, level_reason, plural,
+                                              previous_phrases, why_window)
 from stream.core.prompts import detailed_windows, main_window, signal_windows
 
 # ~40 SmolLM2 tokens (numbers cost a token per digit): a longer draft drops its second fact
@@ -119,6 +120,11 @@ def _why_clause(f: _Facts, w: str, outlook: str, noun: str, rng: random.Random) 
     return f"{noun} {rng.choice(VERB_PAST[outlook])} from {p} to {c} over {cur}"
 
 
+def _level_clause(f: _Facts, level: str, rng: random.Random) -> str:
+    """The main count against the longest window's pace: "already above its 28-day pace"."""
+    return rng.choice(LEVEL_PHRASES[level]).format(rng.choice(length_phrases(f.long)))
+
+
 def _age_clause(f: _Facts, rng: random.Random) -> str:
     if f.age_h < 48:
         return rng.choice([f"first seen {plural(f.age_h, 'hours')} ago", f"only {plural(f.age_h, 'hours')} old"])
@@ -166,6 +172,11 @@ def target_explanation(signals: Mapping[str, float], horizon_days: int, rng,
                              outlook, noun, rng.choice(horizon_phrases(horizon_days)), rng)
             if len(text) <= MAX_WHY_CHARS:
                 return text
+    level = None if why else level_reason(f.count, f.prev, w, f.long, outlook)
+    if level and rng.random() < WHY_SHARE:  # no trend backs the mover, its level does
+        text = _assemble(rng.choice((0, 3)), trend, _level_clause(f, level, rng), "why", rel, outlook, noun, hz, rng)
+        if len(text) <= MAX_WHY_CHARS:
+            return text
     # optional second fact: users of the main window, the shortest window's pulse, the longest window, the age
     extras = []
     if f.users.get(w, 0) > 0:  # as the grammar: no "from 0 users" for events without a user id
@@ -235,6 +246,9 @@ _FLIP = {
 
 
 def _flip_word(word: str) -> str | None:
+    level = re.match(r"(.*?)\b(above|below)\b(.*)", word, re.S)
+    if level and (" pace" in word or " average" in word):  # a level claim, "already above its 28-day pace"
+        return f"{level.group(1)}{'below' if level.group(2) == 'above' else 'above'}{level.group(3)}"
     flipped = _FLIP.get(word.lower())
     if flipped is None:
         return None
@@ -276,7 +290,7 @@ def negative_explanations(signals: Mapping[str, float], positive: str, rng,
             out.append((kind, text))
 
     # flipped direction: every checked direction/comparison word, so the story is consistently wrong
-    flips = [c for c in result.claims if c.kind in ("direction", "comparison") and _flip_word(c.text)]
+    flips = [c for c in result.claims if c.kind in ("direction", "comparison", "level") and _flip_word(c.text)]
     if flips:
         text = positive
         for c in sorted(flips, key=lambda c: -c.start):

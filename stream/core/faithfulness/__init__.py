@@ -16,6 +16,8 @@ counts as unfaithful are documented in docs/explanations.md; in short:
   distinct customers", "7 days old"), from the word before it ("from 12" is the
   previous window, "up by 29" a change, "to 41" the current window), or, with
   neither, from the sentence's previous number (default: the event count).
+- A level ("above its 28-day pace") holds the window in force against the named
+  longer window's count scaled to its length (28 days' 86 is a 7-day pace of 21.5).
 - Every claim is checked: integers exactly, hedged numbers ("about 40") within
   10%, ratios within 10%, percentages within max(1 point, 5%), ages within one
   unit. A number that cannot be tied to a signal (no window, an unknown noun, a

@@ -12,7 +12,7 @@ from stream.core.faithfulness.vocabulary import (COUNT_NOUNS, UNIT, USER_NOUNS, 
     _DOWN_WORDS, _FORECAST, _FUNCTION_WORDS, _I, _MARK_CHANGE, _MARK_CUR, _MARK_PREV, _OUTLOOK_OF, _OUTLOOK_WORD,
     _UNIT_HOURS, _UP_WORDS, _WORD)
 from stream.core.faithfulness.parse import _Clause, _Item, _Parser, _trailing_qualifier
-from stream.core.prompts import main_window, short_title, signal_windows
+from stream.core.prompts import main_window, short_title, signal_windows, window_hours
 
 
 # ---- results ---------------------------------------------------------------
@@ -25,10 +25,10 @@ class Claim:
     text: str  # the explanation's characters that make the claim
     start: int
     end: int
-    kind: str  # "number" | "direction" | "comparison"
+    kind: str  # "number" | "direction" | "comparison" | "level"
     measure: str | None  # count, prev_count, users, change, ratio, percent, age, idle, total; None if unknown
     window: str | None  # the signals' window name ("7d"); None for age/idle/total or when unattributed
-    stated: float | str  # the number, or the direction ("rise", "not fall", "steady" ...)
+    stated: float | str  # the number, the direction ("rise", "not fall", "steady" ...) or the level ("above", "not below")
     true: float | str | None  # what the signals say; None when the claim could not be tied to a signal
     ok: bool
     reason: str = ""  # why a claim is false
@@ -154,6 +154,8 @@ class _Checker:
                         self._simple(it, "total", "total_count", it.data["n"], it.data["q"])
                 elif it.kind in ("ratio", "percent"):
                     self._ratio(it, c, near, its)
+                elif it.kind == "level":
+                    self._level(it, c)
                 elif it.kind == "number":
                     self._count_number(it, c, near, its, last_measure)
 
@@ -194,6 +196,30 @@ class _Checker:
             return
         self.add(it, kind, "count", window, stated, _true_direction(cur, prev), _direction_ok(rel, neg, cur, prev),
                  "" if _direction_ok(rel, neg, cur, prev) else f"{cur:g} vs {prev:g} before")
+
+    def _level(self, it: _Item, c: _Clause) -> None:
+        """"above its 28-day pace": the count of the window in force against the named longer
+        window's count scaled to its length (stream.core.faithfulness.grammar.level_reason)."""
+        rel, neg, long = it.data["rel"], it.data["neg"], it.data["w"]
+        stated = ("not " if neg else "") + rel
+        if c.forecast:
+            return  # "likely to stay above its 28-day pace": about the future, not a signal
+        main = c.window or self.default_window
+        if long == "?":
+            self.unattributed(it, "level", "count", None, stated, "a window the signals do not have")
+            return
+        if main == "?" or window_hours(main) >= window_hours(long):
+            self.unattributed(it, "level", "count", main, stated, f"no shorter window to hold against the {long} pace")
+            return
+        cur, total = self.sig(f"count_{main}"), self.sig(f"count_{long}")
+        if cur is None or total is None:
+            self.unattributed(it, "level", "count", main, stated, f"no count_{main} / count_{long} signal")
+            return
+        pace = total * window_hours(main) / window_hours(long)
+        true = "above" if cur > pace else "below" if cur < pace else "at"
+        ok = (true == rel) != neg
+        self.add(it, "level", "count", main, stated, true, ok,
+                 "" if ok else f"{cur:g} in {main} against a {long} pace of {pace:.3g}")
 
     def _simple(self, it: _Item, measure: str, signal: str, stated: float, q: str) -> None:
         true = self.sig(signal)

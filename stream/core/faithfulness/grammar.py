@@ -18,7 +18,9 @@ The model still chooses: which of the four sentence shapes, which lead and verb,
 window phrase, which noun, which second fact (users, the shortest window, the longest
 window with or without its previous count, the age, or none). A mover whose forecast goes
 against the main window's trend while the longer window's trend points the forecast's way
-(`why_window`) must say so: "..., but" that trend, in shape 0 or 3. The grammar is written as
+(`why_window`) must say so: "..., but" that trend, in shape 0 or 3; with no such window, a
+mover whose main count is clearly off the longest window's pace the forecast's way
+(`level_reason`) must say that: "..., but already above its 28-day pace". The grammar is written as
 Lark for llguidance (`lark()`), which turns it into per-step token masks in the stream
 (numpy, stream.serving.onnx_models) and in the trainer (a transformers LogitsProcessor);
 `sample()` draws random sentences of the same language, so tests can check that
@@ -33,6 +35,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from stream.core.forecast import outlook
 from stream.core.prompts import detailed_windows, direction, main_window, signal_windows, window_hours
 
 OUTLOOKS = ("rise", "steady", "fall")
@@ -73,6 +76,32 @@ def why_window(count: Mapping[str, int], prev: Mapping[str, int], main: str, lon
     if long is None or long == main or forecast == "steady" or forecast == direction(count[main], prev[main]):
         return None
     return long if direction(count[long], prev[long]) == forecast else None
+
+
+def level_reason(count: Mapping[str, int], prev: Mapping[str, int], main: str, long: str | None,
+                 forecast: str) -> str | None:
+    """"above" / "below" when a forecast against the main window's trend is backed by the main
+    count's level: clearly (`outlook`'s steady band) above the longest window's pace, scaled to the
+    main window's length, for a fall; below it for a rise ("33 in the last 7 days, up from 24,
+    but already above its 28-day pace": a spike cools off). None otherwise. The checker verifies
+    the words ("above its 28-day pace") without the band."""
+    if long is None or long == main or forecast == "steady" or forecast == direction(count[main], prev[main]):
+        return None
+    level = outlook(count[main], count[long] * window_hours(main) / window_hours(long))
+    return {("rise", "fall"): "above", ("fall", "rise"): "below"}.get((level, forecast))
+
+
+def length_phrases(window: str) -> tuple[str, ...]:
+    """A window's length as an adjective: 28d -> "28-day", "4-week"; 6h -> "6-hour"."""
+    hours = window_hours(window)
+    if hours % 24:
+        return (f"{hours:g}-hour",)
+    days = int(hours // 24)
+    return (f"{days}-day",) + ((f"{days // 7}-week",) if days % 7 == 0 and days > 7 else ())
+
+
+LEVEL_PHRASES = {"above": ("already above its {} pace", "well above its {} average"),
+                 "below": ("still below its {} pace", "well below its {} average")}
 
 
 def _unit_phrase(hours: float) -> tuple[int, str]:
@@ -226,6 +255,7 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
     rel = direction(c, p)
     agrees = forecast == rel
     why = why_window(count, prev, w, long, forecast)
+    level = None if why else level_reason(count, prev, w, long, forecast)
     cur, prv = Alt.of(*current_phrases(w)), Alt.of(*previous_phrases(w))
     hz = Alt.of(*horizon_phrases(hd))
 
@@ -289,6 +319,11 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
                              (f"{noun} ", Alt.of(*VERB_PAST[forecast]), f" from {pw} to {cw} over ", cur_w))
             return Alt.of((Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, ", but ", because, "."),
                           (sentences, " ", cap(trend), ", but ", because, "."))
+        if level:
+            # no window's trend backs the forecast, the level does (trainer.explanations._level_clause)
+            because = Alt.of(*(p.format(n) for p in LEVEL_PHRASES[level] for n in length_phrases(long)))
+            return Alt.of((Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, ", but ", because, "."),
+                          (sentences, " ", cap(trend), ", but ", because, "."))
         shapes = [
             # 0: "Likely to rise: 41 interactions in the last 7 days, up from 12 the week before; from 29 users."
             (Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, opt("; ", extra), "."),
@@ -314,4 +349,4 @@ def _split(template: str, hz: Alt) -> list:
     return [head, hz, tail] if _ else [template]
 
 
-__all__ = ["ClaimGrammar", "claim_grammar", "why_window", "OUTLOOKS", "current_phrases", "previous_phrases", "horizon_phrases"]
+__all__ = ["ClaimGrammar", "claim_grammar", "why_window", "level_reason", "OUTLOOKS", "current_phrases", "previous_phrases", "horizon_phrases"]

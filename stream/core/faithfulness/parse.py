@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 
 from stream.core.faithfulness.vocabulary import (_AGAINST, _AGE, _CLAUSE_SPLIT, _COMPARE, _CUR_WINDOWS,
-    _DIRECTION_MAX_WORDS, _DIRECTION_OF, _FUTURE, _FUTURE_GATE, _IDLE, _LETTERS, _NEGATION, _NOUN_AFTER, _NUMBER,
+    _DIRECTION_MAX_WORDS, _DIRECTION_OF, _FUTURE, _FUTURE_GATE, _IDLE, _LETTERS, _LEVEL, _NEGATION, _NOUN_AFTER, _NUMBER,
     _NUMBER_WORDS, _PERCENT, _PREV_WINDOWS, _QUALIFIERS, _RATIO_ADJ, _RATIO_TIMES, _RATIO_WORD, _SENTENCE_END, _TOTAL,
     _TOTAL_GATE, _TRAILING_QUALIFIER, _UNIT_HOURS)
 from stream.core.prompts import window_hours
@@ -21,7 +21,7 @@ from stream.core.prompts import window_hours
 class _Item:
     start: int
     end: int
-    kind: str  # window, number, ratio, percent, age, idle, total, direction, comparison, future
+    kind: str  # window, number, ratio, percent, age, idle, total, direction, comparison, future, level
     data: dict
     clause: int = -1
 
@@ -123,6 +123,9 @@ class _Parser:
         self.lower = t.lower()
         for m in self._scan(_FUTURE, _FUTURE_GATE):
             self._take(m, "future", {})
+        for m in self._scan(_LEVEL, ("above", "below")):
+            self._take(m, "level", {"rel": m.group("rel").lower(), "w": self.window_for(m.group("n"), m.group("u")),
+                                    "neg": bool(_NEGATION.search(t, max(0, m.start() - 20), m.start()))})
         for kind, patterns in (("age", _AGE), ("idle", _IDLE)):
             for p, gate in patterns:
                 for m in self._scan(p, gate):

@@ -164,6 +164,9 @@ class _Repairer:
             return self._fix_relative(c)
         if c.kind == "number":
             return self._fix_number(c)
+        if c.kind == "level" and c.true in ("above", "below") and not str(c.stated).startswith("not "):
+            # "below its 28-day pace" -> "above its 28-day pace" (a count at its pace exactly is dropped)
+            return c.start, c.end, re.sub(r"\b(above|below)\b", c.true, c.text, count=1, flags=_I), "direction"
         return None
 
     def _fix_direction(self, c: Claim) -> tuple[int, int, str, str] | None:

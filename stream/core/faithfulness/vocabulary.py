@@ -116,6 +116,12 @@ _CUR_WINDOWS = [
 ]
 # A current-window phrase right after one of these names the window compared against:
 # "more than last week", "up from the last 7 days" -> the previous window.
+# the level of a window's count against a longer window's pace, "above its 28-day pace" (the
+# longer window's count scaled to the shorter one's length): taken whole, so its window phrase
+# does not become the clause's window
+_LEVEL = re.compile(
+    rf"\b(?P<rel>above|below)\s+(?:its|the)\s+(?:usual\s+)?(?:(?P<n>{NUM}|{NUMW})[-\s])?(?P<u>{UNIT})\s+"
+    r"(?:average\s+)?(?:pace|average|rate|norm)\b", _I)
 _AGAINST = re.compile(r"(?:\bthan|\bfrom|\bvs\.?|\bversus|\bcompared\s+(?:to|with)|\bagainst)\s*$", _I)
 
 _COMPARE = re.compile(
