@@ -155,6 +155,7 @@ def test_explainer_batches_and_constrains(onnx_parts, real_rows):
     for r, p in zip(published, preds):
         assert r.faithful and not r.repaired and r.raw_explanation == r.explanation
         assert r.forecast == outlook(p.predicted_count, pace(p.signals, 7)) and r.forecast_agrees
+        assert r.decoding.endswith(", claim grammar"), r.decoding  # the record says the system fixed the claims
 
 
 # ---- torch side (the shipped adapter) ------------------------------------------------------------

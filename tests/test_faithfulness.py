@@ -255,6 +255,16 @@ def test_a_short_title_blanks_whole_words_only(title):
     assert [c.kind for c in r.claims] == [c.kind for c in check(text, row).claims]
 
 
+def test_a_title_without_letters_is_no_mask():
+    """An item id standing in for a title ("21", "7") is a number in the text and stays checked: masked,
+    a wrong "21" would pass unchecked."""
+    text = "Likely to rise: 29 events in the last 7 days, up from 21 the week before."
+    row = dict(S, count_7d=29.0, prev_count_7d=21.0)
+    for title in ("21", "7", "29"):
+        assert len(check(text, row, title=title).claims) == len(check(text, row).claims), title
+    assert not check(text, dict(row, prev_count_7d=20.0), title="21").faithful
+
+
 def test_a_level_against_a_longer_windows_pace():
     """"above its 28-day pace": the window in force against the 28 days' count scaled to its length."""
     row = {"count_1d": 5.0, "prev_count_1d": 3.0, "count_7d": 33.0, "prev_count_7d": 24.0, "users_7d": 20.0,

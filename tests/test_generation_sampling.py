@@ -273,11 +273,11 @@ def test_explainer_seeds_per_mover_and_says_how_it_decoded():
     want = [decoding.explanation_seed("v-test", m.prediction.item_id, TICK) for m in movers]
     assert tick_ms(movers[0].prediction.tick) == TICK
     assert calls[-1] == {"temperature": 0.7, "top_p": 0.9, "seeds": want}
-    assert [r.decoding for r in records] == [f"sampled t=0.7 p=0.9 seed={s}" for s in want]
+    assert [r.decoding for r in records] == [f"sampled t=0.7 p=0.9 seed={s}, unconstrained" for s in want]
     assert Explanation.from_json(records[0].to_json()) == records[0]
     # greedy: the old call, no sampling arguments (callables without them still work)
     ex0 = Explainer(None, WordTokenizer(), "v-test", 16, _nothing, generate_batch=generate_batch, temperature=0)
-    assert [r.decoding for r, _ in ex0.explain_batch(movers)] == ["greedy"] * 4 and calls[-1] == {}
+    assert [r.decoding for r, _ in ex0.explain_batch(movers)] == ["greedy, unconstrained"] * 4 and calls[-1] == {}
     # the seed rule: model version, item, tick only
     assert len(set(want)) == 4
     assert decoding.explanation_seed("v-test", "item0", TICK + 1) != want[0]

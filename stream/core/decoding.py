@@ -42,12 +42,16 @@ def sampled(temperature: float) -> bool:
     return temperature > 0
 
 
-def describe(temperature: float, top_p: float, seed: int | None = None) -> str:
-    """What a record says about its decoding: "greedy", or "sampled t=0.7 p=0.9 seed=123"."""
+def describe(temperature: float, top_p: float, seed: int | None = None, grammar: bool | None = None) -> str:
+    """What a record says about its decoding: "greedy", or "sampled t=0.7 p=0.9 seed=123", then whether
+    the text was held to the claim grammar (", claim grammar": its numbers, directions, forecast clause
+    and a mover's reason fixed by the system, not chosen by the model) or not (", unconstrained").
+    `grammar` None: not known to the caller, not said."""
     if not sampled(temperature):
-        return "greedy"
-    text = f"sampled t={temperature:g} p={top_p:g}"
-    return text if seed is None else f"{text} seed={seed}"
+        text = "greedy"
+    else:
+        text = f"sampled t={temperature:g} p={top_p:g}" + ("" if seed is None else f" seed={seed}")
+    return text if grammar is None else text + (", claim grammar" if grammar else ", unconstrained")
 
 
 def settings(temperature: float, top_p: float) -> dict:

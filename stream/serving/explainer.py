@@ -28,7 +28,8 @@ TRAIL_EXPLAIN_TEMPERATURE / TRAIL_EXPLAIN_TOP_P; 0 is greedy), which keeps the t
 they stop collapsing into one template. Each mover has its own seed,
 `stream.core.decoding.explanation_seed(model_version, item_id, tick in ms)`, so a replayed tick
 gives the same texts whatever shares its batch; the record's `decoding` says how it was decoded
-("greedy" or "sampled t=1.0 p=0.95 seed=...").
+("greedy" or "sampled t=1.0 p=0.95 seed=...") and whether the claim grammar held it (", claim
+grammar"; ", unconstrained" when none is set or one could not be built for the batch).
 
 Each explanation is verified and revised against the signals it was generated from
 (`stream.core.faithfulness.repair`: wrong numbers and directions are corrected, a clause with a
@@ -192,10 +193,10 @@ class Explainer:
         if decoding.sampled(self.temperature):
             seeds = [self.seed_of(m.prediction) for m in movers]
             new = self.generate_batch(ids, limit, guide, temperature=self.temperature, top_p=self.top_p, seeds=seeds)
-            how = [decoding.describe(self.temperature, self.top_p, s) for s in seeds]
+            how = [decoding.describe(self.temperature, self.top_p, s, grammar=guide is not None) for s in seeds]
         else:
             new = self.generate_batch(ids, limit, guide)
-            how = ["greedy"] * len(movers)
+            how = [decoding.describe(0, 0, grammar=guide is not None)] * len(movers)
         self.stats.batches += 1
         if guide is not None:
             self.stats.constrained += len(movers)

@@ -415,6 +415,8 @@ def check(explanation: str, signals: Mapping[str, float], *, default_window: str
     parser = _Parser(explanation, windows)
     if isinstance(title, str) and title.strip():
         for form in {title.strip(), short_title(title).rstrip("…")}:
+            if not re.search(r"[^\W\d_]", form):
+                continue  # a title without a letter ("22077", an item id standing in for one) is only a number here
             # whole words only, and a one-word title as written: "A" is not the a in "last", the film "Up"
             # not the direction in "up from" (a longer title is matched in any case)
             flags = _I if " " in form or len(form) > 5 else 0
