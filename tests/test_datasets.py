@@ -229,6 +229,30 @@ def test_generic_loader_with_item_table(tmp_path):
     assert ds.name == "e" and len(ds.items) == 3 and ds.horizon_days == D.GENERIC_HORIZON_DAYS
 
 
+def test_generic_loader_reads_columns_by_their_common_names(tmp_path):
+    """"StockCode, Customer ID, InvoiceDate" or RecBole's "item_id:token" are our columns; the mapping is
+    by name (case, spaces, a ":type" suffix ignored), leading zeros survive, and a name two columns could
+    be is left alone."""
+    path = tmp_path / "sales.csv"
+    path.write_text("InvoiceDate,StockCode,Customer ID,Quantity\n2011-03-13T07:06:40Z,007,12,3\n"
+                    "2011-03-13T07:07:40Z,85123A,,1\n")
+    events, _ = load_events(path)
+    assert events["item_id"].tolist() == ["007", "85123A"] and events["user_id"].tolist() == ["12", None]
+    assert events["ts"].tolist() == [1_300_000_000_000, 1_300_000_060_000]
+    assert events["weight"].tolist() == [1.0, 1.0]  # a quantity is not taken as the weight
+    inter = tmp_path / "log.inter"
+    inter.write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t242\t3\t881250949\n")
+    item = tmp_path / "log.item"
+    item.write_text("item_id:token\tmovie_title:token_seq\tclass:token_seq\n242\tKolya\tComedy\n")
+    events, items = load_events(inter, item)
+    assert events["item_id"].tolist() == ["242"] and events["ts"].tolist() == [881_250_949_000]
+    assert items.set_index("item_id").loc["242", "title"] == "Kolya"
+    both = tmp_path / "both.csv"
+    both.write_text("item_id,date,timestamp\na,2011-03-13,1300000000\n")
+    with pytest.raises(DatasetError, match=r"missing column\(s\) \['ts'\].*ts: timestamp"):
+        load_events(both)
+
+
 @pytest.mark.parametrize("content,match", [
     ("user_id,ts\nu,1\n", r"missing column\(s\) \['item_id'\]"),
     ("item_id,user_id\na,u\n", r"missing column\(s\) \['ts'\]"),

@@ -39,6 +39,23 @@ EVENT_TYPES = ("view", "click", "cart", "purchase", "rating")  # as stream.core.
 EVENT_COLUMNS = ["item_id", "user_id", "ts", "event_type", "weight"]
 ITEM_COLUMNS = ["item_id", "title", "category", "price", "description"]
 
+# Other names logs give these columns (compared lower-case, spaces and dashes as "_", a RecBole
+# ":type" suffix dropped). A missing column is taken from its alias when exactly one column of
+# the file is one; the mapping is logged. "rating" or "quantity" are not taken as `weight`: what
+# a weight means is the user's call.
+EVENT_ALIASES = {
+    "item_id": ("item", "itemid", "product_id", "productid", "product", "sku", "stockcode", "stock_code",
+                "movie_id", "movieid", "article_id", "asin"),
+    "user_id": ("user", "userid", "customer_id", "customerid", "customer", "visitor_id", "visitorid", "client_id"),
+    "ts": ("timestamp", "time", "event_time", "datetime", "date", "invoicedate", "created_at"),
+    "event_type": ("event", "action"),
+}
+ITEM_ALIASES = {
+    "item_id": EVENT_ALIASES["item_id"],
+    "title": ("name", "item_name", "product_name", "movie_title"),
+    "category": ("genre", "genres", "class", "item_category"),
+}
+
 # Bump when a rule below changes: cached frames of older versions are then ignored.
 LOADER_VERSION = 1
 
@@ -208,26 +225,60 @@ def _format_of(path: Path) -> str:
                       ("jsonl", (".jsonl", ".ndjson", ".json"))):
         if ext in exts:
             return fmt
+    if ext in (".inter", ".item"):  # RecBole atomic files: tab-separated, "name:type" headers
+        return "tsv"
     raise DatasetError(f"{path}: unknown format {ext or '(no extension)'!r}; "
                        "use .csv, .tsv, .parquet or .jsonl (optionally .gz/.xz/.bz2/.zst)")
 
 
-def read_table(path: str | Path, text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
-    """Read CSV/TSV/Parquet/JSONL; `text_columns` are read as text where the format allows."""
+def _alias_key(column: str) -> str:
+    key = str(column).strip().lower()
+    key = key.rsplit(":", 1)[0] if ":" in key else key  # RecBole's "item_id:token"
+    return key.replace(" ", "_").replace("-", "_")
+
+
+def column_mapping(columns, aliases: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """{file column: our name} for each of our names the file lacks as such, where exactly one of its
+    columns is that name or an alias of it; ambiguous or absent names are left to the caller's error."""
+    present = {str(c) for c in columns}
+    mapping: dict[str, str] = {}
+    for name, names in aliases.items():
+        if name in present:
+            continue
+        found = [c for c in present if c not in mapping and _alias_key(c) in (name, *names)]
+        if len(found) == 1:
+            mapping[found[0]] = name
+    return mapping
+
+
+def read_table(path: str | Path, text_columns: tuple[str, ...] = (),
+               aliases: dict[str, tuple[str, ...]] | None = None) -> pd.DataFrame:
+    """Read CSV/TSV/Parquet/JSONL; `text_columns` are read as text where the format allows. With
+    `aliases`, columns known by another name are renamed to ours (`column_mapping`) and logged."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file")
     fmt = _format_of(path)
+    mapping: dict[str, str] = {}
     try:
         if fmt in ("csv", "tsv"):
-            head = pd.read_csv(path, sep="," if fmt == "csv" else "\t", nrows=0)
-            dtype = {c: str for c in text_columns if c in head.columns}
-            return pd.read_csv(path, sep="," if fmt == "csv" else "\t", dtype=dtype)
-        if fmt == "parquet":
-            return pd.read_parquet(path)
-        return pd.read_json(path, lines=True, dtype=False)
+            sep = "," if fmt == "csv" else "\t"
+            head = pd.read_csv(path, sep=sep, nrows=0)
+            mapping = column_mapping(head.columns, aliases or {})
+            ours = {mapping.get(c, c): c for c in head.columns}
+            dtype = {ours[c]: str for c in text_columns if c in ours}
+            frame = pd.read_csv(path, sep=sep, dtype=dtype)
+        elif fmt == "parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_json(path, lines=True, dtype=False)
     except (ValueError, OSError, pd.errors.ParserError) as e:
         raise DatasetError(f"{path}: cannot read as {fmt}: {e}") from None
+    mapping = mapping or column_mapping(frame.columns, aliases or {})
+    if mapping:
+        log.info("datasets.columns_mapped", path=str(path), mapping=mapping)
+        frame = frame.rename(columns=mapping)
+    return frame
 
 
 def load_events(path: str | Path, items_path: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -237,11 +288,13 @@ def load_events(path: str | Path, items_path: str | Path | None = None) -> tuple
     The item table (item_id, and optionally title, category, price, description) is read
     from `items_path`; without one, each item's title is its id.
     """
-    raw = read_table(path, text_columns=("item_id", "user_id", "event_type"))
+    raw = read_table(path, text_columns=("item_id", "user_id", "event_type"), aliases=EVENT_ALIASES)
     missing = [c for c in ("item_id", "ts") if c not in raw.columns]
     if missing:
+        known = "; ".join(f"{c}: {', '.join(EVENT_ALIASES[c])}" for c in missing)
         raise DatasetError(f"{path}: missing column(s) {missing}; an event log needs item_id and ts "
-                           f"(user_id, event_type, weight optional); found {list(raw.columns)}")
+                           f"(user_id, event_type, weight optional); found {list(raw.columns)}. Also read "
+                           f"as such, when exactly one column has the name: {known}")
     raw = raw.copy()
     raw["ts"] = ts_to_ms(raw["ts"])
     try:
@@ -250,7 +303,7 @@ def load_events(path: str | Path, items_path: str | Path | None = None) -> tuple
         raise DatasetError(f"{path}: {e}") from None
     if items_path is None:
         return events, items_from_events(events)
-    items = read_table(items_path, text_columns=("item_id", "title", "category", "description"))
+    items = read_table(items_path, text_columns=("item_id", "title", "category", "description"), aliases=ITEM_ALIASES)
     try:
         items = finish_items(items)
     except DatasetError as e:
