@@ -165,3 +165,24 @@ def test_the_record_says_what_happened(artefact, decoded, predicted, want):
     assert (record.explanation, record.repaired, record.forecast, record.forecast_agrees) == want
     assert record.raw_explanation == tok.decode(ids) and record.faithful
     assert Explanation.from_json(record.to_json()) == record
+
+
+@pytest.mark.parametrize("decoded,reason", [
+    (" Likely to fall: 33 events in the last 7 days, up from 24 the week before, but already above its 28-day pace.",
+     "level"),
+    (" Likely to fall: 33 events in the last 7 days, up from 24 the week before.", None),
+    # a rise after a rise follows the trend: no reason is due
+    (" Likely to rise: 33 events in the last 7 days, up from 24 the week before.", None),
+])
+def test_the_record_says_which_reason_a_mover_was_given(artefact, decoded, reason):
+    tok = artefact.tokenizer()
+    ids = tok.ids([decoded])[0][1:] + [tok.end_id]
+
+    async def publish(records: list[Explanation]) -> None: ...
+
+    spike = signals(33, 24) | {"count_28d": 86.0, "prev_count_28d": 70.0}  # 33 a week against a pace of 21.5
+    p = Prediction("a", TICK, 1.0, 12.0, 1, spike, "v-test")
+    ex = Explainer(lambda prompt, limit: ids, tok, "v-test", 48, publish, horizon_days=7)
+    record, _ = ex.explain_one(Mover(p, render_prompt("Item", None, p.signals, 7), "Item"))
+    assert record.faithful and record.reason == reason
+    assert Explanation.from_json(record.to_json()).reason == reason

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from stream.core import decoding
-from stream.core.records import Explanation, Prediction
+from stream.core.records import Explanation, Prediction, RecordError
 from stream.serving.onnx_models import Generator, Sampler, _Cache, sample_token
 
 V = 512
@@ -315,6 +315,11 @@ def test_explanation_record_decoding_field():
     assert d["decoding"] == "sampled t=0.7 p=0.9 seed=5" and Explanation.from_dict(d) == e
     old = {k: v for k, v in d.items() if k != "decoding"}
     assert Explanation.from_dict(old).decoding is None  # records written before the field
+    assert Explanation.from_dict(old).reason is None
+    why = Explanation("A", TICK, 1, "Likely to fall: 41 in 7 days.", True, 1, "m", forecast="fall", reason="trend")
+    assert Explanation.from_json(why.to_json()).reason == "trend"
+    with pytest.raises(RecordError, match="reason must be one of"):
+        Explanation("A", TICK, 1, "x", True, 1, "m", reason="vibes")
     assert "decoding" not in [c for c, _ in TABLE_COLUMNS[Explanation.table]]  # Kafka only: no DDL change
     assert len(to_columns(Explanation.table, [e], [e.tick])) == len(TABLE_COLUMNS[Explanation.table])
     with pytest.raises(ValueError):

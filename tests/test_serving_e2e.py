@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 PREDICTION_FIELDS = {"item_id", "tick", "score", "predicted_count", "rank", "signals", "model_version"}
 EXPLANATION_FIELDS = {"item_id", "tick", "rank", "explanation", "raw_explanation", "repaired", "faithful",
-                      "claims_checked", "forecast", "forecast_agrees", "decoding", "model_version"}
+                      "claims_checked", "forecast", "forecast_agrees", "reason", "decoding", "model_version"}
 SLICE_DAYS = 40
 EVENTS_PER_S = 10_000
 TICK_S = 1.0

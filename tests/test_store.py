@@ -151,7 +151,7 @@ def test_schema_is_created_once_and_matches_the_insert_layout(store):
     config, client = store
     assert ensure_schema(client, config) == []  # second start-up: nothing to apply
     rows = client.query(f"SELECT version, name FROM {MIGRATIONS_TABLE} FINAL ORDER BY version").result_rows
-    assert rows == [(1, "001_results"), (2, "002_explanation_provenance")]
+    assert rows == [(1, "001_results"), (2, "002_explanation_provenance"), (3, "003_explanation_reason")]
     for table in RESULT_TABLES:
         described = [(r[0], r[1]) for r in client.query(f"DESCRIBE TABLE {table}").result_rows]
         assert described == list(TABLE_COLUMNS[table]), table
@@ -165,10 +165,10 @@ def test_a_new_migration_file_is_applied_on_the_next_start(store, tmp_path):
     ddl.mkdir()
     for m in sorted(config.ddl_dir.glob("*.sql")):
         (ddl / m.name).write_text(m.read_text())
-    (ddl / "003_extra.sql").write_text(
+    (ddl / "004_extra.sql").write_text(
         "ALTER TABLE trail_predictions ADD COLUMN IF NOT EXISTS region LowCardinality(String) DEFAULT '';\n")
     config2 = StoreConfig(path=config.path, ttl_days=config.ttl_days, ddl_dir=ddl)
-    assert ensure_schema(client, config2) == [3]
+    assert ensure_schema(client, config2) == [4]
     assert "region" in [r[0] for r in client.query("DESCRIBE TABLE trail_predictions").result_rows]
     assert ensure_schema(client, config2) == []
 
@@ -183,10 +183,10 @@ def test_explanation_provenance_migrates_a_version_1_store(tmp_path):
     assert ensure_schema(client, config) == [1]
     client.command("INSERT INTO trail_explanations (item_id, tick, model_version, rank, explanation, faithful, "
                    "claims_checked, written_at) VALUES ('a', '2011-01-01 00:00:00', 'v', 1, 'old text', true, 2, now64(3))")
-    assert ensure_schema(client, StoreConfig(path=config.path)) == [2]
-    row = client.query("SELECT explanation, raw_explanation, repaired, forecast, forecast_agrees "
+    assert ensure_schema(client, StoreConfig(path=config.path)) == [2, 3]
+    row = client.query("SELECT explanation, raw_explanation, repaired, forecast, forecast_agrees, reason "
                        "FROM trail_explanations FINAL").result_rows
-    assert row == [("old text", "old text", False, None, False)]
+    assert row == [("old text", "old text", False, None, False, None)]
     client.close()
 
 
@@ -197,14 +197,17 @@ def test_insert_and_read_back_every_field(store):
     now = datetime.now(timezone.utc).replace(microsecond=0)
     p = pred("A")
     e = Explanation("A", T0, 1, "Sales doubled: 8 in the last 7 days vs 4 before.", False, 3, "m1")
+    why = Explanation("B", T0, 2, "Likely to fall: 8 in the last 7 days, up from 4, but already above its 28-day pace.",
+                      True, 4, "m1", forecast="fall", reason="level")
     s = TrendSnapshot("A", T0, {"count_7d": 8.0}, "signals-v1")
-    for r in (p, e, s):
+    for r in (p, e, why, s):
         insert_records(client, r.table, [r], [now])
     got = client.query("SELECT item_id, tick, model_version, score, predicted_count, rank, signals "
                        "FROM trail_predictions FINAL").result_rows
     assert got == [("A", T0.replace(tzinfo=None), "m1", 0.5, 3.0, 1, {"count_7d": 2.0, "velocity_7d": 1.0})]
-    got = client.query("SELECT explanation, faithful, claims_checked FROM trail_explanations FINAL").result_rows
-    assert got == [(e.explanation, False, 3)]
+    got = client.query("SELECT explanation, faithful, claims_checked, reason FROM trail_explanations FINAL "
+                       "ORDER BY item_id").result_rows
+    assert got == [(e.explanation, False, 3, None), (why.explanation, True, 4, "level")]
     assert client.query("SELECT signals['count_7d'] FROM trail_trend_snapshots FINAL").result_rows == [(8.0,)]
 
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from stream.core import decoding
 from stream.core.faithfulness import Repair, check, repair
-from stream.core.faithfulness.grammar import claim_grammar, level_reason, why_window
+from stream.core.faithfulness.grammar import claim_grammar, level_reason, stated_reason, why_window
 from stream.core.forecast import outlook, pace
 from stream.core.prompts import direction, main_window, signal_windows
 from trainer.inference import prompts_of
@@ -127,10 +127,9 @@ def forecast_metrics(texts: list[str], signals: list[dict[str, float]], titles: 
 def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str], horizon_days: float) -> dict:
     """Does a mover's text say why it is predicted to move? Over the texts whose stated forecast goes against
     the main window's trend (`against_trend`): `reason_share`, the share that give a true reason pointing the
-    forecast's way: another window's trend ("..., down from 34 the week before, but 109 in the last 28 days,
-    up from 97") or the main count's level against the longest window's pace ("..., but already above its
-    28-day pace"); `reason_available`, how many of them have such a reason at all (`why_window`,
-    `level_reason`), of which `level_available` by the level alone."""
+    forecast's way (`stated_reason`: another window's trend, "..., but 109 in the last 28 days, up from 97",
+    or the main count's level, "..., but already above its 28-day pace"); `reason_available`, how many of
+    them have such a reason at all (`why_window`, `level_reason`), of which `level_available` by the level alone."""
     against = cited = available = by_level = 0
     for t, s, ti in zip(texts, signals, titles):
         r = check(t, s, title=ti)
@@ -146,10 +145,7 @@ def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: li
         level = not trend and level_reason(c, p, main, long, r.outlook) is not None
         available += trend or level
         by_level += level
-        backs = {"rise": "below", "fall": "above"}[r.outlook]
-        cited += any((k.kind == "direction" and k.ok and k.window not in (None, main) and k.window in p
-                      and direction(c[k.window], p[k.window]) == r.outlook)
-                     or (k.kind == "level" and k.ok and k.stated == backs) for k in r.claims)
+        cited += stated_reason(r.claims, s, horizon_days, r.outlook) is not None
     return {"against_trend": against, "reason_share": cited / against if against else None,
             "reason_available": available, "level_available": by_level}
 

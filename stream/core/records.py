@@ -21,6 +21,8 @@ import orjson
 
 from stream.core.forecast import OUTLOOKS
 
+REASONS = ("trend", "level", None)  # Explanation.reason (stream.core.faithfulness.grammar.stated_reason)
+
 __all__ = ["Prediction", "Explanation", "TrendSnapshot", "RecordError", "to_tick", "tick_iso", "tick_ms", "Record",
            "ItemInfo", "load_json"]
 
@@ -195,7 +197,10 @@ class Explanation(_Record):
     none) and `forecast_agrees` whether that is the direction of the model's own predicted count.
     `decoding` says how the text was decoded: "greedy", or "sampled t=<temperature> p=<top_p> seed=<seed>"
     (stream.core.decoding); None: not said (records written before it). It travels on Kafka only: the
-    store's columns (stream.store.clickhouse.TABLE_COLUMNS) do not include it.
+    store's columns (stream.store.clickhouse.TABLE_COLUMNS) do not include it. `reason` is the kind of
+    true reason a text gives for a forecast against the main window's trend: "trend" (a longer window's
+    trend), "level" (the count against the longest window's pace) or None (no such forecast, or no
+    reason given; stream.core.faithfulness.grammar.stated_reason).
     """
 
     item_id: str
@@ -210,11 +215,12 @@ class Explanation(_Record):
     forecast: str | None = None
     forecast_agrees: bool = False
     decoding: str | None = None
+    reason: str | None = None
 
     table: ClassVar[str] = "trail_explanations"
     _fields: ClassVar[tuple[str, ...]] = ("item_id", "tick", "rank", "explanation", "raw_explanation", "repaired",
-                                          "faithful", "claims_checked", "forecast", "forecast_agrees", "decoding",
-                                          "model_version")
+                                          "faithful", "claims_checked", "forecast", "forecast_agrees", "reason",
+                                          "decoding", "model_version")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "item_id", _text("item_id", self.item_id))
@@ -229,6 +235,8 @@ class Explanation(_Record):
             raise RecordError(f"forecast must be one of {OUTLOOKS} or None, got {self.forecast!r}")
         if self.forecast is None and self.forecast_agrees:
             raise RecordError("forecast_agrees without a forecast")
+        if self.reason not in REASONS:
+            raise RecordError(f"reason must be one of {REASONS[:-1]} or None, got {self.reason!r}")
         object.__setattr__(self, "claims_checked", _count("claims_checked", self.claims_checked, 0))
         if self.decoding is not None:
             object.__setattr__(self, "decoding", _text("decoding", self.decoding))
@@ -237,7 +245,7 @@ class Explanation(_Record):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Explanation:
         """Also reads records written before the provenance fields (raw = published, not repaired) and before
-        `decoding` (None)."""
+        `decoding` or `reason` (None)."""
         _require(data, ("item_id", "tick", "rank", "explanation", "faithful", "claims_checked", "model_version"),
                  cls.__name__)
         return cls(**{name: data[name] for name in cls._fields if name in data})

@@ -36,7 +36,8 @@ Each explanation is verified and revised against the signals it was generated fr
 claim that cannot be corrected is dropped); the record carries the checker's verdict on
 the published text, `faithful`, and `claims_checked`; and says what happened: `raw_explanation`
 (as decoded), `repaired`, the stated `forecast` and whether it agrees with the model's own
-predicted direction (`forecast_agrees`, stream.core.forecast).
+predicted direction (`forecast_agrees`, stream.core.forecast), and the kind of reason a mover's
+text gives (`reason`: "trend", "level" or None; stream.core.faithfulness.grammar.stated_reason).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from stream.core import decoding
-from stream.core.faithfulness import repair
-from stream.core.faithfulness.grammar import claim_grammar
+from stream.core.faithfulness import check, repair
+from stream.core.faithfulness.grammar import claim_grammar, stated_reason
 from stream.core.mailbox import Mailbox
 from stream.serving.artefact import PromptTokenizer
 from stream.core.forecast import outlook, pace
@@ -219,9 +220,11 @@ class Explainer:
         if fixed.changed:
             self.stats.repaired += 1
         agrees = fixed.outlook is not None and fixed.outlook == self.forecast_of(p)
+        reason = stated_reason(check(fixed.text, p.signals, title=mover.title).claims, p.signals, self.horizon_days,
+                               fixed.outlook) if fixed.faithful else None
         return (Explanation(p.item_id, p.tick, p.rank, fixed.text, fixed.faithful, fixed.checked, self.model_version,
                             raw_explanation=raw, repaired=fixed.changed, forecast=fixed.outlook, forecast_agrees=agrees,
-                            decoding=how),
+                            reason=reason, decoding=how),
                 len(new))
 
     async def _run(self) -> None:

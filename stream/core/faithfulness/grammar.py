@@ -91,6 +91,26 @@ def level_reason(count: Mapping[str, int], prev: Mapping[str, int], main: str, l
     return {("rise", "fall"): "above", ("fall", "rise"): "below"}.get((level, forecast))
 
 
+def stated_reason(claims, signals: Mapping[str, float], horizon_days: float, forecast: str | None) -> str | None:
+    """Which true reason a text gives for a forecast against the main window's trend: "trend" (another
+    window's trend pointing the forecast's way, `why_window`'s kind), "level" (the main count above or
+    below the longest window's pace, `level_reason`'s kind) or None (no such forecast, or no reason
+    given). `claims`: the checker's claims of the text (stream.core.faithfulness.check)."""
+    windows = signal_windows(signals)
+    main = main_window(windows, horizon_days)
+    if forecast not in ("rise", "fall") or f"prev_count_{main}" not in signals:
+        return None
+    count = {w: int(round(signals[f"count_{w}"])) for w in windows}
+    prev = {w: int(round(signals[f"prev_count_{w}"])) for w in windows if f"prev_count_{w}" in signals}
+    if forecast == direction(count[main], prev[main]):
+        return None
+    if any(c.kind == "direction" and c.ok and c.window not in (None, main) and c.window in prev
+           and direction(count[c.window], prev[c.window]) == forecast for c in claims):
+        return "trend"
+    backs = "below" if forecast == "rise" else "above"
+    return "level" if any(c.kind == "level" and c.ok and c.stated == backs for c in claims) else None
+
+
 def length_phrases(window: str) -> tuple[str, ...]:
     """A window's length as an adjective: 28d -> "28-day", "4-week"; 6h -> "6-hour"."""
     hours = window_hours(window)
@@ -349,4 +369,4 @@ def _split(template: str, hz: Alt) -> list:
     return [head, hz, tail] if _ else [template]
 
 
-__all__ = ["ClaimGrammar", "claim_grammar", "why_window", "level_reason", "OUTLOOKS", "current_phrases", "previous_phrases", "horizon_phrases"]
+__all__ = ["ClaimGrammar", "claim_grammar", "why_window", "level_reason", "stated_reason", "OUTLOOKS", "current_phrases", "previous_phrases", "horizon_phrases"]
