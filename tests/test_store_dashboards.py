@@ -90,7 +90,10 @@ def build_store_data(n_ticks: int = 40, top_k: int = 50, explained: int = 10) ->
             if rank <= explained:
                 text = (f"{title.get(items[i], items[i])} had {s['count_7d']:.0f} ratings in the last 7 days "
                         f"({s['velocity_7d']:+.0f} on the week before) from {s['users_7d']:.0f} users.")
-                data.explanations.append(Explanation(items[i], tick, rank, text, True, 3, MODEL))
+                # every third a mover with a stated reason, every third no forecast: the columns travel
+                forecast, reason = (("fall", "level"), ("rise", None), (None, None))[rank % 3]
+                data.explanations.append(Explanation(items[i], tick, rank, text, True, 3, MODEL, forecast=forecast,
+                                                     reason=reason))
     return data
 
 
@@ -140,6 +143,8 @@ def test_top_n_is_the_latest_ranking_with_explanations(loaded):
     assert [(r["rank"], r["item_id"]) for r in rows] == [(p.rank, p.item_id) for p in want]
     assert [r["explanation"] for r in rows] == [texts.get(p.item_id) for p in want]  # NULL past the top 10
     assert [r["faithful"] for r in rows[:10]] == [True] * 10 and rows[10]["faithful"] is None
+    stated = {e.item_id: (e.forecast, e.reason) for e in data.explanations if e.tick == last}
+    assert [(r["forecast"], r["reason"]) for r in rows] == [stated.get(p.item_id, (None, None)) for p in want]
     assert rows[0]["signals"] == want[0].signals and rows[0]["score"] == pytest.approx(want[0].score)
     assert {naive(last)} == {r["tick"] for r in rows} and {MODEL} == {r["model_version"] for r in rows}
     # an unknown model version has nothing to show

@@ -1,5 +1,6 @@
 -- Current top-N: the latest tick's ranking, each item with its explanation when the explainer
--- has written one (NULL until then).
+-- has written one (NULL until then), the forecast it states and the kind of reason it gives a
+-- mover forecast against its trend ('trend', 'level'; NULL: none due or none given).
 -- Parameters: top_n, model_version ('' = the model that wrote the most recent tick).
 WITH
     chosen AS
@@ -21,6 +22,8 @@ SELECT
     e.explanation AS explanation,
     e.faithful AS faithful,
     e.claims_checked AS claims_checked,
+    e.forecast AS forecast,
+    e.reason AS reason,
     p.signals AS signals,
     p.model_version AS model_version,
     p.tick AS tick
@@ -32,7 +35,7 @@ FROM
 ) AS p
 LEFT JOIN
 (
-    SELECT item_id, model_version, explanation, faithful, claims_checked
+    SELECT item_id, model_version, explanation, faithful, claims_checked, forecast, reason
     FROM trail_explanations FINAL
     WHERE tick IN (SELECT tick FROM latest) AND model_version IN (SELECT model_version FROM chosen)
 ) AS e ON e.item_id = p.item_id AND e.model_version = p.model_version
