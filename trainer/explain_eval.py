@@ -39,9 +39,8 @@ from tqdm import tqdm
 
 from stream.core import decoding
 from stream.core.faithfulness import Repair, check, repair
-from stream.core.faithfulness.grammar import claim_grammar, level_reason, stated_reason, why_window
+from stream.core.faithfulness.grammar import against_trend, claim_grammar, level_reason, stated_reason, why_window
 from stream.core.forecast import outlook, pace
-from stream.core.prompts import direction, main_window, signal_windows
 from trainer.inference import prompts_of
 
 ZERO_SHOT_INSTRUCTION = (
@@ -133,14 +132,11 @@ def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: li
     against = cited = available = by_level = 0
     for t, s, ti in zip(texts, signals, titles):
         r = check(t, s, title=ti)
-        windows = signal_windows(s)
-        main = main_window(windows, horizon_days)
-        c = {w: int(round(s[f"count_{w}"])) for w in windows}
-        p = {w: int(round(s[f"prev_count_{w}"])) for w in windows if f"prev_count_{w}" in s}
-        if r.outlook in (None, "steady") or main not in p or r.outlook == direction(c[main], p[main]):
+        mover = against_trend(s, horizon_days, r.outlook)
+        if mover is None:
             continue
         against += 1
-        long = windows[-1] if len(windows) > 1 else None
+        c, p, main, long = mover
         trend = why_window(c, p, main, long, r.outlook) is not None
         level = not trend and level_reason(c, p, main, long, r.outlook) is not None
         available += trend or level

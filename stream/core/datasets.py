@@ -259,7 +259,6 @@ def read_table(path: str | Path, text_columns: tuple[str, ...] = (),
     if not path.exists():
         raise DatasetError(f"{path}: no such file")
     fmt = _format_of(path)
-    mapping: dict[str, str] = {}
     try:
         if fmt in ("csv", "tsv"):
             sep = "," if fmt == "csv" else "\t"
@@ -268,13 +267,11 @@ def read_table(path: str | Path, text_columns: tuple[str, ...] = (),
             ours = {mapping.get(c, c): c for c in head.columns}
             dtype = {ours[c]: str for c in text_columns if c in ours}
             frame = pd.read_csv(path, sep=sep, dtype=dtype)
-        elif fmt == "parquet":
-            frame = pd.read_parquet(path)
         else:
-            frame = pd.read_json(path, lines=True, dtype=False)
+            frame = pd.read_parquet(path) if fmt == "parquet" else pd.read_json(path, lines=True, dtype=False)
+            mapping = column_mapping(frame.columns, aliases or {})
     except (ValueError, OSError, pd.errors.ParserError) as e:
         raise DatasetError(f"{path}: cannot read as {fmt}: {e}") from None
-    mapping = mapping or column_mapping(frame.columns, aliases or {})
     if mapping:
         log.info("datasets.columns_mapped", path=str(path), mapping=mapping)
         frame = frame.rename(columns=mapping)

@@ -197,7 +197,7 @@ class Explainer:
             how = [decoding.describe(self.temperature, self.top_p, s, grammar=guide is not None) for s in seeds]
         else:
             new = self.generate_batch(ids, limit, guide)
-            how = [decoding.describe(0, 0, grammar=guide is not None)] * len(movers)
+            how = [decoding.describe(self.temperature, self.top_p, grammar=guide is not None)] * len(movers)
         self.stats.batches += 1
         if guide is not None:
             self.stats.constrained += len(movers)

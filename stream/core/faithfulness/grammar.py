@@ -91,11 +91,9 @@ def level_reason(count: Mapping[str, int], prev: Mapping[str, int], main: str, l
     return {("rise", "fall"): "above", ("fall", "rise"): "below"}.get((level, forecast))
 
 
-def stated_reason(claims, signals: Mapping[str, float], horizon_days: float, forecast: str | None) -> str | None:
-    """Which true reason a text gives for a forecast against the main window's trend: "trend" (another
-    window's trend pointing the forecast's way, `why_window`'s kind), "level" (the main count above or
-    below the longest window's pace, `level_reason`'s kind) or None (no such forecast, or no reason
-    given). `claims`: the checker's claims of the text (stream.core.faithfulness.check)."""
+def against_trend(signals: Mapping[str, float], horizon_days: float, forecast: str | None):
+    """(count, prev, main, long) of a row whose `forecast` ("rise"/"fall") goes against its main window's
+    trend, the case that wants a reason; None otherwise (also when the main window shows no previous count)."""
     windows = signal_windows(signals)
     main = main_window(windows, horizon_days)
     if forecast not in ("rise", "fall") or f"prev_count_{main}" not in signals:
@@ -104,6 +102,18 @@ def stated_reason(claims, signals: Mapping[str, float], horizon_days: float, for
     prev = {w: int(round(signals[f"prev_count_{w}"])) for w in windows if f"prev_count_{w}" in signals}
     if forecast == direction(count[main], prev[main]):
         return None
+    return count, prev, main, windows[-1] if len(windows) > 1 else None
+
+
+def stated_reason(claims, signals: Mapping[str, float], horizon_days: float, forecast: str | None) -> str | None:
+    """Which true reason a text gives for a forecast against the main window's trend: "trend" (another
+    window's trend pointing the forecast's way, `why_window`'s kind), "level" (the main count above or
+    below the longest window's pace, `level_reason`'s kind) or None (no such forecast, or no reason
+    given). `claims`: the checker's claims of the text (stream.core.faithfulness.check)."""
+    mover = against_trend(signals, horizon_days, forecast)
+    if mover is None:
+        return None
+    count, prev, main, _ = mover
     if any(c.kind == "direction" and c.ok and c.window not in (None, main) and c.window in prev
            and direction(count[c.window], prev[c.window]) == forecast for c in claims):
         return "trend"
@@ -337,11 +347,10 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
             because = Alt.of((plural(cw, noun), " in ", cur_w, ", ", Alt.of(*UPDOWN[forecast]), f" {pw} ",
                               Alt.of(*previous_phrases(why))),
                              (f"{noun} ", Alt.of(*VERB_PAST[forecast]), f" from {pw} to {cw} over ", cur_w))
-            return Alt.of((Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, ", but ", because, "."),
-                          (sentences, " ", cap(trend), ", but ", because, "."))
-        if level:
+        elif level:
             # no window's trend backs the forecast, the level does (trainer.explanations._level_clause)
             because = Alt.of(*(p.format(n) for p in LEVEL_PHRASES[level] for n in length_phrases(long)))
+        if why or level:
             return Alt.of((Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, ", but ", because, "."),
                           (sentences, " ", cap(trend), ", but ", because, "."))
         shapes = [
@@ -369,4 +378,4 @@ def _split(template: str, hz: Alt) -> list:
     return [head, hz, tail] if _ else [template]
 
 
-__all__ = ["ClaimGrammar", "claim_grammar", "why_window", "level_reason", "stated_reason", "OUTLOOKS", "current_phrases", "previous_phrases", "horizon_phrases"]
+__all__ = ["ClaimGrammar", "claim_grammar", "why_window", "level_reason", "against_trend", "stated_reason", "OUTLOOKS", "current_phrases", "previous_phrases", "horizon_phrases"]
