@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.bootstrap:
             out = asyncio.run(run_bench(args, args.bootstrap, workdir))
         else:
-            from stream.broker import LocalBroker
+            from stream.tools.broker import LocalBroker
 
             with LocalBroker() as bootstrap:
                 out = asyncio.run(run_bench(args, bootstrap, workdir))

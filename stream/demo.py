@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import orjson
 import structlog
 
-from stream.broker import LocalBroker
+from stream.tools.broker import LocalBroker
 from stream.topics import Topics, ensure_topics
 
 if TYPE_CHECKING:

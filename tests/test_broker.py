@@ -16,7 +16,7 @@ import orjson
 import pandas as pd
 import pytest
 
-from stream.broker import LocalBroker, probe_metadata
+from stream.tools.broker import LocalBroker, probe_metadata
 from stream.core.events import dlq_record, encode_event, parse_batch, read_dlq_headers
 from stream.replay import replay
 from stream.settings import SettingsError, load_settings
@@ -229,7 +229,7 @@ def test_replay_cli_with_generic_event_log(broker, topics, tmp_path):
 
 
 def test_broker_cli_prints_bootstrap_and_stops_on_ctrl_c():
-    proc = subprocess.Popen([sys.executable, "-m", "stream.broker"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "stream.tools.broker"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=REPO)
     try:
         line = proc.stdout.readline().strip()
