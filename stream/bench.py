@@ -44,7 +44,7 @@ import pandas as pd
 import structlog
 
 from stream.core.events import parse_batch
-from stream.replay import replay
+from stream.tools.replay import replay
 from stream.topics import Topics, ensure_topics
 from stream.ingest.worker import TrendWorker, consumer_settings
 from stream.settings import WorkerConfig, load_settings

@@ -308,7 +308,7 @@ async def run(args: argparse.Namespace) -> int:
             progress("broker", f"local broker up at {bootstrap}")
         await ensure_topics(bootstrap, topics, kafka=kafka)
         progress("topics", ", ".join(s.name for s in topics.specs()))
-        from stream.replay import replay
+        from stream.tools.replay import replay
 
         warm = events[events["ts"] < events["ts"].iloc[0] + args.warmup_days * DAY_MS]
         rest = events.iloc[len(warm):]

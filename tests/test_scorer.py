@@ -276,7 +276,7 @@ def test_item_state_cache_is_a_bounded_lru():
 
 def test_several_workers_rank_as_one(scorer, retail_cutoff):
     """Parts scored per partition and merged give the single-process ranking, also when truncated."""
-    from stream.replay import _partition_for
+    from stream.tools.replay import _partition_for
 
     _, signals, items = retail_cutoff
     whole = rank_tick([scorer.score(signals.as_of_ms, signals, items)], 0, scorer.model_version)

@@ -1,7 +1,7 @@
 """Publish a historical event log to Kafka: items to `trail.items`, events to `trail.events`.
 
-    python -m stream.replay --dataset retail --bootstrap 127.0.0.1:9092
-    python -m stream.replay --events log.csv --items items.csv --bootstrap ... --speed 3600
+    python -m stream.tools.replay --dataset retail --bootstrap 127.0.0.1:9092
+    python -m stream.tools.replay --events log.csv --items items.csv --bootstrap ... --speed 3600
 
 Events go out in timestamp order, keyed by item_id (Kafka's default murmur2
 partitioner, so any client agrees on an item's partition), as fast as possible or on
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ap = argparse.ArgumentParser(
-        prog="python -m stream.replay",
+        prog="python -m stream.tools.replay",
         description="Publish a historical event log to Kafka (items first, then events in timestamp order).")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", choices=["retail", "ml100k"], help="a built-in dataset")
