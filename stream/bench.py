@@ -176,7 +176,7 @@ def measure_faust(bootstrap: str, topic: str, partitions: int, m: int, workdir: 
            "TRAIL_BENCH_RESULT": str(result), "TRAIL_BENCH_PARTITIONS": str(partitions),
            "TRAIL_BENCH_APP_ID": f"trail-bench-{uuid.uuid4().hex[:8]}", "TRAIL_BENCH_DATADIR": str(workdir / "faust")}
     faust_bin = Path(sys.executable).with_name("faust")
-    cmd = [str(faust_bin), "-A", "stream.bench_faust", "worker", "--without-web", "-l", "warn"]
+    cmd = [str(faust_bin), "-A", "stream.tools.bench_faust", "worker", "--without-web", "-l", "warn"]
     logf = open(workdir / "faust.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
