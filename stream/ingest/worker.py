@@ -4,7 +4,7 @@
 
 Why not Faust agents and tables: an agent costs ~100 µs of Faust/asyncio machinery
 per event and a Table `+= 1` with its changelog ~300 µs (issue #2 has the numbers,
-`python -m stream.bench` measures them again), and Faust's windowed tables lose
+`python -m stream.tools.bench` measures them again), and Faust's windowed tables lose
 windows on rebalance. This worker owns one aiokafka consumer (its own group,
 auto-commit off) and handles each poll as numpy batches.
 

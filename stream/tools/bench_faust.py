@@ -1,4 +1,4 @@
-"""The idiomatic Faust way of counting events, for `python -m stream.bench` to compare against.
+"""The idiomatic Faust way of counting events, for `python -m stream.tools.bench` to compare against.
 
     faust -A stream.bench_faust worker --without-web      # started by stream.bench, configured by env
 

@@ -1,6 +1,6 @@
 """Throughput of the trend pipeline against its baselines, on a local broker, in one run.
 
-    python -m stream.bench --events 300000 --json [--faust-events 20000] [--partitions 4] [--synthetic]
+    python -m stream.tools.bench --events 300000 --json [--faust-events 20000] [--partitions 4] [--synthetic]
 
 Publishes N real Online Retail II events (the first N in time order; `--synthetic`
 for generated ones) to a fresh topic on a local Tansu broker (or `--bootstrap`), then
@@ -269,7 +269,7 @@ async def run_bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stream.bench",
+    ap = argparse.ArgumentParser(prog="python -m stream.tools.bench",
                                  description="Throughput of the trend pipeline vs raw consume, decode and "
                                              "idiomatic Faust, on a local broker. Prints one JSON object.")
     ap.add_argument("--events", type=int, default=300_000, help="events to publish and consume (default 300000)")
