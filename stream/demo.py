@@ -10,7 +10,7 @@ topics, warm-up replay, worker, first prediction); the first run's ONNX export
 overlaps the broker, the topics and the warm-up replay. Ctrl-C (or --duration)
 stops the replay, then the worker (which stops in order: sink flushed, offsets
 committed, state saved), then the broker; nothing is left running. The results
-stay in the embedded ClickHouse store (`python -m stream.report`). The worker
+stay in the embedded ClickHouse store (`python -m stream.tools.report`). The worker
 logs to var/worker.log (the previous run's: var/worker.prev.log); when it dies,
 the demo stops with its last error lines and exit code 1.
 """
@@ -380,7 +380,7 @@ async def run(args: argparse.Namespace) -> int:
         return 1
     print(board.render(args.top, titles, "final ranking"))
     print("\n" + "\n".join(progress.lines))
-    print(f"\nresults are in the store: ./trail py -m stream.report   "
+    print(f"\nresults are in the store: ./trail py -m stream.tools.report   "
           f"(embedded data: {var / 'clickhouse'}; worker log: {log_path})")
     return 0 if worker is None or worker.returncode in (0, -signal.SIGTERM, None) else 1
 
