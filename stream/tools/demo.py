@@ -1,4 +1,4 @@
-"""TRAIL end to end on one machine: `./trail demo` (= `python -m stream.demo`).
+"""TRAIL end to end on one machine: `./trail demo` (= `python -m stream.tools.demo`).
 
     local broker (Tansu) ─► replay of a real log at an accelerated clock ─► trail.events
     faust -A stream.app worker (trend tables, scorer, explainer, ClickHouse sink)
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "trail-smollm2"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "trail-smollm2"
 DAY_MS = 86_400_000
 
 
