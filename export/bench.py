@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stream.serving.artefact import Artefact
+from stream.model.artefact import Artefact
 from stream.serving.onnx_models import CPU, CUDA, Generator, ItemEncoder, available_providers
 from stream.core.trends import Signals, TrendConfig
 

@@ -46,8 +46,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from stream.serving.artefact import MANIFEST, ONNX_DIR, PromptTokenizer, file_record, sha256_of
-from stream.serving.artefact import SCORE_DESIGN, DEFAULT_MAX_ITEM_TOKENS
+from stream.model.artefact import MANIFEST, ONNX_DIR, PromptTokenizer, file_record, sha256_of
+from stream.model.artefact import SCORE_DESIGN, DEFAULT_MAX_ITEM_TOKENS
 from stream.serving.onnx_models import CPU, Generator, ItemEncoder, ScoreHeadModel
 from trainer.model import ADAPTER_DIR, HEAD_FILE, Manifest, Trail
 

@@ -71,7 +71,7 @@ def onnx_parts():
     import os
     from pathlib import Path
 
-    from stream.serving.artefact import PromptTokenizer
+    from stream.model.artefact import PromptTokenizer
     from stream.serving.constraint import ClaimConstraint
     from stream.serving.onnx_models import CPU, Generator
 

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from stream.settings import SettingsError, WorkerConfig, load_settings
 from stream.core.features import Normalisation
 from stream.core.records import ItemInfo
-from stream.serving.artefact import Artefact, ArtefactError
+from stream.model.artefact import Artefact, ArtefactError
 from stream.serving.onnx_models import CPU, CUDA, choose_providers
 from stream.serving.scorer import (KEEP_STORES, ItemStateCache, ItemStateStore, ScoredChunk, ScoredChunkError, ScoredPart,
                                    TickScorer, WarmUp, prune_stores, rank_tick, store_key, text_for)
@@ -150,7 +150,7 @@ def test_refuses_a_broken_artefact(artefact_dir, trend, tmp_path, case):
         else:
             numeric.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:] if case == "altered" else b"\0" * len(data))
         if case == "unloadable":  # a file that matches its record but is no ONNX model
-            from stream.serving.artefact import sha256_of
+            from stream.model.artefact import sha256_of
 
             edit_manifest(d, lambda m: m["onnx"]["files"]["head"].update(sha256=sha256_of(numeric)))
     elif case == "missing_field":
@@ -621,7 +621,7 @@ def test_serving_path_imports_no_torch():
     import sys
 
     code = ("import sys; import stream.serving.service, stream.serving.scorer, stream.serving.explainer, stream.ingest.catalogue, "
-            "stream.serving.artefact, stream.serving.onnx_models; "
+            "stream.model.artefact, stream.serving.onnx_models; "
             "print([m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'transformers', 'trainer', 'export', 'optimum', 'peft')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

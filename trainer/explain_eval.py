@@ -316,7 +316,7 @@ class OnnxGenerator:
         import json
         from pathlib import Path
 
-        from stream.serving.artefact import PromptTokenizer
+        from stream.model.artefact import PromptTokenizer
         from stream.serving.constraint import ClaimConstraint
         from stream.serving.onnx_models import CPU, Generator
 

@@ -53,7 +53,7 @@ from stream.core import decoding
 from stream.core.faithfulness import check, repair
 from stream.core.faithfulness.grammar import claim_grammar, stated_reason
 from stream.core.mailbox import Mailbox
-from stream.serving.artefact import PromptTokenizer
+from stream.model.artefact import PromptTokenizer
 from stream.core.forecast import outlook, pace
 from stream.core.records import Explanation, Prediction, tick_ms
 

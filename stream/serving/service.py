@@ -49,7 +49,7 @@ from stream.ingest.catalogue import ItemCatalogue
 from stream.settings import WorkerConfig
 from stream.core.decoding import EXPLAIN_TEMPERATURE, EXPLAIN_TOP_P
 from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker
-from stream.serving.artefact import Artefact
+from stream.model.artefact import Artefact
 from stream.serving.onnx_models import CPU, Generator, choose_providers
 from stream.serving.constraint import ClaimConstraint
 from stream.core.features import season_of

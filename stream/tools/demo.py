@@ -173,7 +173,7 @@ DEMO_EXPORT_ARGS = ("--prompts", "12", "--explain", "2")
 
 def export_needed(model: Path, trend) -> bool:
     """The committed artefact carries the trained weights, not the ONNX files (1.3 GB): exported once."""
-    from stream.serving.artefact import Artefact, ArtefactError
+    from stream.model.artefact import Artefact, ArtefactError
 
     try:
         Artefact.load(model, trend)
