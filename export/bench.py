@@ -267,7 +267,7 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     from stream.core.faithfulness import check
     from stream.core.faithfulness.grammar import claim_grammar
     from stream.core.forecast import OUTLOOKS
-    from stream.serving.constraint import ClaimConstraint
+    from stream.model.constraint import ClaimConstraint
 
     tok = art.tokenizer()
     gen = Generator(art.path("generator"), providers, tok.end_id, threads)

@@ -80,7 +80,7 @@ class FakeMatcher:
 
 
 class FakeGuide:
-    """stream.serving.constraint.Guide's interface over FakeMatchers; refuses any token its mask did not allow."""
+    """stream.model.constraint.Guide's interface over FakeMatchers; refuses any token its mask did not allow."""
 
     def __init__(self, params: list[int]) -> None:
         self.matchers = [FakeMatcher(p) for p in params]

@@ -22,7 +22,7 @@ direction). The base model's zero-shot answers (`base_zero_shot`) are the honest
 
 Generation is batched (torch `generate`, left padding, `batch` prompts at a time); the
 constraint is a transformers LogitsProcessor over the same llguidance matchers the stream's
-ONNX loop uses (`stream.serving.constraint`), and sampling another (`SampleProcessor`) that
+ONNX loop uses (`stream.model.constraint`), and sampling another (`SampleProcessor`) that
 draws each row's token with the stream's own sampler (`stream.serving.onnx_models.Sampler`:
 one PCG64 generator per row) and hands `generate` (still do_sample=False) only that token.
 Each evaluation's `decoding` in the report says how it was decoded.
@@ -258,7 +258,7 @@ _CONSTRAINTS: dict[int, object] = {}
 
 def claim_constraint(model):
     """The llguidance tokenizer of the model's tokenizer (built once per model: ~0.2 s)."""
-    from stream.serving.constraint import ClaimConstraint
+    from stream.model.constraint import ClaimConstraint
 
     key = id(model.tokenizer)
     if key not in _CONSTRAINTS:
@@ -317,7 +317,7 @@ class OnnxGenerator:
         from pathlib import Path
 
         from stream.model.artefact import PromptTokenizer
-        from stream.serving.constraint import ClaimConstraint
+        from stream.model.constraint import ClaimConstraint
         from stream.serving.onnx_models import CPU, Generator
 
         root = Path(model_dir)

@@ -51,7 +51,7 @@ from stream.core.decoding import EXPLAIN_TEMPERATURE, EXPLAIN_TOP_P
 from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker
 from stream.model.artefact import Artefact
 from stream.serving.onnx_models import CPU, Generator, choose_providers
-from stream.serving.constraint import ClaimConstraint
+from stream.model.constraint import ClaimConstraint
 from stream.core.features import season_of
 from stream.core.records import Explanation, ItemInfo, Prediction
 from stream.serving.scorer import (ItemStateStore, ScoredChunk, ScoredChunkError, ScoredPart, TickScorer, WarmUp,
@@ -146,7 +146,7 @@ class Serving:
         # on CPU, the int8 generator when exported (export.onnx --generator-int8): ~1.8x the explanations/s
         role = "generator.int8" if providers[0] == CPU and self.artefact.has("generator.int8") else "generator"
         gen = Generator(self.artefact.path(role), providers, self.scorer.tokenizer.end_id, config.explain_threads)
-        # one batch per tick's movers, each row held to its claim grammar (stream.serving.constraint)
+        # one batch per tick's movers, each row held to its claim grammar (stream.model.constraint)
         self.explainer = Explainer(gen.generate, self.scorer.tokenizer, self.artefact.model_version,
                                    self.artefact.max_explanation_tokens, self._publish_explanations,
                                    horizon_days=self.scorer.horizon_days, generate_batch=gen.generate_batch,
