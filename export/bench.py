@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from stream.model.artefact import Artefact
-from stream.serving.onnx_models import CPU, CUDA, Generator, ItemEncoder, available_providers
+from stream.model.onnx_models import CPU, CUDA, Generator, ItemEncoder, available_providers
 from stream.core.trends import Signals, TrendConfig
 
 

@@ -12,7 +12,7 @@ the manifest's "onnx" section:
   head.onnx          the score head: x (B, S) normalised signals + horizon, item_state (B, H) ->
                      score (B,) ranking score, log_count (B,) predicted log1p(count). Dynamic batch.
   generator/model.onnx  optimum's text-generation-with-past export of the merged model, for
-                     the explanations (greedy, serving loop in stream.serving.onnx_models.Generator);
+                     the explanations (greedy, serving loop in stream.model.onnx_models.Generator);
                      its logits are the last position's only, (B, 1, V) (`last_position_logits`)
   tokenizer.json     the tokenizer the model was trained with (the `tokenizers` library reads it)
 
@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from stream.model.artefact import MANIFEST, ONNX_DIR, PromptTokenizer, file_record, sha256_of
 from stream.model.artefact import SCORE_DESIGN, DEFAULT_MAX_ITEM_TOKENS
-from stream.serving.onnx_models import CPU, Generator, ItemEncoder, ScoreHeadModel
+from stream.model.onnx_models import CPU, Generator, ItemEncoder, ScoreHeadModel
 from trainer.model import ADAPTER_DIR, HEAD_FILE, Manifest, Trail
 
 log = structlog.get_logger(__name__)
@@ -277,7 +277,7 @@ def export_generator(model: Trail, out: Path) -> Path:
 def last_position_logits(path: Path) -> None:
     """Make the generator's LM head read the last position only: logits (B, 1, V) instead of (B, T, V).
 
-    The decoding loop reads logits[:, -1] (stream.serving.onnx_models.Generator: every row is left-padded,
+    The decoding loop reads logits[:, -1] (stream.model.onnx_models.Generator: every row is left-padded,
     within a step too), so the 49k-way head over the other positions of a prompt pass (about a fifth of its
     arithmetic, and B x T x 49,152 floats out of the session) was thrown away. A Slice of the final norm's
     output along the sequence axis goes before the head's MatMul."""

@@ -73,7 +73,7 @@ def onnx_parts():
 
     from stream.model.artefact import PromptTokenizer
     from stream.model.constraint import ClaimConstraint
-    from stream.serving.onnx_models import CPU, Generator
+    from stream.model.onnx_models import CPU, Generator
 
     if os.environ.get("TRAIL_GENERATOR_ARTEFACT"):
         d = Path(os.environ["TRAIL_GENERATOR_ARTEFACT"])

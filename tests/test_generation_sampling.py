@@ -14,7 +14,7 @@ import pytest
 
 from stream.core import decoding
 from stream.core.records import Explanation, Prediction, RecordError
-from stream.serving.onnx_models import Generator, Sampler, _Cache, sample_token
+from stream.model.onnx_models import Generator, Sampler, _Cache, sample_token
 
 V = 512
 END = V - 1

@@ -15,7 +15,7 @@ from stream.settings import SettingsError, WorkerConfig, load_settings
 from stream.core.features import Normalisation
 from stream.core.records import ItemInfo
 from stream.model.artefact import Artefact, ArtefactError
-from stream.serving.onnx_models import CPU, CUDA, choose_providers
+from stream.model.onnx_models import CPU, CUDA, choose_providers
 from stream.serving.scorer import (KEEP_STORES, ItemStateCache, ItemStateStore, ScoredChunk, ScoredChunkError, ScoredPart,
                                    TickScorer, WarmUp, prune_stores, rank_tick, store_key, text_for)
 from stream.serving.service import Serving, ServingConfig
@@ -621,7 +621,7 @@ def test_serving_path_imports_no_torch():
     import sys
 
     code = ("import sys; import stream.serving.service, stream.serving.scorer, stream.serving.explainer, stream.ingest.catalogue, "
-            "stream.model.artefact, stream.serving.onnx_models; "
+            "stream.model.artefact, stream.model.onnx_models; "
             "print([m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'transformers', 'trainer', 'export', 'optimum', 'peft')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

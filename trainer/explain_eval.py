@@ -23,7 +23,7 @@ direction). The base model's zero-shot answers (`base_zero_shot`) are the honest
 Generation is batched (torch `generate`, left padding, `batch` prompts at a time); the
 constraint is a transformers LogitsProcessor over the same llguidance matchers the stream's
 ONNX loop uses (`stream.model.constraint`), and sampling another (`SampleProcessor`) that
-draws each row's token with the stream's own sampler (`stream.serving.onnx_models.Sampler`:
+draws each row's token with the stream's own sampler (`stream.model.onnx_models.Sampler`:
 one PCG64 generator per row) and hands `generate` (still do_sample=False) only that token.
 Each evaluation's `decoding` in the report says how it was decoded.
 """
@@ -236,7 +236,7 @@ class GuideProcessor(_RowProcessor):
 
 class SampleProcessor(_RowProcessor):
     """A transformers LogitsProcessor that samples each live row's next token itself (after the guide's mask,
-    when one comes first in the list) with `stream.serving.onnx_models.Sampler` (per-row PCG64 seeds) and
+    when one comes first in the list) with `stream.model.onnx_models.Sampler` (per-row PCG64 seeds) and
     leaves only that token finite, so greedy `generate` emits it."""
 
     def __init__(self, sampler, prompt_len: int, end_id: int) -> None:
@@ -275,7 +275,7 @@ def generate_ids(model, rows: list[list[int]], max_new_tokens: int, grammars: li
     sampled (`SampleProcessor`, row i seeded with seeds[i]; None: 0) when temperature > 0."""
     from transformers import LogitsProcessorList
 
-    from stream.serving.onnx_models import Sampler, row_seeds
+    from stream.model.onnx_models import Sampler, row_seeds
 
     decoding.check(temperature, top_p)
     if decoding.sampled(temperature):
@@ -318,7 +318,7 @@ class OnnxGenerator:
 
         from stream.model.artefact import PromptTokenizer
         from stream.model.constraint import ClaimConstraint
-        from stream.serving.onnx_models import CPU, Generator
+        from stream.model.onnx_models import CPU, Generator
 
         root = Path(model_dir)
         manifest = json.loads((root / "manifest.json").read_text())

@@ -64,7 +64,7 @@ from stream.core.prompts import item_text, render_prompt
 from stream.core.records import ItemInfo, Prediction, load_json, to_tick
 from stream.core.trends import Signals
 from stream.model.artefact import Artefact, item_text_version
-from stream.serving.onnx_models import CPU, ItemEncoder, ScoreHeadModel, choose_providers
+from stream.model.onnx_models import CPU, ItemEncoder, ScoreHeadModel, choose_providers
 
 log = structlog.get_logger(__name__)
 

@@ -50,7 +50,7 @@ from stream.settings import WorkerConfig
 from stream.core.decoding import EXPLAIN_TEMPERATURE, EXPLAIN_TOP_P
 from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker
 from stream.model.artefact import Artefact
-from stream.serving.onnx_models import CPU, Generator, choose_providers
+from stream.model.onnx_models import CPU, Generator, choose_providers
 from stream.model.constraint import ClaimConstraint
 from stream.core.features import season_of
 from stream.core.records import Explanation, ItemInfo, Prediction
