@@ -16,8 +16,9 @@ from stream.core.features import Normalisation
 from stream.core.records import ItemInfo
 from stream.model.artefact import Artefact, ArtefactError
 from stream.model.onnx_models import CPU, CUDA, choose_providers
-from stream.serving.scorer import (KEEP_STORES, ItemStateCache, ItemStateStore, ScoredChunk, ScoredChunkError, ScoredPart,
-                                   TickScorer, WarmUp, prune_stores, rank_tick, store_key, text_for)
+from stream.model.item_states import KEEP_STORES, ItemStateCache, ItemStateStore, prune_stores, store_key
+from stream.serving.scorer import (ScoredChunk, ScoredChunkError, ScoredPart,
+                                   TickScorer, WarmUp, rank_tick, text_for)
 from stream.serving.service import Serving, ServingConfig
 from stream.core.trends import Signals, TrendConfig
 from serving_artefact import exported_artefact

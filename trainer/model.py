@@ -264,7 +264,7 @@ def adapter_key(lm: nn.Module) -> str:
 
 class _StateCache:
     """One .npz per state key under the settings' cache dir: {"keys": sha1 of text, "states": (N, H)};
-    the directory is the stream's too and keeps the most recent files (stream.serving.scorer.prune_stores)."""
+    the directory is the stream's too and keeps the most recent files (stream.model.item_states.prune_stores)."""
 
     def __init__(self, state_key: str) -> None:
         from stream.settings import load_settings
@@ -287,7 +287,7 @@ class _StateCache:
     def put(self, new: dict[str, np.ndarray]) -> None:
         if not new:
             return
-        from stream.serving.scorer import prune_stores
+        from stream.model.item_states import prune_stores
 
         merged = self._read() | new
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,8 @@ from stream.model.onnx_models import CPU, Generator, choose_providers
 from stream.model.constraint import ClaimConstraint
 from stream.core.features import season_of
 from stream.core.records import Explanation, ItemInfo, Prediction
-from stream.serving.scorer import (ItemStateStore, ScoredChunk, ScoredChunkError, ScoredPart, TickScorer, WarmUp,
+from stream.model.item_states import ItemStateStore
+from stream.serving.scorer import (ScoredChunk, ScoredChunkError, ScoredPart, TickScorer, WarmUp,
                                    prompt_for, rank_tick)
 from stream.topics import TopicSpec
 from stream.core.trends import Signals
