@@ -583,13 +583,15 @@ def markdown_table() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv == ["--markdown"]:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m stream.settings",
+                                 description="Print every setting's effective value and where it came from "
+                                             "(env or default; secrets masked).")
+    ap.add_argument("--markdown", action="store_true", help="print the README's Configuration table instead")
+    if ap.parse_args(argv).markdown:
         print(markdown_table(), end="")
         return 0
-    if argv:
-        print("usage: python -m stream.settings [--markdown]", file=sys.stderr)
-        return 2
     try:
         settings = load_settings()
     except SettingsError as ex:

@@ -76,7 +76,7 @@ def consumer_settings(config: WorkerConfig) -> dict[str, Any]:
     """aiokafka consumer settings shared by the worker and the benchmark's raw-consume baseline.
 
     Fetch sizes stay at aiokafka's defaults: 4 or 16 MiB per partition and 20k records
-    per poll measured no faster here (stream.bench, 300k events, 4 partitions).
+    per poll measured no faster here (stream.tools.bench, 300k events, 4 partitions).
     """
     session_ms = int(config.session_timeout_s * 1000)
     return {

@@ -12,7 +12,7 @@ measures, reading the same topic each time:
 - `pipeline_events_per_s`: stream.ingest.worker.TrendWorker, the code `faust -A stream.app
   worker` runs, in this process: Kafka -> validation -> de-duplication -> lateness ->
   every window, distinct users, item lives, in the per-partition trend tables;
-- `faust_table_events_per_s`: the idiomatic Faust way (stream.bench_faust: an agent
+- `faust_table_events_per_s`: the idiomatic Faust way (stream.tools.bench_faust: an agent
   doing `table[item] += 1` plus a hopping windowed table) in a `faust worker`
   subprocess, on the first M events only (`--faust-events`; 0 skips it): it is slow.
 

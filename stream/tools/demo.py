@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--refresh", type=float, default=1.0, help="seconds between screen refreshes (1)")
     ap.add_argument("--bootstrap", help="HOST:PORT of an existing Kafka instead of the embedded broker")
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="TRAIL artefact directory (the committed one)")
-    ap.add_argument("--var", default="var", help="working directory: state, embedded ClickHouse (var/clickhouse, where stream.report looks), logs")
+    ap.add_argument("--var", default="var", help="working directory: state, embedded ClickHouse (var/clickhouse, where stream.tools.report looks), logs")
     ap.add_argument("--fresh", action="store_true", help="start from empty state and store")
     return ap
 

@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    topics = dataclasses.replace(settings.worker.topics, events=args.topic or topics.events, items=args.items_topic or topics.items)
+    configured = settings.worker.topics
+    topics = dataclasses.replace(configured, events=args.topic or configured.events,
+                                 items=args.items_topic or configured.items)
     stats = asyncio.run(replay(ds.events, None if args.no_items else ds.items, args.bootstrap, topics=topics,
                                speed=args.speed, limit=args.limit, record_time=args.record_time,
                                create_topics=not args.no_create_topics, progress=not args.quiet,
