@@ -56,7 +56,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import (CommitFailedError, IllegalStateError, KafkaError, NoOffsetForPartitionError,
                              OffsetOutOfRangeError)
 
-from stream.settings import WorkerConfig
+from stream.ingest.config import WorkerConfig
 from stream.core.events import DlqRecord, dlq_record, read_dlq_headers
 from stream.core.mailbox import Mailbox
 from stream.ingest.partitions import CheckpointStore, Counters, PartitionState

@@ -33,7 +33,6 @@ from stream.core.features import FeatureError, Normalisation
 from stream.core import prompts as _prompts
 from stream.core.prompts import PROMPT_VERSION
 from stream.core.trends import TrendConfig
-from stream.settings import load_settings
 
 MANIFEST = "manifest.json"
 ONNX_DIR = "onnx"
@@ -130,9 +129,10 @@ class Artefact:
 
     # ---- loading and validation -----------------------------------------------
     @classmethod
-    def load(cls, root: str | Path, trend: TrendConfig | None = None, prompt_version: str = PROMPT_VERSION,
+    def load(cls, root: str | Path, trend: TrendConfig, prompt_version: str = PROMPT_VERSION,
              verify: bool = True) -> Artefact:
-        """Read and check an exported artefact; every failure is an ArtefactError saying what to do."""
+        """Read and check an exported artefact against the stream's `trend` windows (the caller's settings);
+        every failure is an ArtefactError saying what to do."""
         root = Path(root)
         path = root / MANIFEST
         if not root.is_dir():
@@ -151,7 +151,7 @@ class Artefact:
             raise ArtefactError(f"{path} lacks {', '.join(missing)}; not a TRAIL artefact or written by an older trainer")
         art = cls(root, manifest)
         art.check_design()
-        art.check_compatible(trend or load_settings().worker.trend, prompt_version)
+        art.check_compatible(trend, prompt_version)
         art.check_files(verify)
         return art
 

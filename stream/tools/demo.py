@@ -28,16 +28,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import orjson
 import structlog
 
 from stream.tools.broker import LocalBroker
 from stream.topics import Topics, ensure_topics
-
-if TYPE_CHECKING:
-    from stream.settings import KafkaSecurity
+from stream.kafka import KafkaSecurity
 
 log = structlog.get_logger(__name__)
 
@@ -294,7 +291,8 @@ async def run(args: argparse.Namespace) -> int:
     tasks: list[asyncio.Task] = []
     died = False
     try:
-        dataset = await asyncio.to_thread(load_dataset, args.events or args.dataset, args.items)
+        dataset = await asyncio.to_thread(load_dataset, args.events or args.dataset, args.items,
+                                          cache_dir=settings.cache_dir)
         events = dataset.events
         if args.start:
             start_ms = int(time.mktime(time.strptime(args.start, "%Y-%m-%d")) * 1000)

@@ -25,16 +25,14 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import orjson
 import structlog
 
 from stream.topics import Topics, ensure_topics
-
-if TYPE_CHECKING:
-    from stream.settings import KafkaSecurity
+from stream.kafka import KafkaSecurity
 
 log = structlog.get_logger(__name__)
 
@@ -270,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     from stream.core.datasets import DatasetError, load_dataset
 
     try:
-        ds = load_dataset(args.dataset or args.events, args.items)
+        ds = load_dataset(args.dataset or args.events, args.items, cache_dir=settings.cache_dir)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
