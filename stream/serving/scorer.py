@@ -53,10 +53,11 @@ from typing import Any
 import numpy as np
 import orjson
 import structlog
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError
 
 from stream.core.features import predicted_count
 from stream.core.prompts import item_text, render_prompt
-from stream.core.records import ItemInfo, Prediction, load_json, to_tick
+from stream.core.records import ItemInfo, Prediction, to_tick
 from stream.core.trends import Signals
 from stream.model.artefact import Artefact
 from stream.model.onnx_models import CPU, ItemEncoder, ScoreHeadModel, choose_providers
@@ -86,32 +87,53 @@ class ScoredChunkError(ValueError):
     """A ranking-topic message that is not a valid ScoredChunk; the message says what is wrong."""
 
 
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ScoredChunkError(f"scored chunk: {name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ScoredChunkError(f"scored chunk: {name} must be >= {minimum}, got {value}")
-    return value
+class _ChunkWire(BaseModel):
+    """The ranking topic's message as it arrives (orjson); pydantic checks the types, `ScoredChunk.from_dict`
+    the shapes that tie the fields together."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, frozen=True)
+
+    as_of_ms: NonNegativeInt
+    source: str
+    chunk: NonNegativeInt
+    chunks: PositiveInt
+    partitions: list[NonNegativeInt] | None
+    total_partitions: PositiveInt
+    names: list[str]
+    item_ids: list[str]
+    score: list[float]
+    log_count: list[float]
+    values: list[list[float]]
 
 
-def _strings(name: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise ScoredChunkError(f"scored chunk: {name} must be a list of strings")
-    return tuple(value)
+_NUMBERS = {"score", "log_count", "values"}
 
 
-def _floats(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
-    if not isinstance(value, list):
-        raise ScoredChunkError(f"scored chunk: {name} must be a list")
-    try:
-        out = np.asarray(value)
-    except (TypeError, ValueError):  # ragged rows
-        raise ScoredChunkError(f"scored chunk: {name} must have shape {shape}") from None
-    if out.size and out.dtype.kind not in "iuf":
-        raise ScoredChunkError(f"scored chunk: {name} must hold numbers only")
-    if out.shape != shape and not (out.size == 0 and 0 in shape):
-        raise ScoredChunkError(f"scored chunk: {name} has shape {out.shape}, expected {shape}")
-    return out.astype(np.float64).reshape(shape)
+def _wire_error(e: ValidationError) -> ScoredChunkError:
+    """The first problem pydantic found, in the words of the ranking topic's contract."""
+    err = e.errors()[0]
+    if err["type"] == "json_invalid":
+        return ScoredChunkError(f"scored chunk is not valid JSON: {err['ctx']['error']}")
+    if err["type"] == "model_type":
+        return ScoredChunkError(f"scored chunk must be a JSON object, got {type(err['input']).__name__}")
+    name = str(err["loc"][0]) if err["loc"] else "message"
+    if err["type"] == "missing":
+        missing = [str(x["loc"][0]) for x in e.errors() if x["type"] == "missing"]
+        return ScoredChunkError(f"scored chunk lacks {', '.join(missing)}")
+    if name in _NUMBERS:
+        if err["type"] == "finite_number":
+            return ScoredChunkError(f"scored chunk: {name} must be finite")
+        if len(err["loc"]) > 1:
+            return ScoredChunkError(f"scored chunk: {name} must hold numbers only")
+    where = "".join(f"[{x}]" if isinstance(x, int) else ("." if i else "") + str(x) for i, x in enumerate(err["loc"]))
+    return ScoredChunkError(f"scored chunk: {where}: {err['msg']}, got {err.get('input')!r}")
+
+
+def _shaped(name: str, value: list, shape: tuple[int, ...]) -> np.ndarray:
+    if len(value) != shape[0] or (len(shape) == 2 and any(len(row) != shape[1] for row in value)):
+        got = (len(value),) if len(shape) == 1 else (len(value), *sorted({len(row) for row in value}))
+        raise ScoredChunkError(f"scored chunk: {name} has shape {got}, expected {shape}")
+    return np.asarray(value, dtype=np.float64).reshape(shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,9 +152,6 @@ class ScoredChunk:
     log_count: np.ndarray  # (N,) predicted log1p(next-period count)
     values: np.ndarray  # (N, S) raw signals
 
-    _fields = ("as_of_ms", "source", "chunk", "chunks", "partitions", "total_partitions", "names", "item_ids",
-               "score", "log_count", "values")
-
     def to_json(self) -> bytes:
         return orjson.dumps({
             "as_of_ms": self.as_of_ms, "source": self.source, "chunk": self.chunk, "chunks": self.chunks,
@@ -143,39 +162,31 @@ class ScoredChunk:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ScoredChunk:
-        """Parse and validate one message; anything malformed raises ScoredChunkError."""
-        return cls.from_dict(load_json(raw, "scored chunk", ScoredChunkError))
+        """Parse and validate one message (pydantic, straight from the bytes); anything malformed raises
+        ScoredChunkError."""
+        try:
+            return cls._of(_ChunkWire.model_validate_json(raw))
+        except ValidationError as e:
+            raise _wire_error(e) from None
 
     @classmethod
     def from_dict(cls, data: Any) -> ScoredChunk:
-        if not isinstance(data, dict):
-            raise ScoredChunkError(f"scored chunk must be a JSON object, got {type(data).__name__}")
-        missing = [k for k in cls._fields if k not in data]
-        if missing:
-            raise ScoredChunkError(f"scored chunk lacks {', '.join(missing)}")
-        chunks = _int("chunks", data["chunks"], 1)
-        chunk = _int("chunk", data["chunk"], 0)
-        if chunk >= chunks:
-            raise ScoredChunkError(f"scored chunk: chunk {chunk} of {chunks}")
-        total = _int("total_partitions", data["total_partitions"], 1)
-        partitions = data["partitions"]
-        if partitions is not None:
-            if not isinstance(partitions, list):
-                raise ScoredChunkError("scored chunk: partitions must be null or a list of integers")
-            partitions = tuple(_int("partitions[]", q, 0) for q in partitions)
-        if not isinstance(data["source"], str):
-            raise ScoredChunkError("scored chunk: source must be a string")
-        names = _strings("names", data["names"])
-        item_ids = _strings("item_ids", data["item_ids"])
-        n = len(item_ids)
-        score = _floats("score", data["score"], (n,))
-        log_count = _floats("log_count", data["log_count"], (n,))
-        if not (np.isfinite(score).all() and np.isfinite(log_count).all()):
-            raise ScoredChunkError("scored chunk: score and log_count must be finite")
+        try:
+            return cls._of(_ChunkWire.model_validate(data))
+        except ValidationError as e:
+            raise _wire_error(e) from None
+
+    @classmethod
+    def _of(cls, w: _ChunkWire) -> ScoredChunk:
+        if w.chunk >= w.chunks:
+            raise ScoredChunkError(f"scored chunk: chunk {w.chunk} of {w.chunks}")
+        n = len(w.item_ids)
         return cls(
-            as_of_ms=_int("as_of_ms", data["as_of_ms"], 0), source=data["source"], chunk=chunk, chunks=chunks,
-            partitions=partitions, total_partitions=total, names=names, item_ids=item_ids, score=score,
-            log_count=log_count, values=_floats("values", data["values"], (n, len(names))),
+            as_of_ms=w.as_of_ms, source=w.source, chunk=w.chunk, chunks=w.chunks,
+            partitions=None if w.partitions is None else tuple(w.partitions), total_partitions=w.total_partitions,
+            names=tuple(w.names), item_ids=tuple(w.item_ids), score=_shaped("score", w.score, (n,)),
+            log_count=_shaped("log_count", w.log_count, (n,)),
+            values=_shaped("values", w.values, (n, len(w.names))),
         )
 
 
