@@ -71,7 +71,7 @@ def onnx_parts():
     import os
     from pathlib import Path
 
-    from stream.model.artefact import PromptTokenizer
+    from stream.model.artefact import PromptTokenizer, read_export
     from stream.model.constraint import ClaimConstraint
     from stream.model.onnx_models import CPU, Generator
 
@@ -82,6 +82,7 @@ def onnx_parts():
 
         d = exported_artefact()
     manifest = json.loads((d / "manifest.json").read_text())
+    manifest["onnx"] = read_export(d)
     files = manifest["onnx"]["files"]
     cfg = manifest["trail_config"]
     tok = PromptTokenizer(d / files["tokenizer"]["path"], cfg["max_prompt_tokens"],

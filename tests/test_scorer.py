@@ -73,8 +73,14 @@ def clone(src: Path, dst: Path) -> Path:
 
 
 def edit_manifest(directory: Path, fn) -> None:
+    """Edit the manifest as Artefact.load sees it: manifest.json plus the export record as its "onnx" section."""
+    from stream.model.artefact import read_export, write_export
+
     m = json.loads((directory / "manifest.json").read_text())
+    m["onnx"] = read_export(directory)
     fn(m)
+    (directory / "onnx" / "export.json").unlink(missing_ok=True)  # a link to the shared artefact's: not through it
+    write_export(directory, m.pop("onnx"))
     (directory / "manifest.json").write_text(json.dumps(m))
 
 

@@ -316,16 +316,17 @@ class OnnxGenerator:
         import json
         from pathlib import Path
 
-        from stream.model.artefact import PromptTokenizer
+        from stream.model.artefact import PromptTokenizer, read_export
         from stream.model.constraint import ClaimConstraint
         from stream.model.onnx_models import CPU, Generator
 
         root = Path(model_dir)
         manifest = json.loads((root / "manifest.json").read_text())
-        files = (manifest.get("onnx") or {}).get("files") or {}
+        export = read_export(root)
+        files = export.get("files") or {}
         if "generator" not in files or "tokenizer" not in files:
             raise FileNotFoundError(f"{model_dir}: no exported generator (python -m export.onnx --model {model_dir})")
-        tok_cfg = manifest["onnx"].get("tokenizer", {})
+        tok_cfg = export.get("tokenizer", {})
         self.tokenizer = PromptTokenizer(root / files["tokenizer"]["path"],
                                          int(manifest["trail_config"].get("max_prompt_tokens", 80)),
                                          bool(tok_cfg.get("clean_up_tokenization_spaces", False)))
@@ -334,13 +335,13 @@ class OnnxGenerator:
 
     @staticmethod
     def available(model_dir) -> bool:
-        import json
         from pathlib import Path
 
-        path = Path(model_dir) / "manifest.json"
-        if not path.is_file():
+        from stream.model.artefact import read_export
+
+        if not (Path(model_dir) / "manifest.json").is_file():
             return False
-        files = (json.loads(path.read_text()).get("onnx") or {}).get("files") or {}
+        files = read_export(model_dir).get("files") or {}
         return all((Path(model_dir) / files[r]["path"]).is_file() for r in ("generator", "tokenizer") if r in files) \
             and "generator" in files and "tokenizer" in files
 
