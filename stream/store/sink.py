@@ -22,7 +22,8 @@ are replayed into ClickHouse when the sink starts again (and as soon as the stor
 
 Outage policy (ClickHouse down or slow):
 1. A failing batch is retried with exponential backoff (`retry_initial_s` doubling up to
-   `retry_max_s`) for up to `spill_after_s` seconds.
+   `retry_max_s`) for up to `spill_after_s` seconds after its first failed write (a backoff that
+   would end later is cut at that deadline).
 2. Then it is spilled to disk (JSON lines, written to a temporary name, fsynced, renamed)
    and counted durable; while the store stays down, later batches go straight to disk,
    and the sink probes the store by replaying the oldest spill file after each backoff.
@@ -475,14 +476,21 @@ class ResultSink:
                 with self._cond:
                     stopping = self._stopping
                     crowded = self._pending_rows + batch.size >= cfg.max_buffer_rows
-                if self._spill_allowed() and (stopping or crowded or now - first_failure >= cfg.spill_after_s):
+                deadline = first_failure + cfg.spill_after_s
+                if self._spill_allowed() and (stopping or crowded or now >= deadline):
                     self._mark_unhealthy()
                     self._spill(batch)
                     return
                 if self._abandoned:
                     return
-                self._sleep(self._backoff)
+                # the backoff never runs past the spill deadline: spilling begins within spill_after_s of the
+                # first failed write, not after the first retry whose backoff happens to end beyond it
+                self._sleep(min(self._backoff, deadline - now) if self._spill_allowed() else self._backoff)
                 self._backoff = min(self._backoff * 2, cfg.retry_max_s)
+                if self._spill_allowed() and time.monotonic() >= deadline and not self._abandoned:
+                    self._mark_unhealthy()
+                    self._spill(batch)
+                    return
                 continue
             self._mark_healthy()
             with self._cond:
