@@ -142,3 +142,21 @@ def test_settings_cli_prints_the_settings():
     out = run("stream.settings", "--markdown")
     assert out.returncode == 0, out.stderr
     assert "KAFKA_BOOTSTRAP" in out.stdout
+
+
+def test_the_trainers_command_line_is_generated_from_fit_config():
+    from dataclasses import fields
+
+    from trainer.fit import FitConfig, build_parser, fit_config
+
+    base = ["--dataset", "retail", "--out", "x"]
+    assert fit_config(build_parser().parse_args(base)) == FitConfig(negatives=min(FitConfig.negatives, FitConfig.batch))
+    args = build_parser().parse_args(base + ["--digit-weight", "1.5", "--batch", "2", "--count-loss", "huber",
+                                             "--rank-gain", "label_users", "--budget-minutes", "0", "--seed", "7"])
+    assert fit_config(args) == FitConfig(w_digits=1.5, batch=2, negatives=2, count_loss="huber",
+                                         rank_gain="label_users", budget_minutes=0.0, seed=7)
+    flags = {f.metadata["flag"] for f in fields(FitConfig) if "flag" in f.metadata}
+    assert {"--steps", "--budget-minutes", "--batch", "--digit-weight", "--seed", "--item-lr", "--rank-epochs",
+            "--count-epochs", "--rank-gain", "--count-loss"} == flags
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(base + ["--count-loss", "l7"])
