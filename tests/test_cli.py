@@ -24,8 +24,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 ENTRY_POINTS = ["stream.tools.bench", "stream.tools.bench_checkpoints", "stream.tools.replay", "stream.tools.report",
-                "stream.tools.broker", "stream.tools.demo", "stream.settings", "trainer.fit", "trainer.evaluate",
-                "export.onnx", "export.bench"]
+                "stream.tools.broker", "stream.tools.demo", "stream.settings", "stream.store.dashboards",
+                "stream.core.datasets", "trainer.fit", "trainer.evaluate", "trainer.explain_eval", "export.onnx",
+                "export.bench"]
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -39,6 +40,18 @@ def test_every_entry_point_starts_and_explains_itself(module):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.lstrip().startswith("usage:"), out.stdout[:500]
     assert "--" in out.stdout  # it lists its options
+
+
+def test_every_entry_point_is_listed_here():
+    """A module with a `__main__` block is a command: it gets at least the --help run above."""
+    mains = sorted(".".join(p.relative_to(REPO).with_suffix("").parts) for pkg in ("stream", "trainer", "export")
+                   for p in (REPO / pkg).rglob("*.py") if 'if __name__ == "__main__":' in p.read_text())
+    assert mains == sorted(ENTRY_POINTS)
+
+
+def test_dashboards_cli_checks_the_committed_grafana_json():
+    out = run("stream.store.dashboards", "--check")
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_tools_live_in_their_own_package():
