@@ -60,6 +60,9 @@ def test_tools_live_in_their_own_package():
     assert not [p.name for p in (REPO / "stream").glob("*.py") if p.stem in tools]
     trail = (REPO / "trail").read_text()
     assert '-m stream.tools.demo "$@"' in trail
+    from stream.tools.demo import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL == REPO / "models" / "trail-smollm2" and (DEFAULT_MODEL / "manifest.json").is_file()
 
 
 def _consume(bootstrap: str, topic: str, expect: int) -> list:
