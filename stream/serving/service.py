@@ -141,7 +141,6 @@ class Serving:
         self._commits: set[asyncio.Task] = set()
         self._ticks: dict[int, _Tick] = {}
         self._last_ranked: int | None = None
-        self._start_lock: asyncio.Lock | None = None
         self.started = False
         self._closing = False
 
@@ -243,11 +242,8 @@ class Serving:
     async def on_tick(self, as_of_ms: int, signals: Signals) -> None:
         if self._closing:
             return
-        if not self.started:
-            if self._start_lock is None:
-                self._start_lock = asyncio.Lock()
-            async with self._start_lock:
-                await self.start()
+        if not self.started:  # nothing starts itself: stream.app starts serving before it wires the tick hooks
+            raise RuntimeError("Serving.on_tick before Serving.start(): start it first (stream.app does)")
         partitions, total = self._ownership()
         items: dict[str, ItemInfo] = self.catalogue.items
         part = await asyncio.get_running_loop().run_in_executor(
