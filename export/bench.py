@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stream.serving.artefact import Artefact
-from stream.serving.onnx_models import CPU, CUDA, Generator, ItemEncoder, available_providers
+from stream.model.artefact import Artefact
+from stream.model.onnx_models import CPU, CUDA, Generator, ItemEncoder, available_providers
 from stream.core.trends import Signals, TrendConfig
 
 
@@ -267,7 +267,7 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     from stream.core.faithfulness import check
     from stream.core.faithfulness.grammar import claim_grammar
     from stream.core.forecast import OUTLOOKS
-    from stream.serving.constraint import ClaimConstraint
+    from stream.model.constraint import ClaimConstraint
 
     tok = art.tokenizer()
     gen = Generator(art.path("generator"), providers, tok.end_id, threads)

@@ -2,8 +2,8 @@
 
     python -m export.onnx --model models/trail-smollm2
 
-Writes into DIR/onnx/ and records every file (size, sha256) and every parity figure in
-the manifest's "onnx" section:
+Writes into DIR/onnx/ and records every file (size, sha256) and every parity figure beside them, in
+DIR/onnx/export.json (stream.model.artefact reads it; the trainer's manifest.json is left as it is):
 
   item_encoder.onnx  the item state: decoder (LoRA merged), last hidden layer mean-pooled over the
                      item text's tokens (BOS left out). Inputs input_ids, attention_mask (B, T) int64;
@@ -12,7 +12,7 @@ the manifest's "onnx" section:
   head.onnx          the score head: x (B, S) normalised signals + horizon, item_state (B, H) ->
                      score (B,) ranking score, log_count (B,) predicted log1p(count). Dynamic batch.
   generator/model.onnx  optimum's text-generation-with-past export of the merged model, for
-                     the explanations (greedy, serving loop in stream.serving.onnx_models.Generator);
+                     the explanations (greedy, serving loop in stream.model.onnx_models.Generator);
                      its logits are the last position's only, (B, 1, V) (`last_position_logits`)
   tokenizer.json     the tokenizer the model was trained with (the `tokenizers` library reads it)
 
@@ -23,10 +23,12 @@ model, as trained) on the real item texts and at every B x T of ENCODER_BATCHES 
 ENCODER_LENGTHS with padding (not only the traced shape); the ONNX head vs the PyTorch head
 at HEAD_BATCHES; and end to end, head.onnx on item_encoder.onnx's states vs the PyTorch model's
 score and log_count. Every figure is recorded and the export fails beyond its tolerance.
-fp32 only: no quantised variant (dynamic int8 passed on one machine and failed on another,
-its error depending on the CPU's kernels; the item encoder runs once per item, so its speed
+The item encoder and the head are fp32 only (dynamic int8 passed on one machine and failed on
+another, its error depending on the CPU's kernels; the item encoder runs once per item, so its speed
 matters far less than the per-tick path did). Greedy explanations of the ONNX generator must
-equal `Trail.explain`'s.
+equal `Trail.explain`'s. With `--generator-int8` the export also writes generator.int8/model.onnx,
+a dynamic int8 copy of the generator that the stream serves on CPU when present; its greedy
+identity with torch is measured and recorded (parity "generator.int8"), not required.
 """
 
 from __future__ import annotations
@@ -46,15 +48,15 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from stream.serving.artefact import MANIFEST, ONNX_DIR, PromptTokenizer, file_record, sha256_of
-from stream.serving.artefact import SCORE_DESIGN, DEFAULT_MAX_ITEM_TOKENS
-from stream.serving.onnx_models import CPU, Generator, ItemEncoder, ScoreHeadModel
+from stream.model.artefact import MANIFEST, ONNX_DIR, PromptTokenizer, file_record, sha256_of, write_export
+from stream.model.artefact import SCORE_DESIGN, DEFAULT_MAX_ITEM_TOKENS
+from stream.model.onnx_models import CPU, Generator, ItemEncoder, ScoreHeadModel
 from trainer.model import ADAPTER_DIR, HEAD_FILE, Manifest, Trail
 
 log = structlog.get_logger(__name__)
 
 OPSET = 17
-EXPORT_VERSION = "3"  # bump when the files or the manifest's onnx section change shape
+EXPORT_VERSION = "4"  # bump when the files or the export record change shape (4: onnx/export.json)
 # max |onnx - torch| / max(1, |torch|): item states (scaled by the case's largest |state|), head outputs,
 # and the end-to-end score/log_count (log1p(count) units)
 TOLERANCE = {"item_encoder": 1e-3, "head": 1e-5, "score": 1e-3}
@@ -277,7 +279,7 @@ def export_generator(model: Trail, out: Path) -> Path:
 def last_position_logits(path: Path) -> None:
     """Make the generator's LM head read the last position only: logits (B, 1, V) instead of (B, T, V).
 
-    The decoding loop reads logits[:, -1] (stream.serving.onnx_models.Generator: every row is left-padded,
+    The decoding loop reads logits[:, -1] (stream.model.onnx_models.Generator: every row is left-padded,
     within a step too), so the 49k-way head over the other positions of a prompt pass (about a fifth of its
     arithmetic, and B x T x 49,152 floats out of the session) was thrown away. A Slice of the final norm's
     output along the sequence axis goes before the head's MatMul."""
@@ -465,8 +467,7 @@ def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: 
     if generator_int8:
         files["generator.int8"] = file_record(directory, out / "generator.int8" / "model.onnx")
     files["tokenizer"] = file_record(directory, out / "tokenizer.json")
-    manifest = Manifest.load(directory)
-    manifest.onnx = {
+    record = {
         "files": files,
         "parity": parity,
         "score_design": SCORE_DESIGN,
@@ -491,9 +492,9 @@ def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: 
                                                        "export_and_parity": timings.get("generator", 0.0)}},
         "command": command,
     }
-    manifest.save(directory)
+    write_export(directory, record)
     bar.close()
-    return manifest.onnx
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,11 +61,6 @@ from stream.settings import SettingsError, load_settings
 
 log = structlog.get_logger(__name__)
 
-# The hooks of earlier versions, built into the app now: named in $TRAIL_TICK_HOOKS they are skipped.
-BUILT_IN_HOOKS = {"stream.serving.service:on_tick": "the scorer runs whenever TRAIL_MODEL_DIR is set",
-                  "stream.store.hooks:store_snapshots": "snapshots are stored whenever TRAIL_MODEL_DIR is set"}
-
-
 def configure_logging(level: int = logging.INFO) -> None:
     """structlog -> one JSON object per line on stderr."""
     structlog.configure(
@@ -244,10 +239,6 @@ class TicksPart(_Part):
             built_in.append(SnapshotStore(self.parts.sink).on_tick)
         w.tick_hooks[:0] = built_in  # before the hooks registered with @on_tick at import
         for spec in config.tick_hooks:
-            if spec in BUILT_IN_HOOKS:
-                log.warning("app.hook_built_in", hook=spec,
-                            reason=BUILT_IN_HOOKS[spec] + "; remove it from TRAIL_TICK_HOOKS")
-                continue
             w.add_tick_hook(load_hook(spec))
         self.parts.ticking.set()
         log.info("app.started", serving=self.parts.serving is not None, sink=self.parts.sink is not None,

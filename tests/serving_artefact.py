@@ -41,7 +41,7 @@ def _run(args: list[str]) -> None:
 
 
 def _current(directory: Path) -> bool:
-    from stream.serving.artefact import Artefact, ArtefactError
+    from stream.model.artefact import Artefact, ArtefactError
 
     try:
         Artefact.load(directory, _trend_of(directory))
@@ -73,7 +73,7 @@ def _hash_tree(h: "hashlib._Hash", path: Path) -> None:
 def _v2(directory: Path) -> bool:
     import json
 
-    from stream.serving.artefact import SCORE_DESIGN
+    from stream.model.artefact import SCORE_DESIGN
 
     try:
         return json.loads((directory / "manifest.json").read_text()).get("score_design") == SCORE_DESIGN

@@ -16,9 +16,9 @@ import orjson
 import pandas as pd
 import pytest
 
-from stream.broker import LocalBroker, probe_metadata
+from stream.tools.broker import LocalBroker, probe_metadata
 from stream.core.events import dlq_record, encode_event, parse_batch, read_dlq_headers
-from stream.replay import replay
+from stream.tools.replay import replay
 from stream.settings import SettingsError, load_settings
 from stream.topics import Topics, ensure_topics
 
@@ -216,20 +216,20 @@ def test_replay_on_an_accelerated_clock(broker, topics):
 def test_replay_cli_with_generic_event_log(broker, topics, tmp_path):
     ev = tmp_path / "log.csv"
     ev.write_text("item_id,user_id,ts,event_type\nx,u1,2011-01-01T00:00:00Z,click\ny,,2011-01-01T00:00:01Z,view\n")
-    out = subprocess.run([sys.executable, "-m", "stream.replay", "--events", str(ev), "--bootstrap", broker,
+    out = subprocess.run([sys.executable, "-m", "stream.tools.replay", "--events", str(ev), "--bootstrap", broker,
                           "--topic", topics.events, "--items-topic", topics.items, "--quiet"],
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "2 events" in out.stdout
     records = asyncio.run(consume_all(broker, topics.events, 2))
     assert sorted(orjson.loads(r.value)["item_id"] for r in records) == ["x", "y"]
-    bad = subprocess.run([sys.executable, "-m", "stream.replay", "--events", str(tmp_path / "nope.csv"),
+    bad = subprocess.run([sys.executable, "-m", "stream.tools.replay", "--events", str(tmp_path / "nope.csv"),
                           "--bootstrap", broker], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 2 and "no such file" in bad.stderr
 
 
 def test_broker_cli_prints_bootstrap_and_stops_on_ctrl_c():
-    proc = subprocess.Popen([sys.executable, "-m", "stream.broker"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "stream.tools.broker"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=REPO)
     try:
         line = proc.stdout.readline().strip()

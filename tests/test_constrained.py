@@ -34,7 +34,7 @@ def test_every_sentence_of_the_grammar_is_true_and_forecasts_as_told():
 
 
 def test_grammar_is_valid_lark_for_llguidance(smollm2_tokenizer):
-    from stream.serving.constraint import ClaimConstraint
+    from stream.model.constraint import ClaimConstraint
 
     cc = ClaimConstraint(smollm2_tokenizer.backend_tokenizer.to_str(), smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>"))
     rng = random.Random(1)
@@ -71,9 +71,9 @@ def onnx_parts():
     import os
     from pathlib import Path
 
-    from stream.serving.artefact import PromptTokenizer
-    from stream.serving.constraint import ClaimConstraint
-    from stream.serving.onnx_models import CPU, Generator
+    from stream.model.artefact import PromptTokenizer, read_export
+    from stream.model.constraint import ClaimConstraint
+    from stream.model.onnx_models import CPU, Generator
 
     if os.environ.get("TRAIL_GENERATOR_ARTEFACT"):
         d = Path(os.environ["TRAIL_GENERATOR_ARTEFACT"])
@@ -82,6 +82,7 @@ def onnx_parts():
 
         d = exported_artefact()
     manifest = json.loads((d / "manifest.json").read_text())
+    manifest["onnx"] = read_export(d)
     files = manifest["onnx"]["files"]
     cfg = manifest["trail_config"]
     tok = PromptTokenizer(d / files["tokenizer"]["path"], cfg["max_prompt_tokens"],
@@ -217,7 +218,7 @@ def test_forecast_metrics_and_seeded_samples(tmp_path):
 
 def test_the_grammar_admits_a_movers_reason(smollm2_tokenizer):
     """The targets' "..., but <longer window's trend>" for a mover is in the item's language, token by token."""
-    from stream.serving.constraint import ClaimConstraint
+    from stream.model.constraint import ClaimConstraint
     from test_explanations import MOVER
     from trainer.explanations import target_explanation
 

@@ -39,7 +39,7 @@ def test_demo_runs_end_to_end_and_leaves_results_and_no_processes(tmp_path):
     # 120 s: a fresh cache dir means a cold item-state warm-up (4,725 items, ~35 s on 2 quiet cores) before
     # the first tick; 75 s left no prediction at all once the machine was busy
     proc = subprocess.run(
-        [sys.executable, "-m", "stream.demo", "--duration", "120", "--speed", "172800", "--warmup-days", "35",
+        [sys.executable, "-m", "stream.tools.demo", "--duration", "120", "--speed", "172800", "--warmup-days", "35",
          "--tick", "2", "--model", str(model), "--var", str(var)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -89,7 +89,7 @@ def test_readme_commands_are_what_ci_runs():
     ci = (REPO / ".ci" / "run").read_text()
     assert re.search(r"^exec \./trail test\b", ci, re.M), "CI must run the README's test command"
     trail = (REPO / "trail").read_text()
-    assert "demo) setup; exec \"$PY\" -m stream.demo" in trail and "test) setup; exec \"$PY\" -m pytest" in trail
+    assert "demo) setup; exec \"$PY\" -m stream.tools.demo" in trail and "test) setup; exec \"$PY\" -m pytest" in trail
 
 
 @pytest.mark.broker
@@ -101,7 +101,7 @@ def test_demo_stops_with_the_workers_last_errors_when_the_worker_dies(tmp_path):
     (var / "worker.log").write_text("the previous run\n")
     env = dict(os.environ, TRAIL_TICK_HOOKS="stream.no_such_module:hook")  # the worker fails at start
     proc = subprocess.run(
-        [sys.executable, "-m", "stream.demo", "--duration", "120", "--warmup-days", "1", "--model", str(model),
+        [sys.executable, "-m", "stream.tools.demo", "--duration", "120", "--warmup-days", "1", "--model", str(model),
          "--var", str(var)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "final ranking" not in proc.stdout
@@ -112,7 +112,7 @@ def test_demo_stops_with_the_workers_last_errors_when_the_worker_dies(tmp_path):
 
 
 def test_worker_log_helpers(tmp_path):
-    from stream.demo import fresh_log, last_errors
+    from stream.tools.demo import fresh_log, last_errors
 
     log = tmp_path / "worker.log"
     log.write_text("old\n")
@@ -127,7 +127,7 @@ def test_worker_log_helpers(tmp_path):
 
 
 def test_the_board_marks_repaired_texts_and_disagreeing_forecasts():
-    from stream.demo import Board
+    from stream.tools.demo import Board
 
     board = Board()
     board.add_prediction({"item_id": "a", "tick": "2011-12-01T00", "rank": 1, "score": 2.0, "predicted_count": 9})

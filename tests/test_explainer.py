@@ -12,8 +12,8 @@ import pytest
 from stream.core.forecast import pace
 from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker, select_movers
 from stream.core.faithfulness import check
-from stream.serving.artefact import Artefact
-from stream.serving.onnx_models import CPU, Generator
+from stream.model.artefact import Artefact
+from stream.model.onnx_models import CPU, Generator
 from stream.core.prompts import render_prompt
 from stream.core.records import Explanation, Prediction
 from stream.core.trends import TrendConfig

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from export.onnx import ENCODER_BATCHES, ENCODER_LENGTHS, HEAD_BATCHES, TOLERANCE, ExportError, require_parity
-from stream.serving.artefact import Artefact, ArtefactError, sha256_of
-from stream.serving.onnx_models import CPU, Generator, ItemEncoder, ScoreHeadModel
+from stream.model.artefact import Artefact, ArtefactError, sha256_of
+from stream.model.onnx_models import CPU, Generator, ItemEncoder, ScoreHeadModel
 from stream.core.prompts import item_text, render_prompt
 from stream.core.trends import TrendConfig
 from serving_artefact import exported_artefact

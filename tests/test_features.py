@@ -15,7 +15,7 @@ from stream.core import features
 from stream.core.features import HORIZON, MAX_LOG_COUNT, FeatureError, Normalisation, predicted_count, season_of
 from stream.core.records import ItemInfo
 from stream.core.trends import Signals, TrendConfig
-from stream.serving.artefact import Artefact, ArtefactError
+from stream.model.artefact import Artefact, ArtefactError
 from test_parity_offline import stream_snapshots
 
 
@@ -84,7 +84,7 @@ def test_predicted_count_is_clipped_and_season_is_the_utc_month():
 
 
 def test_the_trainer_and_the_stream_import_the_one_definition():
-    import stream.serving.artefact
+    import stream.model.artefact
     import stream.serving.scorer
     import trainer.inference
     import trainer.model
@@ -93,6 +93,6 @@ def test_the_trainer_and_the_stream_import_the_one_definition():
     assert trainer.inference.season_of is season_of
     assert stream.serving.scorer.item_text is trainer.inference.item_text  # the item block both encode
     assert stream.serving.scorer.predicted_count is predicted_count
-    for module in (trainer.model, trainer.inference, stream.serving.artefact, stream.serving.scorer):
+    for module in (trainer.model, trainer.inference, stream.model.artefact, stream.serving.scorer):
         assert not hasattr(module, "signal_transform") and not hasattr(module, "Features"), module
         assert not hasattr(module, "MAX_LOG_COUNT"), module

@@ -14,7 +14,7 @@ import pytest
 
 from stream.core import decoding
 from stream.core.records import Explanation, Prediction, RecordError
-from stream.serving.onnx_models import Generator, Sampler, _Cache, sample_token
+from stream.model.onnx_models import Generator, Sampler, _Cache, sample_token
 
 V = 512
 END = V - 1
@@ -80,7 +80,7 @@ class FakeMatcher:
 
 
 class FakeGuide:
-    """stream.serving.constraint.Guide's interface over FakeMatchers; refuses any token its mask did not allow."""
+    """stream.model.constraint.Guide's interface over FakeMatchers; refuses any token its mask did not allow."""
 
     def __init__(self, params: list[int]) -> None:
         self.matchers = [FakeMatcher(p) for p in params]

@@ -12,7 +12,7 @@ from stream.core.prompts import item_text, render_prompt
 from trainer import fit
 from trainer.examples import build_examples
 from trainer.inference import item_states_of, prompts_of, score_frame
-from trainer.model import SCORE_DESIGN, Manifest, info_nce, lambda_rank_loss, load, pairwise_rank_loss
+from trainer.model import SCORE_DESIGN, Manifest, lambda_rank_loss, load
 
 # 2 LLM steps, 1 train + 1 validation cut-off, the 40 busiest items: CI-sized
 TINY = ["--dataset", "ml100k", "--steps", "2", "--batch", "4", "--max-train-cutoffs", "1", "--max-valid-cutoffs",
@@ -150,23 +150,9 @@ def test_lambda_rank_loss_prefers_the_metric_order():
     assert lambda_rank_loss(torch.zeros(3), torch.zeros(3)) == 0  # nothing to gain: no loss
 
 
-def test_ranking_loss_prefers_the_right_order():
-    target = torch.tensor([3.0, 1.0, 0.0])
-    group = torch.zeros(3)
-    good = pairwise_rank_loss(torch.tensor([2.0, 1.0, 0.0]), target, group)
-    bad = pairwise_rank_loss(torch.tensor([0.0, 1.0, 2.0]), target, group)
-    assert good < bad
-    assert pairwise_rank_loss(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]), torch.tensor([0, 1])) == 0
-
-
 def test_a_missing_artefact_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a TRAIL model directory"):
         load(tmp_path)
-
-
-def test_info_nce_is_low_when_pairs_match():
-    a = torch.eye(4)
-    assert info_nce(a, a) < info_nce(a, a.roll(1, dims=0))
 
 
 def test_training_targets_are_faithful_to_the_prompt_signals(rows):

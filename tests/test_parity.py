@@ -15,7 +15,7 @@ import time
 import pandas as pd
 import pytest
 
-from stream.replay import replay
+from stream.tools.replay import replay
 from stream.core.trends import TrendConfig
 from stream.ingest.worker import TrendWorker
 from worker_helpers import as_dict, fences, offline_signals, partition_of, read_snapshot, retail_slice, worker_config

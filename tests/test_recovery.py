@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from stream.ingest.partitions import CheckpointStore
-from stream.replay import replay
+from stream.tools.replay import replay
 from stream.core.trends import TrendConfig
 from worker_helpers import (FaustWorker, fences, offline_signals, partition_of, read_records, read_snapshot,
                             retail_slice, worker_config, worker_env)

@@ -14,10 +14,11 @@ from structlog.testing import capture_logs
 from stream.settings import SettingsError, WorkerConfig, load_settings
 from stream.core.features import Normalisation
 from stream.core.records import ItemInfo
-from stream.serving.artefact import Artefact, ArtefactError
-from stream.serving.onnx_models import CPU, CUDA, choose_providers
-from stream.serving.scorer import (KEEP_STORES, ItemStateCache, ItemStateStore, ScoredChunk, ScoredChunkError, ScoredPart,
-                                   TickScorer, WarmUp, prune_stores, rank_tick, store_key, text_for)
+from stream.model.artefact import Artefact, ArtefactError
+from stream.model.onnx_models import CPU, CUDA, choose_providers
+from stream.model.item_states import KEEP_STORES, ItemStateCache, ItemStateStore, prune_stores, store_key
+from stream.serving.scorer import (ScoredChunk, ScoredChunkError, ScoredPart,
+                                   TickScorer, WarmUp, rank_tick, text_for)
 from stream.serving.service import Serving, ServingConfig
 from stream.core.trends import Signals, TrendConfig
 from serving_artefact import exported_artefact
@@ -72,8 +73,14 @@ def clone(src: Path, dst: Path) -> Path:
 
 
 def edit_manifest(directory: Path, fn) -> None:
+    """Edit the manifest as Artefact.load sees it: manifest.json plus the export record as its "onnx" section."""
+    from stream.model.artefact import read_export, write_export
+
     m = json.loads((directory / "manifest.json").read_text())
+    m["onnx"] = read_export(directory)
     fn(m)
+    (directory / "onnx" / "export.json").unlink(missing_ok=True)  # a link to the shared artefact's: not through it
+    write_export(directory, m.pop("onnx"))
     (directory / "manifest.json").write_text(json.dumps(m))
 
 
@@ -150,7 +157,7 @@ def test_refuses_a_broken_artefact(artefact_dir, trend, tmp_path, case):
         else:
             numeric.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:] if case == "altered" else b"\0" * len(data))
         if case == "unloadable":  # a file that matches its record but is no ONNX model
-            from stream.serving.artefact import sha256_of
+            from stream.model.artefact import sha256_of
 
             edit_manifest(d, lambda m: m["onnx"]["files"]["head"].update(sha256=sha256_of(numeric)))
     elif case == "missing_field":
@@ -276,7 +283,7 @@ def test_item_state_cache_is_a_bounded_lru():
 
 def test_several_workers_rank_as_one(scorer, retail_cutoff):
     """Parts scored per partition and merged give the single-process ranking, also when truncated."""
-    from stream.replay import _partition_for
+    from stream.tools.replay import _partition_for
 
     _, signals, items = retail_cutoff
     whole = rank_tick([scorer.score(signals.as_of_ms, signals, items)], 0, scorer.model_version)
@@ -621,7 +628,7 @@ def test_serving_path_imports_no_torch():
     import sys
 
     code = ("import sys; import stream.serving.service, stream.serving.scorer, stream.serving.explainer, stream.ingest.catalogue, "
-            "stream.serving.artefact, stream.serving.onnx_models; "
+            "stream.model.artefact, stream.model.onnx_models; "
             "print([m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'transformers', 'trainer', 'export', 'optimum', 'peft')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -22,7 +22,7 @@ import pytest
 from stream.settings import WorkerConfig
 from stream.core.features import MAX_LOG_COUNT
 from stream.core.records import Explanation, Prediction
-from stream.replay import replay
+from stream.tools.replay import replay
 from stream.serving.service import Serving, ServingConfig
 from stream.store.sink import ResultSink, SinkConfig
 from stream.store.clickhouse import StoreConfig, connect

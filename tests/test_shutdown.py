@@ -10,7 +10,7 @@ import time
 import pytest
 
 from serving_artefact import exported_artefact
-from stream.replay import replay
+from stream.tools.replay import replay
 from worker_helpers import FaustWorker, retail_slice, worker_config, worker_env
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]

@@ -1,4 +1,4 @@
-"""Dashboard queries, the Grafana dashboard and `python -m stream.report` on real data.
+"""Dashboard queries, the Grafana dashboard and `python -m stream.tools.report` on real data.
 
 The store is loaded through the sink with MovieLens-100K (the wheel `recbole` ships it):
 daily trend snapshots of every active movie over its last weeks, RecentPop-style predictions
@@ -287,7 +287,7 @@ def test_grafana_panel_queries_run_and_agree_with_the_sql_files(loaded):
     assert offered == [p.item_id for p in latest]
 
 
-# ---- python -m stream.report -------------------------------------------------------------
+# ---- python -m stream.tools.report -------------------------------------------------------------
 
 def test_report_prints_the_top_n_and_draws_history(loaded, tmp_path, capsys):
     data, config, _ = loaded

@@ -22,8 +22,8 @@ direction). The base model's zero-shot answers (`base_zero_shot`) are the honest
 
 Generation is batched (torch `generate`, left padding, `batch` prompts at a time); the
 constraint is a transformers LogitsProcessor over the same llguidance matchers the stream's
-ONNX loop uses (`stream.serving.constraint`), and sampling another (`SampleProcessor`) that
-draws each row's token with the stream's own sampler (`stream.serving.onnx_models.Sampler`:
+ONNX loop uses (`stream.model.constraint`), and sampling another (`SampleProcessor`) that
+draws each row's token with the stream's own sampler (`stream.model.onnx_models.Sampler`:
 one PCG64 generator per row) and hands `generate` (still do_sample=False) only that token.
 Each evaluation's `decoding` in the report says how it was decoded.
 """
@@ -236,7 +236,7 @@ class GuideProcessor(_RowProcessor):
 
 class SampleProcessor(_RowProcessor):
     """A transformers LogitsProcessor that samples each live row's next token itself (after the guide's mask,
-    when one comes first in the list) with `stream.serving.onnx_models.Sampler` (per-row PCG64 seeds) and
+    when one comes first in the list) with `stream.model.onnx_models.Sampler` (per-row PCG64 seeds) and
     leaves only that token finite, so greedy `generate` emits it."""
 
     def __init__(self, sampler, prompt_len: int, end_id: int) -> None:
@@ -258,7 +258,7 @@ _CONSTRAINTS: dict[int, object] = {}
 
 def claim_constraint(model):
     """The llguidance tokenizer of the model's tokenizer (built once per model: ~0.2 s)."""
-    from stream.serving.constraint import ClaimConstraint
+    from stream.model.constraint import ClaimConstraint
 
     key = id(model.tokenizer)
     if key not in _CONSTRAINTS:
@@ -275,7 +275,7 @@ def generate_ids(model, rows: list[list[int]], max_new_tokens: int, grammars: li
     sampled (`SampleProcessor`, row i seeded with seeds[i]; None: 0) when temperature > 0."""
     from transformers import LogitsProcessorList
 
-    from stream.serving.onnx_models import Sampler, row_seeds
+    from stream.model.onnx_models import Sampler, row_seeds
 
     decoding.check(temperature, top_p)
     if decoding.sampled(temperature):
@@ -316,16 +316,17 @@ class OnnxGenerator:
         import json
         from pathlib import Path
 
-        from stream.serving.artefact import PromptTokenizer
-        from stream.serving.constraint import ClaimConstraint
-        from stream.serving.onnx_models import CPU, Generator
+        from stream.model.artefact import PromptTokenizer, read_export
+        from stream.model.constraint import ClaimConstraint
+        from stream.model.onnx_models import CPU, Generator
 
         root = Path(model_dir)
         manifest = json.loads((root / "manifest.json").read_text())
-        files = (manifest.get("onnx") or {}).get("files") or {}
+        export = read_export(root)
+        files = export.get("files") or {}
         if "generator" not in files or "tokenizer" not in files:
             raise FileNotFoundError(f"{model_dir}: no exported generator (python -m export.onnx --model {model_dir})")
-        tok_cfg = manifest["onnx"].get("tokenizer", {})
+        tok_cfg = export.get("tokenizer", {})
         self.tokenizer = PromptTokenizer(root / files["tokenizer"]["path"],
                                          int(manifest["trail_config"].get("max_prompt_tokens", 80)),
                                          bool(tok_cfg.get("clean_up_tokenization_spaces", False)))
@@ -334,13 +335,13 @@ class OnnxGenerator:
 
     @staticmethod
     def available(model_dir) -> bool:
-        import json
         from pathlib import Path
 
-        path = Path(model_dir) / "manifest.json"
-        if not path.is_file():
+        from stream.model.artefact import read_export
+
+        if not (Path(model_dir) / "manifest.json").is_file():
             return False
-        files = (json.loads(path.read_text()).get("onnx") or {}).get("files") or {}
+        files = read_export(model_dir).get("files") or {}
         return all((Path(model_dir) / files[r]["path"]).is_file() for r in ("generator", "tokenizer") if r in files) \
             and "generator" in files and "tokenizer" in files
 

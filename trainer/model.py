@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,6 @@ class TrailConfig:
     lora_layers: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     head_hidden: int = 64
-    embed_dim: int = 32  # InfoNCE space shared by the score token and the signal vector
     max_prompt_tokens: int = 96  # busy MovieLens items reach ~81 tokens (prompt p2); a cut prompt loses its last line
     max_explanation_tokens: int = 64  # a mover's reason with 3-4 digit counts reaches ~59 tokens (tests)
     max_item_tokens: int = 48  # the item block (title, category, description) the item state reads
@@ -264,7 +263,7 @@ def adapter_key(lm: nn.Module) -> str:
 
 class _StateCache:
     """One .npz per state key under the settings' cache dir: {"keys": sha1 of text, "states": (N, H)};
-    the directory is the stream's too and keeps the most recent files (stream.serving.scorer.prune_stores)."""
+    the directory is the stream's too and keeps the most recent files (stream.model.item_states.prune_stores)."""
 
     def __init__(self, state_key: str) -> None:
         from stream.settings import load_settings
@@ -287,7 +286,7 @@ class _StateCache:
     def put(self, new: dict[str, np.ndarray]) -> None:
         if not new:
             return
-        from stream.serving.scorer import prune_stores
+        from stream.model.item_states import prune_stores
 
         merged = self._read() | new
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -345,24 +344,6 @@ def lambda_rank_loss(score: torch.Tensor, gain: torch.Tensor, k: int = 20) -> to
     return loss[dg != 0].sum()
 
 
-def pairwise_rank_loss(score: torch.Tensor, target: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
-    """RankNet logistic loss over pairs of the same cut-off whose targets differ."""
-    diff_t = target.unsqueeze(0) - target.unsqueeze(1)  # (B, B)
-    diff_s = score.unsqueeze(0) - score.unsqueeze(1)
-    pairs = (group.unsqueeze(0) == group.unsqueeze(1)) & (diff_t > 0)
-    if not pairs.any():
-        return score.sum() * 0
-    return F.softplus(-diff_s[pairs]).mean()
-
-
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """Symmetric InfoNCE: row i of a should match row i of b against the rest of the batch."""
-    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    logits = a @ b.T / temperature  # (B, B)
-    labels = torch.arange(a.shape[0])
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
-
-
 # ---- building, saving, loading -------------------------------------------------------
 
 def load_base(base: str):
@@ -407,7 +388,7 @@ MANIFEST_ABOUT = {
     "explain": "greedy continuation of stream.core.prompts.render_prompt (prompt_version) by the LM with the adapter",
     "files": {"manifest.json": "this file", "adapter/": "peft LoRA adapter of base_model",
               "score_head.safetensors": "ScoreHead (trainer/model.py) weights",
-              "onnx/": "after python -m export.onnx --model DIR (see onnx)"},
+              "onnx/": "after python -m export.onnx --model DIR: the ONNX files and export.json, their record"},
     "training": "what trainer.fit did, phase by phase (training), and the exact command (command)",
     "metrics": "validation-cut-off figures only; test figures come from python -m trainer.evaluate --model DIR",
 }
@@ -425,7 +406,6 @@ class Manifest:
     datasets: list[str]
     metrics: dict = field(default_factory=dict)
     command: str = ""
-    onnx: dict = field(default_factory=dict)
     score_design: str = ""  # "item-state-v2" for this code; v1 artefacts have none
     item_state: dict = field(default_factory=dict)  # {"pooling", "hidden_size", "text_version", "max_tokens"}
     training: dict = field(default_factory=dict)  # what the fit did: adapter source, steps, device, minutes ...
@@ -439,7 +419,9 @@ class Manifest:
         path = Path(directory) / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"{directory}: not a TRAIL model directory (no {MANIFEST})")
-        return cls(**json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        data.pop("onnx", None)  # an export before EXPORT_VERSION 4 wrote its record here; now it is onnx/export.json
+        return cls(**data)
 
 
 def save(model: Trail, manifest: Manifest, directory: Path) -> None:
@@ -462,7 +444,9 @@ def load(directory: str | Path, merge: bool = False) -> tuple[Trail, Manifest]:
         raise ValueError(f"{directory}: score design {manifest.score_design or 'v1 (prompt-token score)'!r}, this "
                          f"code reads {SCORE_DESIGN!r}; rebuild it with python -m trainer.fit --init-adapter "
                          f"{directory / ADAPTER_DIR} --budget-minutes 0 ...")
-    cfg = TrailConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest.trail_config.items()})
+    known = {f.name for f in fields(TrailConfig)}  # an older fit's manifest may name a field since removed (embed_dim)
+    cfg = TrailConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest.trail_config.items()
+                         if k in known})
     norm = Normalisation.from_dict(manifest.normalisation)
     lm, tokenizer = load_base(cfg.base)
     lm = PeftModel.from_pretrained(lm, directory / ADAPTER_DIR)

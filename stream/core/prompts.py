@@ -22,9 +22,10 @@ wrong direction word in 52 of 200 retail explanations after 3,852 CPU steps (v4)
 and distinct users are shown for every window but the shortest (its count alone
 is the short-term pulse), and always for the window matching the horizon
 (`detailed_windows`).
-With the cut-off's month the last line reads "Next 7d (Dec):". The score head
-reads the hidden state of the last token (the colon), and the explanation is
-generated after it: `training_text(prompt, explanation)`.
+With the cut-off's month the last line reads "Next 7d (Dec):". The explanation is
+generated after it: `training_text(prompt, explanation)`. The score does not read this
+prompt: the head reads the trend signals (stream.core.features) and the item state, the LLM's
+last hidden layer averaged over `item_text` (the prompt's first line, encoded once per item).
 
 Bump PROMPT_VERSION whenever the rendered text changes: artefacts record it and
 the stream refuses a model trained on another version.

@@ -9,15 +9,13 @@ catalogue does not know yet is named by its id in the prompt (render_prompt does
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 import structlog
 
 from stream.core.records import ItemInfo
-
-if TYPE_CHECKING:
-    from stream.settings import KafkaSecurity
+from stream.kafka import KafkaSecurity
 
 log = structlog.get_logger(__name__)
 

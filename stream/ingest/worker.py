@@ -4,7 +4,7 @@
 
 Why not Faust agents and tables: an agent costs ~100 µs of Faust/asyncio machinery
 per event and a Table `+= 1` with its changelog ~300 µs (issue #2 has the numbers,
-`python -m stream.bench` measures them again), and Faust's windowed tables lose
+`python -m stream.tools.bench` measures them again), and Faust's windowed tables lose
 windows on rebalance. This worker owns one aiokafka consumer (its own group,
 auto-commit off) and handles each poll as numpy batches.
 
@@ -56,7 +56,7 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import (CommitFailedError, IllegalStateError, KafkaError, NoOffsetForPartitionError,
                              OffsetOutOfRangeError)
 
-from stream.settings import WorkerConfig
+from stream.ingest.config import WorkerConfig
 from stream.core.events import DlqRecord, dlq_record, read_dlq_headers
 from stream.core.mailbox import Mailbox
 from stream.ingest.partitions import CheckpointStore, Counters, PartitionState
@@ -76,7 +76,7 @@ def consumer_settings(config: WorkerConfig) -> dict[str, Any]:
     """aiokafka consumer settings shared by the worker and the benchmark's raw-consume baseline.
 
     Fetch sizes stay at aiokafka's defaults: 4 or 16 MiB per partition and 20k records
-    per poll measured no faster here (stream.bench, 300k events, 4 partitions).
+    per poll measured no faster here (stream.tools.bench, 300k events, 4 partitions).
     """
     session_ms = int(config.session_timeout_s * 1000)
     return {

@@ -15,7 +15,7 @@ Movers (top `m` of a tick's predictions):
   jumps from just below the last rank).
 
 Generation is batched and constrained when the explainer is given `generate_batch` (the ONNX
-generator's `Generator.generate_batch`) and a `constraint` (stream.serving.constraint.ClaimConstraint):
+generator's `Generator.generate_batch`) and a `constraint` (stream.model.constraint.ClaimConstraint):
 the movers of a tick are decoded together (up to `batch_size` at a time), each row held by
 llguidance to its own claim grammar (stream.core.faithfulness.grammar: only the numbers its
 prompt shows, direction words true, the forecast clause forced to
@@ -53,7 +53,7 @@ from stream.core import decoding
 from stream.core.faithfulness import check, repair
 from stream.core.faithfulness.grammar import claim_grammar, stated_reason
 from stream.core.mailbox import Mailbox
-from stream.serving.artefact import PromptTokenizer
+from stream.model.artefact import PromptTokenizer
 from stream.core.forecast import outlook, pace
 from stream.core.records import Explanation, Prediction, tick_ms
 
@@ -125,7 +125,7 @@ class Explainer:
         self.generate_batch = generate_batch
         # batched decoding: sampled among the allowed tokens (temperature > 0) with one seed per mover, or greedy
         self.temperature, self.top_p = float(temperature), float(top_p)
-        self.constraint = constraint  # stream.serving.constraint.ClaimConstraint, or None: unconstrained
+        self.constraint = constraint  # stream.model.constraint.ClaimConstraint, or None: unconstrained
         self.batch_size = max(1, batch_size)
         # the grammar ends every text itself; room for its longest shapes (the targets' max is ~43 tokens)
         self.constrained_max_new_tokens = constrained_max_new_tokens or max(max_new_tokens, 64)

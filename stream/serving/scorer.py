@@ -44,37 +44,30 @@ through a single-partition topic to one ranker, as `ScoredChunk` messages (orjso
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import structlog
+from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError
 
 from stream.core.features import predicted_count
 from stream.core.prompts import item_text, render_prompt
-from stream.core.records import ItemInfo, Prediction, load_json, to_tick
+from stream.core.records import ItemInfo, Prediction, to_tick
 from stream.core.trends import Signals
-from stream.serving.artefact import Artefact, item_text_version
-from stream.serving.onnx_models import CPU, ItemEncoder, ScoreHeadModel, choose_providers
+from stream.model.artefact import Artefact
+from stream.model.onnx_models import CPU, ItemEncoder, ScoreHeadModel, choose_providers
+from stream.model.item_states import DEFAULT_CACHE_ITEMS, ItemStateCache, ItemStateStore
 
 log = structlog.get_logger(__name__)
 
 CPU_BATCH = 32
 CUDA_BATCH = 512
-DEFAULT_CACHE_ITEMS = 200_000
 PART_CHUNK_ITEMS = 500  # items per ranking-topic message (~100 kB)
-SAVE_EVERY_S = 60.0  # least seconds between two writes of the item-state store after ticks
-STORE_FORMAT = "trail-onnx-item-states-v1"
-KEEP_STORES = 8  # item-state files kept in the directory, most recently written first: a rollback finds its own
 
 
 def prompt_for(item_id: str, info: ItemInfo | None, signals: Mapping[str, float], horizon_days: int,
@@ -90,214 +83,57 @@ def text_for(item_id: str, info: ItemInfo | None) -> str:
     return item_text(info.title, info.category, description=info.description, item_id=item_id)
 
 
-class ItemStateCache:
-    """Item id -> (text, state), least recently used evicted beyond `capacity` items.
-
-    A lookup with a text other than the cached one (the catalogue's record changed) is a miss
-    that drops the stale entry (`invalidations`)."""
-
-    def __init__(self, capacity: int = DEFAULT_CACHE_ITEMS) -> None:
-        if capacity < 1:
-            raise ValueError("item state cache capacity must be >= 1")
-        self.capacity = capacity
-        self._d: OrderedDict[str, tuple[str, np.ndarray]] = OrderedDict()
-        self.hits = self.misses = self.invalidations = self.evictions = 0
-        self.puts = 0  # how often it changed: the store writes only a cache that did
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def __contains__(self, item_id: str) -> bool:
-        return item_id in self._d
-
-    def get(self, item_id: str, text: str) -> np.ndarray | None:
-        entry = self._d.get(item_id)
-        if entry is not None:
-            if entry[0] == text:
-                self._d.move_to_end(item_id)
-                self.hits += 1
-                return entry[1]
-            del self._d[item_id]
-            self.invalidations += 1
-        self.misses += 1
-        return None
-
-    def fresh(self, item_id: str, text: str) -> bool:
-        """Whether `item_id` is cached with `text`; unlike `get`, no counter or recency changes."""
-        entry = self._d.get(item_id)
-        return entry is not None and entry[0] == text
-
-    def entries(self) -> list[tuple[str, str, np.ndarray]]:
-        """(item id, text, state) of every entry, least recently used first."""
-        return [(item, text, state) for item, (text, state) in self._d.items()]
-
-    def put(self, item_id: str, text: str, state: np.ndarray) -> None:
-        self.puts += 1
-        self._d[item_id] = (text, state)
-        self._d.move_to_end(item_id)
-        while len(self._d) > self.capacity:
-            self._d.popitem(last=False)
-            self.evictions += 1
-
-    def nbytes(self) -> int:
-        """Bytes held by the cached states (the arrays alone)."""
-        return sum(s.nbytes for _, s in self._d.values())
-
-
-def store_key(artefact: Artefact) -> str:
-    """What an item state depends on besides its text: the encoder and tokenizer files (the sha256 the
-    export recorded in the manifest: not re-hashed at start), the item-token limit, the item-text version."""
-    files = artefact.onnx.get("files", {})
-    parts = [STORE_FORMAT, files["item_encoder"]["sha256"], files["tokenizer"]["sha256"],
-             str(artefact.max_item_tokens), str(artefact.hidden_size), str(item_text_version())]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
-
-
-def _pack(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Strings as one uint8 array of their UTF-8 bytes and the (N,) int64 end offsets (no pickle, no padding)."""
-    raw = [v.encode() for v in strings]
-    ends = np.cumsum([len(r) for r in raw], dtype=np.int64) if raw else np.zeros(0, np.int64)
-    return np.frombuffer(b"".join(raw), np.uint8), ends
-
-
-def _unpack(blob: np.ndarray, ends: np.ndarray) -> list[str]:
-    if blob.dtype != np.uint8 or blob.ndim != 1 or ends.dtype != np.int64 or ends.ndim != 1:
-        raise ValueError("packed strings of the wrong type")
-    if len(ends) and (ends[0] < 0 or np.any(np.diff(ends) < 0) or ends[-1] != len(blob)):
-        raise ValueError("packed string offsets out of order")
-    data = blob.tobytes()
-    starts = [0, *ends[:-1].tolist()]
-    return [data[a:b].decode() for a, b in zip(starts, ends.tolist())]
-
-
-@dataclass
-class ItemStateStore:
-    """An `ItemStateCache` on disk: one .npz (no pickle) of item ids, texts and (N, H) float32 states,
-    least recently used first; see the module doc."""
-
-    path: Path
-    key: str
-    hidden_size: int
-    every_s: float = SAVE_EVERY_S
-    loaded: int = 0  # entries the last `load` put into the cache
-    saved_puts: int = -1  # the cache's `puts` when it was last read or written; -1: neither yet
-    saved_at: float = -math.inf  # time.monotonic() of the last write (or failed one)
-
-    @classmethod
-    def for_artefact(cls, artefact: Artefact, directory: Path, every_s: float = SAVE_EVERY_S) -> ItemStateStore:
-        key = store_key(artefact)
-        return cls(Path(directory) / f"onnx-{key}.npz", key, artefact.hidden_size, every_s)
-
-    def load(self, cache: ItemStateCache) -> int:
-        """Put the stored entries into `cache` (the most recent ones when there are more than it holds);
-        how many. A missing file is no entries; a torn, foreign or unreadable one is logged and ignored."""
-        self.loaded = 0
-        if self.path.is_file():
-            t0 = time.perf_counter()
-            try:
-                with np.load(self.path, allow_pickle=False) as z:
-                    if str(z["format"]) != STORE_FORMAT or str(z["key"]) != self.key:
-                        raise ValueError(f"written for {z['format']} / key {z['key']}, not {self.key}")
-                    ids, texts = _unpack(z["ids"], z["id_ends"]), _unpack(z["texts"], z["text_ends"])
-                    states = z["states"]
-                if states.dtype != np.float32 or states.shape != (len(ids), self.hidden_size) or len(texts) != len(ids):
-                    raise ValueError(f"states {states.dtype} {states.shape} for {len(ids)} ids, {len(texts)} texts; "
-                                     f"expected hidden size {self.hidden_size}")
-            except Exception as e:  # noqa: BLE001 - a cache file must never stop the worker: encode again instead
-                log.warning("item_store.ignored", path=str(self.path), error=f"{type(e).__name__}: {e}")
-            else:
-                keep = max(0, len(ids) - cache.capacity)
-                for item, text, state in zip(ids[keep:], texts[keep:], states[keep:]):
-                    cache.put(item, text, state)
-                self.loaded = len(ids) - keep
-                log.info("item_store.loaded", path=str(self.path), entries=self.loaded, dropped=keep,
-                         seconds=round(time.perf_counter() - t0, 3))
-        self.saved_puts = cache.puts
-        return self.loaded
-
-    def due(self, cache: ItemStateCache, force: bool = False) -> bool:
-        """Whether `cache` changed since it was read or last written, and the last write is `every_s` old."""
-        changed = cache.puts != self.saved_puts
-        return changed and (force or time.monotonic() - self.saved_at >= self.every_s)
-
-    def save(self, cache: ItemStateCache) -> bool:
-        """Write every entry of `cache`, atomically (a reader sees the old file or the new one, never a part)."""
-        t0 = time.perf_counter()
-        puts, entries = cache.puts, cache.entries()
-        ids, id_ends = _pack([e[0] for e in entries])
-        texts, text_ends = _pack([e[1] for e in entries])
-        states = (np.stack([e[2] for e in entries]).astype(np.float32, copy=False) if entries
-                  else np.zeros((0, self.hidden_size), np.float32))
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-        self.saved_at = time.monotonic()  # a failed write is retried after every_s too, not every tick
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-                np.savez(f, format=np.array(STORE_FORMAT), key=np.array(self.key), ids=ids, id_ends=id_ends,
-                         texts=texts, text_ends=text_ends, states=states)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            log.warning("item_store.save_failed", path=str(self.path), error=str(e))
-            return False
-        self.saved_puts = puts
-        prune_stores(self.path.parent, self.path)
-        log.info("item_store.saved", path=str(self.path), entries=len(entries), bytes=self.path.stat().st_size,
-                 seconds=round(time.perf_counter() - t0, 3))
-        return True
-
-
-def prune_stores(directory: Path, current: Path, keep: int = KEEP_STORES) -> list[Path]:
-    """Delete all but the `keep` most recently written .npz files of `directory` (never `current`);
-    the paths removed. A file another process removes first, or cannot be removed, is left to it."""
-    try:
-        stores = [(f.stat().st_mtime, f) for f in Path(directory).glob("*.npz") if f != current]
-    except OSError:
-        return []
-    removed = []
-    for _, f in sorted(stores, reverse=True)[max(0, keep - 1):]:
-        try:
-            f.unlink()
-            removed.append(f)
-        except OSError:
-            continue
-    if removed:
-        log.info("item_store.pruned", directory=str(directory), removed=[f.name for f in removed], kept=keep)
-    return removed
-
-
 class ScoredChunkError(ValueError):
     """A ranking-topic message that is not a valid ScoredChunk; the message says what is wrong."""
 
 
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ScoredChunkError(f"scored chunk: {name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ScoredChunkError(f"scored chunk: {name} must be >= {minimum}, got {value}")
-    return value
+class _ChunkWire(BaseModel):
+    """The ranking topic's message as it arrives (orjson); pydantic checks the types, `ScoredChunk.from_dict`
+    the shapes that tie the fields together."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, frozen=True)
+
+    as_of_ms: NonNegativeInt
+    source: str
+    chunk: NonNegativeInt
+    chunks: PositiveInt
+    partitions: list[NonNegativeInt] | None
+    total_partitions: PositiveInt
+    names: list[str]
+    item_ids: list[str]
+    score: list[float]
+    log_count: list[float]
+    values: list[list[float]]
 
 
-def _strings(name: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise ScoredChunkError(f"scored chunk: {name} must be a list of strings")
-    return tuple(value)
+_NUMBERS = {"score", "log_count", "values"}
 
 
-def _floats(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
-    if not isinstance(value, list):
-        raise ScoredChunkError(f"scored chunk: {name} must be a list")
-    try:
-        out = np.asarray(value)
-    except (TypeError, ValueError):  # ragged rows
-        raise ScoredChunkError(f"scored chunk: {name} must have shape {shape}") from None
-    if out.size and out.dtype.kind not in "iuf":
-        raise ScoredChunkError(f"scored chunk: {name} must hold numbers only")
-    if out.shape != shape and not (out.size == 0 and 0 in shape):
-        raise ScoredChunkError(f"scored chunk: {name} has shape {out.shape}, expected {shape}")
-    return out.astype(np.float64).reshape(shape)
+def _wire_error(e: ValidationError) -> ScoredChunkError:
+    """The first problem pydantic found, in the words of the ranking topic's contract."""
+    err = e.errors()[0]
+    if err["type"] == "json_invalid":
+        return ScoredChunkError(f"scored chunk is not valid JSON: {err['ctx']['error']}")
+    if err["type"] == "model_type":
+        return ScoredChunkError(f"scored chunk must be a JSON object, got {type(err['input']).__name__}")
+    name = str(err["loc"][0]) if err["loc"] else "message"
+    if err["type"] == "missing":
+        missing = [str(x["loc"][0]) for x in e.errors() if x["type"] == "missing"]
+        return ScoredChunkError(f"scored chunk lacks {', '.join(missing)}")
+    if name in _NUMBERS:
+        if err["type"] == "finite_number":
+            return ScoredChunkError(f"scored chunk: {name} must be finite")
+        if len(err["loc"]) > 1:
+            return ScoredChunkError(f"scored chunk: {name} must hold numbers only")
+    where = "".join(f"[{x}]" if isinstance(x, int) else ("." if i else "") + str(x) for i, x in enumerate(err["loc"]))
+    return ScoredChunkError(f"scored chunk: {where}: {err['msg']}, got {err.get('input')!r}")
+
+
+def _shaped(name: str, value: list, shape: tuple[int, ...]) -> np.ndarray:
+    if len(value) != shape[0] or (len(shape) == 2 and any(len(row) != shape[1] for row in value)):
+        got = (len(value),) if len(shape) == 1 else (len(value), *sorted({len(row) for row in value}))
+        raise ScoredChunkError(f"scored chunk: {name} has shape {got}, expected {shape}")
+    return np.asarray(value, dtype=np.float64).reshape(shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -316,9 +152,6 @@ class ScoredChunk:
     log_count: np.ndarray  # (N,) predicted log1p(next-period count)
     values: np.ndarray  # (N, S) raw signals
 
-    _fields = ("as_of_ms", "source", "chunk", "chunks", "partitions", "total_partitions", "names", "item_ids",
-               "score", "log_count", "values")
-
     def to_json(self) -> bytes:
         return orjson.dumps({
             "as_of_ms": self.as_of_ms, "source": self.source, "chunk": self.chunk, "chunks": self.chunks,
@@ -329,39 +162,31 @@ class ScoredChunk:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ScoredChunk:
-        """Parse and validate one message; anything malformed raises ScoredChunkError."""
-        return cls.from_dict(load_json(raw, "scored chunk", ScoredChunkError))
+        """Parse and validate one message (pydantic, straight from the bytes); anything malformed raises
+        ScoredChunkError."""
+        try:
+            return cls._of(_ChunkWire.model_validate_json(raw))
+        except ValidationError as e:
+            raise _wire_error(e) from None
 
     @classmethod
     def from_dict(cls, data: Any) -> ScoredChunk:
-        if not isinstance(data, dict):
-            raise ScoredChunkError(f"scored chunk must be a JSON object, got {type(data).__name__}")
-        missing = [k for k in cls._fields if k not in data]
-        if missing:
-            raise ScoredChunkError(f"scored chunk lacks {', '.join(missing)}")
-        chunks = _int("chunks", data["chunks"], 1)
-        chunk = _int("chunk", data["chunk"], 0)
-        if chunk >= chunks:
-            raise ScoredChunkError(f"scored chunk: chunk {chunk} of {chunks}")
-        total = _int("total_partitions", data["total_partitions"], 1)
-        partitions = data["partitions"]
-        if partitions is not None:
-            if not isinstance(partitions, list):
-                raise ScoredChunkError("scored chunk: partitions must be null or a list of integers")
-            partitions = tuple(_int("partitions[]", q, 0) for q in partitions)
-        if not isinstance(data["source"], str):
-            raise ScoredChunkError("scored chunk: source must be a string")
-        names = _strings("names", data["names"])
-        item_ids = _strings("item_ids", data["item_ids"])
-        n = len(item_ids)
-        score = _floats("score", data["score"], (n,))
-        log_count = _floats("log_count", data["log_count"], (n,))
-        if not (np.isfinite(score).all() and np.isfinite(log_count).all()):
-            raise ScoredChunkError("scored chunk: score and log_count must be finite")
+        try:
+            return cls._of(_ChunkWire.model_validate(data))
+        except ValidationError as e:
+            raise _wire_error(e) from None
+
+    @classmethod
+    def _of(cls, w: _ChunkWire) -> ScoredChunk:
+        if w.chunk >= w.chunks:
+            raise ScoredChunkError(f"scored chunk: chunk {w.chunk} of {w.chunks}")
+        n = len(w.item_ids)
         return cls(
-            as_of_ms=_int("as_of_ms", data["as_of_ms"], 0), source=data["source"], chunk=chunk, chunks=chunks,
-            partitions=partitions, total_partitions=total, names=names, item_ids=item_ids, score=score,
-            log_count=log_count, values=_floats("values", data["values"], (n, len(names))),
+            as_of_ms=w.as_of_ms, source=w.source, chunk=w.chunk, chunks=w.chunks,
+            partitions=None if w.partitions is None else tuple(w.partitions), total_partitions=w.total_partitions,
+            names=tuple(w.names), item_ids=tuple(w.item_ids), score=_shaped("score", w.score, (n,)),
+            log_count=_shaped("log_count", w.log_count, (n,)),
+            values=_shaped("values", w.values, (n, len(w.names))),
         )
 
 

@@ -40,21 +40,21 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from stream.ingest.catalogue import ItemCatalogue
-from stream.settings import WorkerConfig
-from stream.core.decoding import EXPLAIN_TEMPERATURE, EXPLAIN_TOP_P
+from stream.ingest.config import WorkerConfig
+from stream.serving.config import ServingConfig
 from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker
-from stream.serving.artefact import Artefact
-from stream.serving.onnx_models import CPU, Generator, choose_providers
-from stream.serving.constraint import ClaimConstraint
+from stream.model.artefact import Artefact
+from stream.model.onnx_models import CPU, Generator, choose_providers
+from stream.model.constraint import ClaimConstraint
 from stream.core.features import season_of
 from stream.core.records import Explanation, ItemInfo, Prediction
-from stream.serving.scorer import (ItemStateStore, ScoredChunk, ScoredChunkError, ScoredPart, TickScorer, WarmUp,
+from stream.model.item_states import ItemStateStore
+from stream.serving.scorer import (ScoredChunk, ScoredChunkError, ScoredPart, TickScorer, WarmUp,
                                    prompt_for, rank_tick)
 from stream.topics import TopicSpec
 from stream.core.trends import Signals
@@ -62,29 +62,6 @@ from stream.core.trends import Signals
 log = structlog.get_logger(__name__)
 
 SCORES_RETENTION_MS = 3_600_000
-
-
-@dataclass(frozen=True)
-class ServingConfig:
-    model_dir: Path = Path("models/trail-smollm2")
-    publish_top: int = 0
-    batch: int | None = None  # item texts per encoder run
-    provider: str = "auto"
-    cache_items: int = 200_000  # item states kept (LRU); ~2.6 kB each for SmolLM2-135M
-    warm_items: int = 20_000  # catalogue items encoded at start (~2 min on 2 CPU cores: under the consumer poll limit)
-    item_store_dir: Path | None = None  # the item-state store's directory (settings: <TRAIL_CACHE>/item_states);
-    # None: states are kept in memory only
-    horizon_days: float | None = None
-    threads: int | None = None
-    explain_top: int = 5
-    explain_by: str = "rise"
-    explain_threads: int | None = 1
-    explain_temperature: float = EXPLAIN_TEMPERATURE  # 0: greedy (stream.core.decoding)
-    explain_top_p: float = EXPLAIN_TOP_P
-    scores_topic: str = "trail.scores"
-    ranker_group: str = "trail-ranker"
-    grace_s: float = 10.0
-    catalogue_wait_s: float = 30.0
 
 
 @dataclass
@@ -146,7 +123,7 @@ class Serving:
         # on CPU, the int8 generator when exported (export.onnx --generator-int8): ~1.8x the explanations/s
         role = "generator.int8" if providers[0] == CPU and self.artefact.has("generator.int8") else "generator"
         gen = Generator(self.artefact.path(role), providers, self.scorer.tokenizer.end_id, config.explain_threads)
-        # one batch per tick's movers, each row held to its claim grammar (stream.serving.constraint)
+        # one batch per tick's movers, each row held to its claim grammar (stream.model.constraint)
         self.explainer = Explainer(gen.generate, self.scorer.tokenizer, self.artefact.model_version,
                                    self.artefact.max_explanation_tokens, self._publish_explanations,
                                    horizon_days=self.scorer.horizon_days, generate_batch=gen.generate_batch,
@@ -164,7 +141,6 @@ class Serving:
         self._commits: set[asyncio.Task] = set()
         self._ticks: dict[int, _Tick] = {}
         self._last_ranked: int | None = None
-        self._start_lock: asyncio.Lock | None = None
         self.started = False
         self._closing = False
 
@@ -266,11 +242,8 @@ class Serving:
     async def on_tick(self, as_of_ms: int, signals: Signals) -> None:
         if self._closing:
             return
-        if not self.started:
-            if self._start_lock is None:
-                self._start_lock = asyncio.Lock()
-            async with self._start_lock:
-                await self.start()
+        if not self.started:  # nothing starts itself: stream.app starts serving before it wires the tick hooks
+            raise RuntimeError("Serving.on_tick before Serving.start(): start it first (stream.app does)")
         partitions, total = self._ownership()
         items: dict[str, ItemInfo] = self.catalogue.items
         part = await asyncio.get_running_loop().run_in_executor(

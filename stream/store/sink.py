@@ -22,7 +22,8 @@ are replayed into ClickHouse when the sink starts again (and as soon as the stor
 
 Outage policy (ClickHouse down or slow):
 1. A failing batch is retried with exponential backoff (`retry_initial_s` doubling up to
-   `retry_max_s`) for up to `spill_after_s` seconds.
+   `retry_max_s`) for up to `spill_after_s` seconds after its first failed write (a backoff that
+   would end later is cut at that deadline).
 2. Then it is spilled to disk (JSON lines, written to a temporary name, fsynced, renamed)
    and counted durable; while the store stays down, later batches go straight to disk,
    and the sink probes the store by replaying the oldest spill file after each backoff.
@@ -41,27 +42,24 @@ lost response, spill replay, Kafka redelivery) counts once in FINAL queries.
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import orjson
 import structlog
 
-from stream.core.records import RECORD_TYPES, Explanation, Prediction, RecordError, TrendSnapshot
+from stream.core.records import Explanation, Prediction, RecordError, TrendSnapshot
+from stream.store.batches import TABLE_ORDER, Batch, Buffer
 from stream.store.clickhouse import StoreConfig, connect, ensure_schema, insert_records
+from stream.store.spill import SpillDir, SpillDirInUse, read_spill
 
 log = structlog.get_logger(__name__)
 
-_TABLE_ORDER = (Prediction.table, Explanation.table, TrendSnapshot.table)
-_SPILL_SUFFIX = ".jsonl"
+__all__ = ["ResultSink", "SinkClosed", "SinkConfig", "SinkFull", "SinkStats", "SpillDirInUse"]
 
 
 class SinkFull(RuntimeError):
@@ -70,10 +68,6 @@ class SinkFull(RuntimeError):
 
 class SinkClosed(RuntimeError):
     """The sink was closed (or never started) and takes no more records."""
-
-
-class SpillDirInUse(RuntimeError):
-    """Another process holds the spill directory: give each worker its own TRAIL_SINK_SPILL_DIR."""
 
 
 def _positive(name: str, value: float) -> None:
@@ -117,17 +111,6 @@ class SinkStats:
     last_error: str | None = None
 
 
-@dataclass
-class _Batch:
-    seq: int  # the highest sequence number it contains
-    rows: dict[str, list[Any]] = field(default_factory=dict)
-    stamps: dict[str, list[datetime]] = field(default_factory=dict)
-
-    @property
-    def size(self) -> int:
-        return sum(len(v) for v in self.rows.values())
-
-
 def _now_ms(clock: Callable[[], float]) -> datetime:
     ms = int(clock() * 1000)
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
@@ -153,11 +136,8 @@ class ResultSink:
         self._on_durable = on_durable
         self._clock = clock
         self._cond = threading.Condition()
-        self._pending: dict[str, list[Any]] = {t: [] for t in _TABLE_ORDER}
-        self._stamps: dict[str, list[datetime]] = {t: [] for t in _TABLE_ORDER}
-        self._pending_rows = 0
+        self._buffer = Buffer()  # rows not yet taken by a write
         self._inflight_rows = 0
-        self._oldest: float | None = None  # monotonic time of the oldest pending row
         self._seq = 0
         self._durable = 0
         self._flush_upto = 0
@@ -169,13 +149,12 @@ class ResultSink:
         self._healthy = True
         self._backoff = self.config.retry_initial_s
         self._next_probe = 0.0
-        self._spill_files: dict[Path, int] = {}  # path -> size, oldest first
+        self._spill = SpillDir(self.spill_dir)
         self._crashed: str | None = None
         self._stats = SinkStats()
         self._durable_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._capacity_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._idle = threading.Event()
-        self._lock_file: Any = None
         self._abandoned = False
 
     # ---- caller side (event loop or any thread) -------------------------------------------
@@ -188,15 +167,16 @@ class ResultSink:
             if self._started:
                 return self
             self._started = True
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_spill_dir()
-        for tmp in self.spill_dir.glob(f"*{_SPILL_SUFFIX}.tmp"):
-            tmp.unlink()  # never renamed, so never reported durable: its records are still in Kafka
-        self._spill_files = {p: p.stat().st_size for p in sorted(self.spill_dir.glob(f"*{_SPILL_SUFFIX}"))}
-        self._stats.spill_files = len(self._spill_files)
-        self._stats.spill_bytes = sum(self._spill_files.values())
-        if self._spill_files:
-            log.info("sink.spill_found", files=len(self._spill_files), bytes=self._stats.spill_bytes, dir=str(self.spill_dir))
+        try:
+            self._spill.open()
+        except SpillDirInUse:
+            with self._cond:
+                self._started = False
+            raise
+        self._stats.spill_files = len(self._spill.files)
+        self._stats.spill_bytes = self._spill.bytes
+        if self._spill.files:
+            log.info("sink.spill_found", files=len(self._spill.files), bytes=self._stats.spill_bytes, dir=str(self.spill_dir))
         self._thread = threading.Thread(target=self._run, name="trail-sink", daemon=True)
         self._thread.start()
         return self
@@ -224,21 +204,15 @@ class ResultSink:
                                  else "submit() after close()")
             if not batch:
                 return self._seq
-            held = self._pending_rows + self._inflight_rows
+            held = self._buffer.rows + self._inflight_rows
             if held and held + len(batch) > self.config.max_buffer_rows:
                 raise SinkFull(f"{held} rows buffered (max_buffer_rows={self.config.max_buffer_rows}); "
                                f"the store is not taking rows: {self._stats.last_error}")
-            for r in batch:
-                self._pending[r.table].append(r)
-                self._stamps[r.table].append(stamp)
-            self._pending_rows += len(batch)
+            first = self._buffer.add(batch, stamp)
             self._stats.submitted_rows += len(batch)
-            first = self._oldest is None
-            if first:
-                self._oldest = time.monotonic()
             self._seq += 1
             self._idle.clear()
-            if first or self._pending_rows >= self.config.batch_rows:
+            if first or self._buffer.rows >= self.config.batch_rows:
                 self._cond.notify_all()  # the writer sets its timer on the first row, writes on a full batch
             return self._seq
 
@@ -252,7 +226,7 @@ class ResultSink:
                 loop = asyncio.get_running_loop()
                 fut = loop.create_future()
                 with self._cond:
-                    if self._pending_rows + self._inflight_rows + len(batch) <= self.config.max_buffer_rows:
+                    if self._buffer.rows + self._inflight_rows + len(batch) <= self.config.max_buffer_rows:
                         continue
                     self._capacity_waiters.append((loop, fut))
                 await fut
@@ -305,7 +279,7 @@ class ResultSink:
     def stats(self) -> SinkStats:
         with self._cond:
             s = SinkStats(**vars(self._stats))
-            s.buffered_rows = self._pending_rows + self._inflight_rows
+            s.buffered_rows = self._buffer.rows + self._inflight_rows
             s.durable_seq = self._durable
             s.store_healthy = self._healthy
             return s
@@ -330,33 +304,13 @@ class ResultSink:
             with self._cond:
                 self._abandoned = True
                 self._cond.notify_all()
-            log.error("sink.close_timeout", abandoned_rows=self._pending_rows + self._inflight_rows, timeout_s=timeout)
+            log.error("sink.close_timeout", abandoned_rows=self._buffer.rows + self._inflight_rows, timeout_s=timeout)
             self._thread.join(5.0)
             if not self._thread.is_alive():
-                self._unlock_spill_dir()
+                self._spill.close()
             return False
-        self._unlock_spill_dir()
+        self._spill.close()
         return True
-
-    def _lock_spill_dir(self) -> None:
-        # Spill files belong to one writer: a second process replaying or cleaning the same
-        # directory would race this one. The lock dies with the process, so a crash frees it.
-        f = open(self.spill_dir / ".lock", "a+")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            with self._cond:
-                self._started = False
-            raise SpillDirInUse(f"spill directory {self.spill_dir} is used by another running sink; give each "
-                                "worker its own (TRAIL_SINK_SPILL_DIR, or a separate volume)") from None
-        self._lock_file = f
-
-    def _unlock_spill_dir(self) -> None:
-        if self._lock_file is not None:
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
-            self._lock_file.close()
-            self._lock_file = None
 
     # ---- writer thread --------------------------------------------------------------------
 
@@ -366,7 +320,7 @@ class ResultSink:
                 action = self._next_action()
                 if action is None:
                     break
-                if isinstance(action, _Batch):
+                if isinstance(action, Batch):
                     self._deliver(action)
                 else:
                     self._replay_one()
@@ -387,16 +341,16 @@ class ResultSink:
             self._drop_client()
             log.info("sink.stopped", **{k: v for k, v in vars(self.stats()).items() if k != "last_error"})
 
-    def _next_action(self) -> _Batch | str | None:
+    def _next_action(self) -> Batch | str | None:
         cfg = self.config
         with self._cond:
             while True:
                 if self._abandoned:
                     return None
                 now = time.monotonic()
-                if self._pending_rows:
-                    due = self._oldest + cfg.flush_interval_s
-                    if (self._pending_rows >= cfg.batch_rows or now >= due or self._stopping
+                if self._buffer.rows:
+                    due = self._buffer.oldest + cfg.flush_interval_s
+                    if (self._buffer.rows >= cfg.batch_rows or now >= due or self._stopping
                             or self._flush_upto > self._durable):
                         return self._take_batch()
                     wait = due - now
@@ -404,7 +358,7 @@ class ResultSink:
                     wait = None
                 if self._stopping:
                     return None
-                if self._spill_files:
+                if self._spill.files:
                     if self._healthy or now >= self._next_probe:
                         return "replay"
                     probe_in = self._next_probe - now
@@ -413,16 +367,9 @@ class ResultSink:
                     self._idle.set()
                 self._cond.wait(wait)
 
-    def _take_batch(self) -> _Batch:
-        batch = _Batch(seq=self._seq)
-        for table in _TABLE_ORDER:
-            if self._pending[table]:
-                batch.rows[table], self._pending[table] = self._pending[table], []
-                batch.stamps[table], self._stamps[table] = self._stamps[table], []
-        self._inflight_rows = self._pending_rows
-        self._pending_rows = 0
-        self._oldest = None
-        return batch
+    def _take_batch(self) -> Batch:
+        self._inflight_rows = self._buffer.rows
+        return self._buffer.take(self._seq)
 
     def _client_ready(self) -> Any:
         if self._client is None:
@@ -443,9 +390,9 @@ class ResultSink:
                 log.debug("sink.client_close_failed", exc_info=True)
             self._client = None
 
-    def _insert(self, batch: _Batch) -> None:
+    def _insert(self, batch: Batch) -> None:
         client = self._client_ready()
-        for table in _TABLE_ORDER:
+        for table in TABLE_ORDER:
             if batch.rows.get(table):
                 insert_records(client, table, batch.rows[table], batch.stamps[table])
 
@@ -459,11 +406,11 @@ class ResultSink:
     def _spill_allowed(self) -> bool:
         return self._stats.spill_bytes < self.config.max_spill_bytes
 
-    def _deliver(self, batch: _Batch) -> None:
+    def _deliver(self, batch: Batch) -> None:
         cfg = self.config
         first_failure: float | None = None
         if not self._healthy and self._spill_allowed():
-            self._spill(batch)
+            self._spill_batch(batch)
             return
         while True:
             try:
@@ -474,15 +421,22 @@ class ResultSink:
                 self._failed(ex, rows=batch.size, backoff_s=self._backoff)
                 with self._cond:
                     stopping = self._stopping
-                    crowded = self._pending_rows + batch.size >= cfg.max_buffer_rows
-                if self._spill_allowed() and (stopping or crowded or now - first_failure >= cfg.spill_after_s):
+                    crowded = self._buffer.rows + batch.size >= cfg.max_buffer_rows
+                deadline = first_failure + cfg.spill_after_s
+                if self._spill_allowed() and (stopping or crowded or now >= deadline):
                     self._mark_unhealthy()
-                    self._spill(batch)
+                    self._spill_batch(batch)
                     return
                 if self._abandoned:
                     return
-                self._sleep(self._backoff)
+                # the backoff never runs past the spill deadline: spilling begins within spill_after_s of the
+                # first failed write, not after the first retry whose backoff happens to end beyond it
+                self._sleep(min(self._backoff, deadline - now) if self._spill_allowed() else self._backoff)
                 self._backoff = min(self._backoff * 2, cfg.retry_max_s)
+                if self._spill_allowed() and time.monotonic() >= deadline and not self._abandoned:
+                    self._mark_unhealthy()
+                    self._spill_batch(batch)
+                    return
                 continue
             self._mark_healthy()
             with self._cond:
@@ -498,7 +452,7 @@ class ResultSink:
 
     def _mark_healthy(self) -> None:
         if not self._healthy:
-            log.info("sink.store_back", store=self.store.describe(), spill_files=len(self._spill_files))
+            log.info("sink.store_back", store=self.store.describe(), spill_files=len(self._spill.files))
         self._healthy = True
         self._backoff = self.config.retry_initial_s
 
@@ -530,39 +484,24 @@ class ResultSink:
 
     # ---- spill files ----------------------------------------------------------------------
 
-    def _spill(self, batch: _Batch) -> None:
-        name = f"{time.time_ns():020d}-{batch.seq}-{uuid.uuid4().hex[:8]}{_SPILL_SUFFIX}"
-        final = self.spill_dir / name
-        tmp = final.with_name(name + ".tmp")
-        with open(tmp, "wb") as f:
-            for table in _TABLE_ORDER:
-                for record, stamp in zip(batch.rows.get(table, ()), batch.stamps.get(table, ())):
-                    f.write(orjson.dumps({"table": table, "written_at_ms": int(stamp.timestamp() * 1000),
-                                          "record": record.to_dict()}))
-                    f.write(b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.spill_dir)
-        size = final.stat().st_size
+    def _spill_batch(self, batch: Batch) -> None:
+        final, size = self._spill.write(batch)
         with self._cond:
-            self._spill_files[final] = size
-            self._stats.spill_files = len(self._spill_files)
+            self._stats.spill_files = len(self._spill.files)
             self._stats.spill_bytes += size
             self._stats.spilled_rows += batch.size
-        log.info("sink.spilled", rows=batch.size, file=name, spill_bytes=self._stats.spill_bytes)
+        log.info("sink.spilled", rows=batch.size, file=final.name, spill_bytes=self._stats.spill_bytes)
         self._made_durable(batch.seq)
 
     def _replay_one(self) -> None:
-        path = next(iter(self._spill_files))
+        path = self._spill.oldest()
         try:
-            batch = _read_spill(path)
+            batch = read_spill(path)
         except (OSError, ValueError) as ex:
-            bad = self.spill_dir / "bad"
-            bad.mkdir(exist_ok=True)
-            os.replace(path, bad / path.name)
+            size = self._spill.files[path]
+            bad = self._spill.quarantine(path)
             log.error("sink.spill_unreadable", file=str(path), moved_to=str(bad), error=str(ex))
-            self._forget_spill(path)
+            self._forget_spill(size)
             return
         try:
             self._insert(batch)
@@ -572,19 +511,17 @@ class ResultSink:
             self._backoff = min(self._backoff * 2, self.config.retry_max_s)
             return
         self._mark_healthy()
-        path.unlink()
-        _fsync_dir(self.spill_dir)
-        self._forget_spill(path)
+        self._forget_spill(self._spill.remove(path))
         with self._cond:
             self._stats.replayed_rows += batch.size
             self._stats.written_rows += batch.size
             self._stats.insert_batches += 1
-        log.info("sink.replayed", rows=batch.size, file=path.name, left=len(self._spill_files))
+        log.info("sink.replayed", rows=batch.size, file=path.name, left=len(self._spill.files))
 
-    def _forget_spill(self, path: Path) -> None:
+    def _forget_spill(self, size: int) -> None:
         with self._cond:
-            self._stats.spill_bytes -= self._spill_files.pop(path)
-            self._stats.spill_files = len(self._spill_files)
+            self._stats.spill_bytes -= size
+            self._stats.spill_files = len(self._spill.files)
 
 
 def _resolve(fut: asyncio.Future) -> None:
@@ -595,29 +532,3 @@ def _resolve(fut: asyncio.Future) -> None:
 def _fail(fut: asyncio.Future, ex: BaseException) -> None:
     if not fut.done():
         fut.set_exception(ex)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_spill(path: Path) -> _Batch:
-    batch = _Batch(seq=0)
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = orjson.loads(line)
-                cls = RECORD_TYPES[item["table"]]
-                record = cls.from_dict(item["record"])
-                stamp = datetime.fromtimestamp(int(item["written_at_ms"]) / 1000, tz=timezone.utc)
-            except (orjson.JSONDecodeError, KeyError, TypeError, RecordError) as ex:
-                raise ValueError(f"{path.name} line {n}: {ex}") from None
-            batch.rows.setdefault(cls.table, []).append(record)
-            batch.stamps.setdefault(cls.table, []).append(stamp)
-    return batch

@@ -1,8 +1,9 @@
 """A TRAIL model artefact as the stream serves it: manifest checks, features, tokenizer. No torch.
 
 `python -m export.onnx --model DIR` writes `DIR/onnx/` and records every file it wrote
-(path, size, sha256, parity figures) in the manifest's "onnx" section. `Artefact.load`
-reads that back and refuses, with a message that says what to do, an artefact that
+(path, size, sha256, parity figures) beside them, in `DIR/onnx/export.json` (git-ignored with the
+files it describes: the committed manifest.json is the trainer's and an export leaves it as it is).
+`Artefact.load` reads both back (the record as the manifest's "onnx" section) and refuses, with a message that says what to do, an artefact that
 
 - has no manifest, or a manifest that is not valid JSON or lacks a field;
 - was trained on another feature spec (`TrendConfig.spec()`), prompt version
@@ -33,17 +34,17 @@ from stream.core.features import FeatureError, Normalisation
 from stream.core import prompts as _prompts
 from stream.core.prompts import PROMPT_VERSION
 from stream.core.trends import TrendConfig
-from stream.settings import load_settings
 
 MANIFEST = "manifest.json"
 ONNX_DIR = "onnx"
+EXPORT_RECORD = "export.json"  # in ONNX_DIR: what export.onnx wrote (files, parity, tokenizer), beside the files
 END_TOKEN = "<|im_end|>"
 
 # What the score is made of (docs/model.md): the LLM encodes each item's text once into a state,
 # a small head combines it with the trend signals every tick. The manifest's "score_design" must say so.
 SCORE_DESIGN = "item-state-v2"
 DEFAULT_MAX_ITEM_TOKENS = 32
-# Files export.onnx writes, by role (the manifest's "onnx"."files" maps role -> record).
+# Files export.onnx writes, by role (the export record's "files" maps role -> record).
 ROLES = ("item_encoder", "head", "generator", "tokenizer")
 REQUIRED_ROLES = ROLES
 
@@ -66,8 +67,31 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def read_export(root: str | Path) -> dict[str, Any]:
+    """The export record of an artefact (DIR/onnx/export.json); {} when it was never exported."""
+    path = Path(root) / ONNX_DIR / EXPORT_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtefactError(f"{path} is not valid JSON ({e}); export again") from e
+    if not isinstance(record, dict):
+        raise ArtefactError(f"{path} is not a JSON object; export again")
+    return record
+
+
+def write_export(root: str | Path, record: dict[str, Any]) -> Path:
+    """Write the export record atomically (a new file, never through a link to another artefact's)."""
+    path = Path(root) / ONNX_DIR / EXPORT_RECORD
+    tmp = path.with_name(f".{EXPORT_RECORD}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def file_record(root: Path, path: Path) -> dict[str, Any]:
-    """What the manifest records about one exported file (path relative to the artefact)."""
+    """What the export record says about one exported file (path relative to the artefact)."""
     return {"path": str(path.relative_to(root)), "bytes": path.stat().st_size, "sha256": sha256_of(path)}
 
 
@@ -130,9 +154,10 @@ class Artefact:
 
     # ---- loading and validation -----------------------------------------------
     @classmethod
-    def load(cls, root: str | Path, trend: TrendConfig | None = None, prompt_version: str = PROMPT_VERSION,
+    def load(cls, root: str | Path, trend: TrendConfig, prompt_version: str = PROMPT_VERSION,
              verify: bool = True) -> Artefact:
-        """Read and check an exported artefact; every failure is an ArtefactError saying what to do."""
+        """Read and check an exported artefact against the stream's `trend` windows (the caller's settings);
+        every failure is an ArtefactError saying what to do."""
         root = Path(root)
         path = root / MANIFEST
         if not root.is_dir():
@@ -149,9 +174,9 @@ class Artefact:
                                "horizon_days") if k not in manifest]
         if missing:
             raise ArtefactError(f"{path} lacks {', '.join(missing)}; not a TRAIL artefact or written by an older trainer")
-        art = cls(root, manifest)
+        art = cls(root, {**manifest, "onnx": read_export(root)})
         art.check_design()
-        art.check_compatible(trend or load_settings().worker.trend, prompt_version)
+        art.check_compatible(trend, prompt_version)
         art.check_files(verify)
         return art
 

@@ -3,7 +3,7 @@
     with LocalBroker() as bootstrap:      # "127.0.0.1:<free port>"
         ...
 
-    python -m stream.broker [--port N] [--create-topics]   # prints the bootstrap address, runs until Ctrl-C
+    python -m stream.tools.broker [--port N] [--create-topics]   # prints the bootstrap address, runs until Ctrl-C
 
 Tansu keeps everything in memory (`memory://`), so nothing survives a broker
 restart. Its known gaps against Apache Kafka (measured with aiokafka 0.14):
@@ -250,7 +250,7 @@ class LocalBroker:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m stream.broker",
+        prog="python -m stream.tools.broker",
         description="Run a local in-memory Kafka-protocol broker (Tansu) until Ctrl-C. "
                     "Prints the bootstrap address (host:port) on stdout as the first line.")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -1,6 +1,6 @@
 """Bytes a checkpoint writes per tick: the old full snapshot against snapshot + deltas.
 
-    python -m stream.bench_checkpoints --events 300000 --ticks 1000 --partitions 4 --json
+    python -m stream.tools.bench_checkpoints --events 300000 --ticks 1000 --partitions 4 --json
 
 Replays the first N Online Retail II events (time order) into one `TrendTable` per partition
 (items partitioned as Kafka's default partitioner does for keyed records: murmur2 of the
@@ -132,7 +132,7 @@ def run(events: int, ticks: int, partitions: int, state_dir: Path, old_dir: Path
     )
     b, a = _stats(before), _stats(after)
     return {
-        "command": "python -m stream.bench_checkpoints " + " ".join(sys.argv[1:]),
+        "command": "python -m stream.tools.bench_checkpoints " + " ".join(sys.argv[1:]),
         "dataset": "retail",
         "events": int(len(frame)),
         "ticks": ticks,

@@ -11,7 +11,7 @@ loop below is the greedy search of `Trail.explain` (transformers' `generate` wit
 do_sample=False) in numpy: prompt in one pass, then one token per step with the cache,
 stopping at the end token or after `max_new_tokens`. `generate_batch` runs several prompts
 at once (left padding, per-row stop; equal to one at a time), optionally held to per-row
-claim grammars (stream.serving.constraint) with grammar-forced tokens fast-forwarded.
+claim grammars (stream.model.constraint) with grammar-forced tokens fast-forwarded.
 
 With `temperature > 0` it samples instead (`Sampler`): after the grammar's mask, softmax of
 logits / temperature over the allowed tokens, a nucleus (top-p) cut, and a draw from the row's
@@ -253,7 +253,7 @@ class Generator:
         the padding, position ids counted from each row's first real token (as transformers' generate), and a
         stop per row (a finished row is fed the end token until every row is done).
 
-        `guide` (stream.serving.constraint.Guide, one matcher per row) masks each row's logits before the
+        `guide` (stream.model.constraint.Guide, one matcher per row) masks each row's logits before the
         argmax. With `fast_forward`, the tokens its grammar forces after a sampled one (the rest of a number
         or of a window phrase: about half of a constrained text) join that token in the next step's input, so
         one decoder pass advances a row by several tokens; rows of different lengths in one step are

@@ -1,8 +1,8 @@
 """Print TRAIL's current top-N with explanations from the results store, and chart score history.
 
-    python -m stream.report                       # top 20 at the latest tick, embedded store
-    python -m stream.report --top 10 --png var/history.png --items 313,258
-    CLICKHOUSE_URL=http://localhost:8123 python -m stream.report
+    python -m stream.tools.report                       # top 20 at the latest tick, embedded store
+    python -m stream.tools.report --top 10 --png var/history.png --items 313,258
+    CLICKHOUSE_URL=http://localhost:8123 python -m stream.tools.report
 
 Reads the same store the sink writes (embedded chdb at TRAIL_CLICKHOUSE_PATH, or the server
 at CLICKHOUSE_URL) through the dashboard queries in deploy/dashboards/. The embedded store
@@ -118,7 +118,7 @@ def _store_config(args: argparse.Namespace, env: StoreConfig) -> StoreConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stream.report", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m stream.tools.report", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Store: CLICKHOUSE_URL / CLICKHOUSE_USER / CLICKHOUSE_PASSWORD / "
                                         "CLICKHOUSE_DATABASE, or the embedded TRAIL_CLICKHOUSE_PATH (./var/clickhouse).")

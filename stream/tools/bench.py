@@ -1,6 +1,6 @@
 """Throughput of the trend pipeline against its baselines, on a local broker, in one run.
 
-    python -m stream.bench --events 300000 --json [--faust-events 20000] [--partitions 4] [--synthetic]
+    python -m stream.tools.bench --events 300000 --json [--faust-events 20000] [--partitions 4] [--synthetic]
 
 Publishes N real Online Retail II events (the first N in time order; `--synthetic`
 for generated ones) to a fresh topic on a local Tansu broker (or `--bootstrap`), then
@@ -12,7 +12,7 @@ measures, reading the same topic each time:
 - `pipeline_events_per_s`: stream.ingest.worker.TrendWorker, the code `faust -A stream.app
   worker` runs, in this process: Kafka -> validation -> de-duplication -> lateness ->
   every window, distinct users, item lives, in the per-partition trend tables;
-- `faust_table_events_per_s`: the idiomatic Faust way (stream.bench_faust: an agent
+- `faust_table_events_per_s`: the idiomatic Faust way (stream.tools.bench_faust: an agent
   doing `table[item] += 1` plus a hopping windowed table) in a `faust worker`
   subprocess, on the first M events only (`--faust-events`; 0 skips it): it is slow.
 
@@ -44,7 +44,7 @@ import pandas as pd
 import structlog
 
 from stream.core.events import parse_batch
-from stream.replay import replay
+from stream.tools.replay import replay
 from stream.topics import Topics, ensure_topics
 from stream.ingest.worker import TrendWorker, consumer_settings
 from stream.settings import WorkerConfig, load_settings
@@ -176,7 +176,7 @@ def measure_faust(bootstrap: str, topic: str, partitions: int, m: int, workdir: 
            "TRAIL_BENCH_RESULT": str(result), "TRAIL_BENCH_PARTITIONS": str(partitions),
            "TRAIL_BENCH_APP_ID": f"trail-bench-{uuid.uuid4().hex[:8]}", "TRAIL_BENCH_DATADIR": str(workdir / "faust")}
     faust_bin = Path(sys.executable).with_name("faust")
-    cmd = [str(faust_bin), "-A", "stream.bench_faust", "worker", "--without-web", "-l", "warn"]
+    cmd = [str(faust_bin), "-A", "stream.tools.bench_faust", "worker", "--without-web", "-l", "warn"]
     logf = open(workdir / "faust.log", "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
@@ -269,7 +269,7 @@ async def run_bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m stream.bench",
+    ap = argparse.ArgumentParser(prog="python -m stream.tools.bench",
                                  description="Throughput of the trend pipeline vs raw consume, decode and "
                                              "idiomatic Faust, on a local broker. Prints one JSON object.")
     ap.add_argument("--events", type=int, default=300_000, help="events to publish and consume (default 300000)")
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.bootstrap:
             out = asyncio.run(run_bench(args, args.bootstrap, workdir))
         else:
-            from stream.broker import LocalBroker
+            from stream.tools.broker import LocalBroker
 
             with LocalBroker() as bootstrap:
                 out = asyncio.run(run_bench(args, bootstrap, workdir))

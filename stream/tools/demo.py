@@ -1,4 +1,4 @@
-"""TRAIL end to end on one machine: `./trail demo` (= `python -m stream.demo`).
+"""TRAIL end to end on one machine: `./trail demo` (= `python -m stream.tools.demo`).
 
     local broker (Tansu) ─► replay of a real log at an accelerated clock ─► trail.events
     faust -A stream.app worker (trend tables, scorer, explainer, ClickHouse sink)
@@ -10,7 +10,7 @@ topics, warm-up replay, worker, first prediction); the first run's ONNX export
 overlaps the broker, the topics and the warm-up replay. Ctrl-C (or --duration)
 stops the replay, then the worker (which stops in order: sink flushed, offsets
 committed, state saved), then the broker; nothing is left running. The results
-stay in the embedded ClickHouse store (`python -m stream.report`). The worker
+stay in the embedded ClickHouse store (`python -m stream.tools.report`). The worker
 logs to var/worker.log (the previous run's: var/worker.prev.log); when it dies,
 the demo stops with its last error lines and exit code 1.
 """
@@ -28,20 +28,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import orjson
 import structlog
 
-from stream.broker import LocalBroker
+from stream.tools.broker import LocalBroker
 from stream.topics import Topics, ensure_topics
-
-if TYPE_CHECKING:
-    from stream.settings import KafkaSecurity
+from stream.kafka import KafkaSecurity
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "trail-smollm2"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "trail-smollm2"
 DAY_MS = 86_400_000
 
 
@@ -173,7 +170,7 @@ DEMO_EXPORT_ARGS = ("--prompts", "12", "--explain", "2")
 
 def export_needed(model: Path, trend) -> bool:
     """The committed artefact carries the trained weights, not the ONNX files (1.3 GB): exported once."""
-    from stream.serving.artefact import Artefact, ArtefactError
+    from stream.model.artefact import Artefact, ArtefactError
 
     try:
         Artefact.load(model, trend)
@@ -294,7 +291,8 @@ async def run(args: argparse.Namespace) -> int:
     tasks: list[asyncio.Task] = []
     died = False
     try:
-        dataset = await asyncio.to_thread(load_dataset, args.events or args.dataset, args.items)
+        dataset = await asyncio.to_thread(load_dataset, args.events or args.dataset, args.items,
+                                          cache_dir=settings.cache_dir)
         events = dataset.events
         if args.start:
             start_ms = int(time.mktime(time.strptime(args.start, "%Y-%m-%d")) * 1000)
@@ -308,7 +306,7 @@ async def run(args: argparse.Namespace) -> int:
             progress("broker", f"local broker up at {bootstrap}")
         await ensure_topics(bootstrap, topics, kafka=kafka)
         progress("topics", ", ".join(s.name for s in topics.specs()))
-        from stream.replay import replay
+        from stream.tools.replay import replay
 
         warm = events[events["ts"] < events["ts"].iloc[0] + args.warmup_days * DAY_MS]
         rest = events.iloc[len(warm):]
@@ -380,7 +378,7 @@ async def run(args: argparse.Namespace) -> int:
         return 1
     print(board.render(args.top, titles, "final ranking"))
     print("\n" + "\n".join(progress.lines))
-    print(f"\nresults are in the store: ./trail py -m stream.report   "
+    print(f"\nresults are in the store: ./trail py -m stream.tools.report   "
           f"(embedded data: {var / 'clickhouse'}; worker log: {log_path})")
     return 0 if worker is None or worker.returncode in (0, -signal.SIGTERM, None) else 1
 
@@ -404,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--refresh", type=float, default=1.0, help="seconds between screen refreshes (1)")
     ap.add_argument("--bootstrap", help="HOST:PORT of an existing Kafka instead of the embedded broker")
     ap.add_argument("--model", default=str(DEFAULT_MODEL), help="TRAIL artefact directory (the committed one)")
-    ap.add_argument("--var", default="var", help="working directory: state, embedded ClickHouse (var/clickhouse, where stream.report looks), logs")
+    ap.add_argument("--var", default="var", help="working directory: state, embedded ClickHouse (var/clickhouse, where stream.tools.report looks), logs")
     ap.add_argument("--fresh", action="store_true", help="start from empty state and store")
     return ap
 

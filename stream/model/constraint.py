@@ -10,7 +10,7 @@ the model still chooses shape, phrasing and which facts to cite; it cannot emit 
 a wrong direction word, or a forecast other than the forced one. Once the grammar is complete,
 the only allowed token is the end token.
 
-Used by the stream's ONNX loop (`stream.serving.onnx_models.Generator.generate_batch`, numpy)
+Used by the stream's ONNX loop (`stream.model.onnx_models.Generator.generate_batch`, numpy)
 and by the trainer's torch `generate` (`trainer.explain_eval.GuideProcessor`) alike: the
 logits are a (B, V) float32 numpy array (a CPU torch tensor's `.numpy()` shares its memory).
 

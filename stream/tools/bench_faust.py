@@ -1,6 +1,6 @@
-"""The idiomatic Faust way of counting events, for `python -m stream.bench` to compare against.
+"""The idiomatic Faust way of counting events, for `python -m stream.tools.bench` to compare against.
 
-    faust -A stream.bench_faust worker --without-web      # started by stream.bench, configured by env
+    faust -A stream.tools.bench_faust worker --without-web      # started by stream.tools.bench, configured by env
 
 One agent over the events topic doing, per event, `counts[item] += 1` on a Table
 and `hopping[item] += 1` on a hopping windowed Table (1 h windows every 10 min,
@@ -11,7 +11,7 @@ until the bench stops it.
 
 Environment: the broker and its security from stream.settings (KAFKA_*); TRAIL_BENCH_TOPIC,
 TRAIL_BENCH_EVENTS, TRAIL_BENCH_RESULT, TRAIL_BENCH_APP_ID, TRAIL_BENCH_PARTITIONS and
-TRAIL_BENCH_DATADIR are set by stream.bench for this process only (not settings).
+TRAIL_BENCH_DATADIR are set by stream.tools.bench for this process only (not settings).
 """
 
 from __future__ import annotations

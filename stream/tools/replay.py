@@ -1,7 +1,7 @@
 """Publish a historical event log to Kafka: items to `trail.items`, events to `trail.events`.
 
-    python -m stream.replay --dataset retail --bootstrap 127.0.0.1:9092
-    python -m stream.replay --events log.csv --items items.csv --bootstrap ... --speed 3600
+    python -m stream.tools.replay --dataset retail --bootstrap 127.0.0.1:9092
+    python -m stream.tools.replay --events log.csv --items items.csv --bootstrap ... --speed 3600
 
 Events go out in timestamp order, keyed by item_id (Kafka's default murmur2
 partitioner, so any client agrees on an item's partition), as fast as possible or on
@@ -25,16 +25,14 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import orjson
 import structlog
 
 from stream.topics import Topics, ensure_topics
-
-if TYPE_CHECKING:
-    from stream.settings import KafkaSecurity
+from stream.kafka import KafkaSecurity
 
 log = structlog.get_logger(__name__)
 
@@ -239,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ap = argparse.ArgumentParser(
-        prog="python -m stream.replay",
+        prog="python -m stream.tools.replay",
         description="Publish a historical event log to Kafka (items first, then events in timestamp order).")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", choices=["retail", "ml100k"], help="a built-in dataset")
@@ -270,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     from stream.core.datasets import DatasetError, load_dataset
 
     try:
-        ds = load_dataset(args.dataset or args.events, args.items)
+        ds = load_dataset(args.dataset or args.events, args.items, cache_dir=settings.cache_dir)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    topics = dataclasses.replace(settings.worker.topics, events=args.topic or topics.events, items=args.items_topic or topics.items)
+    configured = settings.worker.topics
+    topics = dataclasses.replace(configured, events=args.topic or configured.events,
+                                 items=args.items_topic or configured.items)
     stats = asyncio.run(replay(ds.events, None if args.no_items else ds.items, args.bootstrap, topics=topics,
                                speed=args.speed, limit=args.limit, record_time=args.record_time,
                                create_topics=not args.no_create_topics, progress=not args.quiet,

@@ -1,0 +1,32 @@
+"""The serving parts' configuration (stream.settings fills it from the environment)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stream.core.decoding import EXPLAIN_TEMPERATURE, EXPLAIN_TOP_P
+from stream.model.item_states import DEFAULT_CACHE_ITEMS
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    model_dir: Path = Path("models/trail-smollm2")
+    publish_top: int = 0
+    batch: int | None = None  # item texts per encoder run
+    provider: str = "auto"
+    cache_items: int = DEFAULT_CACHE_ITEMS  # item states kept (LRU); ~2.6 kB each for SmolLM2-135M
+    warm_items: int = 20_000  # catalogue items encoded at start (~2 min on 2 CPU cores: under the consumer poll limit)
+    item_store_dir: Path | None = None  # the item-state store's directory (settings: <TRAIL_CACHE>/item_states);
+    # None: states are kept in memory only
+    horizon_days: float | None = None
+    threads: int | None = None
+    explain_top: int = 5
+    explain_by: str = "rise"
+    explain_threads: int | None = 1
+    explain_temperature: float = EXPLAIN_TEMPERATURE  # 0: greedy (stream.core.decoding)
+    explain_top_p: float = EXPLAIN_TOP_P
+    scores_topic: str = "trail.scores"
+    ranker_group: str = "trail-ranker"
+    grace_s: float = 10.0
+    catalogue_wait_s: float = 30.0
