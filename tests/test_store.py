@@ -52,8 +52,11 @@ def test_prediction_round_trips_the_json_contract():
     p = Prediction("A1", "2011-12-01T10:00:00Z", 0.25, 4.0, 3, {"count_7d": 5, "ema": 1.5}, "v1")
     d = orjson.loads(p.to_json())
     assert d == {"item_id": "A1", "tick": "2011-12-01T10:00:00.000Z", "score": 0.25, "predicted_count": 4.0,
-                 "rank": 3, "signals": {"count_7d": 5.0, "ema": 1.5}, "model_version": "v1"}
+                 "rank": 3, "signals": {"count_7d": 5.0, "ema": 1.5}, "model_version": "v1",
+                 "predicted_low": None, "predicted_high": None, "drivers": None}
     assert Prediction.from_json(p.to_json()) == p
+    old = {k: v for k, v in d.items() if k not in ("predicted_low", "predicted_high", "drivers")}
+    assert Prediction.from_dict(old) == p  # a record written before the range and drivers still reads
     assert Prediction.from_dict(d).tick == datetime(2011, 12, 1, 10, tzinfo=timezone.utc)
 
 
@@ -90,6 +93,20 @@ def test_bad_prediction_fields_are_rejected_with_a_clear_message(kwargs, message
               "signals": {"count_7d": 1.0}, "model_version": "m"} | kwargs
     with pytest.raises(RecordError, match=message):
         Prediction(**fields)
+
+
+def test_prediction_carries_its_range_and_drivers():
+    p = Prediction("A1", T0, 0.25, 40.0, 1, {"count_7d": 26}, "v1", predicted_low=28, predicted_high=55.5,
+                   drivers={"trend": 0.4, "season": -0.1})
+    d = orjson.loads(p.to_json())
+    assert (d["predicted_low"], d["predicted_high"], d["drivers"]) == (28.0, 55.5, {"trend": 0.4, "season": -0.1})
+    assert Prediction.from_json(p.to_json()) == p
+    with pytest.raises(RecordError, match="both or neither"):
+        Prediction("A1", T0, 0.25, 40.0, 1, {}, "v1", predicted_low=28)
+    with pytest.raises(RecordError, match="0 <= predicted_low <= predicted_high"):
+        Prediction("A1", T0, 0.25, 40.0, 1, {}, "v1", predicted_low=60, predicted_high=55)
+    with pytest.raises(RecordError, match=r"drivers\['trend'\] must be finite"):
+        Prediction("A1", T0, 0.25, 40.0, 1, {}, "v1", drivers={"trend": float("nan")})
 
 
 def test_from_dict_names_missing_fields():
@@ -151,7 +168,8 @@ def test_schema_is_created_once_and_matches_the_insert_layout(store):
     config, client = store
     assert ensure_schema(client, config) == []  # second start-up: nothing to apply
     rows = client.query(f"SELECT version, name FROM {MIGRATIONS_TABLE} FINAL ORDER BY version").result_rows
-    assert rows == [(1, "001_results"), (2, "002_explanation_provenance"), (3, "003_explanation_reason")]
+    assert rows == [(1, "001_results"), (2, "002_explanation_provenance"), (3, "003_explanation_reason"),
+                    (4, "004_prediction_range")]
     for table in RESULT_TABLES:
         described = [(r[0], r[1]) for r in client.query(f"DESCRIBE TABLE {table}").result_rows]
         assert described == list(TABLE_COLUMNS[table]), table
@@ -165,10 +183,10 @@ def test_a_new_migration_file_is_applied_on_the_next_start(store, tmp_path):
     ddl.mkdir()
     for m in sorted(config.ddl_dir.glob("*.sql")):
         (ddl / m.name).write_text(m.read_text())
-    (ddl / "004_extra.sql").write_text(
+    (ddl / "900_extra.sql").write_text(
         "ALTER TABLE trail_predictions ADD COLUMN IF NOT EXISTS region LowCardinality(String) DEFAULT '';\n")
     config2 = StoreConfig(path=config.path, ttl_days=config.ttl_days, ddl_dir=ddl)
-    assert ensure_schema(client, config2) == [4]
+    assert ensure_schema(client, config2) == [900]
     assert "region" in [r[0] for r in client.query("DESCRIBE TABLE trail_predictions").result_rows]
     assert ensure_schema(client, config2) == []
 
@@ -183,10 +201,27 @@ def test_explanation_provenance_migrates_a_version_1_store(tmp_path):
     assert ensure_schema(client, config) == [1]
     client.command("INSERT INTO trail_explanations (item_id, tick, model_version, rank, explanation, faithful, "
                    "claims_checked, written_at) VALUES ('a', '2011-01-01 00:00:00', 'v', 1, 'old text', true, 2, now64(3))")
-    assert ensure_schema(client, StoreConfig(path=config.path)) == [2, 3]
+    assert ensure_schema(client, StoreConfig(path=config.path)) == [2, 3, 4]
     row = client.query("SELECT explanation, raw_explanation, repaired, forecast, forecast_agrees, reason "
                        "FROM trail_explanations FINAL").result_rows
     assert row == [("old text", "old text", False, None, False, None)]
+    client.close()
+
+
+def test_prediction_range_migrates_a_version_3_store(tmp_path):
+    """A store written before 004: old predictions read with no range and no drivers."""
+    v3 = tmp_path / "ddl-v3"
+    v3.mkdir()
+    for f in sorted(DEFAULT_DDL_DIR.glob("00[123]_*.sql")):
+        (v3 / f.name).write_text(f.read_text())
+    config = StoreConfig(path=tmp_path / "ch", ddl_dir=v3)
+    client = connect(config)
+    assert ensure_schema(client, config) == [1, 2, 3]
+    client.command("INSERT INTO trail_predictions (item_id, tick, model_version, score, predicted_count, rank, signals, "
+                   "written_at) VALUES ('a', '2011-01-01 00:00:00', 'v', 1.0, 3.0, 1, map('count_7d', 2.0), now64(3))")
+    assert ensure_schema(client, StoreConfig(path=config.path)) == [4]
+    row = client.query("SELECT predicted_count, predicted_low, predicted_high, drivers FROM trail_predictions FINAL").result_rows
+    assert row == [(3.0, None, None, {})]
     client.close()
 
 
@@ -196,15 +231,19 @@ def test_insert_and_read_back_every_field(store):
     _, client = store
     now = datetime.now(timezone.utc).replace(microsecond=0)
     p = pred("A")
+    ranged = Prediction("R", T0, 0.4, 40.0, 2, {"count_7d": 26.0}, "m1", predicted_low=28.0, predicted_high=55.0,
+                        drivers={"trend": 0.3, "neighbourhood": 0.1})
     e = Explanation("A", T0, 1, "Sales doubled: 8 in the last 7 days vs 4 before.", False, 3, "m1")
     why = Explanation("B", T0, 2, "Likely to fall: 8 in the last 7 days, up from 4, but already above its 28-day pace.",
                       True, 4, "m1", forecast="fall", reason="level")
     s = TrendSnapshot("A", T0, {"count_7d": 8.0}, "signals-v1")
-    for r in (p, e, why, s):
+    for r in (p, ranged, e, why, s):
         insert_records(client, r.table, [r], [now])
-    got = client.query("SELECT item_id, tick, model_version, score, predicted_count, rank, signals "
-                       "FROM trail_predictions FINAL").result_rows
-    assert got == [("A", T0.replace(tzinfo=None), "m1", 0.5, 3.0, 1, {"count_7d": 2.0, "velocity_7d": 1.0})]
+    got = client.query("SELECT item_id, tick, model_version, score, predicted_count, rank, signals, predicted_low, "
+                       "predicted_high, drivers FROM trail_predictions FINAL ORDER BY item_id").result_rows
+    assert got == [("A", T0.replace(tzinfo=None), "m1", 0.5, 3.0, 1, {"count_7d": 2.0, "velocity_7d": 1.0}, None, None, {}),
+                   ("R", T0.replace(tzinfo=None), "m1", 0.4, 40.0, 2, {"count_7d": 26.0}, 28.0, 55.0,
+                    {"trend": 0.3, "neighbourhood": 0.1})]
     got = client.query("SELECT explanation, faithful, claims_checked, reason FROM trail_explanations FINAL "
                        "ORDER BY item_id").result_rows
     assert got == [(e.explanation, False, 3, None), (why.explanation, True, 4, "level")]

@@ -106,10 +106,14 @@ def _count(name: str, value: Any, minimum: int) -> int:
     return as_int
 
 
-def _signals(value: Any) -> dict[str, float]:
+def _mapping(name: str, value: Any) -> Mapping[Any, Any]:
     if not isinstance(value, Mapping):
-        raise RecordError(f"signals must be a mapping of name -> number, got {type(value).__name__}")
-    return {_text("signal name", k): _number(f"signals[{k!r}]", v) for k, v in value.items()}
+        raise RecordError(f"{name} must be a mapping of name -> number, got {type(value).__name__}")
+    return value
+
+
+def _signals(value: Any) -> dict[str, float]:
+    return {_text("signal name", k): _number(f"signals[{k!r}]", v) for k, v in _mapping("signals", value).items()}
 
 
 def load_json(raw: bytes | str, kind: str, error: type[ValueError] = RecordError) -> Any:
@@ -133,12 +137,14 @@ class _Record:
 
     table: ClassVar[str]
     _fields: ClassVar[tuple[str, ...]]
+    _optional: ClassVar[tuple[str, ...]] = ()  # fields that records written before them may lack
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self._fields}
         out["tick"] = tick_iso(out["tick"])
-        if "signals" in out:
-            out["signals"] = dict(out["signals"])
+        for name in ("signals", "drivers"):
+            if out.get(name) is not None:
+                out[name] = dict(out[name])
         return out
 
     def to_json(self) -> bytes:
@@ -146,8 +152,8 @@ class _Record:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]):
-        _require(data, cls._fields, cls.__name__)
-        return cls(**{name: data[name] for name in cls._fields})
+        _require(data, tuple(n for n in cls._fields if n not in cls._optional), cls.__name__)
+        return cls(**{name: data[name] for name in cls._fields if name in data})
 
     @classmethod
     def from_json(cls, raw: bytes | str):
@@ -170,9 +176,16 @@ class Prediction(_Record):
     rank: int
     signals: dict[str, float]
     model_version: str
+    # the count's 80% range (its 10% and 90% quantiles); None from a model without quantile heads
+    predicted_low: float | None = None
+    predicted_high: float | None = None
+    # each input group's contribution to the score (trend, level, neighbourhood, season, text); None: not attributed
+    drivers: dict[str, float] | None = None
 
     table: ClassVar[str] = "trail_predictions"
-    _fields: ClassVar[tuple[str, ...]] = ("item_id", "tick", "score", "predicted_count", "rank", "signals", "model_version")
+    _fields: ClassVar[tuple[str, ...]] = ("item_id", "tick", "score", "predicted_count", "rank", "signals", "model_version",
+                                          "predicted_low", "predicted_high", "drivers")
+    _optional: ClassVar[tuple[str, ...]] = ("predicted_low", "predicted_high", "drivers")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "item_id", _text("item_id", self.item_id))
@@ -185,6 +198,18 @@ class Prediction(_Record):
         object.__setattr__(self, "rank", _count("rank", self.rank, 1))
         object.__setattr__(self, "signals", _signals(self.signals))
         object.__setattr__(self, "model_version", _text("model_version", self.model_version))
+        low, high = self.predicted_low, self.predicted_high
+        if (low is None) != (high is None):
+            raise RecordError("predicted_low and predicted_high come together (both or neither)")
+        if low is not None:
+            low, high = _number("predicted_low", low), _number("predicted_high", high)
+            if not 0 <= low <= high:
+                raise RecordError(f"the range must satisfy 0 <= predicted_low <= predicted_high, got [{low}, {high}]")
+            object.__setattr__(self, "predicted_low", low)
+            object.__setattr__(self, "predicted_high", high)
+        if self.drivers is not None:
+            object.__setattr__(self, "drivers", {_text("driver name", k): _number(f"drivers[{k!r}]", v)
+                                                 for k, v in _mapping("drivers", self.drivers).items()})
 
 
 @dataclass(frozen=True, slots=True)

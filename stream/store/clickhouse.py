@@ -53,8 +53,9 @@ _SIGNALS = "Map(LowCardinality(String), Float64)"
 TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
     Prediction.table: (
         ("item_id", "String"), ("tick", _TS), ("model_version", "LowCardinality(String)"),
-        ("score", "Float64"), ("predicted_count", "Float64"), ("rank", "UInt32"),
-        ("signals", _SIGNALS), ("written_at", _TS),
+        ("score", "Float64"), ("predicted_count", "Float64"), ("predicted_low", "Nullable(Float64)"),
+        ("predicted_high", "Nullable(Float64)"), ("rank", "UInt32"), ("signals", _SIGNALS), ("drivers", _SIGNALS),
+        ("written_at", _TS),
     ),
     Explanation.table: (
         ("item_id", "String"), ("tick", _TS), ("model_version", "LowCardinality(String)"),
@@ -253,10 +254,12 @@ def set_ttl(client: Client, ttl_days: int, tables: Sequence[str] = RESULT_TABLES
 def to_columns(table: str, records: Sequence[Any], written_at: Sequence[datetime]) -> list[list[Any]]:
     """Column-oriented data for `TABLE_COLUMNS[table]` (one list per column, rows in order)."""
     names = [name for name, _ in TABLE_COLUMNS[table]]
+    maps = {name for name, kind in TABLE_COLUMNS[table] if kind.startswith("Map(")}  # a Map is never NULL: {} stands for None
     columns: list[list[Any]] = [[] for _ in names]
     for record, stamp in zip(records, written_at, strict=True):
         for i, name in enumerate(names):
-            columns[i].append(stamp if name == "written_at" else getattr(record, name))
+            value = stamp if name == "written_at" else getattr(record, name)
+            columns[i].append({} if value is None and name in maps else value)
     return columns
 
 
