@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -162,6 +162,17 @@ def _num(v: Any) -> float | None:
     return None if math.isnan(f) or math.isinf(f) else f
 
 
+def _utc(v: Any) -> Any:
+    """The store's DateTime64(3, 'UTC') values arrive naive (chdb) or aware (HTTP): aware UTC either way."""
+    if isinstance(v, datetime) and v.tzinfo is None:
+        return v.replace(tzinfo=timezone.utc)
+    return v
+
+
+def _rows(column_names: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    return [{k: _utc(v) for k, v in zip(column_names, row)} for row in rows]
+
+
 def _missing_table(e: Exception) -> bool:
     text = str(e)
     return "UNKNOWN_TABLE" in text or "UNKNOWN_DATABASE" in text or "doesn't exist" in text or "does not exist" in text
@@ -197,10 +208,11 @@ class StoreReader:
 
     def _query(self, sql: str, parameters: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
         r = self.client().query(sql, parameters=dict(parameters or {}))
-        return [dict(zip(r.column_names, row)) for row in r.result_rows]
+        return _rows(r.column_names, r.result_rows)
 
     def _dashboard(self, name: str, params: DashboardParams, directory: Path = dashboards.DASHBOARD_DIR) -> list[dict]:
-        return [dict(r) for r in dashboards.as_records(dashboards.run(self.client(), name, params, directory))]
+        r = dashboards.run(self.client(), name, params, directory)
+        return _rows(r.column_names, r.result_rows)
 
     def ping(self) -> bool:
         self.client().query("SELECT 1")
@@ -212,8 +224,8 @@ class StoreReader:
 
     def status(self) -> Status:
         try:
-            rows = self._query("SELECT count() AS n, max(tick) AS tick, argMax(model_version, tick) AS model_version, "
-                               "uniqExact(tick) AS ticks, max(written_at) AS written_at FROM trail_predictions")
+            rows = self._query("SELECT count() AS n, max(tick) AS latest, argMax(model_version, tick) AS model, "
+                               "uniqExact(tick) AS ticks, max(written_at) AS last_write FROM trail_predictions")
         except Exception as e:  # noqa: BLE001 - no table yet: the sink has not created the schema
             if _missing_table(e):
                 return Status()
@@ -222,9 +234,9 @@ class StoreReader:
         if not r["n"]:
             return Status()
         latest = self._query("SELECT count() AS n FROM trail_predictions FINAL WHERE tick = {t:DateTime64(3, 'UTC')}",
-                             {"t": r["tick"]})
-        return Status(tick=r["tick"], model_version=r["model_version"], items=int(latest[0]["n"]),
-                      ticks=int(r["ticks"]), written_at=r["written_at"])
+                             {"t": r["latest"]})
+        return Status(tick=r["latest"], model_version=r["model"], items=int(latest[0]["n"]),
+                      ticks=int(r["ticks"]), written_at=r["last_write"])
 
     def _optional(self) -> list[str]:
         have = self.columns("trail_predictions")
@@ -269,7 +281,7 @@ class StoreReader:
                 "        WHERE tick <= {tick:DateTime64(3, 'UTC')} ORDER BY t DESC LIMIT {n:UInt32}))"
                 "  ORDER BY item_id, tick) GROUP BY item_id",
                 {"sig": self.config.spark_signal, "items": ids, "tick": tick, "n": self.config.spark_ticks}):
-            by_id[r["item_id"]].recent = [(t, float(n)) for t, n in r["points"]]
+            by_id[r["item_id"]].recent = [(_utc(t), float(n)) for t, n in r["points"]]
         return Movers(status, movers, self.config.spark_signal)
 
     def item(self, item_id: str, *, ticks: int | None = None) -> ItemPage | None:

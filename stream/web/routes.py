@@ -16,6 +16,7 @@ answer a 503; HTML for the pages, JSON ({"error": ...}) for /api/*.
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ import structlog
 from aiohttp import web
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
 
+from stream.core.records import tick_iso
 from stream.web import views
 from stream.web.metrics import CONTENT_TYPE, Metrics
 from stream.web.reader import MAX_ITEM_ID, AsyncReader, PageConfig, StoreReader, StoreUnavailable
@@ -64,14 +66,19 @@ def only(query: Mapping[str, str], *known: str) -> None:
 
 
 def _default(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return dataclasses.asdict(obj)
+    if isinstance(obj, datetime):
+        return tick_iso(obj)  # as the records on Kafka write ticks: 2011-12-01T00:00:00.000Z
     raise TypeError
 
 
+def _plain(data: Any) -> Any:
+    return dataclasses.asdict(data) if dataclasses.is_dataclass(data) else data
+
+
 def json_response(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(data, default=_default, option=orjson.OPT_NON_STR_KEYS), status=status,
-                        content_type="application/json")
+    body = orjson.dumps(_plain(data), default=_default,
+                        option=orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME)
+    return web.Response(body=body, status=status, content_type="application/json")
 
 
 class TrailPages:
