@@ -98,7 +98,8 @@ def test_movers_page_and_api_show_the_latest_ranking(store):
     texts = {e.item_id: e.explanation for e in data.explanations if e.tick == last}
     (s1, ct1, html), (s2, ct2, body) = get(app, "/", "/api/movers?top=12")
     assert (s1, s2) == (200, 200) and ct1.startswith("text/html") and ct2.startswith("application/json")
-    rows = re.findall(r'<tr class="mover">(.*?)</tr>', html, re.S)
+    table = re.search(r'<table id="movers">.*?</table>', html, re.S).group(0)
+    rows = re.findall(r'<tr class="mover">(.*?)</tr>', table, re.S)
     assert len(rows) == CONFIG.top_n
     assert f'href="/items/{want[0].item_id}"' in rows[0] and "<polyline" in rows[0] and "✓" in rows[0]
     assert "model recentpop-ml100k" in html and last.strftime("%Y-%m-%d %H:%M UTC") in html
@@ -108,6 +109,12 @@ def test_movers_page_and_api_show_the_latest_ranking(store):
     assert api["status"]["model_version"] == MODEL and api["status"]["items"] == len(want)
     assert [(m["rank"], m["item_id"]) for m in api["movers"]] == [(p.rank, p.item_id) for p in want[:12]]
     assert [m["explanation"] for m in api["movers"]] == [texts.get(p.item_id) for p in want[:12]]
+    # the movers the explainer explained (here the top 10 of every tick), with their texts and marks
+    assert [(m["rank"], m["explanation"]) for m in api["explained"]] == \
+        [(p.rank, texts[p.item_id]) for p in want if p.item_id in texts]
+    assert api["explained_tick"] == api["status"]["tick"] and api["explained"][0]["faithful"] is True
+    explained = re.search(r'<table id="explained">.*?</table>', html, re.S).group(0)
+    assert explained.count('<tr class="mover">') == len(texts) and explained.count("✓") == len(texts)
     m0 = api["movers"][0]
     assert m0["predicted_count"] == pytest.approx(want[0].predicted_count)
     # the last tick (index 15) has no range: shown as none, not as zeros
@@ -147,7 +154,8 @@ def test_item_page_charts_predicted_against_realised(store):
     (status, _, html), (_, _, body) = get(app, f"/items/{item}", f"/api/items/{item}")
     assert status == 200
     svg = re.search(r'<svg id="item-chart".*?</svg>', html, re.S).group(0)
-    assert re.search(r'<path class="pred" d="M[\d.]+,[\d.]+ L', svg) and 'class="real"' in svg
+    assert re.search(r'<path class="pred" d="M[\d.]+,[\d.]+ L', svg)
+    assert re.search(r'<path class="real" d="M[\d.]+,[\d.]+ L', svg)
     import orjson
 
     page = orjson.loads(body)

@@ -106,8 +106,11 @@ class Mover:
 @dataclass
 class Movers:
     status: Status
-    movers: list[Mover]
+    movers: list[Mover]  # the latest tick's top N
     spark_signal: str
+    explained: list[Mover] = field(default_factory=list)  # the movers explained at `explained_tick`
+    explained_tick: datetime | None = None
+    tick: datetime | None = None
 
 
 @dataclass
@@ -215,7 +218,12 @@ class StoreReader:
         return _rows(r.column_names, r.result_rows)
 
     def ping(self) -> bool:
-        self.client().query("SELECT 1")
+        """The store answers (a database the sink has not created yet is an answer too)."""
+        try:
+            self.client().query("SELECT 1")
+        except Exception as e:  # noqa: BLE001
+            if not _missing_table(e):
+                raise
         return True
 
     def columns(self, table: str) -> set[str]:
@@ -243,10 +251,13 @@ class StoreReader:
         return [c for c in OPTIONAL_PREDICTION_COLUMNS if c in have]
 
     def movers(self, top_n: int) -> Movers:
+        """The latest tick's top `top_n`, and the movers the explainer explained at its latest explained tick
+        (explanations trail the ranking by the time generation takes)."""
         status = self.status()
         if status.waiting:
             return Movers(status, [], self.config.spark_signal)
-        rows = self._dashboard("top_n", DashboardParams(top_n=top_n, model_version=status.model_version or ""))
+        mv = status.model_version or ""
+        rows = self._dashboard("top_n", DashboardParams(top_n=top_n, model_version=mv))
         movers = [Mover(rank=int(r["rank"]), item_id=r["item_id"], score=float(r["score"]),
                         predicted_count=float(r["predicted_count"]), signals=dict(r["signals"] or {}),
                         explanation=r.get("explanation"), faithful=r.get("faithful"),
@@ -255,6 +266,30 @@ class StoreReader:
         if not movers:
             return Movers(status, [], self.config.spark_signal)
         tick = rows[0]["tick"]
+        self._fill(movers, tick, mv)
+        explained = [Mover(rank=int(r["rank"]), item_id=r["item_id"], score=float(r["score"]),
+                           predicted_count=float(r["predicted_count"]), signals=dict(r["signals"] or {}),
+                           explanation=r["explanation"], faithful=bool(r["faithful"]), repaired=bool(r["repaired"]),
+                           claims_checked=int(r["claims_checked"]), forecast=r["forecast"], reason=r.get("reason"))
+                     for r in self._query(
+                         "WITH (SELECT max(tick) FROM trail_explanations WHERE model_version = {mv:String}) AS t "
+                         "SELECT e.item_id AS item_id, e.tick AS tick, e.rank AS rank, e.explanation AS explanation, "
+                         "e.faithful AS faithful, e.repaired AS repaired, e.claims_checked AS claims_checked, "
+                         "e.forecast AS forecast, e.reason AS reason, p.score AS score, "
+                         "p.predicted_count AS predicted_count, p.signals AS signals "
+                         "FROM (SELECT * FROM trail_explanations FINAL WHERE tick = t AND model_version = {mv:String}) AS e "
+                         "JOIN (SELECT item_id, score, predicted_count, signals FROM trail_predictions FINAL "
+                         "      WHERE tick = t AND model_version = {mv:String}) AS p ON p.item_id = e.item_id "
+                         "ORDER BY e.rank, e.item_id", {"mv": mv})]
+        explained_tick = None
+        if explained:
+            explained_tick = self._query("SELECT max(tick) AS t FROM trail_explanations WHERE model_version = {mv:String}",
+                                         {"mv": mv})[0]["t"]
+            self._fill(explained, explained_tick, mv)
+        return Movers(status, movers, self.config.spark_signal, explained, explained_tick, tick)
+
+    def _fill(self, movers: list[Mover], tick: datetime, mv: str) -> None:
+        """The range and drivers (when the store has them), the repair mark and the sparkline of `movers` at `tick`."""
         ids = [m.item_id for m in movers]
         by_id = {m.item_id: m for m in movers}
         extra = self._optional()
@@ -263,14 +298,14 @@ class StoreReader:
                     f"SELECT item_id, {', '.join(extra)} FROM trail_predictions FINAL "  # names from our own list
                     "WHERE tick = {tick:DateTime64(3, 'UTC')} AND model_version = {mv:String} "
                     "AND has({items:Array(String)}, item_id)",
-                    {"tick": tick, "mv": rows[0]["model_version"], "items": ids}):
+                    {"tick": tick, "mv": mv, "items": ids}):
                 m = by_id[r["item_id"]]
                 m.predicted_low, m.predicted_high = _num(r.get("predicted_low")), _num(r.get("predicted_high"))
                 m.drivers = dict(r["drivers"]) if r.get("drivers") else None
         for r in self._query(
                 "SELECT item_id, repaired FROM trail_explanations FINAL WHERE tick = {tick:DateTime64(3, 'UTC')} "
                 "AND model_version = {mv:String} AND has({items:Array(String)}, item_id)",
-                {"tick": tick, "mv": rows[0]["model_version"], "items": ids}):
+                {"tick": tick, "mv": mv, "items": ids}):
             by_id[r["item_id"]].repaired = bool(r["repaired"])
         for r in self._query(
                 "SELECT item_id, groupArray((tick, n)) AS points FROM ("
@@ -282,7 +317,6 @@ class StoreReader:
                 "  ORDER BY item_id, tick) GROUP BY item_id",
                 {"sig": self.config.spark_signal, "items": ids, "tick": tick, "n": self.config.spark_ticks}):
             by_id[r["item_id"]].recent = [(_utc(t), float(n)) for t, n in r["points"]]
-        return Movers(status, movers, self.config.spark_signal)
 
     def item(self, item_id: str, *, ticks: int | None = None) -> ItemPage | None:
         """The item's predictions, counts and explanations; None when the store has never seen it."""

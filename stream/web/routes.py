@@ -174,7 +174,7 @@ class TrailPages:
 
     async def item(self, request: web.Request) -> web.Response:
         page = await self._item(request)
-        return web.Response(text=views.item_page(page, self.config.count_signal), content_type="text/html")
+        return web.Response(text=views.item_page(page, self.config.count_signal, self.config.horizon_hours), content_type="text/html")
 
     async def api_item(self, request: web.Request) -> web.Response:
         return json_response(await self._item(request))

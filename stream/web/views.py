@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from html import escape
 from urllib.parse import quote
 
@@ -119,18 +119,14 @@ def _drivers(d: dict[str, float] | None) -> str:
 
 def _explanation(m: Mover) -> str:
     if m.explanation is None:
-        return '<span class="muted">not explained (only the top movers are)</span>'
+        return '<span class="muted" title="the explainer explains the biggest movers of each tick">–</span>'
     reason = f'<span class="reason">{escape(m.reason)}</span>' if m.reason else ""
     return f"{mark(m.faithful, m.repaired)} {escape(m.explanation)}{reason}"
 
 
-def movers_page(data: Movers, top_n: int) -> str:
-    s = data.status
-    if s.waiting or not data.movers:
-        return layout("Movers", s, waiting_block(), refresh_s=5)
-    has_range = any(m.predicted_low is not None for m in data.movers)
+def _mover_rows(movers: Sequence[Mover]) -> str:
     rows = []
-    for m in data.movers:
+    for m in movers:
         name = escape(m.title) if m.title else escape(m.item_id)
         sub = f'<div class="muted">{escape(m.item_id)}</div>' if m.title else ""
         rng = (f'<div class="range">{_fmt(m.predicted_low)}–{_fmt(m.predicted_high)}</div>'
@@ -140,13 +136,25 @@ def movers_page(data: Movers, top_n: int) -> str:
             f'<td><a href="/items/{quote(m.item_id, safe="")}">{name}</a>{sub}</td>'
             f'<td class="num">{m.score:.3f}</td><td class="num">{_fmt(m.predicted_count)}{rng}</td>'
             f"<td>{sparkline(m.recent)}</td><td>{_explanation(m)}{_drivers(m.drivers)}</td></tr>")
+    has_range = any(m.predicted_low is not None for m in movers)
     pred_head = "predicted (10–90 %)" if has_range else "predicted"
-    body = (f"<h2>Top {len(data.movers)} at {_when(s.tick)}</h2>"
+    return (f"<thead><tr><th>#</th><th>item</th><th>score</th><th>{pred_head}</th><th>recent counts</th>"
+            f"<th>explanation</th></tr></thead><tbody>{''.join(rows)}</tbody>")
+
+
+def movers_page(data: Movers, top_n: int) -> str:
+    s = data.status
+    if s.waiting or not data.movers:
+        return layout("Movers", s, waiting_block(), refresh_s=5)
+    explained = ""
+    if data.explained:
+        explained = (f"<h2>Movers explained at {_when(data.explained_tick)}</h2>"
+                     f'<table id="explained">{_mover_rows(data.explained)}</table>')
+    body = (explained + f"<h2>Top {len(data.movers)} at {_when(data.tick or s.tick)}</h2>"
             f'<p class="muted">Predicted: the item\'s count over the next forecast period. Sparkline: '
             f"{escape(data.spark_signal)} over the last ticks. ✓ every claim checked true, ✎ faithful after repair, "
             f"✗ a claim is false.</p>"
-            f'<table id="movers"><thead><tr><th>#</th><th>item</th><th>score</th><th>{pred_head}</th>'
-            f"<th>recent counts</th><th>explanation</th></tr></thead><tbody>{''.join(rows)}</tbody></table>")
+            f'<table id="movers">{_mover_rows(data.movers)}</table>')
     return layout("Movers", s, body, refresh_s=15)
 
 
@@ -165,46 +173,46 @@ def _axes(width: int, height: int, pad: int, t0: datetime, t1: datetime, y_max: 
             f'<text x="{pad + 4}" y="18">{escape(y_label)}</text>')
 
 
-def item_chart(page: ItemPage, count_signal: str, width: int = 860, height: int = 280) -> str:
+def item_chart(page: ItemPage, count_signal: str, horizon_hours: int, width: int = 860, height: int = 280) -> str:
+    """Predicted against realised on one time axis, the end of each forecast period: the forecast made at tick t
+    for (t, t + horizon] is drawn at t + horizon, where the count over the horizon window that ended there (the
+    trend snapshots' `count_signal`) is what happened in that period."""
+    h = timedelta(hours=horizon_hours)
     pts = page.predictions
     counts = page.counts
-    ticks = [p.tick for p in pts] + [t for t, _ in counts]
+    ticks = [p.tick + h for p in pts] + [t for t, _ in counts]
     if not ticks:
         return '<p class="muted">nothing to chart yet</p>'
     t0, t1 = min(ticks), max(ticks)
-    values = ([p.predicted_count for p in pts] + [p.realised_count or 0 for p in pts] + [v for _, v in counts]
-              + [p.predicted_high or 0 for p in pts])
+    values = [p.predicted_count for p in pts] + [v for _, v in counts] + [p.predicted_high or 0 for p in pts]
     y_max = max(values + [1.0])
     pad = 44
     x = _scale(t0.timestamp(), t1.timestamp() if t1 > t0 else t0.timestamp() + 1, pad, width - 8)
     y = _scale(0, y_max, height - pad, 8)
-    parts = [_axes(width, height, pad, t0, t1, y_max, f"{count_signal} per forecast period")]
+    parts = [_axes(width, height, pad, t0, t1, y_max, f"{count_signal}: count per forecast period, at its end")]
     band = [p for p in pts if p.predicted_low is not None and p.predicted_high is not None]
     if len(band) >= 2:
-        upper = " ".join(f"{x(p.tick.timestamp()):.1f},{y(p.predicted_high):.1f}" for p in band)
-        lower = " ".join(f"{x(p.tick.timestamp()):.1f},{y(p.predicted_low):.1f}" for p in reversed(band))
+        upper = " ".join(f"{x((p.tick + h).timestamp()):.1f},{y(p.predicted_high):.1f}" for p in band)
+        lower = " ".join(f"{x((p.tick + h).timestamp()):.1f},{y(p.predicted_low):.1f}" for p in reversed(band))
         parts.append(f'<polygon class="band" points="{upper} {lower}"><title>10–90 % range</title></polygon>')
     if counts:
-        parts.append(f'<path class="now" d="{_polyline([x(t.timestamp()) for t, _ in counts], [y(v) for _, v in counts])}">'
-                     f"<title>count so far ({escape(count_signal)})</title></path>")
-    xs = [x(p.tick.timestamp()) for p in pts]
+        parts.append(f'<path class="real" d="{_polyline([x(t.timestamp()) for t, _ in counts], [y(v) for _, v in counts])}">'
+                     f"<title>what happened: {escape(count_signal)} at each tick</title></path>")
     if pts:
+        xs = [x((p.tick + h).timestamp()) for p in pts]
         parts.append(f'<path class="pred" d="{_polyline(xs, [y(p.predicted_count) for p in pts])}">'
-                     "<title>predicted at the tick</title></path>")
-        real = [None if p.realised_count is None else y(p.realised_count) for p in pts]
-        if any(v is not None for v in real):
-            parts.append(f'<path class="real" d="{_polyline(xs, real)}"><title>what then happened</title></path>')
-        if len(pts) == 1:  # one tick: a dot, so the chart is not empty
+                     "<title>forecast, drawn at the end of its period</title></path>")
+        if len(pts) == 1:  # one tick: a dot, so the forecast shows
             parts.append(f'<circle cx="{xs[0]:.1f}" cy="{y(pts[0].predicted_count):.1f}" r="3" fill="#1d6fd1"/>')
-    legend = ('<div class="legend"><span><i class="sw" style="background:#1d6fd1"></i>predicted at the tick, for the '
-              'period after it</span><span><i class="sw" style="background:#d1495b"></i>realised in that period</span>'
-              '<span><i class="sw" style="background:#8a949e"></i>count up to the tick</span>'
+    legend = ('<div class="legend"><span><i class="sw" style="background:#1d6fd1"></i>predicted for the period ending '
+              'here</span><span><i class="sw" style="background:#d1495b"></i>realised: the count over the period '
+              'ending here</span>'
               + ('<span><i class="sw" style="background:#b9d3f3"></i>10–90 % range</span>' if band else "") + "</div>")
     return (f'<svg id="item-chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
             f'style="background:#fff">{"".join(parts)}</svg>{legend}')
 
 
-def item_page(page: ItemPage, count_signal: str) -> str:
+def item_page(page: ItemPage, count_signal: str, horizon_hours: int) -> str:
     name = escape(page.title or page.item_id)
     latest = page.predictions[-1] if page.predictions else None
     summary = ""
@@ -229,7 +237,7 @@ def item_page(page: ItemPage, count_signal: str) -> str:
                      f'<td class="num">{p.score:.3f}</td><td class="num">{_fmt(p.predicted_count)}{rng}</td>'
                      f'<td class="num">{_fmt(p.realised_count)}</td><td class="num">{_fmt(p.count_now)}</td></tr>')
     body = (f"<h2>{name}</h2>" + (f'<p class="muted">item {escape(page.item_id)}</p>' if page.title else "")
-            + summary + item_chart(page, count_signal)
+            + summary + item_chart(page, count_signal, horizon_hours)
             + "<h3>Explanations</h3>" + expl
             + '<h3>Predictions (latest 50)</h3><table id="predictions"><thead><tr><th>tick</th><th>rank</th>'
               "<th>score</th><th>predicted</th><th>realised</th><th>count so far</th></tr></thead>"
