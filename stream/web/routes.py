@@ -148,7 +148,7 @@ class TrailPages:
         only(request.query, "top")
         top = int_param(request.query, "top", self.config.top_n, 1, 500)
         data = await self._read(self._store().reader.movers, top)
-        for m in data.movers:
+        for m in data.movers + data.explained:
             m.title = self.title(m.item_id)
         return data, top
 

@@ -241,7 +241,9 @@ def item_page(page: ItemPage, count_signal: str, horizon_hours: int) -> str:
             + "<h3>Explanations</h3>" + expl
             + '<h3>Predictions (latest 50)</h3><table id="predictions"><thead><tr><th>tick</th><th>rank</th>'
               "<th>score</th><th>predicted</th><th>realised</th><th>count so far</th></tr></thead>"
-            + f"<tbody>{''.join(preds)}</tbody></table>")
+            + f"<tbody>{''.join(preds)}</tbody></table>"
+            + '<p class="muted">Realised: the count over the forecast period, known once a tick falls at its end '
+              "(the chart compares each forecast with the count over the window ending where its period ends).</p>")
     return layout(page.title or page.item_id, page.status, body)
 
 
