@@ -247,6 +247,10 @@ def item_page(page: ItemPage, count_signal: str, horizon_hours: int) -> str:
     return layout(page.title or page.item_id, page.status, body)
 
 
+def _dots(xs: Sequence[float], ys: Sequence[float | None], color: str) -> str:
+    return "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>' for x, y in zip(xs, ys) if y is not None)
+
+
 def accuracy_chart(data: Accuracy, width: int = 860, height: int = 220) -> str:
     rows = data.rows
     if len(rows) < 1:
@@ -263,7 +267,9 @@ def accuracy_chart(data: Accuracy, width: int = 860, height: int = 220) -> str:
             f'style="background:#fff">{_axes(width, height, pad, t0, t1, y_max, "MAE of log(1+count); NDCG 0–1")}'
             f'<path class="mae" d="{_polyline(xs, [None if m is None else y_mae(m) for m in maes])}"/>'
             f'<path class="ndcg" d="{_polyline(xs, [None if r.ndcg is None else y_ndcg(r.ndcg) for r in rows])}"/>'
-            '</svg><div class="legend"><span><i class="sw" style="background:#d1495b"></i>MAE (log1p)</span>'
+            + _dots(xs, [None if m is None else y_mae(m) for m in maes], "#d1495b")
+            + _dots(xs, [None if r.ndcg is None else y_ndcg(r.ndcg) for r in rows], "#2a9d8f")
+            + '</svg><div class="legend"><span><i class="sw" style="background:#d1495b"></i>MAE (log1p)</span>'
             f'<span><i class="sw" style="background:#2a9d8f"></i>NDCG@{data.ndcg_k}</span></div>')
 
 
