@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import time
 import types
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,3 +259,22 @@ def test_store_reads_are_bounded_and_time_out(tmp_path):
         reader.close()
 
     run(scenario())
+
+
+def test_the_demo_takes_another_port_when_its_page_port_is_in_use():
+    import socket
+
+    from stream.demo import build_parser, free_port, page_url, worker_env
+
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        other = free_port(taken)
+        assert other != taken and other > 0
+    args = build_parser().parse_args(["--web-port", str(other)])
+    env = worker_env(args, "127.0.0.1:9092", Path("/tmp/var"), 7.0)
+    assert env["TRAIL_WEB_PORT"] == str(other) and page_url(other) == f"http://localhost:{other}/"
+    assert build_parser().parse_args([]).web_port == 6066  # the page is on by default
+    off = worker_env(build_parser().parse_args(["--web-port", "0"]), "x:1", Path("/tmp"), 7.0)
+    assert off.get("TRAIL_WEB_PORT") == os.environ.get("TRAIL_WEB_PORT")  # --web-port 0 adds none
