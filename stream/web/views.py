@@ -105,9 +105,10 @@ def sparkline(points: Sequence[tuple[datetime, float]], width: int = 120, height
     step = (width - 4) / max(1, len(values) - 1)
     pts = " ".join(f"{2 + i * step:.1f},{height - 2 - (v - lo) / span * (height - 4):.1f}" for i, v in enumerate(values))
     last = values[-1]
+    dot = f'<circle cx="2" cy="{height / 2:.1f}" r="2" fill="#1d6fd1"/>' if len(values) == 1 else ""
     return (f'<svg class="sparkline" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
             f'<title>{len(values)} ticks, {lo:,.0f} to {hi:,.0f}, now {last:,.0f}</title>'
-            f'<polyline class="spark" points="{pts}"/></svg>')
+            f'<polyline class="spark" points="{pts}"/>{dot}</svg>')
 
 
 def _drivers(d: dict[str, float] | None) -> str:
@@ -278,9 +279,10 @@ def accuracy_page(data: Accuracy) -> str:
     if s.waiting:
         return layout("Accuracy", s, waiting_block(), refresh_s=10)
     if not data.rows:
-        return layout("Accuracy", s, f'<h2>Accuracy</h2><div class="waiting" id="pending">No forecast period has '
-                                     f"passed yet: a tick's outcome is known {data.horizon_hours} hours (of the "
-                                     f"log's time) after it.</div>", refresh_s=30)
+        return layout("Accuracy", s, f'<h2>Accuracy</h2><div class="waiting" id="pending">No outcome is known yet: '
+                                     f"a tick's outcome is the trend snapshot taken {data.horizon_hours} hours (of "
+                                     f"the log's time) after it. A live worker snapshots every bucket; a replay at an "
+                                     f"accelerated clock jumps buckets and may take a while to land on one.</div>", refresh_s=30)
     rows = "".join(
         f'<tr><td class="num">{_when(r.tick)}</td><td class="num">{r.items:,}</td>'
         f'<td class="num">{_fmt(r.mae_log1p, 3)}</td><td class="num">{_fmt(r.ndcg, 3)}</td>'
