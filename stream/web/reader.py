@@ -23,13 +23,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
-
 from stream.store import dashboards
 from stream.store.clickhouse import StoreConfig, connect
 from stream.store.dashboards import DashboardParams
-
-log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 WEB_SQL_DIR = Path(__file__).resolve().parent / "sql"
