@@ -278,3 +278,37 @@ def test_the_demo_takes_another_port_when_its_page_port_is_in_use():
     assert build_parser().parse_args([]).web_port == 6066  # the page is on by default
     off = worker_env(build_parser().parse_args(["--web-port", "0"]), "x:1", Path("/tmp"), 7.0)
     assert off.get("TRAIL_WEB_PORT") == os.environ.get("TRAIL_WEB_PORT")  # --web-port 0 adds none
+
+
+def test_the_page_reads_a_clickhouse_server_over_http(tmp_path):
+    """CLICKHOUSE_URL deployments: the same routes on ClickHouse's HTTP interface (a real engine in a child)."""
+    from datetime import datetime, timezone
+
+    import orjson
+    from clickhouse_http import ClickHouseHTTPProcess
+
+    from stream.core.records import Explanation, TrendSnapshot
+
+    ticks = [datetime(2011, 12, d, tzinfo=timezone.utc) for d in (7, 8, 9)]
+    snaps = [TrendSnapshot(f"sku{i}", t, {"count_1d": float(i + k), "count_7d": 9.0 - i}, "signals-v1")
+             for k, t in enumerate(ticks) for i in range(5)]
+    preds = [Prediction(f"sku{i}", ticks[-1], 1 - i / 10, 10.0 - i, i + 1, {"count_7d": 9.0 - i}, "m-http",
+                        predicted_low=8.0 - i, predicted_high=12.0 - i, drivers={"trend": 0.5, "level": -0.1})
+             for i in range(5)]
+    expl = Explanation("sku1", ticks[-1], 2, "sku1 had 8 sales this week.", True, 1, "m-http", reason="trend")
+    with ClickHouseHTTPProcess(tmp_path / "server") as srv:
+        config = StoreConfig(url=srv.url)
+        with ResultSink(config, SinkConfig(spill_dir=tmp_path / "spill")) as sink:
+            assert sink.wait_durable_sync(sink.submit(snaps + preds + [expl]), timeout=30)
+        (s1, _, body), (s2, _, html), (s3, _, missing) = get(serve(parts_with(), config), "/api/movers?top=3",
+                                                              "/items/sku1", "/api/items/nope")
+    assert (s1, s2, s3) == (200, 200, 404)
+    data = orjson.loads(body)
+    assert data["status"]["tick"] == "2011-12-09T00:00:00.000Z" and data["status"]["model_version"] == "m-http"
+    assert [(m["item_id"], m["predicted_low"], m["predicted_high"]) for m in data["movers"]] == \
+        [("sku0", 8.0, 12.0), ("sku1", 7.0, 11.0), ("sku2", 6.0, 10.0)]
+    assert data["movers"][1]["drivers"] == {"trend": 0.5, "level": -0.1}
+    assert [v for _, v in data["movers"][1]["recent"]] == [1.0, 2.0, 3.0]
+    assert [(m["item_id"], m["explanation"], m["reason"]) for m in data["explained"]] == \
+        [("sku1", "sku1 had 8 sales this week.", "trend")]
+    assert "sku1 had 8 sales this week." in html and "7–11" in html and "drivers: trend +0.50" in html
