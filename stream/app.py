@@ -161,6 +161,13 @@ class Parts:
 
 parts = Parts(worker)
 
+# The page, its JSON API, /metrics, /health and /ready on the worker's web server (stream.web).
+pages = None
+if config.web_port is not None:
+    from stream.web.routes import install
+
+    pages = install(app, parts, settings)
+
 
 class _Part(Service):
     def __init__(self, parts: Parts, **kwargs: Any) -> None:
@@ -240,6 +247,8 @@ class TicksPart(_Part):
         w.tick_hooks[:0] = built_in  # before the hooks registered with @on_tick at import
         for spec in config.tick_hooks:
             w.add_tick_hook(load_hook(spec))
+        if pages is not None:
+            pages.wire_ticks(w)  # the tick timer's hooks around all the others
         self.parts.ticking.set()
         log.info("app.started", serving=self.parts.serving is not None, sink=self.parts.sink is not None,
                  hooks=[getattr(h, "__qualname__", repr(h)) for h in w.tick_hooks])

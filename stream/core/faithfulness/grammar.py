@@ -22,7 +22,7 @@ against the main window's trend while the longer window's trend points the forec
 mover whose main count is clearly off the longest window's pace the forecast's way
 (`level_reason`) must say that: "..., but already above its 28-day pace". The grammar is written as
 Lark for llguidance (`lark()`), which turns it into per-step token masks in the stream
-(numpy, stream.serving.onnx_models) and in the trainer (a transformers LogitsProcessor);
+(numpy, stream.model.onnx_models) and in the trainer (a transformers LogitsProcessor);
 `sample()` draws random sentences of the same language, so tests can check that
 everything it admits passes `stream.core.faithfulness.check` with the forced forecast.
 Generation follows the prompt's separator: the decoded text starts with one space.
