@@ -23,7 +23,7 @@ import pytest
 import yaml
 from scipy.stats import spearmanr
 
-from stream import report
+from stream.tools import report
 from stream.store import dashboards
 from stream.store.dashboards import DashboardParams
 from stream.core.records import Explanation, Prediction, TrendSnapshot
