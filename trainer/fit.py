@@ -88,10 +88,20 @@ class Part:
 
 
 def load_parts(names: list[str], items: str | None, config: TrendConfig) -> list[Part]:
+    from trainer.evaluate import DEFAULT_MIN_HISTORY_DAYS, choose_protocol, is_builtin
+
     parts = []
     for name in names:
         ds = load_dataset(name, items)
-        ex = build_examples(ds, config, progress=True)
+        if is_builtin(name):
+            proto = {"min_history_days": DEFAULT_MIN_HISTORY_DAYS}
+        else:  # an event log: the horizon, period and history trainer.evaluate chooses for its span
+            ts = ds.events["ts"].to_numpy(np.int64)
+            if len(ts) == 0:
+                raise ValueError(f"{name}: the event log has no events")
+            proto = choose_protocol(int(ts[0]), int(ts[-1]), config.bucket_ms)
+            proto.pop("n_cutoffs")
+        ex = build_examples(ds, config, progress=True, **proto)
         split = split_cutoffs(ex.cutoffs, ex.horizon_ms)
         horizon = ex.horizon_ms / 86_400_000
         parts.append(Part(ex, horizon, ex.rows(split.train), ex.rows(split.valid)))
@@ -299,6 +309,11 @@ def choose_prior(valid: list[HeadData], names: list[str], decays: list[str], use
     return best["prior"], tried
 
 
+def usable_list(gain: torch.Tensor) -> bool:
+    """A cut-off's candidates give LambdaRank at least one pair: two of them with unequal gains."""
+    return len(gain) >= 2 and bool(gain.max() > gain.min())
+
+
 def valid_mae(data: list[HeadData], log_fn) -> float:
     """Mean over parts of MAE on log1p(count) (predictions clipped at 0, as the metric does)."""
     return float(np.mean([np.abs(np.maximum(log_fn(d), 0.0) - d.y_log.numpy()).mean() for d in data]))
@@ -348,7 +363,10 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
     for p in model.lm.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(cfg.seed)
-    lists = [(d, idx) for d in train for idx in d.lists]
+    lists = [(d, idx) for d in train for idx in d.lists if usable_list(d.gain[idx])]
+    skipped = sum(len(d.lists) for d in train) - len(lists)
+    if skipped:  # sparse logs: a cut-off with no user, one candidate or equal gains orders nothing
+        log.info("fit.rank_lists.skipped", skipped=skipped, kept=len(lists), reason="no pair of unequal gains")
 
     def rank_epoch(module, fn) -> float:
         opt = opts[module]
@@ -356,6 +374,8 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
         for k in torch.randperm(len(lists), generator=gen).tolist():
             d, idx = lists[k]
             loss = lambda_rank_loss(fn(d, idx), d.gain[idx], k=cfg.rank_k)
+            if not loss.requires_grad:  # nothing in this list moves the score
+                continue
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -409,6 +429,7 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
     for n, w in prior.items():
         head.rank.prior[names.index(n)] = w
     report["rank_prior"] = {"chosen": prior, "tried": tried}
+    report["rank_lists"] = {"kept": len(lists), "skipped_without_a_pair": skipped}
     log.info("fit.rank_prior", chosen=prior)
     head.train()
     start = valid_ndcg_parts(valid, np_of(rank_num))
