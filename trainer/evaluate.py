@@ -353,6 +353,31 @@ def trail_methods(model, horizon_days: float, seed: int = 0, score_frame: Callab
     return {name: method(variant) for name, variant in TRAIL_VARIANTS.items()}
 
 
+def has_range(model_dir: str | None) -> bool:
+    from trainer.quantiles import RANGE_FILE
+
+    return bool(model_dir) and (Path(model_dir) / RANGE_FILE).is_file()
+
+
+def trail_range(model, model_dir: str | None, frame: pd.DataFrame, horizon_days: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(low, mid, high) counts of the artefact's range head (trainer.quantiles) for the frame's rows,
+    or None when the artefact has none."""
+    from trainer.quantiles import counts_of, load_range, predict_range, range_data
+
+    head = load_range(model_dir) if model_dir else None
+    if head is None:
+        return None
+    if tuple(head.cfg.feature_names) != tuple(model.norm.names):
+        raise ValueError(f"{model_dir}: the range head reads other inputs than the model ({head.cfg.feature_names})")
+    from trainer.inference import item_texts_of
+    import torch
+
+    index, texts = item_texts_of(frame)
+    states = torch.from_numpy(model.item_states(texts, progress=False))
+    return counts_of(predict_range(head, range_data(model.norm, frame, horizon_days, index), states))
+
+
 # --- run ----------------------------------------------------------------------------------------------
 
 def run(dataset: str, items: str | None = None, horizon_days: float | None = None, period_days: float | None = None,
@@ -404,9 +429,18 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
     horizon = examples.horizon_ms / DAY_MS
     if trail is not None:
         methods |= trail_methods(trail, horizon, seed=seed)
+    ranged = trail is not None and has_range(model_dir)
+    if ranged:  # the range head's median as a count of its own, beside the shipped count
+        methods["trail_range_q50"] = lambda frame: trail_range(trail, model_dir, frame, horizon)[1]
     methods |= extra_methods or {}
     t3 = time.perf_counter()
     body, preds = evaluate_report(examples, split, methods, cold_days=cold_days, n_boot=n_boot, seed=seed)
+    if ranged:
+        from trainer.quantiles import interval_metrics
+
+        test = examples.rows(split.test)
+        low, _, high = trail_range(trail, model_dir, test, horizon)
+        body["methods"]["trail"] |= interval_metrics(low, high, test["label_count"].to_numpy(np.float64))
     t4 = time.perf_counter()
     stages = {"load": t1 - t0, "examples": t2 - t1, "fit": t3 - t2, "predict+metrics": t4 - t3}
     extra = {}
