@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from stream.core.attribution import group_shapley
+from stream.core.attribution import DRIVER_GROUPS, group_shapley, signal_group
 from stream.core.features import HORIZON, Normalisation, predicted_count, week_of_year
 
 log = structlog.get_logger(__name__)
@@ -44,18 +44,7 @@ log = structlog.get_logger(__name__)
 QUANTILES = (0.1, 0.5, 0.9)
 RANGE_FILE = "range_head.safetensors"
 RANGE_CONFIG = "range_head.json"
-GROUPS = ("trend", "level", "season", "text")
-
-
-def signal_group(name: str) -> str | None:
-    """The driver group of a model input: own short-term trend (day/week windows, the fast decays,
-    idle time) or own long-term level (28-day window, the slow decay, lifetime count, age); None
-    for the horizon (not attributed)."""
-    if name == HORIZON:
-        return None
-    if name.endswith("_28d") or name in ("ema_14d", "total_count", "age_h"):
-        return "level"
-    return "trend"
+GROUPS = DRIVER_GROUPS
 
 
 @dataclass

@@ -18,6 +18,21 @@ from math import factorial
 import numpy as np
 
 MAX_GROUPS = 8
+HORIZON = "horizon_days"  # stream.core.features.HORIZON (not imported: features imports nothing from here)
+# The driver groups of the count's range head (trainer.quantiles), in record order. No neighbourhood
+# group: the head has no neighbourhood input, so its Shapley value would be 0.
+DRIVER_GROUPS = ("trend", "level", "season", "text")
+
+
+def signal_group(name: str) -> str | None:
+    """The driver group of a model input: own short-term trend (day/week windows, the fast decays,
+    idle time) or own long-term level (28-day window, the slow decay, lifetime count, age); None
+    for the horizon (not attributed)."""
+    if name == HORIZON:
+        return None
+    if name.endswith("_28d") or name in ("ema_14d", "total_count", "age_h"):
+        return "level"
+    return "trend"
 
 
 def coalitions(n: int) -> np.ndarray:

@@ -59,7 +59,9 @@ import numpy as np
 import orjson
 import structlog
 
+from stream.core.attribution import DRIVER_GROUPS
 from stream.core.features import predicted_count
+from stream.serving.count_range import CountRange
 from stream.core.prompts import item_text, render_prompt
 from stream.core.records import ItemInfo, Prediction, load_json, to_tick
 from stream.core.trends import Signals
@@ -315,6 +317,9 @@ class ScoredChunk:
     score: np.ndarray  # (N,) TRAIL ranking score
     log_count: np.ndarray  # (N,) predicted log1p(next-period count)
     values: np.ndarray  # (N, S) raw signals
+    low: np.ndarray | None = None  # (N,) the count's 10% quantile (a model with a range head; else None)
+    high: np.ndarray | None = None  # (N,) its 90% quantile
+    drivers: np.ndarray | None = None  # (N, G) each DRIVER_GROUPS group's contribution to log1p(count)
 
     _fields = ("as_of_ms", "source", "chunk", "chunks", "partitions", "total_partitions", "names", "item_ids",
                "score", "log_count", "values")
@@ -325,7 +330,8 @@ class ScoredChunk:
             "partitions": None if self.partitions is None else list(self.partitions),
             "total_partitions": self.total_partitions, "names": list(self.names), "item_ids": list(self.item_ids),
             "score": self.score.tolist(), "log_count": self.log_count.tolist(), "values": self.values.tolist(),
-        })
+        } | ({} if self.low is None else {"low": self.low.tolist(), "high": self.high.tolist(),
+                                          "drivers": None if self.drivers is None else self.drivers.tolist()}))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ScoredChunk:
@@ -358,10 +364,16 @@ class ScoredChunk:
         log_count = _floats("log_count", data["log_count"], (n,))
         if not (np.isfinite(score).all() and np.isfinite(log_count).all()):
             raise ScoredChunkError("scored chunk: score and log_count must be finite")
+        low = high = drivers = None
+        if data.get("low") is not None:  # a range head's output (older workers send none)
+            low, high = _floats("low", data["low"], (n,)), _floats("high", data.get("high"), (n,))
+            if data.get("drivers") is not None:
+                drivers = _floats("drivers", data["drivers"], (n, len(DRIVER_GROUPS)))
         return cls(
             as_of_ms=_int("as_of_ms", data["as_of_ms"], 0), source=data["source"], chunk=chunk, chunks=chunks,
             partitions=partitions, total_partitions=total, names=names, item_ids=item_ids, score=score,
-            log_count=log_count, values=_floats("values", data["values"], (n, len(names))),
+            log_count=log_count, values=_floats("values", data["values"], (n, len(names))), low=low, high=high,
+            drivers=drivers,
         )
 
 
@@ -378,6 +390,9 @@ class ScoredPart:
     partitions: list[int] | None = None  # the event partitions covered; None = all of them
     total_partitions: int = 1
     source: str = ""  # which worker
+    low: np.ndarray | None = None  # (N,) the count's 10% / 90% quantiles and the drivers (N, G): a range head's
+    high: np.ndarray | None = None
+    drivers: np.ndarray | None = None
 
     def chunks(self, size: int = PART_CHUNK_ITEMS) -> list[ScoredChunk]:
         """The part as ranking-topic messages (chunked: a retail tick has thousands of items)."""
@@ -387,7 +402,9 @@ class ScoredPart:
         return [ScoredChunk(self.as_of_ms, self.source, c, count, partitions, self.total_partitions,
                             tuple(self.names), tuple(self.item_ids[c * size : (c + 1) * size]),
                             self.score[c * size : (c + 1) * size], self.log_count[c * size : (c + 1) * size],
-                            self.values[c * size : (c + 1) * size])
+                            self.values[c * size : (c + 1) * size],
+                            *(None if a is None else a[c * size : (c + 1) * size]
+                              for a in (self.low, self.high, self.drivers)))
                 for c in range(count)]
 
     def messages(self, chunk: int = PART_CHUNK_ITEMS) -> list[bytes]:
@@ -407,6 +424,8 @@ class ScoredPart:
             names=first.names, values=np.concatenate([c.values for c in chunks]),
             partitions=None if first.partitions is None else list(first.partitions),
             total_partitions=first.total_partitions, source=first.source,
+            **{k: (None if any(getattr(c, k) is None for c in chunks) else np.concatenate([getattr(c, k) for c in chunks]))
+               for k in ("low", "high", "drivers")},
         )
 
 
@@ -449,6 +468,8 @@ class TickScorer:
         self.encoder = ItemEncoder(artefact.path("item_encoder"), providers, threads)
         # A few small matrix products per item: the CPU beats a round trip to the GPU.
         self.head = ScoreHeadModel(artefact.path("head"), [CPU], threads)
+        # the count's range and drivers (stream.serving.count_range), when the artefact has a range head
+        self.range = CountRange.open(artefact.root, self.features.names, threads)
         self.provider = self.encoder.provider
         self.batch = batch or (CUDA_BATCH if self.encoder.cuda else CPU_BATCH)
         self.cache = ItemStateCache(cache_items)
@@ -556,6 +577,7 @@ class TickScorer:
         if self.publish_top:
             keep = np.array(sorted(keep.tolist(), key=lambda i: (-score[i], signals.item_ids[i]))[: self.publish_top],
                             dtype=np.int64)
+        ranged = self.range(as_of_ms, x[keep], states[keep]) if self.range is not None else None
         t2 = time.perf_counter()
         s = self.stats
         s.ticks += 1
@@ -567,7 +589,8 @@ class TickScorer:
                   "encode_seconds": round(t1 - t0, 3), "head_seconds": round(t2 - t1, 3),
                   "cached_items": len(self.cache)}
         return ScoredPart(as_of_ms, [signals.item_ids[i] for i in keep.tolist()], score[keep], log_count[keep],
-                          tuple(signals.names), signals.values[keep], partitions, total_partitions, source)
+                          tuple(signals.names), signals.values[keep], partitions, total_partitions, source,
+                          *((ranged.low, ranged.high, ranged.drivers) if ranged is not None else ()))
 
 
 def rank_tick(parts: list[ScoredPart], publish_top: int, model_version: str) -> list[Prediction]:
@@ -580,6 +603,7 @@ def rank_tick(parts: list[ScoredPart], publish_top: int, model_version: str) -> 
     seen: set[str] = set()
     ids: list[str] = []
     score, log_count, values, names = [], [], [], parts[0].names
+    ranges: dict[str, tuple[float, float, dict[str, float] | None]] = {}
     for p in parts:
         if p.names != names:
             raise ValueError("rank_tick: parts with different signal names")
@@ -591,6 +615,9 @@ def rank_tick(parts: list[ScoredPart], publish_top: int, model_version: str) -> 
             score.append(p.score[i])
             log_count.append(p.log_count[i])
             values.append(p.values[i])
+            if p.low is not None:
+                drivers = None if p.drivers is None else dict(zip(DRIVER_GROUPS, p.drivers[i].tolist()))
+                ranges[item] = (float(p.low[i]), float(p.high[i]), drivers)
     final = np.asarray(score, np.float64)
     # highest score first; ties by item id, so every ranker orders a tick the same way
     order = sorted(range(len(ids)), key=lambda i: (-final[i], ids[i]))
@@ -599,4 +626,4 @@ def rank_tick(parts: list[ScoredPart], publish_top: int, model_version: str) -> 
     tick = to_tick(as_of)
     counts = predicted_count(np.asarray(log_count, np.float64))
     return [Prediction(ids[i], tick, float(final[i]), float(counts[i]), r, dict(zip(names, values[i].tolist())),
-                       model_version) for r, i in enumerate(order, start=1)]
+                       model_version, *ranges.get(ids[i], ())) for r, i in enumerate(order, start=1)]
