@@ -43,6 +43,8 @@ def test_fit_then_evaluate_a_log_of_another_shape(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     lists = manifest["training"]["phase3_head"]["rank_lists"]
     assert lists["skipped_without_a_pair"] > 0 and lists["kept"] > 0  # the empty weeks were skipped, not fatal
+    prior = manifest["training"]["phase3_head"]["rank_prior"]
+    assert prior["chosen_on"].startswith("the rolling-origin folds") and prior["chosen"]
     evaluate = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--events", str(events), "--model", str(out),
                                "--explain-sample", "0", "--n-boot", "100", "--json", str(report)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
