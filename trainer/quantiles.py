@@ -183,11 +183,14 @@ def counts_of(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def interval_metrics(low: np.ndarray, high: np.ndarray, actual: np.ndarray) -> dict[str, float | None]:
     """`interval_coverage`: share of rows whose realised count lies in [low, high];
+    `interval_coverage_rounded`: the same with the range rounded outward to whole counts (as a text states it);
     `interval_width`: median of (high + 1) / (low + 1) (the ratio on counts + 1: a low of 0 is common)."""
     if not len(actual):
-        return {"interval_coverage": None, "interval_width": None}
-    inside = (actual >= np.floor(low + 1e-9)) & (actual <= np.ceil(high - 1e-9))
-    return {"interval_coverage": float(inside.mean()), "interval_width": float(np.median((high + 1) / (low + 1)))}
+        return {"interval_coverage": None, "interval_coverage_rounded": None, "interval_width": None}
+    inside = (actual >= low) & (actual <= high)
+    rounded = (actual >= np.floor(low + 1e-9)) & (actual <= np.ceil(high - 1e-9))
+    return {"interval_coverage": float(inside.mean()), "interval_coverage_rounded": float(rounded.mean()),
+            "interval_width": float(np.median((high + 1) / (low + 1)))}
 
 
 @torch.no_grad()
