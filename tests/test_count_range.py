@@ -66,6 +66,10 @@ def test_the_stream_gives_the_trainers_range_and_drivers(artefact):
                    head.z_ref.expand(40, -1))[:, 1].numpy()
     np.testing.assert_allclose(got.drivers.sum(1), offline[:, 1] - ref, atol=1e-4)
     assert (np.abs(got.drivers) > 1e-6).all(axis=0).any()
+    some = served(tick, x, z, attribute=np.array([3, 7]))  # a worker attributes its top items only
+    np.testing.assert_array_equal(some.low, got.low)
+    np.testing.assert_allclose(some.drivers[[3, 7]], got.drivers[[3, 7]], atol=1e-6)
+    assert np.isnan(np.delete(some.drivers, [3, 7], axis=0)).all()
 
 
 def test_range_and_drivers_reach_the_prediction_records():
@@ -77,7 +81,11 @@ def test_range_and_drivers_reach_the_prediction_records():
     back = ScoredPart.from_chunks(chunks)
     np.testing.assert_array_equal(back.high, part.high)
     np.testing.assert_array_equal(back.drivers, part.drivers)
+    part.drivers[1] = np.nan  # not attributed: null on the topic, no drivers in the record
+    back = ScoredPart.from_chunks([ScoredChunk.from_json(m) for m in part.messages(chunk=2)])
+    assert np.isnan(back.drivers[1]).all() and not np.isnan(back.drivers[0]).any()
     preds = rank_tick([back], 0, "t")
+    assert next(p for p in preds if p.item_id == "i1").drivers is None
     top = preds[0]
     assert top.item_id == "i4" and top.predicted_low == 2.0 and top.predicted_high == 9.0
     assert top.drivers == dict(zip(DRIVER_GROUPS, [1.6, 1.7, 1.8, 1.9]))

@@ -31,7 +31,7 @@ WEIGHTS_FILE = "range_head.safetensors"
 class TickRange:
     low: np.ndarray  # (N,) counts
     high: np.ndarray  # (N,)
-    drivers: np.ndarray  # (N, G) contributions to log1p(count), DRIVER_GROUPS order
+    drivers: np.ndarray  # (N, G) contributions to log1p(count), DRIVER_GROUPS order; NaN rows: not attributed
 
 
 class CountRange:
@@ -66,13 +66,21 @@ class CountRange:
         return self.sess.run(["q"], {"x": np.ascontiguousarray(x, np.float32), "cal": np.ascontiguousarray(cal, np.float32),
                                      "item_state": np.ascontiguousarray(z, np.float32)})[0]
 
-    def __call__(self, as_of_ms: int, x: np.ndarray, z: np.ndarray) -> TickRange:
-        """Range and drivers of a tick's rows: x (N, S) normalised input, z (N, H) item states."""
+    def __call__(self, as_of_ms: int, x: np.ndarray, z: np.ndarray, attribute: np.ndarray | None = None) -> TickRange:
+        """Range of a tick's rows (x (N, S) normalised input, z (N, H) item states) and the drivers of
+        the rows `attribute` (indices; default all): 16 head evaluations each, so a worker attributes
+        its top items only and the others' drivers are NaN (records: none)."""
         n = len(x)
         cal = np.repeat(week_of_year(as_of_ms), n, axis=0)
+        out = np.full((n, len(DRIVER_GROUPS)), np.nan)
         if n == 0:
-            return TickRange(np.zeros(0), np.zeros(0), np.zeros((0, len(DRIVER_GROUPS))))
+            return TickRange(np.zeros(0), np.zeros(0), out)
         q = self.quantiles(x, cal, z)
+        low, high = predicted_count(q[:, 0].astype(np.float64)), predicted_count(q[:, 2].astype(np.float64))
+        rows = np.arange(n) if attribute is None else np.asarray(attribute, np.int64)
+        if len(rows) == 0:
+            return TickRange(low, np.maximum(high, low), out)
+        x, cal, z = x[rows], cal[rows], z[rows]
         inputs = {"trend": x[:, self.cols["trend"]], "level": x[:, self.cols["level"]], "season": cal, "text": z}
         reference = {"trend": np.zeros(len(self.cols["trend"]), np.float32),
                      "level": np.zeros(len(self.cols["level"]), np.float32), "season": np.zeros(2, np.float32),
@@ -85,5 +93,5 @@ class CountRange:
             return self.quantiles(xb, batch["season"], batch["text"])[:, 1]
 
         phi, _, _ = group_shapley(median, inputs, reference, fixed={"fixed": x[:, self.fixed]})
-        low, high = predicted_count(q[:, 0].astype(np.float64)), predicted_count(q[:, 2].astype(np.float64))
-        return TickRange(low, np.maximum(high, low), np.stack([phi[g] for g in DRIVER_GROUPS], axis=1))
+        out[rows] = np.stack([phi[g] for g in DRIVER_GROUPS], axis=1)
+        return TickRange(low, np.maximum(high, low), out)

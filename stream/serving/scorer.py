@@ -70,6 +70,8 @@ from stream.serving.onnx_models import CPU, ItemEncoder, ScoreHeadModel, choose_
 
 log = structlog.get_logger(__name__)
 
+DRIVER_ITEMS = 256  # per worker and tick, the top items by score whose drivers are computed (the explained ones)
+
 CPU_BATCH = 32
 CUDA_BATCH = 512
 DEFAULT_CACHE_ITEMS = 200_000
@@ -331,7 +333,8 @@ class ScoredChunk:
             "total_partitions": self.total_partitions, "names": list(self.names), "item_ids": list(self.item_ids),
             "score": self.score.tolist(), "log_count": self.log_count.tolist(), "values": self.values.tolist(),
         } | ({} if self.low is None else {"low": self.low.tolist(), "high": self.high.tolist(),
-                                          "drivers": None if self.drivers is None else self.drivers.tolist()}))
+                                          "drivers": None if self.drivers is None else
+                                          [None if np.isnan(r).any() else r for r in self.drivers.tolist()]}))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ScoredChunk:
@@ -367,8 +370,9 @@ class ScoredChunk:
         low = high = drivers = None
         if data.get("low") is not None:  # a range head's output (older workers send none)
             low, high = _floats("low", data["low"], (n,)), _floats("high", data.get("high"), (n,))
-            if data.get("drivers") is not None:
-                drivers = _floats("drivers", data["drivers"], (n, len(DRIVER_GROUPS)))
+            if isinstance(data.get("drivers"), list):  # a row of null: not attributed
+                drivers = _floats("drivers", [[np.nan] * len(DRIVER_GROUPS) if r is None else r
+                                              for r in data["drivers"]], (n, len(DRIVER_GROUPS)))
         return cls(
             as_of_ms=_int("as_of_ms", data["as_of_ms"], 0), source=data["source"], chunk=chunk, chunks=chunks,
             partitions=partitions, total_partitions=total, names=names, item_ids=item_ids, score=score,
@@ -577,7 +581,10 @@ class TickScorer:
         if self.publish_top:
             keep = np.array(sorted(keep.tolist(), key=lambda i: (-score[i], signals.item_ids[i]))[: self.publish_top],
                             dtype=np.int64)
-        ranged = self.range(as_of_ms, x[keep], states[keep]) if self.range is not None else None
+        ranged = None
+        if self.range is not None:  # drivers for this worker's top DRIVER_ITEMS by score (16 evaluations each)
+            top = np.argsort(-score[keep], kind="stable")[:DRIVER_ITEMS]
+            ranged = self.range(as_of_ms, x[keep], states[keep], attribute=top)
         t2 = time.perf_counter()
         s = self.stats
         s.ticks += 1
@@ -616,7 +623,8 @@ def rank_tick(parts: list[ScoredPart], publish_top: int, model_version: str) -> 
             log_count.append(p.log_count[i])
             values.append(p.values[i])
             if p.low is not None:
-                drivers = None if p.drivers is None else dict(zip(DRIVER_GROUPS, p.drivers[i].tolist()))
+                drivers = (None if p.drivers is None or np.isnan(p.drivers[i]).any()
+                           else dict(zip(DRIVER_GROUPS, p.drivers[i].tolist())))
                 ranges[item] = (float(p.low[i]), float(p.high[i]), drivers)
     final = np.asarray(score, np.float64)
     # highest score first; ties by item id, so every ranker orders a tick the same way
