@@ -527,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = {role: {k: v for k, v in p.items() if k in ("max_abs_diff", "identical", "prompts", "rejected")}
                for role, p in onnx["parity"].items()}
+    from export.range import export_range
+    from trainer.quantiles import RANGE_FILE
+
+    if (args.model / RANGE_FILE).is_file():  # the count's range head (trainer.quantiles), when the artefact has one
+        summary["range_head"] = {"max_abs_diff": export_range(args.model)["max_abs_diff"]}
     print(json.dumps({"files": {r: f["path"] for r, f in onnx["files"].items()}, "parity": summary}, indent=2))
     return 0
 

@@ -125,7 +125,8 @@ def test_evaluate_cli_writes_the_json_contract(tmp_path, capsys):
                            "seconds"}
     assert report["dataset"] == "events" and report["cutoffs"] == 2  # 11 cut-offs: 20% test
     assert report["protocol"]["horizon_days"] == 7 and report["protocol"]["min_history_days"] == 28
-    assert list(report["methods"]) == ["most_pop", "recent_pop", "exp_decay", "markov", "gbm"]
+    assert list(report["methods"]) == ["most_pop", "recent_pop", "exp_decay", "markov", "gbm", "exp_decay_tuned",
+                                       "gbm_l1", "lgbm_rank"]
     keys = {f"{m}@{k}" for m in ("ndcg", "hr", "recall") for k in (5, 10, 20)} | {"mae_log", "rmse_log", "spearman"}
     for metrics in report["methods"].values():
         assert set(metrics) == keys

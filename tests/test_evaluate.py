@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trainer.evaluate import (CI_METRICS, TRAIL_VARIANTS, choose_protocol, cold_start_mask, load_trail, main,
+from trainer.evaluate import (BASELINES, CI_METRICS, TRAIL_VARIANTS, choose_protocol, cold_start_mask, load_trail, main,
                               restrict_truth, run, trail_methods)
 from trainer.examples import DAY_MS, Truth
 from trainer.metrics import KS, aggregate, cutoff_metrics, evaluate_predictions, paired_bootstrap
@@ -151,7 +151,7 @@ def fake_score_frame(model, frame, horizon_days, *, variant="full", seed=0):
 
 
 def check_report(report: dict, trail: bool) -> None:
-    base = ["most_pop", "recent_pop", "exp_decay", "markov", "gbm"]
+    base = list(BASELINES)
     names = base + (list(TRAIL_VARIANTS) if trail else [])
     assert list(report["methods"]) == names
     for metrics in report["methods"].values():
@@ -180,7 +180,7 @@ def test_report_contract_with_a_stand_in_trail(tmp_path):
     check_report(report, trail=True)
     m, ci = report["methods"], report["ci"]
     assert m["trail_numeric"] == pytest.approx(m["recent_pop"])  # same score, same count
-    best = max(("most_pop", "recent_pop", "exp_decay", "markov", "gbm"), key=lambda n: m[n]["ndcg@10"])
+    best = max(BASELINES, key=lambda n: m[n]["ndcg@10"])
     assert ci["ndcg@10"]["best_baseline"] == best
     assert ci["ndcg@10"]["diff"] == pytest.approx(m["trail"]["ndcg@10"] - m[best]["ndcg@10"])
     assert ci["ndcg@10"]["low"] <= ci["ndcg@10"]["diff"] <= ci["ndcg@10"]["high"]

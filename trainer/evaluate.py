@@ -13,6 +13,11 @@ The report (docs/evaluation.md has the JSON contract):
 - `slices.cold_start`: the same metrics over the candidates with under
   `cold_days` (28) days of history at the cut-off (age_h), ranked among
   themselves against the truth restricted to them;
+- `slices.seasonal` (when the test period has them): items titled with a Christmas word at
+  the September–November test cut-offs, per method `mae_log` and `bias_log` (trainer.slices);
+- `protocol.folds`: the rolling-origin validation folds (trainer.folds) the tuned baselines
+  (`exp_decay_tuned`, `gbm_l1`, `lgbm_rank`, trainer.tuned) make every choice on; their choices
+  in `protocol.tuned`;
 - `ci`: with `trail`, paired bootstrap over test cut-offs of trail minus the best
   baseline (by that metric on the test cut-offs) for NDCG@10 and MAE;
 - `protocol`: the horizon, period, history and split actually used. For an event
@@ -41,7 +46,9 @@ from trainer.baselines import make_baselines
 from stream.core.datasets import ALIASES, BUILTIN, DatasetError, load_dataset
 from trainer.examples import (DAY_MS, Examples, ExamplesError, Split, Truth, build_examples, make_cutoffs,
                               split_cutoffs)
+from trainer.folds import Fold, make_folds
 from trainer.metrics import KS, aggregate, cutoff_metrics, paired_bootstrap
+from trainer.slices import seasonal_slice
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +63,9 @@ class Forecast:
 
 Method = Callable[[pd.DataFrame], "np.ndarray | Forecast"]
 
-BASELINES = ("most_pop", "recent_pop", "exp_decay", "markov", "gbm")  # make_baselines' names
+UNTUNED = ("most_pop", "recent_pop", "exp_decay", "markov", "gbm")  # make_baselines' names
+TUNED = ("exp_decay_tuned", "gbm_l1", "lgbm_rank")  # trainer.tuned: every choice on the folds
+BASELINES = UNTUNED + TUNED
 TRAIL_VARIANTS = {"trail": "full", "trail_numeric": "numeric", "trail_text_shuffled": "shuffled"}
 CI_METRICS = {"ndcg@10": "max", "mae_log": "min"}  # metric -> which baseline is best
 COLD_DAYS = 28.0
@@ -95,13 +104,25 @@ def evaluate_methods(examples: Examples, split: Split, methods: dict[str, Method
             for name, fc in preds.items()}
 
 
-def fit_baselines(examples: Examples, split: Split, seed: int = 0, num_threads: int = 2) -> dict[str, Method]:
-    """Fit the baselines on train (early stopping on validation) and return their predict functions."""
+def fit_baselines(examples: Examples, split: Split, seed: int = 0, num_threads: int = 2,
+                  folds: list[Fold] | None = None, tuning: dict | None = None) -> dict[str, Method]:
+    """Fit the baselines on train (early stopping on validation) and return their predict functions.
+
+    With `folds`, also the tuned baselines (trainer.tuned), every choice made on the folds;
+    what each tried and chose goes into `tuning` when given."""
     train, valid = examples.rows(split.train), examples.rows(split.valid)
-    fitted = {}
+    fitted: dict[str, Method] = {}
     for name, model in make_baselines(examples.config, examples.horizon_ms, seed=seed,
                                       num_threads=num_threads).items():
         fitted[name] = model.fit(train, valid).predict
+    if folds:
+        from trainer.tuned import fit_tuned
+
+        predictors, reports = fit_tuned(examples, folds, seed=seed, num_threads=num_threads)
+        for name, predict in predictors.items():
+            fitted[name] = lambda frame, predict=predict: Forecast(*predict(frame))
+        if tuning is not None:
+            tuning |= reports
     return fitted
 
 
@@ -202,6 +223,9 @@ def evaluate_report(examples: Examples, split: Split, methods: dict[str, Method]
         "per_cutoff": per_cutoff_json(tables),
         "method_seconds": seconds,
     }
+    seasonal = seasonal_slice(test, {name: fc.count for name, fc in preds.items()})
+    if seasonal is not None:
+        report["slices"]["seasonal"] = seasonal
     if "trail" in tables:
         report["ci"] = confidence_intervals(results, tables, "trail", n_boot=n_boot, seed=seed, level=level)
         report["ci_ablations"] = ablation_intervals(tables, n_boot=n_boot, seed=seed, level=level)
@@ -329,6 +353,31 @@ def trail_methods(model, horizon_days: float, seed: int = 0, score_frame: Callab
     return {name: method(variant) for name, variant in TRAIL_VARIANTS.items()}
 
 
+def has_range(model_dir: str | None) -> bool:
+    from trainer.quantiles import RANGE_FILE
+
+    return bool(model_dir) and (Path(model_dir) / RANGE_FILE).is_file()
+
+
+def trail_range(model, model_dir: str | None, frame: pd.DataFrame, horizon_days: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(low, mid, high) counts of the artefact's range head (trainer.quantiles) for the frame's rows,
+    or None when the artefact has none."""
+    from trainer.quantiles import counts_of, load_range, predict_range, range_data
+
+    head = load_range(model_dir) if model_dir else None
+    if head is None:
+        return None
+    if tuple(head.cfg.feature_names) != tuple(model.norm.names):
+        raise ValueError(f"{model_dir}: the range head reads other inputs than the model ({head.cfg.feature_names})")
+    from trainer.inference import item_texts_of
+    import torch
+
+    index, texts = item_texts_of(frame)
+    states = torch.from_numpy(model.item_states(texts, progress=False))
+    return counts_of(predict_range(head, range_data(model.norm, frame, horizon_days, index), states))
+
+
 # --- run ----------------------------------------------------------------------------------------------
 
 def run(dataset: str, items: str | None = None, horizon_days: float | None = None, period_days: float | None = None,
@@ -337,12 +386,13 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
         progress: bool = False, model_dir: str | None = None, top_n: int = 100,
         explain_sample: int = 50, cold_days: float = COLD_DAYS, n_boot: int = 2000,
         extra_methods: dict[str, Method] | None = None, explain_temperature: float = EXPLAIN_TEMPERATURE,
-        explain_top_p: float = EXPLAIN_TOP_P) -> tuple[dict, dict[str, float]]:
+        explain_top_p: float = EXPLAIN_TOP_P, tuned: bool = True) -> tuple[dict, dict[str, float]]:
     """Load, build examples, fit and score the baselines (and TRAIL). Returns (report, seconds per stage).
 
     `oracle` adds a row scored with the true counts: the ceiling of any count forecast
     under this protocol (the shared list cannot fit every user). `extra_methods`
-    join the baselines (tests use it for a stand-in `trail`). `explain_temperature` / `explain_top_p`:
+    join the baselines (tests use it for a stand-in `trail`). `tuned`: also fit the baselines tuned on
+    rolling-origin folds (trainer.tuned; `protocol.folds` lists the folds). `explain_temperature` / `explain_top_p`:
     how the constrained explanations are sampled (the stream's defaults; temperature 0: greedy).
     """
     t0 = time.perf_counter()
@@ -370,15 +420,27 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
             raise
         raise ExamplesError(f"{e}; {_protocol_hint(ds, config.bucket_ms, **proto)}") from None
     t2 = time.perf_counter()
-    methods = fit_baselines(examples, split, seed=seed, num_threads=num_threads)
-    if oracle:
-        methods["oracle"] = lambda frame: frame["label_count"].to_numpy(np.float64)
+    folds = make_folds(split, examples.horizon_ms) if tuned else []
+    tuning: dict = {}
+    methods = fit_baselines(examples, split, seed=seed, num_threads=num_threads, folds=folds, tuning=tuning)
+    if oracle:  # ranks by the metric's own per-item weight: the true ceiling of NDCG under this protocol
+        methods["oracle"] = lambda frame: Forecast(frame["label_count"].to_numpy(np.float64),
+                                                   frame["label_gain"].to_numpy(np.float64))
     horizon = examples.horizon_ms / DAY_MS
     if trail is not None:
         methods |= trail_methods(trail, horizon, seed=seed)
+    ranged = trail is not None and has_range(model_dir)
+    if ranged:  # the range head's median as a count of its own, beside the shipped count
+        methods["trail_range_q50"] = lambda frame: trail_range(trail, model_dir, frame, horizon)[1]
     methods |= extra_methods or {}
     t3 = time.perf_counter()
     body, preds = evaluate_report(examples, split, methods, cold_days=cold_days, n_boot=n_boot, seed=seed)
+    if ranged:
+        from trainer.quantiles import interval_metrics
+
+        test = examples.rows(split.test)
+        low, _, high = trail_range(trail, model_dir, test, horizon)
+        body["methods"]["trail"] |= interval_metrics(low, high, test["label_count"].to_numpy(np.float64))
     t4 = time.perf_counter()
     stages = {"load": t1 - t0, "examples": t2 - t1, "fit": t3 - t2, "predict+metrics": t4 - t3}
     extra = {}
@@ -401,7 +463,8 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
     protocol = {"horizon_days": horizon, "period_days": examples.period_ms / DAY_MS,
                 "min_history_days": float(proto["min_history_days"]), "adaptive": not builtin,
                 "split": split.describe(), "test_first": day(split.test[0]), "test_last": day(split.test[-1]),
-                "test_rows": int(examples.frame["cutoff_ms"].isin(split.test).sum())}
+                "test_rows": int(examples.frame["cutoff_ms"].isin(split.test).sum()),
+                "folds": [f.describe() for f in folds], "tuned": tuning}
     report = {"dataset": ds.name, "cutoffs": int(len(split.test)), "methods": body["methods"],
               "slices": body["slices"]}
     for key in ("ci", "ci_ablations"):
@@ -501,7 +564,8 @@ def _top_p(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m trainer.evaluate",
-        description="Score the popularity baselines (most_pop, recent_pop, exp_decay, markov, gbm) and, with "
+        description="Score the popularity baselines (most_pop, recent_pop, exp_decay, markov, gbm; tuned on "
+                    "rolling-origin folds: exp_decay_tuned, gbm_l1, lgbm_rank) and, with "
                     "--model, TRAIL and its ablations (trail_numeric, trail_text_shuffled) on the time-ordered "
                     "test cut-offs of a dataset: MAE/RMSE on log1p(count), Spearman, global-ranking "
                     "HR/NDCG/Recall@{5,10,20}, the same over cold-start items, and paired-bootstrap intervals "
@@ -539,6 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
                          f"({EXPLAIN_TEMPERATURE:g})")
     ap.add_argument("--explain-top-p", type=_top_p, default=EXPLAIN_TOP_P,
                     help=f"nucleus (top-p) cut of that sampling ({EXPLAIN_TOP_P:g})")
+    ap.add_argument("--no-tuned", action="store_true",
+                    help="skip the baselines tuned on the rolling-origin folds (exp_decay_tuned, gbm_l1, lgbm_rank)")
     ap.add_argument("--seed", type=int, default=0, help="seed of gbm, the bootstrap and the text shuffle (0)")
     ap.add_argument("--threads", type=int, default=2, help="gbm threads (2)")
     return ap
@@ -556,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
                              num_threads=args.threads, oracle=args.oracle, progress=sys.stderr.isatty(),
                              model_dir=args.model, top_n=args.top_n, explain_sample=args.explain_sample,
                              cold_days=args.cold_days, n_boot=args.n_boot,
-                             explain_temperature=args.explain_temperature, explain_top_p=args.explain_top_p)
+                             explain_temperature=args.explain_temperature, explain_top_p=args.explain_top_p,
+                             tuned=not args.no_tuned)
     except (DatasetError, ExamplesError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -38,6 +38,7 @@ from stream.core.prompts import ITEM_TEXT_VERSION, PROMPT_VERSION
 from stream.core.trends import TrendConfig
 from stream.core.datasets import load_dataset
 from trainer.examples import Examples, build_examples, split_cutoffs
+from trainer.folds import make_folds
 from trainer.explanations import negative_explanations, target_explanation
 from trainer.inference import features_of, item_texts_of, prompts_of
 from trainer.metrics import evaluate_predictions
@@ -98,16 +99,29 @@ class Part:
     horizon_days: float
     train: pd.DataFrame
     valid: pd.DataFrame
+    fold_valid: np.ndarray  # the validation cut-offs of the rolling-origin folds (trainer.folds), for choices
 
 
 def load_parts(names: list[str], items: str | None, config: TrendConfig) -> list[Part]:
+    from trainer.evaluate import DEFAULT_MIN_HISTORY_DAYS, choose_protocol, is_builtin
+
     parts = []
     for name in names:
         ds = load_dataset(name, items)
-        ex = build_examples(ds, config, progress=True)
+        if is_builtin(name):
+            proto = {"min_history_days": DEFAULT_MIN_HISTORY_DAYS}
+        else:  # an event log: the horizon, period and history trainer.evaluate chooses for its span
+            ts = ds.events["ts"].to_numpy(np.int64)
+            if len(ts) == 0:
+                raise ValueError(f"{name}: the event log has no events")
+            proto = choose_protocol(int(ts[0]), int(ts[-1]), config.bucket_ms)
+            proto.pop("n_cutoffs")
+        ex = build_examples(ds, config, progress=True, **proto)
         split = split_cutoffs(ex.cutoffs, ex.horizon_ms)
         horizon = ex.horizon_ms / 86_400_000
-        parts.append(Part(ex, horizon, ex.rows(split.train), ex.rows(split.valid)))
+        folds = make_folds(split, ex.horizon_ms)
+        fold_valid = np.unique(np.concatenate([f.valid for f in folds])) if folds else np.zeros(0, np.int64)
+        parts.append(Part(ex, horizon, ex.rows(split.train), ex.rows(split.valid), fold_valid))
         log.info("fit.data", dataset=ds.name, train_rows=len(parts[-1].train), valid_rows=len(parts[-1].valid),
                  **split.describe())
     return parts
@@ -312,6 +326,11 @@ def choose_prior(valid: list[HeadData], names: list[str], decays: list[str], use
     return best["prior"], tried
 
 
+def usable_list(gain: torch.Tensor) -> bool:
+    """A cut-off's candidates give LambdaRank at least one pair: two of them with unequal gains."""
+    return len(gain) >= 2 and bool(gain.max() > gain.min())
+
+
 def valid_mae(data: list[HeadData], log_fn) -> float:
     """Mean over parts of MAE on log1p(count) (predictions clipped at 0, as the metric does)."""
     return float(np.mean([np.abs(np.maximum(log_fn(d), 0.0) - d.y_log.numpy()).mean() for d in data]))
@@ -354,14 +373,18 @@ def _decay(opt: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] *= factor
 
 
-def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: FitConfig) -> dict:
+def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: FitConfig,
+               folds: list[HeadData] | None = None) -> dict:
     """Phase 3: rank (LambdaRank) -> rank_item (kept only if it raises validation NDCG@10)
     -> count (regression) -> count_item (residual), each early-stopped on validation."""
     head = model.head
     for p in model.lm.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(cfg.seed)
-    lists = [(d, idx) for d in train for idx in d.lists]
+    lists = [(d, idx) for d in train for idx in d.lists if usable_list(d.gain[idx])]
+    skipped = sum(len(d.lists) for d in train) - len(lists)
+    if skipped:  # sparse logs: a cut-off with no user, one candidate or equal gains orders nothing
+        log.info("fit.rank_lists.skipped", skipped=skipped, kept=len(lists), reason="no pair of unequal gains")
 
     def rank_epoch(module, fn) -> float:
         opt = opts[module]
@@ -369,6 +392,8 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
         for k in torch.randperm(len(lists), generator=gen).tolist():
             d, idx = lists[k]
             loss = lambda_rank_loss(fn(d, idx), d.gain[idx], k=cfg.rank_k)
+            if not loss.requires_grad:  # nothing in this list moves the score
+                continue
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -415,13 +440,16 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
     if model.cfg.rank_prior == "auto":
         decays = [n for n in names if n == "ema" or n.startswith("ema_")]
         users = [n for n in names if n.startswith("users_")][-1]  # the longest window's
-        prior, tried = choose_prior(valid, names, decays, users)
+        # the prior has no fitted parameter: it is chosen on every rolling-origin fold's validation block
+        prior, tried = choose_prior(folds or valid, names, decays, users)
     else:
         prior, tried = {model.cfg.rank_prior: 1.0}, []
     head.rank.prior.zero_()
     for n, w in prior.items():
         head.rank.prior[names.index(n)] = w
-    report["rank_prior"] = {"chosen": prior, "tried": tried}
+    report["rank_prior"] = {"chosen": prior, "tried": tried,
+                            "chosen_on": "the rolling-origin folds' validation cut-offs" if folds else "validation"}
+    report["rank_lists"] = {"kept": len(lists), "skipped_without_a_pair": skipped}
     log.info("fit.rank_prior", chosen=prior)
     head.train()
     start = valid_ndcg_parts(valid, np_of(rank_num))
@@ -565,7 +593,11 @@ def train(argv: list[str] | None = None) -> Trail:
     t3 = time.time()
     train_data = [head_data(model, p, p.train, states, cfg.rank_gain) for p in parts]
     valid_data = [head_data(model, p, p.valid, states, cfg.rank_gain) for p in parts]
-    head_report = train_head(model, train_data, valid_data, cfg)
+    fold_rows = [pd.concat([p.train, p.valid]) for p in parts]  # as cut down by --max-* (their items have states)
+    fold_data = [head_data(model, p, f[f["cutoff_ms"].isin(p.fold_valid)].sort_values("cutoff_ms", kind="stable")
+                           .reset_index(drop=True), states, cfg.rank_gain) for p, f in zip(parts, fold_rows)]
+    fold_data = [d for d in fold_data if len(d.frame)]
+    head_report = train_head(model, train_data, valid_data, cfg, folds=fold_data or None)
     head_report["minutes"] = round((time.time() - t3) / 60, 2)
     minutes = round((time.time() - started) / 60, 2)
 

@@ -326,9 +326,11 @@ def lambda_rank_loss(score: torch.Tensor, gain: torch.Tensor, k: int = 20) -> to
         disc = torch.where(rank < k, 1.0 / torch.log2(rank.float() + 2.0), torch.zeros(()))
         ideal = torch.sort(gain, descending=True).values[:k]
         idcg = (ideal / torch.log2(torch.arange(len(ideal)).float() + 2.0)).sum()
-        if idcg <= 0:
-            return score.sum() * 0
-        top = torch.unique(torch.cat([order[:k], torch.argsort(gain, descending=True)[:k]]))
+        empty = bool(idcg <= 0)
+        if not empty:
+            top = torch.unique(torch.cat([order[:k], torch.argsort(gain, descending=True)[:k]]))
+    if empty:  # no gain at this cut-off: nothing to order (outside no_grad, so it still has a grad_fn)
+        return score.sum() * 0
     s_top, g_top, d_top = score[top], gain[top], disc[top]  # (T,)
     dg = g_top.unsqueeze(1) - gain.unsqueeze(0)  # (T, N): gain_top - gain_all
     dd = (d_top.unsqueeze(1) - disc.unsqueeze(0)).abs()

@@ -5,6 +5,7 @@
   score head's input from an examples frame (`of_frame`, the trainer) or from a tick's `Signals`
   (`of_signals`, the scorer), the signals in model order, then the forecast horizon;
 - `season_of`: the month shown in the prompt ("Dec");
+- `week_of_year`: the calendar input of the count's range head ([sin, cos] of the UTC week);
 - `predicted_count`: the score (log1p of the next-period count) back to a count, clipped.
 
 trainer.model, trainer.inference, trainer.evaluate and stream.serving import these; nothing
@@ -40,6 +41,20 @@ def signal_transform(values: np.ndarray) -> np.ndarray:
 def season_of(as_of_ms: int) -> str:
     """The month shown in the prompt ("Dec") for a tick or cut-off at `as_of_ms` (UTC)."""
     return datetime.fromtimestamp(as_of_ms / 1000, UTC).strftime("%b")
+
+
+WEEKS_PER_YEAR = 52.1775  # 365.2425 / 7
+
+
+def week_of_year(as_of_ms: int | np.ndarray) -> np.ndarray:
+    """(N, 2) float32 [sin, cos] of the UTC week of the year (0 for Jan 1-7) at `as_of_ms`: the
+    calendar input, cyclic so that late December sits beside early January. One number per tick
+    (the scorer) or per cut-off row (the trainer's frame), the same function for both."""
+    ms = np.atleast_1d(np.asarray(as_of_ms, np.int64))
+    day = ms // 86_400_000  # days since 1970-01-01 (UTC)
+    year_start = (day.astype("datetime64[D]").astype("datetime64[Y]").astype("datetime64[D]")).astype(np.int64)
+    angle = 2.0 * np.pi * ((day - year_start) // 7) / WEEKS_PER_YEAR
+    return np.stack([np.sin(angle), np.cos(angle)], axis=1).astype(np.float32)
 
 
 def predicted_count(score: np.ndarray) -> np.ndarray:

@@ -55,15 +55,19 @@ import orjson
 import structlog
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError
 
+from stream.core.attribution import DRIVER_GROUPS
 from stream.core.features import predicted_count
 from stream.core.prompts import item_text, render_prompt
 from stream.core.records import ItemInfo, Prediction, to_tick
 from stream.core.trends import Signals
 from stream.model.artefact import Artefact
+from stream.model.count_range import CountRange
 from stream.model.onnx_models import CPU, ItemEncoder, ScoreHeadModel, choose_providers
 from stream.model.item_states import DEFAULT_CACHE_ITEMS, ItemStateCache, ItemStateStore
 
 log = structlog.get_logger(__name__)
+
+DRIVER_ITEMS = 256  # per worker and tick, the top items by score whose drivers are computed (the explained ones)
 
 CPU_BATCH = 32
 CUDA_BATCH = 512
@@ -104,9 +108,12 @@ class _ChunkWire(BaseModel):
     score: list[float]
     log_count: list[float]
     values: list[list[float]]
+    low: list[float] | None = None  # a range head's 10% quantile
+    high: list[float] | None = None
+    drivers: list[list[float] | None] | None = None
 
 
-_NUMBERS = {"score", "log_count", "values"}
+_NUMBERS = {"score", "log_count", "values", "low", "high", "drivers"}
 
 
 def _wire_error(e: ValidationError) -> ScoredChunkError:
@@ -151,6 +158,9 @@ class ScoredChunk:
     score: np.ndarray  # (N,) TRAIL ranking score
     log_count: np.ndarray  # (N,) predicted log1p(next-period count)
     values: np.ndarray  # (N, S) raw signals
+    low: np.ndarray | None = None  # (N,) the count's 10% quantile (a model with a range head; else None)
+    high: np.ndarray | None = None  # (N,) its 90% quantile
+    drivers: np.ndarray | None = None  # (N, G) each DRIVER_GROUPS group's contribution to log1p(count)
 
     def to_json(self) -> bytes:
         return orjson.dumps({
@@ -158,7 +168,9 @@ class ScoredChunk:
             "partitions": None if self.partitions is None else list(self.partitions),
             "total_partitions": self.total_partitions, "names": list(self.names), "item_ids": list(self.item_ids),
             "score": self.score.tolist(), "log_count": self.log_count.tolist(), "values": self.values.tolist(),
-        })
+        } | ({} if self.low is None else {"low": self.low.tolist(), "high": self.high.tolist(),
+                                          "drivers": None if self.drivers is None else
+                                          [None if np.isnan(r).any() else r for r in self.drivers.tolist()]}))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ScoredChunk:
@@ -181,12 +193,20 @@ class ScoredChunk:
         if w.chunk >= w.chunks:
             raise ScoredChunkError(f"scored chunk: chunk {w.chunk} of {w.chunks}")
         n = len(w.item_ids)
+        low = high = drivers = None
+        if w.low is not None:  # a range head's output (older workers send none)
+            if w.high is None:
+                raise ScoredChunkError("scored chunk: low comes with high")
+            low, high = _shaped("low", w.low, (n,)), _shaped("high", w.high, (n,))
+            if w.drivers is not None:  # a row of null: not attributed
+                drivers = _shaped("drivers", [[np.nan] * len(DRIVER_GROUPS) if r is None else r for r in w.drivers],
+                                  (n, len(DRIVER_GROUPS)))
         return cls(
             as_of_ms=w.as_of_ms, source=w.source, chunk=w.chunk, chunks=w.chunks,
             partitions=None if w.partitions is None else tuple(w.partitions), total_partitions=w.total_partitions,
             names=tuple(w.names), item_ids=tuple(w.item_ids), score=_shaped("score", w.score, (n,)),
             log_count=_shaped("log_count", w.log_count, (n,)),
-            values=_shaped("values", w.values, (n, len(w.names))),
+            values=_shaped("values", w.values, (n, len(w.names))), low=low, high=high, drivers=drivers,
         )
 
 
@@ -203,6 +223,9 @@ class ScoredPart:
     partitions: list[int] | None = None  # the event partitions covered; None = all of them
     total_partitions: int = 1
     source: str = ""  # which worker
+    low: np.ndarray | None = None  # (N,) the count's 10% / 90% quantiles and the drivers (N, G): a range head's
+    high: np.ndarray | None = None
+    drivers: np.ndarray | None = None
 
     def chunks(self, size: int = PART_CHUNK_ITEMS) -> list[ScoredChunk]:
         """The part as ranking-topic messages (chunked: a retail tick has thousands of items)."""
@@ -212,7 +235,9 @@ class ScoredPart:
         return [ScoredChunk(self.as_of_ms, self.source, c, count, partitions, self.total_partitions,
                             tuple(self.names), tuple(self.item_ids[c * size : (c + 1) * size]),
                             self.score[c * size : (c + 1) * size], self.log_count[c * size : (c + 1) * size],
-                            self.values[c * size : (c + 1) * size])
+                            self.values[c * size : (c + 1) * size],
+                            *(None if a is None else a[c * size : (c + 1) * size]
+                              for a in (self.low, self.high, self.drivers)))
                 for c in range(count)]
 
     def messages(self, chunk: int = PART_CHUNK_ITEMS) -> list[bytes]:
@@ -232,6 +257,8 @@ class ScoredPart:
             names=first.names, values=np.concatenate([c.values for c in chunks]),
             partitions=None if first.partitions is None else list(first.partitions),
             total_partitions=first.total_partitions, source=first.source,
+            **{k: (None if any(getattr(c, k) is None for c in chunks) else np.concatenate([getattr(c, k) for c in chunks]))
+               for k in ("low", "high", "drivers")},
         )
 
 
@@ -274,6 +301,8 @@ class TickScorer:
         self.encoder = ItemEncoder(artefact.path("item_encoder"), providers, threads)
         # A few small matrix products per item: the CPU beats a round trip to the GPU.
         self.head = ScoreHeadModel(artefact.path("head"), [CPU], threads)
+        # the count's range and drivers (stream.serving.count_range), when the artefact has a range head
+        self.range = CountRange.open(artefact.root, self.features.names, threads)
         self.provider = self.encoder.provider
         self.batch = batch or (CUDA_BATCH if self.encoder.cuda else CPU_BATCH)
         self.cache = ItemStateCache(cache_items)
@@ -381,6 +410,10 @@ class TickScorer:
         if self.publish_top:
             keep = np.array(sorted(keep.tolist(), key=lambda i: (-score[i], signals.item_ids[i]))[: self.publish_top],
                             dtype=np.int64)
+        ranged = None
+        if self.range is not None:  # drivers for this worker's top DRIVER_ITEMS by score (16 evaluations each)
+            top = np.argsort(-score[keep], kind="stable")[:DRIVER_ITEMS]
+            ranged = self.range(as_of_ms, x[keep], states[keep], attribute=top)
         t2 = time.perf_counter()
         s = self.stats
         s.ticks += 1
@@ -392,7 +425,8 @@ class TickScorer:
                   "encode_seconds": round(t1 - t0, 3), "head_seconds": round(t2 - t1, 3),
                   "cached_items": len(self.cache)}
         return ScoredPart(as_of_ms, [signals.item_ids[i] for i in keep.tolist()], score[keep], log_count[keep],
-                          tuple(signals.names), signals.values[keep], partitions, total_partitions, source)
+                          tuple(signals.names), signals.values[keep], partitions, total_partitions, source,
+                          *((ranged.low, ranged.high, ranged.drivers) if ranged is not None else ()))
 
 
 def rank_tick(parts: list[ScoredPart], publish_top: int, model_version: str) -> list[Prediction]:
@@ -405,6 +439,7 @@ def rank_tick(parts: list[ScoredPart], publish_top: int, model_version: str) -> 
     seen: set[str] = set()
     ids: list[str] = []
     score, log_count, values, names = [], [], [], parts[0].names
+    ranges: dict[str, tuple[float, float, dict[str, float] | None]] = {}
     for p in parts:
         if p.names != names:
             raise ValueError("rank_tick: parts with different signal names")
@@ -416,6 +451,10 @@ def rank_tick(parts: list[ScoredPart], publish_top: int, model_version: str) -> 
             score.append(p.score[i])
             log_count.append(p.log_count[i])
             values.append(p.values[i])
+            if p.low is not None:
+                drivers = (None if p.drivers is None or np.isnan(p.drivers[i]).any()
+                           else dict(zip(DRIVER_GROUPS, p.drivers[i].tolist())))
+                ranges[item] = (float(p.low[i]), float(p.high[i]), drivers)
     final = np.asarray(score, np.float64)
     # highest score first; ties by item id, so every ranker orders a tick the same way
     order = sorted(range(len(ids)), key=lambda i: (-final[i], ids[i]))
@@ -424,4 +463,4 @@ def rank_tick(parts: list[ScoredPart], publish_top: int, model_version: str) -> 
     tick = to_tick(as_of)
     counts = predicted_count(np.asarray(log_count, np.float64))
     return [Prediction(ids[i], tick, float(final[i]), float(counts[i]), r, dict(zip(names, values[i].tolist())),
-                       model_version) for r, i in enumerate(order, start=1)]
+                       model_version, *ranges.get(ids[i], ())) for r, i in enumerate(order, start=1)]

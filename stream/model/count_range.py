@@ -1,0 +1,97 @@
+"""The count's range and drivers in the stream: the range head's ONNX export (export.range) on a tick.
+
+For the published items of a tick: predicted_low / predicted_high, the 10% / 90% quantiles of the
+next-period count, and drivers, the exact Shapley values of the median log1p(count) over the
+input groups trend / level / season / text (stream.core.attribution) against the reference "an
+average item at an average time" (normalised signals 0, calendar (0, 0), the mean training item
+state), 16 head evaluations per item in one batch. trainer.quantiles computes the same offline.
+An artefact without a range head gives neither (records carry null range and no drivers).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from stream.core.attribution import DRIVER_GROUPS, group_shapley, signal_group
+from stream.core.features import predicted_count, week_of_year
+
+log = structlog.get_logger(__name__)
+
+ONNX_FILE = "range_head.onnx"
+PARITY_FILE = "range_head.onnx.json"
+WEIGHTS_FILE = "range_head.safetensors"
+
+
+@dataclass
+class TickRange:
+    low: np.ndarray  # (N,) counts
+    high: np.ndarray  # (N,)
+    drivers: np.ndarray  # (N, G) contributions to log1p(count), DRIVER_GROUPS order; NaN rows: not attributed
+
+
+class CountRange:
+    def __init__(self, directory: Path, feature_names: tuple[str, ...], threads: int | None = None) -> None:
+        import onnxruntime as ort
+        from safetensors.numpy import load_file
+
+        record = json.loads((directory / PARITY_FILE).read_text())
+        if tuple(record["feature_names"]) != tuple(feature_names):
+            raise ValueError(f"{directory / ONNX_FILE} reads other inputs ({record['feature_names']}) than the "
+                             f"score head ({list(feature_names)}); export again")
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(str(directory / ONNX_FILE), so, providers=["CPUExecutionProvider"])
+        self.z_ref = load_file(str(directory / WEIGHTS_FILE))["z_ref"].astype(np.float32)
+        self.names = tuple(feature_names)
+        self.cols = {g: [i for i, n in enumerate(self.names) if signal_group(n) == g] for g in ("trend", "level")}
+        self.fixed = [i for i, n in enumerate(self.names) if signal_group(n) is None]
+        self.parity = record.get("max_abs_diff")
+
+    @classmethod
+    def open(cls, directory: str | Path, feature_names: tuple[str, ...], threads: int | None = None
+             ) -> CountRange | None:
+        """The artefact's range head, or None when it was exported without one."""
+        directory = Path(directory)
+        if not ((directory / ONNX_FILE).is_file() and (directory / PARITY_FILE).is_file()):
+            return None
+        return cls(directory, feature_names, threads)
+
+    def quantiles(self, x: np.ndarray, cal: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return self.sess.run(["q"], {"x": np.ascontiguousarray(x, np.float32), "cal": np.ascontiguousarray(cal, np.float32),
+                                     "item_state": np.ascontiguousarray(z, np.float32)})[0]
+
+    def __call__(self, as_of_ms: int, x: np.ndarray, z: np.ndarray, attribute: np.ndarray | None = None) -> TickRange:
+        """Range of a tick's rows (x (N, S) normalised input, z (N, H) item states) and the drivers of
+        the rows `attribute` (indices; default all): 16 head evaluations each, so a worker attributes
+        its top items only and the others' drivers are NaN (records: none)."""
+        n = len(x)
+        cal = np.repeat(week_of_year(as_of_ms), n, axis=0)
+        out = np.full((n, len(DRIVER_GROUPS)), np.nan)
+        if n == 0:
+            return TickRange(np.zeros(0), np.zeros(0), out)
+        q = self.quantiles(x, cal, z)
+        low, high = predicted_count(q[:, 0].astype(np.float64)), predicted_count(q[:, 2].astype(np.float64))
+        rows = np.arange(n) if attribute is None else np.asarray(attribute, np.int64)
+        if len(rows) == 0:
+            return TickRange(low, np.maximum(high, low), out)
+        x, cal, z = x[rows], cal[rows], z[rows]
+        inputs = {"trend": x[:, self.cols["trend"]], "level": x[:, self.cols["level"]], "season": cal, "text": z}
+        reference = {"trend": np.zeros(len(self.cols["trend"]), np.float32),
+                     "level": np.zeros(len(self.cols["level"]), np.float32), "season": np.zeros(2, np.float32),
+                     "text": self.z_ref}
+
+        def median(batch: dict[str, np.ndarray]) -> np.ndarray:
+            xb = np.empty((len(batch["trend"]), len(self.names)), np.float32)
+            xb[:, self.cols["trend"]], xb[:, self.cols["level"]] = batch["trend"], batch["level"]
+            xb[:, self.fixed] = batch["fixed"]
+            return self.quantiles(xb, batch["season"], batch["text"])[:, 1]
+
+        phi, _, _ = group_shapley(median, inputs, reference, fixed={"fixed": x[:, self.fixed]})
+        out[rows] = np.stack([phi[g] for g in DRIVER_GROUPS], axis=1)
+        return TickRange(low, np.maximum(high, low), out)

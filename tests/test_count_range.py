@@ -1,0 +1,94 @@
+"""The range head in the stream: its ONNX export at several shapes, the same range and drivers online as
+offline, and the range and drivers carried through the ranking topic into the prediction records."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from export.range import PARITY_FILE, export_range
+from stream.core.attribution import DRIVER_GROUPS
+from stream.core.features import HORIZON, predicted_count, week_of_year
+from stream.model.count_range import CountRange
+from stream.serving.scorer import ScoredChunk, ScoredPart, rank_tick
+from trainer.quantiles import RangeConfig, RangeHead, drivers, predict_range, save_range, RangeData
+
+NAMES = ("count_7d", "velocity_7d", "count_28d", "total_count", HORIZON)
+
+
+@pytest.fixture(scope="module")
+def artefact(tmp_path_factory):
+    torch.manual_seed(0)
+    head = RangeHead(RangeConfig(n_features=len(NAMES), hidden_size=6, item_dim=3, hidden=8, feature_names=NAMES))
+    with torch.no_grad():  # a head whose quantiles move with every input group
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        head.z_ref.copy_(torch.randn(6) * 0.1)
+    path = tmp_path_factory.mktemp("artefact")
+    save_range(head, path)
+    return path, head
+
+
+def test_export_checks_parity_at_several_batch_sizes(artefact):
+    path, _ = artefact
+    record = export_range(path)
+    assert record["batches"] == [1, 3, 257] and record["max_abs_diff"] < 1e-4
+    assert json.loads((path / PARITY_FILE).read_text())["feature_names"] == list(NAMES)
+    assert CountRange.open(path.parent / "nothing-here", NAMES) is None
+    with pytest.raises(ValueError, match="other inputs"):
+        CountRange.open(path, NAMES[::-1])
+
+
+def test_the_stream_gives_the_trainers_range_and_drivers(artefact):
+    path, head = artefact
+    export_range(path)
+    served = CountRange.open(path, NAMES)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, len(NAMES))).astype(np.float32)
+    x[:, -1] = 0.3
+    z = rng.normal(size=(40, 6)).astype(np.float32)
+    tick = pd.Timestamp("2011-09-14", tz="UTC").value // 10**6
+    got = served(tick, x, z)
+    cal = np.repeat(week_of_year(tick), 40, axis=0)
+    offline = predict_range(head, RangeData(x, cal, np.arange(40), np.zeros(40, np.float32), np.zeros(40)),
+                            torch.from_numpy(z))
+    np.testing.assert_allclose(got.low, predicted_count(offline[:, 0].astype(np.float64)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.high, predicted_count(offline[:, 2].astype(np.float64)), rtol=1e-4, atol=1e-4)
+    assert (got.low <= got.high).all()
+    phi = drivers(head, x, cal, z)
+    np.testing.assert_allclose(got.drivers, np.stack([phi[g] for g in DRIVER_GROUPS], 1), atol=1e-4)
+    with torch.no_grad():  # exact: they add up to the median's move from the reference
+        ref = head(torch.from_numpy(np.c_[np.zeros((40, 4), np.float32), x[:, -1:]]), torch.zeros(40, 2),
+                   head.z_ref.expand(40, -1))[:, 1].numpy()
+    np.testing.assert_allclose(got.drivers.sum(1), offline[:, 1] - ref, atol=1e-4)
+    assert (np.abs(got.drivers) > 1e-6).all(axis=0).any()
+    some = served(tick, x, z, attribute=np.array([3, 7]))  # a worker attributes its top items only
+    np.testing.assert_array_equal(some.low, got.low)
+    np.testing.assert_allclose(some.drivers[[3, 7]], got.drivers[[3, 7]], atol=1e-6)
+    assert np.isnan(np.delete(some.drivers, [3, 7], axis=0)).all()
+
+
+def test_range_and_drivers_reach_the_prediction_records():
+    n = 5
+    part = ScoredPart(1_315_958_400_000, [f"i{k}" for k in range(n)], np.arange(n, dtype=float), np.log1p(np.arange(n)),
+                      ("count_7d",), np.ones((n, 1)), low=np.arange(n) * 0.5, high=np.arange(n) * 2.0 + 1,
+                      drivers=np.arange(n * 4, dtype=float).reshape(n, 4) / 10)
+    chunks = [ScoredChunk.from_json(m) for m in part.messages(chunk=2)]
+    back = ScoredPart.from_chunks(chunks)
+    np.testing.assert_array_equal(back.high, part.high)
+    np.testing.assert_array_equal(back.drivers, part.drivers)
+    part.drivers[1] = np.nan  # not attributed: null on the topic, no drivers in the record
+    back = ScoredPart.from_chunks([ScoredChunk.from_json(m) for m in part.messages(chunk=2)])
+    assert np.isnan(back.drivers[1]).all() and not np.isnan(back.drivers[0]).any()
+    preds = rank_tick([back], 0, "t")
+    assert next(p for p in preds if p.item_id == "i1").drivers is None
+    top = preds[0]
+    assert top.item_id == "i4" and top.predicted_low == 2.0 and top.predicted_high == 9.0
+    assert top.drivers == dict(zip(DRIVER_GROUPS, [1.6, 1.7, 1.8, 1.9]))
+    plain = ScoredPart(part.as_of_ms, part.item_ids, part.score, part.log_count, part.names, part.values)
+    again = rank_tick([ScoredPart.from_chunks([ScoredChunk.from_json(m) for m in plain.messages()])], 0, "t")
+    assert again[0].predicted_low is None and again[0].drivers is None  # a model without a range head

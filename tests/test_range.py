@@ -1,0 +1,104 @@
+"""The count's range head: the calendar input, exact group Shapley drivers, quantiles trained on folds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from stream.core.attribution import group_shapley
+from stream.core.features import HORIZON, week_of_year
+from trainer.quantiles import (RangeConfig, RangeData, counts_of, drivers, fit_range, interval_metrics, load_range,
+                               predict_range, save_range, signal_group)
+
+
+def ms(day: str) -> int:
+    return pd.Timestamp(day, tz="UTC").value // 10**6
+
+
+def test_week_of_year_is_cyclic_and_one_function_for_a_tick_and_a_frame():
+    jan1, jan8, jul1, dec31 = (ms(d) for d in ("2011-01-01", "2011-01-08", "2011-07-01", "2011-12-31"))
+    np.testing.assert_allclose(week_of_year(jan1), [[0.0, 1.0]], atol=1e-7)
+    assert week_of_year(jan8)[0, 0] > 0.1  # a week later
+    assert week_of_year(jul1)[0, 1] < -0.99  # mid-year: the far side of the circle
+    assert np.linalg.norm(week_of_year(dec31) - week_of_year(jan1)) < 0.1  # late December beside early January
+    # the stream asks per tick, the trainer per row of a frame: same numbers, same dtype
+    cutoffs = np.array([jan1, jan1 + 3_600_000 * 23, jul1, dec31], np.int64)
+    frame = week_of_year(cutoffs)
+    assert frame.dtype == np.float32 and frame.shape == (4, 2)
+    for i, t in enumerate(cutoffs.tolist()):
+        np.testing.assert_array_equal(week_of_year(t)[0], frame[i])
+    np.testing.assert_array_equal(frame[0], frame[1])  # same week, same input
+
+
+def test_group_shapley_is_exact():
+    rng = np.random.default_rng(0)
+    x = {"a": rng.normal(size=(6, 2)), "b": rng.normal(size=(6, 3)), "c": rng.normal(size=(6, 1))}
+    ref = {"a": np.zeros(2), "b": np.ones(3), "c": np.zeros(1)}
+
+    def f(batch):  # interactions between groups, and a fixed input
+        a, b, c, h = batch["a"], batch["b"], batch["c"], batch["h"]
+        return a.sum(1) * b[:, 0] + np.sin(c[:, 0]) * b[:, 1] ** 2 + 3 * a[:, 1] + h[:, 0]
+
+    h = rng.normal(size=(6, 1))
+    phi, fx, fr = group_shapley(f, x, ref, fixed={"h": h})
+    np.testing.assert_allclose(sum(phi.values()), fx - fr, atol=1e-10)  # efficiency
+    np.testing.assert_allclose(fx, f(x | {"h": h}))
+
+    def additive(batch):
+        return 2 * batch["a"].sum(1) + batch["b"][:, 2] ** 2 + 0 * batch["c"][:, 0]
+
+    phi, _, _ = group_shapley(additive, x, ref)
+    np.testing.assert_allclose(phi["a"], 2 * x["a"].sum(1))
+    np.testing.assert_allclose(phi["b"], x["b"][:, 2] ** 2 - 1)
+    np.testing.assert_allclose(phi["c"], 0.0, atol=1e-12)  # a dummy group gets nothing
+
+
+def test_the_signals_split_into_trend_and_level():
+    assert signal_group("count_7d") == signal_group("ema") == signal_group("velocity_1d") == "trend"
+    assert signal_group("users_28d") == signal_group("total_count") == signal_group("ema_14d") == "level"
+    assert signal_group(HORIZON) is None
+
+
+def synthetic(n: int, seed: int, hidden: int = 8) -> tuple[RangeData, np.ndarray]:
+    """Counts whose level depends on the trend input, the week of the year and the item."""
+    rng = np.random.default_rng(seed)
+    items = rng.integers(0, 20, n)
+    states = np.random.default_rng(99).normal(size=(20, hidden)).astype(np.float32)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    x[:, 2] = 0.0  # the horizon, constant
+    week = rng.integers(0, 52, n)
+    cal = np.stack([np.sin(2 * np.pi * week / 52), np.cos(2 * np.pi * week / 52)], 1).astype(np.float32)
+    rate = np.exp(1.0 + 0.8 * x[:, 0] + 0.6 * cal[:, 0] * (states[items, 0] > 0) + 0.3 * x[:, 1])
+    count = rng.poisson(rate).astype(np.float64)
+    return RangeData(x, cal, items, np.log1p(count).astype(np.float32), count), states
+
+
+def test_a_tiny_range_head_learns_calibrated_ordered_quantiles_and_exact_drivers(tmp_path):
+    cfg = RangeConfig(n_features=3, hidden_size=8, item_dim=4, hidden=32,
+                      feature_names=("count_7d", "count_28d", HORIZON))
+    folds = [synthetic(3000, s) for s in (1, 2)]
+    full, states = synthetic(6000, 3)
+    test, _ = synthetic(4000, 4)
+    head, report = fit_range(cfg, [(folds[0][0], folds[1][0])], full, states, max_epochs=6, batch=64)
+    assert 1 <= report["epochs"] <= 6 and len(report["folds_pinball_by_epoch"]) == 6
+    q = predict_range(head, test, torch.from_numpy(states))
+    assert (np.diff(q, axis=1) >= 0).all()  # low <= mid <= high
+    low, mid, high = counts_of(q)
+    got = interval_metrics(low, high, test.count)
+    assert 0.6 <= got["interval_coverage"] <= got["interval_coverage_rounded"] <= 0.97 and got["interval_width"] > 1
+    assert interval_metrics(np.array([1.0, 2.5]), np.array([3.0, 4.2]), np.array([3.0, 5.0])) == {
+        "interval_coverage": 0.5, "interval_coverage_rounded": 1.0, "interval_width": pytest.approx((2.0 + 5.2 / 3.5) / 2)}
+    # the drivers: exact Shapley of the median over trend / level / season / text, summing to its move
+    phi = drivers(head, test.x[:50], test.cal[:50], states[test.item[:50]])
+    assert set(phi) == {"trend", "level", "season", "text"}
+    with torch.no_grad():
+        ref = head(torch.zeros(1, 3), torch.zeros(1, 2), head.z_ref[None])[0, 1].item()
+    np.testing.assert_allclose(sum(phi.values()), q[:50, 1] - ref, atol=1e-4)
+    assert np.abs(phi["trend"]).mean() > np.abs(phi["level"]).mean()  # count_7d drives the rate, count_28d less
+    # saved into an artefact directory and read back: the same numbers
+    save_range(head, tmp_path)
+    again = load_range(tmp_path)
+    np.testing.assert_array_equal(predict_range(again, test, torch.from_numpy(states)), q)
+    assert load_range(tmp_path / "none") is None

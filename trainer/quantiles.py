@@ -1,0 +1,305 @@
+"""The count's range head: 10/50/90% quantiles of log1p(next-period count), with the calendar, and
+the drivers of each prediction.
+
+    p     = Linear(LayerNorm(z))                      (item_dim,) the item state, projected
+    h     = [x, cal, p, p * sin, p * cos]             the signals + horizon, week of year, the item,
+                                                       and the item meeting the calendar
+    (m, a, b) = MLP(h);  q50 = m, q10 = m - softplus(a), q90 = m + softplus(b)   (ordered by construction)
+
+x is the main head's normalised input (stream.core.features.Normalisation), cal is
+stream.core.features.week_of_year of the cut-off / tick, z the cached LLM item state. It is
+trained with the pinball loss at (0.1, 0.5, 0.9) on the training cut-offs; its number of epochs
+is chosen on the rolling-origin folds (trainer.folds: each fold trains from scratch on its past and
+is scored on its validation block; the epoch count with the best mean fold pinball loss wins),
+then it is refitted on every pre-test cut-off. The LLM is not touched (item states are frozen).
+
+Drivers: exact Shapley values (stream.core.attribution) of q50 over the input groups
+trend / level (the signals by window, `signal_group`), season (week of year) and text (the item
+state), against the reference input "an average item at an average time": the normalised
+signals at their training mean (0), the calendar at the circle's centre (0, 0), the mean training
+item state; the horizon is held at its value. 2^4 = 16 head evaluations per prediction, batched.
+The head has no neighbourhood input, so no "neighbourhood" driver (its Shapley value would be 0).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import structlog
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from stream.core.attribution import DRIVER_GROUPS, group_shapley, signal_group
+from stream.core.features import HORIZON, Normalisation, predicted_count, week_of_year
+
+log = structlog.get_logger(__name__)
+
+QUANTILES = (0.1, 0.5, 0.9)
+RANGE_FILE = "range_head.safetensors"
+RANGE_CONFIG = "range_head.json"
+GROUPS = DRIVER_GROUPS
+
+
+@dataclass
+class RangeConfig:
+    n_features: int
+    hidden_size: int
+    item_dim: int = 16
+    hidden: int = 64
+    quantiles: tuple[float, ...] = QUANTILES
+    feature_names: tuple[str, ...] = ()
+    trained: dict = field(default_factory=dict)
+
+
+class RangeHead(nn.Module):
+    def __init__(self, cfg: RangeConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Sequential(nn.LayerNorm(cfg.hidden_size), nn.Linear(cfg.hidden_size, cfg.item_dim))
+        n_in = cfg.n_features + 2 + 3 * cfg.item_dim
+        self.mlp = nn.Sequential(nn.Linear(n_in, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(),
+                                 nn.Linear(cfg.hidden, 3))
+        self.register_buffer("z_ref", torch.zeros(cfg.hidden_size))  # the drivers' reference item state
+
+    def forward(self, x: torch.Tensor, cal: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """(B, 3) log1p-count quantiles (10%, 50%, 90%), low <= mid <= high."""
+        p = self.proj(z)
+        h = torch.cat([x, cal, p, p * cal[:, :1], p * cal[:, 1:]], dim=-1)
+        o = self.mlp(h)
+        mid = o[:, 0]
+        return torch.stack([mid - F.softplus(o[:, 1]), mid, mid + F.softplus(o[:, 2])], dim=-1)
+
+
+def pinball(pred: torch.Tensor, y: torch.Tensor, quantiles=QUANTILES) -> torch.Tensor:
+    q = torch.tensor(quantiles, dtype=pred.dtype)
+    err = y.unsqueeze(-1) - pred  # (B, 3)
+    return torch.maximum(q * err, (q - 1) * err).mean()
+
+
+@dataclass
+class RangeData:
+    """Rows as arrays: x (N, S) normalised input, cal (N, 2), item index (N,) into states, y (N,)."""
+
+    x: np.ndarray
+    cal: np.ndarray
+    item: np.ndarray
+    y: np.ndarray
+    count: np.ndarray
+
+
+def range_data(norm: Normalisation, frame: pd.DataFrame, horizon_days: float, item_index: np.ndarray) -> RangeData:
+    return RangeData(norm.of_frame(frame, horizon_days), week_of_year(frame["cutoff_ms"].to_numpy(np.int64)),
+                     np.asarray(item_index, np.int64), frame["label_log"].to_numpy(np.float32),
+                     frame["label_count"].to_numpy(np.float64))
+
+
+def _tensors(d: RangeData, rows: np.ndarray, states: torch.Tensor):
+    return (torch.from_numpy(d.x[rows]), torch.from_numpy(d.cal[rows]), states[torch.from_numpy(d.item[rows])],
+            torch.from_numpy(d.y[rows]))
+
+
+@torch.no_grad()
+def predict_range(head: RangeHead, d: RangeData, states: torch.Tensor, batch: int = 8192) -> np.ndarray:
+    head.eval()
+    out = [head(*_tensors(d, np.arange(a, min(a + batch, len(d.y))), states)[:3]).numpy()
+           for a in range(0, len(d.y), batch)]
+    return np.concatenate(out) if out else np.zeros((0, 3), np.float32)
+
+
+def train_epochs(cfg: RangeConfig, d: RangeData, states: torch.Tensor, epochs: int, seed: int, lr: float = 3e-3,
+                 batch: int = 1024, valid: RangeData | None = None) -> tuple[RangeHead, list[float]]:
+    """A fresh head trained `epochs` epochs on d; the validation pinball loss after each (with `valid`)."""
+    torch.manual_seed(seed)
+    head = RangeHead(cfg)
+    head.z_ref.copy_(states[torch.from_numpy(np.unique(d.item))].mean(dim=0))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(epochs):
+        head.train()
+        for rows in torch.randperm(len(d.y), generator=gen).split(batch):
+            x, cal, z, y = _tensors(d, rows.numpy(), states)
+            loss = pinball(head(x, cal, z), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for g in opt.param_groups:
+            g["lr"] *= 0.8
+        if valid is not None:
+            q = torch.from_numpy(predict_range(head, valid, states))
+            history.append(float(pinball(q, torch.from_numpy(valid.y))))
+    return head, history
+
+
+def fit_range(cfg: RangeConfig, folds: list[tuple[RangeData, RangeData]], full: RangeData, states: np.ndarray,
+              max_epochs: int = 8, seed: int = 0, batch: int = 1024) -> tuple[RangeHead, dict]:
+    """Epochs chosen on the folds (mean validation pinball), then refitted on `full` (every pre-test row)."""
+    t0 = time.time()
+    st = torch.from_numpy(np.asarray(states, np.float32))
+    curves = []
+    for i, (tr, va) in enumerate(folds):
+        _, hist = train_epochs(cfg, tr, st, max_epochs, seed, batch=batch, valid=va)
+        curves.append(hist)
+        log.info("range.fold", fold=i, pinball=[round(h, 5) for h in hist])
+    mean = np.mean(np.array(curves), axis=0)
+    epochs = int(np.argmin(mean)) + 1
+    head, _ = train_epochs(cfg, full, st, epochs, seed, batch=batch)
+    report = {"epochs": epochs, "folds_pinball_by_epoch": [round(float(v), 5) for v in mean],
+              "rows": int(len(full.y)), "minutes": round((time.time() - t0) / 60, 2)}
+    cfg.trained = report
+    log.info("range.fit", **{k: v for k, v in report.items() if k != "folds_pinball_by_epoch"})
+    return head, report
+
+
+def save_range(head: RangeHead, directory: Path) -> None:
+    directory = Path(directory)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(directory / RANGE_FILE))
+    (directory / RANGE_CONFIG).write_text(json.dumps(asdict(head.cfg), indent=2) + "\n")
+
+
+def load_range(directory: str | Path) -> RangeHead | None:
+    """The artefact's range head, or None when it has none (older artefacts)."""
+    directory = Path(directory)
+    if not (directory / RANGE_FILE).is_file():
+        return None
+    raw = json.loads((directory / RANGE_CONFIG).read_text())
+    cfg = RangeConfig(**(raw | {"quantiles": tuple(raw["quantiles"]), "feature_names": tuple(raw["feature_names"])}))
+    head = RangeHead(cfg)
+    head.load_state_dict(load_file(str(directory / RANGE_FILE)))
+    return head.eval()
+
+
+def counts_of(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(low, mid, high) counts from (N, 3) log1p quantiles (clipped like every predicted count)."""
+    return predicted_count(q[:, 0]), predicted_count(q[:, 1]), predicted_count(q[:, 2])
+
+
+def interval_metrics(low: np.ndarray, high: np.ndarray, actual: np.ndarray) -> dict[str, float | None]:
+    """`interval_coverage`: share of rows whose realised count lies in [low, high];
+    `interval_coverage_rounded`: the same with the range rounded outward to whole counts (as a text states it);
+    `interval_width`: median of (high + 1) / (low + 1) (the ratio on counts + 1: a low of 0 is common)."""
+    if not len(actual):
+        return {"interval_coverage": None, "interval_coverage_rounded": None, "interval_width": None}
+    inside = (actual >= low) & (actual <= high)
+    rounded = (actual >= np.floor(low + 1e-9)) & (actual <= np.ceil(high - 1e-9))
+    return {"interval_coverage": float(inside.mean()), "interval_coverage_rounded": float(rounded.mean()),
+            "interval_width": float(np.median((high + 1) / (low + 1)))}
+
+
+@torch.no_grad()
+def drivers(head: RangeHead, x: np.ndarray, cal: np.ndarray, z: np.ndarray) -> dict[str, np.ndarray]:
+    """Exact Shapley values of q50 (log1p count) over GROUPS for each row (see the module doc)."""
+    names = head.cfg.feature_names
+    cols = {g: [i for i, n in enumerate(names) if signal_group(n) == g] for g in ("trend", "level")}
+    fixed_cols = [i for i, n in enumerate(names) if signal_group(n) is None]
+    inputs = {"trend": x[:, cols["trend"]], "level": x[:, cols["level"]], "season": cal, "text": z}
+    reference = {"trend": np.zeros(len(cols["trend"]), np.float32), "level": np.zeros(len(cols["level"]), np.float32),
+                 "season": np.zeros(2, np.float32), "text": head.z_ref.numpy()}
+
+    def fn(batch: dict[str, np.ndarray]) -> np.ndarray:
+        xb = np.empty((len(batch["trend"]), len(names)), np.float32)
+        xb[:, cols["trend"]], xb[:, cols["level"]], xb[:, fixed_cols] = batch["trend"], batch["level"], batch["fixed"]
+        q = head(torch.from_numpy(xb), torch.from_numpy(batch["season"].astype(np.float32)),
+                 torch.from_numpy(batch["text"].astype(np.float32)))
+        return q[:, 1].numpy()
+
+    phi, _, _ = group_shapley(fn, inputs, reference, fixed={"fixed": x[:, fixed_cols]})
+    return phi
+
+
+# ---- CLI: python -m trainer.quantiles --model DIR [--dataset retail,ml100k] [--out DIR2] ----------------
+
+def _dataset_rows(model, name: str, items: str | None, config):
+    """(examples, split, folds, pre-test frame, its item index, item states) of one dataset."""
+    from trainer.evaluate import DEFAULT_MIN_HISTORY_DAYS, choose_protocol, is_builtin
+    from trainer.examples import build_examples, split_cutoffs
+    from trainer.folds import make_folds
+    from trainer.inference import item_texts_of
+    from stream.core.datasets import load_dataset
+
+    ds = load_dataset(name, items)
+    if is_builtin(name):
+        proto = {"min_history_days": DEFAULT_MIN_HISTORY_DAYS}
+    else:
+        ts = ds.events["ts"].to_numpy(np.int64)
+        proto = choose_protocol(int(ts[0]), int(ts[-1]), config.bucket_ms)
+        proto.pop("n_cutoffs")
+    ex = build_examples(ds, config, **proto)
+    split = split_cutoffs(ex.cutoffs, ex.horizon_ms)
+    folds = make_folds(split, ex.horizon_ms)
+    pre = ex.rows(np.concatenate([split.train, split.valid]))
+    index, texts = item_texts_of(pre)
+    return ex, folds, pre, index, model.item_states(texts, progress=False)
+
+
+def train_range(model_dir: str, names: list[str], items: str | None = None, out: str | None = None,
+                max_epochs: int = 8, seed: int = 0) -> dict:
+    """Train the range head of the artefact at `model_dir` on cached item states; save it into `out`."""
+    import shutil
+
+    from stream.core.trends import TrendConfig
+    from trainer.model import load
+
+    model, manifest = load(model_dir)
+    config = TrendConfig()
+    if manifest.feature_spec != config.spec():
+        raise ValueError(f"{model_dir} was trained on other trend features than these")
+    fold_parts: list[list[tuple[RangeData, RangeData]]] = []
+    full_parts, all_states, offset = [], [], 0
+    for name in names:
+        ex, folds, pre, index, states = _dataset_rows(model, name, items, config)
+        horizon = ex.horizon_ms / 86_400_000
+        cut = pre["cutoff_ms"].to_numpy(np.int64)
+
+        def part(mask: np.ndarray) -> RangeData:
+            return range_data(model.norm, pre[mask].reset_index(drop=True), horizon, index[mask] + offset)
+
+        full_parts.append(part(np.ones(len(pre), bool)))
+        fold_parts.append([(part(np.isin(cut, f.train)), part(np.isin(cut, f.valid))) for f in folds])
+        all_states.append(states)
+        offset += len(states)
+    n_folds = min(len(f) for f in fold_parts)
+    cat = lambda ds: RangeData(*(np.concatenate([getattr(d, k) for d in ds])  # noqa: E731
+                                 for k in ("x", "cal", "item", "y", "count")))
+    folds = [(cat([fp[-n_folds + i][0] for fp in fold_parts]), cat([fp[-n_folds + i][1] for fp in fold_parts]))
+             for i in range(n_folds)]
+    cfg = RangeConfig(n_features=len(model.norm.names), hidden_size=int(model.lm.config.hidden_size),
+                      feature_names=tuple(model.norm.names))
+    head, report = fit_range(cfg, folds, cat(full_parts), np.concatenate(all_states), max_epochs=max_epochs,
+                             seed=seed)
+    report |= {"datasets": names, "folds": n_folds, "model_dir": str(model_dir)}
+    head.cfg.trained = report
+    target = Path(out or model_dir)
+    if out and Path(out).resolve() != Path(model_dir).resolve():
+        shutil.copytree(model_dir, target, dirs_exist_ok=True)
+    save_range(head, target)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m trainer.quantiles", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a TRAIL artefact directory (its item states are reused)")
+    ap.add_argument("--dataset", default="retail,ml100k", help="comma-separated datasets or one event log")
+    ap.add_argument("--items", help="item table for an event log")
+    ap.add_argument("--out", help="write the artefact with its range head here (default: into --model)")
+    ap.add_argument("--max-epochs", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    names = [n.strip() for n in args.dataset.split(",") if n.strip()]
+    report = train_range(args.model, names, args.items, args.out, args.max_epochs, args.seed)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
