@@ -4,7 +4,7 @@ Writes DIR/range_head.onnx: inputs x (B, S) float32 (the score head's normalised
 float32 (stream.core.features.week_of_year), item_state (B, H) float32; output q (B, 3) float32, the
 10/50/90% quantiles of log1p(next-period count). The batch axis is dynamic; parity with the PyTorch
 head is checked at several batch sizes (not only the traced one) and recorded in
-DIR/range_head.onnx.json. The stream (stream.serving.count_range) reads both files.
+DIR/range_head.onnx.json. The stream (stream.model.count_range) reads both files.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ class Part:
 
 
 def load_parts(names: list[str], items: str | None, config: TrendConfig) -> list[Part]:
-    from trainer.evaluate import DEFAULT_MIN_HISTORY_DAYS, choose_protocol, is_builtin
+    from trainer.protocol import DEFAULT_MIN_HISTORY_DAYS, choose_protocol, is_builtin
 
     parts = []
     for name in names:

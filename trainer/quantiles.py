@@ -218,7 +218,7 @@ def drivers(head: RangeHead, x: np.ndarray, cal: np.ndarray, z: np.ndarray) -> d
 
 def _dataset_rows(model, name: str, items: str | None, config):
     """(examples, split, folds, pre-test frame, its item index, item states) of one dataset."""
-    from trainer.evaluate import DEFAULT_MIN_HISTORY_DAYS, choose_protocol, is_builtin
+    from trainer.protocol import DEFAULT_MIN_HISTORY_DAYS, choose_protocol, is_builtin
     from trainer.examples import build_examples, split_cutoffs
     from trainer.folds import make_folds
     from trainer.inference import item_texts_of

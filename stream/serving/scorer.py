@@ -301,7 +301,7 @@ class TickScorer:
         self.encoder = ItemEncoder(artefact.path("item_encoder"), providers, threads)
         # A few small matrix products per item: the CPU beats a round trip to the GPU.
         self.head = ScoreHeadModel(artefact.path("head"), [CPU], threads)
-        # the count's range and drivers (stream.serving.count_range), when the artefact has a range head
+        # the count's range and drivers (stream.model.count_range), when the artefact has a range head
         self.range = CountRange.open(artefact.root, self.features.names, threads)
         self.provider = self.encoder.provider
         self.batch = batch or (CUDA_BATCH if self.encoder.cuda else CPU_BATCH)
