@@ -25,11 +25,12 @@ from collections.abc import Mapping
 from stream.core.faithfulness import check, window_spans
 # one vocabulary: the targets draw from the claim grammar's phrase banks, so what the model
 # practises is what constrained decoding lets it write
-from stream.core.faithfulness.grammar import (COUNT_NOUNS, LEADS, ONE_USER, OUTLOOK_LEADS, OUTLOOK_SENTENCES,
-                                              LEVEL_PHRASES, OUTLOOKS, UPDOWN, USER_NOUNS, VERB_PAST, current_phrases,
-                                              direction, horizon_phrases, length_phrases, level_reason, plural,
+from stream.core.faithfulness.grammar import (current_phrases, horizon_phrases, length_phrases, level_reason, plural,
                                               previous_phrases, why_window)
-from stream.core.prompts import detailed_windows, main_window, signal_windows
+from stream.core.faithfulness.vocabulary import (GRAMMAR_COUNT_NOUNS, GRAMMAR_USER_NOUNS, LEADS, LEVEL_PHRASES, ONE_USER,
+                                                 OUTLOOK_LEADS, OUTLOOK_SENTENCES, OUTLOOKS, UPDOWN, VERB_PAST)
+
+from stream.core.prompts import detailed_windows, direction, main_window, signal_windows
 
 # ~40 SmolLM2 tokens (numbers cost a token per digit): a longer draft drops its second fact
 MAX_CHARS = 130
@@ -106,7 +107,7 @@ def _count_clause(f: _Facts, w: str, noun: str, rng: random.Random, with_prev: b
 
 def _users_clause(f: _Facts, w: str, rng: random.Random) -> str:
     u = f.users[w]
-    noun = rng.choice(USER_NOUNS)
+    noun = rng.choice(GRAMMAR_USER_NOUNS)
     if u == 1:
         return rng.choice(ONE_USER)
     return rng.choice([f"from {u} {noun}", f"by {u} {noun}", f"across {u} {noun}", f"{u} {noun}"])
@@ -162,7 +163,7 @@ def target_explanation(signals: Mapping[str, float], horizon_days: int, rng,
     w = f.main
     rel = direction(f.count[w], f.prev[w])
     outlook = outlook or rel
-    noun = rng.choice(COUNT_NOUNS)
+    noun = rng.choice(GRAMMAR_COUNT_NOUNS)
     trend = _trend_clause(f, w, noun, rng)
     hz = rng.choice(horizon_phrases(horizon_days))
     why = why_window(f.count, f.prev, w, f.long, outlook)

@@ -8,10 +8,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from stream.core.faithfulness.vocabulary import (COUNT_NOUNS, UNIT, USER_NOUNS, _ADJECTIVES, _CHANGE_WORD_AFTER,
-    _DOWN_WORDS, _FORECAST, _FUNCTION_WORDS, _I, _MARK_CHANGE, _MARK_CUR, _MARK_PREV, _OUTLOOK_OF, _OUTLOOK_WORD,
-    _UNIT_HOURS, _UP_WORDS, _WORD)
-from stream.core.faithfulness.parse import _Clause, _Item, _Parser, _trailing_qualifier
+from stream.core.faithfulness.vocabulary import (COUNT_NOUNS, UNIT, USER_NOUNS, ADJECTIVES, CHANGE_WORD_AFTER,
+    DOWN_WORDS, FORECAST, FUNCTION_WORDS, CI, MARK_CHANGE, MARK_CUR, MARK_PREV, OUTLOOK_OF, OUTLOOK_WORD,
+    UNIT_HOURS, UP_WORDS, WORD)
+from stream.core.faithfulness.parse import Clause, Item, Parser, trailing_qualifier
 from stream.core.prompts import main_window, short_title, signal_windows, window_hours
 
 
@@ -78,7 +78,7 @@ def _number_ok(stated: float, true: float, q: str, tol_abs: float = 1.0, tol_rel
 def _unit_hours(unit: str) -> float:
     u = unit.lower()
     u = u.rstrip("s") if len(u) > 1 else u
-    h = _UNIT_HOURS.get(u, 24.0)
+    h = UNIT_HOURS.get(u, 24.0)
     return 730.5 if h < 0 else h  # a month as an age: 30.4 days
 
 
@@ -91,17 +91,17 @@ class _Checker:
         self.claims: list[Claim] = []
         self.outlook: str | None = None
 
-    def add(self, it: _Item, kind: str, measure: str | None, window: str | None, stated, true, ok: bool, reason: str = "") -> None:
+    def add(self, it: Item, kind: str, measure: str | None, window: str | None, stated, true, ok: bool, reason: str = "") -> None:
         self.claims.append(Claim(self.text[it.start : it.end], it.start, it.end, kind, measure, window, stated, true, ok, reason))
 
-    def unattributed(self, it: _Item, kind: str, measure: str | None, window: str | None, stated, reason: str) -> None:
+    def unattributed(self, it: Item, kind: str, measure: str | None, window: str | None, stated, reason: str) -> None:
         self.add(it, kind, measure, window, stated, None, False, reason)
 
     def sig(self, name: str) -> float | None:
         v = self.s.get(name)
         return None if v is None else float(v)
 
-    def run(self, parser: _Parser) -> None:
+    def run(self, parser: Parser) -> None:
         clauses = parser.clauses()
         items = parser.items
         ci = 0
@@ -109,11 +109,11 @@ class _Checker:
             while ci + 1 < len(clauses) and it.start >= clauses[ci + 1].start:
                 ci += 1
             it.clause = ci
-        by_clause: list[list[_Item]] = [[] for _ in clauses]
+        by_clause: list[list[Item]] = [[] for _ in clauses]
         for it in items:
             by_clause[it.clause].append(it)
         for c, its in zip(clauses, by_clause):
-            c.forecast = any(i.kind == "future" for i in its) or bool(_FORECAST.search(self.text, c.start, c.end))
+            c.forecast = any(i.kind == "future" for i in its) or bool(FORECAST.search(self.text, c.start, c.end))
             phrases = [i for i in its if i.kind == "window"]
             if phrases:
                 c.own = phrases[-1].data["w"]
@@ -134,9 +134,9 @@ class _Checker:
         last_measure: dict[int, str] = {}  # sentence -> base measure of its last number
         for c, its in zip(clauses, by_clause):
             if c.forecast and not any(i.kind in ("direction", "comparison") for i in its):
-                m = _OUTLOOK_WORD.search(self.text, c.start, c.end)  # "expect more interactions next week"
+                m = OUTLOOK_WORD.search(self.text, c.start, c.end)  # "expect more interactions next week"
                 if m:
-                    self.outlook = _OUTLOOK_OF[m.group(1).lower()]
+                    self.outlook = OUTLOOK_OF[m.group(1).lower()]
             phrases = [i for i in its if i.kind in ("window", "future")]
             for it in its:
                 if it.kind in ("window", "future"):
@@ -160,7 +160,7 @@ class _Checker:
                     self._count_number(it, c, near, its, last_measure)
 
     @staticmethod
-    def _nearest(it: _Item, phrases: list[_Item]) -> _Item | None:
+    def _nearest(it: Item, phrases: list[Item]) -> Item | None:
         best, best_d = None, None
         end = it.data.get("ext", it.end)  # a number with its noun: "41 interactions"
         for p in phrases:
@@ -170,7 +170,7 @@ class _Checker:
                 best, best_d = p, d
         return best
 
-    def _window_of(self, c: _Clause, near: _Item | None) -> tuple[str | None, bool, bool]:
+    def _window_of(self, c: Clause, near: Item | None) -> tuple[str | None, bool, bool]:
         """(window, phrase says previous window, phrase is in the future)."""
         if near is not None:
             if near.kind == "future":
@@ -178,7 +178,7 @@ class _Checker:
             return near.data["w"], near.data["prev"], False
         return c.window, False, False
 
-    def _direction(self, it: _Item, c: _Clause, near: _Item | None) -> None:
+    def _direction(self, it: Item, c: Clause, near: Item | None) -> None:
         rel, neg = it.data["rel"], it.data["neg"]
         stated = ("not " if neg else "") + rel
         window, _, future = self._window_of(c, near)
@@ -197,7 +197,7 @@ class _Checker:
         self.add(it, kind, "count", window, stated, _true_direction(cur, prev), _direction_ok(rel, neg, cur, prev),
                  "" if _direction_ok(rel, neg, cur, prev) else f"{cur:g} vs {prev:g} before")
 
-    def _level(self, it: _Item, c: _Clause) -> None:
+    def _level(self, it: Item, c: Clause) -> None:
         """"above its 28-day pace": the count of the window in force against the named longer
         window's count scaled to its length (stream.core.faithfulness.grammar.level_reason)."""
         rel, neg, long = it.data["rel"], it.data["neg"], it.data["w"]
@@ -221,7 +221,7 @@ class _Checker:
         self.add(it, "level", "count", main, stated, true, ok,
                  "" if ok else f"{cur:g} in {main} against a {long} pace of {pace:.3g}")
 
-    def _simple(self, it: _Item, measure: str, signal: str, stated: float, q: str) -> None:
+    def _simple(self, it: Item, measure: str, signal: str, stated: float, q: str) -> None:
         true = self.sig(signal)
         if true is None:
             self.unattributed(it, "number", measure, None, stated, f"no {signal} signal")
@@ -229,7 +229,7 @@ class _Checker:
         ok = _number_ok(stated, true, q)
         self.add(it, "number", measure, None, stated, true, ok, "" if ok else f"{signal} is {true:g}")
 
-    def _age_idle(self, it: _Item) -> None:
+    def _age_idle(self, it: Item) -> None:
         signal = "age_h" if it.kind == "age" else "idle_h"
         hours = self.sig(signal)
         stated, q, unit = it.data["n"], it.data["q"], it.data["unit"]
@@ -241,7 +241,7 @@ class _Checker:
         ok = abs(stated - true) < 1 if q == "exact" else _number_ok(stated, true, q)
         self.add(it, "number", it.kind, None, stated, round(true, 2), ok, "" if ok else f"{signal} is {hours:g}h")
 
-    def _ratio(self, it: _Item, c: _Clause, near: _Item | None, its: list[_Item]) -> None:
+    def _ratio(self, it: Item, c: Clause, near: Item | None, its: list[Item]) -> None:
         window, _, future = self._window_of(c, near)
         window = window or (self.default_window if it.kind == "ratio" else None)
         measure = it.kind
@@ -274,31 +274,31 @@ class _Checker:
             ok = _number_ok(signed, true, q, 2.0, 0.1) if q != "exact" else abs(signed - true) <= max(1.0, 0.05 * abs(true))
         self.add(it, "comparison", measure, window, stated, round(true, 3), ok, "" if ok else f"{cur:g} vs {prev:g} before")
 
-    def _clause_direction(self, it: _Item, its: list[_Item]) -> str | None:
+    def _clause_direction(self, it: Item, its: list[Item]) -> str | None:
         dirs = [i for i in its if i.kind in ("direction", "comparison") and i.data["rel"] in ("rise", "fall")]
         if not dirs:
             after = self.text[it.end : it.end + 25].lower()
-            m = _CHANGE_WORD_AFTER.match(after)
+            m = CHANGE_WORD_AFTER.match(after)
             if not m:
                 return None
             return "rise" if m.group(1) in ("more", "higher", "increase", "rise", "jump", "gain", "growth") else "fall"
         d = min(dirs, key=lambda i: abs(i.start - it.start))
         return d.data["rel"] if not d.data["neg"] else ("fall" if d.data["rel"] == "rise" else "rise")
 
-    def _count_number(self, it: _Item, c: _Clause, near: _Item | None, its: list[_Item],
+    def _count_number(self, it: Item, c: Clause, near: Item | None, its: list[Item],
                       last_measure: dict[int, str], force_noun: str | None = None) -> None:
         text = self.text
         stated = it.data["n"]
         before = text[c.start : it.start]
-        before, q = _trailing_qualifier(before)
+        before, q = trailing_qualifier(before)
         if it.kind == "total":
             q = it.data["q"]
         # the words after the number: its noun
-        words = [w.lower() for w in _WORD.findall(text[it.end : c.end])[:4]]
+        words = [w.lower() for w in WORD.findall(text[it.end : c.end])[:4]]
         change_sign = 0
         noun = force_noun
         rest = words
-        while rest and rest[0] in _ADJECTIVES:
+        while rest and rest[0] in ADJECTIVES:
             rest = rest[1:]
         if rest and rest[0] in ("more", "extra", "additional", "fewer", "less"):
             change_sign = 1 if rest[0] in ("more", "extra", "additional") else -1
@@ -315,19 +315,19 @@ class _Checker:
                 return
             elif w == "of" and rest[1:2] == ["them"]:
                 noun = None
-            elif w not in _FUNCTION_WORDS and not w.isdigit():
+            elif w not in FUNCTION_WORDS and not w.isdigit():
                 self.unattributed(it, "number", None, None, stated, f"unknown measure '{w}'")
                 return
-        m_change = _MARK_CHANGE.search(before)
-        m_prev = _MARK_PREV.search(before)
-        m_cur = _MARK_CUR.search(before)
+        m_change = MARK_CHANGE.search(before)
+        m_prev = MARK_PREV.search(before)
+        m_cur = MARK_CUR.search(before)
         if m_change and not (m_change.group("dir") or m_change.group("noun")) and noun == "users":
             m_change = None  # "bought by 29 customers": who, not how much it changed
         if m_change and not change_sign and not (m_prev or m_cur):
             word = (m_change.group("dir") or m_change.group("noun") or "").lower()
-            if word in _UP_WORDS:
+            if word in UP_WORDS:
                 change_sign = 1
-            elif word in _DOWN_WORDS:
+            elif word in DOWN_WORDS:
                 change_sign = -1
             else:
                 rel = self._clause_direction(it, its)
@@ -369,7 +369,7 @@ class _Checker:
         # "41 against 12 the week before": when another number of the clause is marked as the
         # previous one, an unmarked number is the current window's, whatever phrase is nearest
         sibling_prev = any(
-            o is not it and o.kind == "number" and _MARK_PREV.search(_trailing_qualifier(text[c.start : o.start])[0])
+            o is not it and o.kind == "number" and MARK_PREV.search(trailing_qualifier(text[c.start : o.start])[0])
             for o in its
         )
         is_prev = bool(m_prev) or (phrase_prev and not m_cur and not sibling_prev)
@@ -412,14 +412,14 @@ def check(explanation: str, signals: Mapping[str, float], *, default_window: str
     default = default_window or main_window(windows, 7)
     if default not in windows:
         raise ValueError(f"default_window {default!r} is not among the signals' windows {windows}")
-    parser = _Parser(explanation, windows)
+    parser = Parser(explanation, windows)
     if isinstance(title, str) and title.strip():
         for form in {title.strip(), short_title(title).rstrip("…")}:
             if not re.search(r"[^\W\d_]", form):
                 continue  # a title without a letter ("22077", an item id standing in for one) is only a number here
             # whole words only, and a one-word title as written: "A" is not the a in "last", the film "Up"
             # not the direction in "up from" (a longer title is matched in any case)
-            flags = _I if " " in form or len(form) > 5 else 0
+            flags = CI if " " in form or len(form) > 5 else 0
             for m in re.finditer(rf"(?<!\w){re.escape(form)}(?!\w)", explanation, flags):
                 parser.taken[m.start() : m.end()] = b"\x01" * (m.end() - m.start())
     parser.parse()

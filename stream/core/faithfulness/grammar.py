@@ -35,36 +35,10 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from stream.core.faithfulness.vocabulary import (GRAMMAR_COUNT_NOUNS, GRAMMAR_USER_NOUNS, LEADS, LEVEL_PHRASES, ONE_USER,
+                                                 OUTLOOK_LEADS, OUTLOOK_SENTENCES, OUTLOOKS, UPDOWN, VERB_PAST)
 from stream.core.forecast import outlook
 from stream.core.prompts import detailed_windows, direction, main_window, signal_windows, window_hours
-
-OUTLOOKS = ("rise", "steady", "fall")
-
-# ---- the vocabulary of the training targets (trainer/explanations.py writes the same phrases) ----
-COUNT_NOUNS = ("interactions", "events")
-USER_NOUNS = ("users", "distinct users", "different users", "unique users", "people")
-ONE_USER = ("from a single user", "all from one user", "from 1 distinct user", "by one person")
-LEADS = {
-    "rise": ("Rising", "Trending up", "Demand is rising", "Interest is growing", "Picking up", "On the rise",
-             "Growing", "Demand is climbing"),
-    "fall": ("Falling", "Trending down", "Demand is cooling", "Interest is fading", "Slowing down",
-             "On the decline", "Declining", "Demand is dropping"),
-    "steady": ("Steady", "Holding steady", "Flat", "Demand is stable", "Unchanged"),
-}
-OUTLOOK_SENTENCES = {
-    "rise": ("Likely to rise {h}.", "Expect more {noun} {h}.", "Should keep climbing {h}.", "Likely to grow {h}.",
-             "Set to rise {h}.", "Likely to pick up {h}."),
-    "fall": ("Likely to fall {h}.", "Expect fewer {noun} {h}.", "Likely to cool off {h}.", "Set to decline {h}.",
-             "Likely to slow down {h}."),
-    "steady": ("Likely to stay steady {h}.", "Expect similar demand {h}.", "Likely to hold steady {h}."),
-}
-OUTLOOK_LEADS = {
-    "rise": ("Likely to rise", "Expected to grow", "Likely to keep rising", "Set to climb"),
-    "fall": ("Likely to fall", "Expected to decline", "Likely to cool off", "Set to drop"),
-    "steady": ("Likely to stay steady", "Expected to hold steady"),
-}
-VERB_PAST = {"rise": ("rose", "climbed", "grew", "jumped"), "fall": ("fell", "dropped", "declined", "slipped")}
-UPDOWN = {"rise": ("up from", "rising from"), "fall": ("down from", "falling from")}
 
 
 def why_window(count: Mapping[str, int], prev: Mapping[str, int], main: str, long: str | None,
@@ -128,10 +102,6 @@ def length_phrases(window: str) -> tuple[str, ...]:
         return (f"{hours:g}-hour",)
     days = int(hours // 24)
     return (f"{days}-day",) + ((f"{days // 7}-week",) if days % 7 == 0 and days > 7 else ())
-
-
-LEVEL_PHRASES = {"above": ("already above its {} pace", "well above its {} average"),
-                 "below": ("still below its {} pace", "well below its {} average")}
 
 
 def _unit_phrase(hours: float) -> tuple[int, str]:
@@ -265,7 +235,7 @@ class ClaimGrammar:
 
 
 def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: str,
-                  nouns: Sequence[str] = COUNT_NOUNS) -> ClaimGrammar:
+                  nouns: Sequence[str] = GRAMMAR_COUNT_NOUNS) -> ClaimGrammar:
     """The true explanations of one item whose forecast clause says `forecast`."""
     if forecast not in OUTLOOKS:
         raise ValueError(f"forecast must be one of {OUTLOOKS}, got {forecast!r}")
@@ -322,7 +292,7 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
             if u == 1:
                 extras.append(("users", Alt.of(*ONE_USER)))
             else:
-                un = Alt.of(*(plural(u, n) for n in USER_NOUNS))
+                un = Alt.of(*(plural(u, n) for n in GRAMMAR_USER_NOUNS))
                 extras.append(("users", Alt.of(("from ", un), ("by ", un), ("across ", un), (un,))))
         if short:
             extras.append(("pulse", count_clause(short, None if short in prev else False)))

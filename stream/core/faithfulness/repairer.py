@@ -7,9 +7,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from stream.core.faithfulness.vocabulary import (COUNT_NOUNS, NUM, NUMW, USER_NOUNS, _ADJECTIVES, _DIRECTION_OF, _I,
-    _SENTENCE_END, _TRAILING_QUALIFIER)
-from stream.core.faithfulness.parse import _qualifier
+from stream.core.faithfulness.vocabulary import (COUNT_NOUNS, NUM, NUMW, USER_NOUNS, ADJECTIVES, DIRECTION_OF, CI,
+    SENTENCE_END, TRAILING_QUALIFIER)
+from stream.core.faithfulness.parse import qualifier
 from stream.core.faithfulness.checker import Claim, check
 
 
@@ -92,10 +92,10 @@ for _noun in COUNT_NOUNS | USER_NOUNS:
 for _unit in ("minute", "hour", "day", "week", "fortnight", "month", "year"):
     _NOUN_SINGULAR[_unit + "s"] = _unit
 _NOUN_PLURAL = {s: p for p, s in _NOUN_SINGULAR.items() if p != "persons"}
-_NOUN_AFTER_NUMBER = re.compile(rf"(\s+(?:(?:{'|'.join(_ADJECTIVES)})\s+)*)([a-z]+)\b", _I)
-_FIRST_NUMBER = re.compile(rf"(?<![\w.,])(?:{NUM})|\b(?:{NUMW}|a single)\b", _I)
-_ARTICLE_BEFORE = re.compile(r"\b(a|an)\s+$", _I)
-_DROP_DELIMS = re.compile(r";\s*|,\s+|:\s+|\s+(?:and|but)\s+|\s*\(\s*|\s*\)", _I)
+_NOUN_AFTER_NUMBER = re.compile(rf"(\s+(?:(?:{'|'.join(ADJECTIVES)})\s+)*)([a-z]+)\b", CI)
+_FIRST_NUMBER = re.compile(rf"(?<![\w.,])(?:{NUM})|\b(?:{NUMW}|a single)\b", CI)
+_ARTICLE_BEFORE = re.compile(r"\b(a|an)\s+$", CI)
+_DROP_DELIMS = re.compile(r";\s*|,\s+|:\s+|\s+(?:and|but)\s+|\s*\(\s*|\s*\)", CI)
 
 
 def _int_text(x: float) -> str:
@@ -114,13 +114,13 @@ def _direction_target(cur: float, prev: float, negated: bool) -> str:
     return "rise" if v > 0 else "fall" if v < 0 else "steady"
 
 
-def _direction_phrase(word: str, rel: str, next_word: str) -> str | None:
+def direction_phrase(word: str, rel: str, next_word: str) -> str | None:
     w = " ".join(word.lower().split())
     if next_word == "from" and w in ("steady", "stable", "flat"):
         triple: tuple[str, ...] = ("up", "down", "unchanged")  # "up from 26" -> "down from 26"
     elif w in _SWAP_OF:
         triple = _SWAP_OF[w]
-    elif w in _DIRECTION_OF:
+    elif w in DIRECTION_OF:
         last = w.split()[-1]
         ending = "ing" if last.endswith("ing") else "ed" if last.endswith("ed") or last in _IRREGULAR_PAST else (
             "s" if last.endswith("s") and not last.endswith("ss") else "")
@@ -166,7 +166,7 @@ class _Repairer:
             return self._fix_number(c)
         if c.kind == "level" and c.true in ("above", "below") and not str(c.stated).startswith("not "):
             # "below its 28-day pace" -> "above its 28-day pace" (a count at its pace exactly is dropped)
-            return c.start, c.end, re.sub(r"\b(above|below)\b", c.true, c.text, count=1, flags=_I), "direction"
+            return c.start, c.end, re.sub(r"\b(above|below)\b", c.true, c.text, count=1, flags=CI), "direction"
         return None
 
     def _fix_direction(self, c: Claim) -> tuple[int, int, str, str] | None:
@@ -178,8 +178,8 @@ class _Repairer:
         if c.kind == "comparison":
             new = _comparison_phrase(c.text, rel)
         else:
-            after = re.match(r"\s*([a-z]+)", self.text[c.end :], _I)
-            new = _direction_phrase(c.text, rel, after.group(1).lower() if after else "")
+            after = re.match(r"\s*([a-z]+)", self.text[c.end :], CI)
+            new = direction_phrase(c.text, rel, after.group(1).lower() if after else "")
         if new is None or new == c.text:
             return None
         return self._with_article(c.start, c.end, new, "direction")
@@ -223,8 +223,8 @@ class _Repairer:
             start, end = c.start, c.end
             value = abs(true) if c.measure == "change" else true
         n = int(round(value))
-        q = _TRAILING_QUALIFIER.search(text, max(0, start - 24), start)
-        q_kind = _qualifier(q.group(1)) if q else "exact"
+        q = TRAILING_QUALIFIER.search(text, max(0, start - 24), start)
+        q_kind = qualifier(q.group(1)) if q else "exact"
         if q_kind in ("gt", "lt") and c.measure == "prev_count":
             cur = self.sig(f"count_{c.window}")
             if int(round(float(c.stated))) == n and cur is not None:
@@ -247,7 +247,7 @@ class _Repairer:
             if n == 1 and w.lower() in _NOUN_SINGULAR:
                 return start, noun.end(), new + lead + _keep_case(w, _NOUN_SINGULAR[w.lower()]), "number"
             if n != 1 and w.lower() in _NOUN_PLURAL:
-                lead = re.sub(r"\bsingle\s+", "", lead, flags=_I)
+                lead = re.sub(r"\bsingle\s+", "", lead, flags=CI)
                 return start, noun.end(), new + lead + _keep_case(w, _NOUN_PLURAL[w.lower()]), "number"
         return start, end, new, "number"
 
@@ -255,7 +255,7 @@ class _Repairer:
     def drop_spans(self, claims: list[Claim]) -> list[tuple[int, int]]:
         """The character ranges to delete so that the clauses of `claims` go."""
         text = self.text
-        bounds = [0] + [m.end() for m in _SENTENCE_END.finditer(text)] + [len(text)]
+        bounds = [0] + [m.end() for m in SENTENCE_END.finditer(text)] + [len(text)]
         spans = []
         for c in claims:
             s_start = max(b for b in bounds if b <= c.start)
@@ -307,7 +307,7 @@ def _tidy(text: str) -> str:
     t = re.sub(r"[,;:]+(?=[.!?]|$)", "", t)  # "Likely to rise:." -> "Likely to rise."
     t = re.sub(r"([,;:])[,;:]+", r"\1", t)
     t = re.sub(r"(^|[.!?]\s+)[,;:\s]+", r"\1", t)  # a sentence that now starts with a delimiter
-    t = re.sub(r"(^|[.!?]\s+)(?:and|but)\s+", r"\1", t, flags=_I)
+    t = re.sub(r"(^|[.!?]\s+)(?:and|but)\s+", r"\1", t, flags=CI)
     t = re.sub(r"(^|[.!?]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), t)
     t = re.sub(r"(?:^|(?<=[.!?]))\s*[.!?]+", "", t)  # sentences left empty
     return t.strip()
