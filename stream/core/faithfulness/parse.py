@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from stream.core.faithfulness.vocabulary import (AGAINST, AGE, CLAUSE_SPLIT, COMPARE, CUR_WINDOWS,
+from stream.core.faithfulness.vocabulary import (ACCELERATION, AGE_WORD, MAGNITUDE, RANGE, UNVERIFIABLE_PATTERNS, AGAINST, AGE, CLAUSE_SPLIT, COMPARE, CUR_WINDOWS,
     DIRECTION_MAX_WORDS, DIRECTION_OF, FUTURE, FUTURE_GATE, IDLE, LETTERS, LEVEL, NEGATION, NOUN_AFTER, NUMBER,
     NUMBER_WORDS, PERCENT, PREV_WINDOWS, QUALIFIERS, RATIO_ADJ, RATIO_TIMES, RATIO_WORD, SENTENCE_END, TOTAL,
     TOTAL_GATE, TRAILING_QUALIFIER, UNIT_HOURS)
@@ -21,7 +21,8 @@ from stream.core.prompts import window_hours
 class Item:
     start: int
     end: int
-    kind: str  # window, number, ratio, percent, age, idle, total, direction, comparison, future, level
+    kind: str  # window, number, ratio, percent, age, idle, total, direction, comparison, future, level,
+    # unverifiable, acceleration, age_word, range, magnitude
     data: dict
     clause: int = -1
 
@@ -121,7 +122,20 @@ class Parser:
     def parse(self) -> None:
         t = self.text
         self.lower = t.lower()
-        for m in self._scan(FUTURE, FUTURE_GATE):
+        masked = bytes(self.taken)  # the title's characters, masked before parsing
+        for what, pattern in UNVERIFIABLE_PATTERNS:  # what no signal says: taken first ("new customers" is no age)
+            for m in pattern.finditer(t):
+                self._take(m, "unverifiable", {"what": what})
+        for m in ACCELERATION.finditer(t):
+            self._take(m, "acceleration", {"rel": "rise" if m.group("up") else "fall",
+                                           "neg": bool(NEGATION.search(t, max(0, m.start() - 20), m.start()))})
+        for m in AGE_WORD.finditer(t):
+            age = next(k for k in ("brand", "new", "old") if m.group(k))
+            self._take(m, "age_word", {"age": age, "neg": bool(NEGATION.search(t, max(0, m.start() - 20), m.start()))})
+        for m in RANGE.finditer(t):
+            a, b = (m.group("a"), m.group("b")) if m.group("a") else (m.group("a2"), m.group("b2"))
+            self._take(m, "range", {"a": _num(a), "b": _num(b)})
+        for m in FUTURE.finditer(t) if any(g in self.lower for g in FUTURE_GATE) else ():
             self._take(m, "future", {})
         for m in self._scan(LEVEL, ("above", "below")):
             self._take(m, "level", {"rel": m.group("rel").lower(), "w": self.window_for(m.group("n"), m.group("u")),
@@ -196,6 +210,14 @@ class Parser:
                         i += n - 1
                         break
             i += 1
+        # magnitude words qualify a direction word or stand alone ("surging", "a sharp drop", "exploded"): they take
+        # no characters, so the direction they carry is still read
+        for m in MAGNITUDE.finditer(t):
+            if not any(masked[m.start() : m.end()]) and not any(
+                    i.kind == "unverifiable" and i.start <= m.start() < i.end for i in self.items):
+                size = "slight" if m.group("slight") else "strong"
+                rel = "rise" if m.group("up") else "fall" if m.group("down") else None
+                self.items.append(Item(m.start(), m.end(), "magnitude", {"size": size, "rel": rel}))
         self.items.sort(key=lambda it: it.start)
 
     def clauses(self) -> list[Clause]:

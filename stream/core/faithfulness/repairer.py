@@ -11,6 +11,7 @@ from stream.core.faithfulness.vocabulary import (COUNT_NOUNS, NUM, NUMW, USER_NO
     SENTENCE_END, TRAILING_QUALIFIER)
 from stream.core.faithfulness.parse import qualifier
 from stream.core.faithfulness.checker import Claim, check
+from stream.core.forecast import PredictedCount, stated_range, stated_size
 
 
 # ---- repair: verify and revise ----------------------------------------------
@@ -49,7 +50,7 @@ _DIRECTION_SWAPS = [
     ("jumping", "slipping", "holding steady"), ("jump", "dip", "hold steady"), ("jumps", "slips", "holds steady"),
     ("jumped", "slipped", "held steady"),
     ("gaining", "declining", "holding steady"), ("gained", "declined", "held steady"),
-    ("accelerating", "slowing", "holding steady"), ("accelerated", "slowed", "held steady"),
+    ("rising", "slowing", "holding steady"), ("rose", "slowed", "held steady"),  # "accelerating" is acceleration
     ("picking up", "slowing down", "holding steady"), ("picked up", "slowed down", "held steady"),
     ("picks up", "slows down", "holds steady"), ("pick up", "slow down", "hold steady"),
     ("heating up", "cooling off", "holding steady"), ("trending up", "trending down", "holding steady"),
@@ -146,9 +147,10 @@ def _comparison_phrase(span: str, rel: str) -> str:
 class _Repairer:
     """Rewrites the false claims of one text (one round), or drops their clauses."""
 
-    def __init__(self, text: str, signals: Mapping[str, float]) -> None:
+    def __init__(self, text: str, signals: Mapping[str, float], prediction: PredictedCount | None = None) -> None:
         self.text = text
         self.s = signals
+        self.pred = prediction
 
     def sig(self, name: str) -> float | None:
         v = self.s.get(name)
@@ -158,6 +160,15 @@ class _Repairer:
     def fix(self, c: Claim) -> tuple[int, int, str, str] | None:
         if c.true is None:
             return None
+        if c.kind == "forecast" and c.measure == "count" and self.pred is not None:
+            # "about 60 next week" -> "about 40 next week": the stated size of the prediction
+            return self._with_noun(c.start, c.end, stated_size(self.pred.count))
+        if c.kind == "range" and self.pred is not None and self.pred.has_range:
+            lo, hi = stated_range(self.pred.low, self.pred.high)
+            m = re.match(rf"(between\s+)?({NUM})(\s*(?:[–—-]|and)\s*)({NUM})", c.text, CI)
+            if m is None:
+                return None
+            return c.start, c.end, f"{m.group(1) or ''}{lo}{m.group(3)}{hi}" + c.text[m.end():], "number"
         if c.kind in ("direction", "comparison") and c.measure == "count":
             return self._fix_direction(c)
         if c.kind == "comparison" and c.measure in ("percent", "ratio"):
@@ -235,7 +246,11 @@ class _Repairer:
                 return q.start(1), q.end(1), _keep_case(q.group(1), bound), "direction"
         elif q_kind in ("gt", "ge", "lt", "le"):
             start = q.start(1)  # "more than 60 interactions" -> "41 interactions": a bound becomes the number
-        word = text[c.start : c.end].lower()
+        return self._with_noun(start, end, n, text[c.start : c.end].lower())
+
+    def _with_noun(self, start: int, end: int, n: int, word: str = "") -> tuple[int, int, str, str]:
+        """`n` in place of text[start:end], the noun after it agreeing ("1 interactions" -> "1 interaction")."""
+        text = self.text
         if word in ("once", "twice"):
             new = {1: "once", 2: "twice"}.get(n, f"{n} times")
             return start, end, new, "number"
@@ -324,7 +339,8 @@ def _apply(text: str, edits: list[tuple[int, int, str, str]]) -> tuple[str, list
     return text, kept
 
 
-def repair(explanation: str, signals: Mapping[str, float], *, title: str | None = None) -> Repair:
+def repair(explanation: str, signals: Mapping[str, float], *, title: str | None = None,
+           prediction: PredictedCount | None = None) -> Repair:
     """Verify and revise: rewrite the false claims of `explanation` to what `signals` say.
 
     Each round checks the text; false numbers are replaced by the signal's value (integers,
@@ -333,11 +349,12 @@ def repair(explanation: str, signals: Mapping[str, float], *, title: str | None 
     "down from 26"; steady words only on a tie, else the strict direction). Claims that cannot
     be rewritten (unattributable numbers, "doubled", a window the signals lack) have their
     clause dropped (split at ; , : ( ) "and" "but", else the whole sentence). Forecasts are
-    not claims and stay as they are. When the repair cannot reach a faithful text with at
+    not claims and stay as they are, unless `prediction` is given: then a wrong forecast size or range is
+    rewritten to the prediction's stated size and range, and a wrong forecast direction loses its clause. When the repair cannot reach a faithful text with at
     least one checked claim, the input comes back unchanged (`faithful` then says whether it
     was faithful: the caller picks a fallback). `faithful` is always check(text).faithful.
     """
-    first = check(explanation, signals, title=title)
+    first = check(explanation, signals, title=title, prediction=prediction)
     if first.faithful:
         return Repair(explanation, False, 0, 0, 0, True, first.checked, first.outlook)
     text, result = explanation, first
@@ -345,7 +362,7 @@ def repair(explanation: str, signals: Mapping[str, float], *, title: str | None 
     dropped = 0
     seen = {explanation}
     for _ in range(_REPAIR_ROUNDS):
-        repairer = _Repairer(text, signals)
+        repairer = _Repairer(text, signals, prediction)
         false = [c for c in result.claims if not c.ok]
         edits = [e for e in (repairer.fix(c) for c in false) if e is not None]
         new, kept = _apply(text, edits) if edits else (text, [])
@@ -364,7 +381,7 @@ def repair(explanation: str, signals: Mapping[str, float], *, title: str | None 
         seen.add(text)
         if not text.strip():
             break
-        result = check(text, signals, title=title)
+        result = check(text, signals, title=title, prediction=prediction)
         if result.faithful:
             break
     if not text.strip() or not result.faithful or result.checked == 0:

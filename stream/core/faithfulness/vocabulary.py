@@ -87,7 +87,7 @@ TOTAL = re.compile(
     rf"|\b(?:total of|in total|lifetime total of|all[- ]time total of)\s+(?P<n2>{NUM})\b", CI
 )
 RATIO_WORD = re.compile(
-    r"\b(?P<w>doubled|doubling|doubles|tripled|trebled|tripling|triples|quadrupled|halved|halving|halves)\b", CI
+    r"\b(?P<w>doubled|doubling|doubles|double|tripled|trebled|tripling|triples|triple|treble|quadrupled|quadruple|halved|halving|halves|halve)\b", CI
 )
 RATIO_TIMES = re.compile(
     rf"(?<![\w.,])(?P<n>{NUM}|{NUMW}|twice|thrice)"
@@ -137,7 +137,7 @@ DIRECTIONS = {
     "rise": "picking up|picked up|picks up|pick up|heating up|on the rise|trending up|trending upward|trending upwards|"
             "more popular|rising|rises|rise|rose|risen|upward|upwards|uptick|up|growing|grows|grow|grew|grown|growth|"
             "increasing|increases|increased|increase|climbing|climbs|climbed|climb|gaining|gained|gains|gain|"
-            "accelerating|accelerated|accelerates|accelerate|surging|surged|surges|surge|jumped|jumping|jumps|jump|"
+            "surging|surged|surges|surge|jumped|jumping|jumps|jump|"
             "soaring|soared|soars|higher|rebounding|rebounded|recovering|recovered|strengthening|booming|spiking|"
             "spiked|spike|hotter|stronger|busier",
     "fall": "cooling off|cooled off|cool off|slowing down|slowed down|slow down|losing steam|losing momentum|"
@@ -151,6 +151,57 @@ DIRECTIONS = {
     "steady": "holding steady|held steady|holding flat|no change|steady|stable|flat|unchanged|levelled|leveled|"
               "constant|flatlining|plateaued|plateauing|plateau|holding",
 }
+# ---- words a reader takes as facts that the counts alone do not state (the stricter checker, issue 20) ----
+# Each is verified against the signal that backs it, or is a false claim of kind "unverifiable".
+# Magnitude: a strong change has the larger of the two counts at least STRONG_RATIO times the smaller one,
+# outside the steady band; a slight one has them differ, by at most SLIGHT_RATIO. Implied directions
+# ("exploded" is a rise, "plunged" a fall) must hold too. Checked on the clause's window (count vs the
+# window before) or, in a forecast clause, on the predicted count vs the current pace.
+STRONG_RATIO = 1.5
+SLIGHT_RATIO = 1.25
+MAGNITUDE = re.compile(
+    r"\b(?:(?P<up>surg\w*|soar\w*|explod\w*|explosive\w*|skyrocket\w*|rocket\w*|boom\w*|spik\w*)"
+    r"|(?P<down>plung\w*|tumbl\w*|slump\w*|collaps\w*|crash\w*|nosediv\w*)"
+    r"|(?P<strong>sharp\w*|steep\w*|dramatic\w*|massive\w*|huge|rapid\w*|fast|quickly|strong|strongly|significant\w*)"
+    r"|(?P<slight>slight\w*|modest\w*|marginal\w*|a little|a bit|gentl\w*|small))\b", CI)
+# acceleration: the window's change against the change before it (accel_<w> = velocity - previous velocity)
+ACCELERATION = re.compile(r"\b(?:(?P<up>accelerat\w*|gathering pace|gaining speed|speeding up)"
+                          r"|(?P<down>decelerat\w*|losing speed))\b", CI)
+# age words: "new" is under NEW_DAYS of history (the cold-start slice's bound), "brand-new" under BRAND_NEW_DAYS,
+# "established" at least NEW_DAYS
+NEW_DAYS = 28
+BRAND_NEW_DAYS = 7
+AGE_WORD = re.compile(r"\b(?:(?P<brand>brand[- ]new|just (?:launched|released|listed|added)|newly (?:launched|released|listed|added))"
+                      r"|(?P<new>new|recently (?:launched|released|listed|added)|new arrival|newcomer)"
+                      r"|(?P<old>established|long[- ]standing|long[- ]running))\b", CI)
+# what no signal says: who buys it, where it ranks, why it moved, how much is in stock
+UNVERIFIABLE = {
+    "customers": r"\b(?:returning|loyal|repeat|regular|first[- ]time|new|existing|wholesale|trade|corporate|young|older)"
+                 r"\s+(?:customers?|buyers?|shoppers?|users?|fans?|clients?|purchasers?|viewers?|people)\b|\bregulars\b"
+                 r"|\brepeat (?:purchases?|orders?|buys?|business)\b|\bloyal\w*|\bcome back\b"
+                 r"|\bkeeps? (?:buying|coming back|ordering)\b",
+    "rank": r"\bbest[- ]?sell\w*|\btop[- ]sell\w*|\bnumber one\b|#\s?1\b|\btop \d+\b|\btop (?:ten|five|twenty)\b"
+            r"|\bhighest\b|\blowest\b|\brecord\b|\ball[- ]time (?:high|low)\b|\bpeak\w*|\bmost (?:popular|sold|viewed|bought|"
+            r"purchased|watched|rated)\b|\branked\b|\branks\b|\branking\b|\bchart\w*|(?<!more )(?<!less )\bpopular\b"
+            r"|\bfavou?rites?\b|\bin demand\b|\bnew (?:highs?|lows?|records?|peaks?)\b",
+    "cause": r"\bthanks to\b|\bbecause(?: of)?\b|\bdue to\b|\bdriven by\b|\bowing to\b|\bon the back of\b"
+             r"|\bfuell?ed by\b|\bas a result of\b|\bcaused by\b|\bboosted by\b|\bprice (?:cut|drop|reduction|increase|rise)s?\b"
+             r"|\bdiscount\w*|\bpromo\w*|\bon offer\b|\bclearance\b|\bmarketing\b|\bcampaigns?\b|\badvert\w*"
+             r"|\bviral\b|\bsocial media\b|\btiktok\b|\binstagram\b|\binfluencers?\b|\bcelebrit\w*|\bweather\b"
+             r"|\bholiday season\b|\bseasonal\w*|\bin season\b|\bchristmas\b|\bxmas\b|\bhalloween\b|\bvalentine\w*",
+    "stock": r"\b(?:out of|low on|back in|in) stock\b|\bstock\w*|\brunning (?:low|out)\b|\bsold out\b"
+             r"|\bsell(?:s|ing)? out\b|\binventory\b|\bsuppl(?:y|ies)\b|\bshortages?\b|\brestock\w*\b|\bavailability\b",
+}
+UNVERIFIABLE_PATTERNS = [(kind, re.compile(p, CI)) for kind, p in UNVERIFIABLE.items()]
+# a forecast's range, "likely 28–55", "between 28 and 55" (a dash without spaces, or "between ... and")
+RANGE = re.compile(rf"(?<![\w.,])(?P<a>{NUM})\s?[–—-]\s?(?P<b>{NUM})(?![\w%])|\bbetween\s+(?P<a2>{NUM})\s+and\s+(?P<b2>{NUM})\b", CI)
+# words a clause may hold without making a statement of its own ("Likely to", "it is", "demand")
+FILLER_WORDS = frozenset(
+    "item items product products it its it's this demand interest sales activity interactions events likely expect "
+    "expected still also though however now just even is are be being been has have had was were so the and but "
+    "with after later then here there".split()
+)
+
 # phrase (lower case, words joined by one space) -> rise/fall/steady; matched word by word, longest first
 DIRECTION_OF = {phrase: rel for rel, phrases in DIRECTIONS.items() for phrase in phrases.split("|")}
 DIRECTION_MAX_WORDS = max(len(p.split()) for p in DIRECTION_OF)
