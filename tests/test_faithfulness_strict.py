@@ -147,3 +147,28 @@ def test_repair_fixes_a_wrong_size_and_range_and_drops_the_unverifiable():
     assert "About 40 events next week" in r.text and "25–55" in r.text, r.text
     r = repair("Thanks to a price cut, 26 events in the last 7 days, up from 21 the week before.", S)
     assert r.faithful and r.text == "26 events in the last 7 days, up from 21 the week before.", r.text
+
+
+def test_grammar_and_targets_state_size_and_range_and_pass_the_checker():
+    """Every sentence of the grammar with a size, and every target with one, is faithful against the prediction:
+    with a range (the quantile heads) and without (today's model), on the targets' random rows."""
+    import random
+
+    from stream.core.faithfulness.grammar import OUTLOOKS, claim_grammar
+    from test_explanations import cases
+    from trainer.explanations import target_explanation
+
+    rng = random.Random(3)
+    for row, h, _, _ in cases(150, 5):
+        count = rng.choice([0.3, 4.6, 38.6, 250.0, 4321.0])
+        for pred in (PredictedCount(count, h, count * 0.6, count * 1.7), PredictedCount(count, h)):
+            fc = pred.direction(row)
+            text = claim_grammar(row, h, fc, size=pred).sample(rng)
+            r = check(text, row, prediction=pred)
+            assert r.faithful and r.outlook == fc, (text, [c for c in r.claims if not c.ok])
+            kinds = {c.kind for c in r.claims}
+            assert "forecast" in kinds and ("range" in kinds) == pred.has_range, text
+            target = target_explanation(row, h, rng, outlook=fc, size=pred)
+            r = check(target, row, prediction=pred)
+            assert r.faithful, (target, [c for c in r.claims if not c.ok])
+            assert f"{stated_size(count)}" in target

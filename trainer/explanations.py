@@ -26,10 +26,11 @@ from stream.core.faithfulness import check, window_spans
 # one vocabulary: the targets draw from the claim grammar's phrase banks, so what the model
 # practises is what constrained decoding lets it write
 from stream.core.faithfulness.grammar import (current_phrases, horizon_phrases, length_phrases, level_reason, plural,
-                                              previous_phrases, why_window)
+                                              previous_phrases, size_sentences, why_window)
 from stream.core.faithfulness.vocabulary import (GRAMMAR_COUNT_NOUNS, GRAMMAR_USER_NOUNS, LEADS, LEVEL_PHRASES, ONE_USER,
                                                  OUTLOOK_LEADS, OUTLOOK_SENTENCES, OUTLOOKS, UPDOWN, VERB_PAST)
 
+from stream.core.forecast import PredictedCount
 from stream.core.prompts import detailed_windows, direction, main_window, signal_windows
 
 # ~40 SmolLM2 tokens (numbers cost a token per digit): a longer draft drops its second fact
@@ -147,7 +148,18 @@ def _as_random(rng) -> random.Random:
 
 
 def target_explanation(signals: Mapping[str, float], horizon_days: int, rng,
-                       outlook: str | None = None) -> str:
+                       outlook: str | None = None, size: PredictedCount | None = None) -> str:
+    """`size`: the predicted count (and range) the text ends with, as the claim grammar's `size_sentences`
+    ("About 40 events next week, likely 25–55."); without it the text has no size sentence (v6's targets)."""
+    text = _target(signals, horizon_days, rng, outlook)
+    if size is None:
+        return text
+    rng = _as_random(rng)
+    noun = next((n for n in GRAMMAR_COUNT_NOUNS if n in text.lower()), GRAMMAR_COUNT_NOUNS[0])
+    return f"{text} {rng.choice(size_sentences(size, noun))}"
+
+
+def _target(signals: Mapping[str, float], horizon_days: int, rng, outlook: str | None = None) -> str:
     """A faithful one- or two-sentence explanation of the item's trend.
 
     `outlook` ("rise"/"fall"/"steady") is what the explanation forecasts; the

@@ -51,10 +51,10 @@ import structlog
 
 from stream.core import decoding
 from stream.core.faithfulness import check, repair
-from stream.core.faithfulness.grammar import claim_grammar, stated_reason
+from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar, stated_reason
 from stream.core.mailbox import Mailbox
 from stream.serving.artefact import PromptTokenizer
-from stream.core.forecast import outlook, pace
+from stream.core.forecast import PredictedCount, outlook, pace
 from stream.core.records import Explanation, Prediction, tick_ms
 
 log = structlog.get_logger(__name__)
@@ -127,8 +127,9 @@ class Explainer:
         self.temperature, self.top_p = float(temperature), float(top_p)
         self.constraint = constraint  # stream.serving.constraint.ClaimConstraint, or None: unconstrained
         self.batch_size = max(1, batch_size)
-        # the grammar ends every text itself; room for its longest shapes (the targets' max is ~43 tokens)
-        self.constrained_max_new_tokens = constrained_max_new_tokens or max(max_new_tokens, 64)
+        # the grammar ends every text itself; room for its longest shapes (a reason and the size and range
+        # sentence: ~75 tokens with 3-4 digit counts)
+        self.constrained_max_new_tokens = constrained_max_new_tokens or max(max_new_tokens, CONSTRAINED_MAX_NEW_TOKENS)
         self.horizon_days = horizon_days
         self.tokenizer = tokenizer
         self.model_version = model_version
@@ -172,6 +173,10 @@ class Explainer:
         """The direction of the record's own prediction: what the forecast clause must say."""
         return outlook(p.predicted_count, pace(p.signals, self.horizon_days))
 
+    def size_of(self, p: Prediction) -> PredictedCount:
+        """The record's predicted count and range: what the text states and the checker holds it to."""
+        return PredictedCount.of(p, self.horizon_days)
+
     def seed_of(self, p: Prediction) -> int:
         """The sampling seed of this prediction's explanation: (model version, item, tick) only."""
         return decoding.explanation_seed(self.model_version, p.item_id, tick_ms(p.tick))
@@ -186,7 +191,8 @@ class Explainer:
         if self.constraint is not None:
             try:
                 guide = self.constraint.guide([
-                    claim_grammar(m.prediction.signals, self.horizon_days, self.forecast_of(m.prediction)).lark()
+                    claim_grammar(m.prediction.signals, self.horizon_days, self.forecast_of(m.prediction),
+                                  size=self.size_of(m.prediction)).lark()
                     for m in movers])
                 limit = self.constrained_max_new_tokens
             except Exception:  # noqa: BLE001 - a grammar that cannot be built: decode free, repair and say so
@@ -216,11 +222,12 @@ class Explainer:
         # verify and revise: claims the checker can correct against the signals are corrected,
         # the rest of an unfaithful clause is dropped; `faithful` is the checker's verdict on what is published
         raw = self.tokenizer.decode(new)
-        fixed = repair(raw, p.signals, title=mover.title)
+        size = self.size_of(p)
+        fixed = repair(raw, p.signals, title=mover.title, prediction=size)
         if fixed.changed:
             self.stats.repaired += 1
         agrees = fixed.outlook is not None and fixed.outlook == self.forecast_of(p)
-        reason = stated_reason(check(fixed.text, p.signals, title=mover.title).claims, p.signals, self.horizon_days,
+        reason = stated_reason(check(fixed.text, p.signals, title=mover.title, prediction=size).claims, p.signals, self.horizon_days,
                                fixed.outlook) if fixed.faithful else None
         return (Explanation(p.item_id, p.tick, p.rank, fixed.text, fixed.faithful, fixed.checked, self.model_version,
                             raw_explanation=raw, repaired=fixed.changed, forecast=fixed.outlook, forecast_agrees=agrees,

@@ -36,9 +36,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from stream.core.faithfulness.vocabulary import (GRAMMAR_COUNT_NOUNS, GRAMMAR_USER_NOUNS, LEADS, LEVEL_PHRASES, ONE_USER,
-                                                 OUTLOOK_LEADS, OUTLOOK_SENTENCES, OUTLOOKS, UPDOWN, VERB_PAST)
-from stream.core.forecast import outlook
+                                                 OUTLOOK_LEADS, OUTLOOK_SENTENCES, OUTLOOKS, RANGE_TAILS, SIZE_SENTENCES,
+                                                 UPDOWN, VERB_PAST)
+from stream.core.forecast import PredictedCount, outlook, stated_range, stated_size
 from stream.core.prompts import detailed_windows, direction, main_window, signal_windows, window_hours
+
+
+# the decoding budget of a constrained text: the grammar ends every text itself; room for its longest shapes (a
+# mover's reason and the size and range sentence: ~75 SmolLM2 tokens with 3-4 digit counts)
+CONSTRAINED_MAX_NEW_TOKENS = 96
 
 
 def why_window(count: Mapping[str, int], prev: Mapping[str, int], main: str, long: str | None,
@@ -159,6 +165,19 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun[:-1]}"
 
 
+def size_sentences(size: PredictedCount, noun: str) -> tuple[str, ...]:
+    """The sentences that state a prediction's size and, when it has one, its range: "About 40 events next week,
+    likely 25–55." (stream.core.forecast's rounding rules; the checker verifies them against the prediction)."""
+    head = plural(stated_size(size.count), noun)
+    if size.has_range:
+        lo, hi = stated_range(size.low, size.high)
+        tails = tuple(t.format(lo=lo, hi=hi) for t in RANGE_TAILS)
+    else:
+        tails = (".",)
+    return tuple(s.format(n=head, h=h) + tail for s in SIZE_SENTENCES for h in horizon_phrases(size.horizon_days)
+                 for tail in tails)
+
+
 # ---- a tiny grammar algebra: a Seq is a tuple of parts; a part is a literal or an Alt ----------------
 @dataclass(frozen=True)
 class Alt:
@@ -222,7 +241,7 @@ class ClaimGrammar:
                 return '""'
             return " ".join(json.dumps(p) if isinstance(p, str) else name(p) for p in merged)
 
-        top = name(self.root)
+        top = name(self.root)  # (json.dumps writes "–" as \u2013, which Lark reads back as the character)
         return "\n".join([f'start: " " {top}'] + lines) + "\n"
 
     def sample(self, rng: random.Random) -> str:
@@ -235,8 +254,9 @@ class ClaimGrammar:
 
 
 def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: str,
-                  nouns: Sequence[str] = GRAMMAR_COUNT_NOUNS) -> ClaimGrammar:
-    """The true explanations of one item whose forecast clause says `forecast`."""
+                  nouns: Sequence[str] = GRAMMAR_COUNT_NOUNS, size: PredictedCount | None = None) -> ClaimGrammar:
+    """The true explanations of one item whose forecast clause says `forecast`; with `size` (the model's
+    predicted count and range) every text ends with the forecast's size and range (`size_sentences`)."""
     if forecast not in OUTLOOKS:
         raise ValueError(f"forecast must be one of {OUTLOOKS}, got {forecast!r}")
     windows = signal_windows(signals)
@@ -338,7 +358,10 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
             shapes.append((Alt.of(*LEADS[rel]), ": ") + body + (". ", second, sentences))
         return Alt(tuple(shapes))
 
-    root = Alt(tuple(o for n in nouns for o in per_noun(n).options))
+    if size is None:
+        root = Alt(tuple(o for n in nouns for o in per_noun(n).options))
+    else:
+        root = Alt(tuple(o + (" ", Alt.of(*size_sentences(size, n))) for n in nouns for o in per_noun(n).options))
     return ClaimGrammar(root, forecast)
 
 

@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from stream.core.faithfulness.vocabulary import (COUNT_NOUNS, NUM, NUMW, USER_NOUNS, ADJECTIVES, DIRECTION_OF, CI,
+from stream.core.faithfulness.vocabulary import (OUTLOOK_OF, COUNT_NOUNS, NUM, NUMW, USER_NOUNS, ADJECTIVES, DIRECTION_OF, CI,
     SENTENCE_END, TRAILING_QUALIFIER)
 from stream.core.faithfulness.parse import qualifier
 from stream.core.faithfulness.checker import Claim, check
@@ -95,6 +95,7 @@ for _unit in ("minute", "hour", "day", "week", "fortnight", "month", "year"):
 _NOUN_PLURAL = {s: p for p, s in _NOUN_SINGULAR.items() if p != "persons"}
 _NOUN_AFTER_NUMBER = re.compile(rf"(\s+(?:(?:{'|'.join(ADJECTIVES)})\s+)*)([a-z]+)\b", CI)
 _FIRST_NUMBER = re.compile(rf"(?<![\w.,])(?:{NUM})|\b(?:{NUMW}|a single)\b", CI)
+_FORECAST_LEAD = re.compile(r"\b(?:(?:likely|expected|set|poised|going|predicted|projected|forecast) to|should|will)\b", CI)
 _ARTICLE_BEFORE = re.compile(r"\b(a|an)\s+$", CI)
 _DROP_DELIMS = re.compile(r";\s*|,\s+|:\s+|\s+(?:and|but)\s+|\s*\(\s*|\s*\)", CI)
 
@@ -160,6 +161,23 @@ class _Repairer:
     def fix(self, c: Claim) -> tuple[int, int, str, str] | None:
         if c.true is None:
             return None
+        if c.kind == "forecast" and c.measure == "direction" and isinstance(c.true, str) and not str(c.stated).startswith("not "):
+            # "Likely to rise" against a steady prediction -> "Likely to hold steady"; "Expect more" -> "Expect similar"
+            word = c.text.lower()
+            if word in OUTLOOK_OF:
+                new = _keep_case(c.text, {"rise": "more", "fall": "fewer", "steady": "similar"}[c.true])
+            else:
+                # "Likely to stay steady" -> "Likely to fall": the verb phrase from its forecast word on
+                lead = None
+                for lead in _FORECAST_LEAD.finditer(self.text, max(0, c.start - 40), c.start):
+                    pass
+                if lead is not None and not re.search(r"[.;:,!?]", self.text[lead.end() : c.start]):
+                    verb = {"rise": "rise", "fall": "fall", "steady": "hold steady"}[c.true]
+                    return lead.start(), c.end, _keep_case(lead.group(0), lead.group(0).lower().split()[0]) + " " + (
+                        "to " + verb if lead.group(0).lower().endswith(" to") else verb), "direction"
+                after = re.match(r"\s*([a-z]+)", self.text[c.end :], CI)
+                new = direction_phrase(c.text, c.true, after.group(1).lower() if after else "")
+            return None if new is None or new == c.text else (c.start, c.end, new, "direction")
         if c.kind == "forecast" and c.measure == "count" and self.pred is not None:
             # "about 60 next week" -> "about 40 next week": the stated size of the prediction
             return self._with_noun(c.start, c.end, stated_size(self.pred.count))

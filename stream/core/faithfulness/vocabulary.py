@@ -283,3 +283,7 @@ VERB_PAST = {"rise": ("rose", "climbed", "grew", "jumped"), "fall": ("fell", "dr
 UPDOWN = {"rise": ("up from", "rising from"), "fall": ("down from", "falling from")}
 LEVEL_PHRASES = {"above": ("already above its {} pace", "well above its {} average"),
                  "below": ("still below its {} pace", "well below its {} average")}
+# the forecast's size and range (stream.core.forecast.stated_size / stated_range): "About 40 events next week,
+# likely 25–55." ({n}: the stated count with its noun, {h}: the horizon); without a range the sentence ends at the size
+SIZE_SENTENCES = ("About {n} {h}", "Around {n} expected {h}")
+RANGE_TAILS = (", likely {lo}–{hi}.", " (likely {lo}–{hi}).")
