@@ -148,7 +148,7 @@ DIRECTIONS = {
             "faded|fades|fade|shrinking|shrank|shrunk|shrinks|slipping|slipped|slips|sliding|slid|slides|lower|"
             "weakening|weakened|waning|waned|dipping|dipped|dips|dip|slumping|slumped|slump|plunging|plunged|"
             "tumbling|tumbled|sinking|sank|easing|eased|eases|softening|softened|quieter|weaker|tapering|tapered",
-    "steady": "holding steady|held steady|holding flat|no change|steady|stable|flat|unchanged|levelled|leveled|"
+    "steady": "holding steady|held steady|holding flat|no change|the same|steady|stable|flat|unchanged|levelled|leveled|"
               "constant|flatlining|plateaued|plateauing|plateau|holding",
 }
 # ---- words a reader takes as facts that the counts alone do not state (the stricter checker, issue 20) ----
