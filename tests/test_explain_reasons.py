@@ -46,3 +46,67 @@ def test_predicted_sizes_take_the_range_where_the_rows_have_one():
     assert (a.count, a.low, a.high, a.has_range) == (12.0, 8.0, 17.0, True)
     assert (b.count, b.has_range) == (5.0, False)
     assert not predicted_sizes(pd.DataFrame(index=[0]), [3.0], 7)[0].has_range
+
+
+# ---- the model's top driver as the reason (20.2 text part) ------------------------------------------------
+
+from stream.core.faithfulness import check  # noqa: E402
+from stream.core.faithfulness.grammar import claim_grammar, reason_of, reason_plan, top_driver  # noqa: E402
+
+ROW = {"count_1d": 5.0, "count_7d": 26.0, "prev_count_7d": 21.0, "users_7d": 20.0, "count_28d": 80.0,
+       "prev_count_28d": 70.0, "users_28d": 40.0, "age_h": 2880.0,
+       "nbr_n": 11.0, "nbr_count_7d": 135.0, "nbr_prev_7d": 100.0, "ly_count": 20.0, "ly_next": 61.0}
+
+
+def test_top_driver_is_the_largest_push_the_forecasts_way():
+    d = {"trend": 0.2, "level": -0.5, "neighbourhood": 0.4, "season": 0.1, "text": 0.0}
+    assert top_driver(d, "rise") == "neighbourhood" and top_driver(d, "fall") == "level"
+    assert top_driver(d, "steady") == "level" and top_driver(None, "rise") is None
+
+
+@pytest.mark.parametrize("driver,words", [
+    ("trend", "up 24% on"), ("level", "above its "), ("neighbourhood", "like 11 similar items, up 35%"),
+    ("season", "last year it rose from 20 to 61 over"),
+])
+def test_each_driver_is_said_in_words_the_checker_verifies(driver, words):
+    import random
+
+    drivers = {g: (1.0 if g == driver else 0.1) for g in ("trend", "level", "neighbourhood", "season", "text")}
+    plan = reason_plan(ROW, 7, "rise", drivers)
+    assert (plan.kind, plan.source, plan.driver) == (driver, "drivers", driver)
+    g = claim_grammar(ROW, 7, "rise", drivers=drivers)
+    rng = random.Random(0)
+    for _ in range(20):
+        text = g.sample(rng)
+        r = check(text, ROW)
+        assert r.faithful and words in text, (text, [c for c in r.claims if not c.ok])
+        assert reason_of(r.claims, ROW, 7, "rise", drivers) == driver
+
+
+def test_without_drivers_or_words_the_rule_gives_the_reason():
+    # a fall against a rising week with the count above its 28-day pace (26 > 20): today's level rule
+    plan = reason_plan(ROW, 7, "fall", None)
+    assert (plan.kind, plan.source, plan.driver) == ("level", "rule", None)
+    # the top driver is the item text, which has no words a signal backs: the rule, and the record says so
+    plan = reason_plan(ROW, 7, "fall", {"text": -1.0, "trend": 0.3})
+    assert (plan.kind, plan.source, plan.driver) == ("level", "rule", "text")
+    # a rise with the trend and no drivers: no reason is due
+    assert reason_plan(ROW, 7, "rise", None) is None
+    # neighbourhood signals absent (today's model): the neighbourhood driver has no words
+    bare = {k: v for k, v in ROW.items() if not k.startswith(("nbr_", "ly_"))}
+    assert reason_plan(bare, 7, "rise", {"neighbourhood": 1.0}) is None
+
+
+def test_false_neighbourhood_and_last_year_claims_are_caught():
+    bad = ["Likely to rise: 26 events in the last 7 days, up from 21 the week before; like 12 similar items, up 35% "
+           "in the last 7 days.",
+           "Likely to rise: 26 events in the last 7 days, up from 21 the week before; like 11 similar items, down 35% "
+           "in the last 7 days.",
+           "Likely to rise: 26 events in the last 7 days, up from 21 the week before; last year it fell from 20 to 61 "
+           "over these weeks.",
+           "Likely to rise: 26 events in the last 7 days, up from 21 the week before; last year it rose from 20 to 60 "
+           "over these weeks."]
+    for text in bad:
+        assert not check(text, ROW).faithful, text
+    bare = {k: v for k, v in ROW.items() if not k.startswith(("nbr_", "ly_"))}
+    assert not check(bad[0].replace("12", "11"), bare).faithful  # no neighbourhood signal: unattributed

@@ -179,6 +179,10 @@ class _Checker:
                     self._range(it, c, near)
                 elif it.kind == "magnitude":
                     self._magnitude(it, c, near)
+                elif it.kind == "neighbourhood":
+                    self._neighbourhood(it, c)
+                elif it.kind == "last_year":
+                    self._last_year(it)
         self._coverage(parser, clauses, by_clause)
 
     def _coverage(self, parser: Parser, clauses: list[Clause], by_clause: list[list[Item]]) -> None:
@@ -266,6 +270,36 @@ class _Checker:
             ok = ok and (cur > prev if rel == "rise" else cur < prev)
         true = f"{cur:g} vs {prev:g}"
         self.add(it, "magnitude", "count", window, stated, true, ok, "" if ok else f"{true}: not a {stated} change")
+
+    def _neighbourhood(self, it: Item, c: Clause) -> None:
+        """"like 11 similar items, up 35% this week": nbr_n neighbours, whose pooled count of the window in force
+        (nbr_count_<w>) changed by that share against the window before (nbr_prev_<w>)."""
+        n, pct, rel = it.data["n"], it.data["pct"], it.data["rel"]
+        window = c.window or self.default_window
+        signed = pct if rel == "rise" else -pct
+        stated = f"{n:g} items, {signed:+g}%"
+        nn, cur, prev = self.sig("nbr_n"), self.sig(f"nbr_count_{window}"), self.sig(f"nbr_prev_{window}")
+        if nn is None or cur is None or prev is None or prev == 0:
+            self.unattributed(it, "neighbourhood", "nbr", window, stated, f"no nbr_n / nbr_count_{window} / nbr_prev_{window} signal")
+            return
+        true_pct = 100.0 * (cur - prev) / prev
+        ok = n == nn and abs(signed - true_pct) <= max(1.0, 0.05 * abs(true_pct))
+        self.add(it, "neighbourhood", "nbr", window, stated, f"{nn:g} items, {true_pct:+.3g}%", ok,
+                 "" if ok else f"{nn:g} neighbours, {cur:g} vs {prev:g} before")
+
+    def _last_year(self, it: Item) -> None:
+        """"last year it rose from 20 to 61 over these weeks": ly_count (last year's count at this point) and
+        ly_next (over the horizon after it), the verb's direction strict."""
+        rel, a, b = it.data["rel"], it.data["a"], it.data["b"]
+        stated = f"{rel} {a:g}" + ("" if b is None else f" to {b:g}")
+        ly, nxt = self.sig("ly_count"), self.sig("ly_next")
+        if ly is None or nxt is None:
+            self.unattributed(it, "last_year", "ly", None, stated, "no ly_count / ly_next signal")
+            return
+        true_rel = "rise" if nxt > ly else "fall" if nxt < ly else "steady"
+        ok = round(ly) == a and (b is None or round(nxt) == b) and rel == true_rel
+        self.add(it, "last_year", "ly", None, stated, f"{true_rel} {ly:g} to {nxt:g}", ok,
+                 "" if ok else f"last year {ly:g} then {nxt:g}")
 
     def _acceleration(self, it: Item, c: Clause, near: Item | None) -> None:
         """"accelerating": the window's change is larger than the change before it (accel_<w> > 0)."""

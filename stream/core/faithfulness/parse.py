@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from stream.core.faithfulness.vocabulary import (ACCELERATION, AGE_WORD, MAGNITUDE, RANGE, UNVERIFIABLE_PATTERNS, AGAINST, AGE, CLAUSE_SPLIT, COMPARE, CUR_WINDOWS,
+from stream.core.faithfulness.vocabulary import (LAST_YEAR, NEIGHBOURHOOD, ACCELERATION, AGE_WORD, MAGNITUDE, RANGE, UNVERIFIABLE_PATTERNS, AGAINST, AGE, CLAUSE_SPLIT, COMPARE, CUR_WINDOWS,
     DIRECTION_MAX_WORDS, DIRECTION_OF, FUTURE, FUTURE_GATE, IDLE, LETTERS, LEVEL, NEGATION, NOUN_AFTER, NUMBER,
     NUMBER_WORDS, PERCENT, PREV_WINDOWS, QUALIFIERS, RATIO_ADJ, RATIO_TIMES, RATIO_WORD, SENTENCE_END, TOTAL,
     TOTAL_GATE, TRAILING_QUALIFIER, UNIT_HOURS)
@@ -123,6 +123,14 @@ class Parser:
         t = self.text
         self.lower = t.lower()
         masked = bytes(self.taken)  # the title's characters, masked before parsing
+        for m in NEIGHBOURHOOD.finditer(t) if "similar" in self.lower else ():  # taken whole: "up 35%" is theirs
+            self._take(m, "neighbourhood", {"n": _num(m.group("n")), "pct": _num(m.group("pct")),
+                                            "rel": "rise" if m.group("dir").lower() in ("up", "rising") else "fall"})
+        for m in LAST_YEAR.finditer(t) if "last year" in self.lower else ():
+            verb = m.group("verb").lower()
+            rel = "rise" if verb in ("rose", "grew", "climbed") else "fall" if verb in ("fell", "dropped", "declined") else "steady"
+            self._take(m, "last_year", {"rel": rel, "a": _num(m.group("a")),
+                                        "b": None if m.group("b") is None else _num(m.group("b"))})
         for what, pattern in UNVERIFIABLE_PATTERNS:  # what no signal says: taken first ("new customers" is no age)
             for m in pattern.finditer(t):
                 self._take(m, "unverifiable", {"what": what})

@@ -287,3 +287,13 @@ LEVEL_PHRASES = {"above": ("already above its {} pace", "well above its {} avera
 # likely 25–55." ({n}: the stated count with its noun, {h}: the horizon); without a range the sentence ends at the size
 SIZE_SENTENCES = ("About {n} {h}", "Around {n} expected {h}")
 RANGE_TAILS = (", likely {lo}–{hi}.", " (likely {lo}–{hi}).")
+# the model's top driver as a mover's reason (stream.core.faithfulness.grammar.driver_reason), each a claim the checker
+# verifies: its semantic neighbourhood ("like 11 similar items, up 35% this week": nbr_n, nbr_count_<w>,
+# nbr_prev_<w>) and last year's same weeks ("last year it rose from 20 to 61 over these weeks": ly_count, ly_next)
+NEIGHBOURHOOD_PHRASES = ("like {n} similar items, {updown} {pct}% {window}", "like {n} similar items, {updown} {pct}% {window}")
+LAST_YEAR_PHRASES = ("last year it {verb} from {a} to {b} over these weeks", "last year it {verb} from {a} to {b} over the same weeks")
+NEIGHBOURHOOD = re.compile(rf"\blike\s+(?P<n>{NUM})\s+similar\s+items?,?\s+(?P<dir>up|down|rising|falling)\s+(?P<pct>{NUM})\s*%",
+                           CI)
+LAST_YEAR = re.compile(rf"\blast\s+year\s+(?:it\s+)?(?P<verb>rose|fell|grew|dropped|climbed|declined|stayed|held)\s+"
+                       rf"(?:from|at)\s+(?P<a>{NUM})(?:\s+to\s+(?P<b>{NUM}))?\s+over\s+(?:these|the\s+same)\s+weeks\b", CI)
+DRIVER_GROUPS = ("trend", "level", "neighbourhood", "season", "text")
