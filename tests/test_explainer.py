@@ -219,3 +219,32 @@ def test_the_record_states_size_and_range(artefact, low, high, decoded, want):
     assert record.faithful and record.forecast_agrees
     r = check(record.explanation, p.signals, prediction=PredictedCount.of(p, 7))
     assert r.faithful and ("range" in {c.kind for c in r.claims}) == (low is not None)
+
+
+@pytest.mark.parametrize("drivers,decoded,want", [
+    # the model's top driver (level, pushing the fall) is the reason the text gives
+    ({"trend": 0.3, "level": -0.8, "text": 0.05},
+     " Likely to fall: 33 events in the last 7 days, up from 24 the week before, but already above its 28-day pace.",
+     ("level", "drivers", "level")),
+    # the top driver is the item text, which has no words a signal backs: today's rule gave the reason
+    ({"trend": 0.3, "level": -0.1, "text": -0.9},
+     " Likely to fall: 33 events in the last 7 days, up from 24 the week before, but already above its 28-day pace.",
+     ("level", "rule", "text")),
+    # today's model: no drivers, the rule
+    (None, " Likely to fall: 33 events in the last 7 days, up from 24 the week before, but already above its 28-day pace.",
+     ("level", "rule", None)),
+    (None, " Likely to fall: 33 events in the last 7 days, up from 24 the week before.", (None, None, None)),
+])
+def test_the_record_says_where_the_reason_came_from(artefact, drivers, decoded, want):
+    tok = artefact.tokenizer()
+    ids = tok.ids([decoded])[0][1:] + [tok.end_id]
+
+    async def publish(records: list[Explanation]) -> None: ...
+
+    spike = signals(33, 24) | {"count_28d": 86.0, "prev_count_28d": 70.0}
+    p = Prediction("a", TICK, 1.0, 12.0, 1, spike, "v-test", drivers=drivers)
+    ex = Explainer(lambda prompt, limit: ids, tok, "v-test", 48, publish, horizon_days=7)
+    record, _ = ex.explain_one(Mover(p, render_prompt("Item", None, p.signals, 7), "Item"))
+    assert record.faithful and (record.reason, record.reason_source, record.driver) == want
+    back = Explanation.from_json(record.to_json())
+    assert (back.reason, back.reason_source, back.driver) == want

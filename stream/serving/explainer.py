@@ -51,7 +51,7 @@ import structlog
 
 from stream.core import decoding
 from stream.core.faithfulness import check, repair
-from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar, stated_reason
+from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar, reason_of, reason_plan, top_driver
 from stream.core.mailbox import Mailbox
 from stream.serving.artefact import PromptTokenizer
 from stream.core.forecast import PredictedCount, outlook, pace
@@ -192,7 +192,7 @@ class Explainer:
             try:
                 guide = self.constraint.guide([
                     claim_grammar(m.prediction.signals, self.horizon_days, self.forecast_of(m.prediction),
-                                  size=self.size_of(m.prediction)).lark()
+                                  size=self.size_of(m.prediction), drivers=m.prediction.drivers).lark()
                     for m in movers])
                 limit = self.constrained_max_new_tokens
             except Exception:  # noqa: BLE001 - a grammar that cannot be built: decode free, repair and say so
@@ -227,11 +227,16 @@ class Explainer:
         if fixed.changed:
             self.stats.repaired += 1
         agrees = fixed.outlook is not None and fixed.outlook == self.forecast_of(p)
-        reason = stated_reason(check(fixed.text, p.signals, title=mover.title, prediction=size).claims, p.signals, self.horizon_days,
-                               fixed.outlook) if fixed.faithful else None
+        reason = reason_of(check(fixed.text, p.signals, title=mover.title, prediction=size).claims, p.signals,
+                           self.horizon_days, fixed.outlook, p.drivers) if fixed.faithful else None
+        # where the reason came from: the model's top driver when the text gives it, else today's rule
+        plan = reason_plan(p.signals, self.horizon_days, fixed.outlook, p.drivers) if fixed.outlook else None
+        driver = top_driver(p.drivers, fixed.outlook)
+        source = None if reason is None else "drivers" if (plan is not None and plan.source == "drivers"
+                                                            and reason == plan.kind) else "rule"
         return (Explanation(p.item_id, p.tick, p.rank, fixed.text, fixed.faithful, fixed.checked, self.model_version,
                             raw_explanation=raw, repaired=fixed.changed, forecast=fixed.outlook, forecast_agrees=agrees,
-                            reason=reason, decoding=how),
+                            reason=reason, reason_source=source, driver=driver, decoding=how),
                 len(new))
 
     async def _run(self) -> None:
