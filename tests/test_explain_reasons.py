@@ -110,3 +110,19 @@ def test_false_neighbourhood_and_last_year_claims_are_caught():
         assert not check(text, ROW).faithful, text
     bare = {k: v for k, v in ROW.items() if not k.startswith(("nbr_", "ly_"))}
     assert not check(bad[0].replace("12", "11"), bare).faithful  # no neighbourhood signal: unattributed
+
+
+def test_driver_agreement_is_null_without_drivers_and_a_share_with_them():
+    drivers = {"trend": 0.3, "level": -0.8}
+    report, _ = score_trail([LEVEL, PLAIN], [SPIKE] * 2, ["A"] * 2, ["a", "b"], predicted=["fall"] * 2,
+                            realised=["fall", "fall"], horizon_days=7)
+    assert report["trail_raw"]["driver_agreement"] is None and report["trail_raw"]["driver_rows"] == 0
+    report, _ = score_trail([LEVEL, PLAIN], [SPIKE] * 2, ["A"] * 2, ["a", "b"], predicted=["fall"] * 2,
+                            realised=["fall", "rise"], horizon_days=7, drivers=[drivers, drivers])
+    m = report["trail_raw"]
+    assert (m["driver_agreement"], m["driver_rows"]) == (0.5, 2)
+    assert m["reason_accuracy"]["level"] == {"n": 1, "accuracy": 1.0, "base_rate": 0.5, "directions": {"fall": 1}}
+    # the text states the level, but the model's top driver was its trend: no agreement
+    report, _ = score_trail([LEVEL], [SPIKE], ["A"], ["a"], predicted=["fall"], horizon_days=7,
+                            drivers=[{"trend": -0.9, "level": -0.1}])
+    assert report["trail_raw"]["driver_agreement"] == 0.0

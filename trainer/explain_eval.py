@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from stream.core import decoding
 from stream.core.faithfulness import Repair, check, repair
-from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, against_trend, claim_grammar, level_reason, stated_reason, why_window
+from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, reason_of, top_driver, against_trend, claim_grammar, level_reason, stated_reason, why_window
 from stream.core.forecast import PredictedCount, outlook, pace
 from trainer.inference import prompts_of
 
@@ -136,19 +136,34 @@ def forecast_metrics(texts: list[str], signals: list[dict[str, float]], titles: 
 
 
 def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str], horizon_days: float,
-                   sizes: list[PredictedCount] | None = None, realised: list[str] | None = None) -> dict:
+                   sizes: list[PredictedCount] | None = None, realised: list[str] | None = None,
+                   drivers: list[dict[str, float] | None] | None = None) -> dict:
     """Does a mover's text say why it is predicted to move? Over the texts whose stated forecast goes against
     the main window's trend (`against_trend`): `reason_share`, the share that give a true reason pointing the
     forecast's way (`stated_reason`: another window's trend, "..., but 109 in the last 28 days, up from 97",
     or the main count's level, "..., but already above its 28-day pace"); `reason_available`, how many of
-    them have such a reason at all (`why_window`, `level_reason`), of which `level_available` by the level alone."""
+    them have such a reason at all (`why_window`, `level_reason`), of which `level_available` by the level alone.
+    With `drivers` (each row's attribution): `driver_agreement`, the share of rise/fall texts whose stated
+    reason (`reason_of`) is the model's top driver (`top_driver`), over `driver_rows`; null without drivers.
+    With `realised`: `reason_accuracy` per reason kind (how often the stated direction happened) beside its
+    base rate."""
     against = cited = available = by_level = 0
     kinds: list[tuple[str, str, str | None]] = []  # (reason kind, stated direction, realised direction)
     zs = _sizes(sizes, len(texts))
+    ds = list(drivers) if drivers is not None else [None] * len(texts)
+    driven = agree = 0
     for k, (t, s, ti) in enumerate(zip(texts, signals, titles)):
         r = check(t, s, title=ti, prediction=zs[k])
+        given = None  # the kind of reason this text gives (for reason_accuracy)
+        if ds[k] and r.outlook in ("rise", "fall"):
+            # driver_agreement: the reason the text states is the model's top driver for its forecast
+            driven += 1
+            given = reason_of(r.claims, s, horizon_days, r.outlook, ds[k]) if r.faithful else None
+            agree += given is not None and given == top_driver(ds[k], r.outlook)
         mover = against_trend(s, horizon_days, r.outlook)
         if mover is None:
+            if given is not None:
+                kinds.append((given, r.outlook, realised[k] if realised is not None else None))
             continue
         against += 1
         c, p, main, long = mover
@@ -156,12 +171,14 @@ def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: li
         level = not trend and level_reason(c, p, main, long, r.outlook) is not None
         available += trend or level
         by_level += level
-        kind = stated_reason(r.claims, s, horizon_days, r.outlook)
+        kind = stated_reason(r.claims, s, horizon_days, r.outlook) if given is None else given
         cited += kind is not None
         if kind is not None:
             kinds.append((kind, r.outlook, realised[k] if realised is not None else None))
     out = {"against_trend": against, "reason_share": cited / against if against else None,
-           "reason_available": available, "level_available": by_level}
+           "reason_available": available, "level_available": by_level,
+           # null when the model gives no drivers (today's v6): the reasons then come from the rule
+           "driver_agreement": agree / driven if driven else None, "driver_rows": driven}
     if realised is not None:
         out["reason_accuracy"] = reason_accuracy(kinds, realised)
     return out
@@ -195,7 +212,8 @@ def repair_metrics(repairs: list[Repair]) -> dict:
 def score_trail(raw: list[str], signals: list[dict[str, float]], titles: list[str], item_ids: list,
                 unconstrained: list[str] | None = None, predicted: list[str] | None = None,
                 realised: list[str] | None = None, horizon_days: float | None = None,
-                sizes: list[PredictedCount] | None = None) -> tuple[dict, list[dict]]:
+                sizes: list[PredictedCount] | None = None,
+                drivers: list[dict[str, float] | None] | None = None) -> tuple[dict, list[dict]]:
     """Metrics of TRAIL's constrained (raw), published (repaired) and unconstrained explanations, and one
     sample per item. `predicted` / `realised`: outlook of the model's predicted / the true next count.
     With `horizon_days`, each set also has `reason_metrics` (does a mover's text say why). `sizes`: each row's
@@ -216,7 +234,7 @@ def score_trail(raw: list[str], signals: list[dict[str, float]], titles: list[st
     if horizon_days is not None:
         for name, texts in (("trail", served), ("trail_raw", raw), ("trail_unconstrained", unconstrained)):
             if texts is not None:
-                report[name] |= reason_metrics(texts, signals, titles, horizon_days, sizes, realised)
+                report[name] |= reason_metrics(texts, signals, titles, horizon_days, sizes, realised, drivers)
     samples = []
     for k, (i, t, e, r, s) in enumerate(zip(item_ids, titles, raw, repairs, signals)):
         sample = {"item_id": i, "title": t, "explanation_raw": e,
@@ -407,7 +425,8 @@ def explain_texts(model, prompts: list[str], *, signals: list[dict[str, float]] 
                   forecasts: list[str] | None = None, horizon_days: float = 7, max_new_tokens: int | None = None,
                   batch: int = BATCH, desc: str | None = None, onnx: OnnxGenerator | None = None,
                   temperature: float = 0.0, top_p: float = 1.0, seeds: list[int] | None = None,
-                  sizes: list[PredictedCount] | None = None) -> list[str]:
+                  sizes: list[PredictedCount] | None = None,
+                  drivers: list[dict[str, float] | None] | None = None) -> list[str]:
     """TRAIL's greedy explanations, batched; constrained to each item's claim grammar when `forecasts`
     (one outlook per prompt, with `signals`) are given, ending with each row's size and range with `sizes`. Decoded as `Trail.explain` does. With `onnx`,
     on the exported generator (the stream's loop) instead of torch. `temperature > 0`: sampled
@@ -417,8 +436,9 @@ def explain_texts(model, prompts: list[str], *, signals: list[dict[str, float]] 
     if forecasts is not None:
         if signals is None:
             raise ValueError("constrained decoding needs the signals of every prompt")
-        grammars = [claim_grammar(s, horizon_days, f, size=z).lark()
-                    for s, f, z in zip(signals, forecasts, _sizes(sizes, len(signals)))]
+        ds = list(drivers) if drivers is not None else [None] * len(signals)
+        grammars = [claim_grammar(s, horizon_days, f, size=z, drivers=d).lark()
+                    for s, f, z, d in zip(signals, forecasts, _sizes(sizes, len(signals)), ds)]
         limit = max(limit, CONSTRAINED_MAX_NEW_TOKENS)  # the grammar ends the text itself (as the explainer)
     if onnx is not None:
         return onnx.explain(prompts, grammars, limit, batch, desc, temperature=temperature, top_p=top_p, seeds=seeds)
@@ -487,6 +507,9 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
     paces = [pace(s, horizon_days) for s in signals]
     predicted = directions(predicted_count, paces)
     sizes = predicted_sizes(rows, predicted_count, horizon_days)
+    # each row's attribution (group -> contribution), from a model that gives drivers; None otherwise
+    drivers = ([d if isinstance(d, dict) and d else None for d in rows["drivers"].tolist()]
+               if "drivers" in rows else None)
     realised = (directions(rows["label_count"], paces)
                 if "label_count" in rows else None)
     onnx = OnnxGenerator(model_dir) if model_dir is not None and OnnxGenerator.available(model_dir) else None
@@ -494,10 +517,10 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
     seeds = explanation_seeds(rows, version) if decoding.sampled(temperature) else None
     raw = explain_texts(model, prompts, signals=signals, forecasts=predicted, horizon_days=horizon_days, batch=batch,
                         desc="TRAIL explanations (constrained)", onnx=onnx, temperature=temperature, top_p=top_p,
-                        seeds=seeds, sizes=sizes)
+                        seeds=seeds, sizes=sizes, drivers=drivers)
     free = explain_texts(model, prompts, batch=batch, desc="TRAIL explanations (unconstrained)", onnx=onnx)
     report, samples = score_trail(raw, signals, titles, rows["item_id"].tolist(), free, predicted, realised,
-                                  horizon_days, sizes)
+                                  horizon_days, sizes, drivers)
     constrained = decoding.settings(temperature, top_p)
     if decoding.sampled(temperature):
         constrained["model_version"] = version
