@@ -126,3 +126,47 @@ def test_driver_agreement_is_null_without_drivers_and_a_share_with_them():
     report, _ = score_trail([LEVEL], [SPIKE], ["A"], ["a"], predicted=["fall"], horizon_days=7,
                             drivers=[{"trend": -0.9, "level": -0.1}])
     assert report["trail_raw"]["driver_agreement"] == 0.0
+
+
+def test_targets_give_the_top_driver_as_the_grammar_does():
+    import random
+
+    from trainer.explanations import target_explanation
+
+    rng = random.Random(2)
+    for driver in ("trend", "level", "neighbourhood", "season"):
+        for fc in ("rise", "fall"):
+            drivers = {g: (-1.0 if fc == "fall" else 1.0) * (1.0 if g == driver else 0.1)
+                       for g in ("trend", "level", "neighbourhood", "season", "text")}
+            for _ in range(10):
+                text = target_explanation(ROW, 7, rng, outlook=fc, drivers=drivers)
+                r = check(text, ROW)
+                assert r.faithful and r.outlook == fc, (text, [c for c in r.claims if not c.ok])
+                assert reason_of(r.claims, ROW, 7, fc, drivers) == driver, text
+                # in the words the grammar holds the model to
+                assert any(p in text for p in reason_plan(ROW, 7, fc, drivers).phrases), text
+
+
+def test_grammars_with_size_range_and_drivers_are_valid_for_llguidance(smollm2_tokenizer):
+    """Every sentence the grammar admits, with the range's dash and a driver reason, tokenises into steps the
+    llguidance matcher allows, ending at the end token."""
+    import random
+
+    import numpy as np
+
+    from stream.serving.constraint import ClaimConstraint
+
+    cc = ClaimConstraint(smollm2_tokenizer.backend_tokenizer.to_str(), smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    rng = random.Random(4)
+    for driver in ("trend", "neighbourhood", "season", "text"):
+        for size in (PredictedCount(38.6, 7, 27.6, 54.1), PredictedCount(3.2, 7)):
+            g = claim_grammar(ROW, 7, "rise", size=size, drivers={driver: 1.0, "level": 0.2})
+            guide = cc.guide([g.lark()])
+            text = g.sample(rng)
+            assert check(text, ROW, prediction=size).faithful, text
+            ids = smollm2_tokenizer(" " + text, add_special_tokens=False).input_ids + [cc.end_id]
+            for t in ids:
+                guide.mask(logits := np.zeros((1, cc.vocab_size), np.float32), [0])
+                assert np.isfinite(logits[0, t]), (text, t)
+                guide.advance([0], [t])
+            assert guide.matchers[0].is_stopped()
