@@ -160,7 +160,7 @@ def test_grammars_with_size_range_and_drivers_are_valid_for_llguidance(smollm2_t
     rng = random.Random(4)
     for driver in ("trend", "neighbourhood", "season", "text"):
         for size in (PredictedCount(38.6, 7, 27.6, 54.1), PredictedCount(3.2, 7)):
-            g = claim_grammar(ROW, 7, "rise", size=size, drivers={driver: 1.0, "level": 0.2})
+            g = claim_grammar(ROW, 7, size.direction(ROW), size=size, drivers={driver: 1.0, "level": 0.2})
             guide = cc.guide([g.lark()])
             text = g.sample(rng)
             assert check(text, ROW, prediction=size).faithful, text
