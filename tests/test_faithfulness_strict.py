@@ -172,3 +172,33 @@ def test_grammar_and_targets_state_size_and_range_and_pass_the_checker():
             r = check(target, row, prediction=pred)
             assert r.faithful, (target, [c for c in r.claims if not c.ok])
             assert f"{stated_size(count)}" in target
+
+
+def test_one_vocabulary():
+    """Issue 18.5: the grammar, parser, checker, repairer and the trainer's targets take their words from
+    stream.core.faithfulness.vocabulary; no module imports another's private name; the nouns the grammar writes
+    are nouns the checker reads."""
+    import ast
+    from pathlib import Path
+
+    from stream.core.faithfulness import vocabulary as v
+
+    root = Path(__file__).resolve().parent.parent
+    files = list((root / "stream/core/faithfulness").glob("*.py")) + [root / "trainer/explanations.py"]
+    defined: dict[str, list[str]] = {}
+    for f in files:
+        tree = ast.parse(f.read_text())
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith(("stream", "trainer")):
+                assert not [a.name for a in n.names if a.name.startswith("_")], (f.name, n.module)
+        for n in tree.body:
+            if isinstance(n, ast.Assign):
+                for t in n.targets:
+                    if isinstance(t, ast.Name) and t.id.isupper():
+                        defined.setdefault(t.id, []).append(f.name)
+    for name in ("COUNT_NOUNS", "USER_NOUNS", "GRAMMAR_COUNT_NOUNS", "LEADS", "OUTLOOK_SENTENCES", "LEVEL_PHRASES"):
+        assert defined[name] == ["vocabulary.py"], (name, defined[name])
+    for phrase in v.GRAMMAR_COUNT_NOUNS:
+        assert phrase in v.COUNT_NOUNS
+    for phrase in v.GRAMMAR_USER_NOUNS:
+        assert phrase.split()[-1] in v.USER_NOUNS
