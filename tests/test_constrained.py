@@ -159,6 +159,57 @@ def test_explainer_batches_and_constrains(onnx_parts, real_rows):
         assert r.decoding.endswith(", claim grammar"), r.decoding  # the record says the system fixed the claims
 
 
+def test_explainer_states_size_range_and_the_top_driver_with_the_real_model(onnx_parts, real_rows):
+    """The real generator under the grammar, on real retail rows: a prediction with a range and drivers (as the
+    score helper's quantile heads will give) and one without (today's v6) are both published faithful, unrepaired,
+    stating their own size (and range), the reason their drivers name and where it came from."""
+    import asyncio
+
+    from stream.core.forecast import stated_range, stated_size
+    from stream.core.records import Prediction
+    from stream.serving.explainer import ExplainRequest, Explainer, Mover
+
+    art, tok, gen, cc = onnx_parts
+    prompts, signals, titles = _prompts_and_signals(real_rows)
+    tick = 1_268_611_200_000
+    preds = []
+    for i, s in enumerate(signals[:4]):
+        count = pace(s, 7) * (0.3, 2.5)[i % 2] + 2
+        ranged = i < 2
+        preds.append(Prediction(f"i{i}", tick, 1.0, count, i + 1, s, "v",
+                                predicted_low=0.6 * count if ranged else None,
+                                predicted_high=1.6 * count if ranged else None,
+                                drivers={"trend": 0.5, "level": -0.5, "text": 0.1} if ranged else None))
+    published = []
+
+    async def publish(records):
+        published.extend(records)
+
+    async def main():
+        ex = Explainer(gen.generate, tok, "v", 48, publish, horizon_days=7, generate_batch=gen.generate_batch,
+                       constraint=cc, batch_size=4, temperature=0.0)
+        ex.start()
+        ex.offer(ExplainRequest(tick, [Mover(p, pr, t) for p, pr, t in zip(preds, prompts, titles)]))
+        await asyncio.sleep(0.01)
+        await ex.wait_idle(300)
+        await ex.stop()
+
+    asyncio.run(main())
+    assert len(published) == 4
+    for r, p in zip(published, preds):
+        assert r.faithful and not r.repaired and r.forecast_agrees, r
+        assert f"{stated_size(p.predicted_count)} " in r.explanation, r.explanation
+        if p.predicted_low is not None:
+            lo, hi = stated_range(p.predicted_low, p.predicted_high)
+            assert f"{lo}–{hi}" in r.explanation, r.explanation
+            assert r.driver == ("trend" if r.forecast == "rise" else "level")
+            if r.reason is not None:
+                assert r.reason_source in ("drivers", "rule")
+                assert (r.reason_source == "drivers") == (r.reason == r.driver), r
+        else:
+            assert "–" not in r.explanation and r.driver is None and r.reason_source in (None, "rule")
+
+
 # ---- torch side (the shipped adapter) ------------------------------------------------------------
 
 def test_torch_batched_constrained_generation(real_rows):
@@ -246,16 +297,16 @@ def test_reason_metrics_count_movers_that_say_why():
              "Likely to fall: 29 events in the last 7 days, down from 34 the week before.",  # follows the trend
              "Likely to stay steady: 29 events in the last 7 days, down from 34 the week before."]
     m = reason_metrics(texts, [MOVER] * 4, ["Lunch bag"] * 4, 7)
-    assert m == {"against_trend": 2, "reason_share": 0.5, "reason_available": 2, "level_available": 0}
+    assert m == {"against_trend": 2, "reason_share": 0.5, "reason_available": 2, "level_available": 0, "driver_agreement": None, "driver_rows": 0}
     # a forecast of a rise after a fall with the 28d trend down too has no reason to give
     m = reason_metrics(texts[1:2], [dict(MOVER, prev_count_28d=120.0)], ["Lunch bag"], 7)
-    assert m == {"against_trend": 1, "reason_share": 0.0, "reason_available": 0, "level_available": 0}
+    assert m == {"against_trend": 1, "reason_share": 0.0, "reason_available": 0, "level_available": 0, "driver_agreement": None, "driver_rows": 0}
     # a spike forecast to cool off, no window's trend backing it: its level does
     from test_explanations import SPIKE
     spiky = ["Likely to fall: 33 events in the last 7 days, up from 24 the week before, but already above its "
              "28-day pace.", "Likely to fall: 33 events in the last 7 days, up from 24 the week before."]
     m = reason_metrics(spiky, [SPIKE] * 2, ["Lunch bag"] * 2, 7)
-    assert m == {"against_trend": 2, "reason_share": 0.5, "reason_available": 2, "level_available": 2}
+    assert m == {"against_trend": 2, "reason_share": 0.5, "reason_available": 2, "level_available": 2, "driver_agreement": None, "driver_rows": 0}
 
 
 def test_a_mover_with_a_reason_must_give_it():

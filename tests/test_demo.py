@@ -139,3 +139,26 @@ def test_the_board_marks_repaired_texts_and_disagreeing_forecasts():
     row_a = next(line for line in lines if line.startswith("  1"))
     row_b = next(line for line in lines if line.startswith("  2"))
     assert "✎ Bought" in row_a and "✓! Bought" in row_b
+    assert "~9 " in row_a and "~3 " in row_b  # the size as the explanations state it
+
+
+def test_the_board_and_the_report_show_size_range_and_reason():
+    from datetime import datetime, timezone
+
+    from stream.tools.demo import Board
+    from stream.tools.report import format_top
+
+    board = Board()
+    board.add_prediction({"item_id": "a", "tick": "2011-12-01T00", "rank": 1, "score": 2.0, "predicted_count": 38.6,
+                          "predicted_low": 27.6, "predicted_high": 54.1})
+    board.add_explanation({"item_id": "a", "rank": 1, "tick": "2011-12-01T00", "explanation": "Likely to rise: ...",
+                           "faithful": True, "reason": "neighbourhood", "reason_source": "drivers",
+                           "driver": "neighbourhood"})
+    text = board.render(5, {}, "status")
+    assert "~40 (25–55)" in text and "[why: neighbourhood (top driver)]" in text
+    row = {"rank": 1, "item_id": "a", "score": 2.0, "predicted_count": 38.6, "predicted_low": None,
+           "predicted_high": None, "signals": {}, "faithful": True, "claims_checked": 4, "reason": "level",
+           "reason_source": "rule", "driver": "text", "explanation": "Likely to fall: ...",
+           "tick": datetime(2011, 12, 1, tzinfo=timezone.utc), "model_version": "m"}
+    out = format_top([row])
+    assert "~40" in out and "why: level (rule); top driver text" in out

@@ -12,6 +12,7 @@ import pytest
 from stream.core.forecast import pace
 from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker, select_movers
 from stream.core.faithfulness import check
+from stream.core.forecast import PredictedCount
 from stream.model.artefact import Artefact
 from stream.model.onnx_models import CPU, Generator
 from stream.core.prompts import render_prompt
@@ -133,9 +134,12 @@ def test_real_generator_explains_and_is_checked(artefact):
     assert len(published) == 1
     e = published[0]
     new = gen.generate(tok.ids([prompt])[0], 24)
-    assert e.explanation == tok.decode(new)  # greedy: the same text every time
+    # greedy: the same text every time; published as decoded unless the checker refused a claim (issue 20: its
+    # forecast is checked against the record's own prediction, here a fall)
+    assert e.raw_explanation == tok.decode(new)
+    assert (e.explanation != e.raw_explanation) == e.repaired
     assert len(new) <= 24
-    result = check(e.explanation, p.signals, title=title)
+    result = check(e.explanation, p.signals, title=title, prediction=PredictedCount.of(p, 7))
     assert (e.faithful, e.claims_checked) == (result.faithful, result.checked)
     assert (e.item_id, e.rank, e.model_version) == ("85123A", 1, artefact.model_version)
 
@@ -144,9 +148,9 @@ def test_real_generator_explains_and_is_checked(artefact):
     # a false number and direction, repaired; the forecast "rise" matches a predicted 60 against a pace of 41
     (" Likely to rise: bought 40 times in the last 7 days, down from 10 the week before.", 60.0,
      ("Likely to rise: bought 41 times in the last 7 days, up from 10 the week before.", True, "rise", True)),
-    # true as decoded, but the forecast contradicts the model's own (steady) prediction
+    # the forecast contradicts the model's own (steady) prediction: a false claim (issue 20), rewritten
     (" Likely to rise: bought 41 times in the last 7 days, up from 10 the week before.", 41.0,
-     ("Likely to rise: bought 41 times in the last 7 days, up from 10 the week before.", False, "rise", False)),
+     ("Likely to hold steady: bought 41 times in the last 7 days, up from 10 the week before.", True, "steady", True)),
     # no forecast stated
     (" Bought 41 times in the last 7 days.", 41.0, ("Bought 41 times in the last 7 days.", False, None, False)),
 ])
@@ -186,3 +190,61 @@ def test_the_record_says_which_reason_a_mover_was_given(artefact, decoded, reaso
     record, _ = ex.explain_one(Mover(p, render_prompt("Item", None, p.signals, 7), "Item"))
     assert record.faithful and record.reason == reason
     assert Explanation.from_json(record.to_json()).reason == reason
+
+
+@pytest.mark.parametrize("low,high,decoded,want", [
+    # today's model (no range): the size alone, checked against predicted_count
+    (None, None, " Likely to rise: 41 events in the last 7 days, up from 10 the week before. About 60 events next week.",
+     ("Likely to rise: 41 events in the last 7 days, up from 10 the week before. About 60 events next week.", False)),
+    # a model with quantile heads: a wrong range is rewritten to the record's own
+    (44.0, 83.0, " Likely to rise: 41 events in the last 7 days, up from 10 the week before. About 60 events next "
+                 "week, likely 10–20.",
+     ("Likely to rise: 41 events in the last 7 days, up from 10 the week before. About 60 events next week, "
+      "likely 40–85.", True)),
+    # a range from a model without one is refused: its sentence goes
+    (None, None, " Likely to rise: 41 events in the last 7 days, up from 10 the week before. About 60 events next "
+                 "week, likely 44–83.",
+     ("Likely to rise: 41 events in the last 7 days, up from 10 the week before. About 60 events next week.", True)),
+])
+def test_the_record_states_size_and_range(artefact, low, high, decoded, want):
+    tok = artefact.tokenizer()
+    ids = tok.ids([decoded])[0][1:] + [tok.end_id]
+
+    async def publish(records: list[Explanation]) -> None: ...
+
+    ex = Explainer(lambda prompt, limit: ids, tok, "v-test", 48, publish, horizon_days=7)
+    p = Prediction("a", TICK, 1.0, 61.0, 1, signals(41, 10), "v-test", predicted_low=low, predicted_high=high)
+    record, _ = ex.explain_one(Mover(p, render_prompt("Item", None, p.signals, 7), "Item"))
+    assert (record.explanation, record.repaired) == want
+    assert record.faithful and record.forecast_agrees
+    r = check(record.explanation, p.signals, prediction=PredictedCount.of(p, 7))
+    assert r.faithful and ("range" in {c.kind for c in r.claims}) == (low is not None)
+
+
+@pytest.mark.parametrize("drivers,decoded,want", [
+    # the model's top driver (level, pushing the fall) is the reason the text gives
+    ({"trend": 0.3, "level": -0.8, "text": 0.05},
+     " Likely to fall: 33 events in the last 7 days, up from 24 the week before, but already above its 28-day pace.",
+     ("level", "drivers", "level")),
+    # the top driver is the item text, which has no words a signal backs: today's rule gave the reason
+    ({"trend": 0.3, "level": -0.1, "text": -0.9},
+     " Likely to fall: 33 events in the last 7 days, up from 24 the week before, but already above its 28-day pace.",
+     ("level", "rule", "text")),
+    # today's model: no drivers, the rule
+    (None, " Likely to fall: 33 events in the last 7 days, up from 24 the week before, but already above its 28-day pace.",
+     ("level", "rule", None)),
+    (None, " Likely to fall: 33 events in the last 7 days, up from 24 the week before.", (None, None, None)),
+])
+def test_the_record_says_where_the_reason_came_from(artefact, drivers, decoded, want):
+    tok = artefact.tokenizer()
+    ids = tok.ids([decoded])[0][1:] + [tok.end_id]
+
+    async def publish(records: list[Explanation]) -> None: ...
+
+    spike = signals(33, 24) | {"count_28d": 86.0, "prev_count_28d": 70.0}
+    p = Prediction("a", TICK, 1.0, 12.0, 1, spike, "v-test", drivers=drivers)
+    ex = Explainer(lambda prompt, limit: ids, tok, "v-test", 48, publish, horizon_days=7)
+    record, _ = ex.explain_one(Mover(p, render_prompt("Item", None, p.signals, 7), "Item"))
+    assert record.faithful and (record.reason, record.reason_source, record.driver) == want
+    back = Explanation.from_json(record.to_json())
+    assert (back.reason, back.reason_source, back.driver) == want

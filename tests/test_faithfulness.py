@@ -37,7 +37,7 @@ TRUE = [
     "It has been bought 900 times in total.",
     "It's gaining momentum, with sales up by 29 on the previous week.",
     "Likely to keep rising next week after 41 interactions in the last 7 days.",
-    "Popular item: 29 buyers and 41 sales in the last week.",
+    "29 buyers and 41 sales in the last week.",  # "Popular item: ..." was here: a rank no signal states (issue 20)
     "This item is trending up with 41 interactions in the past 7 days (previous 7 days: 12).",
     "41 interactions this week vs. 12 last week; 6 today.",
     "Strong growth: 41 interactions from 29 users in the past week, compared to 12 the week prior.",
@@ -127,11 +127,12 @@ def test_unattributable_numbers_are_false():
     assert all(c.true is None and c.reason for c in r.claims)
 
 
-def test_no_checkable_claim_is_faithful_with_zero_checked():
+def test_no_checkable_claim_is_not_faithful():
+    # issue 20: a text must make at least one checked claim (it was faithful with zero checked)
     r = check("Likely to rise next week.", S)
-    assert (r.faithful, r.checked, r.false, r.outlook) == (True, 0, 0, "rise")
-    r = check("A popular item among shoppers.", S)
-    assert (r.faithful, r.checked, r.outlook) == (True, 0, None)
+    assert (r.faithful, r.checked, r.false, r.outlook) == (False, 0, 0, "rise")
+    r = check("A popular item among shoppers.", S)  # now an unverifiable rank, a false claim
+    assert (r.faithful, r.false, r.unverifiable, r.outlook) == (False, 1, 1, None)
 
 
 def test_forecast_is_outlook_not_a_claim():
@@ -241,7 +242,8 @@ def test_the_prompts_own_facts_pass_and_title_numbers_make_no_claims(title, cate
 
     for horizon in (1, 7):
         echo = render_prompt(title, category, S, horizon).rsplit("\n", 1)[0]  # a model that parrots its input
-        assert check(echo, S, title=title).faithful, [c for c in check(echo, S, title=title).claims if not c.ok]
+        r = check(echo, S, title=title, category=category)  # the category's words, like the title's, make no claim
+        assert r.faithful, [c for c in r.claims if not c.ok]
         assert not check(echo, S).faithful  # without the title, its numbers are unattributable claims
 
 

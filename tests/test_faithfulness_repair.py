@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from stream.core.faithfulness import Repair, check, repair
-from stream.core.faithfulness.repairer import _direction_phrase
-from stream.core.faithfulness.vocabulary import _DIRECTION_OF
+from stream.core.faithfulness.repairer import direction_phrase
+from stream.core.faithfulness.vocabulary import DIRECTION_OF
 from stream.core.prompts import signal_windows
 from test_explanations import cases, random_row, trend_table_rows
 from test_faithfulness import FALSE, S, TRUE
@@ -110,8 +110,8 @@ def test_faithful_texts_are_unchanged():
     for text in TRUE:
         r = repair(text, S)
         assert r == Repair(text, False, 0, 0, 0, True, check(text, S).checked, check(text, S).outlook)
-    r = repair("Likely to rise next week.", S)  # nothing checkable: faithful as the checker says
-    assert (r.changed, r.faithful, r.checked, r.outlook) == (False, True, 0, "rise")
+    r = repair("Likely to rise next week.", S)  # nothing checkable: not faithful (issue 20), nothing to repair
+    assert (r.changed, r.faithful, r.checked, r.outlook) == (False, False, 0, "rise")
     assert repair("Pack of 72 cake cases: 41 sales in the last week.", S, title="PACK OF 72 CAKE CASES").changed is False
 
 
@@ -157,10 +157,10 @@ def test_bounds_percentages_and_changes():
 
 def test_every_direction_word_has_a_replacement_of_each_relation():
     row = {"count_7d": 5.0, "prev_count_7d": 3.0}
-    for phrase in _DIRECTION_OF:
+    for phrase in DIRECTION_OF:
         for rel in ("rise", "fall", "steady"):
             for next_word in ("", "from"):
-                new = _direction_phrase(phrase, rel, next_word)
+                new = direction_phrase(phrase, rel, next_word)
                 stated = [c.stated for c in check(f"Sales {new} over the last 7 days.", row).claims
                           if c.kind == "direction"]
                 assert stated and set(stated) == {rel}, (phrase, rel, new, stated)

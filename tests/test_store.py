@@ -169,7 +169,7 @@ def test_schema_is_created_once_and_matches_the_insert_layout(store):
     assert ensure_schema(client, config) == []  # second start-up: nothing to apply
     rows = client.query(f"SELECT version, name FROM {MIGRATIONS_TABLE} FINAL ORDER BY version").result_rows
     assert rows == [(1, "001_results"), (2, "002_explanation_provenance"), (3, "003_explanation_reason"),
-                    (4, "004_prediction_range")]
+                    (4, "004_prediction_range"), (5, "005_explanation_driver")]
     for table in RESULT_TABLES:
         described = [(r[0], r[1]) for r in client.query(f"DESCRIBE TABLE {table}").result_rows]
         assert described == list(TABLE_COLUMNS[table]), table
@@ -201,10 +201,10 @@ def test_explanation_provenance_migrates_a_version_1_store(tmp_path):
     assert ensure_schema(client, config) == [1]
     client.command("INSERT INTO trail_explanations (item_id, tick, model_version, rank, explanation, faithful, "
                    "claims_checked, written_at) VALUES ('a', '2011-01-01 00:00:00', 'v', 1, 'old text', true, 2, now64(3))")
-    assert ensure_schema(client, StoreConfig(path=config.path)) == [2, 3, 4]
-    row = client.query("SELECT explanation, raw_explanation, repaired, forecast, forecast_agrees, reason "
-                       "FROM trail_explanations FINAL").result_rows
-    assert row == [("old text", "old text", False, None, False, None)]
+    assert ensure_schema(client, StoreConfig(path=config.path)) == [2, 3, 4, 5]
+    row = client.query("SELECT explanation, raw_explanation, repaired, forecast, forecast_agrees, reason, "
+                       "reason_source, driver FROM trail_explanations FINAL").result_rows
+    assert row == [("old text", "old text", False, None, False, None, None, None)]
     client.close()
 
 
@@ -219,7 +219,7 @@ def test_prediction_range_migrates_a_version_3_store(tmp_path):
     assert ensure_schema(client, config) == [1, 2, 3]
     client.command("INSERT INTO trail_predictions (item_id, tick, model_version, score, predicted_count, rank, signals, "
                    "written_at) VALUES ('a', '2011-01-01 00:00:00', 'v', 1.0, 3.0, 1, map('count_7d', 2.0), now64(3))")
-    assert ensure_schema(client, StoreConfig(path=config.path)) == [4]
+    assert ensure_schema(client, StoreConfig(path=config.path)) == [4, 5]
     row = client.query("SELECT predicted_count, predicted_low, predicted_high, drivers FROM trail_predictions FINAL").result_rows
     assert row == [(3.0, None, None, {})]
     client.close()
@@ -235,7 +235,7 @@ def test_insert_and_read_back_every_field(store):
                         drivers={"trend": 0.3, "neighbourhood": 0.1})
     e = Explanation("A", T0, 1, "Sales doubled: 8 in the last 7 days vs 4 before.", False, 3, "m1")
     why = Explanation("B", T0, 2, "Likely to fall: 8 in the last 7 days, up from 4, but already above its 28-day pace.",
-                      True, 4, "m1", forecast="fall", reason="level")
+                      True, 4, "m1", forecast="fall", reason="level", reason_source="drivers", driver="level")
     s = TrendSnapshot("A", T0, {"count_7d": 8.0}, "signals-v1")
     for r in (p, ranged, e, why, s):
         insert_records(client, r.table, [r], [now])
@@ -244,9 +244,9 @@ def test_insert_and_read_back_every_field(store):
     assert got == [("A", T0.replace(tzinfo=None), "m1", 0.5, 3.0, 1, {"count_7d": 2.0, "velocity_7d": 1.0}, None, None, {}),
                    ("R", T0.replace(tzinfo=None), "m1", 0.4, 40.0, 2, {"count_7d": 26.0}, 28.0, 55.0,
                     {"trend": 0.3, "neighbourhood": 0.1})]
-    got = client.query("SELECT explanation, faithful, claims_checked, reason FROM trail_explanations FINAL "
-                       "ORDER BY item_id").result_rows
-    assert got == [(e.explanation, False, 3, None), (why.explanation, True, 4, "level")]
+    got = client.query("SELECT explanation, faithful, claims_checked, reason, reason_source, driver "
+                       "FROM trail_explanations FINAL ORDER BY item_id").result_rows
+    assert got == [(e.explanation, False, 3, None, None, None), (why.explanation, True, 4, "level", "drivers", "level")]
     assert client.query("SELECT signals['count_7d'] FROM trail_trend_snapshots FINAL").result_rows == [(8.0,)]
 
 

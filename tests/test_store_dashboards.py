@@ -85,15 +85,22 @@ def build_store_data(n_ticks: int = 40, top_k: int = 50, explained: int = 10) ->
         ranked = sorted(active, key=lambda i: (-predicted[i], items[i]))[:top_k]
         for rank, i in enumerate(ranked, 1):
             s = {n: float(v[i]) for n, v in sig.items()}
-            data.predictions.append(Prediction(items[i], tick, float(np.log1p(predicted[i])), float(predicted[i]),
-                                               rank, s, MODEL))
+            # every other prediction with a range and drivers (a model with quantile heads), the rest without
+            ranged = rank % 2 == 0
+            data.predictions.append(Prediction(
+                items[i], tick, float(np.log1p(predicted[i])), float(predicted[i]), rank, s, MODEL,
+                predicted_low=0.6 * float(predicted[i]) if ranged else None,
+                predicted_high=1.5 * float(predicted[i]) if ranged else None,
+                drivers={"trend": 0.2, "level": -0.4, "neighbourhood": 0.1} if ranged else None))
             if rank <= explained:
                 text = (f"{title.get(items[i], items[i])} had {s['count_7d']:.0f} ratings in the last 7 days "
                         f"({s['velocity_7d']:+.0f} on the week before) from {s['users_7d']:.0f} users.")
                 # every third a mover with a stated reason, every third no forecast: the columns travel
                 forecast, reason = (("fall", "level"), ("rise", None), (None, None))[rank % 3]
+                source = None if reason is None else ("drivers" if ranged else "rule")
                 data.explanations.append(Explanation(items[i], tick, rank, text, True, 3, MODEL, forecast=forecast,
-                                                     reason=reason))
+                                                     reason=reason, reason_source=source,
+                                                     driver="level" if ranged and forecast else None))
     return data
 
 
@@ -143,8 +150,12 @@ def test_top_n_is_the_latest_ranking_with_explanations(loaded):
     assert [(r["rank"], r["item_id"]) for r in rows] == [(p.rank, p.item_id) for p in want]
     assert [r["explanation"] for r in rows] == [texts.get(p.item_id) for p in want]  # NULL past the top 10
     assert [r["faithful"] for r in rows[:10]] == [True] * 10 and rows[10]["faithful"] is None
-    stated = {e.item_id: (e.forecast, e.reason) for e in data.explanations if e.tick == last}
-    assert [(r["forecast"], r["reason"]) for r in rows] == [stated.get(p.item_id, (None, None)) for p in want]
+    stated = {e.item_id: (e.forecast, e.reason, e.reason_source, e.driver) for e in data.explanations if e.tick == last}
+    assert [(r["forecast"], r["reason"], r["reason_source"], r["driver"]) for r in rows] == [
+        stated.get(p.item_id, (None, None, None, None)) for p in want]
+    assert [(r["predicted_low"], r["predicted_high"], r["drivers"]) for r in rows] == [
+        (p.predicted_low, p.predicted_high, p.drivers or {}) for p in want]
+    assert any(r["predicted_low"] is not None for r in rows) and any(r["predicted_low"] is None for r in rows)
     assert rows[0]["signals"] == want[0].signals and rows[0]["score"] == pytest.approx(want[0].score)
     assert {naive(last)} == {r["tick"] for r in rows} and {MODEL} == {r["model_version"] for r in rows}
     # an unknown model version has nothing to show

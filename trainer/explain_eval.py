@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from stream.core import decoding
 from stream.core.faithfulness import Repair, check, repair
-from stream.core.faithfulness.grammar import against_trend, claim_grammar, level_reason, stated_reason, why_window
-from stream.core.forecast import outlook, pace
+from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, reason_of, top_driver, against_trend, claim_grammar, level_reason, stated_reason, why_window
+from stream.core.forecast import PredictedCount, outlook, pace
 from trainer.inference import prompts_of
 
 ZERO_SHOT_INSTRUCTION = (
@@ -66,8 +66,14 @@ def distinct_per_block(texts: list[str], n: int = 2, block: int = DISTINCT_BLOCK
     return sum(values) / len(values) if values else None
 
 
-def explanation_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str]) -> dict:
-    results = [check(t, s, title=title) for t, s, title in zip(texts, signals, titles)]
+def _sizes(sizes: list[PredictedCount] | None, n: int) -> list[PredictedCount | None]:
+    return list(sizes) if sizes is not None else [None] * n
+
+
+def explanation_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str],
+                        sizes: list[PredictedCount] | None = None) -> dict:
+    """`sizes`: each row's prediction (count and range); with them the forecast clauses are checked claims too."""
+    results = [check(t, s, title=title, prediction=z) for t, s, title, z in zip(texts, signals, titles, _sizes(sizes, len(texts)))]
     checked = sum(r.checked for r in results)
     false = sum(r.false for r in results)
     n = len(results)
@@ -82,6 +88,10 @@ def explanation_metrics(texts: list[str], signals: list[dict[str, float]], title
         "distinct_2": distinct_n(texts, 2),
         "distinct_2_per_50": distinct_per_block(texts, 2),
         "false_claims": dict(kinds.most_common()),
+        # the forecast's size ("about 40 next week") and range ("likely 25–55"), stated and true
+        "size_stated_share": sum(any(c.kind == "forecast" and c.measure == "count" and c.ok for c in r.claims)
+                                 for r in results) / n if n else None,
+        "range_stated_share": sum(any(c.kind == "range" and c.ok for c in r.claims) for r in results) / n if n else None,
     }
 
 
@@ -109,9 +119,11 @@ def forecast_accuracy_all(frame: pd.DataFrame, predicted_count: np.ndarray, hori
 
 
 def forecast_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str],
-                     predicted: list[str] | None, realised: list[str] | None) -> dict:
+                     predicted: list[str] | None, realised: list[str] | None,
+                     sizes: list[PredictedCount] | None = None) -> dict:
     """The stated forecast against the model's own direction and against what happened."""
-    stated = [check(t, s, title=ti).outlook for t, s, ti in zip(texts, signals, titles)]
+    stated = [check(t, s, title=ti, prediction=z).outlook
+              for t, s, ti, z in zip(texts, signals, titles, _sizes(sizes, len(texts)))]
     n = len(stated)
     out: dict = {"forecast_stated_share": sum(x is not None for x in stated) / n if n else None,
                  "forecasts": dict(Counter(x or "none" for x in stated))}
@@ -123,17 +135,35 @@ def forecast_metrics(texts: list[str], signals: list[dict[str, float]], titles: 
     return out
 
 
-def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str], horizon_days: float) -> dict:
+def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str], horizon_days: float,
+                   sizes: list[PredictedCount] | None = None, realised: list[str] | None = None,
+                   drivers: list[dict[str, float] | None] | None = None) -> dict:
     """Does a mover's text say why it is predicted to move? Over the texts whose stated forecast goes against
     the main window's trend (`against_trend`): `reason_share`, the share that give a true reason pointing the
     forecast's way (`stated_reason`: another window's trend, "..., but 109 in the last 28 days, up from 97",
     or the main count's level, "..., but already above its 28-day pace"); `reason_available`, how many of
-    them have such a reason at all (`why_window`, `level_reason`), of which `level_available` by the level alone."""
+    them have such a reason at all (`why_window`, `level_reason`), of which `level_available` by the level alone.
+    With `drivers` (each row's attribution): `driver_agreement`, the share of rise/fall texts whose stated
+    reason (`reason_of`) is the model's top driver (`top_driver`), over `driver_rows`; null without drivers.
+    With `realised`: `reason_accuracy` per reason kind (how often the stated direction happened) beside its
+    base rate."""
     against = cited = available = by_level = 0
-    for t, s, ti in zip(texts, signals, titles):
-        r = check(t, s, title=ti)
+    kinds: list[tuple[str, str, str | None]] = []  # (reason kind, stated direction, realised direction)
+    zs = _sizes(sizes, len(texts))
+    ds = list(drivers) if drivers is not None else [None] * len(texts)
+    driven = agree = 0
+    for k, (t, s, ti) in enumerate(zip(texts, signals, titles)):
+        r = check(t, s, title=ti, prediction=zs[k])
+        given = None  # the kind of reason this text gives (for reason_accuracy)
+        if ds[k] and r.outlook in ("rise", "fall"):
+            # driver_agreement: the reason the text states is the model's top driver for its forecast
+            driven += 1
+            given = reason_of(r.claims, s, horizon_days, r.outlook, ds[k]) if r.faithful else None
+            agree += given is not None and given == top_driver(ds[k], r.outlook)
         mover = against_trend(s, horizon_days, r.outlook)
         if mover is None:
+            if given is not None:
+                kinds.append((given, r.outlook, realised[k] if realised is not None else None))
             continue
         against += 1
         c, p, main, long = mover
@@ -141,9 +171,32 @@ def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: li
         level = not trend and level_reason(c, p, main, long, r.outlook) is not None
         available += trend or level
         by_level += level
-        cited += stated_reason(r.claims, s, horizon_days, r.outlook) is not None
-    return {"against_trend": against, "reason_share": cited / against if against else None,
-            "reason_available": available, "level_available": by_level}
+        kind = stated_reason(r.claims, s, horizon_days, r.outlook) if given is None else given
+        cited += kind is not None
+        if kind is not None:
+            kinds.append((kind, r.outlook, realised[k] if realised is not None else None))
+    out = {"against_trend": against, "reason_share": cited / against if against else None,
+           "reason_available": available, "level_available": by_level,
+           # null when the model gives no drivers (today's v6): the reasons then come from the rule
+           "driver_agreement": agree / driven if driven else None, "driver_rows": driven}
+    if realised is not None:
+        out["reason_accuracy"] = reason_accuracy(kinds, realised)
+    return out
+
+
+def reason_accuracy(stated: list[tuple[str, str, str | None]], realised: list[str]) -> dict:
+    """Per reason kind (20.4): how often the direction a reason was given for happened (`accuracy`), beside the
+    base rate of those directions over the whole sample (`base_rate`: the accuracy of stating the same directions
+    without looking, each as often as the sample realises it). `stated`: (kind, stated direction, realised)."""
+    n = len(realised)
+    share = Counter(realised)
+    out: dict = {}
+    for kind in sorted({k for k, _, _ in stated}):
+        rows = [(d, r) for k, d, r in stated if k == kind]
+        out[kind] = {"n": len(rows), "accuracy": sum(d == r for d, r in rows) / len(rows),
+                     "base_rate": sum(share[d] / n for d, _ in rows) / len(rows) if n else None,
+                     "directions": dict(Counter(d for d, _ in rows))}
+    return out
 
 
 def repair_metrics(repairs: list[Repair]) -> dict:
@@ -158,37 +211,43 @@ def repair_metrics(repairs: list[Repair]) -> dict:
 
 def score_trail(raw: list[str], signals: list[dict[str, float]], titles: list[str], item_ids: list,
                 unconstrained: list[str] | None = None, predicted: list[str] | None = None,
-                realised: list[str] | None = None, horizon_days: float | None = None) -> tuple[dict, list[dict]]:
+                realised: list[str] | None = None, horizon_days: float | None = None,
+                sizes: list[PredictedCount] | None = None,
+                drivers: list[dict[str, float] | None] | None = None) -> tuple[dict, list[dict]]:
     """Metrics of TRAIL's constrained (raw), published (repaired) and unconstrained explanations, and one
     sample per item. `predicted` / `realised`: outlook of the model's predicted / the true next count.
-    With `horizon_days`, each set also has `reason_metrics` (does a mover's text say why)."""
+    With `horizon_days`, each set also has `reason_metrics` (does a mover's text say why). `sizes`: each row's
+    prediction (count, range): the forecast clauses are then checked claims (size, range, direction)."""
     if not len(raw) == len(signals) == len(titles) == len(item_ids):
         raise ValueError(f"lengths differ: {len(raw)} explanations, {len(signals)} signal rows, "
                          f"{len(titles)} titles, {len(item_ids)} item ids")
-    repairs = [repair(e, s, title=t) for e, s, t in zip(raw, signals, titles)]
+    zs = _sizes(sizes, len(raw))
+    repairs = [repair(e, s, title=t, prediction=z) for e, s, t, z in zip(raw, signals, titles, zs)]
     served = [r.text for r in repairs]
-    report = {"trail": explanation_metrics(served, signals, titles) | repair_metrics(repairs)
-              | forecast_metrics(served, signals, titles, predicted, realised),
-              "trail_raw": explanation_metrics(raw, signals, titles)
-              | forecast_metrics(raw, signals, titles, predicted, realised)}
+    report = {"trail": explanation_metrics(served, signals, titles, sizes) | repair_metrics(repairs)
+              | forecast_metrics(served, signals, titles, predicted, realised, sizes),
+              "trail_raw": explanation_metrics(raw, signals, titles, sizes)
+              | forecast_metrics(raw, signals, titles, predicted, realised, sizes)}
     if unconstrained is not None:
-        report["trail_unconstrained"] = (explanation_metrics(unconstrained, signals, titles)
-                                         | forecast_metrics(unconstrained, signals, titles, predicted, realised))
+        report["trail_unconstrained"] = (explanation_metrics(unconstrained, signals, titles, sizes)
+                                         | forecast_metrics(unconstrained, signals, titles, predicted, realised, sizes))
     if horizon_days is not None:
         for name, texts in (("trail", served), ("trail_raw", raw), ("trail_unconstrained", unconstrained)):
             if texts is not None:
-                report[name] |= reason_metrics(texts, signals, titles, horizon_days)
+                report[name] |= reason_metrics(texts, signals, titles, horizon_days, sizes, realised, drivers)
     samples = []
     for k, (i, t, e, r, s) in enumerate(zip(item_ids, titles, raw, repairs, signals)):
-        sample = {"item_id": i, "title": t, "explanation_raw": e, "faithful_raw": check(e, s, title=t).faithful,
-                  "explanation": r.text, "faithful": check(r.text, s, title=t).faithful, "repaired": r.changed}
+        sample = {"item_id": i, "title": t, "explanation_raw": e,
+                  "faithful_raw": check(e, s, title=t, prediction=zs[k]).faithful,
+                  "explanation": r.text, "faithful": check(r.text, s, title=t, prediction=zs[k]).faithful,
+                  "repaired": r.changed}
         if predicted is not None:
             sample["forecast_predicted"] = predicted[k]
         if realised is not None:
             sample["forecast_realised"] = realised[k]
         if unconstrained is not None:
             sample["explanation_unconstrained"] = unconstrained[k]
-            sample["faithful_unconstrained"] = check(unconstrained[k], s, title=t).faithful
+            sample["faithful_unconstrained"] = check(unconstrained[k], s, title=t, prediction=zs[k]).faithful
         samples.append(sample)
     return report, samples
 
@@ -366,9 +425,11 @@ class OnnxGenerator:
 def explain_texts(model, prompts: list[str], *, signals: list[dict[str, float]] | None = None,
                   forecasts: list[str] | None = None, horizon_days: float = 7, max_new_tokens: int | None = None,
                   batch: int = BATCH, desc: str | None = None, onnx: OnnxGenerator | None = None,
-                  temperature: float = 0.0, top_p: float = 1.0, seeds: list[int] | None = None) -> list[str]:
+                  temperature: float = 0.0, top_p: float = 1.0, seeds: list[int] | None = None,
+                  sizes: list[PredictedCount] | None = None,
+                  drivers: list[dict[str, float] | None] | None = None) -> list[str]:
     """TRAIL's greedy explanations, batched; constrained to each item's claim grammar when `forecasts`
-    (one outlook per prompt, with `signals`) are given. Decoded as `Trail.explain` does. With `onnx`,
+    (one outlook per prompt, with `signals`) are given, ending with each row's size and range with `sizes`. Decoded as `Trail.explain` does. With `onnx`,
     on the exported generator (the stream's loop) instead of torch. `temperature > 0`: sampled
     (top_p; prompt i seeded with seeds[i]) instead of greedy."""
     limit = max_new_tokens or model.cfg.max_explanation_tokens
@@ -376,8 +437,10 @@ def explain_texts(model, prompts: list[str], *, signals: list[dict[str, float]] 
     if forecasts is not None:
         if signals is None:
             raise ValueError("constrained decoding needs the signals of every prompt")
-        grammars = [claim_grammar(s, horizon_days, f).lark() for s, f in zip(signals, forecasts)]
-        limit = max(limit, 64)  # the grammar ends the text itself (explainer.constrained_max_new_tokens)
+        ds = list(drivers) if drivers is not None else [None] * len(signals)
+        grammars = [claim_grammar(s, horizon_days, f, size=z, drivers=d).lark()
+                    for s, f, z, d in zip(signals, forecasts, _sizes(sizes, len(signals)), ds)]
+        limit = max(limit, CONSTRAINED_MAX_NEW_TOKENS)  # the grammar ends the text itself (as the explainer)
     if onnx is not None:
         return onnx.explain(prompts, grammars, limit, batch, desc, temperature=temperature, top_p=top_p, seeds=seeds)
     rows = [model.tokenizer(p).input_ids[: model.cfg.max_prompt_tokens] for p in prompts]
@@ -444,6 +507,10 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
         predicted_count = rows["predicted_count"].to_numpy(np.float64)
     paces = [pace(s, horizon_days) for s in signals]
     predicted = directions(predicted_count, paces)
+    sizes = predicted_sizes(rows, predicted_count, horizon_days)
+    # each row's attribution (group -> contribution), from a model that gives drivers; None otherwise
+    drivers = ([d if isinstance(d, dict) and d else None for d in rows["drivers"].tolist()]
+               if "drivers" in rows else None)
     realised = (directions(rows["label_count"], paces)
                 if "label_count" in rows else None)
     onnx = OnnxGenerator(model_dir) if model_dir is not None and OnnxGenerator.available(model_dir) else None
@@ -451,10 +518,10 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
     seeds = explanation_seeds(rows, version) if decoding.sampled(temperature) else None
     raw = explain_texts(model, prompts, signals=signals, forecasts=predicted, horizon_days=horizon_days, batch=batch,
                         desc="TRAIL explanations (constrained)", onnx=onnx, temperature=temperature, top_p=top_p,
-                        seeds=seeds)
+                        seeds=seeds, sizes=sizes, drivers=drivers)
     free = explain_texts(model, prompts, batch=batch, desc="TRAIL explanations (unconstrained)", onnx=onnx)
     report, samples = score_trail(raw, signals, titles, rows["item_id"].tolist(), free, predicted, realised,
-                                  horizon_days)
+                                  horizon_days, sizes, drivers)
     constrained = decoding.settings(temperature, top_p)
     if decoding.sampled(temperature):
         constrained["model_version"] = version
@@ -471,13 +538,28 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
             "generation": {"engine": "onnx" if onnx is not None else "torch", "batch": batch}}
 
 
+def predicted_sizes(rows: pd.DataFrame, predicted_count, horizon_days: float) -> list[PredictedCount]:
+    """Each row's prediction: its count and, where the rows carry them (`predicted_low` / `predicted_high`, from a
+    model with quantile heads; NaN or absent otherwise), its 80% range."""
+    counts = np.asarray(predicted_count, np.float64)
+    lows = rows["predicted_low"].to_numpy(np.float64) if "predicted_low" in rows else np.full(len(rows), np.nan)
+    highs = rows["predicted_high"].to_numpy(np.float64) if "predicted_high" in rows else np.full(len(rows), np.nan)
+    return [PredictedCount(float(c), horizon_days, *((float(lo), float(hi)) if np.isfinite(lo) and np.isfinite(hi)
+                                                      else (None, None)))
+            for c, lo, hi in zip(counts, lows, highs)]
+
+
 def sample_rows(frame: pd.DataFrame, scores: np.ndarray, n: int, top_n: int, seed: int = 0,
-                counts: np.ndarray | None = None) -> pd.DataFrame:
+                counts: np.ndarray | None = None, low: np.ndarray | None = None,
+                high: np.ndarray | None = None) -> pd.DataFrame:
     """n rows drawn evenly from each cut-off's top_n by score (the items the stream would explain);
-    `counts` (the model's predicted counts, aligned with `frame`) ride along as `predicted_count`."""
+    `counts` (the model's predicted counts, aligned with `frame`) ride along as `predicted_count`, and
+    `low` / `high` (its 80% range, from a model with quantile heads) as `predicted_low` / `predicted_high`."""
     ranked = frame.assign(_score=scores)
     if counts is not None:
         ranked = ranked.assign(predicted_count=np.asarray(counts, np.float64))
+    if low is not None and high is not None:
+        ranked = ranked.assign(predicted_low=np.asarray(low, np.float64), predicted_high=np.asarray(high, np.float64))
     ranked = ranked.sort_values(["cutoff_ms", "_score"], ascending=[True, False])
     head = ranked.groupby("cutoff_ms", sort=False).head(top_n)
     return head.sample(n=min(n, len(head)), random_state=seed).drop(columns="_score")

@@ -25,11 +25,13 @@ from collections.abc import Mapping
 from stream.core.faithfulness import check, window_spans
 # one vocabulary: the targets draw from the claim grammar's phrase banks, so what the model
 # practises is what constrained decoding lets it write
-from stream.core.faithfulness.grammar import (COUNT_NOUNS, LEADS, ONE_USER, OUTLOOK_LEADS, OUTLOOK_SENTENCES,
-                                              LEVEL_PHRASES, OUTLOOKS, UPDOWN, USER_NOUNS, VERB_PAST, current_phrases,
-                                              direction, horizon_phrases, length_phrases, level_reason, plural,
-                                              previous_phrases, why_window)
-from stream.core.prompts import detailed_windows, main_window, signal_windows
+from stream.core.faithfulness.grammar import (current_phrases, horizon_phrases, length_phrases, level_reason, plural,
+                                              previous_phrases, reason_plan, size_sentences, why_window)
+from stream.core.faithfulness.vocabulary import (GRAMMAR_COUNT_NOUNS, GRAMMAR_USER_NOUNS, LEADS, LEVEL_PHRASES, ONE_USER,
+                                                 OUTLOOK_LEADS, OUTLOOK_SENTENCES, OUTLOOKS, UPDOWN, VERB_PAST)
+
+from stream.core.forecast import PredictedCount
+from stream.core.prompts import detailed_windows, direction, main_window, signal_windows
 
 # ~40 SmolLM2 tokens (numbers cost a token per digit): a longer draft drops its second fact
 MAX_CHARS = 130
@@ -106,7 +108,7 @@ def _count_clause(f: _Facts, w: str, noun: str, rng: random.Random, with_prev: b
 
 def _users_clause(f: _Facts, w: str, rng: random.Random) -> str:
     u = f.users[w]
-    noun = rng.choice(USER_NOUNS)
+    noun = rng.choice(GRAMMAR_USER_NOUNS)
     if u == 1:
         return rng.choice(ONE_USER)
     return rng.choice([f"from {u} {noun}", f"by {u} {noun}", f"across {u} {noun}", f"{u} {noun}"])
@@ -146,7 +148,22 @@ def _as_random(rng) -> random.Random:
 
 
 def target_explanation(signals: Mapping[str, float], horizon_days: int, rng,
-                       outlook: str | None = None) -> str:
+                       outlook: str | None = None, size: PredictedCount | None = None,
+                       drivers: Mapping[str, float] | None = None) -> str:
+    """`size`: the predicted count (and range) the text ends with, as the claim grammar's `size_sentences`
+    ("About 40 events next week, likely 25–55."); without it the text has no size sentence (v6's targets).
+    `drivers`: the prediction's attribution; a rise or fall then gives its top driver as the reason, as the
+    grammar requires (`reason_plan`); without them, today's targets."""
+    text = _target(signals, horizon_days, rng, outlook, drivers)
+    if size is None:
+        return text
+    rng = _as_random(rng)
+    noun = next((n for n in GRAMMAR_COUNT_NOUNS if n in text.lower()), GRAMMAR_COUNT_NOUNS[0])
+    return f"{text} {rng.choice(size_sentences(size, noun))}"
+
+
+def _target(signals: Mapping[str, float], horizon_days: int, rng, outlook: str | None = None,
+            drivers: Mapping[str, float] | None = None) -> str:
     """A faithful one- or two-sentence explanation of the item's trend.
 
     `outlook` ("rise"/"fall"/"steady") is what the explanation forecasts; the
@@ -162,9 +179,12 @@ def target_explanation(signals: Mapping[str, float], horizon_days: int, rng,
     w = f.main
     rel = direction(f.count[w], f.prev[w])
     outlook = outlook or rel
-    noun = rng.choice(COUNT_NOUNS)
+    noun = rng.choice(GRAMMAR_COUNT_NOUNS)
     trend = _trend_clause(f, w, noun, rng)
     hz = rng.choice(horizon_phrases(horizon_days))
+    plan = reason_plan(signals, horizon_days, outlook, drivers) if drivers else None
+    if plan is not None and plan.source == "drivers":  # the model's top driver, always given (the grammar holds to it)
+        return _assemble(rng.choice((0, 3)), trend, rng.choice(plan.phrases), "driver", rel, outlook, noun, hz, rng)
     why = why_window(f.count, f.prev, w, f.long, outlook)
     if why and rng.random() < WHY_SHARE:
         for _ in range(4):  # a long draft is drawn again: the reason is the point of a mover's text
@@ -210,9 +230,10 @@ def target_explanation(signals: Mapping[str, float], horizon_days: int, rng,
 def _assemble(shape: int, trend: str, extra: str, pick: str, rel: str, outlook: str, noun: str, hz: str,
               rng: random.Random) -> str:
     agrees = outlook == rel
+    but = pick == "why" or (pick == "driver" and not agrees)  # a reason against the trend: "..., but ..."
     if shape == 0:
         # "Likely to rise: 41 interactions in the last 7 days, up from 12 the week before; from 29 users."
-        body = trend + ((", but " if pick == "why" else "; ") + extra if extra else "")
+        body = trend + ((", but " if but else "; ") + extra if extra else "")
         return f"{rng.choice(OUTLOOK_LEADS[outlook])}: {body}."
     if shape == 1 and agrees:
         # "Demand is rising: ... . Expect more interactions next week."
@@ -226,7 +247,7 @@ def _assemble(shape: int, trend: str, extra: str, pick: str, rel: str, outlook: 
         tail = rng.choice(OUTLOOK_SENTENCES[outlook]).format(noun=noun, h=hz)
         return f"{first}{joint} {tail[0].lower()}{tail[1:]}"
     # "Likely to fall next week. Interactions fell from 60 to 41 over the last 7 days; 6 in the last day."
-    body = _cap(trend) + ((", but " if pick == "why" else ", ") + extra if extra else "")
+    body = _cap(trend) + ((", but " if but else "; " if pick == "driver" else ", ") + extra if extra else "")
     return f"{rng.choice(OUTLOOK_SENTENCES[outlook]).format(noun=noun, h=hz)} {body}."
 
 

@@ -104,7 +104,8 @@ def short_title(title: str) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _short_category(category: str) -> str:
+def short_category(category: str) -> str:
+    """A category as the prompt shows it: its first part, MAX_CATEGORY_CHARS at most."""
     first = _SPACES.sub(" ", re.split(r"[|,;/]", category, maxsplit=1)[0]).strip()
     return first[:MAX_CATEGORY_CHARS].rstrip()
 
@@ -137,7 +138,7 @@ def _item_head(title: str | None, category: str | None, item_id: str | None) -> 
         raise ValueError(f"render_prompt needs a title or an item_id, got title={title!r}, item_id={item_id!r}")
     head = f"Item: {short_title(name) if name is title else name.strip()[:MAX_TITLE_CHARS]}"
     if isinstance(category, str) and category.strip():
-        head += f" ({_short_category(category)})"
+        head += f" ({short_category(category)})"
     return head
 
 

@@ -21,7 +21,10 @@ import orjson
 
 from stream.core.forecast import OUTLOOKS
 
-REASONS = ("trend", "level", None)  # Explanation.reason (stream.core.faithfulness.grammar.stated_reason)
+# Explanation.reason (stream.core.faithfulness.grammar.reason_of), reason_source and driver
+REASONS = ("trend", "level", "neighbourhood", "season", None)
+REASON_SOURCES = ("drivers", "rule", None)
+DRIVER_GROUPS = ("trend", "level", "neighbourhood", "season", "text")
 
 __all__ = ["Prediction", "Explanation", "TrendSnapshot", "RecordError", "to_tick", "tick_iso", "tick_ms", "Record",
            "ItemInfo", "load_json"]
@@ -225,7 +228,12 @@ class Explanation(_Record):
     store's columns (stream.store.clickhouse.TABLE_COLUMNS) do not include it. `reason` is the kind of
     true reason a text gives for a forecast against the main window's trend: "trend" (a longer window's
     trend), "level" (the count against the longest window's pace) or None (no such forecast, or no
-    reason given; stream.core.faithfulness.grammar.stated_reason).
+    reason given; stream.core.faithfulness.grammar.stated_reason), and, from a model that gives drivers,
+    "neighbourhood" (its semantic neighbours' trend) or "season" (the same weeks last year).
+    `reason_source`: "drivers" when the reason is the model's top driver, "rule" when today's rule gave it
+    (no drivers, or a top driver with no words the checker verifies), None when no reason is given (or
+    not said: records written before it).
+    `driver`: the model's top driver for this forecast (grammar.top_driver), None without drivers.
     """
 
     item_id: str
@@ -241,11 +249,13 @@ class Explanation(_Record):
     forecast_agrees: bool = False
     decoding: str | None = None
     reason: str | None = None
+    reason_source: str | None = None
+    driver: str | None = None
 
     table: ClassVar[str] = "trail_explanations"
     _fields: ClassVar[tuple[str, ...]] = ("item_id", "tick", "rank", "explanation", "raw_explanation", "repaired",
                                           "faithful", "claims_checked", "forecast", "forecast_agrees", "reason",
-                                          "decoding", "model_version")
+                                          "reason_source", "driver", "decoding", "model_version")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "item_id", _text("item_id", self.item_id))
@@ -262,6 +272,12 @@ class Explanation(_Record):
             raise RecordError("forecast_agrees without a forecast")
         if self.reason not in REASONS:
             raise RecordError(f"reason must be one of {REASONS[:-1]} or None, got {self.reason!r}")
+        if self.reason_source not in REASON_SOURCES:
+            raise RecordError(f"reason_source must be one of {REASON_SOURCES[:-1]} or None, got {self.reason_source!r}")
+        if self.reason is None and self.reason_source is not None:
+            raise RecordError(f"reason_source {self.reason_source!r} without a reason")
+        if self.driver is not None and self.driver not in DRIVER_GROUPS:
+            raise RecordError(f"driver must be one of {DRIVER_GROUPS} or None, got {self.driver!r}")
         object.__setattr__(self, "claims_checked", _count("claims_checked", self.claims_checked, 0))
         if self.decoding is not None:
             object.__setattr__(self, "decoding", _text("decoding", self.decoding))
@@ -270,7 +286,7 @@ class Explanation(_Record):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Explanation:
         """Also reads records written before the provenance fields (raw = published, not repaired) and before
-        `decoding` or `reason` (None)."""
+        `decoding`, `reason`, `reason_source` or `driver` (None)."""
         _require(data, ("item_id", "tick", "rank", "explanation", "faithful", "claims_checked", "model_version"),
                  cls.__name__)
         return cls(**{name: data[name] for name in cls._fields if name in data})

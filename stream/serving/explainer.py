@@ -37,7 +37,12 @@ claim that cannot be corrected is dropped); the record carries the checker's ver
 the published text, `faithful`, and `claims_checked`; and says what happened: `raw_explanation`
 (as decoded), `repaired`, the stated `forecast` and whether it agrees with the model's own
 predicted direction (`forecast_agrees`, stream.core.forecast), and the kind of reason a mover's
-text gives (`reason`: "trend", "level" or None; stream.core.faithfulness.grammar.stated_reason).
+text gives (`reason`: "trend", "level", "neighbourhood", "season" or None; grammar.reason_of), where
+it came from (`reason_source`: "drivers", the prediction's top driver, or "rule") and the top driver
+(`driver`). The grammar states the record's own size and range ("About 40 events next week, likely
+25–55."; the size alone from a model without quantile heads) and, when the prediction carries
+`drivers`, gives its top driver as the reason (grammar.reason_plan); the checker holds the forecast
+clauses to the same prediction (stream.core.forecast.PredictedCount).
 """
 
 from __future__ import annotations
@@ -51,10 +56,10 @@ import structlog
 
 from stream.core import decoding
 from stream.core.faithfulness import check, repair
-from stream.core.faithfulness.grammar import claim_grammar, stated_reason
+from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar, reason_of, reason_plan, top_driver
 from stream.core.mailbox import Mailbox
 from stream.model.artefact import PromptTokenizer
-from stream.core.forecast import outlook, pace
+from stream.core.forecast import PredictedCount, outlook, pace
 from stream.core.records import Explanation, Prediction, tick_ms
 
 log = structlog.get_logger(__name__)
@@ -127,8 +132,9 @@ class Explainer:
         self.temperature, self.top_p = float(temperature), float(top_p)
         self.constraint = constraint  # stream.model.constraint.ClaimConstraint, or None: unconstrained
         self.batch_size = max(1, batch_size)
-        # the grammar ends every text itself; room for its longest shapes (the targets' max is ~43 tokens)
-        self.constrained_max_new_tokens = constrained_max_new_tokens or max(max_new_tokens, 64)
+        # the grammar ends every text itself; room for its longest shapes (a reason and the size and range
+        # sentence: ~75 tokens with 3-4 digit counts)
+        self.constrained_max_new_tokens = constrained_max_new_tokens or max(max_new_tokens, CONSTRAINED_MAX_NEW_TOKENS)
         self.horizon_days = horizon_days
         self.tokenizer = tokenizer
         self.model_version = model_version
@@ -172,6 +178,10 @@ class Explainer:
         """The direction of the record's own prediction: what the forecast clause must say."""
         return outlook(p.predicted_count, pace(p.signals, self.horizon_days))
 
+    def size_of(self, p: Prediction) -> PredictedCount:
+        """The record's predicted count and range: what the text states and the checker holds it to."""
+        return PredictedCount.of(p, self.horizon_days)
+
     def seed_of(self, p: Prediction) -> int:
         """The sampling seed of this prediction's explanation: (model version, item, tick) only."""
         return decoding.explanation_seed(self.model_version, p.item_id, tick_ms(p.tick))
@@ -186,7 +196,8 @@ class Explainer:
         if self.constraint is not None:
             try:
                 guide = self.constraint.guide([
-                    claim_grammar(m.prediction.signals, self.horizon_days, self.forecast_of(m.prediction)).lark()
+                    claim_grammar(m.prediction.signals, self.horizon_days, self.forecast_of(m.prediction),
+                                  size=self.size_of(m.prediction), drivers=m.prediction.drivers).lark()
                     for m in movers])
                 limit = self.constrained_max_new_tokens
             except Exception:  # noqa: BLE001 - a grammar that cannot be built: decode free, repair and say so
@@ -216,15 +227,21 @@ class Explainer:
         # verify and revise: claims the checker can correct against the signals are corrected,
         # the rest of an unfaithful clause is dropped; `faithful` is the checker's verdict on what is published
         raw = self.tokenizer.decode(new)
-        fixed = repair(raw, p.signals, title=mover.title)
+        size = self.size_of(p)
+        fixed = repair(raw, p.signals, title=mover.title, prediction=size)
         if fixed.changed:
             self.stats.repaired += 1
         agrees = fixed.outlook is not None and fixed.outlook == self.forecast_of(p)
-        reason = stated_reason(check(fixed.text, p.signals, title=mover.title).claims, p.signals, self.horizon_days,
-                               fixed.outlook) if fixed.faithful else None
+        reason = reason_of(check(fixed.text, p.signals, title=mover.title, prediction=size).claims, p.signals,
+                           self.horizon_days, fixed.outlook, p.drivers) if fixed.faithful else None
+        # where the reason came from: the model's top driver when the text gives it, else today's rule
+        plan = reason_plan(p.signals, self.horizon_days, fixed.outlook, p.drivers) if fixed.outlook else None
+        driver = top_driver(p.drivers, fixed.outlook)
+        source = None if reason is None else "drivers" if (plan is not None and plan.source == "drivers"
+                                                            and reason == plan.kind) else "rule"
         return (Explanation(p.item_id, p.tick, p.rank, fixed.text, fixed.faithful, fixed.checked, self.model_version,
                             raw_explanation=raw, repaired=fixed.changed, forecast=fixed.outlook, forecast_agrees=agrees,
-                            reason=reason, decoding=how),
+                            reason=reason, reason_source=source, driver=driver, decoding=how),
                 len(new))
 
     async def _run(self) -> None:

@@ -61,7 +61,8 @@ TABLE_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
         ("item_id", "String"), ("tick", _TS), ("model_version", "LowCardinality(String)"),
         ("rank", "UInt32"), ("explanation", "String"), ("raw_explanation", "String"), ("repaired", "Bool"),
         ("faithful", "Bool"), ("claims_checked", "UInt32"), ("forecast", "Nullable(String)"),
-        ("forecast_agrees", "Bool"), ("reason", "Nullable(String)"), ("written_at", _TS),
+        ("forecast_agrees", "Bool"), ("reason", "Nullable(String)"), ("reason_source", "Nullable(String)"),
+        ("driver", "Nullable(String)"), ("written_at", _TS),
     ),
     TrendSnapshot.table: (
         ("item_id", "String"), ("tick", _TS), ("model_version", "LowCardinality(String)"),

@@ -35,6 +35,7 @@ import orjson
 import structlog
 
 from stream.tools.broker import LocalBroker
+from stream.core.summary import reason_text, size_text
 from stream.topics import Topics, ensure_topics
 from stream.kafka import KafkaSecurity
 
@@ -68,20 +69,23 @@ class Board:
     def render(self, top: int, titles: dict[str, str], status: str, explained: int = 5) -> str:
         lines = [status, f"tick {self.tick or '-'}   predictions {self.predictions_seen:,}   "
                          f"explanations {self.explanations_seen:,}", ""]
-        lines.append(f"{'#':>3}  {'item':<34} {'score':>6} {'pred.':>6}  explanation")
+        lines.append(f"{'#':>3}  {'item':<34} {'score':>6} {'predicted':>13}  explanation")
         for rec in sorted(self.ranking.values(), key=lambda r: r["rank"])[:top]:
             item = rec["item_id"]
             name = (titles.get(item) or item)[:34]
             exp = self.explanations.get(item)
             text = "" if exp is None else _mark(exp) + " " + exp["explanation"]
-            lines.append(f"{rec['rank']:>3}  {name:<34} {rec['score']:>6.2f} {rec['predicted_count']:>6.0f}  {text[:110]}")
+            size = size_text(rec["predicted_count"], rec.get("predicted_low"), rec.get("predicted_high"))
+            lines.append(f"{rec['rank']:>3}  {name:<34} {rec['score']:>6.2f} {size:>13}  {text[:110]}")
         latest = sorted(self.explanations.values(), key=lambda r: r["tick"], reverse=True)[:explained]
         if latest:
             lines += ["", "latest explanations of the top movers (✓ every claim checked true against the signals, "
                           "✎ rewritten by the stream's repair step, ✗ a claim is false; ! forecast disagrees with the score)"]
         for exp in latest:
             name = (titles.get(exp["item_id"]) or exp["item_id"])[:34]
-            lines.append(f"  {exp['tick'][:13]}  rank {exp['rank']:>4}  {name:<34} {_mark(exp)} {exp['explanation']}")
+            why = reason_text(exp.get("reason"), exp.get("reason_source"), exp.get("driver"))
+            lines.append(f"  {exp['tick'][:13]}  rank {exp['rank']:>4}  {name:<34} {_mark(exp)} {exp['explanation']}"
+                         + (f"  [{why}]" if why else ""))
         return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from stream.core.summary import reason_text, size_text
 from stream.store import dashboards
 from stream.store.dashboards import DashboardParams
 from stream.store.clickhouse import StoreConfig, StoreError, connect
@@ -42,14 +43,17 @@ def format_top(rows: Sequence[Mapping[str, Any]], width: int = 100) -> str:
         return "(no predictions in the store yet)"
     first = rows[0]
     shown = [s for s in SIGNALS_SHOWN if any(s in (r.get("signals") or {}) for r in rows)]
-    head = ["rank", "item", "score", "predicted"] + shown + ["faithful"]
+    head = ["rank", "item", "score", "predicted"] + shown + ["faithful", "why"]
     table = []
     for r in rows:
         sig = r.get("signals") or {}
         faithful = r.get("faithful")
-        table.append([str(r["rank"]), str(r["item_id"]), _fmt_num(r["score"]), _fmt_num(r["predicted_count"], 1)]
+        # the size and range as the explanation states them ("~40 (25–55)"), the reason and its source
+        table.append([str(r["rank"]), str(r["item_id"]), _fmt_num(r["score"]),
+                      size_text(r["predicted_count"], r.get("predicted_low"), r.get("predicted_high"))]
                      + [_fmt_num(sig.get(s), 0) for s in shown]
-                     + ["-" if faithful is None else f"{'yes' if faithful else 'NO'} ({r.get('claims_checked')} claims)"])
+                     + ["-" if faithful is None else f"{'yes' if faithful else 'NO'} ({r.get('claims_checked')} claims)"]
+                     + [reason_text(r.get("reason"), r.get("reason_source"), r.get("driver")) or "-"])
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)]
     lines = [f"TRAIL top {len(rows)} at {first['tick']:%Y-%m-%d %H:%M} UTC, model {first['model_version']}", ""]
     lines.append("  ".join(h.rjust(w) if i != 1 else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths))))

@@ -23,8 +23,13 @@ counts as unfaithful are documented in docs/explanations.md; in short:
   unit. A number that cannot be tied to a signal (no window, an unknown noun, a
   window the signals lack, a predicted number) is a false claim: faithfulness
   is strict.
-- Clauses that forecast ("likely to rise", "expect more next week") are not
-  claims about the signals: their direction becomes `outlook`, unchecked.
+- Clauses that forecast ("likely to rise", "expect more next week") set `outlook`;
+  with `prediction=` (the model's predicted count and range) their direction, size
+  ("about 40 next week") and range ("likely 25–55") are claims checked against it.
+- What no signal says (magnitude words checked against the change, acceleration
+  against accel_<w>, "new" against the age; customer kinds, ranks, causes, stock;
+  a clause with no claim at all) is verified or is a false claim of kind
+  `unverifiable`; a text with no claim is not faithful.
 
 `repair` (verify and revise) rewrites what `check` finds false: a wrong number
 becomes the signal's value, a wrong direction or comparison word the word of
@@ -32,7 +37,9 @@ the same form that matches the truth ("up from 26" -> "down from 26"); a claim
 it cannot rewrite (unattributable, "doubled", a window the signals lack) loses
 its clause. The stream serves the repaired text; the evaluation reports both.
 
-The package, by module: `vocabulary` (the claim grammar's words and patterns), `parse`
+The package, by module: `vocabulary` (every word and pattern: what the checker reads and
+the phrase banks the grammar and the training targets write), `grammar` (the claim grammar,
+the reasons: `reason_plan`, `top_driver`, `reason_of`), `parse`
 (items, sentences and clauses of a text; `window_spans`), `checker` (`check`, `Claim`,
 `FaithfulnessResult`) and `repairer` (`repair`, `Repair`). Import from the package.
 """

@@ -35,36 +35,16 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from stream.core.forecast import outlook
+from stream.core.faithfulness.vocabulary import (LAST_YEAR_PHRASES, NEIGHBOURHOOD_PHRASES, GRAMMAR_COUNT_NOUNS, GRAMMAR_USER_NOUNS, LEADS, LEVEL_PHRASES, ONE_USER,
+                                                 OUTLOOK_LEADS, OUTLOOK_SENTENCES, OUTLOOKS, RANGE_TAILS, SIZE_SENTENCES,
+                                                 UPDOWN, VERB_PAST)
+from stream.core.forecast import PredictedCount, outlook, stated_range, stated_size
 from stream.core.prompts import detailed_windows, direction, main_window, signal_windows, window_hours
 
-OUTLOOKS = ("rise", "steady", "fall")
 
-# ---- the vocabulary of the training targets (trainer/explanations.py writes the same phrases) ----
-COUNT_NOUNS = ("interactions", "events")
-USER_NOUNS = ("users", "distinct users", "different users", "unique users", "people")
-ONE_USER = ("from a single user", "all from one user", "from 1 distinct user", "by one person")
-LEADS = {
-    "rise": ("Rising", "Trending up", "Demand is rising", "Interest is growing", "Picking up", "On the rise",
-             "Growing", "Demand is climbing"),
-    "fall": ("Falling", "Trending down", "Demand is cooling", "Interest is fading", "Slowing down",
-             "On the decline", "Declining", "Demand is dropping"),
-    "steady": ("Steady", "Holding steady", "Flat", "Demand is stable", "Unchanged"),
-}
-OUTLOOK_SENTENCES = {
-    "rise": ("Likely to rise {h}.", "Expect more {noun} {h}.", "Should keep climbing {h}.", "Likely to grow {h}.",
-             "Set to rise {h}.", "Likely to pick up {h}."),
-    "fall": ("Likely to fall {h}.", "Expect fewer {noun} {h}.", "Likely to cool off {h}.", "Set to decline {h}.",
-             "Likely to slow down {h}."),
-    "steady": ("Likely to stay steady {h}.", "Expect similar demand {h}.", "Likely to hold steady {h}."),
-}
-OUTLOOK_LEADS = {
-    "rise": ("Likely to rise", "Expected to grow", "Likely to keep rising", "Set to climb"),
-    "fall": ("Likely to fall", "Expected to decline", "Likely to cool off", "Set to drop"),
-    "steady": ("Likely to stay steady", "Expected to hold steady"),
-}
-VERB_PAST = {"rise": ("rose", "climbed", "grew", "jumped"), "fall": ("fell", "dropped", "declined", "slipped")}
-UPDOWN = {"rise": ("up from", "rising from"), "fall": ("down from", "falling from")}
+# the decoding budget of a constrained text: the grammar ends every text itself; room for its longest shapes (a
+# mover's reason and the size and range sentence: ~75 SmolLM2 tokens with 3-4 digit counts)
+CONSTRAINED_MAX_NEW_TOKENS = 96
 
 
 def why_window(count: Mapping[str, int], prev: Mapping[str, int], main: str, long: str | None,
@@ -121,6 +101,127 @@ def stated_reason(claims, signals: Mapping[str, float], horizon_days: float, for
     return "level" if any(c.kind == "level" and c.ok and c.stated == backs for c in claims) else None
 
 
+def top_driver(drivers: Mapping[str, float] | None, forecast: str | None) -> str | None:
+    """The input group that moved the prediction most the forecast's way: the largest contribution for a rise,
+    the most negative for a fall, the largest in size otherwise. None without drivers."""
+    if not drivers:
+        return None
+    sign = {"rise": 1.0, "fall": -1.0}.get(forecast or "")
+    if sign is None:
+        return max(drivers, key=lambda g: (abs(drivers[g]), g))
+    return max(drivers, key=lambda g: (sign * drivers[g], g))
+
+
+@dataclass(frozen=True)
+class ReasonPlan:
+    """The reason a mover's text must give: its `kind` ("trend", "level", "neighbourhood", "season"), where it
+    came from (`source`: "drivers", the model's top driver; "rule", why_window / level_reason when the model
+    gives no drivers or its top driver has no words the checker verifies) and the phrases that state it."""
+
+    kind: str
+    source: str
+    phrases: tuple[str, ...]
+    driver: str | None = None  # the model's top driver (also when the rule gave the reason)
+
+
+def _pct(cur: float, prev: float) -> tuple[str, int] | None:
+    if prev <= 0 or cur == prev:
+        return None
+    pct = int(round(100.0 * (cur - prev) / prev))
+    return (("up", pct) if pct > 0 else ("down", -pct)) if pct else None
+
+
+def driver_phrases(group: str, signals: Mapping[str, float], horizon_days: float) -> tuple[str, ...]:
+    """A driver group in merchandiser words, each a claim the checker verifies; () when the signals cannot back
+    it (the item text has no such words). trend: the main window's change ("up 24% on the week before"); level:
+    its count against the longest window's pace; neighbourhood: "like 11 similar items, up 35% in the last 7
+    days" (nbr_n, nbr_count_<w>, nbr_prev_<w>); season: "last year it rose from 20 to 61 over these weeks"
+    (ly_count, ly_next)."""
+    windows = signal_windows(signals)
+    if not windows:
+        return ()
+    w = main_window(windows, horizon_days)
+    s = {k: float(v) for k, v in signals.items()}
+    if group == "trend" and f"prev_count_{w}" in s:
+        p = _pct(round(s[f"count_{w}"]), round(s[f"prev_count_{w}"]))
+        return tuple(f"{p[0]} {p[1]}% on {prv}" for prv in previous_phrases(w)) if p else ()
+    if group == "level" and len(windows) > 1 and windows[-1] != w:
+        long = windows[-1]
+        cur, pace_ = round(s[f"count_{w}"]), s[f"count_{long}"] * window_hours(w) / window_hours(long)
+        rel = "above" if cur > pace_ else "below" if cur < pace_ else None
+        return tuple(p.format(n) for p in LEVEL_PHRASES[rel] for n in length_phrases(long)) if rel else ()
+    if group == "neighbourhood" and {"nbr_n", f"nbr_count_{w}", f"nbr_prev_{w}"} <= s.keys() and s["nbr_n"] >= 1:
+        p = _pct(s[f"nbr_count_{w}"], s[f"nbr_prev_{w}"])
+        if p is None or abs(100.0 * (s[f"nbr_count_{w}"] - s[f"nbr_prev_{w}"]) / s[f"nbr_prev_{w}"] - (p[1] if p[0] == "up" else -p[1])) > 0.5:
+            return ()
+        return tuple(ph.format(n=int(round(s["nbr_n"])), updown=p[0], pct=p[1], window=f"in {cur}")
+                     for ph in NEIGHBOURHOOD_PHRASES[:1] for cur in current_phrases(w))
+    if group == "season" and {"ly_count", "ly_next"} <= s.keys():
+        a, b = int(round(s["ly_count"])), int(round(s["ly_next"]))
+        if a == b:
+            return ()
+        verb = "rose" if b > a else "fell"
+        return tuple(ph.format(verb=verb, a=a, b=b) for ph in LAST_YEAR_PHRASES)
+    return ()
+
+
+def reason_plan(signals: Mapping[str, float], horizon_days: float, forecast: str,
+                drivers: Mapping[str, float] | None = None) -> ReasonPlan | None:
+    """The reason a text for this forecast must give: with drivers, the top driver's words (for a rise or fall);
+    else, or when those have no words, today's rule for a forecast against the main trend (why_window, then
+    level_reason). None: no reason is due."""
+    driver = top_driver(drivers, forecast) if forecast in ("rise", "fall") else None
+    if driver is not None:
+        phrases = driver_phrases(driver, signals, horizon_days)
+        if phrases:
+            return ReasonPlan(driver, "drivers", phrases, driver)
+    mover = against_trend(signals, horizon_days, forecast)
+    if mover is None:
+        return None
+    count, prev, main, long = mover
+    why = why_window(count, prev, main, long, forecast)
+    if why is not None:
+        return ReasonPlan("trend", "rule", (), driver)  # the grammar writes the window's trend itself
+    level = level_reason(count, prev, main, long, forecast)
+    if level is not None:
+        return ReasonPlan("level", "rule", tuple(p.format(n) for p in LEVEL_PHRASES[level] for n in length_phrases(long)),
+                          driver)
+    return None
+
+
+def stated_reasons(claims) -> set[str]:
+    """The driver kinds a text's true claims state: "neighbourhood", "season", "level", "trend" (a percentage
+    change of a count)."""
+    kinds = set()
+    for c in claims:
+        if not c.ok:
+            continue
+        if c.kind == "neighbourhood":
+            kinds.add("neighbourhood")
+        elif c.kind == "last_year":
+            kinds.add("season")
+        elif c.kind == "level":
+            kinds.add("level")
+        elif c.kind == "comparison" and c.measure == "percent":
+            kinds.add("trend")
+    return kinds
+
+
+def reason_of(claims, signals: Mapping[str, float], horizon_days: float, forecast: str | None,
+              drivers: Mapping[str, float] | None = None) -> str | None:
+    """The kind of reason a text gives: with drivers, the top driver's kind when its words are among the text's
+    true claims (else the other driver kinds it states, else today's rule); without, `stated_reason`."""
+    if drivers and forecast in ("rise", "fall"):
+        kinds = stated_reasons(claims)
+        driver = top_driver(drivers, forecast)
+        if driver in kinds:
+            return driver
+        for k in ("neighbourhood", "season", "level", "trend"):
+            if k in kinds:
+                return k
+    return stated_reason(claims, signals, horizon_days, forecast)
+
+
 def length_phrases(window: str) -> tuple[str, ...]:
     """A window's length as an adjective: 28d -> "28-day", "4-week"; 6h -> "6-hour"."""
     hours = window_hours(window)
@@ -128,10 +229,6 @@ def length_phrases(window: str) -> tuple[str, ...]:
         return (f"{hours:g}-hour",)
     days = int(hours // 24)
     return (f"{days}-day",) + ((f"{days // 7}-week",) if days % 7 == 0 and days > 7 else ())
-
-
-LEVEL_PHRASES = {"above": ("already above its {} pace", "well above its {} average"),
-                 "below": ("still below its {} pace", "well below its {} average")}
 
 
 def _unit_phrase(hours: float) -> tuple[int, str]:
@@ -187,6 +284,19 @@ def plural(n: int, noun: str) -> str:
     if noun.endswith("people"):
         return f"{n} {noun[:-6]}person"
     return f"{n} {noun[:-1]}"
+
+
+def size_sentences(size: PredictedCount, noun: str) -> tuple[str, ...]:
+    """The sentences that state a prediction's size and, when it has one, its range: "About 40 events next week,
+    likely 25–55." (stream.core.forecast's rounding rules; the checker verifies them against the prediction)."""
+    head = plural(stated_size(size.count), noun)
+    if size.has_range:
+        lo, hi = stated_range(size.low, size.high)
+        tails = tuple(t.format(lo=lo, hi=hi) for t in RANGE_TAILS)
+    else:
+        tails = (".",)
+    return tuple(s.format(n=head, h=h) + tail for s in SIZE_SENTENCES for h in horizon_phrases(size.horizon_days)
+                 for tail in tails)
 
 
 # ---- a tiny grammar algebra: a Seq is a tuple of parts; a part is a literal or an Alt ----------------
@@ -252,7 +362,7 @@ class ClaimGrammar:
                 return '""'
             return " ".join(json.dumps(p) if isinstance(p, str) else name(p) for p in merged)
 
-        top = name(self.root)
+        top = name(self.root)  # (json.dumps writes "–" as \u2013, which Lark reads back as the character)
         return "\n".join([f'start: " " {top}'] + lines) + "\n"
 
     def sample(self, rng: random.Random) -> str:
@@ -265,8 +375,11 @@ class ClaimGrammar:
 
 
 def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: str,
-                  nouns: Sequence[str] = COUNT_NOUNS) -> ClaimGrammar:
-    """The true explanations of one item whose forecast clause says `forecast`."""
+                  nouns: Sequence[str] = GRAMMAR_COUNT_NOUNS, size: PredictedCount | None = None,
+                  drivers: Mapping[str, float] | None = None) -> ClaimGrammar:
+    """The true explanations of one item whose forecast clause says `forecast`; with `size` (the model's
+    predicted count and range) every text ends with the forecast's size and range (`size_sentences`); with
+    `drivers` (the prediction's attribution) a rise or fall gives the top driver as its reason (`reason_plan`)."""
     if forecast not in OUTLOOKS:
         raise ValueError(f"forecast must be one of {OUTLOOKS}, got {forecast!r}")
     windows = signal_windows(signals)
@@ -284,8 +397,8 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
     c, p = count[w], prev[w]
     rel = direction(c, p)
     agrees = forecast == rel
-    why = why_window(count, prev, w, long, forecast)
-    level = None if why else level_reason(count, prev, w, long, forecast)
+    plan = reason_plan(signals, hd, forecast, drivers)
+    why = why_window(count, prev, w, long, forecast) if plan is not None and plan.phrases == () else None
     cur, prv = Alt.of(*current_phrases(w)), Alt.of(*previous_phrases(w))
     hz = Alt.of(*horizon_phrases(hd))
 
@@ -322,7 +435,7 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
             if u == 1:
                 extras.append(("users", Alt.of(*ONE_USER)))
             else:
-                un = Alt.of(*(plural(u, n) for n in USER_NOUNS))
+                un = Alt.of(*(plural(u, n) for n in GRAMMAR_USER_NOUNS))
                 extras.append(("users", Alt.of(("from ", un), ("by ", un), ("across ", un), (un,))))
         if short:
             extras.append(("pulse", count_clause(short, None if short in prev else False)))
@@ -347,12 +460,14 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
             because = Alt.of((plural(cw, noun), " in ", cur_w, ", ", Alt.of(*UPDOWN[forecast]), f" {pw} ",
                               Alt.of(*previous_phrases(why))),
                              (f"{noun} ", Alt.of(*VERB_PAST[forecast]), f" from {pw} to {cw} over ", cur_w))
-        elif level:
-            # no window's trend backs the forecast, the level does (trainer.explanations._level_clause)
-            because = Alt.of(*(p.format(n) for p in LEVEL_PHRASES[level] for n in length_phrases(long)))
-        if why or level:
-            return Alt.of((Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, ", but ", because, "."),
-                          (sentences, " ", cap(trend), ", but ", because, "."))
+        elif plan is not None:
+            # the model's top driver, or no window's trend backs the forecast and the level does
+            # (trainer.explanations._level_clause)
+            because = Alt.of(*plan.phrases)
+        if plan is not None:
+            join = "; " if agrees and plan.source == "drivers" else ", but "
+            return Alt.of((Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, join, because, "."),
+                          (sentences, " ", cap(trend), join, because, "."))
         shapes = [
             # 0: "Likely to rise: 41 interactions in the last 7 days, up from 12 the week before; from 29 users."
             (Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, opt("; ", extra), "."),
@@ -368,7 +483,10 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
             shapes.append((Alt.of(*LEADS[rel]), ": ") + body + (". ", second, sentences))
         return Alt(tuple(shapes))
 
-    root = Alt(tuple(o for n in nouns for o in per_noun(n).options))
+    if size is None:
+        root = Alt(tuple(o for n in nouns for o in per_noun(n).options))
+    else:
+        root = Alt(tuple(o + (" ", Alt.of(*size_sentences(size, n))) for n in nouns for o in per_noun(n).options))
     return ClaimGrammar(root, forecast)
 
 
@@ -378,4 +496,4 @@ def _split(template: str, hz: Alt) -> list:
     return [head, hz, tail] if _ else [template]
 
 
-__all__ = ["ClaimGrammar", "claim_grammar", "why_window", "level_reason", "against_trend", "stated_reason", "OUTLOOKS", "current_phrases", "previous_phrases", "horizon_phrases"]
+__all__ = ["ClaimGrammar", "ReasonPlan", "claim_grammar", "reason_plan", "reason_of", "top_driver", "driver_phrases", "why_window", "level_reason", "against_trend", "stated_reason", "OUTLOOKS", "current_phrases", "previous_phrases", "horizon_phrases"]

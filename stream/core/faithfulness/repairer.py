@@ -7,10 +7,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from stream.core.faithfulness.vocabulary import (COUNT_NOUNS, NUM, NUMW, USER_NOUNS, _ADJECTIVES, _DIRECTION_OF, _I,
-    _SENTENCE_END, _TRAILING_QUALIFIER)
-from stream.core.faithfulness.parse import _qualifier
+from stream.core.faithfulness.vocabulary import (OUTLOOK_OF, COUNT_NOUNS, NUM, NUMW, USER_NOUNS, ADJECTIVES, DIRECTION_OF, CI,
+    SENTENCE_END, TRAILING_QUALIFIER)
+from stream.core.faithfulness.parse import qualifier
 from stream.core.faithfulness.checker import Claim, check
+from stream.core.forecast import PredictedCount, stated_range, stated_size
 
 
 # ---- repair: verify and revise ----------------------------------------------
@@ -49,7 +50,7 @@ _DIRECTION_SWAPS = [
     ("jumping", "slipping", "holding steady"), ("jump", "dip", "hold steady"), ("jumps", "slips", "holds steady"),
     ("jumped", "slipped", "held steady"),
     ("gaining", "declining", "holding steady"), ("gained", "declined", "held steady"),
-    ("accelerating", "slowing", "holding steady"), ("accelerated", "slowed", "held steady"),
+    ("rising", "slowing", "holding steady"), ("rose", "slowed", "held steady"),  # "accelerating" is acceleration
     ("picking up", "slowing down", "holding steady"), ("picked up", "slowed down", "held steady"),
     ("picks up", "slows down", "holds steady"), ("pick up", "slow down", "hold steady"),
     ("heating up", "cooling off", "holding steady"), ("trending up", "trending down", "holding steady"),
@@ -92,10 +93,11 @@ for _noun in COUNT_NOUNS | USER_NOUNS:
 for _unit in ("minute", "hour", "day", "week", "fortnight", "month", "year"):
     _NOUN_SINGULAR[_unit + "s"] = _unit
 _NOUN_PLURAL = {s: p for p, s in _NOUN_SINGULAR.items() if p != "persons"}
-_NOUN_AFTER_NUMBER = re.compile(rf"(\s+(?:(?:{'|'.join(_ADJECTIVES)})\s+)*)([a-z]+)\b", _I)
-_FIRST_NUMBER = re.compile(rf"(?<![\w.,])(?:{NUM})|\b(?:{NUMW}|a single)\b", _I)
-_ARTICLE_BEFORE = re.compile(r"\b(a|an)\s+$", _I)
-_DROP_DELIMS = re.compile(r";\s*|,\s+|:\s+|\s+(?:and|but)\s+|\s*\(\s*|\s*\)", _I)
+_NOUN_AFTER_NUMBER = re.compile(rf"(\s+(?:(?:{'|'.join(ADJECTIVES)})\s+)*)([a-z]+)\b", CI)
+_FIRST_NUMBER = re.compile(rf"(?<![\w.,])(?:{NUM})|\b(?:{NUMW}|a single)\b", CI)
+_FORECAST_LEAD = re.compile(r"\b(?:(?:likely|expected|set|poised|going|predicted|projected|forecast) to|should|will)\b", CI)
+_ARTICLE_BEFORE = re.compile(r"\b(a|an)\s+$", CI)
+_DROP_DELIMS = re.compile(r";\s*|,\s+|:\s+|\s+(?:and|but)\s+|\s*\(\s*|\s*\)", CI)
 
 
 def _int_text(x: float) -> str:
@@ -114,13 +116,13 @@ def _direction_target(cur: float, prev: float, negated: bool) -> str:
     return "rise" if v > 0 else "fall" if v < 0 else "steady"
 
 
-def _direction_phrase(word: str, rel: str, next_word: str) -> str | None:
+def direction_phrase(word: str, rel: str, next_word: str) -> str | None:
     w = " ".join(word.lower().split())
     if next_word == "from" and w in ("steady", "stable", "flat"):
         triple: tuple[str, ...] = ("up", "down", "unchanged")  # "up from 26" -> "down from 26"
     elif w in _SWAP_OF:
         triple = _SWAP_OF[w]
-    elif w in _DIRECTION_OF:
+    elif w in DIRECTION_OF:
         last = w.split()[-1]
         ending = "ing" if last.endswith("ing") else "ed" if last.endswith("ed") or last in _IRREGULAR_PAST else (
             "s" if last.endswith("s") and not last.endswith("ss") else "")
@@ -146,9 +148,10 @@ def _comparison_phrase(span: str, rel: str) -> str:
 class _Repairer:
     """Rewrites the false claims of one text (one round), or drops their clauses."""
 
-    def __init__(self, text: str, signals: Mapping[str, float]) -> None:
+    def __init__(self, text: str, signals: Mapping[str, float], prediction: PredictedCount | None = None) -> None:
         self.text = text
         self.s = signals
+        self.pred = prediction
 
     def sig(self, name: str) -> float | None:
         v = self.s.get(name)
@@ -158,6 +161,32 @@ class _Repairer:
     def fix(self, c: Claim) -> tuple[int, int, str, str] | None:
         if c.true is None:
             return None
+        if c.kind == "forecast" and c.measure == "direction" and isinstance(c.true, str) and not str(c.stated).startswith("not "):
+            # "Likely to rise" against a steady prediction -> "Likely to hold steady"; "Expect more" -> "Expect similar"
+            word = c.text.lower()
+            if word in OUTLOOK_OF:
+                new = _keep_case(c.text, {"rise": "more", "fall": "fewer", "steady": "similar"}[c.true])
+            else:
+                # "Likely to stay steady" -> "Likely to fall": the verb phrase from its forecast word on
+                lead = None
+                for lead in _FORECAST_LEAD.finditer(self.text, max(0, c.start - 40), c.start):
+                    pass
+                if lead is not None and not re.search(r"[.;:,!?]", self.text[lead.end() : c.start]):
+                    verb = {"rise": "rise", "fall": "fall", "steady": "hold steady"}[c.true]
+                    return lead.start(), c.end, _keep_case(lead.group(0), lead.group(0).lower().split()[0]) + " " + (
+                        "to " + verb if lead.group(0).lower().endswith(" to") else verb), "direction"
+                after = re.match(r"\s*([a-z]+)", self.text[c.end :], CI)
+                new = direction_phrase(c.text, c.true, after.group(1).lower() if after else "")
+            return None if new is None or new == c.text else (c.start, c.end, new, "direction")
+        if c.kind == "forecast" and c.measure == "count" and self.pred is not None:
+            # "about 60 next week" -> "about 40 next week": the stated size of the prediction
+            return self._with_noun(c.start, c.end, stated_size(self.pred.count))
+        if c.kind == "range" and self.pred is not None and self.pred.has_range:
+            lo, hi = stated_range(self.pred.low, self.pred.high)
+            m = re.match(rf"(between\s+)?({NUM})(\s*(?:[–—-]|and)\s*)({NUM})", c.text, CI)
+            if m is None:
+                return None
+            return c.start, c.end, f"{m.group(1) or ''}{lo}{m.group(3)}{hi}" + c.text[m.end():], "number"
         if c.kind in ("direction", "comparison") and c.measure == "count":
             return self._fix_direction(c)
         if c.kind == "comparison" and c.measure in ("percent", "ratio"):
@@ -166,7 +195,7 @@ class _Repairer:
             return self._fix_number(c)
         if c.kind == "level" and c.true in ("above", "below") and not str(c.stated).startswith("not "):
             # "below its 28-day pace" -> "above its 28-day pace" (a count at its pace exactly is dropped)
-            return c.start, c.end, re.sub(r"\b(above|below)\b", c.true, c.text, count=1, flags=_I), "direction"
+            return c.start, c.end, re.sub(r"\b(above|below)\b", c.true, c.text, count=1, flags=CI), "direction"
         return None
 
     def _fix_direction(self, c: Claim) -> tuple[int, int, str, str] | None:
@@ -178,8 +207,8 @@ class _Repairer:
         if c.kind == "comparison":
             new = _comparison_phrase(c.text, rel)
         else:
-            after = re.match(r"\s*([a-z]+)", self.text[c.end :], _I)
-            new = _direction_phrase(c.text, rel, after.group(1).lower() if after else "")
+            after = re.match(r"\s*([a-z]+)", self.text[c.end :], CI)
+            new = direction_phrase(c.text, rel, after.group(1).lower() if after else "")
         if new is None or new == c.text:
             return None
         return self._with_article(c.start, c.end, new, "direction")
@@ -223,8 +252,8 @@ class _Repairer:
             start, end = c.start, c.end
             value = abs(true) if c.measure == "change" else true
         n = int(round(value))
-        q = _TRAILING_QUALIFIER.search(text, max(0, start - 24), start)
-        q_kind = _qualifier(q.group(1)) if q else "exact"
+        q = TRAILING_QUALIFIER.search(text, max(0, start - 24), start)
+        q_kind = qualifier(q.group(1)) if q else "exact"
         if q_kind in ("gt", "lt") and c.measure == "prev_count":
             cur = self.sig(f"count_{c.window}")
             if int(round(float(c.stated))) == n and cur is not None:
@@ -235,7 +264,11 @@ class _Repairer:
                 return q.start(1), q.end(1), _keep_case(q.group(1), bound), "direction"
         elif q_kind in ("gt", "ge", "lt", "le"):
             start = q.start(1)  # "more than 60 interactions" -> "41 interactions": a bound becomes the number
-        word = text[c.start : c.end].lower()
+        return self._with_noun(start, end, n, text[c.start : c.end].lower())
+
+    def _with_noun(self, start: int, end: int, n: int, word: str = "") -> tuple[int, int, str, str]:
+        """`n` in place of text[start:end], the noun after it agreeing ("1 interactions" -> "1 interaction")."""
+        text = self.text
         if word in ("once", "twice"):
             new = {1: "once", 2: "twice"}.get(n, f"{n} times")
             return start, end, new, "number"
@@ -247,7 +280,7 @@ class _Repairer:
             if n == 1 and w.lower() in _NOUN_SINGULAR:
                 return start, noun.end(), new + lead + _keep_case(w, _NOUN_SINGULAR[w.lower()]), "number"
             if n != 1 and w.lower() in _NOUN_PLURAL:
-                lead = re.sub(r"\bsingle\s+", "", lead, flags=_I)
+                lead = re.sub(r"\bsingle\s+", "", lead, flags=CI)
                 return start, noun.end(), new + lead + _keep_case(w, _NOUN_PLURAL[w.lower()]), "number"
         return start, end, new, "number"
 
@@ -255,7 +288,7 @@ class _Repairer:
     def drop_spans(self, claims: list[Claim]) -> list[tuple[int, int]]:
         """The character ranges to delete so that the clauses of `claims` go."""
         text = self.text
-        bounds = [0] + [m.end() for m in _SENTENCE_END.finditer(text)] + [len(text)]
+        bounds = [0] + [m.end() for m in SENTENCE_END.finditer(text)] + [len(text)]
         spans = []
         for c in claims:
             s_start = max(b for b in bounds if b <= c.start)
@@ -307,7 +340,7 @@ def _tidy(text: str) -> str:
     t = re.sub(r"[,;:]+(?=[.!?]|$)", "", t)  # "Likely to rise:." -> "Likely to rise."
     t = re.sub(r"([,;:])[,;:]+", r"\1", t)
     t = re.sub(r"(^|[.!?]\s+)[,;:\s]+", r"\1", t)  # a sentence that now starts with a delimiter
-    t = re.sub(r"(^|[.!?]\s+)(?:and|but)\s+", r"\1", t, flags=_I)
+    t = re.sub(r"(^|[.!?]\s+)(?:and|but)\s+", r"\1", t, flags=CI)
     t = re.sub(r"(^|[.!?]\s+)([a-z])", lambda m: m.group(1) + m.group(2).upper(), t)
     t = re.sub(r"(?:^|(?<=[.!?]))\s*[.!?]+", "", t)  # sentences left empty
     return t.strip()
@@ -324,7 +357,8 @@ def _apply(text: str, edits: list[tuple[int, int, str, str]]) -> tuple[str, list
     return text, kept
 
 
-def repair(explanation: str, signals: Mapping[str, float], *, title: str | None = None) -> Repair:
+def repair(explanation: str, signals: Mapping[str, float], *, title: str | None = None,
+           prediction: PredictedCount | None = None) -> Repair:
     """Verify and revise: rewrite the false claims of `explanation` to what `signals` say.
 
     Each round checks the text; false numbers are replaced by the signal's value (integers,
@@ -333,11 +367,12 @@ def repair(explanation: str, signals: Mapping[str, float], *, title: str | None 
     "down from 26"; steady words only on a tie, else the strict direction). Claims that cannot
     be rewritten (unattributable numbers, "doubled", a window the signals lack) have their
     clause dropped (split at ; , : ( ) "and" "but", else the whole sentence). Forecasts are
-    not claims and stay as they are. When the repair cannot reach a faithful text with at
+    not claims and stay as they are, unless `prediction` is given: then a wrong forecast size or range is
+    rewritten to the prediction's stated size and range, and a wrong forecast direction loses its clause. When the repair cannot reach a faithful text with at
     least one checked claim, the input comes back unchanged (`faithful` then says whether it
     was faithful: the caller picks a fallback). `faithful` is always check(text).faithful.
     """
-    first = check(explanation, signals, title=title)
+    first = check(explanation, signals, title=title, prediction=prediction)
     if first.faithful:
         return Repair(explanation, False, 0, 0, 0, True, first.checked, first.outlook)
     text, result = explanation, first
@@ -345,7 +380,7 @@ def repair(explanation: str, signals: Mapping[str, float], *, title: str | None 
     dropped = 0
     seen = {explanation}
     for _ in range(_REPAIR_ROUNDS):
-        repairer = _Repairer(text, signals)
+        repairer = _Repairer(text, signals, prediction)
         false = [c for c in result.claims if not c.ok]
         edits = [e for e in (repairer.fix(c) for c in false) if e is not None]
         new, kept = _apply(text, edits) if edits else (text, [])
@@ -364,7 +399,7 @@ def repair(explanation: str, signals: Mapping[str, float], *, title: str | None 
         seen.add(text)
         if not text.strip():
             break
-        result = check(text, signals, title=title)
+        result = check(text, signals, title=title, prediction=prediction)
         if result.faithful:
             break
     if not text.strip() or not result.faithful or result.checked == 0:
