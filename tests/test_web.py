@@ -35,9 +35,10 @@ CONFIG = PageConfig(count_signal="count_7d", horizon_hours=168, spark_signal="co
 
 
 def with_range(p: Prediction, k: int) -> Prediction:
-    """Every other tick's predictions with a range and drivers (as a model with quantile heads writes them)."""
+    """Every other tick's predictions with a range and drivers (as a model with quantile heads writes them),
+    the others without (build_store_data's own ranges are replaced either way)."""
     if k % 2:
-        return p
+        return replace(p, predicted_low=None, predicted_high=None, drivers=None)
     return replace(p, predicted_low=0.6 * p.predicted_count, predicted_high=1.5 * p.predicted_count + 1,
                    drivers={"trend": round(0.1 * p.rank, 3), "level": -0.25})
 
