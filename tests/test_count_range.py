@@ -104,3 +104,23 @@ def test_weights_without_their_export_are_refused(tmp_path):
     save_range(head, tmp_path)
     with pytest.raises(ArtefactError, match="export.onnx"):
         CountRange.open(tmp_path, NAMES)
+
+
+def test_the_evaluation_scores_the_published_count():
+    """trainer.evaluate's `trail` with a range head: the score head's ranking, the range head's median as the
+    count (what the stream publishes); the score head's own count stays as `trail_score_head_count`."""
+    from trainer.evaluate import Forecast, published_count
+
+    calls = []
+
+    def shipped(frame):
+        calls.append(frame)
+        return Forecast(count=frame["c"].to_numpy(float), score=frame["s"].to_numpy(float))
+
+    frame = pd.DataFrame({"c": [1.0, 2.0, 3.0], "s": [0.3, 0.1, 0.2]})
+    methods = published_count(shipped, lambda f: (f["c"].to_numpy() * 0.5, f["c"].to_numpy() + 10, f["c"].to_numpy() * 9))
+    trail, head = methods["trail"](frame), methods["trail_score_head_count"](frame)
+    np.testing.assert_array_equal(trail.count, [11.0, 12.0, 13.0])
+    np.testing.assert_array_equal(trail.score, frame["s"].to_numpy())
+    np.testing.assert_array_equal(head.count, frame["c"].to_numpy())
+    assert len(calls) == 1  # one score-head pass serves both rows
