@@ -1,10 +1,11 @@
 """Export the count's range head (trainer.quantiles) to ONNX: `python -m export.range --model DIR`.
 
-Writes DIR/range_head.onnx: inputs x (B, S) float32 (the score head's normalised input), cal (B, 2)
+Writes DIR/onnx/range_head.onnx (beside the other ONNX files, git-ignored: the committed artefact
+keeps only the weights, range_head.safetensors / range_head.json): inputs x (B, S) float32 (the score head's normalised input), cal (B, 2)
 float32 (stream.core.features.week_of_year), item_state (B, H) float32; output q (B, 3) float32, the
 10/50/90% quantiles of log1p(next-period count). The batch axis is dynamic; parity with the PyTorch
 head is checked at several batch sizes (not only the traced one) and recorded in
-DIR/range_head.onnx.json. The stream (stream.model.count_range) reads both files.
+DIR/onnx/range_head.onnx.json. `python -m export.onnx` runs it when the artefact has a range head. The stream (stream.model.count_range) reads both files.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stream.model.artefact import ONNX_DIR
 from trainer.quantiles import RangeHead, load_range
 
 ONNX_FILE = "range_head.onnx"
@@ -32,7 +34,9 @@ def export_range(directory: str | Path, seed: int = 0) -> dict:
     if head is None:
         raise FileNotFoundError(f"{directory}: no range head (train one: python -m trainer.quantiles --model DIR)")
     cfg = head.cfg
-    path = directory / ONNX_FILE
+    out = directory / ONNX_DIR
+    out.mkdir(exist_ok=True)
+    path = out / ONNX_FILE
     with torch.no_grad():
         torch.onnx.export(head.eval(), (torch.zeros(2, cfg.n_features), torch.zeros(2, 2), torch.zeros(2, cfg.hidden_size)),
                           str(path), input_names=["x", "cal", "item_state"], output_names=["q"], opset_version=OPSET,
@@ -57,7 +61,7 @@ def export_range(directory: str | Path, seed: int = 0) -> dict:
         raise RuntimeError(f"range head ONNX parity {worst:.2e} > {TOLERANCE:g}: not exported")
     record = {"file": ONNX_FILE, "batches": list(PARITY_BATCHES), "max_abs_diff": worst, "opset": OPSET,
               "feature_names": list(cfg.feature_names), "quantiles": list(cfg.quantiles)}
-    (directory / PARITY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (out / PARITY_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 

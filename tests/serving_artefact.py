@@ -21,7 +21,7 @@ from trainer.backbone import cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "models" / "trail-smollm2"
-TRAINED_FILES = ("manifest.json", "score_head.safetensors", "adapter")
+TRAINED_FILES = ("manifest.json", "score_head.safetensors", "adapter", "range_head.safetensors", "range_head.json")
 
 
 def _export_version() -> str:

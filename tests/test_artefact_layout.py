@@ -54,3 +54,26 @@ def test_an_artefact_without_its_record_is_not_exported(tmp_path):
     (copy / ONNX_DIR / EXPORT_RECORD).write_text("{")
     with pytest.raises(ArtefactError, match="is not valid JSON"):
         Artefact.load(copy, trend)
+
+
+def test_the_range_head_export_lies_in_the_onnx_folder_and_a_stale_export_is_refused(tmp_path):
+    """The committed model has a range head: its weights are committed, its ONNX export (export.range, run by
+    export.onnx) goes to the git-ignored onnx/ folder, so the demo's export leaves `git status` empty."""
+    assert (COMMITTED / "range_head.safetensors").is_file() and (COMMITTED / "range_head.json").is_file()
+    for name in ("range_head.onnx", "range_head.onnx.json"):
+        assert subprocess.run(["git", "check-ignore", "-q", f"models/trail-smollm2/{ONNX_DIR}/{name}"],
+                              cwd=REPO).returncode == 0
+    d = exported_artefact()
+    assert (d / ONNX_DIR / "range_head.onnx").is_file() and (d / ONNX_DIR / "range_head.onnx.json").is_file()
+    assert not (d / "range_head.onnx").exists() and not (d / "range_head.onnx.json").exists()
+    copy = tmp_path / "a"  # an export from before the range head: every file but range_head.onnx
+    (copy / ONNX_DIR).mkdir(parents=True)
+    for f in d.iterdir():
+        if f.is_file():
+            shutil.copy(f, copy / f.name)
+    for f in (d / ONNX_DIR).iterdir():
+        if not f.name.startswith("range_head"):
+            (copy / ONNX_DIR / f.name).symlink_to(f)
+    trend = TrendConfig.from_spec(json.loads((copy / "manifest.json").read_text())["feature_spec"])
+    with pytest.raises(ArtefactError, match="has a range head but an export without it"):
+        Artefact.load(copy, trend, verify=False)

@@ -13,6 +13,7 @@ import torch
 from export.range import PARITY_FILE, export_range
 from stream.core.attribution import DRIVER_GROUPS
 from stream.core.features import HORIZON, predicted_count, week_of_year
+from stream.model.artefact import ONNX_DIR, ArtefactError
 from stream.model.count_range import CountRange
 from stream.serving.scorer import ScoredChunk, ScoredPart, rank_tick
 from trainer.quantiles import RangeConfig, RangeHead, drivers, predict_range, save_range, RangeData
@@ -37,7 +38,9 @@ def test_export_checks_parity_at_several_batch_sizes(artefact):
     path, _ = artefact
     record = export_range(path)
     assert record["batches"] == [1, 3, 257] and record["max_abs_diff"] < 1e-4
-    assert json.loads((path / PARITY_FILE).read_text())["feature_names"] == list(NAMES)
+    # export outputs go to the git-ignored onnx/ folder; the artefact's own folder keeps the weights only
+    assert json.loads((path / ONNX_DIR / PARITY_FILE).read_text())["feature_names"] == list(NAMES)
+    assert sorted(p.name for p in path.iterdir() if p.is_file()) == ["range_head.json", "range_head.safetensors"]
     assert CountRange.open(path.parent / "nothing-here", NAMES) is None
     with pytest.raises(ValueError, match="other inputs"):
         CountRange.open(path, NAMES[::-1])
@@ -58,7 +61,9 @@ def test_the_stream_gives_the_trainers_range_and_drivers(artefact):
                             torch.from_numpy(z))
     np.testing.assert_allclose(got.low, predicted_count(offline[:, 0].astype(np.float64)), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(got.high, predicted_count(offline[:, 2].astype(np.float64)), rtol=1e-4, atol=1e-4)
-    assert (got.low <= got.high).all()
+    np.testing.assert_allclose(got.log_mid, offline[:, 1], atol=1e-4)  # the published count's log
+    mid = predicted_count(got.log_mid)
+    assert (got.low <= got.high).all() and (got.low <= mid + 1e-9).all() and (mid <= got.high + 1e-9).all()
     phi = drivers(head, x, cal, z)
     np.testing.assert_allclose(got.drivers, np.stack([phi[g] for g in DRIVER_GROUPS], 1), atol=1e-4)
     with torch.no_grad():  # exact: they add up to the median's move from the reference
@@ -92,3 +97,30 @@ def test_range_and_drivers_reach_the_prediction_records():
     plain = ScoredPart(part.as_of_ms, part.item_ids, part.score, part.log_count, part.names, part.values)
     again = rank_tick([ScoredPart.from_chunks([ScoredChunk.from_json(m) for m in plain.messages()])], 0, "t")
     assert again[0].predicted_low is None and again[0].drivers is None  # a model without a range head
+
+
+def test_weights_without_their_export_are_refused(tmp_path):
+    head = RangeHead(RangeConfig(n_features=len(NAMES), hidden_size=6, item_dim=3, hidden=8, feature_names=NAMES))
+    save_range(head, tmp_path)
+    with pytest.raises(ArtefactError, match="export.onnx"):
+        CountRange.open(tmp_path, NAMES)
+
+
+def test_the_evaluation_scores_the_published_count():
+    """trainer.evaluate's `trail` with a range head: the score head's ranking, the range head's median as the
+    count (what the stream publishes); the score head's own count stays as `trail_score_head_count`."""
+    from trainer.evaluate import Forecast, published_count
+
+    calls = []
+
+    def shipped(frame):
+        calls.append(frame)
+        return Forecast(count=frame["c"].to_numpy(float), score=frame["s"].to_numpy(float))
+
+    frame = pd.DataFrame({"c": [1.0, 2.0, 3.0], "s": [0.3, 0.1, 0.2]})
+    methods = published_count(shipped, lambda f: (f["c"].to_numpy() * 0.5, f["c"].to_numpy() + 10, f["c"].to_numpy() * 9))
+    trail, head = methods["trail"](frame), methods["trail_score_head_count"](frame)
+    np.testing.assert_array_equal(trail.count, [11.0, 12.0, 13.0])
+    np.testing.assert_array_equal(trail.score, frame["s"].to_numpy())
+    np.testing.assert_array_equal(head.count, frame["c"].to_numpy())
+    assert len(calls) == 1  # one score-head pass serves both rows

@@ -236,6 +236,14 @@ def test_tick_scores_equal_trainer_score_frame(artefact_dir, scorer, retail_cuto
     c = np.array([got[i].predicted_count for i in rows["item_id"]])
     assert (np.abs(s - score) / np.maximum(1.0, np.abs(score))).max() < 1e-3
     expect_c = predicted_count(log_count)
+    if fresh.range is not None:  # with a range head the published count is its median (trainer.evaluate's trail)
+        from trainer.evaluate import trail_range
+
+        expect_c = trail_range(model, str(artefact_dir), rows, 7.0)[1]
+        assert not np.allclose(expect_c, predicted_count(log_count))
+        low = np.array([got[i].predicted_low for i in rows["item_id"]])
+        high = np.array([got[i].predicted_high for i in rows["item_id"]])
+        assert (low <= c + 1e-6).all() and (c <= high + 1e-6).all()  # the count lies inside its range
     assert (np.abs(c - expect_c) / np.maximum(1.0, expect_c)).max() < 1e-2
     assert sorted(p.rank for p in preds) == list(range(1, len(rows) + 1))
     assert fresh.stats.last["items"] == fresh.stats.last["encoded"] == len(rows)

@@ -326,6 +326,23 @@ def trail_range(model, model_dir: str | None, frame: pd.DataFrame, horizon_days:
     return counts_of(predict_range(head, range_data(model.norm, frame, horizon_days, index), states))
 
 
+def published_count(shipped: Method, ranges: Callable[[pd.DataFrame], tuple | None]) -> dict[str, Method]:
+    """With a range head the stream publishes its median as the count (stream.model.scorer), so `trail`
+    is scored on what is published: the score head's ranking score, the range head's median count.
+    `trail_score_head_count` keeps the score head's own count (same ranking) beside it."""
+    last: dict = {}
+
+    def score_head(frame: pd.DataFrame) -> Forecast:
+        if last.get("frame") is not frame:  # one score_frame pass per frame for both rows
+            last.update(frame=frame, forecast=shipped(frame))
+        return last["forecast"]
+
+    def trail(frame: pd.DataFrame) -> Forecast:
+        return Forecast(count=np.asarray(ranges(frame)[1], np.float64), score=score_head(frame).score)
+
+    return {"trail": trail, "trail_score_head_count": score_head}
+
+
 # --- run ----------------------------------------------------------------------------------------------
 
 def run(dataset: str, items: str | None = None, horizon_days: float | None = None, period_days: float | None = None,
@@ -378,8 +395,8 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
     if trail is not None:
         methods |= trail_methods(trail, horizon, seed=seed)
     ranged = trail is not None and has_range(model_dir)
-    if ranged:  # the range head's median as a count of its own, beside the shipped count
-        methods["trail_range_q50"] = lambda frame: trail_range(trail, model_dir, frame, horizon)[1]
+    if ranged:
+        methods |= published_count(methods["trail"], lambda frame: trail_range(trail, model_dir, frame, horizon))
     methods |= extra_methods or {}
     t3 = time.perf_counter()
     body, preds = evaluate_report(examples, split, methods, cold_days=cold_days, n_boot=n_boot, seed=seed)

@@ -245,6 +245,10 @@ class Artefact:
             if verify and sha256_of(path) != rec["sha256"]:
                 raise ArtefactError(f"{path} ({role}) does not match the sha256 the export recorded: the file is "
                                     f"corrupt; export again")
+        # a range head (trainer.quantiles) is served from its export (export.range, run by export.onnx)
+        if (self.root / "range_head.safetensors").is_file() and not (self.root / ONNX_DIR / "range_head.onnx").is_file():
+            raise ArtefactError(f"{self.root} has a range head but an export without it (an export from before "
+                                f"the range head was added); run `python -m export.onnx --model {self.root}` again")
 
     # ---- what the serving code reads -------------------------------------------------
     @property

@@ -1,11 +1,14 @@
 """The count's range and drivers in the stream: the range head's ONNX export (export.range) on a tick.
 
-For the published items of a tick: predicted_low / predicted_high, the 10% / 90% quantiles of the
-next-period count, and drivers, the exact Shapley values of the median log1p(count) over the
+For the published items of a tick: predicted_count, the median (50% quantile) of the next-period
+count (with a range head the scorer publishes it instead of the score head's count, so the count
+always lies inside its range), predicted_low / predicted_high, the 10% / 90% quantiles, and drivers, the exact Shapley values of the median log1p(count) over the
 input groups trend / level / season / text (stream.core.attribution) against the reference "an
 average item at an average time" (normalised signals 0, calendar (0, 0), the mean training item
 state), 16 head evaluations per item in one batch. trainer.quantiles computes the same offline.
-An artefact without a range head gives neither (records carry null range and no drivers).
+An artefact without a range head gives neither (records carry the score head's count, null range
+and no drivers). The weights (range_head.safetensors) are the artefact's, in DIR; the ONNX file and
+its parity record are export outputs, in the git-ignored DIR/onnx/ beside the other ONNX files.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import structlog
 
 from stream.core.attribution import DRIVER_GROUPS, group_shapley, signal_group
 from stream.core.features import predicted_count, week_of_year
+from stream.model.artefact import ONNX_DIR, ArtefactError
 
 log = structlog.get_logger(__name__)
 
@@ -29,6 +33,7 @@ WEIGHTS_FILE = "range_head.safetensors"
 
 @dataclass
 class TickRange:
+    log_mid: np.ndarray  # (N,) the median of log1p(count): the published count's log
     low: np.ndarray  # (N,) counts
     high: np.ndarray  # (N,)
     drivers: np.ndarray  # (N, G) contributions to log1p(count), DRIVER_GROUPS order; NaN rows: not attributed
@@ -39,14 +44,15 @@ class CountRange:
         import onnxruntime as ort
         from safetensors.numpy import load_file
 
-        record = json.loads((directory / PARITY_FILE).read_text())
+        onnx_dir = directory / ONNX_DIR
+        record = json.loads((onnx_dir / PARITY_FILE).read_text())
         if tuple(record["feature_names"]) != tuple(feature_names):
-            raise ValueError(f"{directory / ONNX_FILE} reads other inputs ({record['feature_names']}) than the "
+            raise ValueError(f"{onnx_dir / ONNX_FILE} reads other inputs ({record['feature_names']}) than the "
                              f"score head ({list(feature_names)}); export again")
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
-        self.sess = ort.InferenceSession(str(directory / ONNX_FILE), so, providers=["CPUExecutionProvider"])
+        self.sess = ort.InferenceSession(str(onnx_dir / ONNX_FILE), so, providers=["CPUExecutionProvider"])
         self.z_ref = load_file(str(directory / WEIGHTS_FILE))["z_ref"].astype(np.float32)
         self.names = tuple(feature_names)
         self.cols = {g: [i for i, n in enumerate(self.names) if signal_group(n) == g] for g in ("trend", "level")}
@@ -56,10 +62,16 @@ class CountRange:
     @classmethod
     def open(cls, directory: str | Path, feature_names: tuple[str, ...], threads: int | None = None
              ) -> CountRange | None:
-        """The artefact's range head, or None when it was exported without one."""
+        """The artefact's range head, or None when it has none. Weights without their ONNX export
+        (DIR/onnx/range_head.onnx, written by python -m export.onnx) are refused: serving the score
+        head's count alone would silently drop the range the model was shipped with."""
         directory = Path(directory)
-        if not ((directory / ONNX_FILE).is_file() and (directory / PARITY_FILE).is_file()):
+        onnx_dir = directory / ONNX_DIR
+        if not (directory / WEIGHTS_FILE).is_file():
             return None
+        if not ((onnx_dir / ONNX_FILE).is_file() and (onnx_dir / PARITY_FILE).is_file()):
+            raise ArtefactError(f"{directory} has a range head ({WEIGHTS_FILE}) but no {ONNX_DIR}/{ONNX_FILE}: "
+                                    f"export it (python -m export.onnx --model {directory})")
         return cls(directory, feature_names, threads)
 
     def quantiles(self, x: np.ndarray, cal: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -74,12 +86,13 @@ class CountRange:
         cal = np.repeat(week_of_year(as_of_ms), n, axis=0)
         out = np.full((n, len(DRIVER_GROUPS)), np.nan)
         if n == 0:
-            return TickRange(np.zeros(0), np.zeros(0), out)
+            return TickRange(np.zeros(0), np.zeros(0), np.zeros(0), out)
         q = self.quantiles(x, cal, z)
+        mid = q[:, 1].astype(np.float64)
         low, high = predicted_count(q[:, 0].astype(np.float64)), predicted_count(q[:, 2].astype(np.float64))
         rows = np.arange(n) if attribute is None else np.asarray(attribute, np.int64)
         if len(rows) == 0:
-            return TickRange(low, np.maximum(high, low), out)
+            return TickRange(mid, low, np.maximum(high, low), out)
         x, cal, z = x[rows], cal[rows], z[rows]
         inputs = {"trend": x[:, self.cols["trend"]], "level": x[:, self.cols["level"]], "season": cal, "text": z}
         reference = {"trend": np.zeros(len(self.cols["trend"]), np.float32),
@@ -94,4 +107,4 @@ class CountRange:
 
         phi, _, _ = group_shapley(median, inputs, reference, fixed={"fixed": x[:, self.fixed]})
         out[rows] = np.stack([phi[g] for g in DRIVER_GROUPS], axis=1)
-        return TickRange(low, np.maximum(high, low), out)
+        return TickRange(mid, low, np.maximum(high, low), out)
