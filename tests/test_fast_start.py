@@ -86,6 +86,7 @@ def test_the_demo_exports_once_per_weights_into_the_cache(trend, tmp_path):
     if (committed / "onnx").exists():
         pytest.skip("the committed artefact is exported in place here: the demo serves it as it is")
     model = tmp_path / "trail-smollm2"
+    model.mkdir()
     for name in TRAINED_FILES:
         src = committed / name
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, model / name)
