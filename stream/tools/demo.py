@@ -8,8 +8,12 @@
                   (http://localhost:6066/, --web-port), with /metrics, /health, /ready
 
 Start-up prints one line per stage (export on the first run, dataset, broker,
-topics, warm-up replay, worker, first prediction); the first run's ONNX export
-overlaps the broker, the topics and the warm-up replay. Ctrl-C (or --duration)
+topics, warm-up replay, worker, first prediction, first explanation). The first run
+exports the model to ONNX once per weights, into TRAIL_CACHE/exports/<model>-<hash>
+(every later run and clone on the machine serves it from there); the export overlaps
+the broker, the topics and the warm-up replay, and writes the score path first: the
+worker starts on it and predicts while the export writes the generator (at a lower CPU
+priority), and explains once it is recorded. Ctrl-C (or --duration)
 stops the replay, then the worker (which stops in order: sink flushed, offsets
 committed, state saved), then the broker; nothing is left running. The results
 stay in the embedded ClickHouse store (`python -m stream.tools.report`). The worker
