@@ -82,9 +82,9 @@ class ItemEncoderPath(nn.Module):
     """Trail.item_state on the merged decoder: the last hidden layer, mean-pooled over the item text's tokens
     (the leading BOS left out, as the trainer pools), as a graph dynamic in batch and sequence."""
 
-    def __init__(self, model: Trail) -> None:
+    def __init__(self, model: Trail, decoder: nn.Module | None = None) -> None:
         super().__init__()
-        self.decoder = model.decoder
+        self.decoder = model.decoder if decoder is None else decoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hs = _decoder_hidden(self.decoder, input_ids, attention_mask)  # (B, T, H)
@@ -240,11 +240,12 @@ def check_tokenizer(model: Trail, tok: PromptTokenizer, prompts: list[str], enco
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def export_item_encoder(model: Trail, tok: PromptTokenizer, texts: list[str], path: Path) -> None:
+def export_item_encoder(model: Trail, tok: PromptTokenizer, texts: list[str], path: Path,
+                        decoder: nn.Module | None = None) -> None:
     ids, mask = tok.encode(texts[:TRACE_BATCH])
     with torch.no_grad():
         torch.onnx.export(
-            ItemEncoderPath(model).eval(), (torch.from_numpy(ids), torch.from_numpy(mask)), str(path),
+            ItemEncoderPath(model, decoder).eval(), (torch.from_numpy(ids), torch.from_numpy(mask)), str(path),
             input_names=["input_ids", "attention_mask"], output_names=["item_state"], opset_version=OPSET,
             dynamo=False, dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
                                         "attention_mask": {0: "batch", 1: "sequence"}, "item_state": {0: "batch"}},
@@ -326,6 +327,18 @@ def generator_parity(gen: Generator, tok: PromptTokenizer, prompts: list[str], r
     return result
 
 
+def lower_priority(niceness: int) -> None:
+    """Every thread of this process (torch's pools included: on Linux niceness is per thread) `niceness`
+    lower, so that a stream scoring beside the rest of the export gets the CPU first."""
+    import os
+
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else [str(os.getpid())]:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), min(19, os.getpriority(os.PRIO_PROCESS, int(tid)) + niceness))
+        except OSError:  # a thread that ended meanwhile, or no permission: a hint only
+            pass
+
+
 def source_hashes(directory: Path) -> dict[str, str]:
     """Hashes of the trained weights the export came from (the stream notices a stale export)."""
     out = {HEAD_FILE: sha256_of(directory / HEAD_FILE)}
@@ -353,7 +366,11 @@ def versions() -> dict[str, str]:
 
 def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: float = TOLERANCE["score"],
            datasets: list[str] | None = None, events: str | None = None, items: str | None = None,
-           command: str = "", generator_int8: bool = False) -> dict:
+           command: str = "", generator_int8: bool = False, generator_nice: int = 0) -> dict:
+    """The score path (tokenizer, item encoder, head) is written and recorded first, with the generator
+    "pending" in the record (a stream may serve predictions from it: `Artefact.load(pending_ok=True)`);
+    then the generator's greedy reference, export and parity, and the full record. `generator_nice`:
+    that second part runs this much lower in CPU priority (the demo's worker scores beside it)."""
     from trainer.model import load
 
     started = time.time()
@@ -370,7 +387,8 @@ def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: 
         shutil.rmtree(tmp_out)
     tmp_out.mkdir(parents=True)
     threads = torch.get_num_threads()
-    stages = ["load", "sample", "reference", "item_encoder", "head", "generator", "record"]
+    stages = ["load", "sample", "reference", "item_encoder", "head", "score_record", "generator_reference",
+              "generator", "record"]
     bar = tqdm(stages, desc="export", unit="stage")
     it = iter(bar)
     timings: dict[str, float] = {}
@@ -403,18 +421,19 @@ def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: 
     with torch.no_grad():
         ref_outputs = [t.float().numpy() for t in model.head(torch.from_numpy(sample.features),
                                                              torch.from_numpy(ref_states))]
-    t_explain = time.time()
-    explain_prompts = sample.prompts[:n_explain]
-    reference_explanations = model.explain(explain_prompts)
-    reference_seconds = {"score": round(t_explain - t_ref, 1), "generator": round(time.time() - t_explain, 1)}
-    model.lm = model.lm.merge_and_unload()  # the LoRA folded into the weights: one plain decoder to export
-    model.eval()
+    reference_seconds = {"score": round(time.time() - t_ref, 1)}
+    # the score path is traced from a merged copy (the LoRA folded into the weights: one plain decoder),
+    # so the model as trained stays for the generator's greedy reference, computed after the score files
+    import copy
+
+    merged = copy.deepcopy(model.lm).merge_and_unload().eval()
+    merged_decoder = merged.get_base_model().model if hasattr(merged, "get_base_model") else merged.model
 
     stage()
     file_seconds: dict[str, dict[str, float]] = {}
     t0 = time.time()
     enc_path = tmp_out / "item_encoder.onnx"
-    export_item_encoder(model, item_tok, unique_texts, enc_path)
+    export_item_encoder(model, item_tok, unique_texts, enc_path, merged_decoder)
     t1 = time.time()
     encoder = ItemEncoder(enc_path, [CPU], threads)
     parity["item_encoder"] = state_parity(encoder, item_tok, enc_cases, enc_reference)
@@ -438,11 +457,59 @@ def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: 
     parity["score"] = {"max_abs_diff": max(e2e.values()), "max_scaled_diff": max(e2e.values()), "cases": e2e,
                        "items": len(sample.texts), "tolerance": tolerance}
     require_parity("score (item_encoder.onnx + head.onnx)", parity["score"], tolerance)
-    del encoder, head
+    del encoder, head, merged, merged_decoder
     file_seconds["head"] = {"export": round(t1 - t0, 1), "parity": round(time.time() - t1, 1)}
 
+    def record(files: dict, pending: list[str]) -> dict:
+        return {
+            "files": files,
+            "parity": parity,
+            "pending": pending,
+            "score_design": SCORE_DESIGN,
+            "inputs": {"item_encoder": {"input_ids": "int64 (batch, sequence)",
+                                        "attention_mask": "int64 (batch, sequence)"},
+                       "head": {"x": f"float32 (batch, {sample.features.shape[1]})",
+                                "item_state": f"float32 (batch, {ref_states.shape[1]})"}},
+            "outputs": {"item_encoder": {"item_state": f"float32 (batch, {ref_states.shape[1]}) mean of the last "
+                                                       f"hidden layer over the item text's tokens, BOS left out"},
+                        "head": {"score": "float32 (batch,) ranking score",
+                                 "log_count": "float32 (batch,) predicted log1p(next-period count)"}},
+            "tokenizer": {"end_token": "<|im_end|>", "end_id": tok.end_id,
+                          "clean_up_tokenization_spaces": tok.clean_up_spaces,
+                          "max_prompt_tokens": model.cfg.max_prompt_tokens, "max_item_tokens": max_item_tokens},
+            "opset": OPSET,
+            "export_version": EXPORT_VERSION,
+            "source": source_hashes(directory),
+            "versions": versions(),
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(time.time() - started, 1),
+            "stage_seconds": dict(timings),
+            "file_seconds": dict(file_seconds),
+            "command": command,
+        }
+
+    stage()  # the score path, checked, in place: a stream can score from here on
+    if out.exists():
+        shutil.rmtree(out)
+    tmp_out.rename(out)
+    files = {"item_encoder": file_record(directory, out / "item_encoder.onnx"),
+             "head": file_record(directory, out / "head.onnx"),
+             "tokenizer": file_record(directory, out / "tokenizer.json")}
+    write_export(directory, record(files, ["generator"]))
+    if generator_nice:
+        lower_priority(generator_nice)
+
     stage()
-    gen_path = export_generator(model, tmp_out / "generator")
+    t_explain = time.time()
+    explain_prompts = sample.prompts[:n_explain]
+    reference_explanations = model.explain(explain_prompts)  # the unmerged model, as trained
+    reference_seconds["generator"] = round(time.time() - t_explain, 1)
+    model.lm = model.lm.merge_and_unload()  # the LoRA folded into the weights: one plain decoder to export
+    model.eval()
+
+    stage()
+    gen_tmp = out / "generator.tmp"
+    gen_path = export_generator(model, gen_tmp)
     gen = Generator(gen_path, [CPU], tok.end_id, threads)
     parity["generator"] = generator_parity(gen, tok, explain_prompts, reference_explanations,
                                            model.cfg.max_explanation_tokens)
@@ -452,49 +519,25 @@ def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: 
                           f"{len(explain_prompts) - parity['generator']['identical']} of {len(explain_prompts)} prompts; "
                           f"first: {d['prompt']!r}: torch {d['torch']!r} vs onnx {d['onnx']!r}")
     del gen
+    if (out / "generator").exists():
+        shutil.rmtree(out / "generator")
+    gen_tmp.rename(out / "generator")
     if generator_int8:  # served on CPU when present (stream.serving.service); greedy identity recorded, not required
-        q = quantise_generator(gen_path, tmp_out / "generator.int8" / "model.onnx")
+        q = quantise_generator(out / "generator" / "model.onnx", out / "generator.int8" / "model.onnx")
         parity["generator.int8"] = generator_parity(Generator(q, [CPU], tok.end_id, threads), tok, explain_prompts,
                                                     reference_explanations, model.cfg.max_explanation_tokens)
 
     stage()
-    if out.exists():
-        shutil.rmtree(out)
-    tmp_out.rename(out)
-    files = {"item_encoder": file_record(directory, out / "item_encoder.onnx"),
-             "head": file_record(directory, out / "head.onnx")}
     files["generator"] = file_record(directory, out / "generator" / "model.onnx")
     if generator_int8:
         files["generator.int8"] = file_record(directory, out / "generator.int8" / "model.onnx")
-    files["tokenizer"] = file_record(directory, out / "tokenizer.json")
-    record = {
-        "files": files,
-        "parity": parity,
-        "score_design": SCORE_DESIGN,
-        "inputs": {"item_encoder": {"input_ids": "int64 (batch, sequence)", "attention_mask": "int64 (batch, sequence)"},
-                   "head": {"x": f"float32 (batch, {sample.features.shape[1]})",
-                            "item_state": f"float32 (batch, {ref_states.shape[1]})"}},
-        "outputs": {"item_encoder": {"item_state": f"float32 (batch, {ref_states.shape[1]}) mean of the last hidden "
-                                                   f"layer over the item text's tokens, BOS left out"},
-                    "head": {"score": "float32 (batch,) ranking score",
-                             "log_count": "float32 (batch,) predicted log1p(next-period count)"}},
-        "tokenizer": {"end_token": "<|im_end|>", "end_id": tok.end_id,
-                      "clean_up_tokenization_spaces": tok.clean_up_spaces,
-                      "max_prompt_tokens": model.cfg.max_prompt_tokens, "max_item_tokens": max_item_tokens},
-        "opset": OPSET,
-        "export_version": EXPORT_VERSION,
-        "source": source_hashes(directory),
-        "versions": versions(),
-        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "seconds": round(time.time() - started, 1),
-        "stage_seconds": timings,
-        "file_seconds": {**file_seconds, "generator": {"torch_reference": reference_seconds["generator"],
-                                                       "export_and_parity": timings.get("generator", 0.0)}},
-        "command": command,
-    }
-    write_export(directory, record)
+    file_seconds["generator"] = {"torch_reference": reference_seconds["generator"],
+                                 "export_and_parity": timings.get("generator", 0.0)}
+    final = record(files, [])
+    final.pop("pending")
+    write_export(directory, final)
     bar.close()
-    return record
+    return final
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -510,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="dataset for the parity prompts (default: the manifest's training datasets)")
     ap.add_argument("--events", default=None, help="an event log (CSV/Parquet/JSONL) for the parity prompts instead")
     ap.add_argument("--items", default=None, help="item table for --events")
+    ap.add_argument("--generator-nice", type=int, default=0,
+                    help="once the score path is written, run the generator's part this much lower in CPU priority "
+                         "(the demo: 10, its worker scores meanwhile)")
     ap.add_argument("--generator-int8", action="store_true",
                     help="also write generator.int8/model.onnx (dynamic int8), which the stream serves on CPU")
     args = ap.parse_args(argv)
@@ -521,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         onnx = export(args.model, n_prompts=args.prompts, n_explain=args.explain,
                       tolerance=args.tolerance, datasets=args.dataset, events=args.events, items=args.items,
-                      command=command, generator_int8=args.generator_int8)
+                      command=command, generator_int8=args.generator_int8, generator_nice=args.generator_nice)
     except ExportError as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1

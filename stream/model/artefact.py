@@ -47,6 +47,9 @@ DEFAULT_MAX_ITEM_TOKENS = 32
 # Files export.onnx writes, by role (the export record's "files" maps role -> record).
 ROLES = ("item_encoder", "head", "generator", "tokenizer")
 REQUIRED_ROLES = ROLES
+# export.onnx writes the score path first and records it with the generator "pending" while it exports that:
+# a stream may serve predictions from such a record (`Artefact.load(..., pending_ok=True)`) and explain later
+DEFERRABLE_ROLES = ("generator",)
 
 
 def item_text_version() -> str | None:
@@ -155,9 +158,10 @@ class Artefact:
     # ---- loading and validation -----------------------------------------------
     @classmethod
     def load(cls, root: str | Path, trend: TrendConfig, prompt_version: str = PROMPT_VERSION,
-             verify: bool = True) -> Artefact:
+             verify: bool = True, pending_ok: bool = False) -> Artefact:
         """Read and check an exported artefact against the stream's `trend` windows (the caller's settings);
-        every failure is an ArtefactError saying what to do."""
+        every failure is an ArtefactError saying what to do. `pending_ok`: accept an export still writing
+        its generator (the record's "pending"; `pending` then names it), the score path complete."""
         root = Path(root)
         path = root / MANIFEST
         if not root.is_dir():
@@ -177,7 +181,7 @@ class Artefact:
         art = cls(root, {**manifest, "onnx": read_export(root)})
         art.check_design()
         art.check_compatible(trend, prompt_version)
-        art.check_files(verify)
+        art.check_files(verify, pending_ok)
         return art
 
     def check_design(self) -> None:
@@ -224,13 +228,17 @@ class Artefact:
             raise ArtefactError(f"model {self.model_version} reads signals {names[:-1]}, the stream computes "
                                 f"{list(trend.signal_names)}")
 
-    def check_files(self, verify: bool = True) -> None:
+    def check_files(self, verify: bool = True, pending_ok: bool = False) -> None:
         onnx = self.manifest.get("onnx") or {}
         files = onnx.get("files") or {}
         if not files:
             raise ArtefactError(f"model {self.model_version} at {self.root} has no ONNX export: "
                                 f"run `python -m export.onnx --model {self.root}` first")
-        absent = [r for r in REQUIRED_ROLES if r not in files]
+        pending = self.pending
+        if pending and not (pending_ok and set(pending) <= set(DEFERRABLE_ROLES)):
+            raise ArtefactError(f"{self.root}: the export of {', '.join(pending)} is under way or was interrupted; "
+                                f"wait for it, or run `python -m export.onnx --model {self.root}` again")
+        absent = [r for r in REQUIRED_ROLES if r not in files and r not in pending]
         if absent:
             raise ArtefactError(f"{self.root}: the export lacks {', '.join(absent)}; run `python -m export.onnx "
                                 f"--model {self.root}` again")
@@ -258,6 +266,11 @@ class Artefact:
     @property
     def onnx(self) -> dict[str, Any]:
         return self.manifest.get("onnx") or {}
+
+    @property
+    def pending(self) -> list[str]:
+        """Roles the export has not written yet (it writes the score path first, then the generator)."""
+        return list(self.onnx.get("pending") or [])
 
     def has(self, role: str) -> bool:
         return role in self.onnx.get("files", {})

@@ -48,7 +48,7 @@ from stream.ingest.catalogue import ItemCatalogue
 from stream.ingest.config import WorkerConfig
 from stream.serving.config import ServingConfig
 from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker
-from stream.model.artefact import Artefact
+from stream.model.artefact import Artefact, ArtefactError
 from stream.model.onnx_models import CPU, Generator, choose_providers
 from stream.model.constraint import ClaimConstraint
 from stream.core.features import season_of
@@ -100,6 +100,7 @@ class ServingStats:
     late_messages: int = 0
     predictions: int = 0
     explanations: int = 0
+    ticks_unexplained: int = 0  # ranked while the export was still writing the generator: no explainer yet
     last_published_at: float | None = None
 
 
@@ -113,23 +114,18 @@ class Serving:
         self.topics = worker_config.topics
         self.worker = worker
         self.sink = sink
-        self.artefact = Artefact.load(config.model_dir, worker_config.trend)
+        # an export still writing its generator serves predictions now and explanations once it is there
+        self.artefact = Artefact.load(config.model_dir, worker_config.trend, pending_ok=True)
         store = (None if config.item_store_dir is None
                  else ItemStateStore.for_artefact(self.artefact, config.item_store_dir))
         self.scorer = TickScorer(self.artefact, publish_top=config.publish_top, batch=config.batch,
                                  provider=config.provider, horizon_days=config.horizon_days, threads=config.threads,
                                  cache_items=config.cache_items, store=store)
-        providers = choose_providers(config.provider)
-        # on CPU, the int8 generator when exported (export.onnx --generator-int8): ~1.8x the explanations/s
-        role = "generator.int8" if providers[0] == CPU and self.artefact.has("generator.int8") else "generator"
-        gen = Generator(self.artefact.path(role), providers, self.scorer.tokenizer.end_id, config.explain_threads)
-        # one batch per tick's movers, each row held to its claim grammar (stream.model.constraint)
-        self.explainer = Explainer(gen.generate, self.scorer.tokenizer, self.artefact.model_version,
-                                   self.artefact.max_explanation_tokens, self._publish_explanations,
-                                   horizon_days=self.scorer.horizon_days, generate_batch=gen.generate_batch,
-                                   constraint=ClaimConstraint(self.artefact.path("tokenizer"), self.scorer.tokenizer.end_id),
-                                   batch_size=max(1, config.explain_top), temperature=config.explain_temperature,
-                                   top_p=config.explain_top_p)
+        # None while the export writes the generator (the artefact's "pending"): ticks are ranked and published
+        # unexplained meanwhile (counted in stats.ticks_unexplained), `_await_generator` builds it when it is there
+        self.explainer: Explainer | None = None
+        if not self.artefact.pending:
+            self.explainer = self._build_explainer(self.artefact)
         self.picker = MoverPicker(config.explain_top, config.explain_by, self.scorer.horizon_days)
         self.catalogue = ItemCatalogue(worker_config.bootstrap, self.topics.items, kafka=worker_config.kafka)
         self.source = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -143,6 +139,44 @@ class Serving:
         self._last_ranked: int | None = None
         self.started = False
         self._closing = False
+
+    def _build_explainer(self, artefact: Artefact) -> Explainer:
+        config = self.config
+        providers = choose_providers(config.provider)
+        # on CPU, the int8 generator when exported (export.onnx --generator-int8): ~1.8x the explanations/s
+        role = "generator.int8" if providers[0] == CPU and artefact.has("generator.int8") else "generator"
+        gen = Generator(artefact.path(role), providers, self.scorer.tokenizer.end_id, config.explain_threads)
+        # one batch per tick's movers, each row held to its claim grammar (stream.model.constraint)
+        return Explainer(gen.generate, self.scorer.tokenizer, artefact.model_version,
+                         artefact.max_explanation_tokens, self._publish_explanations,
+                         horizon_days=self.scorer.horizon_days, generate_batch=gen.generate_batch,
+                         constraint=ClaimConstraint(artefact.path("tokenizer"), self.scorer.tokenizer.end_id),
+                         batch_size=max(1, config.explain_top), temperature=config.explain_temperature,
+                         top_p=config.explain_top_p)
+
+    async def _await_generator(self, every_s: float = 2.0) -> None:
+        """Until the export records its generator: re-read the artefact, then build and start the explainer."""
+        t0 = time.monotonic()
+        log.warning("serving.explainer_pending", pending=self.artefact.pending, model_version=self.artefact.model_version,
+                    note="predictions are published unexplained until the export has written the generator")
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                art = await asyncio.to_thread(Artefact.load, self.config.model_dir, self.worker_config.trend)
+            except ArtefactError:
+                continue  # still under way (a failed export is the exporter's to report)
+            if art.model_version != self.artefact.model_version or art.onnx.get("source") != self.artefact.onnx.get("source"):
+                log.error("serving.explainer_mismatch", model_version=art.model_version,
+                          note="the export finished for other weights than this worker scores with; not explaining")
+                return
+            explainer = await asyncio.to_thread(self._build_explainer, art)
+            if self._closing:
+                return
+            self.artefact, self.explainer = art, explainer
+            explainer.start()
+            log.info("serving.explainer_ready", waited_s=round(time.monotonic() - t0, 1),
+                     ticks_unexplained=self.stats.ticks_unexplained)
+            return
 
     # ---- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -170,9 +204,12 @@ class Serving:
                                         fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024,
                                         **kafka.client_kwargs())
         await self._ranker.start()
-        self.explainer.start()
         self._tasks = [asyncio.create_task(self._rank_loop(), name="trail-ranker"),
                        asyncio.create_task(self._grace_loop(), name="trail-rank-grace")]
+        if self.explainer is not None:
+            self.explainer.start()
+        else:
+            self._tasks.append(asyncio.create_task(self._await_generator(), name="trail-await-generator"))
         await self.catalogue.wait_caught_up(self.config.catalogue_wait_s)
         await self._warm_up()
         self.started = True
@@ -202,7 +239,8 @@ class Serving:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.explainer.stop()  # its task: no new explanation starts; a running generate() finishes below
+        if self.explainer is not None:
+            await self.explainer.stop()  # its task: no new explanation starts; a running generate() finishes below
         if self.sink is not None:
             # what was ranked becomes durable, so that its offsets can be committed
             if not await asyncio.to_thread(self.sink.flush, flush_timeout_s):
@@ -217,7 +255,8 @@ class Serving:
             await self._ranker.stop()  # sends LeaveGroup (aiokafka: for generations > 0)
             self._ranker = None
             log.info("ranker.stopped", group=self.config.ranker_group, member_id=member, generation=generation)
-        await asyncio.to_thread(self.explainer.executor.shutdown, True)
+        if self.explainer is not None:
+            await asyncio.to_thread(self.explainer.executor.shutdown, True)
         try:  # after a tick or warm-up still running there: the item states they encoded are kept
             await asyncio.get_running_loop().run_in_executor(self._executor, self.scorer.save_states, True)
         except RuntimeError:  # the executor is shut down already: a second stop()
@@ -297,8 +336,10 @@ class Serving:
         seq = await self._publish_predictions(predictions)
         self.stats.ticks_ranked += 1
         self.stats.last_published_at = time.time()
-        if predictions:
+        if predictions and self.explainer is not None:
             self.explainer.offer(self._request(as_of, predictions))
+        elif predictions:
+            self.stats.ticks_unexplained += 1  # the generator is still being exported
         if tp is not None and tick.last_offset >= 0:
             task = asyncio.create_task(self._commit_when_durable(tp, tick.last_offset + 1, seq))
             self._commits.add(task)  # the loop keeps only weak references to tasks

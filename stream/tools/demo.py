@@ -8,8 +8,12 @@
                   (http://localhost:6066/, --web-port), with /metrics, /health, /ready
 
 Start-up prints one line per stage (export on the first run, dataset, broker,
-topics, warm-up replay, worker, first prediction); the first run's ONNX export
-overlaps the broker, the topics and the warm-up replay. Ctrl-C (or --duration)
+topics, warm-up replay, worker, first prediction, first explanation). The first run
+exports the model to ONNX once per weights, into TRAIL_CACHE/exports/<model>-<hash>
+(every later run and clone on the machine serves it from there); the export overlaps
+the broker, the topics and the warm-up replay, and writes the score path first: the
+worker starts on it and predicts while the export writes the generator (at a lower CPU
+priority), and explains once it is recorded. Ctrl-C (or --duration)
 stops the replay, then the worker (which stops in order: sink flushed, offsets
 committed, state saved), then the broker; nothing is left running. The results
 stay in the embedded ClickHouse store (`python -m stream.tools.report`). The worker
@@ -196,15 +200,19 @@ class Progress:
 # Parity prompts for the demo's export: the fewest export.onnx accepts (12 score prompts, 2 greedy
 # explanations) instead of its defaults (24, 6); every file is still checked against PyTorch, on
 # fewer samples. `python -m export.onnx --model DIR` re-runs the full check any time.
-DEMO_EXPORT_ARGS = ("--prompts", "12", "--explain", "2")
+# The export writes the score path first (the worker starts on it) and the generator after it, 10 lower
+# in CPU priority, so that the worker's first ticks get the cores first (export.onnx's --generator-nice).
+DEMO_EXPORT_ARGS = ("--prompts", "12", "--explain", "2", "--generator-nice", "10")
+TRAINED_FILES = ("manifest.json", "score_head.safetensors", "adapter")
 
 
-def export_needed(model: Path, trend) -> bool:
-    """The committed artefact carries the trained weights, not the ONNX files (1.3 GB): exported once."""
+def export_needed(model: Path, trend, pending_ok: bool = False) -> bool:
+    """The committed artefact carries the trained weights, not the ONNX files (1.3 GB): exported once.
+    `pending_ok`: the score path is enough (the export may still be writing the generator)."""
     from stream.model.artefact import Artefact, ArtefactError
 
     try:
-        Artefact.load(model, trend)
+        Artefact.load(model, trend, verify=not pending_ok, pending_ok=pending_ok)
         return False
     except ArtefactError as e:
         if "export.onnx" not in str(e):
@@ -212,10 +220,64 @@ def export_needed(model: Path, trend) -> bool:
     return True
 
 
+def weights_key(model: Path) -> str:
+    """What an export depends on: the trained files (the manifest without an old "onnx" section) and
+    export.onnx's EXPORT_VERSION (read from the source: importing it would import torch)."""
+    import hashlib
+    import json
+    import re
+
+    h = hashlib.sha256()
+    for name in TRAINED_FILES:
+        path = model / name
+        for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+            h.update(str(f.relative_to(model)).encode())
+            if f.name == "manifest.json":
+                m = json.loads(f.read_text())
+                m.pop("onnx", None)
+                h.update(json.dumps(m, sort_keys=True).encode())
+            else:
+                h.update(f.read_bytes())
+    src = (Path(__file__).resolve().parents[2] / "export" / "onnx.py").read_text()
+    m = re.search(r'^EXPORT_VERSION = "([^"]+)"', src, re.M)
+    h.update((m.group(1) if m else "?").encode())
+    return h.hexdigest()[:16]
+
+
+def served_artefact(model: Path, trend, cache_dir: Path) -> Path:
+    """The directory the worker serves: `model` itself when it is exported there, else its export in
+    TRAIL_CACHE/exports/<hash of the trained files>, shared by every clone and run on the machine
+    (a copy of the trained files, small; export.onnx writes the ONNX files beside them)."""
+    if not export_needed(model, trend):
+        return model
+    home = cache_dir / "exports" / f"{model.name}-{weights_key(model)}"
+    if not (home / "manifest.json").is_file():
+        tmp = home.with_name(home.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in TRAINED_FILES:
+            src = model / name
+            if src.is_dir():
+                shutil.copytree(src, tmp / name)
+            elif src.exists():
+                shutil.copy2(src, tmp / name)
+        try:
+            tmp.rename(home)
+        except OSError:  # another demo made it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    return home
+
+
 def start_export(model: Path, log_path: Path) -> subprocess.Popen:
     out = open(log_path, "wb")
     return subprocess.Popen([sys.executable, "-m", "export.onnx", "--model", str(model), *DEMO_EXPORT_ARGS],
                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def export_failed(exporter: subprocess.Popen, log_path: Path) -> None:
+    tail = log_path.read_text(errors="replace").splitlines()[-15:]
+    print("error: the ONNX export failed (exit code %d); its last lines:\n  %s\nfull log: %s"
+          % (exporter.returncode, "\n  ".join(tail), log_path), file=sys.stderr)
 
 
 # ---- the worker process ----------------------------------------------------------------------------------
@@ -304,13 +366,16 @@ async def run(args: argparse.Namespace) -> int:
     for sub in ("state", "clickhouse") if args.fresh else ("state",) if not args.bootstrap else ():
         shutil.rmtree(var / sub, ignore_errors=True)
 
-    model = Path(args.model).resolve()
+    model = served_artefact(Path(args.model).resolve(), settings.worker.trend, Path(settings.cache_dir).resolve())
+    args.model = model  # what the worker serves (TRAIL_MODEL_DIR)
     exporter = None
     if export_needed(model, settings.worker.trend):
-        # the longest stage of a first run: everything up to the worker's start overlaps it
+        # the longest stage of a first run: everything up to the worker's start overlaps it, and the
+        # worker starts once the score path is written, while the generator is exported
+        shutil.rmtree(model / "onnx", ignore_errors=True)  # an interrupted export's files: the worker waits for new ones
         exporter = start_export(model, var / "export.log")
-        progress("export", f"exporting {model.name} to ONNX once (item encoder, score head, generator; "
-                           f"about a minute on 2 cores), log {var / 'export.log'}")
+        progress("export", f"exporting {model.name} to ONNX once, into {model} (item encoder and score head "
+                           f"first: the worker starts on them; then the generator), log {var / 'export.log'}")
     broker = None
     worker = None
     stop = asyncio.Event()
@@ -322,6 +387,7 @@ async def run(args: argparse.Namespace) -> int:
     titles: dict[str, str] = {}
     tasks: list[asyncio.Task] = []
     died = False
+    failed_export = False
     try:
         dataset = await asyncio.to_thread(load_dataset, args.events or args.dataset, args.items,
                                           cache_dir=settings.cache_dir)
@@ -346,18 +412,23 @@ async def run(args: argparse.Namespace) -> int:
         await replay(warm, dataset.items, bootstrap, topics=topics, progress=False, create_topics=False, kafka=kafka)
         progress("replay", f"warm-up published: {len(warm):,} events ({args.warmup_days} days of history)")
         if exporter is not None:
-            phase["text"] = "waiting for the ONNX export"
-            while exporter.poll() is None and not stop.is_set():
+            phase["text"] = "waiting for the ONNX export of the score path"
+            trend = settings.worker.trend
+            while (exporter.poll() is None and not stop.is_set()
+                   and await asyncio.to_thread(export_needed, model, trend, True)):
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.5)
+                    await asyncio.wait_for(stop.wait(), 1.0)
             if stop.is_set():
                 return 130
-            if exporter.returncode != 0:
-                tail = (var / "export.log").read_text(errors="replace").splitlines()[-15:]
-                print("error: the ONNX export failed (exit code %d); its last lines:\n  %s\nfull log: %s"
-                      % (exporter.returncode, "\n  ".join(tail), var / "export.log"), file=sys.stderr)
+            if exporter.poll() not in (None, 0):
+                export_failed(exporter, var / "export.log")
                 return 1
-            progress("export", "done")
+            if exporter.poll() == 0:
+                progress("export", "done")
+                exporter = None
+            else:
+                progress("export", "score path written and checked (item encoder, score head); the generator "
+                                   "follows: predictions start now, explanations once it is written")
         if args.web_port:
             wanted, args.web_port = args.web_port, free_port(args.web_port)
             if args.web_port != wanted:
@@ -377,7 +448,8 @@ async def run(args: argparse.Namespace) -> int:
 
         def status() -> str:
             alive = "running" if worker.poll() is None else f"EXITED ({worker.returncode}): see {log_path}"
-            return (f"TRAIL demo — {dataset.name} — {phase['text']} — worker {alive} — "
+            exporting = " — explanations wait for the generator's export" if exporter is not None else ""
+            return (f"TRAIL demo — {dataset.name} — {phase['text']}{exporting} — worker {alive} — "
                     f"{time.monotonic() - progress.t0:.0f}s (Ctrl-C to stop)")
 
         tasks = [asyncio.create_task(feed()), asyncio.create_task(watch(bootstrap, topics, board, stop, kafka=kafka)),
@@ -389,6 +461,15 @@ async def run(args: argparse.Namespace) -> int:
                 break
             if board.predictions_seen and "first prediction" not in progress.marks:
                 progress("first prediction", f"tick {board.tick}, {len(board.ranking)} items ranked")
+            if board.explanations_seen and "first explanation" not in progress.marks:
+                progress("first explanation", f"tick {board.tick}")
+            if exporter is not None and exporter.poll() is not None:
+                if exporter.returncode != 0:
+                    export_failed(exporter, var / "export.log")
+                    failed_export = True
+                    break
+                progress("export", "generator written and checked: the worker's explainer starts")
+                exporter = None
             if deadline and time.monotonic() >= deadline:
                 break
             for t in tasks:
@@ -407,6 +488,8 @@ async def run(args: argparse.Namespace) -> int:
         stop_process(worker)
         if broker is not None:
             broker.stop()
+    if failed_export:
+        return 1
     if died:
         print(f"\nerror: the worker stopped unexpectedly (exit code {worker.returncode}); its last error lines:",
               file=sys.stderr)

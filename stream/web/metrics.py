@@ -134,7 +134,9 @@ class TrailCollector(Collector):
         st = s.stats
         for name, value, doc in (("trail_ticks_ranked", st.ticks_ranked, "Ticks ranked and published"),
                                  ("trail_predictions_published", st.predictions, "Prediction records published"),
-                                 ("trail_explanations_published", st.explanations, "Explanation records published")):
+                                 ("trail_explanations_published", st.explanations, "Explanation records published"),
+                                 ("trail_ticks_unexplained", getattr(st, "ticks_unexplained", 0),
+                                  "Ticks ranked before the export had written the generator (no explainer yet)")):
             m = CounterMetricFamily(name, doc)
             m.add_metric([], value)
             yield m
