@@ -31,9 +31,11 @@ from serving_artefact import exported_artefact
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-PREDICTION_FIELDS = {"item_id", "tick", "score", "predicted_count", "rank", "signals", "model_version"}
+PREDICTION_FIELDS = {"item_id", "tick", "score", "predicted_count", "predicted_low", "predicted_high", "rank", "signals",
+                     "drivers", "model_version"}
 EXPLANATION_FIELDS = {"item_id", "tick", "rank", "explanation", "raw_explanation", "repaired", "faithful",
-                      "claims_checked", "forecast", "forecast_agrees", "reason", "decoding", "model_version"}
+                      "claims_checked", "forecast", "forecast_agrees", "reason", "reason_source", "driver", "decoding",
+                      "model_version"}
 SLICE_DAYS = 40
 EVENTS_PER_S = 10_000
 TICK_S = 1.0
@@ -150,6 +152,8 @@ def test_replayed_retail_is_scored_ranked_and_explained(broker, topics, tmp_path
         assert set(out["names"]) <= set(p.signals)
         # the count head, not the ranking score: bounded by what log_count can give (stream.core.features)
         assert 0 <= p.predicted_count <= np.expm1(MAX_LOG_COUNT)
+        # the committed model has a range head: the count is its median, inside its 80% range
+        assert p.predicted_low is not None and p.predicted_low <= p.predicted_count <= p.predicted_high
         by_tick.setdefault(d["tick"], {})[p.item_id] = p.rank
         scores.setdefault(d["tick"], {})[p.rank] = p.score
     for tick, ranks in by_tick.items():
