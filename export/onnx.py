@@ -52,6 +52,9 @@ from stream.model.artefact import MANIFEST, ONNX_DIR, PromptTokenizer, file_reco
 from stream.model.artefact import SCORE_DESIGN, DEFAULT_MAX_ITEM_TOKENS
 from stream.model.onnx_models import CPU, Generator, ItemEncoder, ScoreHeadModel
 from trainer.model import ADAPTER_DIR, HEAD_FILE, Manifest, Trail
+from trainer.quantiles import RANGE_FILE
+
+from export.range import export_range
 
 log = structlog.get_logger(__name__)
 
@@ -495,6 +498,8 @@ def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: 
     files = {"item_encoder": file_record(directory, out / "item_encoder.onnx"),
              "head": file_record(directory, out / "head.onnx"),
              "tokenizer": file_record(directory, out / "tokenizer.json")}
+    if (directory / RANGE_FILE).is_file():  # the count's range head (trainer.quantiles) is part of the score path
+        parity["range_head"] = {"max_abs_diff": export_range(directory)["max_abs_diff"]}
     write_export(directory, record(files, ["generator"]))
     if generator_nice:
         lower_priority(generator_nice)
@@ -573,11 +578,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = {role: {k: v for k, v in p.items() if k in ("max_abs_diff", "identical", "prompts", "rejected")}
                for role, p in onnx["parity"].items()}
-    from export.range import export_range
-    from trainer.quantiles import RANGE_FILE
-
-    if (args.model / RANGE_FILE).is_file():  # the count's range head (trainer.quantiles), when the artefact has one
-        summary["range_head"] = {"max_abs_diff": export_range(args.model)["max_abs_diff"]}
     print(json.dumps({"files": {r: f["path"] for r, f in onnx["files"].items()}, "parity": summary}, indent=2))
     return 0
 

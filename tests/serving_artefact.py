@@ -17,11 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from stream.model.artefact import TRAINED_FILES
 from trainer.backbone import cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "models" / "trail-smollm2"
-TRAINED_FILES = ("manifest.json", "score_head.safetensors", "adapter", "range_head.safetensors", "range_head.json")
 
 
 def _export_version() -> str:

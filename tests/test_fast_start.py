@@ -80,7 +80,8 @@ def test_serving_scores_without_the_generator_and_explains_once_the_export_recor
 
 
 def test_the_demo_exports_once_per_weights_into_the_cache(trend, tmp_path):
-    from stream.tools.demo import TRAINED_FILES, served_artefact, weights_key
+    from stream.model.artefact import TRAINED_FILES
+    from stream.tools.demo import served_artefact, weights_key
 
     committed = REPO / "models" / "trail-smollm2"
     if (committed / "onnx").exists():

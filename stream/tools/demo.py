@@ -42,6 +42,7 @@ from stream.tools.broker import LocalBroker
 from stream.core.summary import reason_text, size_text
 from stream.topics import Topics, ensure_topics
 from stream.kafka import KafkaSecurity
+from stream.model.artefact import TRAINED_FILES
 
 log = structlog.get_logger(__name__)
 
@@ -203,7 +204,6 @@ class Progress:
 # The export writes the score path first (the worker starts on it) and the generator after it, 10 lower
 # in CPU priority, so that the worker's first ticks get the cores first (export.onnx's --generator-nice).
 DEMO_EXPORT_ARGS = ("--prompts", "12", "--explain", "2", "--generator-nice", "10")
-TRAINED_FILES = ("manifest.json", "score_head.safetensors", "adapter")
 
 
 def export_needed(model: Path, trend, pending_ok: bool = False) -> bool:
