@@ -48,13 +48,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from export.range import export_range
 from stream.model.artefact import MANIFEST, ONNX_DIR, PromptTokenizer, file_record, sha256_of, write_export
 from stream.model.artefact import SCORE_DESIGN, DEFAULT_MAX_ITEM_TOKENS
 from stream.model.onnx_models import CPU, Generator, ItemEncoder, ScoreHeadModel
 from trainer.model import ADAPTER_DIR, HEAD_FILE, Manifest, Trail
 from trainer.quantiles import RANGE_FILE
-
-from export.range import export_range
 
 log = structlog.get_logger(__name__)
 
