@@ -14,6 +14,7 @@ from stream.core.events import EventBatch
 from stream.core.trends import HOUR_MS, TrendConfig, TrendTable
 from stream.ingest.deltas import decode_delta, encode_delta
 from stream.ingest.partitions import CheckpointStore
+from stream.ingest.tracking import load_table, mark_checkpoint, save_table, take_delta
 
 CFG = TrendConfig(bucket_ms=HOUR_MS, windows=(("2h", 2), ("5h", 5)), ema_halflife_buckets=3,
                   allowed_lateness_ms=2 * HOUR_MS, tick_slack_buckets=0)  # ring of 18 buckets: a few hours wrap it
@@ -215,7 +216,7 @@ def test_compaction_and_a_crash_before_the_old_log_is_removed(tmp_path):
 
 
 def _only_snapshot(state_dir) -> TrendTable:
-    return TrendTable.load(str(CheckpointStore(state_dir, "ev", CFG).path(0)), CFG)
+    return load_table(CheckpointStore(state_dir, "ev", CFG).path(0), CFG)
 
 
 def test_old_format_snapshot_loads_and_the_next_save_is_full(tmp_path):
@@ -223,7 +224,7 @@ def test_old_format_snapshot_loads_and_the_next_save_is_full(tmp_path):
     store.prepare()
     t = TrendTable(CFG)
     t.apply(batch(["a"], ["u"], [T0], [0]))
-    t.save(str(store.path(0)))  # TrendTable.save: a snapshot without a chain id
+    save_table(t, store.path(0))  # save_table: a snapshot without a chain id
     loaded = store.load(0)
     assert canonical(loaded) == canonical(t)
     loaded.apply(batch(["b"], ["u"], [T0 + 1], [1]))
@@ -246,9 +247,9 @@ def test_config_change_removes_the_logs_too(tmp_path):
 
 def test_delta_encoding_round_trip_and_non_str_ids():
     t = TrendTable(CFG)
-    t.mark_checkpoint()
+    mark_checkpoint(t)
     t.apply(batch(["é", "日本"], ["u", None], [T0, T0 + 1], [0, 1]))
-    d = t.take_delta()
+    d = take_delta(t)
     back = decode_delta(encode_delta(d))
     assert back["item_ids"] == d["item_ids"] and back["removed"] == []
     for k, v in d.items():
@@ -265,7 +266,7 @@ def test_delta_encoding_round_trip_and_non_str_ids():
 def test_untracked_tables_keep_nothing_extra():
     t = TrendTable(CFG)
     t.apply(batch(["a"] * 3, ["u"] * 3, [T0] * 3, [0, 1, 2]))
-    assert t.take_delta() is None and not t._ck_cells and not t._ck_users
+    assert take_delta(t) is None and t.observer is None
 
 
 def test_resume_from_deltas_counts_each_retail_event_once(tmp_path):
@@ -312,3 +313,12 @@ def test_resume_from_deltas_counts_each_retail_event_once(tmp_path):
     final = CheckpointStore(tmp_path, "ev", cfg).load(0)
     assert canonical(final) == canonical(resumed.table)
     assert as_dict(final.signals_at(as_of)) == want
+
+
+def test_the_trend_table_is_pure_tracking_and_files_live_in_ingest():
+    import stream.core.trends as trends
+
+    assert "os" not in vars(trends) and not hasattr(TrendTable, "save") and not hasattr(TrendTable, "take_delta")
+    t = TrendTable(CFG)
+    mark_checkpoint(t)
+    assert t.observer is not None  # the tracker hangs on the table only once a store marks it

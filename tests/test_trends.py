@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from stream.core.events import EventBatch
 from stream.core.trends import HOUR_MS, TrendConfig, TrendTable
+from stream.ingest.tracking import load_table, save_table
 from stream.settings import SettingsError, load_settings
 
 CFG = TrendConfig(bucket_ms=HOUR_MS, windows=(("2h", 2), ("5h", 5)), ema_halflife_buckets=3, decays=(("4h", 4), ("8h", 8)),
@@ -155,8 +156,8 @@ def test_checkpoint_round_trip_preserves_signals(tmp_path):
     table = TrendTable(CFG)
     table.apply(batch(items[:300], users[:300], ts[:300], offsets=range(300)))
     path = str(tmp_path / "state.npz")
-    table.save(path)
-    restored = TrendTable.load(path, CFG)
+    save_table(table, path)
+    restored = load_table(path, CFG)
     for t in (table, restored):
         t.apply(batch(items, users, ts, offsets=range(500)))  # replay from the start: de-duplicated
     as_of = T0 + 31 * HOUR_MS

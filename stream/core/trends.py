@@ -18,9 +18,8 @@ floored to a bucket boundary, so a snapshot published at a closed boundary
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 import pandas as pd
@@ -30,7 +29,7 @@ from stream.core.events import EventBatch
 HOUR_MS = 3_600_000
 SIGNALS_VERSION = 2  # bump when a signal's definition changes: artefacts record it (2: ema_<decay> signals)
 
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier: spreads item hashes before xor with user hashes
+PAIR_MIX = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio multiplier: spreads item hashes before xor with user hashes
 
 
 @dataclass(frozen=True)
@@ -165,6 +164,22 @@ def _rows(batch: EventBatch, rows: slice) -> EventBatch:
     return replace(batch, **{k: v[rows] for k, v in arrays.items() if isinstance(v, np.ndarray)})
 
 
+class TrendObserver(Protocol):
+    """Told of each change a `TrendTable` makes (slots are the table's; see stream.ingest.tracking)."""
+
+    def grown(self, capacity: int) -> None: ...
+
+    def cells(self, slots: np.ndarray, flat: np.ndarray, counts: np.ndarray, buckets: np.ndarray) -> None:
+        """`apply` touched the items in `slots`, adding `counts` to ring cells `flat` (slot * ring + column)
+        for events of `buckets`."""
+
+    def users(self, pair_hash: np.ndarray, slots: np.ndarray, buckets: np.ndarray) -> None:
+        """`apply` observed these (item, user) pairs."""
+
+    def removed(self, item: str) -> None:
+        """`expire` freed this item."""
+
+
 class TrendTable:
     """Per-partition trend state. Not thread-safe: one owner applies and reads."""
 
@@ -187,16 +202,8 @@ class TrendTable:
         self.head_bucket: int | None = None  # newest bucket holding an event
         self.watermark_ms: int | None = None  # newest event time seen
         self.last_offset = -1  # newest source offset applied (de-duplication on replay)
-        # Changes since the last checkpoint (see mark_checkpoint / take_delta); off until a checkpoint
-        # store marks the table, so offline tables keep nothing extra.
-        self._ck_on = False
-        self._ck_epoch = 0  # bumped by every mark: a store's delta chain is valid for one epoch
-        self._ck_dirty = np.zeros(0, bool)  # slots touched since the mark
-        self._ck_cells: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (flat cell, +count, bucket)
-        self._ck_users: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (pair hash, slot, bucket)
-        self._ck_removed: list[str] = []  # items expired since the mark
-        self._ck_rows = 0
-        self._ck_overflow = False  # too much changed to track: the next checkpoint is a full one
+        # Told of every change (stream.ingest.tracking records them for delta checkpoints); None: nobody is.
+        self.observer: TrendObserver | None = None
 
     # ---- sizes -----------------------------------------------------------
     def __len__(self) -> int:
@@ -213,10 +220,10 @@ class TrendTable:
         self._first_ms = np.concatenate([self._first_ms, np.zeros(new - old, np.int64)])
         self._last_bucket = np.concatenate([self._last_bucket, np.zeros(new - old, np.int64)])
         self._total = np.concatenate([self._total, np.zeros(new - old, np.int64)])
-        if self._ck_on:
-            self._ck_dirty = np.concatenate([self._ck_dirty, np.zeros(new - old, bool)])
         self._ids += [None] * (new - old)
         self._free = list(range(new - 1, old - 1, -1)) + self._free
+        if self.observer is not None:
+            self.observer.grown(new)
 
     # ---- writes ----------------------------------------------------------
     def _advance_head(self, bucket: int) -> None:
@@ -319,9 +326,9 @@ class TrendTable:
         self._update_lives(slots_u, is_new, codes, buckets, ts)
         in_ring = buckets > self.head_bucket - self._ring  # a batch can span more than the ring
         cells = (slots * self._ring + buckets % self._ring)[in_ring]
-        if self._ck_on:
+        if self.observer is not None:
             flat, first, counts = np.unique(cells, return_index=True, return_counts=True)
-            self._track(slots_u, cells=(flat, counts.astype(np.int32), buckets[in_ring][first]))
+            self.observer.cells(slots_u, flat, counts.astype(np.int32), buckets[in_ring][first])
         else:
             flat, counts = np.unique(cells, return_counts=True)
         self._counts.reshape(-1)[flat] += counts.astype(np.int32)
@@ -330,11 +337,11 @@ class TrendTable:
         has_user = pd.notna(users)
         if has_user.any():
             item_hash = _hash_strings(np.asarray(uniques, object))[codes[has_user]]
-            pair = item_hash * _MIX ^ _hash_strings(users[has_user])
+            pair = item_hash * PAIR_MIX ^ _hash_strings(users[has_user])
             self._u_pending.append((pair, slots[has_user].astype(np.int32), buckets[has_user]))
             self._u_pending_rows += len(pair)
-            if self._ck_on:
-                self._track(None, users=self._u_pending[-1])
+            if self.observer is not None:
+                self.observer.users(*self._u_pending[-1])
             if self._u_pending_rows > max(50_000, len(self._u_hash)):
                 self._compact_users()
         return ApplyResult(len(idx), duplicates, late)
@@ -349,7 +356,7 @@ class TrendTable:
         if self.head_bucket is None or not len(self._u_hash):
             return
         keep = self._u_bucket > self.head_bucket - self._ring
-        key = self._u_hash[keep] ^ (self._u_bucket[keep].astype(np.uint64) * _MIX)
+        key = self._u_hash[keep] ^ (self._u_bucket[keep].astype(np.uint64) * PAIR_MIX)
         _, first = np.unique(key, return_index=True)
         sel = np.flatnonzero(keep)[first]
         self._u_hash, self._u_slot, self._u_bucket = self._u_hash[sel], self._u_slot[sel], self._u_bucket[sel]
@@ -364,8 +371,8 @@ class TrendTable:
         gone = in_use[self._last_bucket[in_use] <= self.head_bucket - self._ring]
         for s in gone.tolist():
             del self._slot[self._ids[s]]
-            if self._ck_on:
-                self._ck_removed.append(self._ids[s])
+            if self.observer is not None:
+                self.observer.removed(self._ids[s])
             self._ids[s] = None
             self._free.append(s)
         if len(gone):
@@ -518,110 +525,22 @@ class TrendTable:
         table.last_offset = offset
         return table
 
-    def save(self, path: str) -> None:
-        """Atomic checkpoint: a crash leaves either the old file or the new one."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, **self.state_dict())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str, config: TrendConfig) -> "TrendTable":
-        with np.load(path, allow_pickle=True) as data:
-            return cls.from_state({k: data[k] for k in data.files}, config)
-
-    # ---- incremental checkpoint --------------------------------------------
+    # ---- reads for incremental checkpoints (stream.ingest.tracking) ----------
     # Between two checkpoints a table changes in few places: the rows of the items it touched, the
     # user observations it added, the items it expired and its header (head, watermark, offset).
     # Advancing the head also zeroes buckets of every item; that is not recorded: `apply_delta`
     # advances the loaded table's head the same way, which zeroes the same buckets.
-    _CK_MAX_ROWS = 4_000_000  # tracked cells + user rows between marks; beyond, the next checkpoint is full
+    def item_ids(self, slots: np.ndarray) -> list[str | None]:
+        """The items in these slots (None: a free slot)."""
+        return [self._ids[s] for s in slots.tolist()]
 
-    @property
-    def checkpoint_epoch(self) -> int:
-        """Changes to the epoch when tracking restarts: a delta chain is valid for one epoch."""
-        return self._ck_epoch
-
-    def mark_checkpoint(self) -> int:
-        """The current state is on disk: track the changes from here on. Returns the new epoch."""
-        self._ck_on = True
-        self._ck_epoch += 1
-        self._ck_dirty = np.zeros(self.capacity, bool)
-        self._ck_cells, self._ck_users, self._ck_removed = [], [], []
-        self._ck_rows = 0
-        self._ck_overflow = False
-        return self._ck_epoch
-
-    def _track(self, slots: np.ndarray | None, cells: tuple | None = None, users: tuple | None = None) -> None:
-        if slots is not None:
-            self._ck_dirty[slots] = True
-        for log, part in ((self._ck_cells, cells), (self._ck_users, users)):
-            if part is not None and len(part[0]):
-                log.append(part)
-                self._ck_rows += len(part[0])
-        if self._ck_rows > self._CK_MAX_ROWS:  # e.g. a catch-up between two checkpoints: a full one is cheaper
-            self._ck_on, self._ck_overflow = False, True
-            self._ck_dirty = np.zeros(0, bool)
-            self._ck_cells, self._ck_users, self._ck_removed = [], [], []
-
-    def take_delta(self) -> dict[str, object] | None:
-        """The changes since the last mark, then a new mark; None when they were not tracked
-        (never marked, or too many changes): write a full checkpoint instead.
-
-        Cells and user observations of items expired since the mark (their slot may hold another
-        item now) are all older than the ring and left out.
-        """
-        if not self._ck_on:
-            return None
-        ring = self._ring
-        oldest = np.iinfo(np.int64).min if self.head_bucket is None else self.head_bucket - ring
-        slots = np.array([s for s in np.flatnonzero(self._ck_dirty).tolist() if self._ids[s] is not None], np.int64)
-        live = np.zeros(self.capacity, bool)
-        live[slots] = True
-        cell_item = cell_col = np.zeros(0, np.int32)
-        cell_count = np.zeros(0, np.int32)
-        if self._ck_cells:
-            flat = np.concatenate([c[0] for c in self._ck_cells])
-            count = np.concatenate([c[1] for c in self._ck_cells])
-            bucket = np.concatenate([c[2] for c in self._ck_cells])
-            keep = (bucket > oldest) & live[flat // ring]
-            flat, inverse = np.unique(flat[keep], return_inverse=True)
-            cell_count = np.zeros(len(flat), np.int32)
-            np.add.at(cell_count, inverse.reshape(-1), count[keep])
-            cell_item = np.searchsorted(slots, flat // ring).astype(np.int32)
-            cell_col = (flat % ring).astype(np.int32)
-        u_hash, u_item, u_bucket = np.zeros(0, np.uint64), np.zeros(0, np.int32), np.zeros(0, np.int64)
-        if self._ck_users:
-            u_hash = np.concatenate([u[0] for u in self._ck_users])
-            u_slot = np.concatenate([u[1] for u in self._ck_users])
-            u_bucket = np.concatenate([u[2] for u in self._ck_users])
-            keep = (u_bucket > oldest) & live[u_slot]
-            u_hash, u_slot, u_bucket = u_hash[keep], u_slot[keep], u_bucket[keep]
-            _, first = np.unique(u_hash ^ (u_bucket.astype(np.uint64) * _MIX), return_index=True)
-            first.sort()
-            u_hash, u_slot, u_bucket = u_hash[first], u_slot[first], u_bucket[first]
-            u_item = np.searchsorted(slots, u_slot).astype(np.int32)
-        delta = {
-            "scalars": self._scalars(),
-            "item_ids": [self._ids[s] for s in slots.tolist()],
-            "first_ms": self._first_ms[slots],
-            "last_bucket": self._last_bucket[slots],
-            "total": self._total[slots],
-            "cell_item": cell_item,
-            "cell_col": cell_col,
-            "cell_count": cell_count,
-            "u_hash": u_hash,
-            "u_item": u_item,
-            "u_bucket": u_bucket,
-            "removed": list(dict.fromkeys(self._ck_removed)),
-        }
-        self.mark_checkpoint()
-        return delta
+    def item_rows(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-item scalars of these slots: first_ms, last_bucket, total."""
+        return {"first_ms": self._first_ms[slots], "last_bucket": self._last_bucket[slots], "total": self._total[slots]}
 
     def apply_delta(self, delta: dict[str, object]) -> None:
-        """Replay one `take_delta` on the state of its mark (loaded from the checkpoint before it)."""
+        """Replay one delta (stream.ingest.tracking.take_delta) on the state of its mark (loaded from the
+        checkpoint before it)."""
         head, watermark, offset = (int(x) for x in np.asarray(delta["scalars"]).tolist())
         if head != -1:
             self._advance_head(head)  # zeroes the buckets the head passed, for every item, as the live table did
@@ -665,7 +584,8 @@ class TrendTable:
         self.watermark_ms = None if watermark == np.iinfo(np.int64).min else watermark
         self.last_offset = offset
 
-    def _scalars(self) -> np.ndarray:
+    def scalars(self) -> np.ndarray:
+        """(head bucket or -1, watermark or int64 min, last offset)."""
         return np.array(
             [
                 -1 if self.head_bucket is None else self.head_bucket,

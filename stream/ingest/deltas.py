@@ -1,4 +1,4 @@
-"""On-disk form of incremental checkpoints: `TrendTable.take_delta` records in an append-only log.
+"""On-disk form of incremental checkpoints: `take_delta` records (stream.ingest.tracking) in an append-only log.
 
 Pure module (numpy + stdlib). `CheckpointStore` (stream.ingest.partitions) owns the files:
 a partition's checkpoint is a full snapshot `<topic>-<p>.npz` (which records its chain id) plus
@@ -55,7 +55,7 @@ def _strings(values: list[str]) -> bytes:
 
 
 def encode_delta(delta: dict[str, object]) -> bytes:
-    """Payload bytes (compressed) of one `TrendTable.take_delta`. TypeError for ids that are not str."""
+    """Payload bytes (compressed) of one `take_delta` (stream.ingest.tracking). TypeError for ids that are not str."""
     parts = []
     for name in _STRINGS:
         parts.append(_strings(list(delta[name])))  # type: ignore[call-overload]

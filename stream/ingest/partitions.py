@@ -1,6 +1,6 @@
 """Per-partition trend state of the worker, and its checkpoints on disk.
 
-Pure module (numpy + stream.core.events/trends, stream.ingest.deltas): the Kafka side lives in
+Pure module (numpy + stream.core.events/trends, stream.ingest.deltas/tracking): the Kafka side lives in
 stream.ingest.worker.
 
 A partition's state is one `TrendTable` whose `last_offset` is the newest source
@@ -30,6 +30,7 @@ import structlog
 from stream.core.events import REASON_LATE, ValidationConfig, parse_batch
 from stream.core.trends import TrendConfig, TrendTable
 from stream.ingest.deltas import decode_delta, encode_delta, frame, read_records
+from stream.ingest.tracking import checkpoint_epoch, mark_checkpoint, save_table, take_delta
 
 log = structlog.get_logger(__name__)
 
@@ -121,7 +122,7 @@ class _Chain:
     """What this store last wrote or loaded for a partition; deltas may follow while it holds."""
 
     table: weakref.ref  # the table it describes (a rebuilt table is another object: full snapshot)
-    epoch: int  # the table's checkpoint_epoch after that write (another writer re-marking it: full)
+    epoch: int  # the table's checkpoint_epoch (stream.ingest.tracking) after that write (another writer re-marking it: full)
     chain: int
     seq: int  # number of the last delta record (0: none since the snapshot)
     log_len: int  # bytes of the complete records
@@ -227,16 +228,16 @@ class CheckpointStore:
         except Exception as e:  # noqa: BLE001 - any unreadable file means: rebuild from the topic
             log.warning("checkpoint.unreadable", path=str(path), error=repr(e))
             return None
-        epoch = table.mark_checkpoint()
+        epoch = mark_checkpoint(table)
         if chain is not None:  # a snapshot of the old format (no chain) gets a full one at the next save
             self._chains[partition] = _Chain(weakref.ref(table), epoch, chain, seq, log_len, log_size, base_stat)
         return table
 
     def save(self, partition: int, table: TrendTable) -> SaveInfo:
         ch = self._chains.get(partition)
-        if ch is not None and ch.table() is table and ch.epoch == table.checkpoint_epoch \
+        if ch is not None and ch.table() is table and ch.epoch == checkpoint_epoch(table) \
                 and not self._compaction_due(ch) and self._unchanged_on_disk(partition, ch):
-            delta = table.take_delta()
+            delta = take_delta(table)
             payload = None
             if delta is not None:
                 try:
@@ -249,7 +250,7 @@ class CheckpointStore:
                 except BaseException:
                     self._chains.pop(partition, None)  # the log's end is unknown: the next save is a snapshot
                     raise
-                ch.epoch = table.checkpoint_epoch
+                ch.epoch = checkpoint_epoch(table)
                 return SaveInfo("delta", written)
         return self._save_full(partition, table)
 
@@ -294,14 +295,9 @@ class CheckpointStore:
         self._chains.pop(partition, None)
         chain = int.from_bytes(os.urandom(8), "little") or 1
         path = self.path(partition)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **table.state_dict(), **{CHAIN_KEY: np.array(chain, np.uint64)})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_table(table, path, **{CHAIN_KEY: np.array(chain, np.uint64)})
         _fsync_dir(self.dir)
-        epoch = table.mark_checkpoint()
+        epoch = mark_checkpoint(table)
         # Its records belong to the chain just replaced (ignored on load should this unlink not happen).
         self.log_path(partition).unlink(missing_ok=True)
         base_stat = _stat(path)

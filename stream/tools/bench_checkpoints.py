@@ -7,7 +7,7 @@ Replays the first N Online Retail II events (time order) into one `TrendTable` p
 item id) in `--ticks` equal steps, as the worker does between two ticks: apply, `expire()`,
 then checkpoint every partition that received events. Each checkpoint is written twice:
 
-- before: `TrendTable.save` (the full snapshot every tick, as the store wrote it until now), to
+- before: `save_table` (stream.ingest.tracking: the full snapshot every tick, as the store wrote it until now), to
   `--old-dir` (default /dev/shm when there is one: only its size counts, its fsync is no disk's);
 - after: `CheckpointStore.save` (a delta record, or a full snapshot when compaction is due),
   to `--state-dir` (default: a temporary directory).
@@ -36,6 +36,7 @@ import structlog
 from stream.core.events import EventBatch
 from stream.core.trends import TrendConfig, TrendTable
 from stream.ingest.partitions import COMPACT_EVERY, COMPACT_FRACTION, CheckpointStore
+from stream.ingest.tracking import save_table
 
 
 def _partition_of(items: pd.Series, partitions: int) -> np.ndarray:
@@ -101,7 +102,7 @@ def run(events: int, ticks: int, partitions: int, state_dir: Path, old_dir: Path
         for p in touched:
             path = old_dir / f"bench-{p}.npz"
             t0 = time.perf_counter()
-            tables[p].save(str(path))
+            save_table(tables[p], path)
             old_t += time.perf_counter() - t0
             old_bytes += path.stat().st_size
             t0 = time.perf_counter()
