@@ -326,6 +326,23 @@ def trail_range(model, model_dir: str | None, frame: pd.DataFrame, horizon_days:
     return counts_of(predict_range(head, range_data(model.norm, frame, horizon_days, index), states))
 
 
+def range_drivers(model, model_dir: str, frame: pd.DataFrame, horizon_days: float) -> list[dict[str, float]]:
+    """Each row's drivers as the stream publishes them: exact group Shapley values of the range head's median
+    (trainer.quantiles.drivers; stream.model.count_range online)."""
+    import torch
+
+    from trainer.inference import item_texts_of
+    from trainer.quantiles import drivers, load_range, range_data
+
+    head = load_range(model_dir)
+    index, texts = item_texts_of(frame)
+    states = model.item_states(texts, progress=False)
+    d = range_data(model.norm, frame, horizon_days, index)
+    with torch.no_grad():
+        phi = drivers(head, d.x, d.cal, np.asarray(states, np.float32)[d.item])
+    return [{g: float(v[i]) for g, v in phi.items()} for i in range(len(frame))]
+
+
 def published_count(shipped: Method, ranges: Callable[[pd.DataFrame], tuple | None]) -> dict[str, Method]:
     """With a range head the stream publishes its median as the count (stream.model.scorer), so `trail`
     is scored on what is published: the score head's ranking score, the range head's median count.
@@ -413,7 +430,13 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
         from trainer.explain_eval import evaluate_explanations, forecast_accuracy_all, sample_rows
 
         test = examples.rows(split.test)
-        rows = sample_rows(test, preds["trail"].score, explain_sample, top_n, seed=seed, counts=preds["trail"].count)
+        low = high = None
+        if ranged:  # the published range (the range head's 10% / 90%) and what moved its median, as the stream has them
+            low, _, high = trail_range(trail, model_dir, test, horizon)
+        rows = sample_rows(test, preds["trail"].score, explain_sample, top_n, seed=seed, counts=preds["trail"].count,
+                           low=low, high=high)
+        if ranged:
+            rows = rows.assign(drivers=range_drivers(trail, model_dir, rows, horizon))
         explained = evaluate_explanations(trail, rows, horizon, model_dir=model_dir, temperature=explain_temperature,
                                           top_p=explain_top_p)
         # the constrained forecast clause is outlook(predicted count) by construction (forecast_agreement
