@@ -417,10 +417,11 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
     methods |= extra_methods or {}
     t3 = time.perf_counter()
     body, preds = evaluate_report(examples, split, methods, cold_days=cold_days, n_boot=n_boot, seed=seed)
+    test = examples.rows(split.test)
+    low = high = None  # the published range (the range head's 10% / 90%) of the test rows
     if ranged:
         from trainer.quantiles import interval_metrics
 
-        test = examples.rows(split.test)
         low, _, high = trail_range(trail, model_dir, test, horizon)
         body["methods"]["trail"] |= interval_metrics(low, high, test["label_count"].to_numpy(np.float64))
     t4 = time.perf_counter()
@@ -429,13 +430,9 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
     if trail is not None and explain_sample:
         from trainer.explain_eval import evaluate_explanations, forecast_accuracy_all, sample_rows
 
-        test = examples.rows(split.test)
-        low = high = None
-        if ranged:  # the published range (the range head's 10% / 90%) and what moved its median, as the stream has them
-            low, _, high = trail_range(trail, model_dir, test, horizon)
         rows = sample_rows(test, preds["trail"].score, explain_sample, top_n, seed=seed, counts=preds["trail"].count,
                            low=low, high=high)
-        if ranged:
+        if ranged:  # what moved each sampled row's median, as the stream publishes it
             rows = rows.assign(drivers=range_drivers(trail, model_dir, rows, horizon))
         explained = evaluate_explanations(trail, rows, horizon, model_dir=model_dir, temperature=explain_temperature,
                                           top_p=explain_top_p)

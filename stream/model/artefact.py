@@ -77,13 +77,18 @@ def read_export(root: str | Path) -> dict[str, Any]:
     path = Path(root) / ONNX_DIR / EXPORT_RECORD
     if not path.is_file():
         return {}
+    return _json_object(path, "export again")
+
+
+def _json_object(path: Path, remedy: str) -> dict[str, Any]:
+    """A JSON object read from `path`; anything else is an ArtefactError ending with `remedy`."""
     try:
-        record = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtefactError(f"{path} is not valid JSON ({e}); export again") from e
-    if not isinstance(record, dict):
-        raise ArtefactError(f"{path} is not a JSON object; export again")
-    return record
+        raise ArtefactError(f"{path} is not valid JSON ({e}); {remedy}") from e
+    if not isinstance(data, dict):
+        raise ArtefactError(f"{path} is not a JSON object; {remedy}")
+    return data
 
 
 def write_export(root: str | Path, record: dict[str, Any]) -> Path:
@@ -170,12 +175,7 @@ class Artefact:
             raise ArtefactError(f"model directory {root} does not exist (set TRAIL_MODEL_DIR to a TRAIL artefact)")
         if not path.is_file():
             raise ArtefactError(f"{root} is not a TRAIL model artefact: no {MANIFEST}")
-        try:
-            manifest = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtefactError(f"{path} is not valid JSON ({e}); the artefact is corrupt") from e
-        if not isinstance(manifest, dict):
-            raise ArtefactError(f"{path} is not a JSON object; the artefact is corrupt")
+        manifest = _json_object(path, "the artefact is corrupt")
         missing = [k for k in ("model_version", "feature_spec", "normalisation", "prompt_version", "trail_config",
                                "horizon_days") if k not in manifest]
         if missing:
