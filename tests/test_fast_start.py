@@ -66,7 +66,7 @@ def test_serving_scores_without_the_generator_and_explains_once_the_export_recor
     assert serving.artefact.pending == ["generator"]
 
     async def main() -> None:
-        waiter = asyncio.create_task(serving._await_generator(every_s=0.05))
+        waiter = asyncio.create_task(serving.explaining.await_generator(every_s=0.05))
         await asyncio.sleep(0.3)
         assert not waiter.done() and serving.explainer is None  # the record still says pending
         write_export(d, full)  # what export.onnx does once the generator passed its parity check
@@ -76,7 +76,7 @@ def test_serving_scores_without_the_generator_and_explains_once_the_export_recor
         serving.explainer.executor.shutdown(True)
 
     asyncio.run(main())
-    serving._executor.shutdown(True)
+    serving.scoring._executor.shutdown(True)
 
 
 def test_the_demo_exports_once_per_weights_into_the_cache(trend, tmp_path):

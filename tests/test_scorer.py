@@ -19,6 +19,8 @@ from stream.model.onnx_models import CPU, CUDA, choose_providers
 from stream.model.item_states import KEEP_STORES, ItemStateCache, ItemStateStore, prune_stores, store_key
 from stream.serving.scorer import (ScoredChunk, ScoredChunkError, ScoredPart,
                                    TickScorer, WarmUp, rank_tick, text_for)
+from stream.serving.parts import Publisher, ScorerService, ServingStats
+from stream.serving.parts import Ranker as RankerPart
 from stream.serving.service import Serving, ServingConfig
 from stream.core.trends import Signals, TrendConfig
 from serving_artefact import exported_artefact
@@ -318,12 +320,9 @@ def test_several_workers_rank_as_one(scorer, retail_cutoff):
 
 
 def test_the_tick_is_scored_in_the_scorer_thread(scorer, retail_cutoff):
-    """Serving.on_tick runs TickScorer.score (item encoding included) in its executor, not on the event loop."""
+    """The tick hook (ScorerService.on_tick) runs TickScorer.score (item encoding included) in its executor, not on the event loop."""
     import asyncio
     import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    from stream.serving.service import ServingStats
 
     _, signals, items = retail_cutoff
     threads = []
@@ -347,16 +346,15 @@ def test_the_tick_is_scored_in_the_scorer_thread(scorer, retail_cutoff):
             fut.set_result(None)
             return fut
 
-    serving = Serving.__new__(Serving)
-    serving._closing, serving.started, serving.worker = False, True, None
-    serving.topics = WorkerConfig().topics
-    serving.config = ServingConfig()
-    serving.catalogue = type("C", (), {"items": items})()
-    serving.scorer = type("S", (), {"score": staticmethod(score), "stats": scorer.stats,
-                                    "save_due": staticmethod(lambda force=False: True),
-                                    "save_states": staticmethod(save_states)})()
-    serving._executor = ThreadPoolExecutor(1, thread_name_prefix="trail-scorer")
-    serving._producer, serving.source, serving.stats = Producer(), "w", ServingStats()
+    topics = WorkerConfig().topics
+    stats = ServingStats()
+    publisher = Publisher(topics.predictions, topics.explanations, None, stats)
+    publisher.producer = Producer()
+    fake_scorer = type("S", (), {"score": staticmethod(score), "stats": scorer.stats,
+                                 "save_due": staticmethod(lambda force=False: True),
+                                 "save_states": staticmethod(save_states)})()
+    serving = ScorerService(fake_scorer, ServingConfig(), type("C", (), {"items": items})(), publisher, None,
+                            topics.partitions, "w", stats)
     try:
         asyncio.run(serving.on_tick(signals.as_of_ms, signals))
     finally:
@@ -519,7 +517,6 @@ def test_warm_up_encodes_the_catalogue_and_a_restart_is_warm(scorer, retail_cuto
 def test_serving_warms_up_in_the_scorer_thread():
     import asyncio
     import threading
-    from concurrent.futures import ThreadPoolExecutor
 
     calls = []
 
@@ -527,15 +524,13 @@ def test_serving_warms_up_in_the_scorer_thread():
         calls.append((threading.current_thread().name, dict(items), limit, should_stop()))
         return WarmUp(len(items), 2, 0.5, 1)
 
-    serving = Serving.__new__(Serving)
-    serving._closing = False
-    serving.config = ServingConfig(warm_items=123)
-    serving.catalogue = type("C", (), {"items": {"a": ItemInfo("A"), "b": ItemInfo("B")}})()
-    serving.scorer = type("S", (), {"warm": staticmethod(warm), "cache": ItemStateCache(3)})()
-    serving._executor = ThreadPoolExecutor(1, thread_name_prefix="trail-scorer")
+    serving = ScorerService(type("S", (), {"warm": staticmethod(warm), "cache": ItemStateCache(3)})(),
+                            ServingConfig(warm_items=123),
+                            type("C", (), {"items": {"a": ItemInfo("A"), "b": ItemInfo("B")}})(), None, None, 1, "w",
+                            ServingStats())
     try:
         with capture_logs() as logs:
-            done = asyncio.run(serving._warm_up())
+            done = asyncio.run(serving.warm_up())
     finally:
         serving._executor.shutdown()
     assert done == WarmUp(2, 2, 0.5, 1)
@@ -574,8 +569,6 @@ def test_the_ranker_skips_malformed_messages_and_ranks_complete_ticks():
     import asyncio
     from types import SimpleNamespace
 
-    from stream.serving.service import ServingStats
-
     def part(partition: int, ids: str) -> ScoredPart:
         n = len(ids)
         return ScoredPart(7_000, list(ids), np.arange(n, dtype=np.float64), np.zeros(n), ("x",),
@@ -598,7 +591,7 @@ def test_the_ranker_skips_malformed_messages_and_ranks_complete_ticks():
     async def rank(as_of, tp):
         ranked.append((as_of, sorted(i for p in serving._ticks.pop(as_of).parts() for i in p.item_ids)))
 
-    serving = Serving.__new__(Serving)
+    serving = RankerPart.__new__(RankerPart)
     serving._ranker, serving._ticks, serving._last_ranked, serving.stats = Ranker(), {}, None, ServingStats()
     serving._rank = rank
     with capture_logs() as logs, pytest.raises(asyncio.CancelledError):

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from stream.serving.explainer import ExplainerStats
-from stream.serving.service import ServingStats
+from stream.serving.parts import ServingStats
 from stream.settings import WorkerConfig
 from stream.ingest.worker import TrendWorker
 from stream.store.clickhouse import StoreConfig
