@@ -4,8 +4,10 @@ them in the reverse order.
     faust -A stream.app worker --without-web        # configuration: stream.settings (environment), read once
 
 Faust hosts the process (start-up, signals, graceful shutdown, the optional web server); the
-work is done by the parts below, each a mode `Service`, children of one `TrailService` that
-mode starts in this order and stops in the reverse one:
+work is done by the parts that `build` makes and connects when the module is imported (`trail`:
+the trend worker, the sink, serving, the tick hooks, the web pages). Each is started and stopped
+by a mode `Service`, children of one `TrailService` that mode starts in this order and stops in
+the reverse one:
 
   1. SinkPart      the process's ResultSink (ClickHouse, embedded or a server)   [with a model]
   2. TrendPart     stream.ingest.worker.TrendWorker: its own aiokafka consumer (group
@@ -16,8 +18,8 @@ mode starts in this order and stops in the reverse one:
   4. TicksPart     wires the tick hooks (the scorer, the snapshot store, the extension
                    hooks), then lets the trend worker consume and tick
 
-With a model ($TRAIL_MODEL_DIR) the artefact is loaded and checked when the app starts, so a
-wrong model stops the worker at start with a clear message. Without one, the worker keeps
+With a model ($TRAIL_MODEL_DIR) the artefact is loaded and checked by `build`, so a wrong model
+stops the worker before it starts, with a clear message. Without one, the worker keeps
 trend tables and publishes snapshots only (no sink, no ClickHouse).
 
 Shutdown (SIGTERM, SIGINT), in this order:
@@ -50,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -57,7 +60,12 @@ import structlog
 from mode import Service
 
 from stream.ingest.worker import TickHook, TrendWorker, load_hook
-from stream.settings import SettingsError, load_settings
+from stream.model.artefact import ArtefactError
+from stream.serving.service import Serving
+from stream.settings import Settings, SettingsError, load_settings
+from stream.store.hooks import SnapshotStore
+from stream.store.sink import ResultSink
+from stream.web.routes import TrailPages, install
 
 log = structlog.get_logger(__name__)
 
@@ -144,117 +152,126 @@ app = faust.App(
     Worker=Worker,
 )
 
-worker = TrendWorker(config)
-on_tick = worker.add_tick_hook
+
+# ---- the parts, built and connected in one place ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class Trail:
+    """Every part of this process, built and connected by `build` before the worker starts."""
+
+    worker: TrendWorker
+    sink: ResultSink | None  # with a model
+    serving: Serving | None  # with a model: scorer, ranker, explainer, catalogue, producer
+    hooks: tuple[TickHook, ...]  # the built-in tick hooks, run before the @on_tick ones
+    hook_specs: tuple[str, ...]  # $TRAIL_TICK_HOOKS, resolved when the app starts (after the built-in hooks)
 
 
-class Parts:
-    """What the app is made of; the services below fill it in as they start."""
-
-    def __init__(self, worker: TrendWorker) -> None:
-        self.worker = worker
-        self.sink: Any = None  # stream.store.sink.ResultSink, with a model
-        self.serving: Any = None  # stream.serving.service.Serving, with a model
-        self.trend_started: asyncio.Future | None = None  # the trend worker's start, under way
-        self.ticking = asyncio.Event()  # set once every hook is wired: the trend worker may consume
-
-
-parts = Parts(worker)
-
-# The page, its JSON API, /metrics, /health and /ready on the worker's web server (stream.web).
-pages = None
-if config.web_port is not None:
-    from stream.web.routes import install
-
-    pages = install(app, parts, settings)
+def build(app: faust.App, settings: Settings) -> tuple[Trail, TrailPages | None]:
+    """The parts and their connections, and the web pages over them (with a web port). The artefact is loaded
+    and checked here, so a wrong or corrupt model stops the worker before it starts, with a clear message.
+    Nothing starts here: the services below start the parts, in order."""
+    worker = TrendWorker(settings.worker)
+    sink = serving = None
+    hooks: tuple[TickHook, ...] = ()
+    if settings.serving is not None:
+        sink = ResultSink(settings.store, settings.sink)
+        serving = Serving(settings.serving, settings.worker, sink=sink, worker=worker)
+        hooks = (serving.on_tick, SnapshotStore(sink).on_tick)
+    trail = Trail(worker, sink, serving, hooks, tuple(settings.worker.tick_hooks))
+    # the page, its JSON API, /metrics, /health and /ready on the worker's web server (stream.web)
+    pages = install(app, trail, settings) if settings.worker.web_port is not None else None
+    return trail, pages
 
 
-class _Part(Service):
-    def __init__(self, parts: Parts, **kwargs: Any) -> None:
-        self.parts = parts
-        super().__init__(**kwargs)
+try:
+    trail, pages = build(app, settings)
+except ArtefactError as e:
+    raise SystemExit(f"trail: {e}") from None
+on_tick = trail.worker.add_tick_hook
 
 
-class SinkPart(_Part):
+class SinkPart(Service):
     """The process's one ResultSink: opened first, closed last (everything that submits has stopped)."""
 
-    async def on_start(self) -> None:
-        from stream.store.sink import ResultSink
+    def __init__(self, sink: ResultSink, **kwargs: Any) -> None:
+        self.sink = sink
+        super().__init__(**kwargs)
 
-        sink = ResultSink(settings.store, settings.sink)
-        self.parts.sink = await asyncio.to_thread(sink.start)  # replays spill files, opens the store
+    async def on_start(self) -> None:
+        await asyncio.to_thread(self.sink.start)  # replays spill files, opens the store
 
     async def on_stop(self) -> None:
-        sink, self.parts.sink = self.parts.sink, None
-        if sink is not None:
-            done = await asyncio.to_thread(sink.close, 60.0)
-            log.info("sink.closed", drained=done, **{k: v for k, v in vars(sink.stats()).items()
-                                                      if k in ("written_rows", "spilled_rows", "buffered_rows")})
+        done = await asyncio.to_thread(self.sink.close, 60.0)
+        log.info("sink.closed", drained=done, **{k: v for k, v in vars(self.sink.stats()).items()
+                                                  if k in ("written_rows", "spilled_rows", "buffered_rows")})
 
 
-class TrendPart(_Part):
+class TrendPart(Service):
     """The trend worker: clients and state at start; consumption once the hooks are wired;
     checkpoint, commit and close at stop.
 
-    Its start (topics, clients, joining its group: seconds) overlaps the serving part's (artefact,
-    ranker group); the tick part waits for both."""
+    Its start (topics, clients, joining its group: seconds) overlaps the serving part's (topics, ranker
+    group, catalogue, warm-up); the tick part waits for both."""
+
+    def __init__(self, worker: TrendWorker, **kwargs: Any) -> None:
+        self.worker = worker
+        self.starting: asyncio.Future | None = None  # the trend worker's start, under way
+        self.ticking = asyncio.Event()  # set once every hook is wired: the trend worker may consume
+        super().__init__(**kwargs)
 
     async def on_start(self) -> None:
-        self.parts.trend_started = asyncio.ensure_future(self.parts.worker.start())
+        self.starting = asyncio.ensure_future(self.worker.start())
 
     @Service.task
     async def _consume(self) -> None:
-        await self.parts.ticking.wait()
-        await self.parts.worker.run()
+        await self.ticking.wait()
+        await self.worker.run()
 
     async def on_stop(self) -> None:
-        started = self.parts.trend_started
-        if started is not None and not started.done():
-            started.cancel()
-            await asyncio.gather(started, return_exceptions=True)
-        await self.parts.worker.stop()  # stops run(), final checkpoint and commit, closes the clients
+        if self.starting is not None and not self.starting.done():
+            self.starting.cancel()
+            await asyncio.gather(self.starting, return_exceptions=True)
+        await self.worker.stop()  # stops run(), final checkpoint and commit, closes the clients
 
 
-class ServingPart(_Part):
-    """Scorer, ranker, explainer: the artefact is loaded (off the loop) and checked at start."""
+class ServingPart(Service):
+    """Scorer, ranker, explainer: topics, producer, catalogue, ranker group and the item states' warm-up."""
+
+    def __init__(self, serving: Serving, **kwargs: Any) -> None:
+        self.serving = serving
+        super().__init__(**kwargs)
 
     async def on_start(self) -> None:
-        from stream.serving.service import Serving
-
-        self.parts.serving = await asyncio.to_thread(Serving, settings.serving, config,
-                                                     sink=self.parts.sink, worker=self.parts.worker)
-        await self.parts.serving.start()
+        await self.serving.start()
 
     async def on_stop(self) -> None:
-        if self.parts.serving is not None:
-            await self.parts.serving.stop()
+        await self.serving.stop()
 
 
-class TicksPart(_Part):
+class TicksPart(Service):
     """The tick hooks, wired last and unwired first: built-in ones, then $TRAIL_TICK_HOOKS."""
 
-    async def on_start(self) -> None:
-        from stream.store.hooks import SnapshotStore
+    def __init__(self, trail: Trail, pages: TrailPages | None, trend: TrendPart, **kwargs: Any) -> None:
+        self.trail = trail
+        self.pages = pages
+        self.trend = trend
+        super().__init__(**kwargs)
 
-        w = self.parts.worker
-        if self.parts.trend_started is not None:
-            await self.parts.trend_started  # raises what the trend worker's start raised
-        built_in: list[TickHook] = []
-        if self.parts.serving is not None:
-            built_in.append(self.parts.serving.on_tick)
-        if self.parts.sink is not None:
-            built_in.append(SnapshotStore(self.parts.sink).on_tick)
-        w.tick_hooks[:0] = built_in  # before the hooks registered with @on_tick at import
-        for spec in config.tick_hooks:
+    async def on_start(self) -> None:
+        w = self.trail.worker
+        if self.trend.starting is not None:
+            await self.trend.starting  # raises what the trend worker's start raised
+        w.tick_hooks[:0] = self.trail.hooks  # before the hooks registered with @on_tick at import
+        for spec in self.trail.hook_specs:
             w.add_tick_hook(load_hook(spec))
-        if pages is not None:
-            pages.wire_ticks(w)  # the tick timer's hooks around all the others
-        self.parts.ticking.set()
-        log.info("app.started", serving=self.parts.serving is not None, sink=self.parts.sink is not None,
+        if self.pages is not None:
+            self.pages.wire_ticks(w)  # the tick timer's hooks around all the others
+        self.trend.ticking.set()
+        log.info("app.started", serving=self.trail.serving is not None, sink=self.trail.sink is not None,
                  hooks=[getattr(h, "__qualname__", repr(h)) for h in w.tick_hooks])
 
     async def on_stop(self) -> None:
-        await self.parts.worker.stop_ticks()
+        await self.trail.worker.stop_ticks()
 
 
 @app.service
@@ -262,9 +279,15 @@ class TrailService(Service):
     """The parts, started in the order listed and stopped in the reverse order (mode's children)."""
 
     def on_init_dependencies(self) -> list[Service]:
-        order: list[type[_Part]] = ([SinkPart, TrendPart, ServingPart, TicksPart] if settings.serving
-                                    else [TrendPart, TicksPart])
-        return [cls(parts, loop=self.loop) for cls in order]
+        trend = TrendPart(trail.worker, loop=self.loop)
+        order: list[Service] = []
+        if trail.sink is not None:
+            order.append(SinkPart(trail.sink, loop=self.loop))
+        order.append(trend)
+        if trail.serving is not None:
+            order.append(ServingPart(trail.serving, loop=self.loop))
+        order.append(TicksPart(trail, pages, trend, loop=self.loop))
+        return order
 
     async def on_stop(self) -> None:
         log.info("app.stopping")

@@ -64,7 +64,7 @@ class TickTimer:
 
 
 class TrailCollector(Collector):
-    """Reads `parts` (stream.app.Parts: .worker, .serving, .sink) at every scrape."""
+    """Reads `parts` (stream.app.Trail: .worker, .serving, .sink) at every scrape."""
 
     def __init__(self, parts: Any, timer: TickTimer | None = None) -> None:
         self.parts = parts

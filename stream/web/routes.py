@@ -82,7 +82,7 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 
 class TrailPages:
-    """The handlers, over the app's parts (stream.app.Parts) and a reader of its store (None: no store)."""
+    """The handlers, over the app's parts (stream.app.Trail) and a reader of its store (None: no store)."""
 
     def __init__(self, parts: Any, reader: AsyncReader | None, config: PageConfig, metrics: Metrics) -> None:
         self.parts = parts
