@@ -11,8 +11,9 @@ checked and turned into the typed, frozen configs the code uses, in this one mod
     python -m stream.settings             # the effective settings, secrets masked
     python -m stream.settings --markdown  # the README's Configuration table
 
-`_Env` below is the list of variables: name, default, what it accepts and what it does.
-A value that is empty or only blanks counts as unset. Every path is made absolute when the
+`_Env` below is the list of variables: name, default, what it accepts and what it does; they are
+read by pydantic-settings' environment source (`_Environment`: os.environ, or the mapping a test
+passes to `load_settings`). A value that is empty or only blanks counts as unset. Every path is made absolute when the
 settings are read (relative to the working directory then), so nothing depends on the working
 directory afterwards: chdb changes the process's working directory for a moment while it opens its
 first client, and a relative path another thread opens meanwhile would miss.
@@ -31,7 +32,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from stream.core.datasets import DEFAULT_CACHE_DIR
 from stream.core.events import ValidationConfig
@@ -97,7 +98,9 @@ def _hosts(value: str, name: str) -> str:
 class _Env(BaseSettings):
     """The variables, in README order. Field names are the variable names."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    # the variables' raw text goes to the validators below (no JSON decoding of the tuple-valued ones)
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, case_sensitive=True,
+                                      enable_decoding=False)
 
     # Kafka
     KAFKA_BOOTSTRAP: str = _var(_WORKER.bootstrap, "broker list", "host:port[,host:port...]")
@@ -242,7 +245,8 @@ class _Env(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
                                    file_secret_settings):
-        # load_settings hands over the environment (os.environ or the caller's mapping) itself
+        # load_settings reads the environment (os.environ or the caller's mapping) through _Environment and
+        # hands over what it found, so that errors can quote the raw values and the listing say what was set
         return (init_settings,)
 
     @field_validator("KAFKA_BOOTSTRAP")
@@ -324,6 +328,20 @@ class _Env(BaseSettings):
         return v.lower() if isinstance(v, str) else v
 
 
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source for `_Env`, over `env` (os.environ when None): names as written,
+    values stripped (secrets taken as given), a value that is empty or only blanks unset."""
+
+    def __init__(self, env: Mapping[str, str] | None) -> None:
+        self._env = env
+        super().__init__(_Env)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = os.environ if self._env is None else self._env
+        values = ((name, raw if name in _SECRETS else raw.strip()) for name, raw in env.items())
+        return {name: value for name, value in values if value}
+
+
 def _extra(info: FieldInfo) -> dict[str, Any]:
     return info.json_schema_extra  # type: ignore[return-value]  # always the dict _var puts there
 
@@ -381,16 +399,8 @@ def _build(cls: type, names: str, **kwargs: Any) -> Any:
 def load_settings(env: Mapping[str, str] | None = None, *, cwd: Path | None = None) -> Settings:
     """Read and check every variable of `env` (default os.environ); relative paths are taken from `cwd`
     (default: the working directory now) and made absolute."""
-    source = os.environ if env is None else env
     base = Path(os.getcwd() if cwd is None else cwd).absolute()
-    given: dict[str, str] = {}
-    for name, info in _Env.model_fields.items():
-        raw = source.get(name)
-        if raw is None:
-            continue
-        value = raw if _extra(info)["secret"] else raw.strip()
-        if value:
-            given[name] = value
+    given: dict[str, str] = _Environment(env)()  # variable -> its text, for the variables that are set
     try:
         e = _Env(**given)
     except ValidationError as ex:
@@ -453,6 +463,9 @@ def load_settings(env: Mapping[str, str] | None = None, *, cwd: Path | None = No
                               "env" if name in given else "default") for name in _Env.model_fields)
     return Settings(worker=worker, serving=_serving(e), store=store, sink=sink, cache_dir=e.TRAIL_CACHE,
                     tansu_bin=e.TRAIL_TANSU_BIN, effective=effective)
+
+
+_SECRETS = frozenset(name for name, info in _Env.model_fields.items() if _extra(info)["secret"])
 
 
 def _absolute(path: Path, base: Path) -> Path:
