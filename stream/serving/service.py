@@ -4,11 +4,10 @@
 
 `Serving` wires four parts with one job each (stream.serving.parts: the tick scorer, the ranker,
 the explainer service, the publisher). `stream.app` builds one `Serving` when a model directory is
-configured, hands it the process's
-trend worker and result sink, starts it before the first tick and stops it on shutdown
-(`Serving.stop` has the order). The artefact is loaded and checked when the app starts (feature
-spec, prompt version, ONNX files and their hashes, sessions opened), so a wrong or corrupt
-model stops the worker at start with a clear message. `Serving.start` then waits for the item
+configured, hands it the process's trend worker and result sink, starts it before the first tick
+and stops it on shutdown (`Serving.stop` has the order). The artefact is loaded and checked when
+`Serving` is built (feature spec, prompt version, ONNX files and their hashes, sessions opened), so
+a wrong or corrupt model stops the worker before it starts, with a clear message. `Serving.start` then waits for the item
 catalogue and warms the scorer's item states up (from disk, then the catalogue's items the cache
 lacks, at most TRAIL_ITEM_WARM: stream.serving.scorer), in the scorer's thread, before the first
 tick: the app wires the tick hooks only after it, so a cold start delays the first tick instead
