@@ -76,11 +76,7 @@ def test_the_score_term_alone_moves_the_adapter(tiny):
 
     before = {n: p.detach().clone() for n, p in lora.items()}
     opt = torch.optim.AdamW(list(lora.values()) + list(probe.parameters()), lr=1e-3)
-    opt.step()
-    for step in range(2):  # two more real steps on the score term alone
-        opt.zero_grad()
-        train_step(model, part, rows, only_score, rng, probe)
-        opt.step()
+    opt.step()  # a real step on the score term alone
     moved = max(float((p.detach() - before[n]).abs().max()) for n, p in lora.items())
     assert moved > 0, "the adapter did not change"
     model.zero_grad()

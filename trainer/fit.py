@@ -405,9 +405,12 @@ def _decay(opt: torch.optim.Optimizer, factor: float) -> None:
 
 
 def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: FitConfig,
-               folds: list[HeadData] | None = None) -> dict:
+               folds: list[HeadData] | None = None, item_terms_only: bool = False) -> dict:
     """Phase 3: rank (LambdaRank) -> rank_item (kept only if it raises validation NDCG@10)
-    -> count (regression) -> count_item (residual), each early-stopped on validation."""
+    -> count (regression) -> count_item (residual), each early-stopped on validation.
+
+    `item_terms_only`: the numeric parts (prior, rank, count) stay as they are and only the item
+    terms are trained, on whatever item vectors `train` holds (the `trail_bow` control)."""
     head = model.head
     for p in model.lm.parameters():
         p.requires_grad_(False)
@@ -468,7 +471,9 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
 
     report = {}
     names = list(model.norm.names)
-    if model.cfg.rank_prior == "auto":
+    if item_terms_only:
+        prior, tried = {n: float(w) for n, w in zip(names, head.rank.prior.tolist()) if w}, []
+    elif model.cfg.rank_prior == "auto":
         decays = [n for n in names if n == "ema" or n.startswith("ema_")]
         users = [n for n in names if n.startswith("users_")][-1]  # the longest window's
         # the prior has no fitted parameter: it is chosen on every rolling-origin fold's validation block
@@ -479,23 +484,26 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
     for n, w in prior.items():
         head.rank.prior[names.index(n)] = w
     report["rank_prior"] = {"chosen": prior, "tried": tried,
-                            "chosen_on": "the rolling-origin folds' validation cut-offs" if folds else "validation"}
+                            "chosen_on": "kept from the trained head" if item_terms_only
+                            else "the rolling-origin folds' validation cut-offs" if folds else "validation"}
     report["rank_lists"] = {"kept": len(lists), "skipped_without_a_pair": skipped}
     log.info("fit.rank_prior", chosen=prior)
     head.train()
-    start = valid_ndcg_parts(valid, np_of(rank_num))
-    report["rank"] = _early_stopped("rank", head.rank, cfg.rank_epochs, cfg.patience,
-                                    lambda: rank_epoch(head.rank, rank_num),
-                                    lambda: worst_gain(valid, np_of(rank_num), start), True)
-    report["rank"]["kept"] = report["rank"]["best_epoch"] > 0
+    if not item_terms_only:
+        start = valid_ndcg_parts(valid, np_of(rank_num))
+        report["rank"] = _early_stopped("rank", head.rank, cfg.rank_epochs, cfg.patience,
+                                        lambda: rank_epoch(head.rank, rank_num),
+                                        lambda: worst_gain(valid, np_of(rank_num), start), True)
+        report["rank"]["kept"] = report["rank"]["best_epoch"] > 0
     start = valid_ndcg_parts(valid, np_of(rank_num))
     report["rank_item"] = _early_stopped("rank_item", head.rank_item, cfg.rank_epochs // 2, cfg.patience,
                                          lambda: rank_epoch(head.rank_item, rank_full),
                                          lambda: worst_gain(valid, np_of(rank_full), start), True)
     report["rank_item"]["kept"] = report["rank_item"]["best_epoch"] > 0
-    report["count"] = _early_stopped("count", head.count, cfg.count_epochs, cfg.patience,
-                                     lambda: count_epoch(head.count, count_num),
-                                     lambda: valid_mae(valid, np_of(count_num)), False)
+    if not item_terms_only:
+        report["count"] = _early_stopped("count", head.count, cfg.count_epochs, cfg.patience,
+                                         lambda: count_epoch(head.count, count_num),
+                                         lambda: valid_mae(valid, np_of(count_num)), False)
     report["count_item"] = _early_stopped("count_item", head.count_item, cfg.count_epochs, cfg.patience,
                                           lambda: count_epoch(head.count_item, count_full),
                                           lambda: valid_mae(valid, np_of(count_full)), False)
