@@ -41,9 +41,9 @@ def test_the_three_formats_give_the_same_events(tmp_path):
         pd.testing.assert_frame_equal(events, first)
 
 
-# csv: the full run, joint training (two real LoRA steps with the score term) and the tuned baselines;
+# csv: the full run, joint training (a real LoRA step with the score term) and the tuned baselines;
 # parquet / jsonl (the latter with a JSONL item table): the adapter as is, the untuned baselines, to stay quick
-RUNS = {"csv": (["--budget-minutes", "5", "--steps", "2", "--batch", "4", "--score-weight", "1"], [], False),
+RUNS = {"csv": (["--budget-minutes", "5", "--steps", "1", "--batch", "4", "--score-weight", "1"], [], False),
         "parquet": (["--budget-minutes", "0"], ["--no-tuned"], False),
         "jsonl": (["--budget-minutes", "0"], ["--no-tuned"], True)}
 
@@ -68,7 +68,7 @@ def test_fit_then_evaluate_a_log_of_another_shape(tmp_path, fmt):
     assert prior["chosen_on"].startswith("the rolling-origin folds") and prior["chosen"]
     llm = manifest["training"]["phase1_llm"]
     if "--score-weight" in fit_args:  # joint: the score loss was part of the LLM steps
-        assert llm["steps"] == 2 and llm["joint"]["w_score"] == 1.0 and llm["final_losses"]["score"] > 0
+        assert llm["steps"] == 1 and llm["joint"]["w_score"] == 1.0 and llm["final_losses"]["score"] > 0
     else:
         assert llm["steps"] == 0 and llm.get("joint") is None
     evaluate = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--events", str(events), *items,

@@ -283,7 +283,8 @@ def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume
     return {"steps": step - first, "resumed_from_step": first, "minutes": round((time.time() - started) / 60, 2),
             "sampling_seed": seed, "w_digits": cfg.w_digits,
             "joint": {"w_score": cfg.w_score, "probe": "trainer.joint.ScoreProbe, phase 1 only (discarded)",
-                      "pooling": "item line of the prompt (title, category), same forward pass"} if probe else None,
+                      "pooling": "item line of the prompt (title, category), same forward pass"}
+            if probe is not None else None,
             "final_losses": {k: round(v, 4) for k, v in running.items()}}
 
 
