@@ -171,12 +171,19 @@ def confidence_intervals(results: dict[str, dict[str, float | None]], tables: di
 
 def ablation_intervals(tables: dict[str, dict[str, np.ndarray]], n_boot: int = 2000, seed: int = 0,
                        level: float = 0.95) -> dict[str, dict]:
-    """`ci_ablations`: trail minus each of its ablations, same bootstrap (what the LLM part adds)."""
+    """`ci_ablations`: trail minus each of its ablations, same bootstrap (what the LLM part adds).
+
+    With a range head, trail's count is its median while the ablations count with the score head, so
+    each entry also has `mae_log_score_head`: trail_score_head_count minus the ablation, count against
+    count from the same head (what the LLM's item term adds to it)."""
     out = {}
     for name in ABLATIONS:
         if name in tables and "trail" in tables:
             out[name] = {metric: paired_bootstrap(tables["trail"], tables[name], metric, n_boot=n_boot, seed=seed,
                                                   level=level) for metric in CI_METRICS}
+            if "trail_score_head_count" in tables:
+                out[name]["mae_log_score_head"] = paired_bootstrap(tables["trail_score_head_count"], tables[name],
+                                                                   "mae_log", n_boot=n_boot, seed=seed, level=level)
     return out
 
 
