@@ -32,3 +32,23 @@ def test_bow_vectors_have_the_state_width_and_follow_the_words():
 def test_bow_vectors_of_texts_with_no_shared_word_are_zero():
     assert not bow_vectors(["Item: alpha", "Item: beta"][:1], dim=8).any()
     assert bow_vectors([], dim=8).shape == (0, 8)
+
+
+def _table(abs_err: list[float]) -> dict[str, np.ndarray]:
+    n = len(abs_err)  # one row per cut-off: what ablation_intervals reads of cutoff_metrics
+    return {"cutoff_ms": np.arange(n), "users": np.ones(n), "rows": np.ones(n), "abs_err": np.array(abs_err),
+            "sq_err": np.square(abs_err), "spearman": np.full(n, np.nan), "ndcg@10": np.full(n, 0.5)}
+
+
+def test_ablations_with_a_range_head_also_compare_count_with_count():
+    from trainer.evaluate import ablation_intervals
+
+    tables = {"trail": _table([0.1, 0.2, 0.1]), "trail_score_head_count": _table([0.3, 0.3, 0.4]),
+              "trail_numeric": _table([0.3, 0.4, 0.4]), "trail_bow": _table([0.3, 0.3, 0.4])}
+    got = ablation_intervals(tables, n_boot=200)
+    assert set(got) == {"trail_numeric", "trail_bow"}  # in ABLATIONS order, those present
+    assert got["trail_bow"]["mae_log"]["diff"] < 0  # the range head's median against the score head's count
+    assert got["trail_bow"]["mae_log_score_head"]["diff"] == 0  # count against count: the same errors
+    assert abs(got["trail_numeric"]["mae_log_score_head"]["diff"] + 0.1 / 3) < 1e-12
+    del tables["trail_score_head_count"]  # no range head: trail's count is the score head's, nothing to add
+    assert "mae_log_score_head" not in ablation_intervals(tables, n_boot=50)["trail_bow"]
