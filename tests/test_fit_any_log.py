@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
-from tests.odd_log import write_odd_log
+from tests.odd_log import write_item_table, write_odd_log
 from trainer.model import lambda_rank_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,24 +31,49 @@ def test_a_cutoff_without_gain_gives_a_loss_with_a_grad_fn():
     assert loss.item() > 0 and float(score.grad.abs().sum()) > 0
 
 
+def test_the_three_formats_give_the_same_events(tmp_path):
+    # what the end-to-end runs below read: one log, three formats, each with its own column names and time types
+    from stream.core.datasets import load_dataset
+
+    first, *others = [load_dataset(write_odd_log(tmp_path / f"shop.{fmt}")).events for fmt in ("csv", "parquet", "jsonl")]
+    assert first["user_id"].isna().any() and first["user_id"].nunique() <= 9  # guests, few users
+    for events in others:
+        pd.testing.assert_frame_equal(events, first)
+
+
+# csv: the full run, joint training (a real LoRA step with the score term) and the tuned baselines;
+# parquet / jsonl (the latter with a JSONL item table): the adapter as is, the untuned baselines, to stay quick
+RUNS = {"csv": (["--budget-minutes", "5", "--steps", "1", "--batch", "4", "--score-weight", "1"], [], False),
+        "parquet": (["--budget-minutes", "0"], ["--no-tuned"], False),
+        "jsonl": (["--budget-minutes", "0"], ["--no-tuned"], True)}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (ADAPTER / "adapter").is_dir(), reason="needs the shipped adapter (models/trail-smollm2)")
-def test_fit_then_evaluate_a_log_of_another_shape(tmp_path):
-    events = write_odd_log(tmp_path / "shop.csv")  # sku/customer/event_time, no item table, empty weeks
+@pytest.mark.parametrize("fmt", list(RUNS))
+def test_fit_then_evaluate_a_log_of_another_shape(tmp_path, fmt):
+    fit_args, eval_args, with_items = RUNS[fmt]
+    events = write_odd_log(tmp_path / f"shop.{fmt}")  # own column names, empty weeks, guests, few users
+    items = ["--items", str(write_item_table(tmp_path / "items.jsonl"))] if with_items else []
     out, report = tmp_path / "model", tmp_path / "report.json"
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    fit = subprocess.run([sys.executable, "-m", "trainer.fit", "--events", str(events), "--out", str(out),
-                          "--init-adapter", str(ADAPTER), "--budget-minutes", "0", "--rank-epochs", "2",
-                          "--count-epochs", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    fit = subprocess.run([sys.executable, "-m", "trainer.fit", "--events", str(events), *items, "--out", str(out),
+                          "--init-adapter", str(ADAPTER), "--rank-epochs", "2", "--count-epochs", "2", *fit_args],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert fit.returncode == 0, fit.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
     lists = manifest["training"]["phase3_head"]["rank_lists"]
     assert lists["skipped_without_a_pair"] > 0 and lists["kept"] > 0  # the empty weeks were skipped, not fatal
     prior = manifest["training"]["phase3_head"]["rank_prior"]
     assert prior["chosen_on"].startswith("the rolling-origin folds") and prior["chosen"]
-    evaluate = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--events", str(events), "--model", str(out),
-                               "--explain-sample", "0", "--n-boot", "100", "--json", str(report)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    llm = manifest["training"]["phase1_llm"]
+    if "--score-weight" in fit_args:  # joint: the score loss was part of the LLM steps
+        assert llm["steps"] == 1 and llm["joint"]["w_score"] == 1.0 and llm["final_losses"]["score"] > 0
+    else:
+        assert llm["steps"] == 0 and llm.get("joint") is None
+    evaluate = subprocess.run([sys.executable, "-m", "trainer.evaluate", "--events", str(events), *items,
+                               "--model", str(out), "--explain-sample", "0", "--n-boot", "100", "--json", str(report),
+                               *eval_args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     got = json.loads(report.read_text())
     # evaluate adapts the protocol to the log's span exactly as fit did: the model's horizon is the one scored
@@ -55,3 +81,10 @@ def test_fit_then_evaluate_a_log_of_another_shape(tmp_path):
     trail = got["methods"]["trail"]
     assert 0 <= trail["mae_log"] < 2 and trail["ndcg@10"] is not None
     assert set(got["ci"]) == {"ndcg@10", "mae_log"}
+    assert ("lgbm_rank" in got["methods"]) == ("--no-tuned" not in eval_args)
+    # the bag-of-words control: scored, with its interval, and how it was fitted
+    assert got["methods"]["trail_bow"]["mae_log"] is not None
+    assert set(got["ci_ablations"]) == {"trail_numeric", "trail_text_shuffled", "trail_bow"}
+    for ci in got["ci_ablations"]["trail_bow"].values():
+        assert ci["low"] <= ci["diff"] <= ci["high"]
+    assert got["ablations"]["trail_bow"]["vectors"]["width"] == manifest["item_state"]["hidden_size"]

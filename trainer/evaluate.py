@@ -9,7 +9,8 @@ serves the baselines and the TRAIL model alike.
 
 The report (docs/evaluation.md has the JSON contract):
 - `methods`: every method's metrics on the test cut-offs (with `--model`: `trail`
-  and its ablations `trail_numeric`, `trail_text_shuffled`);
+  and its ablations `trail_numeric`, `trail_text_shuffled`, `trail_bow` (trainer.bow; how it was
+  fitted in `ablations.trail_bow`));
 - `slices.cold_start`: the same metrics over the candidates with under
   `cold_days` (28) days of history at the cut-off (age_h), ranked among
   themselves against the truth restricted to them;
@@ -68,6 +69,8 @@ UNTUNED = ("most_pop", "recent_pop", "exp_decay", "markov", "gbm")  # make_basel
 TUNED = ("exp_decay_tuned", "gbm_l1", "lgbm_rank")  # trainer.tuned: every choice on the folds
 BASELINES = UNTUNED + TUNED
 TRAIL_VARIANTS = {"trail": "full", "trail_numeric": "numeric", "trail_text_shuffled": "shuffled"}
+# trail minus each, in `ci_ablations`; trail_bow: the item terms retrained on a bag-of-words vector (trainer.bow)
+ABLATIONS = ("trail_numeric", "trail_text_shuffled", "trail_bow")
 CI_METRICS = {"ndcg@10": "max", "mae_log": "min"}  # metric -> which baseline is best
 COLD_DAYS = 28.0
 SCORE_DESIGN = "item-state-v2"
@@ -168,12 +171,19 @@ def confidence_intervals(results: dict[str, dict[str, float | None]], tables: di
 
 def ablation_intervals(tables: dict[str, dict[str, np.ndarray]], n_boot: int = 2000, seed: int = 0,
                        level: float = 0.95) -> dict[str, dict]:
-    """`ci_ablations`: trail minus each of its ablations, same bootstrap (what the LLM part adds)."""
+    """`ci_ablations`: trail minus each of its ablations, same bootstrap (what the LLM part adds).
+
+    With a range head, trail's count is its median while the ablations count with the score head, so
+    each entry also has `mae_log_score_head`: trail_score_head_count minus the ablation, count against
+    count from the same head (what the LLM's item term adds to it)."""
     out = {}
-    for name in TRAIL_VARIANTS:
-        if name != "trail" and name in tables and "trail" in tables:
+    for name in ABLATIONS:
+        if name in tables and "trail" in tables:
             out[name] = {metric: paired_bootstrap(tables["trail"], tables[name], metric, n_boot=n_boot, seed=seed,
                                                   level=level) for metric in CI_METRICS}
+            if "trail_score_head_count" in tables:
+                out[name]["mae_log_score_head"] = paired_bootstrap(tables["trail_score_head_count"], tables[name],
+                                                                   "mae_log", n_boot=n_boot, seed=seed, level=level)
     return out
 
 
@@ -301,6 +311,12 @@ def trail_methods(model, horizon_days: float, seed: int = 0, score_frame: Callab
     return {name: method(variant) for name, variant in TRAIL_VARIANTS.items()}
 
 
+def _count_and_score(score: np.ndarray, log_count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from stream.core.features import predicted_count
+
+    return predicted_count(log_count), score
+
+
 def has_range(model_dir: str | None) -> bool:
     from trainer.quantiles import RANGE_FILE
 
@@ -409,8 +425,14 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
         methods["oracle"] = lambda frame: Forecast(frame["label_count"].to_numpy(np.float64),
                                                    frame["label_gain"].to_numpy(np.float64))
     horizon = examples.horizon_ms / DAY_MS
+    ablations: dict = {}
     if trail is not None:
+        from trainer.bow import bow_method
+        from trainer.model import Manifest
+
         methods |= trail_methods(trail, horizon, seed=seed)
+        bow, ablations["trail_bow"] = bow_method(trail, Manifest.load(model_dir), examples, split, seed=seed)
+        methods["trail_bow"] = lambda frame: Forecast(*_count_and_score(*bow(frame)))
     ranged = trail is not None and has_range(model_dir)
     if ranged:
         methods |= published_count(methods["trail"], lambda frame: trail_range(trail, model_dir, frame, horizon))
@@ -455,6 +477,8 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
     for key in ("ci", "ci_ablations"):
         if key in body:
             report[key] = body[key]
+    if ablations:  # how the retrained controls were fitted
+        report["ablations"] = ablations
     report |= {"protocol": protocol, "per_cutoff": body["per_cutoff"], "method_seconds": body["method_seconds"],
                "seconds": time.perf_counter() - t0} | extra
     return report, stages
@@ -551,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m trainer.evaluate",
         description="Score the popularity baselines (most_pop, recent_pop, exp_decay, markov, gbm; tuned on "
                     "rolling-origin folds: exp_decay_tuned, gbm_l1, lgbm_rank) and, with "
-                    "--model, TRAIL and its ablations (trail_numeric, trail_text_shuffled) on the time-ordered "
+                    "--model, TRAIL and its ablations (trail_numeric, trail_text_shuffled, trail_bow) on the "
+                    "time-ordered "
                     "test cut-offs of a dataset: MAE/RMSE on log1p(count), Spearman, global-ranking "
                     "HR/NDCG/Recall@{5,10,20}, the same over cold-start items, and paired-bootstrap intervals "
                     "of TRAIL minus the best baseline. Trend windows follow TRAIL_BUCKET_S / TRAIL_WINDOWS / "

@@ -4,6 +4,8 @@ Three phases, read top to bottom in `train`:
   1. the LLM: LoRA on the top layers, explanation LM loss on the faithful targets plus the
      contrastive margin against perturbed ones, on cut-off-grouped batches, until
      --budget-minutes or --steps (0 with --init-adapter DIR: reuse a trained adapter as is);
+     with --score-weight W > 0 (joint training, trainer.joint) also W x a score loss on the
+     item states pooled from the same pass, so the popularity loss reaches the LoRA;
   2. item states: the tuned LLM encodes every item's text block once (cached on disk);
   3. the v2 score head on every row of every training cut-off: the ranking part listwise
      (LambdaRank, gains = next-period distinct users), the count part by regression on
@@ -41,6 +43,7 @@ from trainer.examples import Examples, build_examples, split_cutoffs
 from trainer.folds import make_folds
 from trainer.explanations import negative_explanations, target_explanation
 from trainer.inference import features_of, item_texts_of, prompts_of
+from trainer.joint import ScoreProbe, score_loss
 from trainer.metrics import evaluate_predictions
 from trainer.model import (ADAPTER_DIR, MANIFEST_ABOUT, POOLING, SCORE_DESIGN, Manifest, Trail, TrailConfig, build,
                            lambda_rank_loss, save)
@@ -70,6 +73,13 @@ class FitConfig:
     w_digits: float = field(default=3.0, metadata=_cli(
         "--digit-weight", "weight of a digit token in the LM loss (default %(default)s; 1 = every token alike)"))
     w_contrast: float = 0.5
+    # joint training (trainer.joint, docs/model.md): the score loss on item states pooled from phase 1's own
+    # forward pass backpropagates into the LoRA. Off by default: the shipped adapter was tuned without it, and
+    # a weight that changes every retrain is to be chosen on the rolling-origin folds by that retrain (issue 19.7),
+    # not assumed; it costs no extra forward pass, only the probe's backward through the pooled states.
+    w_score: float = field(default=0.0, metadata=_cli(
+        "--score-weight", "weight of the popularity (score) loss in the LLM phase: joint training, the item state "
+        "pooled from the prompt's item line (default %(default)s: the LoRA learns from explanations only)"))
     margin: float = 2.0  # nats of summed log-likelihood between a faithful explanation and its perturbed twin
     checkpoint_every: int = 50
     seed: int = field(default=0, metadata=_cli("--seed"))
@@ -147,8 +157,10 @@ def sample_batch(parts: list[Part], rng: np.random.Generator, size: int) -> tupl
     return part, rows.iloc[pick]
 
 
-def train_step(model: Trail, part: Part, rows: pd.DataFrame, cfg: FitConfig, rng: np.random.Generator) -> dict:
-    """One LLM step: LM loss on the faithful explanations + margin against perturbed twins."""
+def train_step(model: Trail, part: Part, rows: pd.DataFrame, cfg: FitConfig, rng: np.random.Generator,
+               probe: "ScoreProbe | None" = None) -> dict:
+    """One LLM step: LM loss on the faithful explanations + margin against perturbed twins
+    (+ cfg.w_score x the score loss of `probe` on the item states of the same pass: joint training)."""
     names = list(model.norm.signal_names)
     signals = [dict(zip(names, r)) for r in rows[names].to_numpy(np.float64).tolist()]
     horizon = int(round(part.horizon_days))
@@ -179,28 +191,41 @@ def train_step(model: Trail, part: Part, rows: pd.DataFrame, cfg: FitConfig, rng
     else:
         loss_con = loss_lm * 0
     loss = cfg.w_lm * loss_lm + cfg.w_contrast * loss_con
+    parts: dict[str, float] = {}
+    if probe is not None:
+        loss_score, parts = score_loss(model, probe, hs, ids, prompts, rows, part.horizon_days, cfg.rank_gain,
+                                       cfg.rank_k)
+        loss = loss + cfg.w_score * loss_score
+        parts["score"] = loss_score.item()
     loss.backward()
-    return {"loss": loss.item(), "lm": loss_lm.item(), "contrast": loss_con.item()}
+    return {"loss": loss.item(), "lm": loss_lm.item(), "contrast": loss_con.item()} | parts
 
 
 def lm_parameters(model: Trail) -> list[torch.nn.Parameter]:
     return [p for p in model.lm.parameters() if p.requires_grad]
 
 
-def save_checkpoint(model: Trail, opt: torch.optim.Optimizer, step: int, rng: np.random.Generator, path: Path) -> None:
+def save_checkpoint(model: Trail, opt: torch.optim.Optimizer, step: int, rng: np.random.Generator, path: Path,
+                    probe: "ScoreProbe | None" = None) -> None:
     path.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
              "trainable": {n: p.detach().clone() for n, p in model.lm.named_parameters() if p.requires_grad},
-             "optimizer": opt.state_dict()}
+             "optimizer": opt.state_dict(), "probe": probe.state_dict() if probe is not None else None}
     torch.save(state, path / "state.pt.tmp")
     (path / "state.pt.tmp").replace(path / "state.pt")
 
 
-def load_checkpoint(model: Trail, opt: torch.optim.Optimizer, path: Path) -> tuple[int, dict]:
+def load_checkpoint(model: Trail, opt: torch.optim.Optimizer, path: Path,
+                    probe: "ScoreProbe | None" = None) -> tuple[int, dict]:
     state = torch.load(path / "state.pt", weights_only=False)
+    if (probe is not None) != (state.get("probe") is not None):
+        raise ValueError(f"{path}: the checkpoint was written with{'' if state.get('probe') else 'out'} joint "
+                         "training (--score-weight); resume with the same setting")
     params = dict(model.lm.named_parameters())
     for name, value in state["trainable"].items():
         params[name].data.copy_(value)
+    if probe is not None:
+        probe.load_state_dict(state["probe"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     return state["step"], state["rng"]
@@ -217,13 +242,17 @@ def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume
     started = time.time()
     model.train()
     params = lm_parameters(model)
+    probe = ScoreProbe(model) if cfg.w_score > 0 else None  # joint training: phase 1's score, then discarded
+    if probe is not None:
+        probe.train()
+        params = params + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     seed = [cfg.seed, prior_steps] if prior_steps else cfg.seed
     rng = np.random.default_rng(seed)
     step = 0
     ckpt = out / "checkpoint"
     if resume and (ckpt / "state.pt").is_file():
-        step, rng_state = load_checkpoint(model, opt, ckpt)
+        step, rng_state = load_checkpoint(model, opt, ckpt, probe)
         rng.bit_generator.state = rng_state
         log.info("fit.resumed", step=step)
     budget_s = cfg.budget_minutes * 60
@@ -237,7 +266,7 @@ def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume
     first = step
     while step < cfg.steps and time.time() < deadline:
         part, rows = sample_batch(parts, rng, cfg.batch)
-        losses = train_step(model, part, rows, cfg, rng)
+        losses = train_step(model, part, rows, cfg, rng, probe)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad()
@@ -248,11 +277,14 @@ def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume
         if step % 25 == 0:
             log.info("fit.llm", step=step, **{k: round(v, 4) for k, v in running.items()})
         if step % cfg.checkpoint_every == 0:
-            save_checkpoint(model, opt, step, rng, ckpt)
+            save_checkpoint(model, opt, step, rng, ckpt, probe)
     bar.close()
     model.eval()
     return {"steps": step - first, "resumed_from_step": first, "minutes": round((time.time() - started) / 60, 2),
             "sampling_seed": seed, "w_digits": cfg.w_digits,
+            "joint": {"w_score": cfg.w_score, "probe": "trainer.joint.ScoreProbe, phase 1 only (discarded)",
+                      "pooling": "item line of the prompt (title, category), same forward pass"}
+            if probe is not None else None,
             "final_losses": {k: round(v, 4) for k, v in running.items()}}
 
 
@@ -374,9 +406,12 @@ def _decay(opt: torch.optim.Optimizer, factor: float) -> None:
 
 
 def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: FitConfig,
-               folds: list[HeadData] | None = None) -> dict:
+               folds: list[HeadData] | None = None, item_terms_only: bool = False) -> dict:
     """Phase 3: rank (LambdaRank) -> rank_item (kept only if it raises validation NDCG@10)
-    -> count (regression) -> count_item (residual), each early-stopped on validation."""
+    -> count (regression) -> count_item (residual), each early-stopped on validation.
+
+    `item_terms_only`: the numeric parts (prior, rank, count) stay as they are and only the item
+    terms are trained, on whatever item vectors `train` holds (the `trail_bow` control)."""
     head = model.head
     for p in model.lm.parameters():
         p.requires_grad_(False)
@@ -437,7 +472,9 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
 
     report = {}
     names = list(model.norm.names)
-    if model.cfg.rank_prior == "auto":
+    if item_terms_only:
+        prior, tried = {n: float(w) for n, w in zip(names, head.rank.prior.tolist()) if w}, []
+    elif model.cfg.rank_prior == "auto":
         decays = [n for n in names if n == "ema" or n.startswith("ema_")]
         users = [n for n in names if n.startswith("users_")][-1]  # the longest window's
         # the prior has no fitted parameter: it is chosen on every rolling-origin fold's validation block
@@ -448,23 +485,26 @@ def train_head(model: Trail, train: list[HeadData], valid: list[HeadData], cfg: 
     for n, w in prior.items():
         head.rank.prior[names.index(n)] = w
     report["rank_prior"] = {"chosen": prior, "tried": tried,
-                            "chosen_on": "the rolling-origin folds' validation cut-offs" if folds else "validation"}
+                            "chosen_on": "kept from the trained head" if item_terms_only
+                            else "the rolling-origin folds' validation cut-offs" if folds else "validation"}
     report["rank_lists"] = {"kept": len(lists), "skipped_without_a_pair": skipped}
     log.info("fit.rank_prior", chosen=prior)
     head.train()
-    start = valid_ndcg_parts(valid, np_of(rank_num))
-    report["rank"] = _early_stopped("rank", head.rank, cfg.rank_epochs, cfg.patience,
-                                    lambda: rank_epoch(head.rank, rank_num),
-                                    lambda: worst_gain(valid, np_of(rank_num), start), True)
-    report["rank"]["kept"] = report["rank"]["best_epoch"] > 0
+    if not item_terms_only:
+        start = valid_ndcg_parts(valid, np_of(rank_num))
+        report["rank"] = _early_stopped("rank", head.rank, cfg.rank_epochs, cfg.patience,
+                                        lambda: rank_epoch(head.rank, rank_num),
+                                        lambda: worst_gain(valid, np_of(rank_num), start), True)
+        report["rank"]["kept"] = report["rank"]["best_epoch"] > 0
     start = valid_ndcg_parts(valid, np_of(rank_num))
     report["rank_item"] = _early_stopped("rank_item", head.rank_item, cfg.rank_epochs // 2, cfg.patience,
                                          lambda: rank_epoch(head.rank_item, rank_full),
                                          lambda: worst_gain(valid, np_of(rank_full), start), True)
     report["rank_item"]["kept"] = report["rank_item"]["best_epoch"] > 0
-    report["count"] = _early_stopped("count", head.count, cfg.count_epochs, cfg.patience,
-                                     lambda: count_epoch(head.count, count_num),
-                                     lambda: valid_mae(valid, np_of(count_num)), False)
+    if not item_terms_only:
+        report["count"] = _early_stopped("count", head.count, cfg.count_epochs, cfg.patience,
+                                         lambda: count_epoch(head.count, count_num),
+                                         lambda: valid_mae(valid, np_of(count_num)), False)
     report["count_item"] = _early_stopped("count_item", head.count_item, cfg.count_epochs, cfg.patience,
                                           lambda: count_epoch(head.count_item, count_full),
                                           lambda: valid_mae(valid, np_of(count_full)), False)
