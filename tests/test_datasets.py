@@ -200,6 +200,18 @@ def test_generic_loader_formats_and_timestamp_units(tmp_path, fmt, unit):
     assert items["item_id"].tolist() == ["a", "b", "c"] and items["title"].tolist() == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "jsonl"])
+def test_generic_loader_reads_an_empty_user_as_no_user_in_every_format(tmp_path, fmt):
+    df = FRAME.rename(columns={"ts_s": "ts"}).assign(user_id=["u1", "", "  ", "u1"])
+    path = tmp_path / f"events.{fmt}"
+    _write(df, path)
+    events, _ = load_events(path)
+    assert events["user_id"].tolist() == [None, None, "u1", "u1"]  # time order: a(""), a("  "), c, b
+    _write(df.assign(item_id=["b", "", "a", "c"]), path)
+    with pytest.raises(DatasetError, match="item_id"):
+        load_events(path)
+
+
 def test_generic_loader_numeric_ids_stay_text_and_defaults(tmp_path):
     path = tmp_path / "e.csv"
     path.write_text("item_id,ts\n007,1300000000\n42,1300000001\n")

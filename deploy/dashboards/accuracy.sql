@@ -3,9 +3,12 @@
 -- the horizon window at tick + horizon (trend snapshots, else later predictions' signals;
 -- 0 for an item absent from a snapshot that exists). Metrics on log(1 + count) like the
 -- offline evaluation: MAE, RMSE, Spearman (Pearson correlation of average ranks), and their
--- means over the last window_ticks ticks (the current one included).
+-- means over the last window_ticks ticks (the current one included); and NDCG@top_n of the
+-- tick's published ranking with the realised counts as gains, discounted by log2(1 + position):
+-- DCG over the published top N, IDCG over the N items that did best, NULL where nothing ranked
+-- at the tick was bought or viewed (IDCG = 0).
 -- Parameters: model_version ('' = latest model), count_signal (e.g. count_7d),
--- horizon_hours (e.g. 168), window_ticks (e.g. 24), time_from, time_to.
+-- horizon_hours (e.g. 168), window_ticks (e.g. 24), top_n (NDCG's K, e.g. 10), time_from, time_to.
 WITH
     chosen AS
     (
@@ -35,6 +38,7 @@ WITH
     (
         SELECT
             p.tick AS tick,
+            p.rank AS rank,
             p.predicted_count AS predicted,
             multiIf(
                 o.n IS NOT NULL, o.n,
@@ -42,7 +46,7 @@ WITH
                 NULL) AS realised
         FROM
         (
-            SELECT item_id, tick, predicted_count
+            SELECT item_id, tick, rank, predicted_count
             FROM trail_predictions FINAL
             WHERE model_version IN (SELECT model_version FROM chosen)
               AND tick >= {time_from:DateTime64(3, 'UTC')} AND tick <= {time_to:DateTime64(3, 'UTC')}
@@ -55,8 +59,10 @@ WITH
         -- average ranks within a tick (ties share the mean of their positions), as scipy's spearmanr
         SELECT
             tick,
+            rank,
             predicted,
             assumeNotNull(realised) AS actual,
+            row_number() OVER (PARTITION BY tick ORDER BY actual DESC, rank) AS ideal_position,
             rank() OVER (PARTITION BY tick ORDER BY predicted) + (count() OVER (PARTITION BY tick, predicted) - 1) / 2 AS rank_predicted,
             rank() OVER (PARTITION BY tick ORDER BY actual) + (count() OVER (PARTITION BY tick, actual) - 1) / 2 AS rank_actual
         FROM scored
@@ -71,7 +77,9 @@ WITH
             sqrt(avg(pow(log1p(predicted) - log1p(actual), 2))) AS rmse_log1p,
             corr(toFloat64(rank_predicted), toFloat64(rank_actual)) AS spearman,
             sum(predicted) AS predicted_total,
-            sum(actual) AS realised_total
+            sum(actual) AS realised_total,
+            sumIf(actual / log2(rank + 1), rank <= {top_n:UInt32}) AS dcg,
+            sumIf(actual / log2(ideal_position + 1), ideal_position <= {top_n:UInt32}) AS idcg
         FROM ranked
         GROUP BY tick
     )
@@ -83,6 +91,7 @@ SELECT
     spearman,
     predicted_total,
     realised_total,
+    if(idcg > 0, dcg / idcg, NULL) AS ndcg,
     avg(mae_log1p) OVER w AS mae_log1p_rolling,
     avg(rmse_log1p) OVER w AS rmse_log1p_rolling,
     avg(spearman) OVER w AS spearman_rolling

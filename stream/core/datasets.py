@@ -114,8 +114,10 @@ def _wheel_path(package: str, rel: str) -> Path:
 
 # --- normalisation shared by all loaders --------------------------------------------------------
 
-def _as_object_str(s: pd.Series, *, allow_none: bool) -> pd.Series:
-    """A str column as object dtype with None for missing (pandas 3 defaults to its own str dtype)."""
+def _as_object_str(s: pd.Series, *, allow_none: bool, blank_missing: bool = False) -> pd.Series:
+    """A str column as object dtype with None for missing (pandas 3 defaults to its own str dtype);
+    with `blank_missing` (ids), an empty or blank string is missing too, whatever the format: CSV reads
+    "" as missing, Parquet and JSONL keep it."""
     mask = s.isna()
     if pd.api.types.is_float_dtype(s.dtype):
         # ids that went through a float column ("13085.0"): print integral values without ".0"
@@ -131,6 +133,11 @@ def _as_object_str(s: pd.Series, *, allow_none: bool) -> pd.Series:
         res = s.astype(object).where(~mask, None)
         if not isinstance(s.dtype, pd.StringDtype) and not all(type(v) is str for v in res if v is not None):
             res = res.map(lambda v: v if v is None or isinstance(v, str) else str(v))
+    if blank_missing:
+        blank = (res.str.strip() == "").fillna(False).astype(bool)
+        if blank.any():
+            mask = mask | blank
+            res = res.where(~blank, None)
     if not allow_none and mask.any():
         raise DatasetError(f"column {s.name!r} has {int(mask.sum())} missing value(s)")
     return res
@@ -143,8 +150,8 @@ def _nones(n: int) -> np.ndarray:
 def finish_events(df: pd.DataFrame) -> pd.DataFrame:
     """Columns, dtypes and order of the event frame; sorts by ts (stable)."""
     out = pd.DataFrame({
-        "item_id": _as_object_str(df["item_id"], allow_none=False),
-        "user_id": _as_object_str(df["user_id"], allow_none=True) if "user_id" in df
+        "item_id": _as_object_str(df["item_id"], allow_none=False, blank_missing=True),
+        "user_id": _as_object_str(df["user_id"], allow_none=True, blank_missing=True) if "user_id" in df
         else _nones(len(df)),
         "ts": df["ts"].to_numpy(dtype=np.int64),
         "event_type": _as_object_str(df["event_type"], allow_none=False) if "event_type" in df
@@ -165,7 +172,7 @@ def finish_events(df: pd.DataFrame) -> pd.DataFrame:
 def finish_items(df: pd.DataFrame) -> pd.DataFrame:
     if "item_id" not in df:
         raise DatasetError(f"item table lacks column 'item_id'; has {list(df.columns)}")
-    item_id = _as_object_str(df["item_id"], allow_none=False)
+    item_id = _as_object_str(df["item_id"], allow_none=False, blank_missing=True)
     if item_id.duplicated().any():
         dups = item_id[item_id.duplicated()].unique()[:5].tolist()
         raise DatasetError(f"item table has duplicate item_id values, e.g. {dups}")
@@ -467,8 +474,8 @@ def _cached(name: str, sources: list[Path], build: Callable[[], tuple[pd.DataFra
 def finish_loaded_events(df: pd.DataFrame) -> pd.DataFrame:
     """Dtypes of an already sorted event frame read back from Parquet (no re-sort)."""
     return pd.DataFrame({
-        "item_id": _as_object_str(df["item_id"], allow_none=False),
-        "user_id": _as_object_str(df["user_id"], allow_none=True),
+        "item_id": _as_object_str(df["item_id"], allow_none=False, blank_missing=True),
+        "user_id": _as_object_str(df["user_id"], allow_none=True, blank_missing=True),
         "ts": df["ts"].to_numpy(dtype=np.int64),
         "event_type": _as_object_str(df["event_type"], allow_none=False),
         "weight": df["weight"].to_numpy(dtype=np.float64),

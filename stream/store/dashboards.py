@@ -155,7 +155,7 @@ def grafana_dashboard(directory: Path = DASHBOARD_DIR) -> dict[str, Any]:
         {"id": 2, "type": "table", "title": "Rank movers since the previous tick", "datasource": DATASOURCE,
          "gridPos": {"h": 10, "w": 12, "x": 0, "y": 12}, "targets": [_target(sql["movers"], 1)],
          "options": table_opts, "fieldConfig": {"defaults": {}, "overrides": []}},
-        {"id": 3, "type": "timeseries", "title": "Rolling accuracy (log1p counts, passed periods)",
+        {"id": 3, "type": "timeseries", "title": "Rolling accuracy (log1p counts) and NDCG@$top_n of the published ranking, passed periods",
          "datasource": DATASOURCE, "gridPos": {"h": 10, "w": 12, "x": 12, "y": 12},
          "targets": [_target(sql["accuracy"], 0)],
          "fieldConfig": {"defaults": {"custom": {"drawStyle": "line", "lineWidth": 2}},

@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, TypeVar
 
 from stream.store import dashboards
@@ -28,7 +27,6 @@ from stream.store.clickhouse import StoreConfig, connect
 from stream.store.dashboards import DashboardParams
 
 T = TypeVar("T")
-WEB_SQL_DIR = Path(__file__).resolve().parent / "sql"
 OPTIONAL_PREDICTION_COLUMNS = ("predicted_low", "predicted_high", "drivers")
 EXPLANATION_COLUMNS = ("tick", "rank", "explanation", "faithful", "repaired", "forecast", "forecast_agrees", "reason")
 MAX_ITEM_ID = 200  # characters; longer ids are a bad request, not a query
@@ -209,8 +207,8 @@ class StoreReader:
         r = self.client().query(sql, parameters=dict(parameters or {}))
         return _rows(r.column_names, r.result_rows)
 
-    def _dashboard(self, name: str, params: DashboardParams, directory: Path = dashboards.DASHBOARD_DIR) -> list[dict]:
-        r = dashboards.run(self.client(), name, params, directory)
+    def _dashboard(self, name: str, params: DashboardParams) -> list[dict]:
+        r = dashboards.run(self.client(), name, params)
         return _rows(r.column_names, r.result_rows)
 
     def ping(self) -> bool:
@@ -367,9 +365,8 @@ class StoreReader:
                                  horizon_hours=c.horizon_hours, window_ticks=window_ticks or c.window_ticks,
                                  top_n=c.ndcg_k)
         rows = self._dashboard("accuracy", params)
-        ndcg = {r["tick"]: _num(r["ndcg"]) for r in self._dashboard("ndcg", params, WEB_SQL_DIR)}
         out = [AccuracyRow(tick=r["tick"], items=int(r["items"]), mae_log1p=_num(r["mae_log1p"]),
-                           rmse_log1p=_num(r["rmse_log1p"]), spearman=_num(r["spearman"]), ndcg=ndcg.get(r["tick"]),
+                           rmse_log1p=_num(r["rmse_log1p"]), spearman=_num(r["spearman"]), ndcg=_num(r["ndcg"]),
                            predicted_total=float(r["predicted_total"]), realised_total=float(r["realised_total"]),
                            mae_log1p_rolling=_num(r["mae_log1p_rolling"]))
                for r in rows]
