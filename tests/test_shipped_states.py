@@ -194,3 +194,26 @@ def test_a_head_first_export_lets_shipped_states_score_before_the_encoder_is_rec
     assert s.encoder is not None and {"scorer.encoder_ready", "item_store.shipped_verified"} <= events
     assert store.key and store.path.name == f"onnx-{store.key}.npz"
     assert s.tokenizer.end_id == scorer.tokenizer.end_id
+
+
+def test_the_demo_copies_the_shipped_states_beside_its_export_and_uses_them_only_for_their_model(trend, tmp_path,
+                                                                                                  retail_items):
+    from stream.tools.demo import served_artefact, shipped_coverage, shipped_for
+
+    if (COMMITTED / "onnx").exists():
+        pytest.skip("the committed artefact is exported in place here: the demo serves it as it is")
+    model = tmp_path / "trail-smollm2"
+    model.mkdir()
+    for name in (*TRAINED_FILES, SHIPPED_DIR):
+        src = COMMITTED / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, model / name)
+    home = served_artefact(model, trend, tmp_path / "cache")
+    assert (home / SHIPPED_DIR / "retail.npz").read_bytes() == SHIPPED.read_bytes()
+    found = shipped_for(home, "retail")
+    assert found == home / SHIPPED_DIR / "retail.npz" and shipped_for(home, "ml100k") is None
+    assert shipped_coverage(found, retail_items) == (len(retail_items), len(retail_items))
+    changed = retail_items.copy()
+    changed.loc[changed.index[:10], "title"] = "renamed"
+    assert shipped_coverage(found, changed) == (len(retail_items) - 10, len(retail_items))
+    (model / "adapter" / "adapter_model.safetensors").write_bytes(b"retrained")  # another model: not its states
+    assert shipped_for(model, "retail") is None
