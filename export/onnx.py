@@ -364,15 +364,63 @@ def versions() -> dict[str, str]:
     return out
 
 
+def export_head_first(directory: Path, command: str = "") -> dict:
+    """Write and record head.onnx (and the range head) alone, from the trained head weights without loading
+    the base model: the record's "pending" names the item encoder, tokenizer and generator, written after it.
+    A worker whose items' states were shipped with the artefact (stream.model.item_states) scores from here
+    on. Parity against the PyTorch head at HEAD_BATCHES, on shipped states (else random ones) with
+    standard-normal signals (what normalised signals are); `export` checks it again on real rows later."""
+    from types import SimpleNamespace
+
+    from stream.model.item_states import SHIPPED_DIR
+    from trainer.model import load_head
+
+    t0 = time.time()
+    head = load_head(directory)
+    manifest = Manifest.load(directory)
+    n_features, hidden = len(manifest.normalisation["names"]), int(manifest.item_state["hidden_size"])
+    out = directory / ONNX_DIR
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    model = SimpleNamespace(head=head)
+    export_head(model, n_features, hidden, out / "head.onnx")
+    rng = np.random.default_rng(3)
+    states = None
+    for f in sorted((directory / SHIPPED_DIR).glob("*.npz")):
+        with np.load(f, allow_pickle=False) as z:
+            states = z["states"][:HEAD_BATCHES[-1]].astype(np.float32)
+        break
+    if states is None or states.shape[1:] != (hidden,):
+        states = rng.normal(size=(HEAD_BATCHES[-1], hidden)).astype(np.float32)
+    x = rng.normal(size=(len(states), n_features)).astype(np.float32)
+    parity = {"head": head_parity(ScoreHeadModel(out / "head.onnx", [CPU]), model, x, states)}
+    parity["head"]["tolerance"] = TOLERANCE["head"]
+    parity["head"]["inputs"] = "head-first: shipped item states, standard-normal signals"
+    require_parity("head", parity["head"], TOLERANCE["head"])
+    if (directory / RANGE_FILE).is_file():
+        parity["range_head"] = {"max_abs_diff": export_range(directory)["max_abs_diff"]}
+    record = {"files": {"head": file_record(directory, out / "head.onnx")}, "parity": parity,
+              "pending": ["tokenizer", "item_encoder", "generator"], "score_design": SCORE_DESIGN,
+              "opset": OPSET, "export_version": EXPORT_VERSION, "source": source_hashes(directory),
+              "versions": versions(), "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "seconds": round(time.time() - t0, 1), "command": command}
+    write_export(directory, record)
+    return record
+
+
 # ---- main --------------------------------------------------------------------------------------
 
 def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: float = TOLERANCE["score"],
            datasets: list[str] | None = None, events: str | None = None, items: str | None = None,
-           command: str = "", generator_int8: bool = False, generator_nice: int = 0) -> dict:
+           command: str = "", generator_int8: bool = False, generator_nice: int = 0,
+           head_first: bool = False) -> dict:
     """The score path (tokenizer, item encoder, head) is written and recorded first, with the generator
     "pending" in the record (a stream may serve predictions from it: `Artefact.load(pending_ok=True)`);
     then the generator's greedy reference, export and parity, and the full record. `generator_nice`:
-    that second part runs this much lower in CPU priority (the demo's worker scores beside it)."""
+    that second part runs this much lower in CPU priority (the demo's worker scores beside it). `head_first`:
+    the head alone is written and recorded before all of that (`export_head_first`), and `generator_nice`
+    applies to everything after it."""
     from trainer.model import load
 
     started = time.time()
@@ -389,6 +437,11 @@ def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: 
         shutil.rmtree(tmp_out)
     tmp_out.mkdir(parents=True)
     threads = torch.get_num_threads()
+    head_first_seconds = None
+    if head_first:
+        head_first_seconds = export_head_first(directory, command)["seconds"]
+        if generator_nice:
+            lower_priority(generator_nice)
     stages = ["load", "sample", "reference", "item_encoder", "head", "score_record", "generator_reference",
               "generator", "record"]
     bar = tqdm(stages, desc="export", unit="stage")
@@ -485,22 +538,27 @@ def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: 
             "versions": versions(),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(time.time() - started, 1),
-            "stage_seconds": dict(timings),
+            "stage_seconds": dict(timings) | ({"head_first": head_first_seconds} if head_first else {}),
             "file_seconds": dict(file_seconds),
             "command": command,
         }
 
     stage()  # the score path, checked, in place: a stream can score from here on
-    if out.exists():
-        shutil.rmtree(out)
-    tmp_out.rename(out)
+    if head_first:  # beside the head-first files a worker may serve already (head.onnx replaced atomically)
+        for f in tmp_out.iterdir():
+            f.replace(out / f.name)
+        tmp_out.rmdir()
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        tmp_out.rename(out)
     files = {"item_encoder": file_record(directory, out / "item_encoder.onnx"),
              "head": file_record(directory, out / "head.onnx"),
              "tokenizer": file_record(directory, out / "tokenizer.json")}
     if (directory / RANGE_FILE).is_file():  # the count's range head (trainer.quantiles) is part of the score path
         parity["range_head"] = {"max_abs_diff": export_range(directory)["max_abs_diff"]}
     write_export(directory, record(files, ["generator"]))
-    if generator_nice:
+    if generator_nice and not head_first:
         lower_priority(generator_nice)
 
     stage()
@@ -560,6 +618,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--generator-nice", type=int, default=0,
                     help="once the score path is written, run the generator's part this much lower in CPU priority "
                          "(the demo: 10, its worker scores meanwhile)")
+    ap.add_argument("--head-first", action="store_true",
+                    help="write and record head.onnx (and the range head) before loading the base model, the rest "
+                         "pending: a stream with shipped item states (stream.model.item_states) scores from it; "
+                         "--generator-nice then applies to everything after it (the demo)")
     ap.add_argument("--generator-int8", action="store_true",
                     help="also write generator.int8/model.onnx (dynamic int8), which the stream serves on CPU")
     args = ap.parse_args(argv)
@@ -571,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         onnx = export(args.model, n_prompts=args.prompts, n_explain=args.explain,
                       tolerance=args.tolerance, datasets=args.dataset, events=args.events, items=args.items,
-                      command=command, generator_int8=args.generator_int8, generator_nice=args.generator_nice)
+                      command=command, generator_int8=args.generator_int8, generator_nice=args.generator_nice,
+                      head_first=args.head_first)
     except ExportError as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1

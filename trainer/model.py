@@ -435,6 +435,23 @@ def save(model: Trail, manifest: Manifest, directory: Path) -> None:
     manifest.save(directory)
 
 
+def config_of(manifest: Manifest) -> TrailConfig:
+    known = {f.name for f in fields(TrailConfig)}  # an older fit's manifest may name a field since removed (embed_dim)
+    return TrailConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest.trail_config.items()
+                          if k in known})
+
+
+def load_head(directory: str | Path) -> ScoreHead:
+    """The score head alone, from its weights and the manifest (no base model: export.onnx --head-first)."""
+    from safetensors.torch import load_file
+
+    manifest = Manifest.load(directory)
+    head = ScoreHead(int(manifest.item_state["hidden_size"]), len(manifest.normalisation["names"]),
+                     config_of(manifest))
+    head.load_state_dict(load_file(Path(directory) / HEAD_FILE))
+    return head.eval()
+
+
 def load(directory: str | Path, merge: bool = False) -> tuple[Trail, Manifest]:
     """Rebuild the model from the artefact directory alone (base weights come from resolve_base)."""
     from peft import PeftModel
@@ -446,9 +463,7 @@ def load(directory: str | Path, merge: bool = False) -> tuple[Trail, Manifest]:
         raise ValueError(f"{directory}: score design {manifest.score_design or 'v1 (prompt-token score)'!r}, this "
                          f"code reads {SCORE_DESIGN!r}; rebuild it with python -m trainer.fit --init-adapter "
                          f"{directory / ADAPTER_DIR} --budget-minutes 0 ...")
-    known = {f.name for f in fields(TrailConfig)}  # an older fit's manifest may name a field since removed (embed_dim)
-    cfg = TrailConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest.trail_config.items()
-                         if k in known})
+    cfg = config_of(manifest)
     norm = Normalisation.from_dict(manifest.normalisation)
     lm, tokenizer = load_base(cfg.base)
     lm = PeftModel.from_pretrained(lm, directory / ADAPTER_DIR)

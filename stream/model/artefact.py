@@ -50,8 +50,10 @@ DEFAULT_MAX_ITEM_TOKENS = 32
 ROLES = ("item_encoder", "head", "generator", "tokenizer")
 REQUIRED_ROLES = ROLES
 # export.onnx writes the score path first and records it with the generator "pending" while it exports that:
-# a stream may serve predictions from such a record (`Artefact.load(..., pending_ok=True)`) and explain later
-DEFERRABLE_ROLES = ("generator",)
+# a stream may serve predictions from such a record (`Artefact.load(..., pending_ok=True)`) and explain later.
+# With --head-first it records the head alone first (the item encoder and tokenizer pending too): a scorer
+# that has its items' states shipped with the artefact (stream.model.item_states) scores from it meanwhile.
+DEFERRABLE_ROLES = ("generator", "item_encoder", "tokenizer")
 
 
 def item_text_version() -> str | None:

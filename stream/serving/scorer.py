@@ -27,6 +27,11 @@ cache changed: after a tick at most every `SAVE_EVERY_S`, after the warm-up and 
 writes its own file, so after a write the directory keeps the `KEEP_STORES` most recently written
 (`prune_stores`, the trainer's files included) and deletes the rest.
 
+States shipped with the artefact (`DIR/item_states/*.npz`, stream.model.item_states) are read under the
+store's own entries; a sample is re-encoded before any is used, or, with a head-first export (export.onnx
+--head-first: the head recorded before the item encoder), as soon as the encoder is recorded: until then
+the scorer scores the items that have states and an item without one waits for the encoder (`open_encoder`).
+
 The warm-up (`TickScorer.warm`, run by `Serving.start` once the catalogue has caught up, before the
 first tick; at most TRAIL_ITEM_WARM items) encodes the catalogue's items the cache lacks, so the first
 tick of a fresh worker does not encode the whole catalogue while the tick hooks fall behind, and a
@@ -47,6 +52,7 @@ through a single-partition topic to one ranker, as `ScoredChunk` messages (orjso
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -62,7 +68,7 @@ from stream.core.features import predicted_count
 from stream.core.prompts import item_text, render_prompt
 from stream.core.records import ItemInfo, Prediction, to_tick
 from stream.core.trends import Signals
-from stream.model.artefact import Artefact
+from stream.model.artefact import Artefact, ArtefactError, PromptTokenizer, read_export
 from stream.model.count_range import CountRange
 from stream.model.onnx_models import CPU, ItemEncoder, ScoreHeadModel, choose_providers
 from stream.model.item_states import DEFAULT_CACHE_ITEMS, ItemStateCache, ItemStateStore
@@ -74,6 +80,7 @@ DRIVER_ITEMS = 256  # per worker and tick, the top items by score whose drivers 
 CPU_BATCH = 32
 CUDA_BATCH = 512
 PART_CHUNK_ITEMS = 500  # items per ranking-topic message (~100 kB)
+ENCODER_WAIT_S = 1800.0  # most seconds an item waits for a head-first export's item encoder
 
 
 def prompt_for(item_id: str, info: ItemInfo | None, signals: Mapping[str, float], horizon_days: int,
@@ -295,27 +302,86 @@ class TickScorer:
         self.artefact = artefact
         self.model_version = artefact.model_version
         self.features = artefact.features()
-        self.tokenizer = artefact.tokenizer()  # prompts (the explainer's)
-        self.item_tokenizer = artefact.item_tokenizer()
         self.horizon_days = artefact.horizon_days(horizon_days)
         self.publish_top = publish_top
-        providers = choose_providers(provider)
-        self.encoder = ItemEncoder(artefact.path("item_encoder"), providers, threads)
+        self._providers, self._threads, self._batch = choose_providers(provider), threads, batch
         # A few small matrix products per item: the CPU beats a round trip to the GPU.
         self.head = ScoreHeadModel(artefact.path("head"), [CPU], threads)
         # the count's range and drivers (stream.model.count_range), when the artefact has a range head
         self.range = CountRange.open(artefact.root, self.features.names, threads)
-        self.provider = self.encoder.provider
-        self.batch = batch or (CUDA_BATCH if self.encoder.cuda else CPU_BATCH)
+        # the item encoder and the tokenizers; None while a head-first export writes them (`open_encoder`)
+        self.encoder: ItemEncoder | None = None
+        self._tokenizer: PromptTokenizer | None = None  # prompts (the explainer's: `tokenizer`)
+        self.item_tokenizer: PromptTokenizer | None = None
+        self.provider = self._providers[0]
+        self.batch = batch or CPU_BATCH
+        self._opening = threading.Lock()
         self.cache = ItemStateCache(cache_items)
         self.store = store
         self._loaded = store is None
         self.hidden_size = artefact.hidden_size
         self.stats = ScorerStats()
+        if artefact.has("item_encoder"):
+            self._open(artefact)
         log.info("scorer.ready", model_version=self.model_version, provider=self.provider, batch=self.batch,
                  horizon_days=self.horizon_days, cache_items=cache_items,
                  store=None if store is None else str(store.path),
-                 parity=artefact.parity("item_encoder").get("max_abs_diff"))
+                 parity=artefact.parity("item_encoder").get("max_abs_diff"),
+                 encoder="ready" if self.encoder is not None else "pending: the export writes it")
+
+    # ---- the item encoder ------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> PromptTokenizer:
+        """The prompts' tokenizer (the explainer's, built once the export recorded the generator: by then
+        it has recorded the tokenizer too)."""
+        if self._tokenizer is None and not self.open_encoder():
+            raise ArtefactError(f"{self.artefact.root}: the export has not recorded the tokenizer yet")
+        return self._tokenizer
+
+    def _open(self, artefact: Artefact) -> None:
+        self._tokenizer = artefact.tokenizer()
+        self.item_tokenizer = artefact.item_tokenizer()
+        self.encoder = ItemEncoder(artefact.path("item_encoder"), self._providers, self._threads)
+        self.provider = self.encoder.provider
+        self.batch = self._batch or (CUDA_BATCH if self.encoder.cuda else CPU_BATCH)
+        self.artefact = artefact
+
+    def open_encoder(self) -> bool:
+        """Whether the item encoder is open: a head-first export (export.onnx --head-first) records it after
+        the head, so until then the export record is read again (cheap) and the encoder opened once there;
+        the store then takes its own file and the shipped states are checked (stream.model.item_states)."""
+        if self.encoder is not None:
+            return True
+        with self._opening:
+            if self.encoder is not None:
+                return True
+            root = self.artefact.root
+            try:
+                art = Artefact(root, {**self.artefact.manifest, "onnx": read_export(root)})
+                art.check_files(verify=False, pending_ok=True)
+            except ArtefactError:
+                return False  # between two records of the export (a failed export is the exporter's to report)
+            if not art.has("item_encoder"):
+                return False
+            if art.onnx.get("source") != self.artefact.onnx.get("source"):
+                raise ArtefactError(f"{root}: the export now records other trained weights than this worker "
+                                    f"started on; restart it")
+            self._open(art)
+            log.info("scorer.encoder_ready", provider=self.provider, parity=art.parity("item_encoder").get("max_abs_diff"))
+            if self.store is not None:
+                self.store.rekey(art, self.cache)
+            return True
+
+    def _await_encoder(self, items: int, every_s: float = 1.0) -> None:
+        """Block (the scorer's thread) until the export records the item encoder; at most ENCODER_WAIT_S."""
+        t0 = time.monotonic()
+        log.warning("scorer.awaiting_encoder", items=items,
+                    note="items without a shipped state wait for the export of the item encoder")
+        while not self.open_encoder():
+            if time.monotonic() - t0 > ENCODER_WAIT_S:
+                raise ArtefactError(f"{self.artefact.root}: the export has not recorded the item encoder after "
+                                    f"{ENCODER_WAIT_S:.0f} s; run `python -m export.onnx --model {self.artefact.root}`")
+            time.sleep(every_s)
 
     # ---- the item-state store --------------------------------------------------------------------
     def load_states(self) -> int:
@@ -323,6 +389,12 @@ class TickScorer:
         if not self._loaded:
             self._loaded = True
             self.store.load(self.cache)
+            if self.encoder is None and self.store.unverified:
+                log.warning("item_store.shipped_unverified", entries=self.store.unverified,
+                            note="shipped states serve until the export writes the item encoder; a sample of them "
+                                 "is then encoded and compared, and all are dropped if it differs")
+        if self.store is not None and self.store.unverified and self.open_encoder():
+            self.store.verify_shipped(self.cache, self.encode)  # before any is used, or as soon as the encoder is
         return self.store.loaded if self.store is not None else 0
 
     def save_due(self, force: bool = False) -> bool:
@@ -372,6 +444,8 @@ class TickScorer:
         out = np.empty((len(texts), self.hidden_size), np.float32)
         if not texts:
             return out
+        if self.encoder is None:
+            self._await_encoder(len(texts))
         rows = self.item_tokenizer.ids(texts)
         order = np.argsort([len(r) for r in rows], kind="stable")
         for start in range(0, len(order), self.batch):

@@ -13,7 +13,10 @@ exports the model to ONNX once per weights, into TRAIL_CACHE/exports/<model>-<ha
 (every later run and clone on the machine serves it from there); the export overlaps
 the broker, the topics and the warm-up replay, and writes the score path first: the
 worker starts on it and predicts while the export writes the generator (at a lower CPU
-priority), and explains once it is recorded. Ctrl-C (or --duration)
+priority), and explains once it is recorded. For the public datasets whose item states
+ship with the model (models/trail-smollm2/item_states/, export.item_states) the score
+head alone comes first (export.onnx --head-first): the worker predicts from the shipped
+states while the item encoder is exported, then checks a sample of them against it. Ctrl-C (or --duration)
 stops the replay, then the worker (which stops in order: sink flushed, offsets
 committed, state saved), then the broker; nothing is left running. The results
 stay in the embedded ClickHouse store (`python -m stream.tools.report`). The worker
@@ -128,10 +131,11 @@ def worker_env(args: argparse.Namespace, bootstrap: str, var: Path, horizon_days
         "TRAIL_TICK_S": str(args.tick),
         "TRAIL_MODEL_DIR": str(args.model),  # the worker then scores, ranks, explains and stores (stream.app)
     })
-    # The first tick encodes the items it scores; warming the whole catalogue up before it (the worker's
-    # default) encodes ~4,700 items where the first tick of Online Retail II scores ~2,000-2,500: measured on
-    # a busy 2-core machine, first prediction at 195 s instead of 408 s with a cold item cache. Later ticks
-    # encode the items that become active (cached across runs in TRAIL_CACHE/item_states).
+    # The first tick encodes the items it scores (none with the item states shipped for the demo's data);
+    # warming the whole catalogue up before it (the worker's default) encodes ~4,700 items where the first
+    # tick of Online Retail II scores ~2,000-2,500: measured on a busy 2-core machine, first prediction at
+    # 195 s instead of 408 s with a cold item cache. Later ticks encode the items that become active (cached
+    # across runs in TRAIL_CACHE/item_states).
     env.setdefault("TRAIL_ITEM_WARM", "0")
     if getattr(args, "web_port", 0):  # the page, /metrics, /health, /ready on the worker's web server
         env["TRAIL_WEB_PORT"] = str(args.web_port)
@@ -206,14 +210,15 @@ class Progress:
 DEMO_EXPORT_ARGS = ("--prompts", "12", "--explain", "2", "--generator-nice", "10")
 
 
-def export_needed(model: Path, trend, pending_ok: bool = False) -> bool:
+def export_needed(model: Path, trend, pending_ok: bool = False, need_encoder: bool = True) -> bool:
     """The committed artefact carries the trained weights, not the ONNX files (1.3 GB): exported once.
-    `pending_ok`: the score path is enough (the export may still be writing the generator)."""
+    `pending_ok`: the score path is enough (the export may still be writing the generator); without
+    `need_encoder`, the score head alone (a head-first export, the item states shipped)."""
     from stream.model.artefact import Artefact, ArtefactError
 
     try:
-        Artefact.load(model, trend, verify=not pending_ok, pending_ok=pending_ok)
-        return False
+        art = Artefact.load(model, trend, verify=not pending_ok, pending_ok=pending_ok)
+        return need_encoder and not art.has("item_encoder")
     except ArtefactError as e:
         if "export.onnx" not in str(e):
             raise
@@ -265,12 +270,65 @@ def served_artefact(model: Path, trend, cache_dir: Path) -> Path:
             tmp.rename(home)
         except OSError:  # another demo made it meanwhile
             shutil.rmtree(tmp, ignore_errors=True)
+    copy_shipped(model, home)
     return home
 
 
-def start_export(model: Path, log_path: Path) -> subprocess.Popen:
+def copy_shipped(src: Path, home: Path) -> None:
+    """The item states shipped with the committed model (stream.model.item_states) into its export's home,
+    when they differ: they are not part of the weights' hash, their own key says what they were computed for."""
+    from filecmp import cmp
+
+    from stream.model.item_states import SHIPPED_DIR
+
+    for f in sorted((src / SHIPPED_DIR).glob("*.npz")):
+        dst = home / SHIPPED_DIR / f.name
+        if not (dst.is_file() and cmp(f, dst, shallow=False)):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{f.name}.tmp{os.getpid()}")
+            shutil.copy2(f, tmp)
+            tmp.replace(dst)
+
+
+def shipped_for(model: Path, dataset: str | None) -> Path | None:
+    """The shipped item states of `dataset` in `model`, when their key is the model's (else None)."""
+    import json
+
+    import numpy as np
+
+    from stream.model.artefact import Artefact
+    from stream.model.item_states import SHIPPED_DIR, shipped_key
+
+    path = model / SHIPPED_DIR / f"{dataset}.npz"
+    if not dataset or not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            key = str(z["key"])
+    except (OSError, ValueError, KeyError):
+        return None
+    return path if key == shipped_key(Artefact(model, json.loads((model / "manifest.json").read_text()))) else None
+
+
+def shipped_coverage(path: Path, items) -> tuple[int, int]:
+    """(items of the table whose shipped state was computed from the text the worker renders, items)."""
+    import numpy as np
+
+    from export.item_states import catalogue_texts
+    from stream.model.item_states import ShippedStates
+
+    ids, texts = catalogue_texts(items)
+    with np.load(path, allow_pickle=False) as z:
+        hidden = int(z["states"].shape[1])
+    f = ShippedStates.read(path, None, hidden)
+    shipped = dict(zip(f.ids, f.texts))
+    return sum(shipped.get(i) == t for i, t in zip(ids, texts)), len(ids)
+
+
+def start_export(model: Path, log_path: Path, head_first: bool = False) -> subprocess.Popen:
     out = open(log_path, "wb")
-    return subprocess.Popen([sys.executable, "-m", "export.onnx", "--model", str(model), *DEMO_EXPORT_ARGS],
+    return subprocess.Popen([sys.executable, "-m", "export.onnx", "--model", str(model), *DEMO_EXPORT_ARGS,
+                             *(["--head-first"] if head_first else [])],
                             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -369,13 +427,18 @@ async def run(args: argparse.Namespace) -> int:
     model = served_artefact(Path(args.model).resolve(), settings.worker.trend, Path(settings.cache_dir).resolve())
     args.model = model  # what the worker serves (TRAIL_MODEL_DIR)
     exporter = None
+    # the item states of the demo's data, shipped with the model: the worker need not wait for the item encoder
+    shipped = None if args.events else shipped_for(model, args.dataset)
     if export_needed(model, settings.worker.trend):
         # the longest stage of a first run: everything up to the worker's start overlaps it, and the
-        # worker starts once the score path is written, while the generator is exported
+        # worker starts once the score path is written (with shipped item states: the score head alone),
+        # while the rest is exported
         shutil.rmtree(model / "onnx", ignore_errors=True)  # an interrupted export's files: the worker waits for new ones
-        exporter = start_export(model, var / "export.log")
-        progress("export", f"exporting {model.name} to ONNX once, into {model} (item encoder and score head "
-                           f"first: the worker starts on them; then the generator), log {var / 'export.log'}")
+        exporter = start_export(model, var / "export.log", head_first=shipped is not None)
+        first = ("the score head first (the item states of the data ship with the model): the worker starts on it; "
+                 "then the item encoder and the generator") if shipped else (
+                 "item encoder and score head first: the worker starts on them; then the generator")
+        progress("export", f"exporting {model.name} to ONNX once, into {model} ({first}), log {var / 'export.log'}")
     broker = None
     worker = None
     stop = asyncio.Event()
@@ -397,6 +460,10 @@ async def run(args: argparse.Namespace) -> int:
             events = events[events["ts"] >= start_ms - args.warmup_days * DAY_MS]
         titles.update(zip(dataset.items["item_id"], dataset.items["title"].astype(str)))
         progress("dataset", f"{dataset.name}: {len(events):,} events, {len(dataset.items):,} items")
+        if shipped is not None:
+            covered, n_items = await asyncio.to_thread(shipped_coverage, shipped, dataset.items)
+            progress("item states", f"{covered:,} of {n_items:,} items' states shipped with the model ({shipped.name}; "
+                                    f"the worker checks a sample against the item encoder, the others are encoded)")
         bootstrap = args.bootstrap
         if not bootstrap:
             broker = LocalBroker()
@@ -415,7 +482,7 @@ async def run(args: argparse.Namespace) -> int:
             phase["text"] = "waiting for the ONNX export of the score path"
             trend = settings.worker.trend
             while (exporter.poll() is None and not stop.is_set()
-                   and await asyncio.to_thread(export_needed, model, trend, True)):
+                   and await asyncio.to_thread(export_needed, model, trend, True, shipped is None)):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), 1.0)
             if stop.is_set():
@@ -426,6 +493,10 @@ async def run(args: argparse.Namespace) -> int:
             if exporter.poll() == 0:
                 progress("export", "done")
                 exporter = None
+            elif shipped is not None:
+                progress("export", "score head written and checked; the item encoder and the generator follow: "
+                                   "predictions start now from the shipped item states, explanations once the "
+                                   "generator is written")
             else:
                 progress("export", "score path written and checked (item encoder, score head); the generator "
                                    "follows: predictions start now, explanations once it is written")
