@@ -4,7 +4,9 @@ Source: the committed models/trail-smollm2 when it exists and has this code's sc
 (`item-state-v2`; used as is when its export is current), else a tiny model fitted here
 (`trainer.fit --steps 2` on Online Retail II's 300 busiest items, a few minutes). The export goes to $TRAIL_CACHE/test-artefacts/<key>, where the key
 hashes the trained weights and export.onnx's EXPORT_VERSION, so a changed model or export
-format is exported again and an unchanged one is reused by every later run.
+format is exported again and an unchanged one is reused by every later run. The item states shipped
+with the model (models/trail-smollm2/item_states, keyed by what they were computed from) go beside the
+export as the demo puts them, so the serving tests meet the demo's start: real items' states read, not encoded.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 from stream.model.artefact import TRAINED_FILES
+from stream.tools.demo import copy_shipped
 from trainer.backbone import cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,6 +120,7 @@ def exported_artefact() -> Path:
         h.update(_export_version().encode())
         target = root / f"export-{h.hexdigest()[:16]}"
         if (target / "manifest.json").is_file() and _current(target):
+            copy_shipped(source, target)
             return target
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,6 +132,7 @@ def exported_artefact() -> Path:
             elif src.exists():
                 shutil.copy2(src, tmp / name)
         _run(["export.onnx", "--model", str(tmp), "--prompts", "12", "--explain", "3"])
+        copy_shipped(source, tmp)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         for old in root.glob("export-*"):  # keep the disk bounded: one export per model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import replace
@@ -488,7 +489,10 @@ def test_warm_up_encodes_the_catalogue_and_a_restart_is_warm(scorer, retail_cuto
     sub = Signals(signals.as_of_ms, signals.item_ids[:n], signals.names, signals.values[:n])
     catalogue = {i: items[i] for i in sub.item_ids if i in items}
     art = scorer.artefact
-    sc = TickScorer(art, provider="cpu", horizon_days=7, threads=2, store=ItemStateStore.for_artefact(art, tmp_path))
+    def store() -> ItemStateStore:  # the encoder's own store: the states shipped with the model are not read here
+        return dataclasses.replace(ItemStateStore.for_artefact(art, tmp_path), shipped=[], shipped_key="")
+
+    sc = TickScorer(art, provider="cpu", horizon_days=7, threads=2, store=store())
     with capture_logs() as logs:
         first = sc.warm(catalogue, limit=10)  # at most 10
     assert (first.items, first.encoded, first.from_disk) == (len(catalogue), 10, 0) and len(sc.cache) == 10
@@ -501,8 +505,7 @@ def test_warm_up_encodes_the_catalogue_and_a_restart_is_warm(scorer, retail_cuto
     assert len(catalogue) == n and sc.stats.last["encoded"] == 0 and sc.stats.last["items"] == n
     assert not sc.save_due(force=True)  # the warm-up wrote everything already
 
-    restarted = TickScorer(art, provider="cpu", horizon_days=7, threads=2,
-                           store=ItemStateStore.for_artefact(art, tmp_path))
+    restarted = TickScorer(art, provider="cpu", horizon_days=7, threads=2, store=store())
     again = restarted.score(sub.as_of_ms, sub, catalogue)
     assert restarted.stats.last["encoded"] == 0 and restarted.store.loaded == len(sc.cache)
     assert np.array_equal(again.score, part.score) and np.array_equal(again.log_count, part.log_count)
