@@ -242,7 +242,8 @@ def explain_rows(manifest: dict, n: int, seed: int = 0, events: str | None = Non
         loaded = [(load_dataset(events, items, cache_dir=cache_dir),
                    float(next(iter(manifest["horizon_days"].values()), 7.0)))]
     else:
-        loaded = [(load_dataset(name, cache_dir=cache_dir), float(manifest["horizon_days"].get(name, 7.0))) for name in manifest["datasets"]]
+        loaded = [(load_dataset(name, cache_dir=cache_dir), float(manifest["horizon_days"].get(name, 7.0)))
+                  for name in manifest["datasets"]]
     per = max(2, n // len(loaded))
     rng = np.random.default_rng(seed)
     out = []

@@ -134,7 +134,8 @@ def sample_prompts(model: Trail, manifest: Manifest, n: int, seed: int = 0, data
     from trainer.inference import features_of, item_texts_of, numeric_scores, prompts_of
 
     if events:
-        loaded = [(load_dataset(events, items, cache_dir=cache_dir), float(next(iter(manifest.horizon_days.values()), 7.0)))]
+        loaded = [(load_dataset(events, items, cache_dir=cache_dir),
+                   float(next(iter(manifest.horizon_days.values()), 7.0)))]
     else:
         names = datasets or list(manifest.datasets)
         if not names:

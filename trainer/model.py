@@ -195,8 +195,8 @@ class Trail(nn.Module):
     def item_states(self, texts: list[str], batch: int = 64, progress: bool = True, cache: bool = True) -> np.ndarray:
         """(N, H) float32 item states of `texts` (`stream.core.prompts.item_text`), cached on disk.
 
-        The cache is `<self.cache_dir>/item_states/<state_key>.npz` (none without a cache_dir), keyed per text by sha1:
-        a state is computed once per (base, adapter weights, item_text version, text)."""
+        The cache is `<self.cache_dir>/item_states/<state_key>.npz` (none without a cache_dir), keyed per text by
+        sha1: a state is computed once per (base, adapter weights, item_text version, text)."""
         from tqdm import tqdm
 
         keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
