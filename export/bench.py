@@ -58,7 +58,7 @@ def _sync(device: str) -> None:
 TICK_AS_OF = "2011-11-15T00:00:00Z"  # a late-2011 Online Retail II tick (the busiest season of the data)
 
 
-def retail_tick(trend: TrendConfig, as_of: str = TICK_AS_OF):
+def retail_tick(trend: TrendConfig, as_of: str = TICK_AS_OF, *, cache_dir: Path):
     """(Signals, items) of a real tick: Online Retail II replayed through stream.core.trends up to `as_of`,
     every item active at that moment, with its catalogue record (title, category, description)."""
     import pandas as pd
@@ -68,7 +68,7 @@ def retail_tick(trend: TrendConfig, as_of: str = TICK_AS_OF):
     from stream.core.records import ItemInfo
     from stream.core.trends import TrendTable
 
-    ds = load_dataset("retail")
+    ds = load_dataset("retail", cache_dir=cache_dir)
     as_of_ms = int(pd.Timestamp(as_of).value // 1_000_000)
     events = ds.events[ds.events["ts"] < as_of_ms].sort_values("ts", kind="stable") if "ts" in ds.events \
         else ds.events
@@ -85,14 +85,14 @@ def retail_tick(trend: TrendConfig, as_of: str = TICK_AS_OF):
 
 
 def tick_bench(art: Artefact, trend: TrendConfig, threads: int, provider: str, rounds: int = 5,
-               max_items: int = 0) -> dict:
+               max_items: int = 0, *, cache_dir: Path) -> dict:
     """The stream's own TickScorer on a real retail tick: every active item gets the full score.
 
     cold: the first tick of a fresh scorer, every item state encoded (item_encode_per_s);
     warm: the same tick again, states cached (tick_score_s: median of `rounds`)."""
     from stream.serving.scorer import TickScorer
 
-    signals, items = retail_tick(trend)
+    signals, items = retail_tick(trend, cache_dir=cache_dir)
     if max_items and len(signals) > max_items:
         signals = Signals(signals.as_of_ms, list(signals.item_ids[:max_items]), signals.names,
                           signals.values[:max_items])
@@ -127,7 +127,8 @@ def tick_bench(art: Artefact, trend: TrendConfig, threads: int, provider: str, r
 
 def bench(model_dir: Path, batch: int = 32, batches: int = 2, rounds: int = 2, threads: int | None = None,
           explain_prompts: int = 2, provider: str = "auto", events: str | None = None,
-          items: str | None = None, tick_rounds: int = 5, tick_items: int = 0) -> dict:
+          items: str | None = None, tick_rounds: int = 5, tick_items: int = 0, *, cache_dir: Path) -> dict:
+    """`cache_dir` (`Settings.cache_dir`): the base model, the parsed datasets and the item states."""
     from export.onnx import sample_prompts
     from trainer.model import load
 
@@ -138,12 +139,13 @@ def bench(model_dir: Path, batch: int = 32, batches: int = 2, rounds: int = 2, t
     providers = [CUDA, CPU] if cuda else [CPU]
     device = "cuda" if cuda and torch.cuda.is_available() else "cpu"
 
-    tick = tick_bench(art, _spec_trend(model_dir), threads, "cuda" if cuda else "cpu", tick_rounds, tick_items)
+    tick = tick_bench(art, _spec_trend(model_dir), threads, "cuda" if cuda else "cpu", tick_rounds, tick_items,
+                      cache_dir=cache_dir)
 
-    model, manifest = load(model_dir, merge=True)
+    model, manifest = load(model_dir, merge=True, cache_dir=cache_dir)
     tok = art.tokenizer()
     item_tok = art.item_tokenizer()
-    sample = sample_prompts(model, manifest, batch * batches, events=events, items=items)
+    sample = sample_prompts(model, manifest, batch * batches, events=events, items=items, cache_dir=cache_dir)
     model.to(device)
     rows = tok.ids(sample.prompts)  # prompts: the explanation part below
     item_rows = item_tok.ids(sample.texts)
@@ -221,13 +223,14 @@ def bench(model_dir: Path, batch: int = 32, batches: int = 2, rounds: int = 2, t
     if device == "cuda":
         result["gpu"] = torch.cuda.get_device_name(0)
     result |= explanation_bench(art, explain_rows(json.loads((Path(model_dir) / "manifest.json").read_text()),
-                                                  max(10, explain_prompts), events=events, items=items),
+                                                  max(10, explain_prompts), events=events, items=items,
+                                                  cache_dir=cache_dir),
                                 providers, 1)  # one thread: the stream's TRAIL_EXPLAIN_THREADS default
     return result
 
 
-def explain_rows(manifest: dict, n: int, seed: int = 0, events: str | None = None, items: str | None = None
-                 ) -> list[tuple[str, dict[str, float], float]]:
+def explain_rows(manifest: dict, n: int, seed: int = 0, events: str | None = None, items: str | None = None,
+                 *, cache_dir: Path) -> list[tuple[str, dict[str, float], float]]:
     """(prompt, signals, horizon_days) of real items at each dataset's last cut-off: the busiest half and a
     random rest, as the stream would meet them (no torch: the prompt and the signals are all generation needs)."""
     from stream.core.datasets import load_dataset
@@ -236,9 +239,11 @@ def explain_rows(manifest: dict, n: int, seed: int = 0, events: str | None = Non
 
     trend = TrendConfig.from_spec(manifest["feature_spec"])
     if events:
-        loaded = [(load_dataset(events, items), float(next(iter(manifest["horizon_days"].values()), 7.0)))]
+        loaded = [(load_dataset(events, items, cache_dir=cache_dir),
+                   float(next(iter(manifest["horizon_days"].values()), 7.0)))]
     else:
-        loaded = [(load_dataset(name), float(manifest["horizon_days"].get(name, 7.0))) for name in manifest["datasets"]]
+        loaded = [(load_dataset(name, cache_dir=cache_dir), float(manifest["horizon_days"].get(name, 7.0)))
+                  for name in manifest["datasets"]]
     per = max(2, n // len(loaded))
     rng = np.random.default_rng(seed)
     out = []
@@ -341,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tick-items", type=int, default=0, help="score only the first N items of the tick (default: all)")
     ap.add_argument("--json", action="store_true", help="print only the JSON object")
     args = ap.parse_args(argv)
+    from stream.settings import load_settings
+
     result = bench(args.model, args.batch, args.batches, args.rounds, args.threads, args.explain, args.provider,
-                   args.events, args.items, args.tick_rounds, args.tick_items)
+                   args.events, args.items, args.tick_rounds, args.tick_items,
+                   cache_dir=load_settings().cache_dir)  # the one environment read: TRAIL_CACHE
     if args.json:
         print(json.dumps(result))
     else:

@@ -121,11 +121,12 @@ class Sample:
 # ---- real prompts --------------------------------------------------------------------------
 
 def sample_prompts(model: Trail, manifest: Manifest, n: int, seed: int = 0, datasets: list[str] | None = None,
-                   events: str | None = None, items: str | None = None) -> Sample:
+                   events: str | None = None, items: str | None = None, *, cache_dir: Path) -> Sample:
     """Prompts and features of real items at each dataset's last cut-off: the numeric top and a random rest.
 
     `datasets`: built-in names (default: the manifest's training datasets); `events`/`items`:
-    an event log (and item table) instead, scored at the manifest's first horizon.
+    an event log (and item table) instead, scored at the manifest's first horizon. `cache_dir`: where the parsed
+    built-in datasets are kept (`Settings.cache_dir`).
     """
     from stream.core.trends import TrendConfig
     from stream.core.datasets import load_dataset
@@ -133,14 +134,15 @@ def sample_prompts(model: Trail, manifest: Manifest, n: int, seed: int = 0, data
     from trainer.inference import features_of, item_texts_of, numeric_scores, prompts_of
 
     if events:
-        loaded = [(load_dataset(events, items), float(next(iter(manifest.horizon_days.values()), 7.0)))]
+        loaded = [(load_dataset(events, items, cache_dir=cache_dir),
+                   float(next(iter(manifest.horizon_days.values()), 7.0)))]
     else:
         names = datasets or list(manifest.datasets)
         if not names:
             raise ExportError("the manifest names no training dataset; pass --dataset NAME or --events PATH")
         loaded = []
         for name in names:
-            ds = load_dataset(name)
+            ds = load_dataset(name, cache_dir=cache_dir)
             loaded.append((ds, float(manifest.horizon_days.get(name, ds.horizon_days))))
     trend = TrendConfig.from_spec(manifest.feature_spec)
     per = max(2, n // len(loaded))
@@ -414,13 +416,14 @@ def export_head_first(directory: Path, command: str = "") -> dict:
 def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: float = TOLERANCE["score"],
            datasets: list[str] | None = None, events: str | None = None, items: str | None = None,
            command: str = "", generator_int8: bool = False, generator_nice: int = 0,
-           head_first: bool = False) -> dict:
+           head_first: bool = False, *, cache_dir: Path) -> dict:
     """The score path (tokenizer, item encoder, head) is written and recorded first, with the generator
     "pending" in the record (a stream may serve predictions from it: `Artefact.load(pending_ok=True)`);
     then the generator's greedy reference, export and parity, and the full record. `generator_nice`:
     that second part runs this much lower in CPU priority (the demo's worker scores beside it). `head_first`:
     the head alone is written and recorded before all of that (`export_head_first`), and `generator_nice`
-    applies to everything after it."""
+    applies to everything after it. `cache_dir` (`Settings.cache_dir`): the base model, the parsed datasets
+    and the item states."""
     from trainer.model import load
 
     started = time.time()
@@ -457,14 +460,15 @@ def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: 
         bar.set_postfix_str(str(clock[1]))
 
     stage()
-    model, manifest = load(directory)  # unmerged: the reference is the model as trained
+    model, manifest = load(directory, cache_dir=cache_dir)  # unmerged: the reference is the model as trained
     model.tokenizer.backend_tokenizer.save(str(tmp_out / "tokenizer.json"))
     clean_up = bool(getattr(model.tokenizer, "clean_up_tokenization_spaces", False))
     tok = PromptTokenizer(tmp_out / "tokenizer.json", model.cfg.max_prompt_tokens, clean_up)
     max_item_tokens = int(getattr(model.cfg, "max_item_tokens", DEFAULT_MAX_ITEM_TOKENS))
     item_tok = PromptTokenizer(tmp_out / "tokenizer.json", max_item_tokens, clean_up)
     stage()
-    sample = sample_prompts(model, manifest, n_prompts, datasets=datasets, events=events, items=items)
+    sample = sample_prompts(model, manifest, n_prompts, datasets=datasets, events=events, items=items,
+                            cache_dir=cache_dir)
     parity: dict[str, dict] = {"tokenizer": check_tokenizer(model, tok, sample.prompts)}
     unique_texts = list(dict.fromkeys(sample.texts))
     parity["item_tokenizer"] = check_tokenizer(model, item_tok, unique_texts, encode=model.encode_items)
@@ -630,11 +634,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts < 12:
         ap.error("--prompts must be at least 12")
     command = "python -m export.onnx " + " ".join(argv if argv is not None else sys.argv[1:])
+    from stream.settings import load_settings
+
+    cache_dir = load_settings().cache_dir  # the one environment read: TRAIL_CACHE
     try:
         onnx = export(args.model, n_prompts=args.prompts, n_explain=args.explain,
                       tolerance=args.tolerance, datasets=args.dataset, events=args.events, items=args.items,
                       command=command, generator_int8=args.generator_int8, generator_nice=args.generator_nice,
-                      head_first=args.head_first)
+                      head_first=args.head_first, cache_dir=cache_dir)
     except ExportError as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from stream.core.features import Normalisation
 from stream.core.trends import TrendConfig
+from stream.settings import load_settings
 from trainer.fit import load_parts
 from trainer.model import HEAD_FILE, Manifest, ScoreHead, TrailConfig
 
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     head.load_state_dict(load_file(Path(args.model) / HEAD_FILE))
     head.eval()
     out = {}
-    for part in load_parts(manifest.datasets, None, TrendConfig.from_spec(manifest.feature_spec)):
+    for part in load_parts(manifest.datasets, None, TrendConfig.from_spec(manifest.feature_spec),
+                           cache_dir=load_settings().cache_dir):
         def count(frame: pd.DataFrame) -> np.ndarray:
             with torch.no_grad():
                 return head.count(torch.from_numpy(norm.of_frame(frame, part.horizon_days))).squeeze(-1).numpy()

@@ -63,13 +63,15 @@ def main() -> None:
     ap.add_argument("--model", default="models/trail-smollm2")
     ap.add_argument("--dataset", default="retail")
     args = ap.parse_args()
+    from stream.settings import load_settings
     from trainer.model import load
 
-    ex = build_examples(load_dataset(args.dataset), TrendConfig())
+    cache_dir = load_settings().cache_dir
+    ex = build_examples(load_dataset(args.dataset, cache_dir=cache_dir), TrendConfig())
     f = ex.frame
     cal = week_of_year(f["cutoff_ms"].to_numpy(np.int64))
     f["woy_sin"], f["woy_cos"] = cal[:, 0], cal[:, 1]
-    model, _ = load(args.model)
+    model, _ = load(args.model, cache_dir=cache_dir)
     index, texts = item_texts_of(f)
     states = model.item_states(texts, progress=False)
     items = f[["item_id"]].drop_duplicates()["item_id"].tolist()

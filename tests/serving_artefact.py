@@ -21,7 +21,7 @@ from pathlib import Path
 
 from stream.model.artefact import TRAINED_FILES
 from stream.tools.demo import copy_shipped
-from trainer.backbone import cache_dir
+from shared_cache import CACHE_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "models" / "trail-smollm2"
@@ -89,7 +89,7 @@ def _trained() -> Path:
         return COMMITTED
     # keyed by the trainer's model code: a changed head or LoRA layout cannot load an older fit's weights
     code = hashlib.sha256(b"".join((REPO / "trainer" / f).read_bytes() for f in ("model.py", "fit.py")))
-    target = cache_dir() / "test-artefacts" / f"tiny-retail-fit-v2-{code.hexdigest()[:12]}"
+    target = CACHE_DIR / "test-artefacts" / f"tiny-retail-fit-v2-{code.hexdigest()[:12]}"
     if not (target / "manifest.json").is_file():
         for old in target.parent.glob("tiny-retail-fit*"):  # one tiny fit on disk
             if old.is_dir() and not old.name.endswith(".tmp"):
@@ -106,7 +106,7 @@ def _trained() -> Path:
 
 def exported_artefact() -> Path:
     """Path to an exported artefact (item encoder, score head, generator, tokenizer)."""
-    root = cache_dir() / "test-artefacts"
+    root = CACHE_DIR / "test-artefacts"
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one exporter at a time (pytest-xdist, parallel CI jobs)

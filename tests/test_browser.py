@@ -32,9 +32,10 @@ ITEMS = 150  # the busiest items: a small real log, so the worker's first tick c
 
 
 def small_retail_log(folder: Path) -> tuple[Path, Path]:
+    from shared_cache import CACHE_DIR
     from stream.core.datasets import load_dataset
 
-    ds = load_dataset("retail")
+    ds = load_dataset("retail", cache_dir=CACHE_DIR)
     busiest = ds.events["item_id"].value_counts().index[:ITEMS]
     events = ds.events[ds.events["item_id"].isin(busiest)][["item_id", "user_id", "ts"]]
     items = ds.items[ds.items["item_id"].isin(busiest)][["item_id", "title", "category"]]

@@ -225,7 +225,9 @@ def test_torch_batched_constrained_generation(real_rows):
         pytest.skip("no shipped adapter")
     from peft import PeftModel
 
-    lm, tok = load_base("smollm2-135m-instruct")
+    from shared_cache import CACHE_DIR
+
+    lm, tok = load_base("smollm2-135m-instruct", cache_dir=CACHE_DIR)
     lm = PeftModel.from_pretrained(lm, adapter).eval()
     m = SimpleNamespace(lm=lm, tokenizer=tok, end_id=tok.convert_tokens_to_ids(END_TOKEN),
                         cfg=SimpleNamespace(max_explanation_tokens=24, max_prompt_tokens=80))

@@ -30,9 +30,10 @@ def assert_item_table(items: pd.DataFrame, events: pd.DataFrame) -> None:
     assert items["price"].dtype == np.float64
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRAIL_CACHE", str(tmp_path / "cache"))
+@pytest.fixture
+def cache_dir(tmp_path):
+    """A private cache per test (overrides conftest's shared one): these tests watch it written and rebuilt."""
+    return tmp_path / "cache"
 
 
 # --- Online Retail II -----------------------------------------------------------------------------
@@ -105,8 +106,8 @@ def test_retail_slice_of_the_real_file():
 
 # --- MovieLens-100K -----------------------------------------------------------------------------
 
-def test_ml100k_loads_whole_and_from_cache(tmp_path):
-    ds = load_dataset("ml100k")
+def test_ml100k_loads_whole_and_from_cache(tmp_path, cache_dir):
+    ds = load_dataset("ml100k", cache_dir=cache_dir)
     assert ds.name == "ml100k" and ds.horizon_days == 3
     ev, items = ds.events, ds.items
     assert_event_frame(ev)
@@ -122,30 +123,29 @@ def test_ml100k_loads_whole_and_from_cache(tmp_path):
     assert toy["description"] == "released 1995; genres: Animation, Children's, Comedy"
     cached = list((tmp_path / "cache" / "datasets").glob("ml100k-*/events.parquet"))
     assert len(cached) == 1
-    again = load_dataset("ml-100k")
+    again = load_dataset("ml-100k", cache_dir=cache_dir)
     pd.testing.assert_frame_equal(again.events, ev)
     pd.testing.assert_frame_equal(again.items, items)
 
 
-def test_cache_is_used_and_rebuilt_when_unreadable(tmp_path, monkeypatch):
-    first = load_dataset("ml100k")
+def test_cache_is_used_and_rebuilt_when_unreadable(tmp_path, monkeypatch, cache_dir):
+    first = load_dataset("ml100k", cache_dir=cache_dir)
     calls = []
     monkeypatch.setattr(D, "parse_ml100k", lambda *a: calls.append(1) or (_ for _ in ()).throw(AssertionError))
-    load_dataset("ml100k")  # served from the cache: the parser is not called
+    load_dataset("ml100k", cache_dir=cache_dir)  # served from the cache: the parser is not called
     assert calls == []
     monkeypatch.undo()
-    monkeypatch.setenv("TRAIL_CACHE", str(tmp_path / "cache"))
     (path,) = (tmp_path / "cache" / "datasets").glob("ml100k-*/events.parquet")
     path.write_bytes(b"truncated")
-    pd.testing.assert_frame_equal(load_dataset("ml100k").events, first.events)
+    pd.testing.assert_frame_equal(load_dataset("ml100k", cache_dir=cache_dir).events, first.events)
 
 
 @pytest.mark.slow
-def test_retail_full_load_and_cache():
+def test_retail_full_load_and_cache(cache_dir):
     import time
 
     t = time.perf_counter()
-    ds = load_dataset("retail")
+    ds = load_dataset("retail", cache_dir=cache_dir)
     first = time.perf_counter() - t
     assert_event_frame(ds.events)
     assert_item_table(ds.items, ds.events)
@@ -153,7 +153,7 @@ def test_retail_full_load_and_cache():
     assert 1_000_000 < len(ds.events) < 1_067_371
     assert 4_000 < len(ds.items) < 5_500
     t = time.perf_counter()
-    again = load_dataset("retail")
+    again = load_dataset("retail", cache_dir=cache_dir)
     assert time.perf_counter() - t < first
     assert len(again.events) == len(ds.events)
 
@@ -226,7 +226,7 @@ def test_generic_loader_numeric_ids_stay_text_and_defaults(tmp_path):
     assert events["ts"].tolist() == [1_300_000_000_000]
 
 
-def test_generic_loader_with_item_table(tmp_path):
+def test_generic_loader_with_item_table(tmp_path, cache_dir):
     ev = tmp_path / "e.csv"
     _write(FRAME.rename(columns={"ts_s": "ts"}), ev)
     it = tmp_path / "items.csv"
@@ -237,11 +237,11 @@ def test_generic_loader_with_item_table(tmp_path):
     assert t.loc["a", "title"] == "Apple" and t.loc["a", "category"] == "fruit" and t.loc["a", "price"] == 1.5
     assert t.loc["b", "category"] is None and np.isnan(t.loc["b", "price"])
     assert t.loc["c", "title"] == "c"  # in the events but not the table: title falls back to the id
-    ds = load_dataset(ev, items=it)
+    ds = load_dataset(ev, items=it, cache_dir=cache_dir)
     assert ds.name == "e" and len(ds.items) == 3 and ds.horizon_days == D.GENERIC_HORIZON_DAYS
 
 
-def test_generic_loader_reads_columns_by_their_common_names(tmp_path):
+def test_generic_loader_reads_columns_by_their_common_names(tmp_path, cache_dir):
     """"StockCode, Customer ID, InvoiceDate" or RecBole's "item_id:token" are our columns; the mapping is
     by name (case, spaces, a ":type" suffix ignored), leading zeros survive, and a name two columns could
     be is left alone."""
@@ -262,7 +262,7 @@ def test_generic_loader_reads_columns_by_their_common_names(tmp_path):
     # the real files in the recbole wheel read as a generic log give the built-in loader's events
     real = D._wheel_path(*D.ML100K_DIR)
     events, items = load_events(real / "ml-100k.inter", real / "ml-100k.item")
-    builtin = load_dataset("ml100k").events
+    builtin = load_dataset("ml100k", cache_dir=cache_dir).events
     assert len(events) == 100_000 and len(items) == 1682
     pd.testing.assert_frame_equal(events[["item_id", "user_id", "ts"]], builtin[["item_id", "user_id", "ts"]])
     both = tmp_path / "both.csv"
@@ -286,14 +286,14 @@ def test_generic_loader_errors_are_clear(tmp_path, content, match):
         load_events(path)
 
 
-def test_load_dataset_errors(tmp_path):
+def test_load_dataset_errors(tmp_path, cache_dir):
     with pytest.raises(DatasetError, match="neither a built-in dataset"):
-        load_dataset("no-such-thing")
+        load_dataset("no-such-thing", cache_dir=cache_dir)
     with pytest.raises(DatasetError, match="unknown format"):
         (tmp_path / "x.txt").write_text("a")
         load_events(tmp_path / "x.txt")
     with pytest.raises(DatasetError, match="own item table"):
-        load_dataset("ml100k", items=tmp_path / "x.csv")
+        load_dataset("ml100k", items=tmp_path / "x.csv", cache_dir=cache_dir)
     dup = tmp_path / "dup.csv"
     dup.write_text("item_id,title\na,A\na,B\n")
     ev = tmp_path / "e.csv"

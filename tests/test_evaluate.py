@@ -172,11 +172,11 @@ def check_report(report: dict, trail: bool) -> None:
     json.dumps(report)  # plain JSON types only
 
 
-def test_report_contract_with_a_stand_in_trail(tmp_path):
+def test_report_contract_with_a_stand_in_trail(tmp_path, cache_dir):
     path = tmp_path / "log.csv"
     event_log(days=168).to_csv(path, index=False)
     report, _ = run(str(path), extra_methods=trail_methods(None, 7.0, seed=0, score_frame=fake_score_frame),
-                    n_boot=300)
+                    n_boot=300, cache_dir=cache_dir)
     check_report(report, trail=True)
     m, ci = report["methods"], report["ci"]
     assert m["trail_numeric"] == pytest.approx(m["recent_pop"])  # same score, same count
@@ -193,10 +193,10 @@ def test_report_contract_with_a_stand_in_trail(tmp_path):
     assert (np.array(trail["mae_log"]) * rows).sum() / rows.sum() == pytest.approx(m["trail"]["mae_log"])
 
 
-def test_v1_artefact_is_refused_clearly(tmp_path, capsys):
+def test_v1_artefact_is_refused_clearly(tmp_path, capsys, cache_dir):
     (tmp_path / "manifest.json").write_text(json.dumps({"model_version": "trail-smollm2-v1"}))
     with pytest.raises(ValueError, match="predates item-state-v2; retrain"):
-        load_trail(str(tmp_path), None)
+        load_trail(str(tmp_path), None, cache_dir=cache_dir)
     assert main(["--dataset", "ml100k", "--model", str(tmp_path)]) == 2
     assert "predates item-state-v2" in capsys.readouterr().err
     with pytest.raises(ValueError, match="variant"):

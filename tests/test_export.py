@@ -33,19 +33,19 @@ def artefact() -> Artefact:
 
 
 @pytest.fixture(scope="module")
-def model(artefact):
+def model(artefact, cache_dir):
     from trainer.model import load
 
-    m, _ = load(artefact.root)  # LoRA not merged: the model as trained
+    m, _ = load(artefact.root, cache_dir=cache_dir)  # LoRA not merged: the model as trained
     return m
 
 
 @pytest.fixture(scope="module")
-def sample(artefact, model):
+def sample(artefact, model, cache_dir):
     from export.onnx import sample_prompts
     from trainer.model import Manifest
 
-    return sample_prompts(model, Manifest.load(artefact.root), 10, seed=7)
+    return sample_prompts(model, Manifest.load(artefact.root), 10, seed=7, cache_dir=cache_dir)
 
 
 def test_manifest_records_files_and_parity(artefact):

@@ -31,11 +31,11 @@ def test_a_cutoff_without_gain_gives_a_loss_with_a_grad_fn():
     assert loss.item() > 0 and float(score.grad.abs().sum()) > 0
 
 
-def test_the_three_formats_give_the_same_events(tmp_path):
+def test_the_three_formats_give_the_same_events(tmp_path, cache_dir):
     # what the end-to-end runs below read: one log, three formats, each with its own column names and time types
     from stream.core.datasets import load_dataset
 
-    first, *others = [load_dataset(write_odd_log(tmp_path / f"shop.{fmt}")).events for fmt in ("csv", "parquet", "jsonl")]
+    first, *others = [load_dataset(write_odd_log(tmp_path / f"shop.{fmt}"), cache_dir=cache_dir).events for fmt in ("csv", "parquet", "jsonl")]
     assert first["user_id"].isna().any() and first["user_id"].nunique() <= 9  # guests, few users
     for events in others:
         pd.testing.assert_frame_equal(events, first)

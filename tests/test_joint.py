@@ -18,12 +18,12 @@ from trainer.model import TrailConfig, build
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, cache_dir):
     torch.manual_seed(0)
     path = write_odd_log(tmp_path_factory.mktemp("log") / "shop.csv", days=56, items=12)
     trend = TrendConfig()
-    parts = load_parts([str(path)], None, trend)
-    model = build(TrailConfig(lora_layers=2), fit_normalisation(parts, list(trend.signal_names)))
+    parts = load_parts([str(path)], None, trend, cache_dir=cache_dir)
+    model = build(TrailConfig(lora_layers=2), fit_normalisation(parts, list(trend.signal_names)), cache_dir=cache_dir)
     return model, parts
 
 

@@ -27,8 +27,8 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rows():
-    examples = build_examples(load_dataset("ml100k"))
+def rows(cache_dir):
+    examples = build_examples(load_dataset("ml100k", cache_dir=cache_dir))
     return examples.rows(examples.cutoffs[-1:]).head(12)
 
 
@@ -69,9 +69,9 @@ def test_worst_gain_needs_every_dataset_to_improve(monkeypatch):
     assert fit.worst_gain([], None, np.array([0.29, 0.10])) == pytest.approx(0.01)
 
 
-def test_loaded_copy_scores_and_explains_identically(tiny, rows):
+def test_loaded_copy_scores_and_explains_identically(tiny, rows, cache_dir):
     model, out = tiny
-    loaded, _ = load(out)
+    loaded, _ = load(out, cache_dir=cache_dir)
     model.eval()
     for variant in ("full", "numeric", "shuffled"):
         a = score_frame(model, rows, 3, variant=variant, progress=False)
@@ -128,8 +128,8 @@ def test_item_text_is_the_prompt_item_line():
     assert item_text("Psycho", None, description="  A   motel.  ") == "Item: Psycho\nA motel."
 
 
-def test_label_users_counts_the_truth_pairs():
-    examples = build_examples(load_dataset("ml100k"))
+def test_label_users_counts_the_truth_pairs(cache_dir):
+    examples = build_examples(load_dataset("ml100k", cache_dir=cache_dir))
     cutoff = int(examples.cutoffs[-3])
     rows = examples.rows([cutoff])
     users, items = examples.truth.at(cutoff)
@@ -150,13 +150,13 @@ def test_lambda_rank_loss_prefers_the_metric_order():
     assert lambda_rank_loss(torch.zeros(3), torch.zeros(3)) == 0  # nothing to gain: no loss
 
 
-def test_a_missing_artefact_is_a_clear_error(tmp_path):
+def test_a_missing_artefact_is_a_clear_error(tmp_path, cache_dir):
     with pytest.raises(FileNotFoundError, match="not a TRAIL model directory"):
-        load(tmp_path)
+        load(tmp_path, cache_dir=cache_dir)
 
 
-def test_training_targets_are_faithful_to_the_prompt_signals(rows):
-    examples = build_examples(load_dataset("ml100k"))
+def test_training_targets_are_faithful_to_the_prompt_signals(rows, cache_dir):
+    examples = build_examples(load_dataset("ml100k", cache_dir=cache_dir))
     some = examples.rows(examples.cutoffs[-1:]).head(50)
     rng = np.random.default_rng(0)
     names = list(examples.config.signal_names)
@@ -166,11 +166,11 @@ def test_training_targets_are_faithful_to_the_prompt_signals(rows):
         assert check(text, signals).faithful
 
 
-def test_label_gain_is_the_metric_weight():
+def test_label_gain_is_the_metric_weight(cache_dir):
     """NDCG@10 of a cut-off = sum of label_gain x discount over the list / scored users."""
     from trainer.metrics import evaluate_predictions, top_k
 
-    examples = build_examples(load_dataset("ml100k"))
+    examples = build_examples(load_dataset("ml100k", cache_dir=cache_dir))
     cutoff = int(examples.cutoffs[-3])
     rows = examples.rows([cutoff])
     pred = rows["count_7d"].to_numpy(np.float64)

@@ -43,12 +43,12 @@ def scorer(artefact_dir, trend) -> TickScorer:
 
 
 @pytest.fixture(scope="module")
-def retail_cutoff(trend):
+def retail_cutoff(trend, cache_dir):
     """The signals of candidates at a real Online Retail II cut-off, with titles."""
     from stream.core.datasets import load_dataset
     from trainer.examples import build_examples
 
-    ds = load_dataset("retail")
+    ds = load_dataset("retail", cache_dir=cache_dir)
     ex = build_examples(ds, trend, horizon_days=7)
     rows = ex.rows(ex.cutoffs[-3:-2])
     # 240 of its ~2,600 items (every one gets the full score; the whole tick is export.bench's `tick_items`):
@@ -222,14 +222,14 @@ def test_features_equal_the_trainers(artefact_dir, trend):
     assert np.array_equal(served.apply(raw), trained.apply(raw))
 
 
-def test_tick_scores_equal_trainer_score_frame(artefact_dir, scorer, retail_cutoff):
+def test_tick_scores_equal_trainer_score_frame(artefact_dir, scorer, retail_cutoff, cache_dir):
     """Stream scoring of a tick == the trainer's scoring of the same cut-off: every item, full score."""
     from stream.core.features import predicted_count
     from trainer.inference import score_frame
     from trainer.model import load
 
     rows, signals, items = retail_cutoff
-    model, _ = load(artefact_dir)
+    model, _ = load(artefact_dir, cache_dir=cache_dir)
     score, log_count = score_frame(model, rows, 7.0, progress=False)
     fresh = TickScorer(scorer.artefact, provider="cpu", horizon_days=7, threads=2)
     preds = rank_tick([fresh.score(signals.as_of_ms, signals, items)], 0, fresh.model_version)

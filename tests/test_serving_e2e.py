@@ -42,9 +42,10 @@ TICK_S = 1.0
 
 
 def retail_slice():
+    from shared_cache import CACHE_DIR
     from stream.core.datasets import load_dataset
 
-    ds = load_dataset("retail")
+    ds = load_dataset("retail", cache_dir=CACHE_DIR)
     ev = ds.events
     start = int(ev["ts"].iloc[0]) + 300 * 86_400_000  # mid-log: a season with history before it
     part = ev[(ev["ts"] >= start) & (ev["ts"] < start + SLICE_DAYS * 86_400_000)].reset_index(drop=True)

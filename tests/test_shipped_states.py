@@ -47,10 +47,10 @@ def scorer(art) -> TickScorer:
 
 
 @pytest.fixture(scope="module")
-def retail_items():
+def retail_items(cache_dir):
     from stream.core.datasets import load_dataset
 
-    return load_dataset("retail").items
+    return load_dataset("retail", cache_dir=cache_dir).items
 
 
 def trained(model: Path) -> Artefact:

@@ -61,7 +61,9 @@ def test_sigterm_stops_a_serving_worker_in_order_and_cleanly(broker, topics, tmp
     events = retail_slice(days=40, start_day=300)
     from stream.core.datasets import load_dataset
 
-    items = load_dataset("retail").items
+    from shared_cache import CACHE_DIR
+
+    items = load_dataset("retail", cache_dir=CACHE_DIR).items
     items = items[items["item_id"].isin(set(events["item_id"]))].reset_index(drop=True)
     asyncio.run(replay(events, items, broker, topics=topics, create_topics=False, progress=False))
 

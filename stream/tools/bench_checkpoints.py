@@ -69,11 +69,11 @@ def _signals(t: TrendTable, as_of_ms: int) -> dict[str, bytes]:
 
 
 def run(events: int, ticks: int, partitions: int, state_dir: Path, old_dir: Path,
-        compact_fraction: float, compact_every: int) -> dict:
+        compact_fraction: float, compact_every: int, cache_dir: Path) -> dict:
     from stream.core.datasets import load_dataset
 
     config = TrendConfig()
-    frame = load_dataset("retail").events.iloc[:events].reset_index(drop=True)
+    frame = load_dataset("retail", cache_dir=cache_dir).events.iloc[:events].reset_index(drop=True)
     part = _partition_of(frame["item_id"], partitions)
     frame["offset"] = frame.groupby(part).cumcount().to_numpy(np.int64)  # each partition's own offsets
     store = CheckpointStore(state_dir, "bench", config, compact_fraction=compact_fraction,
@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print only the JSON object on stdout (logs on stderr)")
     args = ap.parse_args(argv)
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: the JSON only
+    from stream.settings import load_settings
+
+    cache_dir = load_settings().cache_dir  # TRAIL_CACHE: the parsed Online Retail II
     made = []
     state_dir = args.state_dir
     if state_dir is None:
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         made.append(old_dir)
     try:
         result = run(args.events, args.ticks, args.partitions, state_dir.absolute(), old_dir.absolute(),
-                     args.compact_fraction, args.compact_every)
+                     args.compact_fraction, args.compact_every, cache_dir)
     finally:
         for d in made:
             shutil.rmtree(d, ignore_errors=True)
