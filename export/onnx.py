@@ -13,7 +13,7 @@ DIR/onnx/export.json (stream.model.artefact reads it; the trainer's manifest.jso
                      score (B,) ranking score, log_count (B,) predicted log1p(count). Dynamic batch.
   generator/model.onnx  optimum's text-generation-with-past export of the merged model, for
                      the explanations (greedy, serving loop in stream.model.onnx_models.Generator);
-                     its logits are the last logits_to_keep positions' only, (B, n, V) (`last_position_logits`)
+                     its logits are the last position's only, (B, 1, V) (`last_position_logits`)
   tokenizer.json     the tokenizer the model was trained with (the `tokenizers` library reads it)
 
 Parity, on real items (the last cut-off of each training dataset: the numeric part's top items
@@ -51,15 +51,14 @@ from tqdm import tqdm
 from export.range import export_range
 from stream.model.artefact import MANIFEST, ONNX_DIR, PromptTokenizer, file_record, sha256_of, write_export
 from stream.model.artefact import SCORE_DESIGN, DEFAULT_MAX_ITEM_TOKENS
-from stream.model.onnx_models import CPU, LOGITS_TO_KEEP, Generator, ItemEncoder, ScoreHeadModel
+from stream.model.onnx_models import CPU, Generator, ItemEncoder, ScoreHeadModel
 from trainer.model import ADAPTER_DIR, HEAD_FILE, Manifest, Trail
 from trainer.quantiles import RANGE_FILE
 
 log = structlog.get_logger(__name__)
 
 OPSET = 17
-EXPORT_VERSION = "5"  # bump when the files or the export record change shape (4: onnx/export.json;
-#                        5: the generator's logits_to_keep input)
+EXPORT_VERSION = "4"  # bump when the files or the export record change shape (4: onnx/export.json)
 # max |onnx - torch| / max(1, |torch|): item states (scaled by the case's largest |state|), head outputs,
 # and the end-to-end score/log_count (log1p(count) units)
 TOLERANCE = {"item_encoder": 1e-3, "head": 1e-5, "score": 1e-3}
@@ -281,16 +280,14 @@ def export_generator(model: Trail, out: Path) -> Path:
 
 
 def last_position_logits(path: Path) -> None:
-    """Make the generator's LM head read only the last `logits_to_keep` positions: logits (B, n, V) instead of
-    (B, T, V), `logits_to_keep` an int64 (1,) input (transformers' name for the same thing).
+    """Make the generator's LM head read the last position only: logits (B, 1, V) instead of (B, T, V).
 
-    The decoding loop reads the logits of each step's last position (stream.model.onnx_models.Generator:
-    every row is left-padded, within a step too) and, when it verifies drafted tokens, those of the step's
-    last n positions; the 49k-way head over the other positions of a prompt pass (about a fifth of its
+    The decoding loop reads logits[:, -1] (stream.model.onnx_models.Generator: every row is left-padded,
+    within a step too), so the 49k-way head over the other positions of a prompt pass (about a fifth of its
     arithmetic, and B x T x 49,152 floats out of the session) was thrown away. A Slice of the final norm's
-    output along the sequence axis, starting at -logits_to_keep, goes before the head's MatMul."""
+    output along the sequence axis goes before the head's MatMul."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     model = onnx.load(str(path))
     g = model.graph
@@ -298,15 +295,13 @@ def last_position_logits(path: Path) -> None:
     if head is None or head.op_type != "MatMul":
         raise ExportError(f"{path}: expected the logits to come from a MatMul (the LM head), found "
                           f"{head.op_type if head is not None else 'no node'}")
-    consts = {"trail_last_ends": [np.iinfo(np.int64).max], "trail_last_axes": [1]}
+    consts = {"trail_last_starts": [-1], "trail_last_ends": [np.iinfo(np.int64).max], "trail_last_axes": [1]}
     g.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), k) for k, v in consts.items())
-    g.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
-    g.node.insert(at, helper.make_node("Neg", [LOGITS_TO_KEEP], ["trail_last_starts"], name="/trail/keep_starts"))
-    g.node.insert(at + 1, helper.make_node("Slice", [head.input[0], "trail_last_starts", *consts],
-                                           ["trail_last_position"], name="/trail/last_positions"))
+    g.node.insert(at, helper.make_node("Slice", [head.input[0], *consts], ["trail_last_position"],
+                                       name="/trail/last_position"))
     head.input[0] = "trail_last_position"
     logits = next(o for o in g.output if o.name == "logits")
-    logits.type.tensor_type.shape.dim[1].dim_param = "logits_to_keep"  # (batch_size, logits_to_keep, vocab)
+    logits.type.tensor_type.shape.dim[1].dim_value = 1  # (batch_size, 1, vocab)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
 

@@ -120,44 +120,6 @@ class Guide:
         self.forced += len(ff)
         return ff
 
-    def allowed(self, row: int, width: int) -> np.ndarray | None:
-        """The tokens the grammar admits next for this row, as a (width,) bool array (None: unconstrained)."""
-        import time
-
-        m = self.matchers[row]
-        if m is None:
-            return None
-        t0 = time.perf_counter()
-        self._lln.fill_next_token_bitmask(m, self.bitmask, row)
-        if m.is_error():
-            raise GuideError(f"row {row}: {m.get_error()}")
-        allowed = np.unpackbits(self.bitmask[row].view(np.uint8), bitorder="little")[:width].astype(bool)
-        if width > allowed.shape[0]:
-            allowed = np.concatenate([allowed, np.zeros(width - allowed.shape[0], bool)])
-        self.seconds += time.perf_counter() - t0
-        return allowed
-
-    def draft(self, row: int, token: int, limit: int) -> list[int] | None:
-        """Consume a drafted `token` and the tokens the grammar then forces (at most `limit`): the token and its
-        forced run, or None (nothing consumed) when the grammar refuses the token. Undone by `rollback`."""
-        m = self.matchers[row]
-        if m is None:
-            return [token]
-        if m.is_stopped() or m.validate_tokens([int(token)]) != 1:
-            return None
-        if not m.consume_token(int(token)):
-            raise GuideError(f"row {row}: drafted token {token} refused: {m.get_error()}")
-        ff = [] if m.is_stopped() or limit <= 0 else m.compute_ff_tokens()[:limit]
-        if ff and not m.consume_tokens(ff):
-            raise GuideError(f"row {row}: forced tokens {ff} refused: {m.get_error()}")
-        return [int(token), *ff]
-
-    def rollback(self, row: int, n: int) -> None:
-        """Undo the last n consumed tokens of this row (drafted tokens the model did not choose)."""
-        m = self.matchers[row]
-        if m is not None and n > 0 and not m.rollback(n):
-            raise GuideError(f"row {row}: cannot roll back {n} tokens: {m.get_error()}")
-
     def stopped(self, row: int) -> bool:
         """The grammar is complete and admits nothing but the end token."""
         m = self.matchers[row]

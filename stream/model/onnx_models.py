@@ -35,8 +35,6 @@ log = structlog.get_logger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-LOGITS_TO_KEEP = "logits_to_keep"  # the generator's (1,) int64 input: logits of the last n positions only
-DRAFT_TOKENS = 6  # drafted free tokens per row and step (speculative greedy decoding)
 
 
 def available_providers() -> list[str]:
@@ -227,13 +225,7 @@ class Generator:
     """Greedy (or seeded sampled) decoding on optimum's decoder-with-past export, one prompt or a batch,
     optionally constrained."""
 
-    def __init__(self, path: Path, providers: list[str], end_id: int, threads: int | None = None,
-                 draft_tokens: int = DRAFT_TOKENS) -> None:
-        """`draft_tokens` > 0 (and an export with a logits_to_keep input): greedy constrained batches draft up
-        to that many free tokens per row and step from an n-gram table (stream.model.drafting) and keep what
-        the model confirms; the texts are the greedy ones either way (0: one free token per step)."""
-        from stream.model.drafting import NgramDrafter
-
+    def __init__(self, path: Path, providers: list[str], end_id: int, threads: int | None = None) -> None:
         self.sess = open_session(path, providers, threads, "generator")
         self.cuda = on_cuda(self.sess)
         self.end_id = end_id
@@ -247,9 +239,6 @@ class Generator:
         dtype = np.float16 if inputs[past[0]].type == "tensor(float16)" else np.float32
         self.cache = _Cache([(n, n.replace("past_key_values", "present")) for n in past], int(shape[1]),
                             int(shape[3]), dtype)
-        self.draft_tokens = draft_tokens if LOGITS_TO_KEEP in self.inputs else 0
-        self.drafter = NgramDrafter()  # learns for the process's lifetime (one explainer thread uses it)
-        self.drafted = self.accepted = 0  # drafted free tokens, and those the model confirmed
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, guide: Any = None, *,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[int]:
@@ -276,8 +265,6 @@ class Generator:
         if not prompts:
             return []
         check_sampling(temperature, top_p)
-        if temperature == 0 and guide is not None and fast_forward and self.draft_tokens > 0:
-            return self._generate_drafted(prompts, max_new_tokens, guide)
         sampler = Sampler(temperature, top_p, row_seeds(seeds, len(prompts))) if temperature > 0 else None
         c = self.cache
         b = len(prompts)
@@ -335,8 +322,6 @@ class Generator:
 
     def _step(self, feed: dict[str, Any], past: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         names = self.cache.names
-        if LOGITS_TO_KEEP in self.inputs and LOGITS_TO_KEEP not in feed:
-            feed = {**feed, LOGITS_TO_KEEP: np.ones(1, np.int64)}
         if not self.cuda:
             outputs = self.sess.run(["logits"] + [o for _, o in names], {**feed, **past})
             return outputs[0], {i: v for (i, _), v in zip(names, outputs[1:])}
@@ -354,121 +339,3 @@ class Generator:
         self.sess.run_with_iobinding(binding)
         values = binding.get_outputs()
         return values[0].numpy(), {i: v for (i, _), v in zip(names, values[1:])}
-
-    def _generate_drafted(self, prompts: list[list[int]], max_new_tokens: int, guide: Any) -> list[list[int]]:
-        """`generate_batch`'s greedy constrained decoding, with drafts (speculative decoding, exact).
-
-        Each step feeds a row its chosen token and the tokens the grammar then forces, as before, followed by up
-        to `draft_tokens` guessed free tokens (`self.drafter`), each one the grammar admits and each followed by
-        its own forced run. The step's logits (the last `logits_to_keep` positions) give the greedy choice at
-        every drafted slot under the grammar's mask at that slot; drafts are kept while they equal it, the
-        first that does not is replaced by the model's choice, and the rest of the row's step is dropped: its
-        cache slots are masked out for later steps (attention_mask 0) and its grammar state rolled back. So each
-        chosen token is the masked argmax after the same accepted prefix as one token per step would have."""
-        c = self.cache
-        b, end, limit = len(prompts), self.end_id, max_new_tokens
-        width = max(len(p) for p in prompts)
-        ids = np.full((b, width), end, np.int64)
-        mask = np.zeros((b, width), np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = p
-            mask[i, width - len(p):] = 1
-            self.drafter.learn(p)
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        next_pos = mask.sum(axis=1)
-        past: dict[str, Any] = {name: np.zeros((b, c.kv_heads, 0, c.head_dim), c.dtype) for name, _ in c.names}
-        out: list[list[int]] = [[] for _ in range(b)]
-        seq = [list(p) for p in prompts]  # prompt + accepted tokens: the drafter's context
-        fed: list[list[int]] = [[] for _ in range(b)]  # this step's tokens of each row
-        known = [0] * b  # of which the first `known` were already in out (chosen + forced)
-        drafts: list[list[tuple[int, int, Any]]] = [[] for _ in range(b)]  # (index in fed, token, allowed)
-        live, keep = list(range(b)), 1
-        while live:
-            feed = {"input_ids": ids, "attention_mask": mask, LOGITS_TO_KEEP: np.array([keep], np.int64)}
-            if "position_ids" in self.inputs:
-                feed["position_ids"] = positions
-            logits, past = self._step(feed, past)
-            k, v = ids.shape[1], logits.shape[-1]
-            chosen: dict[int, int] = {}
-            final: list[int] = []
-            for i in live:
-                n = len(fed[i]) or k  # the prompt pass: no drafts, its last column is the row's last token
-                accepted = n
-                for j, d, allowed in drafts[i]:
-                    row = logits[i, keep - n + j - 1].astype(np.float32, copy=True)  # predicts fed[i][j]
-                    if allowed is not None:
-                        row[~allowed[:v]] = -np.inf
-                    g = int(row.argmax())
-                    if g != d:
-                        accepted, chosen[i] = j, g
-                        break
-                if drafts[i]:
-                    good = [t for t in (j for j, _, _ in drafts[i]) if t < accepted]
-                    self.drafted += len(drafts[i])
-                    self.accepted += len(good)
-                    guide.rollback(i, n - accepted)
-                    mask[i, mask.shape[1] - n + accepted:] = 0  # the dropped slots, for the steps to come
-                    new = fed[i][known[i]:accepted]
-                    out[i] += new
-                    guide.forced += len(new) - len(good)
-                    next_pos[i] -= n - accepted
-                if i not in chosen:
-                    final.append(i)
-            if final:
-                last = np.ascontiguousarray(logits[:, -1], dtype=np.float32)
-                guide.mask(last, final)
-                for i in final:  # a complete grammar admits the end token only (as one token per step appends it)
-                    chosen[i] = end if guide.stopped(i) else int(last[i].argmax())
-            steps: dict[int, list[int]] = {}
-            for i in live:
-                t = chosen[i]
-                if len(out[i]) >= limit:
-                    continue
-                guide.advance([i], [t])
-                out[i].append(t)
-                if t == end or len(out[i]) >= limit:
-                    continue
-                ff = guide.fast_forward(i, limit - len(out[i]))
-                out[i] += ff
-                if guide.stopped(i):
-                    if len(out[i]) < limit:
-                        out[i].append(end)
-                    continue
-                steps[i] = [t, *ff]
-            for i in live:
-                self.drafter.learn(seq[i] + out[i][len(seq[i]) - len(prompts[i]):], len(seq[i]))
-                seq[i] = list(prompts[i]) + out[i]
-            live = [i for i in live if i in steps and len(out[i]) < limit]
-            if not live:
-                break
-            for i in range(b):
-                fed[i], drafts[i], known[i] = [], [], 0
-            for i in live:
-                fed[i], known[i] = list(steps[i]), len(steps[i])
-                room = limit - len(out[i]) - 1  # drafted tokens + their forced runs, leaving room for one more choice
-                while len(drafts[i]) < self.draft_tokens and len(fed[i]) - known[i] < room and not guide.stopped(i):
-                    d = self.drafter.propose((seq[i][-self.drafter.order:] + fed[i][known[i]:])[-self.drafter.order:])
-                    if d is None or d == end:
-                        break
-                    allowed = guide.allowed(i, v)
-                    if allowed is not None and not allowed[d]:
-                        break
-                    run = guide.draft(i, d, room - (len(fed[i]) - known[i]) - 1)
-                    if run is None:
-                        break
-                    drafts[i].append((len(fed[i]), d, allowed))
-                    fed[i] += run
-            k = max(len(fed[i]) for i in live)
-            keep = max([len(fed[i]) - drafts[i][0][0] + 1 for i in live if drafts[i]], default=1)
-            ids = np.full((b, k), end, np.int64)
-            new_mask = np.zeros((b, k), np.int64)
-            positions = np.repeat(next_pos[:, None], k, axis=1)
-            for i in range(b):
-                row = fed[i] if i in live else [end]
-                n = len(row)
-                ids[i, k - n:] = row
-                new_mask[i, k - n:] = 1
-                positions[i, k - n:] = next_pos[i] + np.arange(n)
-                next_pos[i] += n
-            mask = np.concatenate([mask, new_mask], axis=1)
-        return out
