@@ -288,8 +288,11 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     grammars = [claim_grammar(s, h, z.direction(s), size=z).lark() for (_, s, h), z in zip(rows, sizes)]
     gen.generate(prompts[0], 2)  # warm-up
 
+    passes = Passes(gen)
+
     def run(b: int, n: int, constrained: bool) -> dict:
-        t0, tokens, steps, guide_s, forced, faithful = time.perf_counter(), 0, 0, 0.0, 0, 0
+        t0, c0, tokens, steps, guide_s, forced, faithful = time.perf_counter(), time.process_time(), 0, 0, 0.0, 0, 0
+        passes.reset()
         for i in range(0, n, b):
             guide = cc.guide(grammars[i : i + b]) if constrained else None
             new = gen.generate_batch(prompts[i : i + b], limit if constrained else art.max_explanation_tokens, guide)
@@ -298,10 +301,11 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
                             for j, x in enumerate(new))
             if guide is not None:
                 steps, guide_s, forced = steps + guide.steps, guide_s + guide.seconds, forced + guide.forced
-        dt = time.perf_counter() - t0
-        return {"per_s": n / dt, "tokens_per_s": tokens / dt, "tokens": tokens, "steps": steps,
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return {"per_s": n / dt, "per_cpu_s": n / cpu, "tokens_per_s": tokens / dt, "tokens": tokens, "steps": steps,
                 "guide_ms_per_step": 1000 * guide_s / steps if steps else None,
-                "forced_share": forced / tokens if tokens else None, "faithful_share": faithful / n}
+                "forced_share": forced / tokens if tokens else None, "faithful_share": faithful / n,
+                "guide_share": guide_s / dt, **passes.shares(dt)}
 
     n = len(rows) - len(rows) % batch or len(rows)
     batched = run(batch, n, True)
@@ -309,6 +313,16 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     free = run(batch, n, False)
     return {
         "explanations_per_s": round(batched["per_s"], 2),
+        # per CPU-second of this process: with one thread, what a machine nobody else loads would give
+        "explanations_per_cpu_s": round(batched["per_cpu_s"], 2),
+        # where the batched constrained run's seconds went: the prompt passes, the decoding passes (one per
+        # chosen token, fed with the tokens the grammar then forces), the grammar's masks; the rest is Python
+        "explain_prompt_pass_share": round(batched["prompt_share"], 3),
+        "explain_decode_pass_share": round(batched["decode_share"], 3),
+        "explain_guide_share": round(batched["guide_share"], 3),
+        "explain_decode_passes": batched["decode_passes"],
+        "explain_decode_pass_ms": round(batched["decode_pass_ms"], 1),
+        "explain_decode_tokens_per_pass": round(batched["decode_width"], 2),
         "explain_batch": batch,
         "explain_threads": threads,
         "explain_rows": n,
@@ -322,6 +336,40 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
         "explain_faithful_share": batched["faithful_share"],
         "explain_faithful_share_unconstrained": free["faithful_share"],
     }
+
+
+class Passes:
+    """Times each decoder pass of a Generator (a wrapper around its `_step`): the prompt pass of each batch
+    (no cache yet) apart from the decoding passes, and the decoding passes' width (tokens fed per row)."""
+
+    def __init__(self, gen: Generator) -> None:
+        self._step = gen._step
+        gen._step = self  # an instance attribute: this Generator only
+        self.reset()
+
+    def reset(self) -> None:
+        self.prompt_s = self.decode_s = 0.0
+        self.decode_passes = self.decode_columns = 0
+
+    def __call__(self, feed: dict, past: dict):
+        t0 = time.perf_counter()
+        out = self._step(feed, past)
+        dt = time.perf_counter() - t0
+        first = next(iter(past.values()))
+        if isinstance(first, np.ndarray) and first.shape[2] == 0:  # no cache yet: the prompt pass (on CUDA the
+            # cache is an OrtValue from the second pass on)
+            self.prompt_s += dt
+        else:
+            self.decode_s += dt
+            self.decode_passes += 1
+            self.decode_columns += feed["input_ids"].shape[1]
+        return out
+
+    def shares(self, seconds: float) -> dict:
+        n = self.decode_passes
+        return {"prompt_share": self.prompt_s / seconds, "decode_share": self.decode_s / seconds, "decode_passes": n,
+                "decode_pass_ms": 1000 * self.decode_s / n if n else 0.0,
+                "decode_width": self.decode_columns / n if n else 0.0}
 
 
 def _spec_trend(model_dir: Path) -> TrendConfig:
