@@ -31,6 +31,7 @@ Each evaluation's `decoding` in the report says how it was decoded.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -66,8 +67,14 @@ def distinct_per_block(texts: list[str], n: int = 2, block: int = DISTINCT_BLOCK
     return sum(values) / len(values) if values else None
 
 
-def _sizes(sizes: list[PredictedCount] | None, n: int) -> list[PredictedCount | None]:
-    return list(sizes) if sizes is not None else [None] * n
+def _sizes(sizes: list[PredictedCount] | None, n: int,
+           drivers: list[dict[str, float] | None] | None = None) -> list[PredictedCount | None]:
+    """Each row's prediction (None without); with `drivers`, a prediction that lacks its own takes the row's (the
+    checker verifies the driver claims, "this time of year lifts it", against them)."""
+    zs = list(sizes) if sizes is not None else [None] * n
+    if drivers is not None:
+        zs = [replace(z, drivers=d) if z is not None and d and not z.drivers else z for z, d in zip(zs, drivers)]
+    return zs
 
 
 def explanation_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str],
@@ -221,7 +228,8 @@ def score_trail(raw: list[str], signals: list[dict[str, float]], titles: list[st
     if not len(raw) == len(signals) == len(titles) == len(item_ids):
         raise ValueError(f"lengths differ: {len(raw)} explanations, {len(signals)} signal rows, "
                          f"{len(titles)} titles, {len(item_ids)} item ids")
-    zs = _sizes(sizes, len(raw))
+    zs = _sizes(sizes, len(raw), drivers)
+    sizes = zs if sizes is not None else None
     repairs = [repair(e, s, title=t, prediction=z) for e, s, t, z in zip(raw, signals, titles, zs)]
     served = [r.text for r in repairs]
     report = {"trail": explanation_metrics(served, signals, titles, sizes) | repair_metrics(repairs)
@@ -540,13 +548,16 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
 
 def predicted_sizes(rows: pd.DataFrame, predicted_count, horizon_days: float) -> list[PredictedCount]:
     """Each row's prediction: its count and, where the rows carry them (`predicted_low` / `predicted_high`, from a
-    model with quantile heads; NaN or absent otherwise), its 80% range."""
+    model with quantile heads; NaN or absent otherwise), its 80% range, and its `drivers` (the checker verifies
+    a text's driver claims against them)."""
     counts = np.asarray(predicted_count, np.float64)
     lows = rows["predicted_low"].to_numpy(np.float64) if "predicted_low" in rows else np.full(len(rows), np.nan)
     highs = rows["predicted_high"].to_numpy(np.float64) if "predicted_high" in rows else np.full(len(rows), np.nan)
+    drivers = ([d if isinstance(d, dict) and d else None for d in rows["drivers"].tolist()]
+               if "drivers" in rows else [None] * len(rows))
     return [PredictedCount(float(c), horizon_days, *((float(lo), float(hi)) if np.isfinite(lo) and np.isfinite(hi)
-                                                      else (None, None)))
-            for c, lo, hi in zip(counts, lows, highs)]
+                                                      else (None, None)), drivers=d)
+            for c, lo, hi, d in zip(counts, lows, highs, drivers)]
 
 
 def sample_rows(frame: pd.DataFrame, scores: np.ndarray, n: int, top_n: int, seed: int = 0,

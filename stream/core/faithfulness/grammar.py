@@ -35,7 +35,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from stream.core.faithfulness.vocabulary import (LAST_YEAR_PHRASES, NEIGHBOURHOOD_PHRASES, GRAMMAR_COUNT_NOUNS, GRAMMAR_USER_NOUNS, LEADS, LEVEL_PHRASES, ONE_USER,
+from stream.core.faithfulness.vocabulary import (DRIVER_CLAIM_PHRASES, LAST_YEAR_PHRASES, NEIGHBOURHOOD_PHRASES, GRAMMAR_COUNT_NOUNS, GRAMMAR_USER_NOUNS, LEADS, LEVEL_PHRASES, ONE_USER,
                                                  OUTLOOK_LEADS, OUTLOOK_SENTENCES, OUTLOOKS, RANGE_TAILS, SIZE_SENTENCES,
                                                  UPDOWN, VERB_PAST)
 from stream.core.forecast import PredictedCount, outlook, stated_range, stated_size
@@ -114,7 +114,7 @@ def top_driver(drivers: Mapping[str, float] | None, forecast: str | None) -> str
 
 @dataclass(frozen=True)
 class ReasonPlan:
-    """The reason a mover's text must give: its `kind` ("trend", "level", "neighbourhood", "season"), where it
+    """The reason a mover's text must give: its `kind` ("trend", "level", "neighbourhood", "season", "text"), where it
     came from (`source`: "drivers", the model's top driver; "rule", why_window / level_reason when the model
     gives no drivers or its top driver has no words the checker verifies) and the phrases that state it."""
 
@@ -131,12 +131,27 @@ def _pct(cur: float, prev: float) -> tuple[str, int] | None:
     return (("up", pct) if pct > 0 else ("down", -pct)) if pct else None
 
 
-def driver_phrases(group: str, signals: Mapping[str, float], horizon_days: float) -> tuple[str, ...]:
-    """A driver group in merchandiser words, each a claim the checker verifies; () when the signals cannot back
-    it (the item text has no such words). trend: the main window's change ("up 24% on the week before"); level:
-    its count against the longest window's pace; neighbourhood: "like 11 similar items, up 35% in the last 7
-    days" (nbr_n, nbr_count_<w>, nbr_prev_<w>); season: "last year it rose from 20 to 61 over these weeks"
-    (ly_count, ly_next)."""
+def driver_phrases(group: str, signals: Mapping[str, float], horizon_days: float,
+                   drivers: Mapping[str, float] | None = None, forecast: str | None = None) -> tuple[str, ...]:
+    """A driver group in merchandiser words, each a claim the checker verifies; () when nothing can back it.
+    trend: the main window's change ("up 24% on the week before"); level: its count against the longest window's
+    pace; neighbourhood: "like 11 similar items, up 35% in the last 7 days" (nbr_n, nbr_count_<w>, nbr_prev_<w>);
+    season: "last year it rose from 20 to 61 over these weeks" (ly_count, ly_next) where the signals hold last
+    year, and the calendar's own push, "this time of year lifts it" / "... holds it back"; text: "the kind of item
+    it is lifts it" / "... holds it back". The last two state the sign of the group's driver (checked against the
+    prediction's drivers), so they are offered only when it points `forecast`'s way ("rise": > 0, "fall": < 0):
+    a driver that pulls against the forecast is no reason for it."""
+    if group in DRIVER_CLAIM_PHRASES:
+        phi = None if not drivers else drivers.get(group)
+        way = None if phi is None else "rise" if phi > 0 else "fall" if phi < 0 else None
+        own = DRIVER_CLAIM_PHRASES[group][way] if way is not None and way == (forecast or way) else ()
+        if group == "text" or not own:
+            return own
+        return _signal_driver_phrases(group, signals, horizon_days) + own
+    return _signal_driver_phrases(group, signals, horizon_days)
+
+
+def _signal_driver_phrases(group: str, signals: Mapping[str, float], horizon_days: float) -> tuple[str, ...]:
     windows = signal_windows(signals)
     if not windows:
         return ()
@@ -172,7 +187,7 @@ def reason_plan(signals: Mapping[str, float], horizon_days: float, forecast: str
     level_reason). None: no reason is due."""
     driver = top_driver(drivers, forecast) if forecast in ("rise", "fall") else None
     if driver is not None:
-        phrases = driver_phrases(driver, signals, horizon_days)
+        phrases = driver_phrases(driver, signals, horizon_days, drivers, forecast)
         if phrases:
             return ReasonPlan(driver, "drivers", phrases, driver)
     mover = against_trend(signals, horizon_days, forecast)
@@ -190,8 +205,8 @@ def reason_plan(signals: Mapping[str, float], horizon_days: float, forecast: str
 
 
 def stated_reasons(claims) -> set[str]:
-    """The driver kinds a text's true claims state: "neighbourhood", "season", "level", "trend" (a percentage
-    change of a count)."""
+    """The driver kinds a text's true claims state: "neighbourhood", "season" (last year, or the calendar's
+    push), "text" (the item's kind), "level", "trend" (a percentage change of a count)."""
     kinds = set()
     for c in claims:
         if not c.ok:
@@ -202,6 +217,8 @@ def stated_reasons(claims) -> set[str]:
             kinds.add("season")
         elif c.kind == "level":
             kinds.add("level")
+        elif c.kind == "driver":
+            kinds.add(c.measure)  # "season" (the calendar) or "text" (the item)
         elif c.kind == "comparison" and c.measure == "percent":
             kinds.add("trend")
     return kinds
@@ -216,7 +233,7 @@ def reason_of(claims, signals: Mapping[str, float], horizon_days: float, forecas
         driver = top_driver(drivers, forecast)
         if driver in kinds:
             return driver
-        for k in ("neighbourhood", "season", "level", "trend"):
+        for k in ("neighbourhood", "season", "text", "level", "trend"):
             if k in kinds:
                 return k
     return stated_reason(claims, signals, horizon_days, forecast)
