@@ -249,6 +249,12 @@ def score_trail(raw: list[str], signals: list[dict[str, float]], titles: list[st
                   "faithful_raw": check(e, s, title=t, prediction=zs[k]).faithful,
                   "explanation": r.text, "faithful": check(r.text, s, title=t, prediction=zs[k]).faithful,
                   "repaired": r.changed}
+        if drivers is not None and drivers[k] and horizon_days is not None:
+            # the model's top driver for the stated forecast, and the reason the raw text gives (reason_of)
+            r_raw = check(e, s, title=t, prediction=zs[k])
+            sample["top_driver"] = top_driver(drivers[k], r_raw.outlook)
+            sample["reason_raw"] = (reason_of(r_raw.claims, s, horizon_days, r_raw.outlook, drivers[k])
+                                    if r_raw.faithful else None)
         if predicted is not None:
             sample["forecast_predicted"] = predicted[k]
         if realised is not None:
