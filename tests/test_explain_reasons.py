@@ -64,6 +64,19 @@ def test_top_driver_is_the_largest_push_the_forecasts_way():
     d = {"trend": 0.2, "level": -0.5, "neighbourhood": 0.4, "season": 0.1, "text": 0.0}
     assert top_driver(d, "rise") == "neighbourhood" and top_driver(d, "fall") == "level"
     assert top_driver(d, "steady") == "level" and top_driver(None, "rise") is None
+    # a fall that every group pushes up (a busy item above the average item, forecast below its own pace):
+    # no group moved it the forecast's way, so there is no top driver to state
+    assert top_driver({"trend": 0.2, "level": 0.5, "season": 0.1, "text": 0.3}, "fall") is None
+    assert top_driver({"trend": 0.2, "level": 0.0}, "fall") is None
+
+
+def test_rows_without_a_push_the_forecasts_way_are_counted_apart():
+    up = {"trend": 0.3, "level": 0.8}  # a fall that every driver holds up: no top driver
+    report, _ = score_trail([LEVEL, PLAIN], [SPIKE] * 2, ["A"] * 2, ["a", "b"], predicted=["fall"] * 2,
+                            horizon_days=7, drivers=[up, {"trend": 0.3, "level": -0.8}])
+    m = report["trail_raw"]
+    assert (m["driver_rows"], m["driver_rows_against"]) == (1, 1)
+    assert m["driver_agreement"] == 0.0  # PLAIN gives no reason where the level was the top driver
 
 
 @pytest.mark.parametrize("driver,words", [

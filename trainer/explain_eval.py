@@ -152,17 +152,21 @@ def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: li
     them have such a reason at all (`why_window`, `level_reason`), of which `level_available` by the level alone.
     With `drivers` (each row's attribution): `driver_agreement`, the share of rise/fall texts whose stated
     reason (`reason_of`) is the model's top driver (`top_driver`), over `driver_rows`; null without drivers.
+    `driver_rows_against`: rise/fall texts with drivers none of which pushes the forecast's way (no top driver:
+    they are not in `driver_rows`, and the rule gives their reason).
     With `realised`: `reason_accuracy` per reason kind (how often the stated direction happened) beside its
     base rate."""
     against = cited = available = by_level = 0
     kinds: list[tuple[str, str, str | None]] = []  # (reason kind, stated direction, realised direction)
     zs = _sizes(sizes, len(texts))
     ds = list(drivers) if drivers is not None else [None] * len(texts)
-    driven = agree = 0
+    driven = agree = pulled = 0
     for k, (t, s, ti) in enumerate(zip(texts, signals, titles)):
         r = check(t, s, title=ti, prediction=zs[k])
         given = None  # the kind of reason this text gives (for reason_accuracy)
-        if ds[k] and r.outlook in ("rise", "fall"):
+        if ds[k] and r.outlook in ("rise", "fall") and top_driver(ds[k], r.outlook) is None:
+            pulled += 1  # every driver pulls against the forecast: no top driver to state (grammar.top_driver)
+        elif ds[k] and r.outlook in ("rise", "fall"):
             # driver_agreement: the reason the text states is the model's top driver for its forecast
             driven += 1
             given = reason_of(r.claims, s, horizon_days, r.outlook, ds[k]) if r.faithful else None
@@ -185,7 +189,8 @@ def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: li
     out = {"against_trend": against, "reason_share": cited / against if against else None,
            "reason_available": available, "level_available": by_level,
            # null when the model gives no drivers (today's v6): the reasons then come from the rule
-           "driver_agreement": agree / driven if driven else None, "driver_rows": driven}
+           "driver_agreement": agree / driven if driven else None, "driver_rows": driven,
+           "driver_rows_against": pulled}
     if realised is not None:
         out["reason_accuracy"] = reason_accuracy(kinds, realised)
     return out

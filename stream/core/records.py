@@ -234,7 +234,8 @@ class Explanation(_Record):
     `reason_source`: "drivers" when the reason is the model's top driver, "rule" when today's rule gave it
     (no drivers, or a top driver with no words the checker verifies), None when no reason is given (or
     not said: records written before it).
-    `driver`: the model's top driver for this forecast (grammar.top_driver), None without drivers.
+    `driver`: the model's top driver for this forecast (grammar.top_driver), None without drivers or when no
+    group pushes a rise or fall its way.
     """
 
     item_id: str

@@ -103,13 +103,18 @@ def stated_reason(claims, signals: Mapping[str, float], horizon_days: float, for
 
 def top_driver(drivers: Mapping[str, float] | None, forecast: str | None) -> str | None:
     """The input group that moved the prediction most the forecast's way: the largest contribution for a rise,
-    the most negative for a fall, the largest in size otherwise. None without drivers."""
+    the most negative for a fall, the largest in size otherwise. None without drivers, and for a rise or fall
+    that no group pushes its way (every contribution pulls against it: the drivers measure the median against
+    an average item at an average time, the forecast against the item's own pace, so a busy item can be
+    forecast to fall while every group holds it above the average item); such a forecast has no top driver
+    to state, and the rule gives its reason."""
     if not drivers:
         return None
     sign = {"rise": 1.0, "fall": -1.0}.get(forecast or "")
     if sign is None:
         return max(drivers, key=lambda g: (abs(drivers[g]), g))
-    return max(drivers, key=lambda g: (sign * drivers[g], g))
+    top = max(drivers, key=lambda g: (sign * drivers[g], g))
+    return top if sign * drivers[top] > 0 else None
 
 
 @dataclass(frozen=True)
