@@ -223,6 +223,10 @@ DRIVER_CORPUS = [
     ("26 events in the last 7 days; the kind of item doesn't lift it.", True),
     ("26 events in the last 7 days; what the item is weighs on it.", True),
     ("26 events in the last 7 days; what the item is lifts it.", False),
+    ("26 events in the last 7 days, up from 21 the week before; its recent trend lifts it.", True),
+    ("26 events in the last 7 days, up from 21 the week before; its recent trend holds it back.", False),
+    ("26 events in the last 7 days; its long-term level holds it back.", True),
+    ("26 events in the last 7 days; its long-term level lifts it.", False),
 ]
 
 

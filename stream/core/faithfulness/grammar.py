@@ -143,20 +143,27 @@ def driver_phrases(group: str, signals: Mapping[str, float], horizon_days: float
     pace; neighbourhood: "like 11 similar items, up 35% in the last 7 days" (nbr_n, nbr_count_<w>, nbr_prev_<w>);
     season: "last year it rose from 20 to 61 over these weeks" (ly_count, ly_next) where the signals hold last
     year, and the calendar's own push, "this time of year lifts it" / "... holds it back"; text: "the kind of item
-    it is lifts it" / "... holds it back". The last two state the sign of the group's driver (checked against the
-    prediction's drivers), so they are offered only when it points `forecast`'s way ("rise": > 0, "fall": < 0):
+    it is lifts it" / "... holds it back". With `forecast`, the trend's change and the level are said only where
+    they point its way (up / below its pace for a rise); else the group's own push: "its recent trend lifts it",
+    "its long-term level holds it back". Those push phrases state the sign of the group's driver (checked against
+    the prediction's drivers), so they are offered only when it points `forecast`'s way ("rise": > 0, "fall": < 0):
     a driver that pulls against the forecast is no reason for it."""
-    if group in DRIVER_CLAIM_PHRASES:
-        phi = None if not drivers else drivers.get(group)
-        way = None if phi is None else "rise" if phi > 0 else "fall" if phi < 0 else None
-        own = DRIVER_CLAIM_PHRASES[group][way] if way is not None and way == (forecast or way) else ()
-        if group == "text" or not own:
-            return own
-        return _signal_driver_phrases(group, signals, horizon_days) + own
-    return _signal_driver_phrases(group, signals, horizon_days)
+    phi = None if not drivers else drivers.get(group)
+    way = None if phi is None else "rise" if phi > 0 else "fall" if phi < 0 else None
+    own = (DRIVER_CLAIM_PHRASES[group][way] if group in DRIVER_CLAIM_PHRASES and way is not None
+           and way == (forecast or way) else ())
+    if group == "text":
+        return own
+    if group == "season":
+        return _signal_driver_phrases(group, signals, horizon_days, forecast) + own if own else ()
+    # trend and level: the signals' words where they point the forecast's way, else the group's own push
+    return _signal_driver_phrases(group, signals, horizon_days, forecast) or own
 
 
-def _signal_driver_phrases(group: str, signals: Mapping[str, float], horizon_days: float) -> tuple[str, ...]:
+def _signal_driver_phrases(group: str, signals: Mapping[str, float], horizon_days: float,
+                           forecast: str | None = None) -> tuple[str, ...]:
+    """The signal words of a driver group; with `forecast`, the trend's change and the level only where they point
+    its way (up / below its pace for a rise, down / above it for a fall)."""
     windows = signal_windows(signals)
     if not windows:
         return ()
@@ -164,12 +171,16 @@ def _signal_driver_phrases(group: str, signals: Mapping[str, float], horizon_day
     s = {k: float(v) for k, v in signals.items()}
     if group == "trend" and f"prev_count_{w}" in s:
         p = _pct(round(s[f"count_{w}"]), round(s[f"prev_count_{w}"]))
-        return tuple(f"{p[0]} {p[1]}% on {prv}" for prv in previous_phrases(w)) if p else ()
+        if p is None or (forecast is not None and p[0] != {"rise": "up", "fall": "down"}.get(forecast)):
+            return ()
+        return tuple(f"{p[0]} {p[1]}% on {prv}" for prv in previous_phrases(w))
     if group == "level" and len(windows) > 1 and windows[-1] != w:
         long = windows[-1]
         cur, pace_ = round(s[f"count_{w}"]), s[f"count_{long}"] * window_hours(w) / window_hours(long)
         rel = "above" if cur > pace_ else "below" if cur < pace_ else None
-        return tuple(p.format(n) for p in LEVEL_PHRASES[rel] for n in length_phrases(long)) if rel else ()
+        if rel is None or (forecast is not None and rel != {"rise": "below", "fall": "above"}.get(forecast)):
+            return ()
+        return tuple(p.format(n) for p in LEVEL_PHRASES[rel] for n in length_phrases(long))
     if group == "neighbourhood" and {"nbr_n", f"nbr_count_{w}", f"nbr_prev_{w}"} <= s.keys() and s["nbr_n"] >= 1:
         p = _pct(s[f"nbr_count_{w}"], s[f"nbr_prev_{w}"])
         if p is None or abs(100.0 * (s[f"nbr_count_{w}"] - s[f"nbr_prev_{w}"]) / s[f"nbr_prev_{w}"] - (p[1] if p[0] == "up" else -p[1])) > 0.5:

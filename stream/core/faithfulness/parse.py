@@ -133,7 +133,9 @@ class Parser:
                                         "b": None if m.group("b") is None else _num(m.group("b"))})
         for m in self._scan(DRIVER_CLAIM, DRIVER_CLAIM_GATE):  # "this time of year lifts it": the model's driver
             g = m.group("g").lower()
-            self._take(m, "driver", {"group": "text" if "item" in g else "season", "neg": bool(m.group("neg")),
+            group = ("trend" if g.endswith("trend") else "level" if g.endswith("level") else "text" if "item" in g
+                     else "season")
+            self._take(m, "driver", {"group": group, "neg": bool(m.group("neg")),
                                      "rel": "fall" if DRIVER_CLAIM_DOWN.search(m.group("v")) else "rise"})
         for what, pattern in UNVERIFIABLE_PATTERNS:  # what no signal says: taken first ("new customers" is no age)
             for m in pattern.finditer(t):
