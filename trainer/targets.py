@@ -31,7 +31,7 @@ class PredictionSource:
         from trainer.model import load
         from trainer.quantiles import load_range
 
-        self.directory = Path(directory)
+        self.directory = Path(directory).resolve()
         head = load_range(self.directory)
         if head is None:
             raise ValueError(f"{self.directory} has no range head (range_head.safetensors): it cannot give the "
