@@ -202,3 +202,47 @@ def test_one_vocabulary():
         assert phrase in v.COUNT_NOUNS
     for phrase in v.GRAMMAR_USER_NOUNS:
         assert phrase.split()[-1] in v.USER_NOUNS
+
+
+# ---- the model's own drivers in words (issue 20.2): season (the calendar) and text (the item) ----------------
+# the prediction's drivers: the calendar lifts it, the item's kind holds it back
+UP_SEASON = PredictedCount(40.0, 7, 28.0, 55.0, drivers={"trend": 0.1, "level": -0.2, "season": 0.45, "text": -0.3})
+
+DRIVER_CORPUS = [
+    ("Likely to rise: 26 events in the last 7 days, up from 21 the week before; this time of year lifts it.", True),
+    ("Likely to rise: 26 events in the last 7 days, up from 21 the week before; the time of year lifts it.", True),
+    ("Likely to rise: 26 events in the last 7 days, up from 21 the week before; this time of year holds it back.",
+     False),
+    ("Likely to rise: 26 events in the last 7 days, up from 21 the week before; the kind of item it is lifts it.",
+     False),
+    ("26 events in the last 7 days, up from 21 the week before, but the kind of item it is holds it back.", True),
+    ("26 events in the last 7 days, up from 21 the week before, but its kind of item holds it back.", True),
+    ("26 events in the last 7 days; the season boosts it.", True),
+    ("26 events in the last 7 days; the season drags it down.", False),
+    ("26 events in the last 7 days; the time of year does not lift it.", False),
+    ("26 events in the last 7 days; the kind of item doesn't lift it.", True),
+    ("26 events in the last 7 days; what the item is weighs on it.", True),
+    ("26 events in the last 7 days; what the item is lifts it.", False),
+    ("26 events in the last 7 days, up from 21 the week before; its recent trend lifts it.", True),
+    ("26 events in the last 7 days, up from 21 the week before; its recent trend holds it back.", False),
+    ("26 events in the last 7 days; its long-term level holds it back.", True),
+    ("26 events in the last 7 days; its long-term level lifts it.", False),
+]
+
+
+@pytest.mark.parametrize("text,ok", DRIVER_CORPUS)
+def test_driver_claims_are_checked_against_the_drivers(text, ok):
+    r = check(text, S, prediction=UP_SEASON)
+    assert r.faithful == ok, [c for c in r.claims if not c.ok]
+    assert any(c.kind == "driver" for c in r.claims)
+    # the same sentence with no drivers to hold it against (a model without a range head): refused, both ways
+    for pred in (None, PredictedCount(40.0, 7, 28.0, 55.0)):
+        r = check(text, S, prediction=pred)
+        assert not r.faithful
+        assert [c.true for c in r.claims if c.kind == "driver"] == [None]
+
+
+def test_a_false_driver_claim_loses_its_clause_in_repair():
+    text = "Likely to rise: 26 events in the last 7 days, up from 21 the week before; this time of year holds it back."
+    fixed = repair(text, S, prediction=UP_SEASON)
+    assert fixed.changed and "time of year" not in fixed.text and fixed.faithful, fixed.text

@@ -31,6 +31,7 @@ Each evaluation's `decoding` in the report says how it was decoded.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -66,8 +67,14 @@ def distinct_per_block(texts: list[str], n: int = 2, block: int = DISTINCT_BLOCK
     return sum(values) / len(values) if values else None
 
 
-def _sizes(sizes: list[PredictedCount] | None, n: int) -> list[PredictedCount | None]:
-    return list(sizes) if sizes is not None else [None] * n
+def _sizes(sizes: list[PredictedCount] | None, n: int,
+           drivers: list[dict[str, float] | None] | None = None) -> list[PredictedCount | None]:
+    """Each row's prediction (None without); with `drivers`, a prediction that lacks its own takes the row's (the
+    checker verifies the driver claims, "this time of year lifts it", against them)."""
+    zs = list(sizes) if sizes is not None else [None] * n
+    if drivers is not None:
+        zs = [replace(z, drivers=d) if z is not None and d and not z.drivers else z for z, d in zip(zs, drivers)]
+    return zs
 
 
 def explanation_metrics(texts: list[str], signals: list[dict[str, float]], titles: list[str],
@@ -145,17 +152,21 @@ def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: li
     them have such a reason at all (`why_window`, `level_reason`), of which `level_available` by the level alone.
     With `drivers` (each row's attribution): `driver_agreement`, the share of rise/fall texts whose stated
     reason (`reason_of`) is the model's top driver (`top_driver`), over `driver_rows`; null without drivers.
+    `driver_rows_against`: rise/fall texts with drivers none of which pushes the forecast's way (no top driver:
+    they are not in `driver_rows`, and the rule gives their reason).
     With `realised`: `reason_accuracy` per reason kind (how often the stated direction happened) beside its
     base rate."""
     against = cited = available = by_level = 0
     kinds: list[tuple[str, str, str | None]] = []  # (reason kind, stated direction, realised direction)
     zs = _sizes(sizes, len(texts))
     ds = list(drivers) if drivers is not None else [None] * len(texts)
-    driven = agree = 0
+    driven = agree = pulled = 0
     for k, (t, s, ti) in enumerate(zip(texts, signals, titles)):
         r = check(t, s, title=ti, prediction=zs[k])
         given = None  # the kind of reason this text gives (for reason_accuracy)
-        if ds[k] and r.outlook in ("rise", "fall"):
+        if ds[k] and r.outlook in ("rise", "fall") and top_driver(ds[k], r.outlook) is None:
+            pulled += 1  # every driver pulls against the forecast: no top driver to state (grammar.top_driver)
+        elif ds[k] and r.outlook in ("rise", "fall"):
             # driver_agreement: the reason the text states is the model's top driver for its forecast
             driven += 1
             given = reason_of(r.claims, s, horizon_days, r.outlook, ds[k]) if r.faithful else None
@@ -178,7 +189,8 @@ def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: li
     out = {"against_trend": against, "reason_share": cited / against if against else None,
            "reason_available": available, "level_available": by_level,
            # null when the model gives no drivers (today's v6): the reasons then come from the rule
-           "driver_agreement": agree / driven if driven else None, "driver_rows": driven}
+           "driver_agreement": agree / driven if driven else None, "driver_rows": driven,
+           "driver_rows_against": pulled}
     if realised is not None:
         out["reason_accuracy"] = reason_accuracy(kinds, realised)
     return out
@@ -221,7 +233,8 @@ def score_trail(raw: list[str], signals: list[dict[str, float]], titles: list[st
     if not len(raw) == len(signals) == len(titles) == len(item_ids):
         raise ValueError(f"lengths differ: {len(raw)} explanations, {len(signals)} signal rows, "
                          f"{len(titles)} titles, {len(item_ids)} item ids")
-    zs = _sizes(sizes, len(raw))
+    zs = _sizes(sizes, len(raw), drivers)
+    sizes = zs if sizes is not None else None
     repairs = [repair(e, s, title=t, prediction=z) for e, s, t, z in zip(raw, signals, titles, zs)]
     served = [r.text for r in repairs]
     report = {"trail": explanation_metrics(served, signals, titles, sizes) | repair_metrics(repairs)
@@ -241,6 +254,12 @@ def score_trail(raw: list[str], signals: list[dict[str, float]], titles: list[st
                   "faithful_raw": check(e, s, title=t, prediction=zs[k]).faithful,
                   "explanation": r.text, "faithful": check(r.text, s, title=t, prediction=zs[k]).faithful,
                   "repaired": r.changed}
+        if drivers is not None and drivers[k] and horizon_days is not None:
+            # the model's top driver for the stated forecast, and the reason the raw text gives (reason_of)
+            r_raw = check(e, s, title=t, prediction=zs[k])
+            sample["top_driver"] = top_driver(drivers[k], r_raw.outlook)
+            sample["reason_raw"] = (reason_of(r_raw.claims, s, horizon_days, r_raw.outlook, drivers[k])
+                                    if r_raw.faithful else None)
         if predicted is not None:
             sample["forecast_predicted"] = predicted[k]
         if realised is not None:
@@ -540,13 +559,16 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
 
 def predicted_sizes(rows: pd.DataFrame, predicted_count, horizon_days: float) -> list[PredictedCount]:
     """Each row's prediction: its count and, where the rows carry them (`predicted_low` / `predicted_high`, from a
-    model with quantile heads; NaN or absent otherwise), its 80% range."""
+    model with quantile heads; NaN or absent otherwise), its 80% range, and its `drivers` (the checker verifies
+    a text's driver claims against them)."""
     counts = np.asarray(predicted_count, np.float64)
     lows = rows["predicted_low"].to_numpy(np.float64) if "predicted_low" in rows else np.full(len(rows), np.nan)
     highs = rows["predicted_high"].to_numpy(np.float64) if "predicted_high" in rows else np.full(len(rows), np.nan)
+    drivers = ([d if isinstance(d, dict) and d else None for d in rows["drivers"].tolist()]
+               if "drivers" in rows else [None] * len(rows))
     return [PredictedCount(float(c), horizon_days, *((float(lo), float(hi)) if np.isfinite(lo) and np.isfinite(hi)
-                                                      else (None, None)))
-            for c, lo, hi in zip(counts, lows, highs)]
+                                                      else (None, None)), drivers=d)
+            for c, lo, hi, d in zip(counts, lows, highs, drivers)]
 
 
 def sample_rows(frame: pd.DataFrame, scores: np.ndarray, n: int, top_n: int, seed: int = 0,

@@ -46,6 +46,7 @@ from trainer.explanations import negative_explanations, target_explanation
 from trainer.inference import features_of, item_texts_of, prompts_of
 from trainer.joint import ScoreProbe, score_loss
 from trainer.metrics import evaluate_predictions
+from trainer.targets import PredictionSource
 from trainer.model import (ADAPTER_DIR, MANIFEST_ABOUT, POOLING, SCORE_DESIGN, Manifest, Trail, TrailConfig, build,
                            lambda_rank_loss, save)
 
@@ -159,15 +160,25 @@ def sample_batch(parts: list[Part], rng: np.random.Generator, size: int) -> tupl
 
 
 def train_step(model: Trail, part: Part, rows: pd.DataFrame, cfg: FitConfig, rng: np.random.Generator,
-               probe: "ScoreProbe | None" = None) -> dict:
+               probe: "ScoreProbe | None" = None, source: PredictionSource | None = None) -> dict:
     """One LLM step: LM loss on the faithful explanations + margin against perturbed twins
-    (+ cfg.w_score x the score loss of `probe` on the item states of the same pass: joint training)."""
+    (+ cfg.w_score x the score loss of `probe` on the item states of the same pass: joint training).
+
+    With `source` (a previous artefact's range head: trainer.targets), each target states that prediction's
+    direction, size and range and gives its top driver as a mover's reason, as the claim grammar makes the
+    published texts; without, the forecast is the realised next count's direction and there is no size."""
     names = list(model.norm.signal_names)
     signals = [dict(zip(names, r)) for r in rows[names].to_numpy(np.float64).tolist()]
     horizon = int(round(part.horizon_days))
     prompts = prompts_of(rows, names, part.horizon_days)
-    outlooks = [outlook(n, pace(s, part.horizon_days)) for n, s in zip(rows["label_count"].tolist(), signals)]
-    positives = [target_explanation(s, horizon, rng, outlook=o) for s, o in zip(signals, outlooks)]
+    if source is not None:
+        sizes = source.predictions(rows, part.horizon_days)
+        outlooks = [z.direction(s) for z, s in zip(sizes, signals)]
+    else:
+        sizes = [None] * len(rows)
+        outlooks = [outlook(n, pace(s, part.horizon_days)) for n, s in zip(rows["label_count"].tolist(), signals)]
+    positives = [target_explanation(s, horizon, rng, outlook=o, size=z, drivers=None if z is None else z.drivers)
+                 for s, o, z in zip(signals, outlooks, sizes)]
     negatives = []
     for i in range(min(cfg.negatives, len(rows))):
         other = signals[(i + 1) % len(signals)]
@@ -232,7 +243,8 @@ def load_checkpoint(model: Trail, opt: torch.optim.Optimizer, path: Path,
     return state["step"], state["rng"]
 
 
-def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume: bool, prior_steps: int = 0) -> dict:
+def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume: bool, prior_steps: int = 0,
+              source: PredictionSource | None = None) -> dict:
     """Phase 1: LoRA steps until the budget or --steps; returns what was done.
 
     `prior_steps`: the steps the --init-adapter already had. They join the sampling seed, so a
@@ -267,7 +279,7 @@ def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume
     first = step
     while step < cfg.steps and time.time() < deadline:
         part, rows = sample_batch(parts, rng, cfg.batch)
-        losses = train_step(model, part, rows, cfg, rng, probe)
+        losses = train_step(model, part, rows, cfg, rng, probe, source)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad()
@@ -286,6 +298,9 @@ def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume
             "joint": {"w_score": cfg.w_score, "probe": "trainer.joint.ScoreProbe, phase 1 only (discarded)",
                       "pooling": "item line of the prompt (title, category), same forward pass"}
             if probe is not None else None,
+            # where the targets' size, range and drivers came from (trainer.targets); None: no size, rule reasons
+            "targets_from": None if source is None else {"path": str(source.directory),
+                                                         "model_version": source.model_version},
             "final_losses": {k: round(v, 4) for k, v in running.items()}}
 
 
@@ -549,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-valid-cutoffs", type=int, default=0, help="use only the last N validation cut-offs (tests)")
     ap.add_argument("--max-items", type=int, default=0,
                     help="keep only the rows of the N busiest items (tests: bounds the item encoding)")
+    ap.add_argument("--targets-from", help="an artefact with a range head whose predictions (size, range, drivers) "
+                    "the LLM's targets state (trainer.targets); default: the --init-adapter artefact when it has one; "
+                    "'none': targets without size and driver reasons")
     ap.add_argument("--resume", action="store_true", help="continue phase 1 from DIR/checkpoint if present")
     ap.add_argument("--version", default=None, help="model_version (default: trail-<date>)")
     return ap
@@ -624,7 +642,15 @@ def train(argv: list[str] | None = None) -> Trail:
 
     # ---- phase 1: the LLM ----
     prior_steps = adapter_info.get("llm_steps") or 0
-    llm = train_llm(model, parts, cfg, out, args.resume, prior_steps=prior_steps)
+    targets_from = args.targets_from or (args.init_adapter if args.init_adapter and Path(args.init_adapter).is_dir()
+                                         else None)
+    llm_steps = cfg.budget_minutes > 0 and cfg.steps > 0  # the source loads a second LLM: only for phase 1
+    source = (None if targets_from == "none" or not llm_steps
+              else PredictionSource.open(targets_from, cache_dir=cache_dir))
+    if args.targets_from not in (None, "none") and llm_steps and source is None:
+        raise SystemExit(f"--targets-from {args.targets_from}: no range head there (range_head.safetensors)")
+    log.info("fit.targets", source=None if source is None else str(source.directory))
+    llm = train_llm(model, parts, cfg, out, args.resume, prior_steps=prior_steps, source=source)
     llm |= {"init_adapter": adapter_info, "total_steps": prior_steps + llm["steps"]}
     log.info("fit.llm.done", **{k: v for k, v in llm.items() if k != "init_adapter"})
 

@@ -1,6 +1,6 @@
 -- Current top-N: the latest tick's ranking, each item with its explanation when the explainer
 -- has written one (NULL until then), the forecast it states and the kind of reason it gives a
--- mover ('trend', 'level', 'neighbourhood', 'season'; NULL: none due or none given), where that reason came
+-- mover ('trend', 'level', 'neighbourhood', 'season', 'text'; NULL: none due or none given), where that reason came
 -- from (reason_source: 'drivers', the model's top driver, or 'rule') and the model's top driver; the
 -- prediction's 80% range (predicted_low / predicted_high, NULL from a model without quantile heads) and
 -- drivers (each input group's contribution to the score; empty when not attributed).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stream.core.prompts import main_window, signal_windows, window_hours
 
@@ -67,12 +67,15 @@ def stated_range(low: float, high: float) -> tuple[int, int]:
 @dataclass(frozen=True)
 class PredictedCount:
     """What the model predicts for the next `horizon_days`: the count and, from a model with quantile
-    heads, its 80% range (10% and 90% quantiles). The checker verifies a text's forecast clauses against it."""
+    heads, its 80% range (10% and 90% quantiles), and from a model that attributes it, its `drivers` (each input
+    group's contribution to the median: trend, level, season, text). The checker verifies a text's forecast
+    clauses against it, and its driver claims ("this time of year lifts it") against the drivers."""
 
     count: float
     horizon_days: float
     low: float | None = None
     high: float | None = None
+    drivers: Mapping[str, float] | None = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if (self.low is None) != (self.high is None):
@@ -91,4 +94,5 @@ class PredictedCount:
     @classmethod
     def of(cls, prediction, horizon_days: float) -> "PredictedCount":
         """From a stream.core.records.Prediction (its predicted_count, predicted_low, predicted_high)."""
-        return cls(prediction.predicted_count, horizon_days, prediction.predicted_low, prediction.predicted_high)
+        return cls(prediction.predicted_count, horizon_days, prediction.predicted_low, prediction.predicted_high,
+                   getattr(prediction, "drivers", None))

@@ -22,7 +22,7 @@ import orjson
 from stream.core.forecast import OUTLOOKS
 
 # Explanation.reason (stream.core.faithfulness.grammar.reason_of), reason_source and driver
-REASONS = ("trend", "level", "neighbourhood", "season", None)
+REASONS = ("trend", "level", "neighbourhood", "season", "text", None)
 REASON_SOURCES = ("drivers", "rule", None)
 DRIVER_GROUPS = ("trend", "level", "neighbourhood", "season", "text")
 
@@ -229,11 +229,13 @@ class Explanation(_Record):
     true reason a text gives for a forecast against the main window's trend: "trend" (a longer window's
     trend), "level" (the count against the longest window's pace) or None (no such forecast, or no
     reason given; stream.core.faithfulness.grammar.stated_reason), and, from a model that gives drivers,
-    "neighbourhood" (its semantic neighbours' trend) or "season" (the same weeks last year).
+    "neighbourhood" (its semantic neighbours' trend), "season" (the same weeks last year, or the calendar's
+    push: "this time of year lifts it") or "text" (the item's kind: "the kind of item it is lifts it").
     `reason_source`: "drivers" when the reason is the model's top driver, "rule" when today's rule gave it
     (no drivers, or a top driver with no words the checker verifies), None when no reason is given (or
     not said: records written before it).
-    `driver`: the model's top driver for this forecast (grammar.top_driver), None without drivers.
+    `driver`: the model's top driver for this forecast (grammar.top_driver), None without drivers or when no
+    group pushes a rise or fall its way.
     """
 
     item_id: str

@@ -37,7 +37,7 @@ claim that cannot be corrected is dropped); the record carries the checker's ver
 the published text, `faithful`, and `claims_checked`; and says what happened: `raw_explanation`
 (as decoded), `repaired`, the stated `forecast` and whether it agrees with the model's own
 predicted direction (`forecast_agrees`, stream.core.forecast), and the kind of reason a mover's
-text gives (`reason`: "trend", "level", "neighbourhood", "season" or None; grammar.reason_of), where
+text gives (`reason`: "trend", "level", "neighbourhood", "season", "text" or None; grammar.reason_of), where
 it came from (`reason_source`: "drivers", the prediction's top driver, or "rule") and the top driver
 (`driver`). The grammar states the record's own size and range ("About 40 events next week, likely
 25–55."; the size alone from a model without quantile heads) and, when the prediction carries

@@ -26,6 +26,9 @@ counts as unfaithful are documented in docs/explanations.md; in short:
 - Clauses that forecast ("likely to rise", "expect more next week") set `outlook`;
   with `prediction=` (the model's predicted count and range) their direction, size
   ("about 40 next week") and range ("likely 25–55") are claims checked against it.
+- Driver claims ("this time of year lifts it", "the kind of item it is holds it back", "its long-term
+  level lifts it") state the way an input group moved the prediction: with `prediction=` carrying the
+  model's drivers, they are checked against that group's sign; without, they are unverifiable.
 - What no signal says (magnitude words checked against the change, acceleration
   against accel_<w>, "new" against the age; customer kinds, ranks, causes, stock;
   a clause with no claim at all) is verified or is a false claim of kind

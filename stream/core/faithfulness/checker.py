@@ -29,6 +29,7 @@ class Claim:
     end: int
     # "number" | "direction" | "comparison" | "level" | "acceleration" | "magnitude" | "age" (new, established)
     # | "forecast" (direction or size of the next period, against the prediction) | "range" (against its range)
+    # | "driver" (the way an input group, season or text, moved the prediction: against its drivers)
     # | "unverifiable" (a statement no signal backs: customers, ranks, causes, stock, or a clause with no claim)
     kind: str
     measure: str | None  # count, prev_count, users, change, ratio, percent, age, idle, total; None if unknown
@@ -183,6 +184,8 @@ class _Checker:
                     self._neighbourhood(it, c)
                 elif it.kind == "last_year":
                     self._last_year(it)
+                elif it.kind == "driver":
+                    self._driver(it)
         self._coverage(parser, clauses, by_clause)
 
     def _coverage(self, parser: Parser, clauses: list[Clause], by_clause: list[list[Item]]) -> None:
@@ -300,6 +303,21 @@ class _Checker:
         ok = round(ly) == a and (b is None or round(nxt) == b) and rel == true_rel
         self.add(it, "last_year", "ly", None, stated, f"{true_rel} {ly:g} to {nxt:g}", ok,
                  "" if ok else f"last year {ly:g} then {nxt:g}")
+
+    def _driver(self, it: Item) -> None:
+        """"this time of year lifts it" / "the kind of item it is holds it back": the way the named input group
+        (season: the calendar; text: the item state) moved the predicted median, against the prediction's driver of
+        that group (PredictedCount.drivers, exact group Shapley values); a claim without drivers is unverifiable."""
+        group, rel, neg = it.data["group"], it.data["rel"], it.data["neg"]
+        stated = ("not " if neg else "") + rel
+        phi = None if self.pred is None or not self.pred.drivers else self.pred.drivers.get(group)
+        if phi is None or not math.isfinite(float(phi)):
+            self.unattributed(it, "driver", group, None, stated, f"no {group} driver to hold it against")
+            return
+        phi = float(phi)
+        ok = ((phi > 0) if rel == "rise" else (phi < 0)) != neg
+        self.add(it, "driver", group, None, stated, round(phi, 4), ok,
+                 "" if ok else f"the {group} driver is {phi:+.3g} (log count)")
 
     def _acceleration(self, it: Item, c: Clause, near: Item | None) -> None:
         """"accelerating": the window's change is larger than the change before it (accel_<w> > 0)."""

@@ -35,7 +35,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from stream.core.faithfulness.vocabulary import (LAST_YEAR_PHRASES, NEIGHBOURHOOD_PHRASES, GRAMMAR_COUNT_NOUNS, GRAMMAR_USER_NOUNS, LEADS, LEVEL_PHRASES, ONE_USER,
+from stream.core.faithfulness.vocabulary import (DRIVER_CLAIM_PHRASES, LAST_YEAR_PHRASES, NEIGHBOURHOOD_PHRASES, GRAMMAR_COUNT_NOUNS, GRAMMAR_USER_NOUNS, LEADS, LEVEL_PHRASES, ONE_USER,
                                                  OUTLOOK_LEADS, OUTLOOK_SENTENCES, OUTLOOKS, RANGE_TAILS, SIZE_SENTENCES,
                                                  UPDOWN, VERB_PAST)
 from stream.core.forecast import PredictedCount, outlook, stated_range, stated_size
@@ -103,18 +103,23 @@ def stated_reason(claims, signals: Mapping[str, float], horizon_days: float, for
 
 def top_driver(drivers: Mapping[str, float] | None, forecast: str | None) -> str | None:
     """The input group that moved the prediction most the forecast's way: the largest contribution for a rise,
-    the most negative for a fall, the largest in size otherwise. None without drivers."""
+    the most negative for a fall, the largest in size otherwise. None without drivers, and for a rise or fall
+    that no group pushes its way (every contribution pulls against it: the drivers measure the median against
+    an average item at an average time, the forecast against the item's own pace, so a busy item can be
+    forecast to fall while every group holds it above the average item); such a forecast has no top driver
+    to state, and the rule gives its reason."""
     if not drivers:
         return None
     sign = {"rise": 1.0, "fall": -1.0}.get(forecast or "")
     if sign is None:
         return max(drivers, key=lambda g: (abs(drivers[g]), g))
-    return max(drivers, key=lambda g: (sign * drivers[g], g))
+    top = max(drivers, key=lambda g: (sign * drivers[g], g))
+    return top if sign * drivers[top] > 0 else None
 
 
 @dataclass(frozen=True)
 class ReasonPlan:
-    """The reason a mover's text must give: its `kind` ("trend", "level", "neighbourhood", "season"), where it
+    """The reason a mover's text must give: its `kind` ("trend", "level", "neighbourhood", "season", "text"), where it
     came from (`source`: "drivers", the model's top driver; "rule", why_window / level_reason when the model
     gives no drivers or its top driver has no words the checker verifies) and the phrases that state it."""
 
@@ -131,12 +136,34 @@ def _pct(cur: float, prev: float) -> tuple[str, int] | None:
     return (("up", pct) if pct > 0 else ("down", -pct)) if pct else None
 
 
-def driver_phrases(group: str, signals: Mapping[str, float], horizon_days: float) -> tuple[str, ...]:
-    """A driver group in merchandiser words, each a claim the checker verifies; () when the signals cannot back
-    it (the item text has no such words). trend: the main window's change ("up 24% on the week before"); level:
-    its count against the longest window's pace; neighbourhood: "like 11 similar items, up 35% in the last 7
-    days" (nbr_n, nbr_count_<w>, nbr_prev_<w>); season: "last year it rose from 20 to 61 over these weeks"
-    (ly_count, ly_next)."""
+def driver_phrases(group: str, signals: Mapping[str, float], horizon_days: float,
+                   drivers: Mapping[str, float] | None = None, forecast: str | None = None) -> tuple[str, ...]:
+    """A driver group in merchandiser words, each a claim the checker verifies; () when nothing can back it.
+    trend: the main window's change ("up 24% on the week before"); level: its count against the longest window's
+    pace; neighbourhood: "like 11 similar items, up 35% in the last 7 days" (nbr_n, nbr_count_<w>, nbr_prev_<w>);
+    season: "last year it rose from 20 to 61 over these weeks" (ly_count, ly_next) where the signals hold last
+    year, and the calendar's own push, "this time of year lifts it" / "... holds it back"; text: "the kind of item
+    it is lifts it" / "... holds it back". With `forecast`, the trend's change and the level are said only where
+    they point its way (up / below its pace for a rise); else the group's own push: "its recent trend lifts it",
+    "its long-term level holds it back". Those push phrases state the sign of the group's driver (checked against
+    the prediction's drivers), so they are offered only when it points `forecast`'s way ("rise": > 0, "fall": < 0):
+    a driver that pulls against the forecast is no reason for it."""
+    phi = None if not drivers else drivers.get(group)
+    way = None if phi is None else "rise" if phi > 0 else "fall" if phi < 0 else None
+    own = (DRIVER_CLAIM_PHRASES[group][way] if group in DRIVER_CLAIM_PHRASES and way is not None
+           and way == (forecast or way) else ())
+    if group == "text":
+        return own
+    if group == "season":
+        return _signal_driver_phrases(group, signals, horizon_days, forecast) + own if own else ()
+    # trend and level: the signals' words where they point the forecast's way, else the group's own push
+    return _signal_driver_phrases(group, signals, horizon_days, forecast) or own
+
+
+def _signal_driver_phrases(group: str, signals: Mapping[str, float], horizon_days: float,
+                           forecast: str | None = None) -> tuple[str, ...]:
+    """The signal words of a driver group; with `forecast`, the trend's change and the level only where they point
+    its way (up / below its pace for a rise, down / above it for a fall)."""
     windows = signal_windows(signals)
     if not windows:
         return ()
@@ -144,12 +171,16 @@ def driver_phrases(group: str, signals: Mapping[str, float], horizon_days: float
     s = {k: float(v) for k, v in signals.items()}
     if group == "trend" and f"prev_count_{w}" in s:
         p = _pct(round(s[f"count_{w}"]), round(s[f"prev_count_{w}"]))
-        return tuple(f"{p[0]} {p[1]}% on {prv}" for prv in previous_phrases(w)) if p else ()
+        if p is None or (forecast is not None and p[0] != {"rise": "up", "fall": "down"}.get(forecast)):
+            return ()
+        return tuple(f"{p[0]} {p[1]}% on {prv}" for prv in previous_phrases(w))
     if group == "level" and len(windows) > 1 and windows[-1] != w:
         long = windows[-1]
         cur, pace_ = round(s[f"count_{w}"]), s[f"count_{long}"] * window_hours(w) / window_hours(long)
         rel = "above" if cur > pace_ else "below" if cur < pace_ else None
-        return tuple(p.format(n) for p in LEVEL_PHRASES[rel] for n in length_phrases(long)) if rel else ()
+        if rel is None or (forecast is not None and rel != {"rise": "below", "fall": "above"}.get(forecast)):
+            return ()
+        return tuple(p.format(n) for p in LEVEL_PHRASES[rel] for n in length_phrases(long))
     if group == "neighbourhood" and {"nbr_n", f"nbr_count_{w}", f"nbr_prev_{w}"} <= s.keys() and s["nbr_n"] >= 1:
         p = _pct(s[f"nbr_count_{w}"], s[f"nbr_prev_{w}"])
         if p is None or abs(100.0 * (s[f"nbr_count_{w}"] - s[f"nbr_prev_{w}"]) / s[f"nbr_prev_{w}"] - (p[1] if p[0] == "up" else -p[1])) > 0.5:
@@ -172,7 +203,7 @@ def reason_plan(signals: Mapping[str, float], horizon_days: float, forecast: str
     level_reason). None: no reason is due."""
     driver = top_driver(drivers, forecast) if forecast in ("rise", "fall") else None
     if driver is not None:
-        phrases = driver_phrases(driver, signals, horizon_days)
+        phrases = driver_phrases(driver, signals, horizon_days, drivers, forecast)
         if phrases:
             return ReasonPlan(driver, "drivers", phrases, driver)
     mover = against_trend(signals, horizon_days, forecast)
@@ -190,8 +221,8 @@ def reason_plan(signals: Mapping[str, float], horizon_days: float, forecast: str
 
 
 def stated_reasons(claims) -> set[str]:
-    """The driver kinds a text's true claims state: "neighbourhood", "season", "level", "trend" (a percentage
-    change of a count)."""
+    """The driver kinds a text's true claims state: "neighbourhood", "season" (last year, or the calendar's
+    push), "text" (the item's kind), "level", "trend" (a percentage change of a count)."""
     kinds = set()
     for c in claims:
         if not c.ok:
@@ -202,6 +233,8 @@ def stated_reasons(claims) -> set[str]:
             kinds.add("season")
         elif c.kind == "level":
             kinds.add("level")
+        elif c.kind == "driver":
+            kinds.add(c.measure)  # "season" (the calendar) or "text" (the item)
         elif c.kind == "comparison" and c.measure == "percent":
             kinds.add("trend")
     return kinds
@@ -216,7 +249,7 @@ def reason_of(claims, signals: Mapping[str, float], horizon_days: float, forecas
         driver = top_driver(drivers, forecast)
         if driver in kinds:
             return driver
-        for k in ("neighbourhood", "season", "level", "trend"):
+        for k in ("neighbourhood", "season", "text", "level", "trend"):
             if k in kinds:
                 return k
     return stated_reason(claims, signals, horizon_days, forecast)

@@ -7,7 +7,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from stream.core.faithfulness.vocabulary import (LAST_YEAR, NEIGHBOURHOOD, ACCELERATION, AGE_WORD, MAGNITUDE, RANGE, UNVERIFIABLE_PATTERNS, AGAINST, AGE, CLAUSE_SPLIT, COMPARE, CUR_WINDOWS,
+from stream.core.faithfulness.vocabulary import (DRIVER_CLAIM, DRIVER_CLAIM_DOWN, DRIVER_CLAIM_GATE, LAST_YEAR, NEIGHBOURHOOD, ACCELERATION, AGE_WORD, MAGNITUDE, RANGE, UNVERIFIABLE_PATTERNS, AGAINST, AGE, CLAUSE_SPLIT, COMPARE, CUR_WINDOWS,
     DIRECTION_MAX_WORDS, DIRECTION_OF, FUTURE, FUTURE_GATE, IDLE, LETTERS, LEVEL, NEGATION, NOUN_AFTER, NUMBER,
     NUMBER_WORDS, PERCENT, PREV_WINDOWS, QUALIFIERS, RATIO_ADJ, RATIO_TIMES, RATIO_WORD, SENTENCE_END, TOTAL,
     TOTAL_GATE, TRAILING_QUALIFIER, UNIT_HOURS)
@@ -131,6 +131,12 @@ class Parser:
             rel = "rise" if verb in ("rose", "grew", "climbed") else "fall" if verb in ("fell", "dropped", "declined") else "steady"
             self._take(m, "last_year", {"rel": rel, "a": _num(m.group("a")),
                                         "b": None if m.group("b") is None else _num(m.group("b"))})
+        for m in self._scan(DRIVER_CLAIM, DRIVER_CLAIM_GATE):  # "this time of year lifts it": the model's driver
+            g = m.group("g").lower()
+            group = ("trend" if g.endswith("trend") else "level" if g.endswith("level") else "text" if "item" in g
+                     else "season")
+            self._take(m, "driver", {"group": group, "neg": bool(m.group("neg")),
+                                     "rel": "fall" if DRIVER_CLAIM_DOWN.search(m.group("v")) else "rise"})
         for what, pattern in UNVERIFIABLE_PATTERNS:  # what no signal says: taken first ("new customers" is no age)
             for m in pattern.finditer(t):
                 self._take(m, "unverifiable", {"what": what})

@@ -297,3 +297,28 @@ NEIGHBOURHOOD = re.compile(rf"\blike\s+(?P<n>{NUM})\s+similar\s+items?,?\s+(?P<d
 LAST_YEAR = re.compile(rf"\blast\s+year\s+(?:it\s+)?(?P<verb>rose|fell|grew|dropped|climbed|declined|stayed|held)\s+"
                        rf"(?:from|at)\s+(?P<a>{NUM})(?:\s+to\s+(?P<b>{NUM}))?\s+over\s+(?:these|the\s+same)\s+weeks\b", CI)
 DRIVER_GROUPS = ("trend", "level", "neighbourhood", "season", "text")
+# the model's own drivers in words (issue 20.2): the calendar ("season": the week of the year the head reads),
+# the item's text ("text": the item state of its title, category and description), and the item's own trend and
+# level signals as groups ("its recent trend", "its long-term level"), each stated with the way it
+# moved the prediction's median against an average item at an average time (the drivers' reference). The checker
+# verifies the stated way against the prediction's driver of that group (PredictedCount.drivers): it is a claim
+# about what moved the model, and the record publishes the drivers beside the text.
+DRIVER_CLAIM_PHRASES = {
+    # the item's own signals when their words point the other way ("down 20% on the week before" is no reason
+    # for a rise, though the trend group as a whole lifted it: the day's count, the decays, the idle time)
+    "trend": {"rise": ("its recent trend lifts it",), "fall": ("its recent trend holds it back",)},
+    "level": {"rise": ("its long-term level lifts it",), "fall": ("its long-term level holds it back",)},
+    "season": {"rise": ("this time of year lifts it", "the time of year lifts it"),
+               "fall": ("this time of year holds it back", "the time of year holds it back")},
+    "text": {"rise": ("the kind of item it is lifts it", "its kind of item lifts it"),
+             "fall": ("the kind of item it is holds it back", "its kind of item holds it back")},
+}
+DRIVER_CLAIM = re.compile(
+    r"\b(?P<g>its (?:recent|short-term) trend|its (?:long-term|usual) level|(?:this|the) time of (?:the )?year|the (?:week|month) of the year|the season"
+    r"|the kind of item(?: it is)?|what the item is|its kind of item|the item's (?:kind|text|title))\s+"
+    r"(?:(?P<neg>does not|doesn't|did not|didn't)\s+)?"
+    r"(?P<v>lifts?|lifted|boosts?|boosted|raises?|raised|helps?|helped|pushes (?:it )?up|pulls (?:it )?up"
+    r"|holds? (?:it )?back|held (?:it )?back|weighs? on|weighed on|drags? (?:it )?down|dragged (?:it )?down"
+    r"|pulls (?:it )?down|pushes (?:it )?down)(?:\s+(?:it|its forecast|the forecast|the count))?\b", CI)
+DRIVER_CLAIM_GATE = ("year", "season", "item", "trend", "level")
+DRIVER_CLAIM_DOWN = re.compile(r"\b(?:back|down|weighs?|weighed|drags?|dragged)\b", CI)  # the verb's way: else up
