@@ -300,18 +300,18 @@ def test_reason_metrics_count_movers_that_say_why():
              "Likely to stay steady: 29 events in the last 7 days, down from 34 the week before."]
     m = reason_metrics(texts, [MOVER] * 4, ["Lunch bag"] * 4, 7)
     assert m == {"against_trend": 2, "reason_share": 0.5, "reason_available": 2, "level_available": 0, "driver_agreement": None, "driver_rows": 0,
-                 "driver_rows_against": 0}
+                 "driver_rows_against": 0, "driver_agreement_all_rows": None}
     # a forecast of a rise after a fall with the 28d trend down too has no reason to give
     m = reason_metrics(texts[1:2], [dict(MOVER, prev_count_28d=120.0)], ["Lunch bag"], 7)
     assert m == {"against_trend": 1, "reason_share": 0.0, "reason_available": 0, "level_available": 0, "driver_agreement": None, "driver_rows": 0,
-                 "driver_rows_against": 0}
+                 "driver_rows_against": 0, "driver_agreement_all_rows": None}
     # a spike forecast to cool off, no window's trend backing it: its level does
     from test_explanations import SPIKE
     spiky = ["Likely to fall: 33 events in the last 7 days, up from 24 the week before, but already above its "
              "28-day pace.", "Likely to fall: 33 events in the last 7 days, up from 24 the week before."]
     m = reason_metrics(spiky, [SPIKE] * 2, ["Lunch bag"] * 2, 7)
     assert m == {"against_trend": 2, "reason_share": 0.5, "reason_available": 2, "level_available": 2, "driver_agreement": None, "driver_rows": 0,
-                 "driver_rows_against": 0}
+                 "driver_rows_against": 0, "driver_agreement_all_rows": None}
 
 
 def test_a_mover_with_a_reason_must_give_it():

@@ -165,6 +165,13 @@ def test_driver_agreement_is_null_without_drivers_and_a_share_with_them():
     report, _ = score_trail([LEVEL], [SPIKE], ["A"], ["a"], predicted=["fall"], horizon_days=7,
                             drivers=[{"trend": -0.9, "level": -0.1}])
     assert report["trail_raw"]["driver_agreement"] == 0.0
+    # every driver pulls against the forecast (fall): no top driver; the row leaves driver_agreement's rows
+    # but counts as a disagreement in driver_agreement_all_rows
+    report, _ = score_trail([LEVEL, LEVEL], [SPIKE] * 2, ["A"] * 2, ["a", "b"], predicted=["fall"] * 2,
+                            horizon_days=7, drivers=[{"trend": 0.9, "level": 0.1}, drivers])
+    m = report["trail_raw"]
+    assert (m["driver_rows"], m["driver_rows_against"], m["driver_agreement"]) == (1, 1, 1.0)
+    assert m["driver_agreement_all_rows"] == 0.5
 
 
 def test_targets_give_the_top_driver_as_the_grammar_does():

@@ -153,7 +153,8 @@ def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: li
     With `drivers` (each row's attribution): `driver_agreement`, the share of rise/fall texts whose stated
     reason (`reason_of`) is the model's top driver (`top_driver`), over `driver_rows`; null without drivers.
     `driver_rows_against`: rise/fall texts with drivers none of which pushes the forecast's way (no top driver:
-    they are not in `driver_rows`, and the rule gives their reason).
+    they are not in `driver_rows`, and the rule gives their reason); `driver_agreement_all_rows` counts them
+    as disagreements (agreement over every rise/fall text with drivers: the stricter reading of the target).
     With `realised`: `reason_accuracy` per reason kind (how often the stated direction happened) beside its
     base rate."""
     against = cited = available = by_level = 0
@@ -190,7 +191,8 @@ def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: li
            "reason_available": available, "level_available": by_level,
            # null when the model gives no drivers (today's v6): the reasons then come from the rule
            "driver_agreement": agree / driven if driven else None, "driver_rows": driven,
-           "driver_rows_against": pulled}
+           "driver_rows_against": pulled,
+           "driver_agreement_all_rows": agree / (driven + pulled) if driven + pulled else None}
     if realised is not None:
         out["reason_accuracy"] = reason_accuracy(kinds, realised)
     return out
