@@ -173,6 +173,6 @@ def test_the_trainers_command_line_is_generated_from_fit_config():
                                          rank_gain="label_users", budget_minutes=0.0, seed=7)
     flags = {f.metadata["flag"] for f in fields(FitConfig) if "flag" in f.metadata}
     assert {"--steps", "--budget-minutes", "--batch", "--digit-weight", "--seed", "--item-lr", "--rank-epochs",
-            "--count-epochs", "--rank-gain", "--count-loss"} == flags
+            "--count-epochs", "--rank-gain", "--count-loss", "--score-weight"} == flags
     with pytest.raises(SystemExit):
         build_parser().parse_args(base + ["--count-loss", "l7"])
