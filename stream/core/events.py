@@ -316,7 +316,7 @@ def _parse_all_good(values: Sequence[bytes | None], offsets: Sequence[int] | np.
         if not user_types <= _USER_TYPES:
             return None
         if str in user_types:
-            named = users if len(user_types) == 1 else [u for u in users if u is not None]
+            named = users if len(user_types) == 1 else list(filter(None, users))  # "" passes _ids_ok anyway
             if not _ids_ok(named, max_id):
                 return None
         ts_types = set(map(type, tss))

@@ -162,14 +162,17 @@ def _hash_strings(values: np.ndarray) -> np.ndarray:
     return pd.util.hash_array(values.astype(object, copy=False), categorize=False)
 
 
-def _hash_repeated_strings(values: np.ndarray) -> np.ndarray:
-    """`_hash_strings(values)`, hashing each distinct string once (a poll names few users, many times).
-    Only for strings: factorize would merge 1, 1.0 and True, which `_hash_strings` tells apart."""
+def _present_hashes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(`pd.notna(values)`, `_hash_strings` of those values), hashing each distinct string once (a poll
+    names few users, many times). Strings only: factorize would merge 1, 1.0 and True, which
+    `_hash_strings` tells apart, so other values take the direct way."""
     codes, uniques = pd.factorize(values, sort=False)
     uniques = np.asarray(uniques, object)
-    if len(uniques) == len(values) or set(map(type, uniques.tolist())) != {str}:
-        return _hash_strings(values)
-    return _hash_strings(uniques)[codes]
+    if set(map(type, uniques.tolist())) <= {str}:
+        present = codes >= 0
+        return present, _hash_strings(uniques)[codes[present]] if len(uniques) else np.zeros(0, np.uint64)
+    present = pd.notna(values)
+    return present, _hash_strings(values[present])
 
 
 def _rows(batch: EventBatch, rows: slice) -> EventBatch:
@@ -348,10 +351,10 @@ class TrendTable:
         self._counts.reshape(-1)[flat] += counts.astype(np.int32)
 
         users = np.asarray(batch.user_id, object)[idx]
-        has_user = pd.notna(users)
+        has_user, user_hash = _present_hashes(users)
         if has_user.any():
             item_hash = _hash_strings(np.asarray(uniques, object))[codes[has_user]]
-            pair = item_hash * PAIR_MIX ^ _hash_repeated_strings(users[has_user])
+            pair = item_hash * PAIR_MIX ^ user_hash
             self._u_pending.append((pair, slots[has_user].astype(np.int32), buckets[has_user]))
             self._u_pending_rows += len(pair)
             if self.observer is not None:
