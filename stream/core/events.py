@@ -283,12 +283,12 @@ _USER_TYPES = frozenset({str, type(None)})
 _WEIGHT_TYPES = frozenset({float, type(None)})
 
 
-def _ids_ok(ids: list[str], max_id: int) -> bool:
-    """No id in `ids` (all str) holds a control character (Cc) or is longer than `max_id`."""
+def _ids_ok(ids: list[str], max_id: int | None) -> bool:
+    """No id in `ids` (all str) holds a control character (Cc) or is longer than `max_id` (None: none can be)."""
     if not all(map(str.isprintable, ids)):
         if any(_CONTROL_SEARCH(s) for s in ids if not s.isprintable()):
             return False
-    return max(map(len, ids)) <= max_id
+    return max_id is None or max(map(len, ids)) <= max_id
 
 
 def _parse_all_good(values: Sequence[bytes | None], offsets: Sequence[int] | np.ndarray | None, partition: int,
@@ -299,8 +299,12 @@ def _parse_all_good(values: Sequence[bytes | None], offsets: Sequence[int] | np.
     in C-level loops (map, numpy) instead of one Python iteration per record. It applies exactly the
     loop's tests, so it accepts a batch only when the loop would accept every record with the same values."""
     try:
-        if None in values or max(map(len, values)) > max_bytes:  # type: ignore[arg-type]
+        if None in values:
             return None
+        longest = max(map(len, values))  # type: ignore[arg-type]
+        if longest > max_bytes:
+            return None
+        id_limit = max_id if longest > max_id else None  # an id has no more characters than its value has bytes
         # msgspec accepts a subset of what orjson does (tests/test_events_fast.py): an unknown field, a
         # wrong type, a repeated field with an invalid value... fail here, and the loop decides with orjson
         objs = list(map(_decode_event, values))
@@ -310,14 +314,14 @@ def _parse_all_good(values: Sequence[bytes | None], offsets: Sequence[int] | np.
         users = list(map(_get_user, objs))
         weights = list(map(_get_weight, objs))
         if set(map(type, items)) != _STR or not all(items) or any(map(str.isspace, items)) \
-                or not _ids_ok(items, max_id):
+                or not _ids_ok(items, id_limit):
             return None
         user_types = set(map(type, users))
         if not user_types <= _USER_TYPES:
             return None
         if str in user_types:
             named = users if len(user_types) == 1 else list(filter(None, users))  # "" passes _ids_ok anyway
-            if not _ids_ok(named, max_id):
+            if not _ids_ok(named, id_limit):
                 return None
         ts_types = set(map(type, tss))
         if ts_types != _INT:  # exact types: a bool is not an int here
