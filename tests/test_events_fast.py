@@ -18,7 +18,7 @@ TS = 1_262_304_000_000
 
 def _loop_only(monkeypatch: pytest.MonkeyPatch, *args, **kw):
     with monkeypatch.context() as m:
-        m.setattr(events, "_parse_all_good", lambda *a, **k: None)
+        m.setattr(events, "_parse_fast", lambda *a, **k: None)
         return parse_batch(*args, **kw)
 
 
@@ -48,19 +48,27 @@ def test_clean_poll_takes_the_fast_path(monkeypatch):
               for k in range(50)]
     values.append(b'{"item_id":"x","ts":"2010-01-01T00:00:00Z","event_type":"rating","weight":4}')
     calls = []
-    real = events._parse_all_good
+    real = events._parse_fast
 
     def spy(*a):
         calls.append(out := real(*a))
         return out
 
-    monkeypatch.setattr(events, "_parse_all_good", spy)
+    monkeypatch.setattr(events, "_parse_fast", spy)
     fast = parse_batch(values, offsets=list(range(len(values))), partition=1,
                        keys=[v and None for v in values], now_ms=NOW)
     assert calls and calls[0] is not None  # the fast path decided this poll
     assert len(fast.batch) == len(values) and fast.rejects == []
+    # a poll with bad records too: the loop judges only those
+    dirty = values[:10] + [b"{", encode_event("x", 5, "view")] + values[10:]
+    calls.clear()
+    res = parse_batch(dirty, offsets=list(range(len(dirty))), partition=1, now_ms=NOW)
+    assert calls and calls[0] is not None
+    assert [(r.index, r.reason) for r in res.rejects] == [(10, "bad_json"), (11, "absurd_ts")]
+    assert len(res.batch) == len(values) and 10 not in res.batch.index and 11 not in res.batch.index
     monkeypatch.undo()
     _both(monkeypatch, values)
+    _both(monkeypatch, dirty)
 
 
 BASE = b'"ts":1262304000000,"event_type":"view"'
@@ -80,6 +88,7 @@ EDGE = [
     b'{"item_id":"a",' + BASE + b',"weight":-0.0}',
     b'{"item_id":"a",' + BASE + b',"weight":1E2}',
     b'{"item_id":"a",' + BASE + b',"extra":{"x":[1]}}',
+    b'{"item_id":"a","user_id":"u9","weight":2.5,' + BASE + b',"extra":[1]}',  # msgspec fails, orjson accepts
     b'{"item_id":"a",' + BASE + b',"deep":' + b"[" * 2000 + b"]" * 2000 + b'}',
     b'{"item_id":"a",' + BASE + b',"extra":1e400}',
     b'{"item\\u005fid":"a",' + BASE + b'}',
