@@ -3,10 +3,10 @@
 Pure module (orjson, msgspec + numpy only). The hot path is `parse_batch`: it takes the raw
 values of one poll (one partition) and returns the good events as numpy columns
 (`EventBatch`) plus `Reject`s with a machine-readable reason. A reject never
-raises; the caller sends it to `trail.events.dlq` with `dlq_record`. A poll whose
-records are all good takes a columnar fast path (msgspec structs); any other poll is
-decided record by record with orjson, and the two agree on every input
-(tests/test_events_fast.py).
+raises; the caller sends it to `trail.events.dlq` with `dlq_record`. A poll is
+parsed column by column (msgspec structs, `_parse_fast`); the records that fail or
+might fail a test there are decided record by record with orjson (`_parse_each`),
+and the two agree on every input (tests/test_events_fast.py).
 
 Value schema (JSON):
     {"item_id": str, "user_id": str?, "ts": epoch ms int or ISO-8601 str,
