@@ -102,6 +102,8 @@ def test_bench_runs_against_the_broker_and_reports_its_ratio(broker):
     assert report["pipeline_events_per_s"] > 0 and report["raw_consume_events_per_s"] > 0
     assert report["pipeline_vs_raw"] == pytest.approx(
         report["pipeline_events_per_s"] / report["raw_consume_events_per_s"], abs=0.01)
+    assert len(report["runs"]["pipeline_vs_raw"]) == 1  # one round: its ratio is the median
+    assert report["pipeline_vs_raw_median"] == pytest.approx(report["pipeline_vs_raw"], abs=0.01)
 
 
 def test_bench_checkpoints_reloads_bit_for_bit(tmp_path):

@@ -1,9 +1,12 @@
 """The `trail.events` record: parsing, validation, and dead-letter records.
 
-Pure module (orjson + numpy only). The hot path is `parse_batch`: it takes the raw
+Pure module (orjson, msgspec + numpy only). The hot path is `parse_batch`: it takes the raw
 values of one poll (one partition) and returns the good events as numpy columns
 (`EventBatch`) plus `Reject`s with a machine-readable reason. A reject never
-raises; the caller sends it to `trail.events.dlq` with `dlq_record`.
+raises; the caller sends it to `trail.events.dlq` with `dlq_record`. A poll is
+parsed column by column (msgspec structs, `_parse_fast`); the records that fail or
+might fail a test there are decided record by record with orjson (`_parse_each`),
+and the two agree on every input (tests/test_events_fast.py).
 
 Value schema (JSON):
     {"item_id": str, "user_id": str?, "ts": epoch ms int or ISO-8601 str,
@@ -40,8 +43,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from operator import attrgetter
+from typing import Any, Literal
 
+import msgspec
 import numpy as np
 import orjson
 
@@ -82,6 +87,9 @@ def bad_value(name: str) -> str:
 # are not printable for another reason (NBSP, zero-width joiner, ...), which are allowed.
 _CONTROL_SEARCH = re.compile(r"[\x00-\x1f\x7f-\x9f]").search
 _MAX_FINITE = sys.float_info.max
+_STR = frozenset({str})
+_NONE = frozenset({type(None)})
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +262,124 @@ def _decode_error_reason(raw: bytes) -> str:
     return REASON_BAD_JSON
 
 
+class _Event(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """The fast path's decoding target: typed fields, no dict per record, any other field an error."""
+
+    item_id: str
+    ts: int | str
+    event_type: Literal["view", "click", "cart", "purchase", "rating"]
+    user_id: str | None = None
+    weight: float | None = None
+
+
+_decode_event = msgspec.json.Decoder(_Event).decode
+_get_item = attrgetter("item_id")
+_get_ts = attrgetter("ts")
+_get_event_type = attrgetter("event_type")
+_get_user = attrgetter("user_id")
+_get_weight = attrgetter("weight")
+_INT = frozenset({int})
+
+
+_DUMMY_VALUE = b'{"item_id":"-","ts":0,"event_type":"view"}'  # stands in for a flagged record
+_MAX_RESTARTS = 64  # decode failures in one poll beyond which the loop takes the whole poll
+
+
+def _fromiter(it, n: int) -> np.ndarray:
+    return np.fromiter(it, bool, n)
+
+
+def _id_flags(ids: list[str], n: int, limit: int | None) -> np.ndarray:
+    """True where an id may break the limits: not printable (a Cc is possible; the loop decides) or too long."""
+    flags = ~_fromiter(map(str.isprintable, ids), n)
+    if limit is not None:
+        flags |= np.fromiter(map(len, ids), np.int64, n) > limit
+    return flags
+
+
+def _parse_fast(values: Sequence[bytes | None], offsets: Sequence[int] | np.ndarray | None, partition: int,
+                keys: Sequence[bytes | None] | None, config: ValidationConfig, now_ms: int) -> ParseResult | None:
+    """`parse_batch` column by column: msgspec decodes straight into typed structs and the tests run in
+    C-level loops (map, numpy) instead of one Python iteration per record. A record that fails or might
+    fail any test is flagged and decided by `_parse_each`; the others pass every test of the loop with
+    the same values. None: the loop takes the whole poll (a None value, many undecodable records)."""
+    n = len(values)
+    try:
+        if None in values:
+            return None
+        lens = np.fromiter(map(len, values), np.int64, n)  # type: ignore[arg-type]
+        longest = int(lens.max())
+        flag = lens > config.max_bytes
+        id_limit = config.max_id_chars if longest > config.max_id_chars else None  # an id has no more chars than bytes
+        todo = values if not flag.any() else [_DUMMY_VALUE if f else v for v, f in zip(values, flag.tolist())]
+        # msgspec accepts a subset of what orjson does (tests/test_events_fast.py): an unknown field, a
+        # wrong type, a repeated field with an invalid value... fail here, and the loop decides with orjson
+        objs: list[_Event] = []
+        restarts = 0
+        while len(objs) < n:
+            try:
+                objs.extend(map(_decode_event, todo[len(objs):]))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                restarts += 1
+                if restarts > _MAX_RESTARTS:
+                    return None
+                flag[len(objs)] = True
+                objs.append(_decode_event(_DUMMY_VALUE))
+        items = list(map(_get_item, objs))
+        tss = list(map(_get_ts, objs))
+        types = list(map(_get_event_type, objs))  # msgspec returns the Literal's own (interned) strings
+        users = list(map(_get_user, objs))
+        weights = list(map(_get_weight, objs))
+        flag |= ~_fromiter(map(bool, items), n) | _fromiter(map(str.isspace, items), n) | _id_flags(items, n, id_limit)
+        if set(map(type, users)) != _NONE:
+            flag |= _id_flags([u or "" for u in users], n, id_limit)  # "" passes every id test of a user
+        if set(map(type, tss)) != _INT:
+            tss = [t if type(t) is int else _iso_to_ms(t) for t in tss]
+            if None in tss:
+                flag |= np.array([t is None for t in tss], bool)
+                tss = [config.min_ts_ms - 1 if t is None else t for t in tss]
+        try:
+            ts_arr = np.array(tss, dtype=np.int64)
+        except OverflowError:  # beyond int64: out of range anyway
+            ts_arr = np.array([t if _I64_MIN <= t <= _I64_MAX else config.min_ts_ms - 1 for t in tss], np.int64)
+        flag |= (ts_arr < config.min_ts_ms) | (ts_arr > now_ms + config.max_future_ms)
+        if None in weights:
+            weights = [1.0 if w is None else w for w in weights]
+        w_arr = np.array(weights, dtype=np.float64)
+        # clamped to the finite doubles, so the one range test also rejects inf and NaN
+        min_w = max(config.min_weight, -_MAX_FINITE)
+        max_w = min(config.max_weight, _MAX_FINITE)
+        flag |= ~((w_arr >= min_w) & (w_arr <= max_w))
+        if keys is not None:
+            encoded = list(map(str.encode, items))
+            if encoded != list(keys):
+                flag |= np.array([k is not None and k != e for k, e in zip(keys, encoded)], bool)
+    except Exception:  # noqa: BLE001 - whatever failed, the record-by-record loop names it
+        return None
+    type_arr = np.empty(n, dtype=object)
+    type_arr[:] = types
+    item_arr = np.empty(n, dtype=object)
+    item_arr[:] = items
+    user_arr = np.empty(n, dtype=object)
+    user_arr[:] = users
+    idx = np.arange(n, dtype=np.int64)
+    off = np.full(n, -1, dtype=np.int64) if offsets is None else np.asarray(offsets, dtype=np.int64)[idx]
+    batch = EventBatch(item_arr, user_arr, ts_arr, type_arr, w_arr, off, partition, idx)
+    if not flag.any():
+        return ParseResult(batch, [])
+    flagged = np.flatnonzero(flag)
+    judged = _parse_each([values[i] for i in flagged.tolist()], None, partition,
+                         None if keys is None else [keys[i] for i in flagged.tolist()], config, now_ms)
+    rejects = [Reject(int(flagged[r.index]), r.reason) for r in judged.rejects]
+    accepted = flagged[judged.batch.index]  # the flagged records the loop accepted: its values replace ours
+    item_arr[accepted] = judged.batch.item_id
+    user_arr[accepted] = judged.batch.user_id
+    ts_arr[accepted] = judged.batch.ts_ms
+    type_arr[accepted] = judged.batch.event_type
+    w_arr[accepted] = judged.batch.weight
+    return ParseResult(batch.take(np.sort(np.concatenate([np.flatnonzero(~flag), accepted]))), rejects)
+
+
 def parse_batch(
     values: Sequence[bytes | None],
     *,
@@ -270,6 +396,17 @@ def parse_batch(
     """
     if now_ms is None:
         now_ms = time.time_ns() // 1_000_000
+    if values:
+        fast = _parse_fast(values, offsets, partition, keys, config, now_ms)
+        if fast is not None:
+            return fast
+    return _parse_each(values, offsets, partition, keys, config, now_ms)
+
+
+def _parse_each(values: Sequence[bytes | None], offsets: Sequence[int] | np.ndarray | None, partition: int,
+                keys: Sequence[bytes | None] | None, config: ValidationConfig, now_ms: int) -> ParseResult:
+    """`parse_batch` record by record: the reference the fast path agrees with, and the judge of
+    every record the fast path flags."""
     lo = config.min_ts_ms
     hi = now_ms + config.max_future_ms
     max_bytes = config.max_bytes

@@ -48,6 +48,7 @@ import asyncio
 import importlib
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from operator import attrgetter
 from typing import Any
 
 import structlog
@@ -67,6 +68,8 @@ from stream.core.trends import Signals, TrendTable
 log = structlog.get_logger(__name__)
 
 TickHook = Callable[[int, Signals], Awaitable[None]]
+
+_offset, _key, _value = attrgetter("offset"), attrgetter("key"), attrgetter("value")
 
 MAX_BATCH_BYTES = 512 * 1024
 MAX_REQUEST_BYTES = 16 * 1024 * 1024  # a consumed record of any size can be forwarded to the DLQ
@@ -230,7 +233,7 @@ class TrendWorker:
             st = self.parts.get(tp.partition)
             if st is None or tp.topic != self.topic:  # revoked while this poll was in hand
                 continue
-            for i, reason in st.ingest([m.offset for m in msgs], [m.key for m in msgs], [m.value for m in msgs],
+            for i, reason in st.ingest(list(map(_offset, msgs)), list(map(_key, msgs)), list(map(_value, msgs)),
                                        now_ms):
                 m = msgs[i]
                 dead.append((tp.partition, dlq_record(m.key, m.value, reason, topic=tp.topic, partition=tp.partition,
