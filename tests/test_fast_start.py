@@ -4,30 +4,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from serving_artefact import exported_artefact
-from stream.core.trends import TrendConfig
 from stream.ingest.config import WorkerConfig
 from stream.model.artefact import Artefact, ArtefactError, read_export, write_export
 from stream.serving.config import ServingConfig
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def artefact_dir() -> Path:
-    return exported_artefact()
-
-
-@pytest.fixture(scope="module")
-def trend(artefact_dir) -> TrendConfig:
-    return TrendConfig.from_spec(json.loads((artefact_dir / "manifest.json").read_text())["feature_spec"])
 
 
 def pending_clone(src: Path, dst: Path, pending: str = "generator") -> tuple[Path, dict]:

@@ -23,18 +23,7 @@ from stream.serving.scorer import (ScoredChunk, ScoredChunkError, ScoredPart,
 from stream.serving.parts import Publisher, ScorerService, ServingStats
 from stream.serving.parts import Ranker as RankerPart
 from stream.serving.service import Serving, ServingConfig
-from stream.core.trends import Signals, TrendConfig
-from serving_artefact import exported_artefact
-
-
-@pytest.fixture(scope="module")
-def artefact_dir() -> Path:
-    return exported_artefact()
-
-
-@pytest.fixture(scope="module")
-def trend(artefact_dir) -> TrendConfig:
-    return TrendConfig.from_spec(json.loads((artefact_dir / "manifest.json").read_text())["feature_spec"])
+from stream.core.trends import Signals
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ key and after a sample re-encoded agrees, drops them all when it does not; a hea
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from serving_artefact import exported_artefact
 from stream.core.records import ItemInfo
 from stream.core.trends import Signals, TrendConfig
 from stream.model.artefact import TRAINED_FILES, Artefact, ArtefactError, read_export, write_export
@@ -24,16 +22,6 @@ from stream.serving.scorer import TickScorer, text_for
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "models" / "trail-smollm2"
 SHIPPED = COMMITTED / SHIPPED_DIR / "retail.npz"
-
-
-@pytest.fixture(scope="module")
-def artefact_dir() -> Path:
-    return exported_artefact()
-
-
-@pytest.fixture(scope="module")
-def trend(artefact_dir) -> TrendConfig:
-    return TrendConfig.from_spec(json.loads((artefact_dir / "manifest.json").read_text())["feature_spec"])
 
 
 @pytest.fixture(scope="module")
