@@ -356,15 +356,7 @@ def _parse_fast(values: Sequence[bytes | None], offsets: Sequence[int] | np.ndar
                 flag |= np.array([k is not None and k != e for k, e in zip(keys, encoded)], bool)
     except Exception:  # noqa: BLE001 - whatever failed, the record-by-record loop names it
         return None
-    type_arr = np.empty(n, dtype=object)
-    type_arr[:] = types
-    item_arr = np.empty(n, dtype=object)
-    item_arr[:] = items
-    user_arr = np.empty(n, dtype=object)
-    user_arr[:] = users
-    idx = np.arange(n, dtype=np.int64)
-    off = np.full(n, -1, dtype=np.int64) if offsets is None else np.asarray(offsets, dtype=np.int64)[idx]
-    batch = EventBatch(item_arr, user_arr, ts_arr, type_arr, w_arr, off, partition, idx)
+    batch = _batch(items, users, ts_arr, types, w_arr, offsets, partition, np.arange(n, dtype=np.int64))
     if not flag.any():
         return ParseResult(batch, [])
     flagged = np.flatnonzero(flag)
@@ -372,11 +364,11 @@ def _parse_fast(values: Sequence[bytes | None], offsets: Sequence[int] | np.ndar
                          None if keys is None else [keys[i] for i in flagged.tolist()], config, now_ms)
     rejects = [Reject(int(flagged[r.index]), r.reason) for r in judged.rejects]
     accepted = flagged[judged.batch.index]  # the flagged records the loop accepted: its values replace ours
-    item_arr[accepted] = judged.batch.item_id
-    user_arr[accepted] = judged.batch.user_id
-    ts_arr[accepted] = judged.batch.ts_ms
-    type_arr[accepted] = judged.batch.event_type
-    w_arr[accepted] = judged.batch.weight
+    batch.item_id[accepted] = judged.batch.item_id
+    batch.user_id[accepted] = judged.batch.user_id
+    batch.ts_ms[accepted] = judged.batch.ts_ms
+    batch.event_type[accepted] = judged.batch.event_type
+    batch.weight[accepted] = judged.batch.weight
     return ParseResult(batch.take(np.sort(np.concatenate([np.flatnonzero(~flag), accepted]))), rejects)
 
 
@@ -486,21 +478,23 @@ def _parse_each(values: Sequence[bytes | None], offsets: Sequence[int] | np.ndar
         weights.append(w)
         good.append(i)
 
-    n = len(good)
-    idx = np.array(good, dtype=np.int64)
-    item_arr = np.empty(n, dtype=object)
-    item_arr[:] = items
-    user_arr = np.empty(n, dtype=object)
-    user_arr[:] = users
-    type_arr = np.empty(n, dtype=object)
-    type_arr[:] = types
-    if offsets is None:
-        off = np.full(n, -1, dtype=np.int64)
-    else:
-        off = np.asarray(offsets, dtype=np.int64)[idx] if n else np.empty(0, np.int64)
-    batch = EventBatch(item_arr, user_arr, np.array(tss, dtype=np.int64), type_arr,
-                       np.array(weights, dtype=np.float64), off, partition, idx)
+    batch = _batch(items, users, np.array(tss, dtype=np.int64), types, np.array(weights, dtype=np.float64),
+                   offsets, partition, np.array(good, dtype=np.int64))
     return ParseResult(batch, rejects)
+
+
+def _objects(values: list) -> np.ndarray:
+    out = np.empty(len(values), dtype=object)  # np.array(list_of_str) would make a fixed-width str array
+    out[:] = values
+    return out
+
+
+def _batch(items: list, users: list, ts: np.ndarray, types: list, weights: np.ndarray,
+           offsets: Sequence[int] | np.ndarray | None, partition: int, idx: np.ndarray) -> EventBatch:
+    """The accepted records as columns; `idx`: their positions in the poll (their offsets' index)."""
+    off = (np.full(len(idx), -1, dtype=np.int64) if offsets is None
+           else np.asarray(offsets, dtype=np.int64)[idx])
+    return EventBatch(_objects(items), _objects(users), ts, _objects(types), weights, off, partition, idx)
 
 
 def encode_event(item_id: str, ts_ms: int, event_type: str, user_id: str | None = None,
