@@ -12,13 +12,17 @@ import torch
 
 from export.range import PARITY_FILE, export_range
 from stream.core.attribution import DRIVER_GROUPS
-from stream.core.features import HORIZON, predicted_count, week_of_year
+from stream.core.drivers import PaceGap
+from stream.core.features import HORIZON, Normalisation, predicted_count, week_of_year
+from stream.core.forecast import pace
 from stream.model.artefact import ONNX_DIR, ArtefactError
 from stream.model.count_range import CountRange
 from stream.serving.scorer import ScoredChunk, ScoredPart, rank_tick
-from trainer.quantiles import RangeConfig, RangeHead, drivers, predict_range, save_range, RangeData
+from trainer.quantiles import RangeConfig, RangeHead, drivers, head_median, predict_range, save_range, RangeData
 
 NAMES = ("count_7d", "velocity_7d", "count_28d", "total_count", HORIZON)
+# the score head's normalisation (the manifest's): the drivers read each row's pace back through it
+NORM = Normalisation(NAMES, (1.5, 0.0, 2.5, 3.5, 2.0), (0.9, 1.1, 1.0, 1.4, 0.3))
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +45,19 @@ def test_export_checks_parity_at_several_batch_sizes(artefact):
     # export outputs go to the git-ignored onnx/ folder; the artefact's own folder keeps the weights only
     assert json.loads((path / ONNX_DIR / PARITY_FILE).read_text())["feature_names"] == list(NAMES)
     assert sorted(p.name for p in path.iterdir() if p.is_file()) == ["range_head.json", "range_head.safetensors"]
-    assert CountRange.open(path.parent / "nothing-here", NAMES) is None
+    assert CountRange.open(path.parent / "nothing-here", NORM) is None
     with pytest.raises(ValueError, match="other inputs"):
-        CountRange.open(path, NAMES[::-1])
+        CountRange.open(path, Normalisation(NAMES[::-1], NORM.mean, NORM.std))
 
 
 def test_the_stream_gives_the_trainers_range_and_drivers(artefact):
     path, head = artefact
     export_range(path)
-    served = CountRange.open(path, NAMES)
+    served = CountRange.open(path, NORM)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(40, len(NAMES))).astype(np.float32)
     x[:, -1] = 0.3
+    x[:, 0] = np.abs(x[:, 0])  # count_7d at or above its mean: a count, never negative
     z = rng.normal(size=(40, 6)).astype(np.float32)
     tick = pd.Timestamp("2011-09-14", tz="UTC").value // 10**6
     got = served(tick, x, z)
@@ -64,12 +69,18 @@ def test_the_stream_gives_the_trainers_range_and_drivers(artefact):
     np.testing.assert_allclose(got.log_mid, offline[:, 1], atol=1e-4)  # the published count's log
     mid = predicted_count(got.log_mid)
     assert (got.low <= got.high).all() and (got.low <= mid + 1e-9).all() and (mid <= got.high + 1e-9).all()
-    phi = drivers(head, x, cal, z)
+    phi = drivers(head, x, cal, z, NORM)  # the trainer's torch head: the same drivers as the stream's ONNX head
     np.testing.assert_allclose(got.drivers, np.stack([phi[g] for g in DRIVER_GROUPS], 1), atol=1e-4)
-    with torch.no_grad():  # exact: they add up to the median's move from the reference
-        ref = head(torch.from_numpy(np.c_[np.zeros((40, 4), np.float32), x[:, -1:]]), torch.zeros(40, 2),
-                   head.z_ref.expand(40, -1))[:, 1].numpy()
-    np.testing.assert_allclose(got.drivers.sum(1), offline[:, 1] - ref, atol=1e-4)
+    # exact: they add up to the gap between the median and the item's pace (read from the raw signals, as the
+    # forecast's direction reads it), less the gap at the steady reference
+    raw = NORM.invert(x)
+    horizon = float(np.expm1(0.3 * 0.3 + 2.0))
+    log_pace = np.log1p([pace(dict(zip(NAMES[:-1], r[:-1])), horizon) for r in raw])
+    ref = PaceGap(NORM).steady_count(head_median(head), float(x[0, -1]), head.z_ref.numpy())
+    with torch.no_grad():
+        q_ref = head(torch.from_numpy(ref[None]), torch.zeros(1, 2), head.z_ref[None])[0, 1].item()
+    g_ref = q_ref - np.log1p(pace(dict(zip(NAMES[:-1], NORM.invert(ref[None])[0, :-1])), horizon))
+    np.testing.assert_allclose(got.drivers.sum(1), offline[:, 1] - log_pace - g_ref, atol=1e-4)
     assert (np.abs(got.drivers) > 1e-6).all(axis=0).any()
     some = served(tick, x, z, attribute=np.array([3, 7]))  # a worker attributes its top items only
     np.testing.assert_array_equal(some.low, got.low)
@@ -103,7 +114,7 @@ def test_weights_without_their_export_are_refused(tmp_path):
     head = RangeHead(RangeConfig(n_features=len(NAMES), hidden_size=6, item_dim=3, hidden=8, feature_names=NAMES))
     save_range(head, tmp_path)
     with pytest.raises(ArtefactError, match="export.onnx"):
-        CountRange.open(tmp_path, NAMES)
+        CountRange.open(tmp_path, NORM)
 
 
 def test_the_evaluation_scores_the_published_count():

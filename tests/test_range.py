@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from stream.core.attribution import group_shapley
-from stream.core.features import HORIZON, week_of_year
+from stream.core.features import HORIZON, Normalisation, week_of_year
 from trainer.quantiles import (RangeConfig, RangeData, counts_of, drivers, fit_range, interval_metrics, load_range,
-                               predict_range, save_range, signal_group)
+                               pace_drivers_of, predict_range, save_range, signal_group)
 
 
 def ms(day: str) -> int:
@@ -90,12 +90,16 @@ def test_a_tiny_range_head_learns_calibrated_ordered_quantiles_and_exact_drivers
     assert 0.6 <= got["interval_coverage"] <= got["interval_coverage_rounded"] <= 0.97 and got["interval_width"] > 1
     assert interval_metrics(np.array([1.0, 2.5]), np.array([3.0, 4.2]), np.array([3.0, 5.0])) == {
         "interval_coverage": 0.5, "interval_coverage_rounded": 1.0, "interval_width": pytest.approx((2.0 + 5.2 / 3.5) / 2)}
-    # the drivers: exact Shapley of the median over trend / level / season / text, summing to its move
-    phi = drivers(head, test.x[:50], test.cal[:50], states[test.item[:50]])
+    # the drivers: exact Shapley of the median's gap from the item's pace over trend / level / season / text,
+    # summing to that gap (the steady reference's own gap is 0)
+    norm = Normalisation(cfg.feature_names, (1.0, 2.0, np.log1p(7.0)), (1.0, 1.0, 1.0))
+    phi = drivers(head, test.x[:50], test.cal[:50], states[test.item[:50]], norm)
     assert set(phi) == {"trend", "level", "season", "text"}
-    with torch.no_grad():
-        ref = head(torch.zeros(1, 3), torch.zeros(1, 2), head.z_ref[None])[0, 1].item()
-    np.testing.assert_allclose(sum(phi.values()), q[:50, 1] - ref, atol=1e-4)
+    got = pace_drivers_of(head, norm, test.x[:50], test.cal[:50], states[test.item[:50]])
+    np.testing.assert_allclose(got.baseline, 0.0, atol=1e-4)
+    # a 7-day count at a 7-day horizon is the pace itself (a count below 0, as these normal draws give, reads as 0)
+    log_pace = np.maximum(test.x[:50, 0] * 1.0 + 1.0, 0.0)
+    np.testing.assert_allclose(sum(phi.values()), q[:50, 1] - log_pace, atol=1e-4)
     assert np.abs(phi["trend"]).mean() > np.abs(phi["level"]).mean()  # count_7d drives the rate, count_28d less
     # saved into an artefact directory and read back: the same numbers
     save_range(head, tmp_path)

@@ -60,7 +60,7 @@ def test_targets_state_the_source_prediction_and_its_top_driver(source):
     d = range_data(source.model.norm, rows, 7.0, np.arange(len(rows)))
     with torch.no_grad():
         z = np.stack([source._states[t] for t in _texts(rows)]).astype(np.float32)
-        phi = drivers(source.head, d.x, d.cal, z)
+        phi = drivers(source.head, d.x, d.cal, z, source.model.norm)
     for i, p in enumerate(preds):
         assert p.low <= p.count <= p.high and p.has_range
         assert p.drivers == pytest.approx({g: float(v[i]) for g, v in phi.items()})

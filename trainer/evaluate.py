@@ -343,8 +343,8 @@ def trail_range(model, model_dir: str | None, frame: pd.DataFrame, horizon_days:
 
 
 def range_drivers(model, model_dir: str, frame: pd.DataFrame, horizon_days: float) -> list[dict[str, float]]:
-    """Each row's drivers as the stream publishes them: exact group Shapley values of the range head's median
-    (trainer.quantiles.drivers; stream.model.count_range online)."""
+    """Each row's drivers as the stream publishes them: exact group Shapley values of the range head's median's gap
+    from the item's pace (trainer.quantiles.drivers; stream.model.count_range online; stream.core.drivers)."""
     import torch
 
     from trainer.inference import item_texts_of
@@ -355,7 +355,7 @@ def range_drivers(model, model_dir: str, frame: pd.DataFrame, horizon_days: floa
     states = model.item_states(texts, progress=False)
     d = range_data(model.norm, frame, horizon_days, index)
     with torch.no_grad():
-        phi = drivers(head, d.x, d.cal, np.asarray(states, np.float32)[d.item])
+        phi = drivers(head, d.x, d.cal, np.asarray(states, np.float32)[d.item], model.norm)
     return [{g: float(v[i]) for g, v in phi.items()} for i in range(len(frame))]
 
 

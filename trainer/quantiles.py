@@ -13,18 +13,21 @@ is chosen on the rolling-origin folds (trainer.folds: each fold trains from scra
 is scored on its validation block; the epoch count with the best mean fold pinball loss wins),
 then it is refitted on every pre-test cut-off. The LLM is not touched (item states are frozen).
 
-Drivers: exact Shapley values (stream.core.attribution) of q50 over the input groups
-trend / level (the signals by window, `signal_group`), season (week of year) and text (the item
-state), against the reference input "an average item at an average time": the normalised
-signals at their training mean (0), the calendar at the circle's centre (0, 0), the mean training
-item state; the horizon is held at its value. 2^4 = 16 head evaluations per prediction, batched.
-The head has no neighbourhood input, so no "neighbourhood" driver (its Shapley value would be 0).
+Drivers: what moved the forecast away from the item's current pace (stream.core.drivers, the one definition
+the stream shares): exact Shapley values (stream.core.attribution) of the gap g = q50 - log1p(pace) over
+the input groups trend / level (the signals by window, `signal_group`), season (week of year) and text (the
+item state), against the steady reference "an average item at an average time": the normalised signals at their
+training mean (0) but for the main window's count, set where the model forecasts that item to hold its pace
+(g = 0), the calendar at the circle's centre (0, 0), the mean training item state (`z_ref`); the horizon is
+held at its value. They add up to the gap (a rise has a driver > 0, a fall one < 0). 2^4 = 16 head
+evaluations per prediction, batched. The head has no neighbourhood input, so no "neighbourhood" driver.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from stream.core.attribution import DRIVER_GROUPS, group_shapley, signal_group
+from stream.core.attribution import DRIVER_GROUPS, signal_group
+from stream.core.drivers import PaceDrivers, pace_drivers
 from stream.core.features import HORIZON, Normalisation, predicted_count, week_of_year
 
 log = structlog.get_logger(__name__)
@@ -193,25 +197,28 @@ def interval_metrics(low: np.ndarray, high: np.ndarray, actual: np.ndarray) -> d
             "interval_width": float(np.median((high + 1) / (low + 1)))}
 
 
-@torch.no_grad()
-def drivers(head: RangeHead, x: np.ndarray, cal: np.ndarray, z: np.ndarray) -> dict[str, np.ndarray]:
-    """Exact Shapley values of q50 (log1p count) over GROUPS for each row (see the module doc)."""
-    names = head.cfg.feature_names
-    cols = {g: [i for i, n in enumerate(names) if signal_group(n) == g] for g in ("trend", "level")}
-    fixed_cols = [i for i, n in enumerate(names) if signal_group(n) is None]
-    inputs = {"trend": x[:, cols["trend"]], "level": x[:, cols["level"]], "season": cal, "text": z}
-    reference = {"trend": np.zeros(len(cols["trend"]), np.float32), "level": np.zeros(len(cols["level"]), np.float32),
-                 "season": np.zeros(2, np.float32), "text": head.z_ref.numpy()}
+def head_median(head: RangeHead) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """The torch head's median log1p(count) as stream.core.drivers reads a model: numpy in, numpy out."""
 
-    def fn(batch: dict[str, np.ndarray]) -> np.ndarray:
-        xb = np.empty((len(batch["trend"]), len(names)), np.float32)
-        xb[:, cols["trend"]], xb[:, cols["level"]], xb[:, fixed_cols] = batch["trend"], batch["level"], batch["fixed"]
-        q = head(torch.from_numpy(xb), torch.from_numpy(batch["season"].astype(np.float32)),
-                 torch.from_numpy(batch["text"].astype(np.float32)))
-        return q[:, 1].numpy()
+    @torch.no_grad()
+    def median(x: np.ndarray, cal: np.ndarray, z: np.ndarray) -> np.ndarray:
+        return head(torch.from_numpy(x), torch.from_numpy(cal), torch.from_numpy(z))[:, 1].numpy()
 
-    phi, _, _ = group_shapley(fn, inputs, reference, fixed={"fixed": x[:, fixed_cols]})
-    return phi
+    return median
+
+
+def pace_drivers_of(head: RangeHead, norm: Normalisation, x: np.ndarray, cal: np.ndarray, z: np.ndarray) -> PaceDrivers:
+    """The drivers of each row with their gap and baseline (stream.core.drivers.pace_drivers, the torch head)."""
+    if tuple(head.cfg.feature_names) != tuple(norm.names):
+        raise ValueError(f"the range head reads {list(head.cfg.feature_names)}, the normalisation {list(norm.names)}")
+    head.eval()
+    return pace_drivers(head_median(head), norm, x, cal, z, head.z_ref.numpy())
+
+
+def drivers(head: RangeHead, x: np.ndarray, cal: np.ndarray, z: np.ndarray, norm: Normalisation) -> dict[str, np.ndarray]:
+    """Exact group Shapley values of the forecast's gap from the item's pace over GROUPS for each row (see the
+    module doc); the stream computes the same with the ONNX head (stream.model.count_range)."""
+    return pace_drivers_of(head, norm, x, cal, z).phi
 
 
 # ---- CLI: python -m trainer.quantiles --model DIR [--dataset retail,ml100k] [--out DIR2] ----------------

@@ -5,7 +5,7 @@ grammar, stream.core.faithfulness.grammar). So that the LLM learns those texts, 
 targets with them: `target_explanation(size=, drivers=)`. The LLM being trained has no range head yet (the range
 head reads the finished LLM's item states: trainer.quantiles), so the prediction comes from a previous artefact
 with a range head (`--targets-from DIR`, by default the --init-adapter artefact when it has one): its 10/50/90%
-counts and the exact group Shapley drivers of its median (trainer.quantiles.drivers) for each sampled row, on
+counts and the drivers of its median's gap from the item's pace (trainer.quantiles.drivers) for each sampled row, on
 that artefact's own item states, as its stream would publish them. The forecast a target states is then that
 prediction's direction, as the grammar forces it at inference.
 """
@@ -65,7 +65,7 @@ class PredictionSource:
         d = range_data(self.model.norm, rows, horizon_days, np.arange(len(rows)))
         with torch.no_grad():
             q = self.head(torch.from_numpy(d.x), torch.from_numpy(d.cal), torch.from_numpy(z)).numpy()
-            phi = drivers(self.head, d.x, d.cal, z)
+            phi = drivers(self.head, d.x, d.cal, z, self.model.norm)
         low, mid, high = counts_of(q.astype(np.float64))
         return [PredictedCount(float(mid[i]), horizon_days, float(low[i]), float(max(high[i], low[i])),
                                drivers={g: float(v[i]) for g, v in phi.items()}) for i in range(len(rows))]

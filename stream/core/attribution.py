@@ -58,7 +58,8 @@ def group_shapley(fn: Callable[[dict[str, np.ndarray]], np.ndarray], inputs: Map
                   ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """({group: phi (B,)}, f(x) (B,), f(reference) (B,)) for B predictions.
 
-    `inputs`: group -> (B, d_g) values; `reference`: group -> (d_g,) values of the reference;
+    `inputs`: group -> (B, d_g) values; `reference`: group -> (d_g,) values of the reference, or (B, d_g), one
+    reference per prediction;
     `fixed`: inputs that are not attributed (e.g. the horizon), (B, d) each, passed as they are.
     `fn` receives {name: (B * 2^n, d)} for every group and fixed input and returns (B * 2^n,)."""
     groups = list(inputs)
@@ -71,9 +72,9 @@ def group_shapley(fn: Callable[[dict[str, np.ndarray]], np.ndarray], inputs: Map
     batch = {}
     for g_i, g in enumerate(groups):
         x = np.asarray(inputs[g])
-        r = np.broadcast_to(np.asarray(reference[g], x.dtype), x.shape[1:])
+        r = np.broadcast_to(np.asarray(reference[g], x.dtype), x.shape)
         take = masks[:, g_i][None, :, None]  # (1, C, 1)
-        batch[g] = np.where(take, x[:, None, :], r[None, None, :]).reshape(B * C, -1)
+        batch[g] = np.where(take, x[:, None, :], r[:, None, :]).reshape(B * C, -1)
     for name, value in (fixed or {}).items():
         batch[name] = np.repeat(np.asarray(value), C, axis=0)
     v = np.asarray(fn(batch), np.float64).reshape(B, C)

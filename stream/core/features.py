@@ -3,7 +3,8 @@
 - `signal_transform`: signed log1p of the raw trend signals (counts span 0..10^4, velocities are signed);
 - `Normalisation`: the transform, then the training mean/std the manifest records; it builds the
   score head's input from an examples frame (`of_frame`, the trainer) or from a tick's `Signals`
-  (`of_signals`, the scorer), the signals in model order, then the forecast horizon;
+  (`of_signals`, the scorer), the signals in model order, then the forecast horizon; `invert` reads
+  the raw values back (stream.core.drivers: the item's pace);
 - `season_of`: the month shown in the prompt ("Dec");
 - `week_of_year`: the calendar input of the count's range head ([sin, cos] of the UTC week);
 - `predicted_count`: the score (log1p of the next-period count) back to a count, clipped.
@@ -101,6 +102,12 @@ class Normalisation:
     def apply(self, values: np.ndarray) -> np.ndarray:
         """(N, S) raw values in `names` order -> (N, S) float32 model input."""
         return ((signal_transform(values) - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
+
+    def invert(self, x: np.ndarray) -> np.ndarray:
+        """(N, S) model input -> (N, S) float64 raw values, the inverse of `apply` (signed expm1 of the
+        de-standardised input): the drivers read the item's pace and the horizon back from the head's input."""
+        t = np.asarray(x, np.float64) * np.asarray(self.std) + np.asarray(self.mean)
+        return np.sign(t) * np.expm1(np.abs(t))
 
     def with_horizon(self, signals: np.ndarray, horizon_days: float) -> np.ndarray:
         """(N, S-1) raw signals in `signal_names` order -> (N, S) float64 raw input, the horizon last."""

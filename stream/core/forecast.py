@@ -22,7 +22,13 @@ STEADY_REL = 0.2  # of the pace
 def pace(signals: Mapping[str, float], horizon_days: float) -> float:
     """The current count at the horizon's length: the closest window's count, scaled."""
     w = main_window(signal_windows(signals), horizon_days)
-    return signals[f"count_{w}"] * horizon_days * 24 / window_hours(w)
+    return pace_of(signals[f"count_{w}"], w, horizon_days)
+
+
+def pace_of(count, window: str, horizon_days):
+    """A window's count scaled to the horizon's length (floats or numpy arrays): the one formula `pace` and the
+    drivers' pace gap (stream.core.drivers, on the head's whole batch) share."""
+    return count * horizon_days * 24 / window_hours(window)
 
 
 def outlook(next_count: float, current_pace: float) -> str:

@@ -2,13 +2,15 @@
 
 For the published items of a tick: predicted_count, the median (50% quantile) of the next-period
 count (with a range head the scorer publishes it instead of the score head's count, so the count
-always lies inside its range), predicted_low / predicted_high, the 10% / 90% quantiles, and drivers, the exact Shapley values of the median log1p(count) over the
-input groups trend / level / season / text (stream.core.attribution) against the reference "an
-average item at an average time" (normalised signals 0, calendar (0, 0), the mean training item
-state), 16 head evaluations per item in one batch. trainer.quantiles computes the same offline.
-An artefact without a range head gives neither (records carry the score head's count, null range
-and no drivers). The weights (range_head.safetensors) are the artefact's, in DIR; the ONNX file and
-its parity record are export outputs, in the git-ignored DIR/onnx/ beside the other ONNX files.
+always lies inside its range), predicted_low / predicted_high, the 10% / 90% quantiles, and drivers:
+what moved the forecast away from the item's current pace, the exact Shapley values of
+g = median log1p(count) - log1p(pace) over the input groups trend / level / season / text against the
+steady reference (an average item at an average time that the model forecasts to hold its pace), so
+they add up to the gap (stream.core.drivers.pace_drivers, which trainer.quantiles calls too), 16 head
+evaluations per item in one batch. An artefact without a range head gives neither (records carry the
+score head's count, null range and no drivers). The weights (range_head.safetensors) are the
+artefact's, in DIR; the ONNX file and its parity record are export outputs, in the git-ignored DIR/onnx/
+beside the other ONNX files.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from stream.core.attribution import DRIVER_GROUPS, group_shapley, signal_group
-from stream.core.features import predicted_count, week_of_year
+from stream.core.attribution import DRIVER_GROUPS
+from stream.core.drivers import pace_drivers
+from stream.core.features import Normalisation, predicted_count, week_of_year
 from stream.model.artefact import ONNX_DIR, ArtefactError
 
 log = structlog.get_logger(__name__)
@@ -36,14 +39,16 @@ class TickRange:
     log_mid: np.ndarray  # (N,) the median of log1p(count): the published count's log
     low: np.ndarray  # (N,) counts
     high: np.ndarray  # (N,)
-    drivers: np.ndarray  # (N, G) contributions to log1p(count), DRIVER_GROUPS order; NaN rows: not attributed
+    # (N, G) contributions to the gap log1p(count) - log1p(pace), DRIVER_GROUPS order; NaN rows: not attributed
+    drivers: np.ndarray
 
 
 class CountRange:
-    def __init__(self, directory: Path, feature_names: tuple[str, ...], threads: int | None = None) -> None:
+    def __init__(self, directory: Path, features: Normalisation, threads: int | None = None) -> None:
         import onnxruntime as ort
         from safetensors.numpy import load_file
 
+        feature_names = features.names
         onnx_dir = directory / ONNX_DIR
         record = json.loads((onnx_dir / PARITY_FILE).read_text())
         if tuple(record["feature_names"]) != tuple(feature_names):
@@ -54,13 +59,12 @@ class CountRange:
             so.intra_op_num_threads = threads
         self.sess = ort.InferenceSession(str(onnx_dir / ONNX_FILE), so, providers=["CPUExecutionProvider"])
         self.z_ref = load_file(str(directory / WEIGHTS_FILE))["z_ref"].astype(np.float32)
-        self.names = tuple(feature_names)
-        self.cols = {g: [i for i, n in enumerate(self.names) if signal_group(n) == g] for g in ("trend", "level")}
-        self.fixed = [i for i, n in enumerate(self.names) if signal_group(n) is None]
+        self.features = features  # the drivers read the item's pace back from the input
+        self._steady_warned = False
         self.parity = record.get("max_abs_diff")
 
     @classmethod
-    def open(cls, directory: str | Path, feature_names: tuple[str, ...], threads: int | None = None
+    def open(cls, directory: str | Path, features: Normalisation, threads: int | None = None
              ) -> CountRange | None:
         """The artefact's range head, or None when it has none. Weights without their ONNX export
         (DIR/onnx/range_head.onnx, written by python -m export.onnx) are refused: serving the score
@@ -72,7 +76,7 @@ class CountRange:
         if not ((onnx_dir / ONNX_FILE).is_file() and (onnx_dir / PARITY_FILE).is_file()):
             raise ArtefactError(f"{directory} has a range head ({WEIGHTS_FILE}) but no {ONNX_DIR}/{ONNX_FILE}: "
                                     f"export it (python -m export.onnx --model {directory})")
-        return cls(directory, feature_names, threads)
+        return cls(directory, features, threads)
 
     def quantiles(self, x: np.ndarray, cal: np.ndarray, z: np.ndarray) -> np.ndarray:
         return self.sess.run(["q"], {"x": np.ascontiguousarray(x, np.float32), "cal": np.ascontiguousarray(cal, np.float32),
@@ -93,18 +97,10 @@ class CountRange:
         rows = np.arange(n) if attribute is None else np.asarray(attribute, np.int64)
         if len(rows) == 0:
             return TickRange(mid, low, np.maximum(high, low), out)
-        x, cal, z = x[rows], cal[rows], z[rows]
-        inputs = {"trend": x[:, self.cols["trend"]], "level": x[:, self.cols["level"]], "season": cal, "text": z}
-        reference = {"trend": np.zeros(len(self.cols["trend"]), np.float32),
-                     "level": np.zeros(len(self.cols["level"]), np.float32), "season": np.zeros(2, np.float32),
-                     "text": self.z_ref}
-
-        def median(batch: dict[str, np.ndarray]) -> np.ndarray:
-            xb = np.empty((len(batch["trend"]), len(self.names)), np.float32)
-            xb[:, self.cols["trend"]], xb[:, self.cols["level"]] = batch["trend"], batch["level"]
-            xb[:, self.fixed] = batch["fixed"]
-            return self.quantiles(xb, batch["season"], batch["text"])[:, 1]
-
-        phi, _, _ = group_shapley(median, inputs, reference, fixed={"fixed": x[:, self.fixed]})
-        out[rows] = np.stack([phi[g] for g in DRIVER_GROUPS], axis=1)
+        got = pace_drivers(lambda xb, cb, zb: self.quantiles(xb, cb, zb)[:, 1], self.features, x[rows], cal[rows],
+                           z[rows], self.z_ref)
+        if not self._steady_warned and np.abs(got.baseline).max() > 1e-3:
+            self._steady_warned = True  # once: the model has no steady reference (stream.core.drivers)
+            log.warning("range.no_steady_reference", baseline=round(float(np.abs(got.baseline).max()), 4))
+        out[rows] = got.matrix()
         return TickRange(mid, low, np.maximum(high, low), out)
