@@ -20,7 +20,7 @@ def plan_only(model, rows, horizon_days, **kw):
     signals = [dict(zip(names, r)) for r in rows[names].to_numpy(float).tolist()]
     sizes = ee.predicted_sizes(rows, rows["predicted_count"].to_numpy(float), horizon_days)
     rng = random.Random(0)
-    c = Counter()
+    c = Counter({"driven": 0, "against": 0})  # rise/fall rows with a top driver / with none (reported even when 0)
     tops, sources = Counter(), Counter()
     for s, z in zip(signals, sizes):
         fc = z.direction(s)

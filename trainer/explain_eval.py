@@ -153,7 +153,8 @@ def reason_metrics(texts: list[str], signals: list[dict[str, float]], titles: li
     With `drivers` (each row's attribution): `driver_agreement`, the share of rise/fall texts whose stated
     reason (`reason_of`) is the model's top driver (`top_driver`), over `driver_rows`; null without drivers.
     `driver_rows_against`: rise/fall texts with drivers none of which pushes the forecast's way (no top driver:
-    they are not in `driver_rows`, and the rule gives their reason); `driver_agreement_all_rows` counts them
+    they are not in `driver_rows`, and the rule gives their reason; drivers of the gap from the pace with a steady
+    reference, stream.core.drivers, leave none); `driver_agreement_all_rows` counts them
     as disagreements (agreement over every rise/fall text with drivers: the stricter reading of the target).
     With `realised`: `reason_accuracy` per reason kind (how often the stated direction happened) beside its
     base rate."""

@@ -74,7 +74,8 @@ def stated_range(low: float, high: float) -> tuple[int, int]:
 class PredictedCount:
     """What the model predicts for the next `horizon_days`: the count and, from a model with quantile
     heads, its 80% range (10% and 90% quantiles), and from a model that attributes it, its `drivers` (each input
-    group's contribution to the median: trend, level, season, text). The checker verifies a text's forecast
+    group's share of the median's gap from the item's pace, log1p(count) - log1p(pace): trend, level, season,
+    text; stream.core.drivers). The checker verifies a text's forecast
     clauses against it, and its driver claims ("this time of year lifts it") against the drivers."""
 
     count: float

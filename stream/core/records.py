@@ -182,7 +182,8 @@ class Prediction(_Record):
     # the count's 80% range (its 10% and 90% quantiles); None from a model without quantile heads
     predicted_low: float | None = None
     predicted_high: float | None = None
-    # each input group's contribution to the score (trend, level, neighbourhood, season, text); None: not attributed
+    # what moved the forecast away from the item's current pace: each input group's share (trend, level, season, text)
+    # of log1p(median count) - log1p(pace), summing to it (stream.core.drivers); None: not attributed
     drivers: dict[str, float] | None = None
 
     table: ClassVar[str] = "trail_predictions"

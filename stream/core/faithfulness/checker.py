@@ -306,8 +306,9 @@ class _Checker:
 
     def _driver(self, it: Item) -> None:
         """"this time of year lifts it" / "the kind of item it is holds it back": the way the named input group
-        (season: the calendar; text: the item state) moved the predicted median, against the prediction's driver of
-        that group (PredictedCount.drivers, exact group Shapley values); a claim without drivers is unverifiable."""
+        (season: the calendar; text: the item state) moved the forecast against the item's current pace, against the
+        prediction's driver of that group (PredictedCount.drivers, exact group Shapley values of the median's gap from
+        the pace, stream.core.drivers); a claim without drivers is unverifiable."""
         group, rel, neg = it.data["group"], it.data["rel"], it.data["neg"]
         stated = ("not " if neg else "") + rel
         phi = None if self.pred is None or not self.pred.drivers else self.pred.drivers.get(group)

@@ -103,11 +103,11 @@ def stated_reason(claims, signals: Mapping[str, float], horizon_days: float, for
 
 def top_driver(drivers: Mapping[str, float] | None, forecast: str | None) -> str | None:
     """The input group that moved the prediction most the forecast's way: the largest contribution for a rise,
-    the most negative for a fall, the largest in size otherwise. None without drivers, and for a rise or fall
-    that no group pushes its way (every contribution pulls against it: the drivers measure the median against
-    an average item at an average time, the forecast against the item's own pace, so a busy item can be
-    forecast to fall while every group holds it above the average item); such a forecast has no top driver
-    to state, and the rule gives its reason."""
+    the most negative for a fall, the largest in size otherwise. The drivers split the forecast's gap from the
+    item's own pace (stream.core.drivers: they add up to log1p(count) - log1p(pace), which is above the steady
+    band for a rise and below it for a fall), so a rise or fall always has one. None without drivers, and for
+    a rise or fall that no group pushes its way (drivers that do not add up to the gap: a model without a steady
+    reference, or records stored with the earlier drivers of the median's level); the rule then gives its reason."""
     if not drivers:
         return None
     sign = {"rise": 1.0, "fall": -1.0}.get(forecast or "")
