@@ -3,7 +3,7 @@
 -- mover ('trend', 'level', 'neighbourhood', 'season', 'text'; NULL: none due or none given), where that reason came
 -- from (reason_source: 'drivers', the model's top driver, or 'rule') and the model's top driver; the
 -- prediction's 80% range (predicted_low / predicted_high, NULL from a model without quantile heads) and
--- drivers (each input group's contribution to the score; empty when not attributed).
+-- drivers (each input group's share of the forecast's gap from the item's pace, in log counts; empty when not attributed).
 -- Parameters: top_n, model_version ('' = the model that wrote the most recent tick).
 WITH
     chosen AS

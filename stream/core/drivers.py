@@ -91,8 +91,8 @@ class PaceGap:
         for hv in np.unique(h):
             rows = h == hv
             c, w = self.count_col(hv)
-            i, m, s = c, self.norm.mean[c], self.norm.std[c]
-            count = np.expm1(np.maximum(np.asarray(x[rows, i], np.float64) * s + m, 0.0))  # a count's transform is log1p
+            t = np.asarray(x[rows, c], np.float64) * self.norm.std[c] + self.norm.mean[c]
+            count = np.expm1(np.maximum(t, 0.0))  # a count's transform is log1p (Normalisation.invert, one column)
             out[rows] = np.log1p(pace_of(count, w, float(hv)))
         return out
 
