@@ -169,7 +169,7 @@ class ScoredChunk:
     values: np.ndarray  # (N, S) raw signals
     low: np.ndarray | None = None  # (N,) the count's 10% quantile (a model with a range head; else None)
     high: np.ndarray | None = None  # (N,) its 90% quantile
-    drivers: np.ndarray | None = None  # (N, G) each DRIVER_GROUPS group's contribution to log1p(count)
+    drivers: np.ndarray | None = None  # (N, G) each DRIVER_GROUPS group's share of log1p(count) - log1p(pace)
 
     def to_json(self) -> bytes:
         return orjson.dumps({

@@ -300,7 +300,8 @@ DRIVER_GROUPS = ("trend", "level", "neighbourhood", "season", "text")
 # the model's own drivers in words (issue 20.2): the calendar ("season": the week of the year the head reads),
 # the item's text ("text": the item state of its title, category and description), and the item's own trend and
 # level signals as groups ("its recent trend", "its long-term level"), each stated with the way it
-# moved the prediction's median against an average item at an average time (the drivers' reference). The checker
+# moved the forecast above or below the item's own pace (stream.core.drivers: the drivers split the gap
+# log1p(count) - log1p(pace), against an average item that the model forecasts to hold its pace). The checker
 # verifies the stated way against the prediction's driver of that group (PredictedCount.drivers): it is a claim
 # about what moved the model, and the record publishes the drivers beside the text.
 DRIVER_CLAIM_PHRASES = {
