@@ -215,7 +215,8 @@ def pace_drivers_of(head: RangeHead, norm: Normalisation, x: np.ndarray, cal: np
     return pace_drivers(head_median(head), norm, x, cal, z, head.z_ref.numpy())
 
 
-def drivers(head: RangeHead, x: np.ndarray, cal: np.ndarray, z: np.ndarray, norm: Normalisation) -> dict[str, np.ndarray]:
+def drivers(head: RangeHead, x: np.ndarray, cal: np.ndarray, z: np.ndarray,
+            norm: Normalisation) -> dict[str, np.ndarray]:
     """Exact group Shapley values of the forecast's gap from the item's pace over GROUPS for each row (see the
     module doc); the stream computes the same with the ONNX head (stream.model.count_range)."""
     return pace_drivers_of(head, norm, x, cal, z).phi

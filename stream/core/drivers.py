@@ -73,7 +73,8 @@ class PaceGap:
 
     def horizons(self, x: np.ndarray) -> np.ndarray:
         """(B,) each row's horizon in days, read back from its input."""
-        t = np.asarray(x[:, self.horizon_col], np.float64) * self.norm.std[self.horizon_col] + self.norm.mean[self.horizon_col]
+        h = self.horizon_col
+        t = np.asarray(x[:, h], np.float64) * self.norm.std[h] + self.norm.mean[h]
         return np.round(np.expm1(t), HORIZON_DECIMALS)
 
     def count_col(self, horizon_days: float) -> tuple[int, str]:
