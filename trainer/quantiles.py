@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from stream.core.attribution import DRIVER_GROUPS, group_shapley, signal_group
-from stream.core.calibration import MISS, POOLED, RangeCalibration, apply_offsets, fit_offsets, horizon_key
+from stream.core.calibration import MISS, POOLED, RangeCalibration, apply_offsets, coverage, fit_offsets, horizon_key
 from stream.core.features import HORIZON, Normalisation, predicted_count, week_of_year
 
 log = structlog.get_logger(__name__)
@@ -196,23 +196,42 @@ def calibrated_range(head: RangeHead, q: np.ndarray, horizon_days: float) -> np.
     return apply_offsets(q, RangeCalibration.of(head.cfg.calibration).offsets(horizon_days))
 
 
+CALIBRATION_FOLDS = 1  # the latest fold(s) whose out-of-fold rows choose the offsets
+
+
 def calibrate(oof: list[np.ndarray], folds: list[tuple[RangeData, RangeData]], horizons: np.ndarray,
-              sources: np.ndarray, miss: float = MISS) -> dict:
+              sources: np.ndarray, miss: float = MISS, last: int = CALIBRATION_FOLDS) -> dict:
     """The calibration record from the folds' out-of-fold quantiles (`oof`, one per fold, aligned with its
-    validation rows): CQR offsets per horizon (rows `horizons`, in days, one per validation row of every fold,
-    concatenated; `sources` names each row's dataset) and pooled over every row."""
+    validation rows; `horizons` in days and `sources` (dataset names) per validation row of every fold,
+    concatenated): CQR offsets per horizon and pooled over every horizon, chosen on the `last` folds' rows.
+
+    Why the latest fold only: its head is the nearest to the final one (trained on the most cut-offs, ~88% of
+    the refit's rows on the shipped data, and the latest season), while the earlier folds' heads had not seen the
+    season their block falls in (retail's Aug–Nov 2010 and Nov 2010–Feb 2011 blocks, trained on less than a year:
+    their raw 80% ranges held 0.68 and 0.60): calibrated on every fold, the final head's range over-covered
+    retail's test rows (0.87). Backtested on the folds alone (offsets of the folds before fold k, scored on fold k),
+    the previous fold alone came nearer 0.80 than all previous folds together on retail (mean |coverage - 0.8| 0.094
+    against 0.104) and about as near on ML-100K (0.033 against 0.030). Every fold's raw coverage is recorded."""
     q = np.concatenate(oof).astype(np.float64)
     y = np.concatenate([va.y for _, va in folds]).astype(np.float64)
-    record: dict = {"method": "cqr", "miss_each_side": miss, "folds": len(folds), "by_horizon": {}}
+    fold = np.concatenate([np.full(len(p), i) for i, p in enumerate(oof)])
+    used = fold >= len(oof) - last
+    record: dict = {"method": "cqr", "miss_each_side": miss, "folds": len(folds),
+                    "folds_used": sorted(set(range(len(oof))[-last:])), "by_horizon": {}}
+
+    def fit(rows: np.ndarray) -> dict:
+        by_fold = [round(coverage(q[rows & (fold == i)], y[rows & (fold == i)])["inside"], 4)
+                   for i in range(len(oof)) if (rows & (fold == i)).any()]
+        return fit_offsets(q[rows & used], y[rows & used], miss) | {"fold_inside_raw_by_fold": by_fold}
+
     for h in np.unique(horizons):
         rows = horizons == h
-        record["by_horizon"][horizon_key(h)] = fit_offsets(q[rows], y[rows], miss) | {
-            "datasets": sorted(set(sources[rows].tolist()))}
-    record[POOLED] = fit_offsets(q, y, miss)
+        record["by_horizon"][horizon_key(h)] = fit(rows) | {"datasets": sorted(set(sources[rows].tolist()))}
+    record[POOLED] = fit(np.ones(len(y), bool))
     for key, r in [*record["by_horizon"].items(), (POOLED, record[POOLED])]:
         log.info("range.calibration", horizon=key, low=r["low"], high=r["high"], rows=r["rows"],
                  fold_inside_before=r["fold_coverage_before"]["inside"],
-                 fold_inside_after=r["fold_coverage_after"]["inside"])
+                 fold_inside_after=r["fold_coverage_after"]["inside"], by_fold=r["fold_inside_raw_by_fold"])
     return record
 
 
