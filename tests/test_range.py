@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -173,3 +175,27 @@ def test_an_artefact_from_before_calibration_loads_with_offsets_zero(tmp_path):
     test, states = synthetic(50, 5)
     q = predict_range(head, test, torch.from_numpy(states))
     np.testing.assert_array_equal(calibrated_range(head, q, 7.0), q)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "models" / "trail-smollm2" / "adapter").is_dir(),
+                    reason="needs the shipped adapter (models/trail-smollm2)")
+def test_a_range_head_trained_on_an_event_log_is_calibrated_on_that_logs_own_folds(tmp_path, cache_dir):
+    """`python -m trainer.quantiles --model DIR --dataset LOG` (after `trainer.fit --events LOG`): the offsets come
+    from that log's folds, keyed by its horizon, and its own horizon is served with them."""
+    import json
+
+    from tests.odd_log import write_odd_log
+    from trainer.quantiles import train_range
+
+    events = write_odd_log(tmp_path / "shop.csv")
+    model = Path(__file__).resolve().parents[1] / "models" / "trail-smollm2"
+    report = train_range(str(model), [str(events)], out=str(tmp_path / "m"), max_epochs=2, cache_dir=cache_dir)
+    record = json.loads((tmp_path / "m" / RANGE_CONFIG).read_text())["calibration"]
+    assert record == report["calibration"] and record["folds_used"] == [record["folds"] - 1]
+    (key, own), = record["by_horizon"].items()
+    assert own["datasets"] == [str(events)] and own["rows"] == record[POOLED]["rows"] > 0
+    assert own["fold_coverage_after"]["inside"] >= 0.7  # whole counts: ties can only push it up
+    offsets = RangeCalibration.of(record).offsets(float(key))
+    assert offsets.key == key and (offsets.low, offsets.high) == (own["low"], own["high"])
+    assert load_range(tmp_path / "m").cfg.calibration == record
