@@ -105,6 +105,7 @@ class RangeCalibration:
         """What a start log states: which offsets serve this horizon and why."""
         o = self.offsets(horizon_days)
         why = {NONE: "the artefact has no calibration record: the raw quantiles are served (offsets 0)",
-               POOLED: f"no calibration for horizon {horizon_days} d (calibrated: {sorted(self.by_horizon)} d): "
-                       f"the pooled offsets serve it"}.get(o.key, f"calibrated on horizon {o.key} d's folds")
+               POOLED: ("no horizon given" if horizon_days is None else
+                        f"no calibration for horizon {horizon_days:g} d (calibrated: {sorted(self.by_horizon)} d)")
+                       + ": the pooled offsets serve it"}.get(o.key, f"calibrated on horizon {o.key} d's folds")
         return {"calibration": o.key, "offset_low": o.low, "offset_high": o.high, "why": why}
