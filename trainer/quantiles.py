@@ -13,6 +13,12 @@ is chosen on the rolling-origin folds (trainer.folds: each fold trains from scra
 is scored on its validation block; the epoch count with the best mean fold pinball loss wins),
 then it is refitted on every pre-test cut-off. The LLM is not touched (item states are frozen).
 
+Calibration (`calibrate`, stream.core.calibration): the fold heads' validation quantiles at the chosen
+epoch count are out-of-fold predictions; conformalised quantile regression sets per horizon (and pooled)
+one offset for each bound from the latest fold's rows, stored in range_head.json `calibration`, applied by
+`calibrated_range` here and by stream.model.count_range online (the same function). `--calibrate-only`
+recalibrates an existing head without retraining it.
+
 Drivers: exact Shapley values (stream.core.attribution) of q50 over the input groups
 trend / level (the signals by window, `signal_group`), season (week of year) and text (the item
 state), against the reference input "an average item at an average time": the normalised
@@ -273,7 +279,7 @@ def drivers(head: RangeHead, x: np.ndarray, cal: np.ndarray, z: np.ndarray) -> d
     return phi
 
 
-# ---- CLI: python -m trainer.quantiles --model DIR [--dataset retail,ml100k] [--out DIR2] ----------------
+# ---- CLI: python -m trainer.quantiles --model DIR [--dataset retail,ml100k] [--out DIR2] [--calibrate-only] ----
 
 def _dataset_rows(model, name: str, items: str | None, config, cache_dir: Path):
     """(examples, split, folds, pre-test frame, its item index, item states) of one dataset."""
