@@ -135,3 +135,46 @@ def test_the_evaluation_scores_the_published_count():
     np.testing.assert_array_equal(trail.score, frame["s"].to_numpy())
     np.testing.assert_array_equal(head.count, frame["c"].to_numpy())
     assert len(calls) == 1  # one score-head pass serves both rows
+
+
+def test_the_stream_serves_the_calibrated_range_of_its_horizon_as_the_trainer_does(artefact, tmp_path):
+    """One function (stream.core.calibration.apply_offsets) online and offline: the served range is the trainer's
+    calibrated range of the served horizon (pooled for a horizon not calibrated; offsets 0 without a record, which
+    the start log states), the median and the drivers unchanged."""
+    import shutil
+
+    from structlog.testing import capture_logs
+
+    from trainer.quantiles import calibrated_range, load_range
+
+    path, _ = artefact
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(path, calibrated)
+    record = {"by_horizon": {"3": {"low": 0.4, "high": 0.7}}, "pooled": {"low": 0.2, "high": -0.1}}
+    raw = json.loads((calibrated / "range_head.json").read_text())
+    (calibrated / "range_head.json").write_text(json.dumps(raw | {"calibration": record}))
+    export_range(calibrated)
+    head = load_range(calibrated)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(30, len(NAMES))).astype(np.float32)
+    z = rng.normal(size=(30, 6)).astype(np.float32)
+    tick = pd.Timestamp("2011-11-02", tz="UTC").value // 10**6
+    cal = np.repeat(week_of_year(tick), 30, axis=0)
+    q = predict_range(head, RangeData(x, cal, np.arange(30), np.zeros(30, np.float32), np.zeros(30)), torch.from_numpy(z))
+    plain = CountRange.open(path, NORM, horizon_days=3)(tick, x, z)  # the fixture: no calibration record
+    for horizon, key in ((3, "3"), (14, "pooled")):
+        with capture_logs() as logs:
+            served = CountRange.open(calibrated, NORM, horizon_days=horizon)
+        assert [e["calibration"] for e in logs if e["event"] == "range.calibration"] == [key]
+        got = served(tick, x, z)
+        offline = calibrated_range(head, q.astype(np.float64), horizon)
+        np.testing.assert_allclose(got.low, predicted_count(offline[:, 0]), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got.high, predicted_count(offline[:, 2]), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got.log_mid, plain.log_mid, atol=1e-6)  # the published median does not move
+        np.testing.assert_allclose(got.drivers, plain.drivers, atol=1e-6)
+        mid = predicted_count(got.log_mid)
+        assert (got.low <= mid + 1e-9).all() and (mid <= got.high + 1e-9).all()
+    assert (got.high != plain.high).any() and (served(tick, x, z).low <= plain.low + 1e-9).all()
+    with capture_logs() as logs:
+        CountRange.open(path, NORM, horizon_days=3)
+    assert [e["calibration"] for e in logs if e["event"] == "range.calibration"] == ["none"]

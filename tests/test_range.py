@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from stream.core.attribution import group_shapley
+from stream.core.calibration import NONE, POOLED, RangeCalibration, apply_offsets, conformal_offset
 from stream.core.features import HORIZON, Normalisation, week_of_year
-from trainer.quantiles import (RangeConfig, RangeData, counts_of, drivers, fit_range, interval_metrics, load_range,
-                               pace_drivers_of, predict_range, save_range, signal_group)
+from trainer.quantiles import (RANGE_CONFIG, RangeConfig, RangeData, calibrate, calibrated_range, counts_of, drivers,
+                               fit_range, interval_metrics, load_range, pace_drivers_of, predict_range, save_range,
+                               signal_group)
 
 
 def ms(day: str) -> int:
@@ -61,8 +65,9 @@ def test_the_signals_split_into_trend_and_level():
     assert signal_group(HORIZON) is None
 
 
-def synthetic(n: int, seed: int, hidden: int = 8) -> tuple[RangeData, np.ndarray]:
-    """Counts whose level depends on the trend input, the week of the year and the item."""
+def synthetic(n: int, seed: int, hidden: int = 8, noise: float = 0.0) -> tuple[RangeData, np.ndarray]:
+    """Counts whose level depends on the trend input, the week of the year and the item (`noise`: a log-normal
+    factor on the rate, which the inputs do not show)."""
     rng = np.random.default_rng(seed)
     items = rng.integers(0, 20, n)
     states = np.random.default_rng(99).normal(size=(20, hidden)).astype(np.float32)
@@ -70,7 +75,8 @@ def synthetic(n: int, seed: int, hidden: int = 8) -> tuple[RangeData, np.ndarray
     x[:, 2] = 0.0  # the horizon, constant
     week = rng.integers(0, 52, n)
     cal = np.stack([np.sin(2 * np.pi * week / 52), np.cos(2 * np.pi * week / 52)], 1).astype(np.float32)
-    rate = np.exp(1.0 + 0.8 * x[:, 0] + 0.6 * cal[:, 0] * (states[items, 0] > 0) + 0.3 * x[:, 1])
+    rate = np.exp(1.0 + 0.8 * x[:, 0] + 0.6 * cal[:, 0] * (states[items, 0] > 0) + 0.3 * x[:, 1]
+                  + noise * rng.normal(size=n))
     count = rng.poisson(rate).astype(np.float64)
     return RangeData(x, cal, items, np.log1p(count).astype(np.float32), count), states
 
@@ -106,3 +112,95 @@ def test_a_tiny_range_head_learns_calibrated_ordered_quantiles_and_exact_drivers
     again = load_range(tmp_path)
     np.testing.assert_array_equal(predict_range(again, test, torch.from_numpy(states)), q)
     assert load_range(tmp_path / "none") is None
+
+
+def test_the_conformal_offsets_bring_an_under_covering_range_to_its_target():
+    """Raw quantiles trained where the counts are calmer than on the folds and at test (the rows' noise doubles):
+    the range under-covers; offsets chosen on the folds' out-of-fold rows bring test coverage to the 80% target,
+    each side near its 10% miss, the median unchanged."""
+    cfg = RangeConfig(n_features=3, hidden_size=8, item_dim=4, hidden=32, feature_names=("count_7d", "count_28d", HORIZON))
+    train, states = synthetic(6000, 1)  # a fold's past as large as the final fit's: comparable heads
+    valid, _ = synthetic(4000, 2, noise=0.8)
+    full, _ = synthetic(6000, 3)
+    test, _ = synthetic(6000, 4, noise=0.8)
+    oof: list[np.ndarray] = []
+    head, report = fit_range(cfg, [(train, valid)], full, states, max_epochs=4, batch=64, oof=oof)
+    assert len(oof) == 1 and oof[0].shape == (len(valid.y), 3)
+    record = calibrate(oof, [(train, valid)], np.full(len(valid.y), 7.0), np.full(len(valid.y), "shop", object))
+    assert set(record["by_horizon"]) == {"7"} and record["by_horizon"]["7"]["datasets"] == ["shop"]
+    fold = record["by_horizon"]["7"]
+    assert fold["fold_coverage_before"]["inside"] < 0.7 and abs(fold["fold_coverage_after"]["inside"] - 0.8) < 0.03
+    assert fold["low"] > 0 and fold["high"] > 0  # both sides widened
+    head.cfg.calibration = record
+    raw = predict_range(head, test, torch.from_numpy(states))
+    q = calibrated_range(head, raw, 7.0)
+    before = interval_metrics(*counts_of(raw)[::2], test.count)["interval_coverage"]
+    after = interval_metrics(*counts_of(q)[::2], test.count)
+    assert before < 0.72 and 0.75 <= after["interval_coverage"] <= 0.85, (before, after)
+    assert 0.05 <= (test.y < q[:, 0]).mean() <= 0.15 and 0.05 <= (test.y > q[:, 2]).mean() <= 0.15
+    np.testing.assert_array_equal(q[:, 1], raw[:, 1])  # the published median does not move
+    assert (np.diff(q, axis=1) >= 0).all()
+
+
+def test_the_offsets_keep_the_order_and_the_finite_sample_rank():
+    # CQR's rank: the ceil(0.9 (n + 1))-th smallest score
+    assert conformal_offset(np.arange(1.0, 11.0)) == 10.0 and conformal_offset(np.arange(1.0, 101.0)) == 91.0
+    q = np.array([[0.5, 1.0, 1.5], [0.9, 1.0, 1.1]])
+    np.testing.assert_array_equal(apply_offsets(q, RangeCalibration.of({POOLED: {"low": -0.3, "high": -0.3}}).offsets(7)),
+                                  [[0.8, 1.0, 1.2], [1.0, 1.0, 1.0]])  # a narrowing offset stops at the median
+
+
+def test_the_horizon_picks_its_offsets_and_an_unknown_one_falls_back_to_the_pooled():
+    record = {"by_horizon": {"7": {"low": 0.1, "high": 0.2}, "3": {"low": 0.3, "high": 0.4}},
+              POOLED: {"low": 0.5, "high": 0.6}}
+    cal = RangeCalibration.of(record)
+    assert (cal.offsets(7).low, cal.offsets(7).high, cal.offsets(7).key) == (0.1, 0.2, "7")
+    assert (cal.offsets(3.0).low, cal.offsets(3.0).key) == (0.3, "3")
+    assert (cal.offsets(14).low, cal.offsets(14).high, cal.offsets(14).key) == (0.5, 0.6, POOLED)
+    assert "pooled" in cal.describe(14)["why"] and "horizon 7" in cal.describe(7)["why"]
+    none = RangeCalibration.of(None)
+    assert not none.calibrated and (none.offsets(7).low, none.offsets(7).high, none.offsets(7).key) == (0.0, 0.0, NONE)
+
+
+def test_an_artefact_from_before_calibration_loads_with_offsets_zero(tmp_path):
+    import json
+
+    from structlog.testing import capture_logs
+
+    cfg = RangeConfig(n_features=3, hidden_size=8, item_dim=4, hidden=16, feature_names=("count_7d", "count_28d", HORIZON))
+    from trainer.quantiles import RangeHead
+
+    save_range(RangeHead(cfg), tmp_path)
+    raw = json.loads((tmp_path / RANGE_CONFIG).read_text())
+    del raw["calibration"]  # written before the field existed
+    (tmp_path / RANGE_CONFIG).write_text(json.dumps(raw))
+    with capture_logs() as logs:
+        head = load_range(tmp_path)
+    assert head.cfg.calibration == {} and any(e["event"] == "range.uncalibrated" for e in logs)
+    test, states = synthetic(50, 5)
+    q = predict_range(head, test, torch.from_numpy(states))
+    np.testing.assert_array_equal(calibrated_range(head, q, 7.0), q)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "models" / "trail-smollm2" / "adapter").is_dir(),
+                    reason="needs the shipped adapter (models/trail-smollm2)")
+def test_a_range_head_trained_on_an_event_log_is_calibrated_on_that_logs_own_folds(tmp_path, cache_dir):
+    """`python -m trainer.quantiles --model DIR --dataset LOG` (after `trainer.fit --events LOG`): the offsets come
+    from that log's folds, keyed by its horizon, and its own horizon is served with them."""
+    import json
+
+    from tests.odd_log import write_odd_log
+    from trainer.quantiles import train_range
+
+    events = write_odd_log(tmp_path / "shop.csv")
+    model = Path(__file__).resolve().parents[1] / "models" / "trail-smollm2"
+    report = train_range(str(model), [str(events)], out=str(tmp_path / "m"), max_epochs=2, cache_dir=cache_dir)
+    record = json.loads((tmp_path / "m" / RANGE_CONFIG).read_text())["calibration"]
+    assert record == report["calibration"] and record["folds_used"] == [record["folds"] - 1]
+    (key, own), = record["by_horizon"].items()
+    assert own["datasets"] == [str(events)] and own["rows"] == record[POOLED]["rows"] > 0
+    assert own["fold_coverage_after"]["inside"] >= 0.7  # whole counts: ties can only push it up
+    offsets = RangeCalibration.of(record).offsets(float(key))
+    assert offsets.key == key and (offsets.low, offsets.high) == (own["low"], own["high"])
+    assert load_range(tmp_path / "m").cfg.calibration == record

@@ -231,10 +231,13 @@ def test_tick_scores_equal_trainer_score_frame(artefact_dir, scorer, retail_cuto
     if fresh.range is not None:  # with a range head the published count is its median (trainer.evaluate's trail)
         from trainer.evaluate import trail_range
 
-        expect_c = trail_range(model, str(artefact_dir), rows, 7.0)[1]
+        expect_low, expect_c, expect_high = trail_range(model, str(artefact_dir), rows, 7.0)
         assert not np.allclose(expect_c, predicted_count(log_count))
         low = np.array([got[i].predicted_low for i in rows["item_id"]])
         high = np.array([got[i].predicted_high for i in rows["item_id"]])
+        # the published range is the trainer's, calibrated alike (stream.core.calibration.apply_offsets)
+        assert (np.abs(low - expect_low) / np.maximum(1.0, expect_low)).max() < 1e-2
+        assert (np.abs(high - expect_high) / np.maximum(1.0, expect_high)).max() < 1e-2
         assert (low <= c + 1e-6).all() and (c <= high + 1e-6).all()  # the count lies inside its range
     assert (np.abs(c - expect_c) / np.maximum(1.0, expect_c)).max() < 1e-2
     assert sorted(p.rank for p in preds) == list(range(1, len(rows) + 1))

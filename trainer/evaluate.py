@@ -325,9 +325,10 @@ def has_range(model_dir: str | None) -> bool:
 
 def trail_range(model, model_dir: str | None, frame: pd.DataFrame, horizon_days: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(low, mid, high) counts of the artefact's range head (trainer.quantiles) for the frame's rows,
-    or None when the artefact has none."""
-    from trainer.quantiles import counts_of, load_range, predict_range, range_data
+    """(low, mid, high) counts of the artefact's range head (trainer.quantiles) for the frame's rows, the range
+    calibrated for this horizon as the stream publishes it (trainer.quantiles.calibrated_range), or None when the
+    artefact has none."""
+    from trainer.quantiles import calibrated_range, counts_of, load_range, predict_range, range_data
 
     head = load_range(model_dir) if model_dir else None
     if head is None:
@@ -339,7 +340,8 @@ def trail_range(model, model_dir: str | None, frame: pd.DataFrame, horizon_days:
 
     index, texts = item_texts_of(frame)
     states = torch.from_numpy(model.item_states(texts, progress=False))
-    return counts_of(predict_range(head, range_data(model.norm, frame, horizon_days, index), states))
+    q = predict_range(head, range_data(model.norm, frame, horizon_days, index), states)
+    return counts_of(calibrated_range(head, q, horizon_days))
 
 
 def range_drivers(model, model_dir: str, frame: pd.DataFrame, horizon_days: float) -> list[dict[str, float]]:

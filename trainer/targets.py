@@ -54,7 +54,7 @@ class PredictionSource:
     def predictions(self, rows: pd.DataFrame, horizon_days: float) -> list[PredictedCount]:
         """Each row's predicted count (the median), 80% range and drivers."""
         from trainer.inference import item_texts_of
-        from trainer.quantiles import counts_of, drivers, range_data
+        from trainer.quantiles import calibrated_range, counts_of, drivers, range_data
 
         rows = rows.reset_index(drop=True)
         index, texts = item_texts_of(rows)
@@ -66,6 +66,6 @@ class PredictionSource:
         with torch.no_grad():
             q = self.head(torch.from_numpy(d.x), torch.from_numpy(d.cal), torch.from_numpy(z)).numpy()
             phi = drivers(self.head, d.x, d.cal, z, self.model.norm)
-        low, mid, high = counts_of(q.astype(np.float64))
+        low, mid, high = counts_of(calibrated_range(self.head, q.astype(np.float64), horizon_days))
         return [PredictedCount(float(mid[i]), horizon_days, float(low[i]), float(max(high[i], low[i])),
                                drivers={g: float(v[i]) for g, v in phi.items()}) for i in range(len(rows))]

@@ -11,6 +11,13 @@ evaluations per item in one batch. An artefact without a range head gives neithe
 score head's count, null range and no drivers). The weights (range_head.safetensors) are the
 artefact's, in DIR; the ONNX file and its parity record are export outputs, in the git-ignored DIR/onnx/
 beside the other ONNX files.
+
+The published range is calibrated (stream.core.calibration, conformalised quantile regression on the
+rolling-origin folds): the offsets of the served horizon, read from DIR/range_head.json `calibration`
+at start, else its pooled offsets, else none (an artefact from before calibration: offsets 0); the
+start log says which. They are applied after the ONNX head, not inside its graph, so the export stays
+the trained head (its parity check compares like with like) and a recalibrated artefact
+(python -m trainer.quantiles --calibrate-only) needs no new export.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import numpy as np
 import structlog
 
 from stream.core.attribution import DRIVER_GROUPS
+from stream.core.calibration import RangeCalibration, apply_offsets
 from stream.core.drivers import pace_drivers
 from stream.core.features import Normalisation, predicted_count, week_of_year
 from stream.model.artefact import ONNX_DIR, ArtefactError
@@ -32,6 +40,7 @@ log = structlog.get_logger(__name__)
 ONNX_FILE = "range_head.onnx"
 PARITY_FILE = "range_head.onnx.json"
 WEIGHTS_FILE = "range_head.safetensors"
+CONFIG_FILE = "range_head.json"
 
 
 @dataclass
@@ -44,7 +53,8 @@ class TickRange:
 
 
 class CountRange:
-    def __init__(self, directory: Path, features: Normalisation, threads: int | None = None) -> None:
+    def __init__(self, directory: Path, features: Normalisation, threads: int | None = None,
+                 horizon_days: float | None = None) -> None:
         import onnxruntime as ort
         from safetensors.numpy import load_file
 
@@ -62,10 +72,15 @@ class CountRange:
         self.features = features  # the drivers read the item's pace back from the input
         self._steady_warned = False
         self.parity = record.get("max_abs_diff")
+        config = directory / CONFIG_FILE
+        calibration = RangeCalibration.of(json.loads(config.read_text()).get("calibration") if config.is_file() else None)
+        self.offsets = calibration.offsets(horizon_days)
+        log.info("range.calibration", directory=str(directory), horizon_days=horizon_days,
+                 **calibration.describe(horizon_days))
 
     @classmethod
-    def open(cls, directory: str | Path, features: Normalisation, threads: int | None = None
-             ) -> CountRange | None:
+    def open(cls, directory: str | Path, features: Normalisation, threads: int | None = None,
+             horizon_days: float | None = None) -> CountRange | None:
         """The artefact's range head, or None when it has none. Weights without their ONNX export
         (DIR/onnx/range_head.onnx, written by python -m export.onnx) are refused: serving the score
         head's count alone would silently drop the range the model was shipped with."""
@@ -76,11 +91,15 @@ class CountRange:
         if not ((onnx_dir / ONNX_FILE).is_file() and (onnx_dir / PARITY_FILE).is_file()):
             raise ArtefactError(f"{directory} has a range head ({WEIGHTS_FILE}) but no {ONNX_DIR}/{ONNX_FILE}: "
                                     f"export it (python -m export.onnx --model {directory})")
-        return cls(directory, features, threads)
+        return cls(directory, features, threads, horizon_days)
 
     def quantiles(self, x: np.ndarray, cal: np.ndarray, z: np.ndarray) -> np.ndarray:
         return self.sess.run(["q"], {"x": np.ascontiguousarray(x, np.float32), "cal": np.ascontiguousarray(cal, np.float32),
                                      "item_state": np.ascontiguousarray(z, np.float32)})[0]
+
+    def calibrated(self, x: np.ndarray, cal: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """The published range's log1p quantiles: the head's, with this horizon's offsets (same median)."""
+        return apply_offsets(self.quantiles(x, cal, z), self.offsets)
 
     def __call__(self, as_of_ms: int, x: np.ndarray, z: np.ndarray, attribute: np.ndarray | None = None) -> TickRange:
         """Range of a tick's rows (x (N, S) normalised input, z (N, H) item states) and the drivers of
@@ -91,7 +110,7 @@ class CountRange:
         out = np.full((n, len(DRIVER_GROUPS)), np.nan)
         if n == 0:
             return TickRange(np.zeros(0), np.zeros(0), np.zeros(0), out)
-        q = self.quantiles(x, cal, z)
+        q = self.calibrated(x, cal, z)
         mid = q[:, 1].astype(np.float64)
         low, high = predicted_count(q[:, 0].astype(np.float64)), predicted_count(q[:, 2].astype(np.float64))
         rows = np.arange(n) if attribute is None else np.asarray(attribute, np.int64)

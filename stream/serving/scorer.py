@@ -308,7 +308,7 @@ class TickScorer:
         # A few small matrix products per item: the CPU beats a round trip to the GPU.
         self.head = ScoreHeadModel(artefact.path("head"), [CPU], threads)
         # the count's range and drivers (stream.model.count_range), when the artefact has a range head
-        self.range = CountRange.open(artefact.root, self.features, threads)
+        self.range = CountRange.open(artefact.root, self.features, threads, horizon_days=self.horizon_days)
         # the item encoder and the tokenizers; None while a head-first export writes them (`open_encoder`)
         self.encoder: ItemEncoder | None = None
         self._tokenizer: PromptTokenizer | None = None  # prompts (the explainer's: `tokenizer`)
