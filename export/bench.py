@@ -350,8 +350,6 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
         f"explanations_per_cpu_s_batch{2 * batch}": round(wide["per_cpu_s"], 2),
         "explanations_per_s_threads2": round(two["per_s"], 2),
         "explanations_per_cpu_s_threads2": round(two["per_cpu_s"], 2),
-        # onnxruntime.transformers fusions in the exported graph (export.onnx.fuse_generator; {} before export 5)
-        "explain_generator_fusions": art.parity("generator").get("fusions", {}),
     }
 
 

@@ -13,8 +13,7 @@ DIR/onnx/export.json (stream.model.artefact reads it; the trainer's manifest.jso
                      score (B,) ranking score, log_count (B,) predicted log1p(count). Dynamic batch.
   generator/model.onnx  optimum's text-generation-with-past export of the merged model, for
                      the explanations (greedy, serving loop in stream.model.onnx_models.Generator);
-                     its logits are the last position's only, (B, 1, V) (`last_position_logits`);
-                     RMSNorm and rotary blocks fused (`fuse_generator`)
+                     its logits are the last position's only, (B, 1, V) (`last_position_logits`)
   tokenizer.json     the tokenizer the model was trained with (the `tokenizers` library reads it)
 
 Parity, on real items (the last cut-off of each training dataset: the numeric part's top items
@@ -59,7 +58,7 @@ from trainer.quantiles import RANGE_FILE
 log = structlog.get_logger(__name__)
 
 OPSET = 17
-EXPORT_VERSION = "5"  # bump when the files or the export record change shape (4: onnx/export.json; 5: fused generator)
+EXPORT_VERSION = "4"  # bump when the files or the export record change shape (4: onnx/export.json)
 # max |onnx - torch| / max(1, |torch|): item states (scaled by the case's largest |state|), head outputs,
 # and the end-to-end score/log_count (log1p(count) units)
 TOLERANCE = {"item_encoder": 1e-3, "head": 1e-5, "score": 1e-3}
@@ -307,34 +306,6 @@ def last_position_logits(path: Path) -> None:
     logits.type.tensor_type.shape.dim[1].dim_value = 1  # (batch_size, 1, vocab)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-
-
-GENERATOR_FUSIONS = ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "RotaryEmbedding")
-
-
-def fuse_generator(path: Path) -> dict[str, int]:
-    """onnxruntime.transformers' graph fusions for the llama-style generator, in place, fp32 throughout: each
-    residual Add + RMSNorm becomes one SkipSimplifiedLayerNormalization and each rotary block (Slice, Neg,
-    Concat, Mul, Add) one RotaryEmbedding. Python-level fusions only (opt_level 0): nothing tied to this
-    machine's CPU is saved in the graph (onnxruntime's own optimisations still run at session start).
-    About 1.1x explanations per CPU-second on 2 cores (export.bench); the export requires its greedy texts to
-    equal the plain graph's and PyTorch's (parity "generator" and "generator.plain"). Returns the fused
-    operators' counts."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    config = json.loads((path.parent / "config.json").read_text())
-    options = FusionOptions("gpt2")
-    options.enable_attention = False  # no attention fusion: the CPU attention kernels would change the numerics
-    model = optimize_model(str(path), model_type="gpt2", num_heads=int(config["num_attention_heads"]),
-                           hidden_size=int(config["hidden_size"]), opt_level=0, optimization_options=options,
-                           use_gpu=False)
-    counts = {op: n for op, n in model.get_fused_operator_statistics().items() if n and op in GENERATOR_FUSIONS}
-    if not counts.get("RotaryEmbedding") or not counts.get("SkipSimplifiedLayerNormalization"):
-        raise ExportError(f"{path}: onnxruntime's fusions found no rotary or RMSNorm block ({counts}); "
-                          f"the graph optimum wrote has changed shape")
-    model.save_model_to_file(str(path), use_external_data_format=False)  # onnx's checker does not know the
-    return counts  # fused ops (onnxruntime's): the session that loads it next checks it
 
 
 def quantise_generator(src: Path, dst: Path) -> Path:
@@ -605,14 +576,9 @@ def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: 
     stage()
     gen_tmp = out / "generator.tmp"
     gen_path = export_generator(model, gen_tmp)
-    parity["generator.plain"] = generator_parity(Generator(gen_path, [CPU], tok.end_id, threads), tok,
-                                                 explain_prompts, reference_explanations,
-                                                 model.cfg.max_explanation_tokens)
-    fusions = fuse_generator(gen_path)
     gen = Generator(gen_path, [CPU], tok.end_id, threads)
     parity["generator"] = generator_parity(gen, tok, explain_prompts, reference_explanations,
                                            model.cfg.max_explanation_tokens)
-    parity["generator"]["fusions"] = fusions
     if parity["generator"]["identical"] != len(explain_prompts):
         d = parity["generator"]["first_difference"]
         raise ExportError(f"ONNX greedy explanations differ from Trail.explain on "

@@ -25,7 +25,7 @@ def test_the_export_record_lies_beside_the_onnx_files_and_the_manifest_is_untouc
     if d != COMMITTED:  # a copy of the committed weights exported in the cache: its manifest is the committed one
         assert (d / "manifest.json").read_bytes() == (COMMITTED / "manifest.json").read_bytes()  # byte for byte
     record = json.loads((d / ONNX_DIR / EXPORT_RECORD).read_text())
-    assert set(ROLES) <= set(record["files"]) and record["export_version"] == "5"
+    assert set(ROLES) <= set(record["files"]) and record["export_version"] == "4"
     for role, rec in record["files"].items():
         assert (d / rec["path"]).stat().st_size == rec["bytes"] and sha256_of(d / rec["path"]) == rec["sha256"], role
     art = Artefact.load(d, TrendConfig.from_spec(manifest["feature_spec"]))
