@@ -17,7 +17,8 @@ Explanation speed: greedy tokens per second of the ONNX generator (and of PyTorc
 `generate`) on a few prompts; and `explanations_per_s` (explanation_bench): real prompts of
 the manifest's datasets, a tick's movers as one batch of 5, constrained to their claim
 grammars with fast-forward, one onnxruntime thread (the stream's explainer default), beside
-one at a time (`explanations_per_s_single`) and unconstrained batched greedy.
+one at a time (`explanations_per_s_single`), unconstrained batched greedy, the batch kept whole to its
+last row (`explanations_per_s_uncompacted`), a batch of 10 and two onnxruntime threads.
 
 Prints one JSON object: tick_items, tick_score_s, item_encode_per_s, provider, onnx_items_per_s (item
 encodings/s), torch_items_per_s, batch, seq_len, ...
@@ -290,12 +291,13 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
 
     passes = Passes(gen)
 
-    def run(b: int, n: int, constrained: bool) -> dict:
+    def run(b: int, n: int, constrained: bool, compact: bool = True, g: Generator = gen) -> dict:
         t0, c0, tokens, steps, guide_s, forced, faithful = time.perf_counter(), time.process_time(), 0, 0, 0.0, 0, 0
         passes.reset()
         for i in range(0, n, b):
             guide = cc.guide(grammars[i : i + b]) if constrained else None
-            new = gen.generate_batch(prompts[i : i + b], limit if constrained else art.max_explanation_tokens, guide)
+            new = g.generate_batch(prompts[i : i + b], limit if constrained else art.max_explanation_tokens, guide,
+                                   compact=compact)
             tokens += sum(len(x) for x in new)
             faithful += sum(check(tok.decode(x), rows[i + j][1], prediction=sizes[i + j] if constrained else None).faithful
                             for j, x in enumerate(new))
@@ -311,6 +313,13 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     batched = run(batch, n, True)
     one = run(1, min(single, len(rows)), True)
     free = run(batch, n, False)
+    # the same rows with every row kept in the batch to the end (the loop before compaction), in one batch of
+    # twice the stream's size, and with two onnxruntime threads (what a second core gives one explainer)
+    full = run(batch, n, True, compact=False)
+    wide = run(2 * batch, n, True)
+    gen2 = Generator(art.path("generator"), providers, tok.end_id, 2)
+    gen2.generate(prompts[0], 2)
+    two = run(batch, n, True, g=gen2)
     return {
         "explanations_per_s": round(batched["per_s"], 2),
         # per CPU-second of this process: with one thread, what a machine nobody else loads would give
@@ -335,6 +344,12 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
         "explain_forced_share": round(batched["forced_share"] or 0.0, 3),
         "explain_faithful_share": batched["faithful_share"],
         "explain_faithful_share_unconstrained": free["faithful_share"],
+        "explanations_per_s_uncompacted": round(full["per_s"], 2),
+        "explanations_per_cpu_s_uncompacted": round(full["per_cpu_s"], 2),
+        f"explanations_per_s_batch{2 * batch}": round(wide["per_s"], 2),
+        f"explanations_per_cpu_s_batch{2 * batch}": round(wide["per_cpu_s"], 2),
+        "explanations_per_s_threads2": round(two["per_s"], 2),
+        "explanations_per_cpu_s_threads2": round(two["per_cpu_s"], 2),
     }
 
 
