@@ -651,7 +651,9 @@ def train(argv: list[str] | None = None) -> Trail:
         raise SystemExit(f"--targets-from {args.targets_from}: no range head there (range_head.safetensors)")
     log.info("fit.targets", source=None if source is None else str(source.directory))
     llm = train_llm(model, parts, cfg, out, args.resume, prior_steps=prior_steps, source=source)
-    llm |= {"init_adapter": adapter_info, "total_steps": prior_steps + llm["steps"]}
+    # a resumed run counts the checkpoint's steps too (resumed_from_step): they were taken on this adapter
+    llm |= {"init_adapter": adapter_info,
+            "total_steps": prior_steps + llm.get("resumed_from_step", 0) + llm["steps"]}
     log.info("fit.llm.done", **{k: v for k, v in llm.items() if k != "init_adapter"})
 
     # ---- phase 2: item states ----
