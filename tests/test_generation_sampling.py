@@ -43,12 +43,15 @@ class FakeDecoder(Generator):
         ids, mask = feed["input_ids"], feed["attention_mask"]
         k = ids.shape[1]
         new = mask[:, -k:]
-        hist = past.get("hist") or [[] for _ in range(len(ids))]
+        hist = past["hist"] if "hist" in past else [[] for _ in range(len(ids))]
         hist = [h + [int(t) for t, m in zip(ids[i], new[i]) if m] for i, h in enumerate(hist)]
         logits = np.zeros((len(ids), k, self.vocab), np.float32)
         for i, h in enumerate(hist):
             logits[i, -1] = row_logits(h, self.vocab)
-        return logits, {"hist": hist}
+        cache = np.empty(len(hist), object)  # one entry per row, as a real KV cache: compaction drops rows of it
+        for i, h in enumerate(hist):
+            cache[i] = h
+        return logits, {"hist": cache}
 
 
 class FakeMatcher:
