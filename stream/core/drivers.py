@@ -73,9 +73,7 @@ class PaceGap:
 
     def horizons(self, x: np.ndarray) -> np.ndarray:
         """(B,) each row's horizon in days, read back from its input."""
-        h = self.horizon_col
-        t = np.asarray(x[:, h], np.float64) * self.norm.std[h] + self.norm.mean[h]
-        return np.round(np.expm1(t), HORIZON_DECIMALS)
+        return np.round(self.norm.invert(x, self.horizon_col), HORIZON_DECIMALS)
 
     def count_col(self, horizon_days: float) -> tuple[int, str]:
         """The input column of the pace's count (the main window's, stream.core.forecast.pace) and the window."""
@@ -92,8 +90,7 @@ class PaceGap:
         for hv in np.unique(h):
             rows = h == hv
             c, w = self.count_col(hv)
-            t = np.asarray(x[rows, c], np.float64) * self.norm.std[c] + self.norm.mean[c]
-            count = np.expm1(np.maximum(t, 0.0))  # a count's transform is log1p (Normalisation.invert, one column)
+            count = np.maximum(self.norm.invert(x[rows], c), 0.0)  # a count is never below 0
             out[rows] = np.log1p(pace_of(count, w, float(hv)))
         return out
 

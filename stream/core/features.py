@@ -103,10 +103,11 @@ class Normalisation:
         """(N, S) raw values in `names` order -> (N, S) float32 model input."""
         return ((signal_transform(values) - np.asarray(self.mean)) / np.asarray(self.std)).astype(np.float32)
 
-    def invert(self, x: np.ndarray) -> np.ndarray:
+    def invert(self, x: np.ndarray, cols: int | slice = slice(None)) -> np.ndarray:
         """(N, S) model input -> (N, S) float64 raw values, the inverse of `apply` (signed expm1 of the
-        de-standardised input): the drivers read the item's pace and the horizon back from the head's input."""
-        t = np.asarray(x, np.float64) * np.asarray(self.std) + np.asarray(self.mean)
+        de-standardised input), or (N,) of one column `cols`: the drivers read the item's pace and the horizon
+        back from the head's input."""
+        t = np.asarray(x, np.float64)[:, cols] * np.asarray(self.std)[cols] + np.asarray(self.mean)[cols]
         return np.sign(t) * np.expm1(np.abs(t))
 
     def with_horizon(self, signals: np.ndarray, horizon_days: float) -> np.ndarray:
