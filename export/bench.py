@@ -260,21 +260,30 @@ def explain_rows(manifest: dict, n: int, seed: int = 0, events: str | None = Non
         rest = rng.choice(order[per // 2 :], size=min(per - len(top), len(order) - len(top)), replace=False)
         pick = rows.iloc[np.concatenate([top, rest])].reset_index(drop=True)
         signals = [dict(zip(names, r)) for r in pick[names].to_numpy(np.float64).tolist()]
-        out += [(p, s, horizon) for p, s in zip(prompts_of(pick, names, horizon), signals)]
+        sizes = [bench_size(len(out) + j, s, horizon) for j, s in enumerate(signals)]
+        out += [(p, s, horizon) for p, s in zip(prompts_of(pick, names, horizon, forecasts=sizes), signals)]
     return out
+
+
+def bench_size(i: int, signals: dict[str, float], horizon: float):
+    """The forecast the bench's row i is explained with (its prompt shows it, its grammar states it): each item's
+    rise / steady / fall in turn (speed does not depend on which; the stream forces the score's direction), with
+    a predicted count that gives it (1.6 / 1.0 / 0.4 x the pace) and an 80% range (0.7-1.4 x)."""
+    from stream.core.forecast import OUTLOOKS, PredictedCount, pace
+
+    count = max(pace(signals, horizon), 1.0) * {"rise": 1.6, "steady": 1.0, "fall": 0.4}[OUTLOOKS[i % 3]]
+    return PredictedCount(count, horizon, 0.7 * count, 1.4 * count)
 
 
 def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], float]], providers: list[str],
                       threads: int | None, batch: int = 5, single: int = 5) -> dict:
     """Explanations per second as the stream makes them: the movers of a tick as one batch (`batch`, the
     default TRAIL_EXPLAIN_TOP), each row held to its claim grammar with fast-forward, against one at a time
-    (the first `single` rows) and against unconstrained batched greedy. The forced forecast is each item's
-    rise / steady / fall in turn (speed does not depend on which; the stream forces the score's direction),
-    with a predicted count that gives it (1.6 / 1.0 / 0.4 x the pace) and an 80% range (0.7-1.4 x), so each
-    text states its size and range as a model with quantile heads makes the stream write them."""
+    (the first `single` rows) and against unconstrained batched greedy. Row i's forecast is `bench_size(i, ...)`
+    (its prompt, from explain_rows, shows it), so each text states its size and range as a model with quantile
+    heads makes the stream write them."""
     from stream.core.faithfulness import check
     from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar
-    from stream.core.forecast import OUTLOOKS, PredictedCount, pace
     from stream.model.constraint import ClaimConstraint
 
     tok = art.tokenizer()
@@ -282,10 +291,7 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     cc = ClaimConstraint(art.path("tokenizer"), tok.end_id)
     limit = max(art.max_explanation_tokens, CONSTRAINED_MAX_NEW_TOKENS)
     prompts = tok.ids([p for p, _, _ in rows])
-    sizes = []
-    for i, (_, s, h) in enumerate(rows):
-        count = max(pace(s, h), 1.0) * {"rise": 1.6, "steady": 1.0, "fall": 0.4}[OUTLOOKS[i % 3]]
-        sizes.append(PredictedCount(count, h, 0.7 * count, 1.4 * count))
+    sizes = [bench_size(i, s, h) for i, (_, s, h) in enumerate(rows)]
     grammars = [claim_grammar(s, h, z.direction(s), size=z).lark() for (_, s, h), z in zip(rows, sizes)]
     gen.generate(prompts[0], 2)  # warm-up
 

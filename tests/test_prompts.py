@@ -184,3 +184,36 @@ def test_token_budget_with_the_smollm2_tokenizer(smollm2_tokenizer):
     assert max(lengths) <= 84, max(lengths)  # under TrailConfig.max_prompt_tokens (96)
     # the module docstring's example: a busy item (two-digit numbers everywhere) with a long title
     assert len(tok(render_prompt("WHITE HANGING HEART T-LIGHT HOLDER", "home", ROW, 7)).input_ids) == 69
+
+
+def test_the_forecast_line_shows_what_the_text_states():
+    from stream.core.faithfulness.grammar import prompt_forecast
+    from stream.core.forecast import PredictedCount
+
+    # 38.6 next week against a pace of 41: steady; the range widened to its units as the text states it
+    shown = prompt_forecast(PredictedCount(38.6, 7, 27.6, 54.1), ROW, 7)
+    assert (shown.size, shown.low, shown.high, shown.direction, shown.reason) == (40, 25, 55, "steady", None)
+    prompt = render_prompt("x", None, ROW, 7, month="Dec", forecast=shown)
+    assert prompt.endswith("\nage 120d\nForecast: 40 (25–55), steady\nNext 7d (Dec):")
+    # a fall whose top driver is the level: the reason kind the claim grammar makes due
+    fall = prompt_forecast(PredictedCount(20.0, 7, 12.0, 30.0, drivers={"trend": 0.1, "level": -0.6}), ROW, 7)
+    assert fall.direction == "fall" and fall.line() == "Forecast: 20 (12–30), fall, why: level"
+    # no range, no reason
+    assert prompt_forecast(PredictedCount(41.0, 7), ROW, 7).line() == "Forecast: 40, steady"
+    assert render_prompt("x", None, ROW, 7) == render_prompt("x", None, ROW, 7, forecast=None)
+
+
+def test_prompts_with_forecasts_fit_the_token_budget(smollm2_tokenizer):
+    from stream.core.faithfulness.grammar import prompt_forecast
+    from stream.core.forecast import PredictedCount, pace
+    from trainer.model import TrailConfig
+
+    rng = random.Random(1)
+    lengths = []
+    for i, row in enumerate(_typical_rows(300) + [ROW]):
+        c = pace(row, 7) * rng.choice([0.3, 1.0, 2.5]) + rng.choice([0, 900])
+        size = PredictedCount(c, 7, 0.6 * c, 1.5 * c, drivers={"trend": rng.uniform(-1, 1), "level": rng.uniform(-1, 1)})
+        t, cat = TITLES[i % len(TITLES)]
+        lengths.append(len(smollm2_tokenizer(render_prompt(t, cat, row, 7, month="Dec",
+                                                           forecast=prompt_forecast(size, row, 7))).input_ids))
+    assert max(lengths) <= TrailConfig.max_prompt_tokens - 8, max(lengths)  # a cut prompt would lose its last line

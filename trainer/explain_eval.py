@@ -520,7 +520,6 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
     entry carries its `decoding`."""
     decoding.check(temperature, top_p)
     names = list(model.norm.signal_names)
-    prompts = prompts_of(rows, names, horizon_days)
     signals = [dict(zip(names, r)) for r in rows[names].to_numpy(np.float64).tolist()]
     titles = rows["title"].astype(str).tolist()
     if predicted_count is None:
@@ -530,6 +529,7 @@ def evaluate_explanations(model, rows: pd.DataFrame, horizon_days: float, zero_s
     paces = [pace(s, horizon_days) for s in signals]
     predicted = directions(predicted_count, paces)
     sizes = predicted_sizes(rows, predicted_count, horizon_days)
+    prompts = prompts_of(rows, names, horizon_days, forecasts=sizes)  # as the stream: each shows its forecast
     # each row's attribution (group -> contribution), from a model that gives drivers; None otherwise
     drivers = ([d if isinstance(d, dict) and d else None for d in rows["drivers"].tolist()]
                if "drivers" in rows else None)

@@ -170,13 +170,13 @@ def train_step(model: Trail, part: Part, rows: pd.DataFrame, cfg: FitConfig, rng
     names = list(model.norm.signal_names)
     signals = [dict(zip(names, r)) for r in rows[names].to_numpy(np.float64).tolist()]
     horizon = int(round(part.horizon_days))
-    prompts = prompts_of(rows, names, part.horizon_days)
     if source is not None:
         sizes = source.predictions(rows, part.horizon_days)
         outlooks = [z.direction(s) for z, s in zip(sizes, signals)]
     else:
         sizes = [None] * len(rows)
         outlooks = [outlook(n, pace(s, part.horizon_days)) for n, s in zip(rows["label_count"].tolist(), signals)]
+    prompts = prompts_of(rows, names, part.horizon_days, forecasts=sizes)  # each shows the forecast its target states
     positives = [target_explanation(s, horizon, rng, outlook=o, size=z, drivers=None if z is None else z.drivers)
                  for s, o, z in zip(signals, outlooks, sizes)]
     negatives = []

@@ -13,23 +13,31 @@ import numpy as np
 import pandas as pd
 import torch
 
+from stream.core.faithfulness.grammar import prompt_forecast
 from stream.core.features import season_of
+from stream.core.forecast import PredictedCount
 from stream.core.prompts import item_text, render_prompt
 from trainer.model import Trail
 
 VARIANTS = ("full", "numeric", "shuffled")
 
 
-def prompts_of(frame: pd.DataFrame, signal_names: Sequence[str], horizon_days: float) -> list[str]:
+def prompts_of(frame: pd.DataFrame, signal_names: Sequence[str], horizon_days: float,
+               forecasts: Sequence[PredictedCount | None] | None = None) -> list[str]:
+    """The prompt of each row; with `forecasts` (the model's prediction per row, or None) each shows its forecast."""
     signal_names = list(signal_names)
     values = frame[signal_names].to_numpy(np.float64)
-    return [
-        render_prompt(title, category, dict(zip(signal_names, row)), int(round(horizon_days)), item_id=item_id,
-                      month=season_of(cutoff))
-        for title, category, row, item_id, cutoff in zip(
-            frame["title"], frame["category"], values.tolist(), frame["item_id"], frame["cutoff_ms"]
-        )
-    ]
+    if forecasts is not None and len(forecasts) != len(frame):
+        raise ValueError(f"{len(forecasts)} forecasts for {len(frame)} rows")
+    out = []
+    for i, (title, category, row, item_id, cutoff) in enumerate(zip(
+            frame["title"], frame["category"], values.tolist(), frame["item_id"], frame["cutoff_ms"])):
+        signals = dict(zip(signal_names, row))
+        size = None if forecasts is None else forecasts[i]
+        out.append(render_prompt(title, category, signals, int(round(horizon_days)), item_id=item_id,
+                                 month=season_of(cutoff),
+                                 forecast=None if size is None else prompt_forecast(size, signals, horizon_days)))
+    return out
 
 
 def features_of(model: Trail, frame: pd.DataFrame, horizon_days: float) -> np.ndarray:

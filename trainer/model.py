@@ -46,7 +46,7 @@ class TrailConfig:
     lora_layers: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     head_hidden: int = 64
-    max_prompt_tokens: int = 96  # busy MovieLens items reach ~81 tokens (prompt p2); a cut prompt loses its last line
+    max_prompt_tokens: int = 112  # busy MovieLens items reach ~81 tokens with p2, p3's forecast line adds ~15; a cut prompt loses its last line
     max_explanation_tokens: int = 64  # a mover's reason with 3-4 digit counts reaches ~59 tokens (tests)
     max_item_tokens: int = 48  # the item block (title, category, description) the item state reads
     item_dim: int = 32  # item state projected to this before it meets the signals

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 
 from stream.core.features import season_of
+from stream.core.forecast import PredictedCount
 from stream.core.records import Explanation, ItemInfo, Prediction
 from stream.core.trends import Signals, TrendConfig
 from stream.model.artefact import Artefact, ArtefactError
@@ -274,7 +275,8 @@ class ExplainerService:
         month = season_of(as_of)
         for p in self.picker(predictions):
             info = self.catalogue.items.get(p.item_id) or ItemInfo()
-            prompt = prompt_for(p.item_id, info, p.signals, self.scorer.horizon_days, month)
+            prompt = prompt_for(p.item_id, info, p.signals, self.scorer.horizon_days, month,
+                                PredictedCount.of(p, self.scorer.horizon_days))
             movers.append(Mover(p, prompt, info.title))
         return ExplainRequest(as_of, movers)
 

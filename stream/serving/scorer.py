@@ -64,7 +64,9 @@ import structlog
 from pydantic import BaseModel, ConfigDict, NonNegativeInt, PositiveInt, ValidationError
 
 from stream.core.attribution import DRIVER_GROUPS
+from stream.core.faithfulness.grammar import prompt_forecast
 from stream.core.features import predicted_count
+from stream.core.forecast import PredictedCount
 from stream.core.prompts import item_text, render_prompt
 from stream.core.records import ItemInfo, Prediction, to_tick
 from stream.core.trends import Signals
@@ -84,10 +86,12 @@ ENCODER_WAIT_S = 1800.0  # most seconds an item waits for a head-first export's 
 
 
 def prompt_for(item_id: str, info: ItemInfo | None, signals: Mapping[str, float], horizon_days: int,
-               month: str) -> str:
-    """The prompt of one item at one tick: what the explainer continues."""
+               month: str, forecast: PredictedCount | None = None) -> str:
+    """The prompt of one item at one tick: what the explainer continues (with the tick's `forecast` of it)."""
     info = info or ItemInfo()
-    return render_prompt(info.title, info.category, signals, horizon_days, item_id=item_id, month=month)
+    shown = None if forecast is None else prompt_forecast(forecast, signals, horizon_days)
+    return render_prompt(info.title, info.category, signals, horizon_days, item_id=item_id, month=month,
+                         forecast=shown)
 
 
 def text_for(item_id: str, info: ItemInfo | None) -> str:

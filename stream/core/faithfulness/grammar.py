@@ -39,7 +39,8 @@ from stream.core.faithfulness.vocabulary import (DRIVER_CLAIM_PHRASES, LAST_YEAR
                                                  OUTLOOK_LEADS, OUTLOOK_SENTENCES, OUTLOOKS, RANGE_TAILS, SIZE_SENTENCES,
                                                  UPDOWN, VERB_PAST)
 from stream.core.forecast import PredictedCount, outlook, stated_range, stated_size
-from stream.core.prompts import detailed_windows, direction, main_window, signal_windows, window_hours
+from stream.core.prompts import (PromptForecast, detailed_windows, direction, main_window, signal_windows,
+                                 window_hours)
 
 
 # the decoding budget of a constrained text: the grammar ends every text itself; room for its longest shapes (a
@@ -218,6 +219,16 @@ def reason_plan(signals: Mapping[str, float], horizon_days: float, forecast: str
         return ReasonPlan("level", "rule", tuple(p.format(n) for p in LEVEL_PHRASES[level] for n in length_phrases(long)),
                           driver)
     return None
+
+
+def prompt_forecast(size: PredictedCount, signals: Mapping[str, float], horizon_days: float) -> PromptForecast:
+    """What the prompt shows of a prediction (stream.core.prompts.PromptForecast): the size and range as the
+    text states them, the direction the forecast clause must say, and the kind of reason `reason_plan` makes due."""
+    forecast = size.direction(signals)
+    hd = int(horizon_days) if float(horizon_days).is_integer() else horizon_days
+    plan = reason_plan(signals, hd, forecast, size.drivers)
+    low, high = stated_range(size.low, size.high) if size.has_range else (None, None)
+    return PromptForecast(stated_size(size.count), forecast, low, high, None if plan is None else plan.kind)
 
 
 def stated_reasons(claims) -> set[str]:
