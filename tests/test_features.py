@@ -23,6 +23,7 @@ def test_trainer_and_stream_compute_the_same_features(retail_slice):
     from trainer.examples import build_examples
     from trainer.fit import fit_normalisation
     from trainer.inference import features_of, prompts_of
+    from stream.core.forecast import PredictedCount
     from stream.serving.scorer import prompt_for
 
     config = TrendConfig()
@@ -54,6 +55,13 @@ def test_trainer_and_stream_compute_the_same_features(retail_slice):
                  for i, ti, c in zip(head["item_id"], head["title"], head["category"])}
         assert prompts_of(head, norm.signal_names, horizon) == [
             prompt_for(i, items[i], tick.row(k), h, season_of(t)) for k, i in enumerate(head["item_id"])]
+        # with the model's forecast of each item (p3's forecast line), as the explainer renders its movers
+        sizes = [PredictedCount(3.0 * k, horizon, 2.0 * k, 5.0 * k, drivers={"trend": 0.2, "level": -0.1 * k})
+                 for k in range(len(head))]
+        with_forecast = prompts_of(head, norm.signal_names, horizon, forecasts=sizes)
+        assert with_forecast == [prompt_for(i, items[i], tick.row(k), h, season_of(t), sizes[k])
+                                 for k, i in enumerate(head["item_id"])]
+        assert all("\nForecast: " in p for p in with_forecast)
 
 
 def test_the_signals_reorder_to_model_order_and_the_horizon_comes_last():
