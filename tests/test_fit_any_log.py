@@ -58,7 +58,8 @@ def test_fit_then_evaluate_a_log_of_another_shape(tmp_path, fmt):
     out, report = tmp_path / "model", tmp_path / "report.json"
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     fit = subprocess.run([sys.executable, "-m", "trainer.fit", "--events", str(events), *items, "--out", str(out),
-                          "--init-adapter", str(ADAPTER), "--rank-epochs", "2", "--count-epochs", "2", *fit_args],
+                          "--init-adapter", str(ADAPTER), "--rank-epochs", "2", "--count-epochs", "2", "--range-epochs", "2",
+                          *fit_args],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert fit.returncode == 0, fit.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -66,6 +67,9 @@ def test_fit_then_evaluate_a_log_of_another_shape(tmp_path, fmt):
     assert lists["skipped_without_a_pair"] > 0 and lists["kept"] > 0  # the empty weeks were skipped, not fatal
     prior = manifest["training"]["phase3_head"]["rank_prior"]
     assert prior["chosen_on"].startswith("the rolling-origin folds") and prior["chosen"]
+    # phase 4: the range head, calibrated on this log's own folds
+    range_cfg = json.loads((out / "range_head.json").read_text())
+    assert (out / "range_head.safetensors").is_file() and range_cfg["calibration"]["method"] == "cqr"
     llm = manifest["training"]["phase1_llm"]
     if "--score-weight" in fit_args:  # joint: the score loss was part of the LLM steps
         assert llm["steps"] == 1 and llm["joint"]["w_score"] == 1.0 and llm["final_losses"]["score"] > 0
@@ -80,6 +84,7 @@ def test_fit_then_evaluate_a_log_of_another_shape(tmp_path, fmt):
     assert manifest["horizon_days"] == {"shop": got["protocol"]["horizon_days"]}
     trail = got["methods"]["trail"]
     assert 0 <= trail["mae_log"] < 2 and trail["ndcg@10"] is not None
+    assert 0 <= trail["interval_coverage"] <= 1 and trail["interval_width"] >= 1  # the range head was read
     assert set(got["ci"]) == {"ndcg@10", "mae_log"}
     assert ("lgbm_rank" in got["methods"]) == ("--no-tuned" not in eval_args)
     # the bag-of-words control: scored, with its interval, and how it was fitted

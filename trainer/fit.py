@@ -1,6 +1,6 @@
 """Train TRAIL: `python -m trainer.fit --dataset retail,ml100k --out models/trail-smollm2`.
 
-Three phases, read top to bottom in `train`:
+Four phases, read top to bottom in `train`:
   1. the LLM: LoRA on the top layers, explanation LM loss on the faithful targets plus the
      contrastive margin against perturbed ones, on cut-off-grouped batches, until
      --budget-minutes or --steps (0 with --init-adapter DIR: reuse a trained adapter as is);
@@ -10,7 +10,10 @@ Three phases, read top to bottom in `train`:
   3. the v2 score head on every row of every training cut-off: the ranking part listwise
      (LambdaRank, gains = next-period distinct users), the count part by regression on
      log1p(count), each item term as a residual on top, all early-stopped on the
-     validation cut-offs (never the test ones).
+     validation cut-offs (never the test ones);
+  4. the count's 80% range head with its calibration and drivers (trainer.quantiles.train_range, its epochs
+     chosen on the rolling-origin folds), so that an artefact fitted on any log states size, range and
+     reasons as the shipped one does (--no-range-head skips it).
 The output directory is the model artefact (docs/model.md), with resumable
 phase-1 checkpoints under DIR/checkpoint/ while training runs.
 """
@@ -567,6 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--targets-from", help="an artefact with a range head whose predictions (size, range, drivers) "
                     "the LLM's targets state (trainer.targets); default: the --init-adapter artefact when it has one; "
                     "'none': targets without size and driver reasons")
+    ap.add_argument("--range-head", action=argparse.BooleanOptionalAction, default=True,
+                    help="phase 4: train and calibrate the count's 80%% range head (trainer.quantiles) on the same "
+                         "data, so the artefact states size, range and drivers (default: on)")
+    ap.add_argument("--range-epochs", type=int, default=8, help="most epochs of the range head (chosen on the folds)")
     ap.add_argument("--resume", action="store_true", help="continue phase 1 from DIR/checkpoint if present")
     ap.add_argument("--version", default=None, help="model_version (default: trail-<date>)")
     return ap
@@ -703,7 +710,18 @@ def train(argv: list[str] | None = None) -> Trail:
         about=MANIFEST_ABOUT,
     )
     save(model, manifest, out)
-    log.info("fit.done", out=str(out), minutes=minutes, valid=head_report["valid"])
+    log.info("fit.saved", out=str(out), minutes=minutes, valid=head_report["valid"])
+
+    # ---- phase 4: the count's range head, on the saved artefact's item states (trainer.quantiles) ----
+    if args.range_head:
+        from trainer.quantiles import train_range
+
+        t4 = time.time()
+        report = train_range(str(out), names, args.items, max_epochs=args.range_epochs, seed=cfg.seed,
+                             cache_dir=cache_dir)
+        log.info("fit.range.done", minutes=round((time.time() - t4) / 60, 2), epochs=report.get("epochs"),
+                 calibration=report["calibration"].get("method"))
+    log.info("fit.done", out=str(out), minutes=round((time.time() - started) / 60, 2))
     return model
 
 
