@@ -600,6 +600,7 @@ def _adapter_source(path: str) -> tuple[Path, dict]:
         m = json.loads(manifest.read_text())
         done = m.get("training", {}).get("phase1_llm") or {}
         info |= {"model_version": m.get("model_version"), "trail_config": m.get("trail_config"),
+                 "prompt_version": m.get("prompt_version"),
                  "llm_steps": done.get("total_steps", m.get("metrics", {}).get("llm_steps")),
                  "command": m.get("command"), "device": m.get("training", {}).get("device"),
                  "phase1_llm": done or None}  # what trained the adapter: steps, minutes, losses, its own source
@@ -652,6 +653,11 @@ def train(argv: list[str] | None = None) -> Trail:
     targets_from = args.targets_from or (args.init_adapter if args.init_adapter and Path(args.init_adapter).is_dir()
                                          else None)
     llm_steps = cfg.budget_minutes > 0 and cfg.steps > 0  # the source loads a second LLM: only for phase 1
+    trained_on = adapter_info.get("prompt_version")
+    if not llm_steps and trained_on not in (None, PROMPT_VERSION):
+        # the artefact would claim this code's prompt version for an LLM that never read such prompts
+        raise SystemExit(f"--init-adapter {args.init_adapter}: its LLM was trained on prompt version {trained_on!r}, "
+                         f"this code renders {PROMPT_VERSION!r}; give it LLM steps (--budget-minutes N) to adapt it")
     source = (None if targets_from == "none" or not llm_steps
               else PredictionSource.open(targets_from, cache_dir=cache_dir))
     if args.targets_from not in (None, "none") and llm_steps and source is None:
