@@ -93,3 +93,15 @@ def test_fit_then_evaluate_a_log_of_another_shape(tmp_path, fmt):
     for ci in got["ci_ablations"]["trail_bow"].values():
         assert ci["low"] <= ci["diff"] <= ci["high"]
     assert got["ablations"]["trail_bow"]["vectors"]["width"] == manifest["item_state"]["hidden_size"]
+
+
+def test_an_adapter_of_another_prompt_version_is_not_reused_without_steps(tmp_path):
+    from stream.core.prompts import PROMPT_VERSION
+    from trainer.fit import train
+
+    old = tmp_path / "old"
+    (old / "adapter").mkdir(parents=True)
+    (old / "manifest.json").write_text(json.dumps({"model_version": "old", "prompt_version": "p0"}))
+    with pytest.raises(SystemExit, match=f"prompt version 'p0', this code renders '{PROMPT_VERSION}'"):
+        train(["--events", str(tmp_path / "log.csv"), "--out", str(tmp_path / "m"), "--init-adapter", str(old),
+               "--budget-minutes", "0"])

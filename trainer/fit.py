@@ -617,6 +617,13 @@ def train(argv: list[str] | None = None) -> Trail:
     cache_dir = load_settings().cache_dir  # the one environment read: TRAIL_CACHE (base model, datasets, states)
 
     cfg = fit_config(args)
+    if args.init_adapter and not (cfg.budget_minutes > 0 and cfg.steps > 0):
+        trained_on = _adapter_source(args.init_adapter)[1].get("prompt_version")
+        if trained_on not in (None, PROMPT_VERSION):
+            # the artefact would claim this code's prompt version for an LLM that never read such prompts
+            raise SystemExit(f"--init-adapter {args.init_adapter}: its LLM was trained on prompt version "
+                             f"{trained_on!r}, this code renders {PROMPT_VERSION!r}; give it LLM steps "
+                             f"(--budget-minutes N) to adapt it")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -653,11 +660,6 @@ def train(argv: list[str] | None = None) -> Trail:
     targets_from = args.targets_from or (args.init_adapter if args.init_adapter and Path(args.init_adapter).is_dir()
                                          else None)
     llm_steps = cfg.budget_minutes > 0 and cfg.steps > 0  # the source loads a second LLM: only for phase 1
-    trained_on = adapter_info.get("prompt_version")
-    if not llm_steps and trained_on not in (None, PROMPT_VERSION):
-        # the artefact would claim this code's prompt version for an LLM that never read such prompts
-        raise SystemExit(f"--init-adapter {args.init_adapter}: its LLM was trained on prompt version {trained_on!r}, "
-                         f"this code renders {PROMPT_VERSION!r}; give it LLM steps (--budget-minutes N) to adapt it")
     source = (None if targets_from == "none" or not llm_steps
               else PredictionSource.open(targets_from, cache_dir=cache_dir))
     if args.targets_from not in (None, "none") and llm_steps and source is None:
