@@ -19,9 +19,10 @@ with start <= ts < end; nothing else is filtered, sampled or reordered (rows kee
   ISO-8601 UTC text, "2011-03-01T08:30:00Z"), `action` (event_type, "purchase"), and the extra column
   `Quantity` (the line's quantity: the loader does not take a quantity as weight, so it is ignored and every
   line weighs 1). No weight column.
-  Item table `retail_csv_items.csv`: `StockCode`, `product_name` (title), `Price` (median unit price), only
-  for the items sold in February 2011, the month before the slice (a catalogue exported at the slice's start):
-  items first sold in the slice have no row, so their title is their id.
+  Item table `retail_csv_items.csv`: `StockCode`, `product_name` (title), `Price` (median unit price over the
+  whole data set), only for the items of the slice that were also sold in February 2011, the month before it (a
+  catalogue exported at the slice's start): the others (new items, and items idle that month) have no row, so
+  the loader titles them with their id.
 
 `retail_parquet` (Parquet, datetime64 ts, no event_type or weight):
   UCI Online Retail II, purchases from 2010-09-01 to 2010-12-01 (91 days, the autumn ramp to Christmas).
@@ -262,8 +263,28 @@ def run_one(d: DerivedLog, model: str, work: Path, n_boot: int, say: Callable[[s
                                "model_version")},
         "metrics": compare(report),
         "interval_coverage": _r(report["methods"].get("trail", {}).get("interval_coverage")),
+        "ablations": {name: {m: _r(report["methods"].get(name, {}).get(m)) for m in ("ndcg@10", "mae_log")}
+                      for name in ("trail_numeric", "trail_text_shuffled", "trail_bow")},
     }
     return entry
+
+
+def table(summary: dict) -> str:
+    """One line per log and metric: TRAIL, the best baseline, the difference with its interval."""
+    lines = [f"{'log':<15} {'metric':<8} {'trail':>8} {'best baseline':>24} {'trail-best [95% CI]':>32} {'beats all':>9}"]
+    for name, e in summary["logs"].items():
+        if "metrics" not in e:
+            lines.append(f"{name:<15} {e.get('error', {}).get('step', '-')} failed")
+            continue
+        for metric, m in e["metrics"].items():
+            if not m["comparable"]:
+                lines.append(f"{name:<15} {metric:<8} {'-':>8} {'-':>24} {'not comparable (no users)':>32} {'-':>9}")
+                continue
+            d = m["trail_minus_best"]
+            ci = f"{d['diff']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d["low"] is not None else f"{d['diff']:+.4f}"
+            best = f"{m['best_baseline']} {m['best_value']:.4f}"
+            lines.append(f"{name:<15} {metric:<8} {m['trail']:>8.4f} {best:>24} {ci:>32} {str(m['beats_every_baseline']):>9}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     for d in logs:
         say(f"derived {d.name}: {d.rows:,} events, {d.items_in_log:,} items ({d.items_in_table:,} in its table), "
             f"{d.users:,} users, [{d.start}, {d.end}) -> {d.events}")
-    summary: dict = {"model": model, "logs": {}}
+    shipped = json.loads((Path(model) / "manifest.json").read_text()) if (Path(model) / "manifest.json").is_file() else {}
+    summary: dict = {"model": model, "model_version": shipped.get("model_version"),
+                     "model_prompt_version": shipped.get("prompt_version"), "logs": {}}
     if not args.derive_only:
         for d in logs:
             summary["logs"][d.name] = run_one(d, model, work, args.n_boot, say)
@@ -299,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(summary, indent=2)
     print(text)
+    if not args.derive_only:
+        print(table(summary))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
