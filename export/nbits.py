@@ -47,9 +47,10 @@ BLOCK_SIZE = 128
 ACCURACY_LEVEL = 4  # int8 activations x n-bit weights, exact integer block dot products (see the docstring)
 ROLE = "generator.nbits"
 DIRNAME = "generator.nbits"
-# share of teacher-forced positions whose top-1 token must equal the fp32 generator's: v8, 8-bit blocks of 128,
-# 20 real prompts (993 positions): 0.977 (4-bit: 0.78-0.85, refused)
-MIN_TOP1_AGREEMENT = 0.95
+# share of teacher-forced positions whose top-1 token must equal the fp32 generator's. v8, 8-bit blocks of 128:
+# 0.977 on 20 real prompts (993 positions), 0.971 on 12 others (610); 4-bit weights 0.78-0.85 (refused); kernels
+# that saturate or otherwise break fall far lower
+MIN_TOP1_AGREEMENT = 0.93
 
 
 class NbitsError(Exception):
@@ -128,13 +129,22 @@ def teacher_forced_logits(sess: Any, prompt: list[int], continuation: list[int])
     return logits[len(prompt) - 1: len(prompt) + len(continuation) - 1]
 
 
+def _greedy(gen: Any, prompts: list[list[int]], max_new_tokens: int, batch: int = 6) -> list[list[int]]:
+    """Greedy continuations, a few prompts a batch (rows are computed independently on CPU: the same tokens as
+    one at a time, tests/test_generator_speed.py), ~3x faster than one by one."""
+    out: list[list[int]] = []
+    for i in range(0, len(prompts), batch):
+        out += gen.generate_batch(prompts[i:i + batch], max_new_tokens)
+    return out
+
+
 def parity(fp32: Path, quantised: Path, prompts: list[list[int]], end_id: int, max_new_tokens: int,
            decode=None, threads: int | None = 1) -> dict[str, Any]:
     """The quantised generator against the fp32 one on `prompts` (token ids): see the module docstring."""
     from stream.model.onnx_models import CPU, Generator
 
     ref = Generator(fp32, [CPU], end_id, threads)
-    continuations = [ref.generate(p, max_new_tokens) for p in prompts]
+    continuations = _greedy(ref, prompts, max_new_tokens)
     del ref
     s32, sq = all_positions_session(fp32, threads), all_positions_session(quantised, threads)
     diffs, agree, positions = [], 0, 0
@@ -146,8 +156,7 @@ def parity(fp32: Path, quantised: Path, prompts: list[list[int]], end_id: int, m
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         positions += len(c)
     del s32, sq
-    gen = Generator(quantised, [CPU], end_id, threads)
-    own = [gen.generate(p, max_new_tokens) for p in prompts]
+    own = _greedy(Generator(quantised, [CPU], end_id, threads), prompts, max_new_tokens)
     same = [x == y for x, y in zip(own, continuations)]
     out: dict[str, Any] = {
         "reference": "fp32 generator, teacher-forced on its greedy continuations",
