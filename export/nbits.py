@@ -42,10 +42,13 @@ from typing import Any
 
 import numpy as np
 
+from stream.model.teacher_forced import all_positions_session, teacher_forced_logits
+
 BITS = 8
 BLOCK_SIZE = 128
 ACCURACY_LEVEL = 4  # int8 activations x n-bit weights, exact integer block dot products (see the docstring)
 ROLE = "generator.nbits"
+CHECK_PROMPTS = 3  # recorded for the stream's own check (a few seconds at start-up)
 DIRNAME = "generator.nbits"
 # share of teacher-forced positions whose top-1 token must equal the fp32 generator's. v8, 8-bit blocks of 128:
 # 0.977 on 20 real prompts (993 positions), 0.971 on 12 others (610); 4-bit weights 0.78-0.85 (refused); kernels
@@ -94,41 +97,6 @@ def quantise(src: Path, dst: Path, bits: int = BITS, block_size: int = BLOCK_SIZ
     return dst
 
 
-def all_positions_session(path: Path, threads: int | None = 1) -> Any:
-    """The generator with its LM head on every position (the export slices the last one,
-    export.onnx.last_position_logits): for teacher forcing."""
-    import onnx
-    import onnxruntime as ort
-
-    from stream.model.onnx_models import CPU, session_options
-
-    model = onnx.load(str(path))
-    g = model.graph
-    cut = next((n for n in g.node if n.name == "/trail/last_position"), None)
-    if cut is not None:
-        for n in g.node:
-            n.input[:] = [cut.input[0] if i == cut.output[0] else i for i in n.input]
-        g.node.remove(cut)
-        for o in g.output:
-            if o.name == "logits":
-                o.type.tensor_type.shape.dim[1].dim_param = "sequence_length"
-    return ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=[CPU])
-
-
-def teacher_forced_logits(sess: Any, prompt: list[int], continuation: list[int]) -> np.ndarray:
-    """(len(continuation), V): the logits that predict each continuation token, prompt + continuation in one pass."""
-    ids = np.array([prompt + continuation], np.int64)
-    feed: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    names = {i.name for i in sess.get_inputs()}
-    if "position_ids" in names:
-        feed["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None]
-    for i in sess.get_inputs():
-        if i.name.startswith("past_key_values."):
-            feed[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-    logits = sess.run(["logits"], feed)[0][0]
-    return logits[len(prompt) - 1: len(prompt) + len(continuation) - 1]
-
-
 def _greedy(gen: Any, prompts: list[list[int]], max_new_tokens: int, batch: int = 6) -> list[list[int]]:
     """Greedy continuations, a few prompts a batch (rows are computed independently on CPU: the same tokens as
     one at a time, tests/test_generator_speed.py), ~3x faster than one by one."""
@@ -147,14 +115,16 @@ def parity(fp32: Path, quantised: Path, prompts: list[list[int]], end_id: int, m
     continuations = _greedy(ref, prompts, max_new_tokens)
     del ref
     s32, sq = all_positions_session(fp32, threads), all_positions_session(quantised, threads)
-    diffs, agree, positions = [], 0, 0
+    diffs, agree, positions, tops = [], 0, 0, []
     for p, c in zip(prompts, continuations):
         if not c:
+            tops.append([])
             continue
         a, b = teacher_forced_logits(s32, p, c), teacher_forced_logits(sq, p, c)
         diffs.append(float(np.abs(a - b).max()))
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         positions += len(c)
+        tops.append(a.argmax(-1).tolist())
     del s32, sq
     own = _greedy(Generator(quantised, [CPU], end_id, threads), prompts, max_new_tokens)
     same = [x == y for x, y in zip(own, continuations)]
@@ -166,6 +136,10 @@ def parity(fp32: Path, quantised: Path, prompts: list[list[int]], end_id: int, m
         "max_abs_logit_diff": round(max(diffs), 4) if diffs else None,
         "median_max_abs_logit_diff": round(float(np.median(diffs)), 4) if diffs else None,
         "greedy_identical": int(sum(same)), "max_new_tokens": max_new_tokens,
+        # what the stream repeats on its own CPU before serving the file (stream.serving.parts.generator_role):
+        # the first CHECK_PROMPTS prompts, their fp32 continuations and fp32's top-1 tokens there
+        "check": {"prompts": prompts[:CHECK_PROMPTS], "continuations": continuations[:CHECK_PROMPTS],
+                  "fp32_top1": tops[:CHECK_PROMPTS]},
     }
     if decode is not None and not all(same):
         i = same.index(False)

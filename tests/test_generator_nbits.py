@@ -1,6 +1,7 @@
 """The weight-only 8-bit generator (export.nbits; issue 20, item 5): made from the shared test artefact's fp32
 generator, it holds its teacher-forced parity with fp32, its constrained texts stay faithful, the export record
-names it and the stream's explainer picks it on CPU (not on CUDA)."""
+names it and the stream's explainer picks it on CPU (not on CUDA) once it passes the check again on this CPU,
+and falls back to fp32 when it does not."""
 
 from __future__ import annotations
 
@@ -65,6 +66,9 @@ def test_the_8bit_generator_holds_its_parity_with_fp32(copy, built):
     assert path.stat().st_size < 0.6 * fp32.stat().st_size  # 8-bit blocks (the embedding lookup stays fp32)
     assert result["bits"] == 8 and result["accuracy_level"] == 4 and result["positions"] >= 3
     assert result["top1_agreement"] >= nbits.MIN_TOP1_AGREEMENT
+    check = result["check"]  # what the stream repeats on its own CPU
+    assert len(check["prompts"]) == len(check["fp32_top1"]) == 3
+    assert [len(t) for t in check["fp32_top1"]] == [len(c) for c in check["continuations"]]
     assert 0 < result["max_abs_logit_diff"] < 10  # really quantised, and near fp32
     import onnx
 
@@ -101,3 +105,14 @@ def test_the_stream_serves_it_on_cpu_and_its_constrained_texts_are_faithful(copy
     limit = max(art.max_explanation_tokens, CONSTRAINED_MAX_NEW_TOKENS)
     texts = [tok.decode(x) for x in gen.generate_batch(prompts, limit, cc.guide(grammars))]
     assert all(check(t, s, prediction=z).faithful for t, (_, _, s, _), z in zip(texts, ITEMS, sizes)), texts
+
+
+def test_the_stream_falls_back_to_fp32_when_the_check_fails_on_its_cpu(copy, built):
+    from stream.serving.parts import generator_role
+
+    art = Artefact.load(copy, _trend(copy))
+    check = art.onnx["parity"][nbits.ROLE]["check"]
+    check["fp32_top1"] = [[(t + 1) % 100 for t in top] for top in check["fp32_top1"]]  # tokens it never puts first
+    assert generator_role(art, [CPU]) == "generator"
+    del art.onnx["parity"][nbits.ROLE]["check"]  # an export that recorded no check is not served either
+    assert generator_role(art, [CPU]) == "generator"

@@ -189,13 +189,24 @@ class ScorerService:
 # ---- the explainer service ----------------------------------------------------------------------------------
 def generator_role(artefact: Artefact, providers: list[str]) -> str:
     """The generator file the explainer runs: on CPU, a quantised copy when the export wrote one: the
-    weight-only n-bit one first (export.nbits: parity with fp32 checked at export, the same integer results on
-    every x86 instruction set), else the dynamic int8 one (export.onnx --generator-int8); fp32 otherwise."""
-    if providers[0] == CPU:
-        for role in ("generator.nbits", "generator.int8"):
-            if artefact.has(role):
-                return role
-    return "generator"
+    weight-only n-bit one first (export.nbits) if it passes its parity check again on this CPU (its integer
+    kernels differ from CPU to CPU: teacher-forced top-1 agreement with the fp32 tokens the export recorded,
+    a few seconds), else the dynamic int8 one (export.onnx --generator-int8); fp32 otherwise."""
+    if providers[0] != CPU:
+        return "generator"
+    if artefact.has("generator.nbits"):
+        from stream.model.teacher_forced import top1_agreement
+
+        parity = artefact.parity("generator.nbits")
+        check, minimum = parity.get("check"), parity.get("min_top1_agreement")
+        agreement = top1_agreement(artefact.path("generator.nbits"), check) if check and minimum else None
+        if agreement is not None and agreement >= minimum:
+            log.info("serving.generator_nbits", top1_agreement=round(agreement, 4), minimum=minimum)
+            return "generator.nbits"
+        log.warning("serving.generator_nbits_refused", top1_agreement=agreement, minimum=minimum,
+                    note="the quantised generator does not hold its parity with fp32 on this CPU (or its export "
+                         "recorded no check); serving the next generator")
+    return "generator.int8" if artefact.has("generator.int8") else "generator"
 
 
 class ExplainerService:
