@@ -29,9 +29,9 @@ matters far less than the per-tick path did). Greedy explanations of the ONNX ge
 equal `Trail.explain`'s. With `--generator-int8` the export also writes generator.int8/model.onnx,
 a dynamic int8 copy of the generator that the stream serves on CPU when present; its greedy
 identity with torch is measured and recorded (parity "generator.int8"), not required. Its error depends on
-the CPU's integer kernels; `--generator-nbits 8` (export.nbits: weight-only 8-bit MatMulNBits, exact
-integer block products on every x86 instruction set) writes generator.nbits/model.onnx instead, checked
-against the fp32 generator by teacher forcing (parity "generator.nbits", required), and served first.
+the CPU's integer kernels; `--generator-nbits 8` (export.nbits: weight-only 8-bit MatMulNBits) writes
+generator.nbits/model.onnx, checked against the fp32 generator by teacher forcing (parity "generator.nbits",
+required), which the stream serves first once the same check passes on its own CPU.
 """
 
 from __future__ import annotations
