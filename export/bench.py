@@ -18,7 +18,9 @@ Explanation speed: greedy tokens per second of the ONNX generator (and of PyTorc
 the manifest's datasets, a tick's movers as one batch of 5, constrained to their claim
 grammars with fast-forward, one onnxruntime thread (the stream's explainer default), beside
 one at a time (`explanations_per_s_single`), unconstrained batched greedy, the batch kept whole to its
-last row (`explanations_per_s_uncompacted`), a batch of 10 and two onnxruntime threads.
+last row (`explanations_per_s_uncompacted`), a batch of 10 and two onnxruntime threads; all with the
+generator the stream serves (`explain_generator`: generator.nbits on CPU when exported, export.nbits),
+and the fp32 generator's batched rate beside it (`explanations_per_s_fp32`).
 
 Prints one JSON object: tick_items, tick_score_s, item_encode_per_s, provider, onnx_items_per_s (item
 encodings/s), torch_items_per_s, batch, seq_len, ...
@@ -277,7 +279,9 @@ def bench_size(i: int, signals: dict[str, float], horizon: float):
 
 def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], float]], providers: list[str],
                       threads: int | None, batch: int = 5, single: int = 5) -> dict:
-    """Explanations per second as the stream makes them: the movers of a tick as one batch (`batch`, the
+    """Explanations per second as the stream makes them: the generator it serves (`explain_generator`: on CPU
+    the quantised copy when the export wrote one, stream.serving.parts.generator_role; the fp32 one beside it,
+    `explanations_per_s_fp32`), the movers of a tick as one batch (`batch`, the
     default TRAIL_EXPLAIN_TOP), each row held to its claim grammar with fast-forward, against one at a time
     (the first `single` rows) and against unconstrained batched greedy. Row i's forecast is `bench_size(i, ...)`
     (its prompt, from explain_rows, shows it), so each text states its size and range as a model with quantile
@@ -286,8 +290,11 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar
     from stream.model.constraint import ClaimConstraint
 
+    from stream.serving.parts import generator_role
+
     tok = art.tokenizer()
-    gen = Generator(art.path("generator"), providers, tok.end_id, threads)
+    role = generator_role(art, providers)  # what the stream's explainer runs: a quantised copy on CPU when exported
+    gen = Generator(art.path(role), providers, tok.end_id, threads)
     cc = ClaimConstraint(art.path("tokenizer"), tok.end_id)
     limit = max(art.max_explanation_tokens, CONSTRAINED_MAX_NEW_TOKENS)
     prompts = tok.ids([p for p, _, _ in rows])
@@ -323,11 +330,21 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     # twice the stream's size, and with two onnxruntime threads (what a second core gives one explainer)
     full = run(batch, n, True, compact=False)
     wide = run(2 * batch, n, True)
-    gen2 = Generator(art.path("generator"), providers, tok.end_id, 2)
+    gen2 = Generator(art.path(role), providers, tok.end_id, 2)
     gen2.generate(prompts[0], 2)
     two = run(batch, n, True, g=gen2)
+    fp32 = batched
+    if role != "generator":  # the fp32 generator beside the quantised one the stream serves
+        del gen2
+        gen32 = Generator(art.path("generator"), providers, tok.end_id, threads)
+        gen32.generate(prompts[0], 2)
+        fp32 = run(batch, n, True, g=gen32)
     return {
+        "explain_generator": role,
         "explanations_per_s": round(batched["per_s"], 2),
+        "explanations_per_s_fp32": round(fp32["per_s"], 2),
+        "explanations_per_cpu_s_fp32": round(fp32["per_cpu_s"], 2),
+        "explain_faithful_share_fp32": fp32["faithful_share"],
         # per CPU-second of this process: with one thread, what a machine nobody else loads would give
         "explanations_per_cpu_s": round(batched["per_cpu_s"], 2),
         # where the batched constrained run's seconds went: the prompt passes, the decoding passes (one per

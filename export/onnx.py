@@ -28,7 +28,10 @@ another, its error depending on the CPU's kernels; the item encoder runs once pe
 matters far less than the per-tick path did). Greedy explanations of the ONNX generator must
 equal `Trail.explain`'s. With `--generator-int8` the export also writes generator.int8/model.onnx,
 a dynamic int8 copy of the generator that the stream serves on CPU when present; its greedy
-identity with torch is measured and recorded (parity "generator.int8"), not required.
+identity with torch is measured and recorded (parity "generator.int8"), not required. Its error depends on
+the CPU's integer kernels; `--generator-nbits 8` (export.nbits: weight-only 8-bit MatMulNBits) writes
+generator.nbits/model.onnx, checked against the fp32 generator by teacher forcing (parity "generator.nbits",
+required), which the stream serves first once the same check passes on its own CPU.
 """
 
 from __future__ import annotations
@@ -416,7 +419,7 @@ def export_head_first(directory: Path, command: str = "") -> dict:
 def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: float = TOLERANCE["score"],
            datasets: list[str] | None = None, events: str | None = None, items: str | None = None,
            command: str = "", generator_int8: bool = False, generator_nice: int = 0,
-           head_first: bool = False, *, cache_dir: Path) -> dict:
+           head_first: bool = False, generator_nbits: int = 0, *, cache_dir: Path) -> dict:
     """The score path (tokenizer, item encoder, head) is written and recorded first, with the generator
     "pending" in the record (a stream may serve predictions from it: `Artefact.load(pending_ok=True)`);
     then the generator's greedy reference, export and parity, and the full record. `generator_nice`:
@@ -592,11 +595,22 @@ def export(directory: Path, n_prompts: int = 24, n_explain: int = 6, tolerance: 
         q = quantise_generator(out / "generator" / "model.onnx", out / "generator.int8" / "model.onnx")
         parity["generator.int8"] = generator_parity(Generator(q, [CPU], tok.end_id, threads), tok, explain_prompts,
                                                     reference_explanations, model.cfg.max_explanation_tokens)
+    if generator_nbits:  # served on CPU first when present; teacher-forced parity against fp32 required
+        from export.nbits import NbitsError, build
+
+        try:
+            nbits_path, parity["generator.nbits"] = build(
+                out, tok.ids(sample.prompts[: max(n_explain, 12)]), tok.end_id, model.cfg.max_explanation_tokens,
+                tok.decode, bits=generator_nbits, threads=threads)
+        except NbitsError as e:
+            raise ExportError(str(e)) from e
 
     stage()
     files["generator"] = file_record(directory, out / "generator" / "model.onnx")
     if generator_int8:
         files["generator.int8"] = file_record(directory, out / "generator.int8" / "model.onnx")
+    if generator_nbits:
+        files["generator.nbits"] = file_record(directory, nbits_path)
     file_seconds["generator"] = {"torch_reference": reference_seconds["generator"],
                                  "export_and_parity": timings.get("generator", 0.0)}
     final = record(files, [])
@@ -628,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
                          "--generator-nice then applies to everything after it (the demo)")
     ap.add_argument("--generator-int8", action="store_true",
                     help="also write generator.int8/model.onnx (dynamic int8), which the stream serves on CPU")
+    ap.add_argument("--generator-nbits", type=int, choices=(4, 8), default=0,
+                    help="also write generator.nbits/model.onnx (weight-only, this many bits: export.nbits), which "
+                         "the stream serves on CPU first; its teacher-forced parity with fp32 is required")
     args = ap.parse_args(argv)
     if not (args.model / MANIFEST).is_file():
         ap.error(f"--model {args.model}: not a TRAIL artefact (no {MANIFEST}); train one with python -m trainer.fit")
@@ -641,11 +658,12 @@ def main(argv: list[str] | None = None) -> int:
         onnx = export(args.model, n_prompts=args.prompts, n_explain=args.explain,
                       tolerance=args.tolerance, datasets=args.dataset, events=args.events, items=args.items,
                       command=command, generator_int8=args.generator_int8, generator_nice=args.generator_nice,
-                      head_first=args.head_first, cache_dir=cache_dir)
+                      head_first=args.head_first, generator_nbits=args.generator_nbits, cache_dir=cache_dir)
     except ExportError as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1
-    summary = {role: {k: v for k, v in p.items() if k in ("max_abs_diff", "identical", "prompts", "rejected")}
+    summary = {role: {k: v for k, v in p.items() if k in ("max_abs_diff", "identical", "prompts", "rejected",
+                                                            "top1_agreement", "max_abs_logit_diff")}
                for role, p in onnx["parity"].items()}
     print(json.dumps({"files": {r: f["path"] for r, f in onnx["files"].items()}, "parity": summary}, indent=2))
     return 0

@@ -83,6 +83,7 @@ def test_the_bench_reports_explanation_speed_with_its_comparisons(artefact):
                   "explanations_per_s_unconstrained", "explain_decode_pass_share", "explain_faithful_share",
                   "explanations_per_s_uncompacted", "explanations_per_cpu_s_uncompacted",
                   "explanations_per_s_batch10", "explanations_per_cpu_s_batch10",
-                  "explanations_per_s_threads2", "explanations_per_cpu_s_threads2"):
+                  "explanations_per_s_threads2", "explanations_per_cpu_s_threads2", "explanations_per_s_fp32"):
         assert got[field] > 0, field
     assert got["explain_rows"] == 5 and got["explain_faithful_share"] == 1.0
+    assert got["explain_generator"] == "generator"  # no quantised copy in this export: fp32 is what is served

@@ -4,8 +4,9 @@
   records to the result sink.
 - `ScorerService`: the tick hook of every worker: scores its partitions' tick in the scorer's thread
   and publishes the parts to trail.scores; warms the item states up and writes them to their store.
-- `ExplainerService`: builds the `Explainer` (the generator, int8 on CPU when exported), picks a ranked
-  tick's movers, builds their prompts from the catalogue and hands them to it (its own task and thread).
+- `ExplainerService`: builds the `Explainer` (the generator, quantised on CPU when exported:
+  `generator_role`), picks a ranked tick's movers, builds their prompts from the catalogue and hands them
+  to it (its own task and thread).
   While the export is still writing the generator (the artefact's "pending") it counts the ranked ticks
   unexplained and re-reads the export record until the generator is there (`await_generator`).
 - `Ranker`: the consumer of trail.scores (one process: its single partition's holder): merges a tick's
@@ -187,6 +188,28 @@ class ScorerService:
 
 
 # ---- the explainer service ----------------------------------------------------------------------------------
+def generator_role(artefact: Artefact, providers: list[str]) -> str:
+    """The generator file the explainer runs: on CPU, a quantised copy when the export wrote one: the
+    weight-only n-bit one first (export.nbits) if it passes its parity check again on this CPU (its integer
+    kernels differ from CPU to CPU: teacher-forced top-1 agreement with the fp32 tokens the export recorded,
+    a few seconds), else the dynamic int8 one (export.onnx --generator-int8); fp32 otherwise."""
+    if providers[0] != CPU:
+        return "generator"
+    if artefact.has("generator.nbits"):
+        from stream.model.teacher_forced import top1_agreement
+
+        parity = artefact.parity("generator.nbits")
+        check, minimum = parity.get("check"), parity.get("min_top1_agreement")
+        agreement = top1_agreement(artefact.path("generator.nbits"), check) if check and minimum else None
+        if agreement is not None and agreement >= minimum:
+            log.info("serving.generator_nbits", top1_agreement=round(agreement, 4), minimum=minimum)
+            return "generator.nbits"
+        log.warning("serving.generator_nbits_refused", top1_agreement=agreement, minimum=minimum,
+                    note="the quantised generator does not hold its parity with fp32 on this CPU (or its export "
+                         "recorded no check); serving the next generator")
+    return "generator.int8" if artefact.has("generator.int8") else "generator"
+
+
 class ExplainerService:
     def __init__(self, config: ServingConfig, trend: TrendConfig, artefact: Artefact, scorer: TickScorer,
                  catalogue: ItemSource, publish: Callable[[list[Explanation]], Awaitable[None]],
@@ -208,8 +231,7 @@ class ExplainerService:
     def _build(self, artefact: Artefact) -> Explainer:
         config = self.config
         providers = choose_providers(config.provider)
-        # on CPU, the int8 generator when exported (export.onnx --generator-int8): ~1.8x the explanations/s
-        role = "generator.int8" if providers[0] == CPU and artefact.has("generator.int8") else "generator"
+        role = generator_role(artefact, providers)
         gen = Generator(artefact.path(role), providers, self.scorer.tokenizer.end_id, config.explain_threads)
         # one batch per tick's movers, each row held to its claim grammar (stream.model.constraint)
         return Explainer(gen.generate, self.scorer.tokenizer, artefact.model_version,
