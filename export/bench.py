@@ -32,10 +32,12 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import structlog
 import torch
 
 from stream.model.artefact import Artefact
@@ -418,6 +420,7 @@ def _spec_trend(model_dir: Path) -> TrendConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: the JSON only
     ap = argparse.ArgumentParser(prog="python -m export.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, type=Path, help="an exported artefact (python -m export.onnx first)")
