@@ -42,6 +42,7 @@ import torch
 
 from stream.model.artefact import Artefact
 from stream.model.onnx_models import CPU, CUDA, Generator, ItemEncoder, available_providers
+from export.rows import bench_size, explain_rows
 from stream.core.trends import Signals, TrendConfig
 
 
@@ -234,51 +235,6 @@ def bench(model_dir: Path, batch: int = 32, batches: int = 2, rounds: int = 2, t
     return result
 
 
-def explain_rows(manifest: dict, n: int, seed: int = 0, events: str | None = None, items: str | None = None,
-                 *, cache_dir: Path) -> list[tuple[str, dict[str, float], float]]:
-    """(prompt, signals, horizon_days) of real items at each dataset's last cut-off: the busiest half and a
-    random rest, as the stream would meet them (no torch: the prompt and the signals are all generation needs)."""
-    from stream.core.datasets import load_dataset
-    from trainer.examples import build_examples
-    from trainer.inference import prompts_of
-
-    trend = TrendConfig.from_spec(manifest["feature_spec"])
-    if events:
-        loaded = [(load_dataset(events, items, cache_dir=cache_dir),
-                   float(next(iter(manifest["horizon_days"].values()), 7.0)))]
-    else:
-        loaded = [(load_dataset(name, cache_dir=cache_dir), float(manifest["horizon_days"].get(name, 7.0)))
-                  for name in manifest["datasets"]]
-    per = max(2, n // len(loaded))
-    rng = np.random.default_rng(seed)
-    out = []
-    for ds, horizon in loaded:
-        ex = build_examples(ds, trend, horizon_days=horizon)
-        rows = ex.rows(ex.cutoffs[-1:])
-        names = list(trend.signal_names) if hasattr(trend, "signal_names") else [
-            c for c in rows.columns if c.split("_")[0] in ("count", "prev", "users", "velocity", "accel")
-            or c in ("ema", "total_count", "age_h", "idle_h")]
-        busy = rows[[c for c in names if c.startswith("count_")]].to_numpy(np.float64).sum(axis=1)
-        order = np.argsort(-busy, kind="stable")
-        top = order[: per // 2]
-        rest = rng.choice(order[per // 2 :], size=min(per - len(top), len(order) - len(top)), replace=False)
-        pick = rows.iloc[np.concatenate([top, rest])].reset_index(drop=True)
-        signals = [dict(zip(names, r)) for r in pick[names].to_numpy(np.float64).tolist()]
-        sizes = [bench_size(len(out) + j, s, horizon) for j, s in enumerate(signals)]
-        out += [(p, s, horizon) for p, s in zip(prompts_of(pick, names, horizon, forecasts=sizes), signals)]
-    return out
-
-
-def bench_size(i: int, signals: dict[str, float], horizon: float):
-    """The forecast the bench's row i is explained with (its prompt shows it, its grammar states it): each item's
-    rise / steady / fall in turn (speed does not depend on which; the stream forces the score's direction), with
-    a predicted count that gives it (1.6 / 1.0 / 0.4 x the pace) and an 80% range (0.7-1.4 x)."""
-    from stream.core.forecast import OUTLOOKS, PredictedCount, pace
-
-    count = max(pace(signals, horizon), 1.0) * {"rise": 1.6, "steady": 1.0, "fall": 0.4}[OUTLOOKS[i % 3]]
-    return PredictedCount(count, horizon, 0.7 * count, 1.4 * count)
-
-
 def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], float]], providers: list[str],
                       threads: int | None, batch: int = 5, single: int = 5) -> dict:
     """Explanations per second as the stream makes them: the generator it serves (`explain_generator`: on CPU
@@ -286,7 +242,7 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     `explanations_per_s_fp32`), the movers of a tick as one batch (`batch`, the
     default TRAIL_EXPLAIN_TOP), each row held to its claim grammar with fast-forward, against one at a time
     (the first `single` rows) and against unconstrained batched greedy. Row i's forecast is `bench_size(i, ...)`
-    (its prompt, from explain_rows, shows it), so each text states its size and range as a model with quantile
+    (its prompt, from export.rows.explain_rows, shows it), so each text states its size and range as a model with quantile
     heads makes the stream write them."""
     from stream.core.faithfulness import check
     from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar

@@ -179,8 +179,8 @@ def build(out_dir: Path, prompts: list[list[int]], end_id: int, max_new_tokens: 
 def add_to_export(directory: Path, n_prompts: int = 20, bits: int = BITS, block_size: int = BLOCK_SIZE,
                   accuracy_level: int = ACCURACY_LEVEL, *, cache_dir: Path) -> dict[str, Any]:
     """The quantised generator added to an existing export (its record updated): parity on real prompts of
-    the manifest's datasets (export.bench.explain_rows, as the stream meets them)."""
-    from export.bench import explain_rows
+    the manifest's datasets (export.rows.explain_rows, as the stream meets them)."""
+    from export.rows import explain_rows
     from stream.core.trends import TrendConfig
     from stream.model.artefact import ONNX_DIR, Artefact, file_record, read_export, write_export
 

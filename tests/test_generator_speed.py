@@ -86,4 +86,7 @@ def test_the_bench_reports_explanation_speed_with_its_comparisons(artefact):
                   "explanations_per_s_threads2", "explanations_per_cpu_s_threads2", "explanations_per_s_fp32"):
         assert got[field] > 0, field
     assert got["explain_rows"] == 5 and got["explain_faithful_share"] == 1.0
-    assert got["explain_generator"] == "generator"  # no quantised copy in this export: fp32 is what is served
+    # the generator the stream's explainer would serve from this export (fp32 unless an 8-bit copy passed its check)
+    from stream.serving.parts import generator_role
+
+    assert got["explain_generator"] == generator_role(artefact, [CPU])
