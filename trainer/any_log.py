@@ -62,7 +62,6 @@ from stream.core.datasets import load_dataset
 log = structlog.get_logger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-DAY_MS = 86_400_000
 
 
 @dataclass(frozen=True)

@@ -617,8 +617,10 @@ def train(argv: list[str] | None = None) -> Trail:
     cache_dir = load_settings().cache_dir  # the one environment read: TRAIL_CACHE (base model, datasets, states)
 
     cfg = fit_config(args)
-    if args.init_adapter and not (cfg.budget_minutes > 0 and cfg.steps > 0):
-        trained_on = _adapter_source(args.init_adapter)[1].get("prompt_version")
+    llm_steps = cfg.budget_minutes > 0 and cfg.steps > 0
+    adapter_folder, adapter_info = _adapter_source(args.init_adapter) if args.init_adapter else (None, {"path": None})
+    if args.init_adapter and not llm_steps:
+        trained_on = adapter_info.get("prompt_version")
         if trained_on not in (None, PROMPT_VERSION):
             # the artefact would claim this code's prompt version for an LLM that never read such prompts
             raise SystemExit(f"--init-adapter {args.init_adapter}: its LLM was trained on prompt version "
@@ -646,10 +648,7 @@ def train(argv: list[str] | None = None) -> Trail:
             p.valid = p.valid[p.valid["item_id"].isin(busiest)].reset_index(drop=True)
     norm = fit_normalisation(parts, list(trend.signal_names))
     model_cfg = TrailConfig(base=args.base, lora_layers=args.lora_layers)
-    adapter_info: dict = {"path": None}
-    adapter_folder = None
     if args.init_adapter:
-        adapter_folder, adapter_info = _adapter_source(args.init_adapter)
         src_cfg = adapter_info.get("trail_config") or {}
         lora = {k: tuple(v) if isinstance(v, list) else v for k, v in src_cfg.items() if k.startswith("lora_")}
         model_cfg = TrailConfig(**(asdict(model_cfg) | lora | {"base": args.base}))
@@ -659,7 +658,7 @@ def train(argv: list[str] | None = None) -> Trail:
     prior_steps = adapter_info.get("llm_steps") or 0
     targets_from = args.targets_from or (args.init_adapter if args.init_adapter and Path(args.init_adapter).is_dir()
                                          else None)
-    llm_steps = cfg.budget_minutes > 0 and cfg.steps > 0  # the source loads a second LLM: only for phase 1
+    # the source loads a second LLM: only for phase 1
     source = (None if targets_from == "none" or not llm_steps
               else PredictionSource.open(targets_from, cache_dir=cache_dir))
     if args.targets_from not in (None, "none") and llm_steps and source is None:

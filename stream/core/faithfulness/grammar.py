@@ -48,6 +48,11 @@ from stream.core.prompts import (PromptForecast, detailed_windows, direction, ma
 CONSTRAINED_MAX_NEW_TOKENS = 96
 
 
+def whole_days(horizon_days: float) -> float:
+    """A horizon as the texts say it: 7.0 -> 7 ("the next 7 days"), a fractional one as it is."""
+    return int(horizon_days) if float(horizon_days).is_integer() else horizon_days
+
+
 def why_window(count: Mapping[str, int], prev: Mapping[str, int], main: str, long: str | None,
                forecast: str) -> str | None:
     """The window whose trend says why `forecast` goes against the main window's trend: the
@@ -225,7 +230,7 @@ def prompt_forecast(size: PredictedCount, signals: Mapping[str, float], horizon_
     """What the prompt shows of a prediction (stream.core.prompts.PromptForecast): the size and range as the
     text states them, the direction the forecast clause must say, and the kind of reason `reason_plan` makes due."""
     forecast = size.direction(signals)
-    hd = int(horizon_days) if float(horizon_days).is_integer() else horizon_days
+    hd = whole_days(horizon_days)
     plan = reason_plan(signals, hd, forecast, size.drivers)
     low, high = stated_range(size.low, size.high) if size.has_range else (None, None)
     return PromptForecast(stated_size(size.count), forecast, low, high, None if plan is None else plan.kind)
@@ -313,7 +318,7 @@ def previous_phrases(window: str) -> tuple[str, ...]:
 
 
 def horizon_phrases(horizon_days: float) -> tuple[str, ...]:
-    d = int(horizon_days) if float(horizon_days).is_integer() else horizon_days
+    d = whole_days(horizon_days)
     if d == 1:
         return ("tomorrow", "over the next day")
     if d == 7:
@@ -429,7 +434,7 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
     windows = signal_windows(signals)
     if not windows:
         raise ValueError(f"signals row has no count_<window> keys: {sorted(signals)}")
-    hd = int(horizon_days) if float(horizon_days).is_integer() else horizon_days
+    hd = whole_days(horizon_days)
     w = main_window(windows, hd)
     shown = detailed_windows(windows, hd)
     count = {x: int(round(signals[f"count_{x}"])) for x in windows}
