@@ -327,6 +327,12 @@ def test_explanation_record_decoding_field():
     assert len(to_columns(Explanation.table, [e], [e.tick])) == len(TABLE_COLUMNS[Explanation.table])
     with pytest.raises(ValueError):
         Explanation("A", TICK, 1, "x", True, 1, "m", decoding="")
+    # which export wrote the text: said on the record, refused when it names none
+    g = Explanation("A", TICK, 1, "x", True, 1, "m", generator="nbits8")
+    assert Explanation.from_json(g.to_json()).generator == "nbits8" and Explanation.from_dict(old).generator is None
+    assert "generator" not in [c for c, _ in TABLE_COLUMNS[Explanation.table]]
+    with pytest.raises(RecordError, match="generator must be one of"):
+        Explanation("A", TICK, 1, "x", True, 1, "m", generator="fp16")
 
 
 def test_settings_flow_into_the_serving_config():

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from stream.core.attribution import group_shapley
-from stream.core.calibration import NONE, POOLED, RangeCalibration, apply_offsets, conformal_offset
+from stream.core.calibration import (NONE, POOLED, Offsets, RangeCalibration, apply_offsets, conformal_offset, coverage,
+                                     fit_offsets)
 from stream.core.features import HORIZON, Normalisation, week_of_year
 from trainer.quantiles import (RANGE_CONFIG, RangeConfig, RangeData, calibrate, calibrated_range, counts_of, drivers,
                                fit_range, interval_metrics, load_range, pace_drivers_of, predict_range, save_range,
@@ -140,6 +141,40 @@ def test_the_conformal_offsets_bring_an_under_covering_range_to_its_target():
     assert 0.05 <= (test.y < q[:, 0]).mean() <= 0.15 and 0.05 <= (test.y > q[:, 2]).mean() <= 0.15
     np.testing.assert_array_equal(q[:, 1], raw[:, 1])  # the published median does not move
     assert (np.diff(q, axis=1) >= 0).all()
+
+
+def test_the_aimed_coverage_follows_what_the_folds_succession_shows():
+    """Folds whose rows grow noisier block by block (a head more confident than the next block deserves):
+    offsets aimed at 80% on one fold under-cover the next, so the backtest aims higher, and the range
+    calibrated that way on the latest fold covers the block after it nearer 80% than one aimed at 80%.
+    Stationary folds keep an aim near 80%; one fold (no pair to replay) aims at 80% exactly."""
+    from trainer.quantiles import NOMINALS, TARGET, backtest, choose_nominal
+
+    rng = np.random.default_rng(0)
+
+    def block(noise: float, n: int = 4000) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.normal(0.0, noise, n)
+        return np.tile([-1.2816, 0.0, 1.2816], (n, 1)) * 0.5, y  # raw 80% range of sd 0.5
+
+    drift = [block(0.5 * 1.15 ** k) for k in range(5)]  # folds 0-3, then the "test" block
+    q = np.concatenate([b[0] for b in drift[:4]])
+    y = np.concatenate([b[1] for b in drift[:4]])
+    fold = np.repeat(np.arange(4), 4000)
+    nominal, tried = choose_nominal(q, y, fold)
+    assert nominal > TARGET + 0.02 and set(tried) == {f"{n:.2f}" for n in NOMINALS}
+    assert tried[f"{TARGET:.2f}"] < 0.77  # aimed at 80%, the next block got less
+    last = fold == 3
+
+    def covered(aim: float) -> float:
+        r = fit_offsets(q[last], y[last], (1 - aim) / 2)
+        qt, yt = drift[4]
+        return coverage(apply_offsets(qt, Offsets(r["low"], r["high"], "")), yt)["inside"]
+
+    assert abs(covered(nominal) - TARGET) < abs(covered(TARGET) - TARGET)
+    calm_y = rng.normal(0.0, 0.5, 16000)
+    calm, _ = choose_nominal(q, calm_y, fold)
+    assert abs(calm - TARGET) <= 0.02 and abs(np.mean(backtest(q, calm_y, fold, calm)) - TARGET) < 0.02
+    assert choose_nominal(q[last], y[last], fold[last]) == (TARGET, {})
 
 
 def test_the_offsets_keep_the_order_and_the_finite_sample_rank():

@@ -23,6 +23,7 @@ from stream.settings import WorkerConfig
 from stream.core.features import MAX_LOG_COUNT
 from stream.core.records import Explanation, Prediction
 from stream.tools.replay import replay
+from stream.core.records import GENERATORS
 from stream.serving.service import Serving, ServingConfig
 from stream.store.sink import ResultSink, SinkConfig
 from stream.store.clickhouse import StoreConfig, connect
@@ -35,7 +36,7 @@ PREDICTION_FIELDS = {"item_id", "tick", "score", "predicted_count", "predicted_l
                      "drivers", "model_version"}
 EXPLANATION_FIELDS = {"item_id", "tick", "rank", "explanation", "raw_explanation", "repaired", "faithful",
                       "claims_checked", "forecast", "forecast_agrees", "reason", "reason_source", "driver", "decoding",
-                      "model_version"}
+                      "generator", "model_version"}
 SLICE_DAYS = 40
 EVENTS_PER_S = 10_000
 TICK_S = 1.0
@@ -169,6 +170,7 @@ def test_replayed_retail_is_scored_ranked_and_explained(broker, topics, tmp_path
         assert isinstance(d["faithful"], bool) and isinstance(d["claims_checked"], int)
         assert d["repaired"] == (d["explanation"] != d["raw_explanation"])  # the record says when it was rewritten
         assert d["forecast"] in ("rise", "steady", "fall", None) and (d["forecast_agrees"] is False or d["forecast"])
+        assert d["generator"] in GENERATORS  # which export wrote the raw text, on every record
         assert d["tick"] in by_tick, "an explanation of a tick that was never predicted"
         tick_ranks = by_tick[d["tick"]]
         assert tick_ranks[e.item_id] == e.rank  # the rank the item had in that tick's predictions

@@ -15,8 +15,9 @@ then it is refitted on every pre-test cut-off. The LLM is not touched (item stat
 
 Calibration (`calibrate`, stream.core.calibration): the fold heads' validation quantiles at the chosen
 epoch count are out-of-fold predictions; conformalised quantile regression sets per horizon (and pooled)
-one offset for each bound from the latest fold's rows, stored in range_head.json `calibration`, applied by
-`calibrated_range` here and by stream.model.count_range online (the same function). `--calibrate-only`
+one offset for each bound from the latest fold's rows, aimed at the coverage that, replayed fold by fold
+(calibrated on one fold, scored on the next: `choose_nominal`), lands nearest 80%, stored in range_head.json
+`calibration`, applied by `calibrated_range` here and by stream.model.count_range online (the same function). `--calibrate-only`
 recalibrates an existing head without retraining it.
 
 Drivers: what moved the forecast away from the item's current pace (stream.core.drivers, the one definition
@@ -46,7 +47,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from stream.core.attribution import DRIVER_GROUPS, signal_group
-from stream.core.calibration import MISS, POOLED, RangeCalibration, apply_offsets, coverage, fit_offsets, horizon_key
+from stream.core.calibration import (MISS, POOLED, Offsets, RangeCalibration, apply_offsets, coverage, fit_offsets,
+                                     horizon_key)
 from stream.core.drivers import PaceDrivers, pace_drivers
 from stream.core.features import HORIZON, Normalisation, predicted_count, week_of_year
 
@@ -207,13 +209,50 @@ def calibrated_range(head: RangeHead, q: np.ndarray, horizon_days: float) -> np.
 
 
 CALIBRATION_FOLDS = 1  # the latest fold(s) whose out-of-fold rows choose the offsets
+TARGET = 1.0 - 2 * MISS  # the published range's aimed coverage: 80%
+# the coverage the offsets aim at on the latest fold, one chosen per horizon by the backtest (`choose_nominal`)
+NOMINALS = tuple(round(0.70 + 0.02 * i, 2) for i in range(11))  # 0.70 ... 0.90
+
+
+def backtest(q: np.ndarray, y: np.ndarray, fold: np.ndarray, nominal: float) -> list[float]:
+    """Coverage on fold k of the offsets fitted at `nominal` on fold k - 1, for each fold k >= 1: what the
+    final head's range, calibrated on the latest fold, does on the test block that follows it, replayed on
+    the folds alone."""
+    out = []
+    for k in sorted(set(fold.tolist()))[1:]:
+        prev, this = fold == k - 1, fold == k
+        if not prev.any() or not this.any():
+            continue
+        r = fit_offsets(q[prev], y[prev], (1.0 - nominal) / 2)
+        out.append(coverage(apply_offsets(q[this], Offsets(r["low"], r["high"], "")), y[this])["inside"])
+    return out
+
+
+def choose_nominal(q: np.ndarray, y: np.ndarray, fold: np.ndarray, target: float = TARGET,
+                   nominals: tuple[float, ...] = NOMINALS) -> tuple[float, dict[str, float]]:
+    """The aimed coverage whose backtested coverage (mean over the fold pairs, `backtest`) comes nearest the
+    target, the smallest on a tie; the target itself when there is no pair to backtest (one fold).
+
+    Why: a range calibrated to 80% on one block covers the next one less when the head grows more confident
+    over time than the data deserves (ML-100K's folds: raw coverage 0.71, 0.79, 0.64, 0.58; its test rows
+    got 0.733 from offsets aimed at 0.80), more when the next block is calmer. Aiming higher or lower by what
+    the folds' own succession shows corrects that without looking at a test cut-off."""
+    means = {}
+    for n in nominals:
+        got = backtest(q, y, fold, n)
+        if not got:
+            return target, {}
+        means[f"{n:.2f}"] = round(float(np.mean(got)), 4)
+    best = min(nominals, key=lambda n: (abs(means[f"{n:.2f}"] - target), n))
+    return best, means
 
 
 def calibrate(oof: list[np.ndarray], folds: list[tuple[RangeData, RangeData]], horizons: np.ndarray,
-              sources: np.ndarray, miss: float = MISS, last: int = CALIBRATION_FOLDS) -> dict:
+              sources: np.ndarray, last: int = CALIBRATION_FOLDS) -> dict:
     """The calibration record from the folds' out-of-fold quantiles (`oof`, one per fold, aligned with its
     validation rows; `horizons` in days and `sources` (dataset names) per validation row of every fold,
-    concatenated): CQR offsets per horizon and pooled over every horizon, chosen on the `last` folds' rows.
+    concatenated): CQR offsets per horizon and pooled over every horizon, chosen on the `last` folds' rows, at
+    the aimed coverage the backtest over consecutive folds chooses for that horizon (`choose_nominal`).
 
     Why the latest fold only: its head is the nearest to the final one (trained on the most cut-offs, ~88% of
     the refit's rows on the shipped data, and the latest season), while the earlier folds' heads had not seen the
@@ -226,22 +265,27 @@ def calibrate(oof: list[np.ndarray], folds: list[tuple[RangeData, RangeData]], h
     y = np.concatenate([va.y for _, va in folds]).astype(np.float64)
     fold = np.concatenate([np.full(len(p), i) for i, p in enumerate(oof)])
     used = fold >= len(oof) - last
-    record: dict = {"method": "cqr", "miss_each_side": miss, "folds": len(folds),
+    record: dict = {"method": "cqr", "target": TARGET, "folds": len(folds),
                     "folds_used": sorted(set(range(len(oof))[-last:])), "by_horizon": {}}
 
     def fit(rows: np.ndarray) -> dict:
         by_fold = [round(coverage(q[rows & (fold == i)], y[rows & (fold == i)])["inside"], 4)
                    for i in range(len(oof)) if (rows & (fold == i)).any()]
-        return fit_offsets(q[rows & used], y[rows & used], miss) | {"fold_inside_raw_by_fold": by_fold}
+        nominal, tried = choose_nominal(q[rows], y[rows], fold[rows])
+        miss = (1.0 - nominal) / 2
+        return fit_offsets(q[rows & used], y[rows & used], miss) | {
+            "nominal": nominal, "miss_each_side": round(miss, 4), "backtest_inside_by_nominal": tried,
+            "fold_inside_raw_by_fold": by_fold}
 
     for h in np.unique(horizons):
         rows = horizons == h
         record["by_horizon"][horizon_key(h)] = fit(rows) | {"datasets": sorted(set(sources[rows].tolist()))}
     record[POOLED] = fit(np.ones(len(y), bool))
     for key, r in [*record["by_horizon"].items(), (POOLED, record[POOLED])]:
-        log.info("range.calibration", horizon=key, low=r["low"], high=r["high"], rows=r["rows"],
+        log.info("range.calibration", horizon=key, nominal=r["nominal"], low=r["low"], high=r["high"], rows=r["rows"],
                  fold_inside_before=r["fold_coverage_before"]["inside"],
-                 fold_inside_after=r["fold_coverage_after"]["inside"], by_fold=r["fold_inside_raw_by_fold"])
+                 fold_inside_after=r["fold_coverage_after"]["inside"], by_fold=r["fold_inside_raw_by_fold"],
+                 backtest=r["backtest_inside_by_nominal"])
     return record
 
 

@@ -25,6 +25,9 @@ from stream.core.forecast import OUTLOOKS
 REASONS = ("trend", "level", "neighbourhood", "season", "text", None)
 REASON_SOURCES = ("drivers", "rule", None)
 DRIVER_GROUPS = ("trend", "level", "neighbourhood", "season", "text")
+# the explanation generator's export, by its artefact role (stream.serving.parts.generator_role)
+GENERATOR_OF_ROLE = {"generator": "fp32", "generator.nbits": "nbits8", "generator.int8": "int8"}
+GENERATORS = tuple(GENERATOR_OF_ROLE.values())
 
 __all__ = ["Prediction", "Explanation", "TrendSnapshot", "RecordError", "to_tick", "tick_iso", "tick_ms", "Record",
            "ItemInfo", "load_json"]
@@ -237,6 +240,9 @@ class Explanation(_Record):
     not said: records written before it).
     `driver`: the model's top driver for this forecast (grammar.top_driver), None without drivers or when no
     group pushes a rise or fall its way.
+    `generator`: which export of the model wrote `raw_explanation`: "fp32", "nbits8" (the weight-only 8-bit copy,
+    served only where it re-passed its parity check on this CPU) or "int8" (stream.serving.parts.generator_role;
+    GENERATORS); None: not said (records written before it). Kafka only, like `decoding`.
     """
 
     item_id: str
@@ -254,11 +260,12 @@ class Explanation(_Record):
     reason: str | None = None
     reason_source: str | None = None
     driver: str | None = None
+    generator: str | None = None
 
     table: ClassVar[str] = "trail_explanations"
     _fields: ClassVar[tuple[str, ...]] = ("item_id", "tick", "rank", "explanation", "raw_explanation", "repaired",
                                           "faithful", "claims_checked", "forecast", "forecast_agrees", "reason",
-                                          "reason_source", "driver", "decoding", "model_version")
+                                          "reason_source", "driver", "decoding", "generator", "model_version")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "item_id", _text("item_id", self.item_id))
@@ -284,12 +291,14 @@ class Explanation(_Record):
         object.__setattr__(self, "claims_checked", _count("claims_checked", self.claims_checked, 0))
         if self.decoding is not None:
             object.__setattr__(self, "decoding", _text("decoding", self.decoding))
+        if self.generator is not None and self.generator not in GENERATORS:
+            raise RecordError(f"generator must be one of {GENERATORS} or None, got {self.generator!r}")
         object.__setattr__(self, "model_version", _text("model_version", self.model_version))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Explanation:
         """Also reads records written before the provenance fields (raw = published, not repaired) and before
-        `decoding`, `reason`, `reason_source` or `driver` (None)."""
+        `decoding`, `reason`, `reason_source`, `driver` or `generator` (None)."""
         _require(data, ("item_id", "tick", "rank", "explanation", "faithful", "claims_checked", "model_version"),
                  cls.__name__)
         return cls(**{name: data[name] for name in cls._fields if name in data})

@@ -124,8 +124,10 @@ class Explainer:
                  horizon_days: float = 7.0,
                  generate_batch: Callable[..., list[list[int]]] | None = None,
                  constraint=None, batch_size: int = 8, constrained_max_new_tokens: int | None = None,
-                 temperature: float = decoding.EXPLAIN_TEMPERATURE, top_p: float = decoding.EXPLAIN_TOP_P) -> None:
+                 temperature: float = decoding.EXPLAIN_TEMPERATURE, top_p: float = decoding.EXPLAIN_TOP_P,
+                 generator: str | None = None) -> None:
         decoding.check(temperature, top_p)
+        self.generator = generator  # which export decodes (records.GENERATORS), stated on every record
         self.generate = generate
         self.generate_batch = generate_batch
         # batched decoding: sampled among the allowed tokens (temperature > 0) with one seed per mover, or greedy
@@ -241,7 +243,8 @@ class Explainer:
                                                             and reason == plan.kind) else "rule"
         return (Explanation(p.item_id, p.tick, p.rank, fixed.text, fixed.faithful, fixed.checked, self.model_version,
                             raw_explanation=raw, repaired=fixed.changed, forecast=fixed.outlook, forecast_agrees=agrees,
-                            reason=reason, reason_source=source, driver=driver, decoding=how),
+                            reason=reason, reason_source=source, driver=driver, decoding=how,
+                            generator=self.generator),
                 len(new))
 
     async def _run(self) -> None:

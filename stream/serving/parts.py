@@ -30,7 +30,7 @@ import structlog
 
 from stream.core.features import season_of
 from stream.core.forecast import PredictedCount
-from stream.core.records import Explanation, ItemInfo, Prediction
+from stream.core.records import GENERATOR_OF_ROLE, Explanation, ItemInfo, Prediction
 from stream.core.trends import Signals, TrendConfig
 from stream.model.artefact import Artefact, ArtefactError
 from stream.model.constraint import ClaimConstraint
@@ -239,7 +239,7 @@ class ExplainerService:
                          horizon_days=self.scorer.horizon_days, generate_batch=gen.generate_batch,
                          constraint=ClaimConstraint(artefact.path("tokenizer"), self.scorer.tokenizer.end_id),
                          batch_size=max(1, config.explain_top), temperature=config.explain_temperature,
-                         top_p=config.explain_top_p)
+                         top_p=config.explain_top_p, generator=GENERATOR_OF_ROLE[role])
 
     async def await_generator(self, every_s: float = 2.0) -> None:
         """Until the export records its generator: re-read the artefact, then build and start the explainer."""
