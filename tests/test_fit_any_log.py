@@ -45,7 +45,7 @@ def test_the_three_formats_give_the_same_events(tmp_path, cache_dir):
 # parquet / jsonl (the latter with a JSONL item table): the adapter as is, the untuned baselines, to stay quick
 RUNS = {"csv": (["--budget-minutes", "5", "--steps", "1", "--batch", "4", "--score-weight", "1"], [], False),
         "parquet": (["--budget-minutes", "0"], ["--no-tuned"], False),
-        "jsonl": (["--budget-minutes", "0"], ["--no-tuned"], True)}
+        "jsonl": (["--budget-minutes", "0"], ["--no-tuned", "--explain-sample", "2", "--explain-split", "valid"], True)}
 
 
 @pytest.mark.slow
@@ -93,6 +93,11 @@ def test_fit_then_evaluate_a_log_of_another_shape(tmp_path, fmt):
     for ci in got["ci_ablations"]["trail_bow"].values():
         assert ci["low"] <= ci["diff"] <= ci["high"]
     assert got["ablations"]["trail_bow"]["vectors"]["width"] == manifest["item_state"]["hidden_size"]
+    if "--explain-split" in eval_args:  # explanations drawn from the validation cut-offs: before every test one
+        drawn = got["explanation_split"]
+        assert drawn["split"] == "valid" and drawn["rows"] == 2 and len(got["explanation_samples"]) == 2
+        assert drawn["last"] < got["protocol"]["test_first"]
+        assert "base_zero_shot" not in got["explanations"]
 
 
 def test_an_adapter_of_another_prompt_version_is_not_reused_without_steps(tmp_path):

@@ -378,6 +378,10 @@ def published_count(shipped: Method, ranges: Callable[[pd.DataFrame], tuple | No
     return {"trail": trail, "trail_score_head_count": score_head}
 
 
+def _day(ms) -> str:
+    return pd.Timestamp(int(ms), unit="ms", tz="UTC").isoformat()
+
+
 # --- run ----------------------------------------------------------------------------------------------
 
 def run(dataset: str, items: str | None = None, horizon_days: float | None = None, period_days: float | None = None,
@@ -386,14 +390,17 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
         progress: bool = False, model_dir: str | None = None, top_n: int = 100,
         explain_sample: int = 50, cold_days: float = COLD_DAYS, n_boot: int = 2000,
         extra_methods: dict[str, Method] | None = None, explain_temperature: float = EXPLAIN_TEMPERATURE,
-        explain_top_p: float = EXPLAIN_TOP_P, tuned: bool = True, *, cache_dir: Path) -> tuple[dict, dict[str, float]]:
+        explain_top_p: float = EXPLAIN_TOP_P, tuned: bool = True, explain_split: str = "test", *,
+        cache_dir: Path) -> tuple[dict, dict[str, float]]:
     """Load, build examples, fit and score the baselines (and TRAIL). Returns (report, seconds per stage).
 
     `oracle` adds a row scored with the true counts: the ceiling of any count forecast
     under this protocol (the shared list cannot fit every user). `extra_methods`
     join the baselines (tests use it for a stand-in `trail`). `tuned`: also fit the baselines tuned on
     rolling-origin folds (trainer.tuned; `protocol.folds` lists the folds). `explain_temperature` / `explain_top_p`:
-    how the constrained explanations are sampled (the stream's defaults; temperature 0: greedy). `cache_dir`
+    how the constrained explanations are sampled (the stream's defaults; temperature 0: greedy). `explain_split`:
+    where the explanation sample is drawn, "test" (the report) or "valid" (the validation cut-offs: to choose an
+    adapter or a decoding setting without looking at test; the metrics above stay the test's). `cache_dir`
     (`Settings.cache_dir`): the parsed built-in datasets, the base model and the item states; `config`: the trend
     features (main passes the settings'; default `TrendConfig()`).
     """
@@ -456,24 +463,33 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
     if trail is not None and explain_sample:
         from trainer.explain_eval import evaluate_explanations, forecast_accuracy_all, sample_rows
 
-        rows = sample_rows(test, preds["trail"].score, explain_sample, top_n, seed=seed, counts=preds["trail"].count,
-                           low=low, high=high)
+        pool, scores, counts = test, preds["trail"].score, preds["trail"].count
+        if explain_split == "valid":  # choosing among adapters or decoding settings: never on test cut-offs
+            pool = examples.rows(split.valid)
+            shipped = methods["trail"](pool)
+            scores, counts = shipped.score, shipped.count
+            low = high = None
+            if ranged:
+                low, _, high = trail_range(trail, model_dir, pool, horizon)
+        rows = sample_rows(pool, scores, explain_sample, top_n, seed=seed, counts=counts, low=low, high=high)
         if ranged:  # what moved each sampled row's median, as the stream publishes it
             rows = rows.assign(drivers=range_drivers(trail, model_dir, rows, horizon))
-        explained = evaluate_explanations(trail, rows, horizon, model_dir=model_dir, temperature=explain_temperature,
-                                          top_p=explain_top_p)
+        # the base model is no candidate to choose: on validation cut-offs its zero-shot texts are skipped
+        explained = evaluate_explanations(trail, rows, horizon, zero_shot_too=explain_split == "test",
+                                          model_dir=model_dir, temperature=explain_temperature, top_p=explain_top_p)
         # the constrained forecast clause is outlook(predicted count) by construction (forecast_agreement
-        # 1.0), so its accuracy over every test candidate needs no text: beside the 200-row sample's
-        explained["metrics"]["trail_raw"] |= forecast_accuracy_all(test, preds["trail"].count, horizon)
+        # 1.0), so its accuracy over every candidate needs no text: beside the sample's
+        explained["metrics"]["trail_raw"] |= forecast_accuracy_all(pool, counts, horizon)
         extra = {"explanations": explained["metrics"], "explanation_samples": explained["samples"],
-                 "model": {"dir": str(model_dir), "top_n": top_n}}
+                 "model": {"dir": str(model_dir), "top_n": top_n},
+                 "explanation_split": {"split": explain_split, "rows": len(rows),
+                                       "first": _day(rows["cutoff_ms"].min()), "last": _day(rows["cutoff_ms"].max())}}
         stages["explanations"] = time.perf_counter() - t4
     log.info("evaluate.done", dataset=ds.name, split=split.describe(), rows=len(examples.frame),
              **{k: round(v, 2) for k, v in stages.items()})
-    day = lambda ms: pd.Timestamp(int(ms), unit="ms", tz="UTC").isoformat()  # noqa: E731
     protocol = {"horizon_days": horizon, "period_days": examples.period_ms / DAY_MS,
                 "min_history_days": float(proto["min_history_days"]), "adaptive": not builtin,
-                "split": split.describe(), "test_first": day(split.test[0]), "test_last": day(split.test[-1]),
+                "split": split.describe(), "test_first": _day(split.test[0]), "test_last": _day(split.test[-1]),
                 "test_rows": int(examples.frame["cutoff_ms"].isin(split.test).sum()),
                 "folds": [f.describe() for f in folds], "tuned": tuning}
     report = {"dataset": ds.name, "cutoffs": int(len(split.test)), "methods": body["methods"],
@@ -611,6 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="paired bootstrap resamples of the test cut-offs for the intervals (2000)")
     ap.add_argument("--explain-sample", type=int, default=50,
                     help="test candidates whose explanations are generated and checked, TRAIL and zero-shot (50)")
+    ap.add_argument("--explain-split", choices=("test", "valid"), default="test",
+                    help="draw the explanation sample from the test cut-offs (the report) or from the validation "
+                         "ones (to choose among adapters or decoding settings without looking at test; no "
+                         "zero-shot texts there) (test)")
     ap.add_argument("--explain-temperature", type=_temperature, default=EXPLAIN_TEMPERATURE,
                     help="sampling temperature of the constrained explanations, seeded per item and cut-off as the "
                          f"stream samples; 0: greedy; the unconstrained and zero-shot ones stay greedy "
@@ -638,7 +658,8 @@ def main(argv: list[str] | None = None) -> int:
                              model_dir=args.model, top_n=args.top_n, explain_sample=args.explain_sample,
                              cold_days=args.cold_days, n_boot=args.n_boot,
                              explain_temperature=args.explain_temperature, explain_top_p=args.explain_top_p,
-                             tuned=not args.no_tuned, config=settings.worker.trend, cache_dir=settings.cache_dir)
+                             tuned=not args.no_tuned, explain_split=args.explain_split, config=settings.worker.trend,
+                             cache_dir=settings.cache_dir)
     except (DatasetError, ExamplesError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
