@@ -131,7 +131,8 @@ def test_the_conformal_offsets_bring_an_under_covering_range_to_its_target():
     assert set(record["by_horizon"]) == {"7"} and record["by_horizon"]["7"]["datasets"] == ["shop"]
     fold = record["by_horizon"]["7"]
     assert fold["fold_coverage_before"]["inside"] < 0.7 and abs(fold["fold_coverage_after"]["inside"] - 0.8) < 0.03
-    assert fold["low"] > 0 and fold["high"] > 0  # both sides widened
+    # Poisson counts: whole bounds; the floor already widens the low side, so its offset may be negative
+    assert record["counts"] == "whole" and fold["high"] > 0
     head.cfg.calibration = record
     raw = predict_range(head, test, torch.from_numpy(states))
     q = calibrated_range(head, raw, 7.0)
@@ -175,6 +176,40 @@ def test_the_aimed_coverage_follows_what_the_folds_succession_shows():
     calm, _ = choose_nominal(q, calm_y, fold)
     assert abs(calm - TARGET) <= 0.02 and abs(np.mean(backtest(q, calm_y, fold, calm)) - TARGET) < 0.02
     assert choose_nominal(q[last], y[last], fold[last]) == (TARGET, {})
+
+
+def test_whole_counts_keep_their_coverage_where_an_atom_of_zeros_sits_on_the_edge():
+    """Poisson counts, half of them 0, whose q10 sits at 0 for the quiet items: a hair below 0 on the calibration
+    fold, a hair above on the next block (v10 on ML-100K). Continuous bounds lose every realised 0 there; whole
+    bounds (the floor of the low, the ceiling of the high, scored at the count just past each) keep ~80%."""
+    from stream.core.calibration import whole_bounds, whole_counts
+
+    rng = np.random.default_rng(0)
+
+    def block(n: int, shift: float) -> tuple[np.ndarray, np.ndarray]:
+        lam = np.exp(rng.normal(-0.5, 1.2, n))
+        y = np.log1p(rng.poisson(lam).astype(np.float64))
+        q = np.stack([np.log1p(np.maximum(lam - 1.2816 * np.sqrt(lam), 0)) + shift, np.log1p(lam),
+                      np.log1p(lam + 1.2816 * np.sqrt(lam))], axis=1)
+        return q, y
+
+    (qf, yf), (qt, yt) = block(8000, -0.001), block(8000, +0.001)
+    assert whole_counts(np.expm1(yf)) and not whole_counts(np.expm1(yf) + 0.01) and (yf == 0).mean() > 0.4
+    got = {}
+    for whole in (False, True):
+        r = fit_offsets(qf, yf, 0.1, whole)
+        q = apply_offsets(qt, Offsets(r["low"], r["high"], "", whole))
+        got[whole] = coverage(q, yt)["inside"]
+        assert (np.diff(q, axis=1) >= 0).all()
+        np.testing.assert_array_equal(q[:, 1], qt[:, 1])  # the median does not move
+    assert got[False] < 0.5 and 0.77 <= got[True] <= 0.85, got
+    # the published bounds are whole counts, read back as such
+    low, _, high = counts_of(apply_offsets(qt, Offsets(r["low"], r["high"], "", True)))
+    assert (low == np.round(low)).all() and (high == np.round(high)).all()
+    assert whole_bounds(np.expm1(np.log1p(np.arange(3000.0)))).tolist() == list(range(3000))
+    # the record says so, and the stream's offsets carry it
+    assert RangeCalibration.of({"counts": "whole", POOLED: {"low": 0.1, "high": 0.2}}).offsets(7).whole
+    assert not RangeCalibration.of({POOLED: {"low": 0.1, "high": 0.2}}).offsets(7).whole  # records from before
 
 
 def test_the_offsets_keep_the_order_and_the_finite_sample_rank():

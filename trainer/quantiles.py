@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from stream.core.attribution import DRIVER_GROUPS, signal_group
-from stream.core.calibration import (MISS, POOLED, Offsets, RangeCalibration, apply_offsets, coverage, fit_offsets,
-                                     horizon_key)
+from stream.core.calibration import (CONTINUOUS, MISS, POOLED, WHOLE, Offsets, RangeCalibration, apply_offsets, coverage,
+                                     fit_offsets, horizon_key, whole_bounds, whole_counts)
 from stream.core.drivers import PaceDrivers, pace_drivers
 from stream.core.features import HORIZON, Normalisation, predicted_count, week_of_year
 
@@ -214,7 +214,7 @@ TARGET = 1.0 - 2 * MISS  # the published range's aimed coverage: 80%
 NOMINALS = tuple(round(0.70 + 0.02 * i, 2) for i in range(11))  # 0.70 ... 0.90
 
 
-def backtest(q: np.ndarray, y: np.ndarray, fold: np.ndarray, nominal: float) -> list[float]:
+def backtest(q: np.ndarray, y: np.ndarray, fold: np.ndarray, nominal: float, whole: bool = False) -> list[float]:
     """Coverage on fold k of the offsets fitted at `nominal` on fold k - 1, for each fold k >= 1: what the
     final head's range, calibrated on the latest fold, does on the test block that follows it, replayed on
     the folds alone."""
@@ -223,13 +223,13 @@ def backtest(q: np.ndarray, y: np.ndarray, fold: np.ndarray, nominal: float) -> 
         prev, this = fold == k - 1, fold == k
         if not prev.any() or not this.any():
             continue
-        r = fit_offsets(q[prev], y[prev], (1.0 - nominal) / 2)
-        out.append(coverage(apply_offsets(q[this], Offsets(r["low"], r["high"], "")), y[this])["inside"])
+        r = fit_offsets(q[prev], y[prev], (1.0 - nominal) / 2, whole)
+        out.append(coverage(apply_offsets(q[this], Offsets(r["low"], r["high"], "", whole)), y[this])["inside"])
     return out
 
 
 def choose_nominal(q: np.ndarray, y: np.ndarray, fold: np.ndarray, target: float = TARGET,
-                   nominals: tuple[float, ...] = NOMINALS) -> tuple[float, dict[str, float]]:
+                   nominals: tuple[float, ...] = NOMINALS, whole: bool = False) -> tuple[float, dict[str, float]]:
     """The aimed coverage whose backtested coverage (mean over the fold pairs, `backtest`) comes nearest the
     target, the smallest on a tie; the target itself when there is no pair to backtest (one fold).
 
@@ -239,7 +239,7 @@ def choose_nominal(q: np.ndarray, y: np.ndarray, fold: np.ndarray, target: float
     the folds' own succession shows corrects that without looking at a test cut-off."""
     means = {}
     for n in nominals:
-        got = backtest(q, y, fold, n)
+        got = backtest(q, y, fold, n, whole)
         if not got:
             return target, {}
         means[f"{n:.2f}"] = round(float(np.mean(got)), 4)
@@ -262,18 +262,21 @@ def calibrate(oof: list[np.ndarray], folds: list[tuple[RangeData, RangeData]], h
     the previous fold alone came nearer 0.80 than all previous folds together on retail (mean |coverage - 0.8| 0.094
     against 0.104) and about as near on ML-100K (0.033 against 0.030). Every fold's raw coverage is recorded."""
     q = np.concatenate(oof).astype(np.float64)
-    y = np.concatenate([va.y for _, va in folds]).astype(np.float64)
+    counts = np.concatenate([va.count for _, va in folds]).astype(np.float64)
+    whole = whole_counts(counts)  # events are whole: so are the bounds (stream.core.calibration)
+    # whole bounds sit exactly on a count: y as log1p of it in float64 (`RangeData.y` is float32)
+    y = np.log1p(counts) if whole else np.concatenate([va.y for _, va in folds]).astype(np.float64)
     fold = np.concatenate([np.full(len(p), i) for i, p in enumerate(oof)])
     used = fold >= len(oof) - last
-    record: dict = {"method": "cqr", "target": TARGET, "folds": len(folds),
+    record: dict = {"method": "cqr", "counts": WHOLE if whole else CONTINUOUS, "target": TARGET, "folds": len(folds),
                     "folds_used": sorted(set(range(len(oof))[-last:])), "by_horizon": {}}
 
     def fit(rows: np.ndarray) -> dict:
         by_fold = [round(coverage(q[rows & (fold == i)], y[rows & (fold == i)])["inside"], 4)
                    for i in range(len(oof)) if (rows & (fold == i)).any()]
-        nominal, tried = choose_nominal(q[rows], y[rows], fold[rows])
+        nominal, tried = choose_nominal(q[rows], y[rows], fold[rows], whole=whole)
         miss = (1.0 - nominal) / 2
-        return fit_offsets(q[rows & used], y[rows & used], miss) | {
+        return fit_offsets(q[rows & used], y[rows & used], miss, whole) | {
             "nominal": nominal, "miss_each_side": round(miss, 4), "backtest_inside_by_nominal": tried,
             "fold_inside_raw_by_fold": by_fold}
 
@@ -290,8 +293,9 @@ def calibrate(oof: list[np.ndarray], folds: list[tuple[RangeData, RangeData]], h
 
 
 def counts_of(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(low, mid, high) counts from (N, 3) log1p quantiles (clipped like every predicted count)."""
-    return predicted_count(q[:, 0]), predicted_count(q[:, 1]), predicted_count(q[:, 2])
+    """(low, mid, high) counts from (N, 3) log1p quantiles (clipped like every predicted count; whole-count
+    bounds read back whole)."""
+    return whole_bounds(predicted_count(q[:, 0])), predicted_count(q[:, 1]), whole_bounds(predicted_count(q[:, 2]))
 
 
 def interval_metrics(low: np.ndarray, high: np.ndarray, actual: np.ndarray) -> dict[str, float | None]:

@@ -10,7 +10,21 @@ heads, scored on their validation blocks; never on test cut-offs):
     c_high = the same of                                        y - q90    (10% miss above)
     low = min(q10 - c_low, q50),  high = max(q90 + c_high, q50),  q50 unchanged
 
-so the published median never moves and low <= mid <= high keeps holding. The offsets are chosen per
+so the published median never moves and low <= mid <= high keeps holding.
+
+Whole counts (`counts: "whole"` in the record, when every calibration row's count is a whole number, as
+events are): the published bounds are whole counts too, the floor of the low and the ceiling of the high,
+and the scores are taken at the count just past each bound,
+
+    c_low  from  q10 - log1p(y + 1)      (y >= floor(L)  <=>  log1p(y + 1) > log1p(L))
+    c_high from  log1p(y - 1) - q90      (y <= ceil(H)   <=>  log1p(y - 1) < log1p(H); y = 0 always inside)
+
+Why: with continuous bounds, every row with y = 0 has the score q10 - 0, and the many items with no event
+next period put an atom of rows on a knife edge: an offset of -0.0004 lifted each low bound that sat at 0
+just above it, and ML-100K's test coverage fell to 0.487 while the same ranges rounded covered 0.934
+(docs/evaluation.md "v10"). Whole bounds move the edge to one count, where no atom sits.
+
+The offsets are chosen per
 forecast horizon (one dataset or event log per horizon in practice) and once on every fold row
 (`pooled`), and stored in the artefact (range_head.json, `calibration`). `apply_offsets` is the one
 function that applies them: the stream (stream.model.count_range) after the head's ONNX export, the
@@ -28,6 +42,8 @@ import numpy as np
 MISS = 0.1  # the share of rows each bound aims to miss on its side (the 10% and 90% quantiles)
 POOLED = "pooled"
 NONE = "none"
+WHOLE, CONTINUOUS = "whole", "continuous"  # the record's `counts`
+_WHOLE_TOL = 1e-6  # a log1p round trip of a whole count is exact to ~1e-12 (float64), ~5e-4 (float32, ~2000)
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,7 @@ class Offsets:
     low: float  # log1p units taken off the 10% quantile
     high: float  # added to the 90% quantile
     key: str  # the horizon key these came from ("7", "3"), POOLED (the fallback) or NONE (uncalibrated)
+    whole: bool = False  # publish whole-count bounds: the floor of the low, the ceiling of the high
 
 
 def horizon_key(horizon_days: float) -> str:
@@ -50,13 +67,33 @@ def conformal_offset(scores: np.ndarray, miss: float = MISS) -> float:
     return float(s[k - 1])
 
 
+def whole_counts(counts: np.ndarray) -> bool:
+    """Whether every count is a whole number."""
+    c = np.asarray(counts, np.float64)
+    return bool(len(c)) and bool(np.all(np.abs(c - np.round(c)) < _WHOLE_TOL))
+
+
 def apply_offsets(q: np.ndarray, offsets: Offsets) -> np.ndarray:
-    """(N, 3) log1p quantiles (10/50/90%) -> the calibrated range around the same median."""
+    """(N, 3) log1p quantiles (10/50/90%) -> the calibrated range around the same median; with `offsets.whole`,
+    bounds at whole counts (float64: a float32 log1p would not give the count back)."""
     q = np.asarray(q)
-    out = q.copy()
+    out = q.astype(np.float64) if offsets.whole else q.copy()
     out[:, 0] = np.minimum(q[:, 0] - offsets.low, q[:, 1])
     out[:, 2] = np.maximum(q[:, 2] + offsets.high, q[:, 1])
+    if offsets.whole:
+        low = np.log1p(np.floor(np.maximum(np.expm1(out[:, 0]), 0.0) + _WHOLE_TOL))
+        high = np.log1p(np.maximum(np.ceil(np.expm1(out[:, 2]) - _WHOLE_TOL), 0.0))
+        out[:, 0] = np.minimum(low, out[:, 1])  # a median below 0 (a count of 0) keeps low <= mid
+        out[:, 2] = np.maximum(high, out[:, 1])
     return out
+
+
+def whole_bounds(counts: np.ndarray) -> np.ndarray:
+    """Bound counts read back from whole-count log1p bounds (expm1(log1p(3)) = 3.0000000000000004) as the
+    whole numbers they are; other counts unchanged."""
+    counts = np.asarray(counts, np.float64)
+    r = np.round(counts)
+    return np.where(np.abs(counts - r) < _WHOLE_TOL, r, counts)
 
 
 def coverage(q: np.ndarray, y: np.ndarray) -> dict[str, float]:
@@ -65,11 +102,19 @@ def coverage(q: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {"below": float(below.mean()), "inside": float((~below & ~above).mean()), "above": float(above.mean())}
 
 
-def fit_offsets(q: np.ndarray, y: np.ndarray, miss: float = MISS) -> dict:
-    """The two offsets of out-of-fold quantiles `q` (N, 3) against y (N,), with the folds' coverage before and after."""
+def fit_offsets(q: np.ndarray, y: np.ndarray, miss: float = MISS, whole: bool = False) -> dict:
+    """The two offsets of out-of-fold quantiles `q` (N, 3) against y (N,), with the folds' coverage before and after.
+    `whole`: whole-count bounds, scored at the count just past each bound (module doc)."""
     q, y = np.asarray(q, np.float64), np.asarray(y, np.float64)
-    low, high = conformal_offset(q[:, 0] - y, miss), conformal_offset(y - q[:, 2], miss)
-    after = apply_offsets(q, Offsets(low, high, ""))
+    if whole:
+        n = np.round(np.expm1(y))
+        # covered iff offset > score (strict): the offset is taken a hair above the chosen score
+        low = float(np.nextafter(conformal_offset(q[:, 0] - np.log1p(n + 1), miss), np.inf))
+        high_scores = np.where(n >= 1, np.log1p(np.maximum(n - 1, 0)) - q[:, 2], -50.0)  # y = 0: never above
+        high = float(np.nextafter(conformal_offset(high_scores, miss), np.inf))
+    else:
+        low, high = conformal_offset(q[:, 0] - y, miss), conformal_offset(y - q[:, 2], miss)
+    after = apply_offsets(q, Offsets(low, high, "", whole))
     return {"low": round(low, 6), "high": round(high, 6), "rows": int(len(y)),
             "fold_coverage_before": {k: round(v, 4) for k, v in coverage(q, y).items()},
             "fold_coverage_after": {k: round(v, 4) for k, v in coverage(after, y).items()}}
@@ -81,11 +126,12 @@ class RangeCalibration:
 
     by_horizon: dict[str, dict]
     pooled: dict | None
+    whole: bool = False  # the record's `counts` is "whole": bounds published as whole counts
 
     @classmethod
     def of(cls, record: dict | None) -> RangeCalibration:
         record = record or {}
-        return cls(dict(record.get("by_horizon") or {}), record.get(POOLED))
+        return cls(dict(record.get("by_horizon") or {}), record.get(POOLED), record.get("counts") == WHOLE)
 
     @property
     def calibrated(self) -> bool:
@@ -96,9 +142,9 @@ class RangeCalibration:
         if horizon_days is not None:
             for key, o in self.by_horizon.items():
                 if abs(float(key) - float(horizon_days)) < 1e-6:
-                    return Offsets(float(o["low"]), float(o["high"]), key)
+                    return Offsets(float(o["low"]), float(o["high"]), key, self.whole)
         if self.pooled is not None:
-            return Offsets(float(self.pooled["low"]), float(self.pooled["high"]), POOLED)
+            return Offsets(float(self.pooled["low"]), float(self.pooled["high"]), POOLED, self.whole)
         return Offsets(0.0, 0.0, NONE)
 
     def describe(self, horizon_days: float | None) -> dict:
@@ -108,4 +154,5 @@ class RangeCalibration:
                POOLED: ("no horizon given" if horizon_days is None else
                         f"no calibration for horizon {horizon_days:g} d (calibrated: {sorted(self.by_horizon)} d)")
                        + ": the pooled offsets serve it"}.get(o.key, f"calibrated on horizon {o.key} d's folds")
-        return {"calibration": o.key, "offset_low": o.low, "offset_high": o.high, "why": why}
+        return {"calibration": o.key, "offset_low": o.low, "offset_high": o.high,
+                "counts": WHOLE if o.whole else CONTINUOUS, "why": why}

@@ -30,7 +30,7 @@ import numpy as np
 import structlog
 
 from stream.core.attribution import DRIVER_GROUPS
-from stream.core.calibration import RangeCalibration, apply_offsets
+from stream.core.calibration import RangeCalibration, apply_offsets, whole_bounds
 from stream.core.drivers import pace_drivers
 from stream.core.features import Normalisation, predicted_count, week_of_year
 from stream.model.artefact import ONNX_DIR, ArtefactError
@@ -112,7 +112,8 @@ class CountRange:
             return TickRange(np.zeros(0), np.zeros(0), np.zeros(0), out)
         q = self.calibrated(x, cal, z)
         mid = q[:, 1].astype(np.float64)
-        low, high = predicted_count(q[:, 0].astype(np.float64)), predicted_count(q[:, 2].astype(np.float64))
+        low, high = (whole_bounds(predicted_count(q[:, 0].astype(np.float64))),
+                     whole_bounds(predicted_count(q[:, 2].astype(np.float64))))
         rows = np.arange(n) if attribute is None else np.asarray(attribute, np.int64)
         if len(rows) == 0:
             return TickRange(mid, low, np.maximum(high, low), out)
