@@ -22,7 +22,7 @@ and the scores are taken at the count just past each bound,
 Why: with continuous bounds, every row with y = 0 has the score q10 - 0, and the many items with no event
 next period put an atom of rows on a knife edge: an offset of -0.0004 lifted each low bound that sat at 0
 just above it, and ML-100K's test coverage fell to 0.487 while the same ranges rounded covered 0.934
-(docs/evaluation.md "v10"). Whole bounds move the edge to one count, where no atom sits.
+(docs/evaluation.md "Shipped v10"). Whole bounds move the edge to one count, where no atom sits.
 
 The offsets are chosen per
 forecast horizon (one dataset or event log per horizon in practice) and once on every fold row
@@ -102,20 +102,25 @@ def coverage(q: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {"below": float(below.mean()), "inside": float((~below & ~above).mean()), "above": float(above.mean())}
 
 
+def _above(score: float) -> float:
+    """The smallest 6-decimal number strictly above `score` (the record keeps offsets to 6 decimals)."""
+    return (math.floor(score * 1e6) + 1) / 1e6
+
+
 def fit_offsets(q: np.ndarray, y: np.ndarray, miss: float = MISS, whole: bool = False) -> dict:
     """The two offsets of out-of-fold quantiles `q` (N, 3) against y (N,), with the folds' coverage before and after.
     `whole`: whole-count bounds, scored at the count just past each bound (module doc)."""
     q, y = np.asarray(q, np.float64), np.asarray(y, np.float64)
     if whole:
         n = np.round(np.expm1(y))
-        # covered iff offset > score (strict): the offset is taken a hair above the chosen score
-        low = float(np.nextafter(conformal_offset(q[:, 0] - np.log1p(n + 1), miss), np.inf))
         high_scores = np.where(n >= 1, np.log1p(np.maximum(n - 1, 0)) - q[:, 2], -50.0)  # y = 0: never above
-        high = float(np.nextafter(conformal_offset(high_scores, miss), np.inf))
+        # covered iff offset > score (strict): stored to 6 decimals strictly above the chosen score
+        low, high = (_above(conformal_offset(q[:, 0] - np.log1p(n + 1), miss)),
+                     _above(conformal_offset(high_scores, miss)))
     else:
-        low, high = conformal_offset(q[:, 0] - y, miss), conformal_offset(y - q[:, 2], miss)
-    after = apply_offsets(q, Offsets(low, high, "", whole))
-    return {"low": round(low, 6), "high": round(high, 6), "rows": int(len(y)),
+        low, high = round(conformal_offset(q[:, 0] - y, miss), 6), round(conformal_offset(y - q[:, 2], miss), 6)
+    after = apply_offsets(q, Offsets(low, high, "", whole))  # the offsets as stored and served
+    return {"low": low, "high": high, "rows": int(len(y)),
             "fold_coverage_before": {k: round(v, 4) for k, v in coverage(q, y).items()},
             "fold_coverage_after": {k: round(v, 4) for k, v in coverage(after, y).items()}}
 
