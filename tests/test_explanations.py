@@ -12,6 +12,7 @@ import pytest
 
 from stream.core.events import EventBatch
 from stream.core.faithfulness import check
+from stream.core.forecast import PredictedCount
 from stream.core.prompts import detailed_windows, render_prompt, signal_windows
 from stream.core.trends import HOUR_MS, TrendConfig, TrendTable
 from trainer.explanations import negative_explanations, target_explanation
@@ -158,11 +159,55 @@ def test_negatives_are_always_caught():
                 assert any(ch.isdigit() for w in b[edits[0][3] : edits[-1][4]] for ch in w), (positive, text)
             if kind == "direction":
                 assert any(c.kind in ("direction", "comparison", "level") and not c.ok for c in r.claims), text
+            if kind == "truncated":
+                # one number written a digit short, nothing else changed (bar its noun's plural)
+                cut = [(x, y) for x, y in zip(positive.split(), text.split()) if x != y]
+                assert cut and cut[0][1].rstrip(",.;") == cut[0][0].rstrip(",.;")[:-1], (positive, text)
+            if kind == "swapped":
+                assert any(c.kind == "number" and not c.ok and int(c.stated) in _shown(row, horizon)
+                           for c in r.claims), (positive, text)
     assert kinds["number"] >= 0.95 * n
+    assert kinds["truncated"] >= 0.5 * n and kinds["swapped"] >= 0.8 * n, kinds
     assert kinds["other"] >= 0.7 * n
     assert kinds["direction"] >= 0.4 * n
     # single-window rows have no other window to swap in
     assert kinds["window"] >= 0.5 * n * 3 / 4
+
+
+def _shown(row, horizon) -> set[int]:
+    """Every number of the row's prompt (its lines after the item line)."""
+    prompt = render_prompt("Item", None, row, horizon)
+    return {int(x) for x in re.findall(r"\d+", prompt.split("\n", 1)[1])}
+
+
+def test_truncated_and_swapped_numbers_are_the_slips_of_greedy_copying():
+    """v10's plain greedy texts cut numbers short ("4 interactions" for 48, "About 10" for 100) and cited
+    another prompt line's number (users_28d as the 28-day count): both kinds of negative write exactly that,
+    with the noun kept grammatical, and the forecast's size and range are cut too when a prediction is given."""
+    row = {"count_1d": 19.0, "prev_count_1d": 10.0, "users_1d": 9.0, "count_7d": 48.0, "prev_count_7d": 70.0,
+           "users_7d": 36.0, "count_28d": 241.0, "prev_count_28d": 138.0, "users_28d": 165.0, "age_h": 147 * 24.0}
+    positive = "Likely to fall: 48 interactions in the last 7 days, down from 70 the 7 days before; 241 " \
+               "interactions in the last 28 days."
+    seen = {}
+    for seed in range(60):
+        for kind, text in negative_explanations(row, positive, random.Random(seed)):
+            seen.setdefault(kind, set()).add(text)
+    assert "Likely to fall: 4 interactions in the last 7 days" in " ".join(seen["truncated"])
+    assert any("; 24 interactions in the last 28 days" in t for t in seen["truncated"])
+    swapped = {int(re.search(r"; (\d+) interactions", t).group(1)) for t in seen["swapped"] if "; 241 " not in t}
+    assert {165, 147} <= swapped <= _shown(row, 7) - {241}, swapped  # users_28d, the age: numbers of the prompt
+    one = dict(row, count_1d=1.0)
+    lone = "Likely to fall: 48 interactions in the last 7 days; 1 interaction in the last day."
+    texts = {t for s in range(40) for k, t in negative_explanations(one, lone, random.Random(s)) if k == "swapped"}
+    assert any(re.search(r"; (?!1 )\d+ interactions in the last day", t) for t in texts), texts  # plural again
+    size = PredictedCount(100.0, 7, 65.0, 140.0)
+    told = "Likely to rise: 48 interactions in the last 7 days. About 100 interactions next week (likely 65–140)."
+    assert check(told, row, prediction=size).faithful
+    cut = {t for s in range(60) for k, t in negative_explanations(row, told, random.Random(s), prediction=size)
+           if k == "truncated"}
+    assert any("About 10 interactions" in t for t in cut) and any("likely 6–140" in t or "likely 65–14)" in t
+                                                                   for t in cut), cut
+    assert all(not check(t, row, prediction=size).faithful for t in cut)
 
 
 def test_negative_kinds_on_a_known_row():

@@ -12,8 +12,11 @@ pass stream.core.faithfulness.check with at least one claim (tests/test_explanat
 asserts it over thousands of random rows).
 
 `negative_explanations` perturbs a faithful explanation into unfaithful ones
-(flipped direction, one wrong number, a swapped window, another item's facts);
-each is kept only if the checker rejects it.
+(flipped direction, one wrong number, a swapped window, another item's facts, a number cut
+short, another of the prompt's numbers in a number's place); each is kept only if the checker
+rejects it. The last two are the slips plain greedy decoding makes (v10, trail_unconstrained):
+a digit-by-digit copy that stops a digit early ("4 interactions" for 48, "About 10" for 100)
+and a number copied from the wrong prompt line (users_28d or the age cited as the 28-day count).
 """
 
 from __future__ import annotations
@@ -287,27 +290,64 @@ def _pluralize_after(text: str, pos: int) -> str:
     return text[:pos] + lead + _SINGULAR_TO_PLURAL[m.group(2)] + text[pos + m.end() :]
 
 
+def _singularize_after(text: str, pos: int) -> str:
+    m = re.match(r"(\s+(?:(?:distinct|different|unique)\s+)?)(\w+)", text[pos:])
+    single = {v: k for k, v in _SINGULAR_TO_PLURAL.items()}
+    if not m or m.group(2) not in single:
+        return text
+    return text[:pos] + m.group(1) + single[m.group(2)] + text[pos + m.end() :]
+
+
 def _replace(text: str, start: int, end: int, new: str) -> str:
     return text[:start] + new + text[end:]
 
 
+def _renumber(text: str, start: int, end: int, old: int, new: int) -> str:
+    """`text` with the number at [start, end) (`old`) written as `new`, its noun's plural kept in step
+    ("1 interaction" -> "3 interactions", "48 interactions" -> "4 interactions" stays plural unless new is 1)."""
+    out = _replace(text, start, end, str(new))
+    after = start + len(str(new))
+    if old == 1 and new != 1:
+        return _pluralize_after(out, after)
+    if new == 1 and old != 1:
+        return _singularize_after(out, after)
+    return out
+
+
+def _shown_numbers(signals: Mapping[str, float], horizon_days: int) -> set[int]:
+    """The whole numbers the prompt shows for these signals (stream.core.prompts.render_prompt): every
+    window's count, the previous count and users of the detailed windows, the age."""
+    f = _Facts(signals, horizon_days)
+    age = f.age_h if f.age_h < 48 else round(f.age_h / 24)
+    return {*f.count.values(), *f.prev.values(), *f.users.values(), age}
+
+
+# how often each kind is drawn as a step's negative (trainer.fit). The contrast loss of the first four
+# stayed ~0 through v10's 944 steps (the margin already met) while plain greedy still wrote truncated
+# and miscopied numbers: the kinds that still cost loss are drawn more.
+NEGATIVE_WEIGHTS = {"direction": 1.0, "number": 1.0, "window": 1.0, "other": 1.0, "truncated": 3.0, "swapped": 3.0}
+
+
 def negative_explanations(signals: Mapping[str, float], positive: str, rng,
                           other_signals: Mapping[str, float] | None = None,
-                          horizon_days: int = 7) -> list[tuple[str, str]]:
+                          horizon_days: int = 7, prediction: PredictedCount | None = None) -> list[tuple[str, str]]:
     """Unfaithful variants of a faithful explanation, as (kind, text).
 
     Kinds: "direction" (direction words flipped), "number" (one cited number
     changed), "window" (one window phrase swapped for another window), "other"
-    (an explanation of `other_signals`). A variant the checker still accepts
-    (say the swapped window has the same count) is left out. `rng`: random.Random
+    (an explanation of `other_signals`), "truncated" (a number of two or more digits with its
+    last digit dropped: a count, the forecast's size or a bound of its range), "swapped" (a cited
+    count, previous count or user count replaced by another number the prompt shows). A variant the
+    checker still accepts (say the swapped window has the same count) is left out. `prediction`: the
+    forecast the positive states (its size and range are then claims too). `rng`: random.Random
     or numpy.random.Generator.
     """
     rng = _as_random(rng)
-    result = check(positive, signals)
+    result = check(positive, signals, prediction=prediction)
     out: list[tuple[str, str]] = []
 
     def keep(kind: str, text: str) -> None:
-        if text != positive and not check(text, signals).faithful:
+        if text != positive and not check(text, signals, prediction=prediction).faithful:
             out.append((kind, text))
 
     # flipped direction: every checked direction/comparison word, so the story is consistently wrong
@@ -347,4 +387,28 @@ def negative_explanations(signals: Mapping[str, float], positive: str, rng,
 
     if other_signals is not None:
         keep("other", target_explanation(other_signals, horizon_days, rng))
+
+    # a number cut short by a digit: the greedy copy that ends a number early
+    long = [c for c in result.claims if c.ok and c.text.isdigit() and len(c.text) >= 2
+            and (c.kind == "number" and c.measure in ("count", "prev_count", "users")
+                 or c.kind == "forecast" and c.measure == "count")]
+    bounds = [c for c in result.claims if c.ok and c.kind == "range" and re.fullmatch(r"\d+–\d+", c.text)
+              and any(len(b) >= 2 for b in c.text.split("–"))]
+    if long or bounds:
+        c = rng.choice(long + bounds)
+        if c.kind == "range":
+            low, high = c.text.split("–")
+            cut = f"{low[:-1]}–{high}" if len(low) >= 2 and (len(high) < 2 or rng.random() < 0.5) else f"{low}–{high[:-1]}"
+            keep("truncated", _replace(positive, c.start, c.end, cut))
+        else:
+            keep("truncated", _renumber(positive, c.start, c.end, int(c.text), int(c.text[:-1])))
+
+    # another of the prompt's numbers in a cited count's place: the copy from the wrong line
+    cited = [c for c in result.claims if c.ok and c.text.isdigit() and c.kind == "number"
+             and c.measure in ("count", "prev_count", "users")]
+    if cited:
+        c = rng.choice(cited)
+        others = sorted(_shown_numbers(signals, horizon_days) - {int(c.text)})
+        if others:
+            keep("swapped", _renumber(positive, c.start, c.end, int(c.text), rng.choice(others)))
     return out

@@ -45,7 +45,7 @@ from stream.core.datasets import load_dataset
 from stream.settings import load_settings
 from trainer.examples import Examples, build_examples, split_cutoffs
 from trainer.folds import make_folds
-from trainer.explanations import negative_explanations, target_explanation
+from trainer.explanations import NEGATIVE_WEIGHTS, negative_explanations, target_explanation
 from trainer.inference import features_of, item_texts_of, prompts_of
 from trainer.joint import ScoreProbe, score_loss
 from trainer.metrics import evaluate_predictions
@@ -186,9 +186,10 @@ def train_step(model: Trail, part: Part, rows: pd.DataFrame, cfg: FitConfig, rng
     for i in range(min(cfg.negatives, len(rows))):
         other = signals[(i + 1) % len(signals)]
         options = negative_explanations(signals[i], positives[i], rng, other_signals=other,
-                                        horizon_days=horizon)
+                                        horizon_days=horizon, prediction=sizes[i])
         if options:
-            negatives.append((i, options[rng.integers(len(options))][1]))
+            w = np.array([NEGATIVE_WEIGHTS[k] for k, _ in options])  # (n_options,)
+            negatives.append((i, options[rng.choice(len(options), p=w / w.sum())][1]))
     B = len(rows)
     ids, mask, _, target = model.encode_pairs(
         prompts + [prompts[i] for i, _ in negatives], positives + [text for _, text in negatives]
@@ -298,6 +299,7 @@ def train_llm(model: Trail, parts: list[Part], cfg: FitConfig, out: Path, resume
     model.eval()
     return {"steps": step - first, "resumed_from_step": first, "minutes": round((time.time() - started) / 60, 2),
             "sampling_seed": seed, "w_digits": cfg.w_digits,
+            "negatives": {"per_step": cfg.negatives, "margin": cfg.margin, "kind_weights": NEGATIVE_WEIGHTS},
             "joint": {"w_score": cfg.w_score, "probe": "trainer.joint.ScoreProbe, phase 1 only (discarded)",
                       "pooling": "item line of the prompt (title, category), same forward pass"}
             if probe is not None else None,
