@@ -408,7 +408,11 @@ def negative_explanations(signals: Mapping[str, float], positive: str, rng,
              and c.measure in ("count", "prev_count", "users")]
     if cited:
         c = rng.choice(cited)
-        others = sorted(_shown_numbers(signals, horizon_days) - {int(c.text)})
+        f = _Facts(signals, horizon_days)
+        # half the time a number of the claim's own prompt line (its users, its previous count, its count):
+        # the copy greedy gets wrong most ("264 interactions in the last 28 days" where 264 is users_28d)
+        line = sorted({d.get(c.window) for d in (f.count, f.prev, f.users)} - {None, int(c.text)})
+        others = line if line and rng.random() < 0.5 else sorted(_shown_numbers(signals, horizon_days) - {int(c.text)})
         if others:
             keep("swapped", _renumber(positive, c.start, c.end, int(c.text), rng.choice(others)))
     return out
