@@ -630,7 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--explain-split", choices=("test", "valid"), default="test",
                     help="draw the explanation sample from the test cut-offs (the report) or from the validation "
                          "ones (to choose among adapters or decoding settings without looking at test; no "
-                         "zero-shot texts there) (test)")
+                         "zero-shot texts there; the score metrics and intervals stay on the test cut-offs, so a "
+                         "choice reads only the report's explanations) (test)")
     ap.add_argument("--explain-temperature", type=_temperature, default=EXPLAIN_TEMPERATURE,
                     help="sampling temperature of the constrained explanations, seeded per item and cut-off as the "
                          f"stream samples; 0: greedy; the unconstrained and zero-shot ones stay greedy "
