@@ -280,6 +280,7 @@ def _flip_word(word: str) -> str | None:
 
 
 _SINGULAR_TO_PLURAL = {"interaction": "interactions", "event": "events", "user": "users", "person": "people"}
+_PLURAL_TO_SINGULAR = {v: k for k, v in _SINGULAR_TO_PLURAL.items()}
 
 
 def _pluralize_after(text: str, pos: int) -> str:
@@ -292,10 +293,9 @@ def _pluralize_after(text: str, pos: int) -> str:
 
 def _singularize_after(text: str, pos: int) -> str:
     m = re.match(r"(\s+(?:(?:distinct|different|unique)\s+)?)(\w+)", text[pos:])
-    single = {v: k for k, v in _SINGULAR_TO_PLURAL.items()}
-    if not m or m.group(2) not in single:
+    if not m or m.group(2) not in _PLURAL_TO_SINGULAR:
         return text
-    return text[:pos] + m.group(1) + single[m.group(2)] + text[pos + m.end() :]
+    return text[:pos] + m.group(1) + _PLURAL_TO_SINGULAR[m.group(2)] + text[pos + m.end() :]
 
 
 def _replace(text: str, start: int, end: int, new: str) -> str:
@@ -314,10 +314,9 @@ def _renumber(text: str, start: int, end: int, old: int, new: int) -> str:
     return out
 
 
-def _shown_numbers(signals: Mapping[str, float], horizon_days: int) -> set[int]:
-    """The whole numbers the prompt shows for these signals (stream.core.prompts.render_prompt): every
+def _shown_numbers(f: _Facts) -> set[int]:
+    """The whole numbers the prompt shows for these facts (stream.core.prompts.render_prompt): every
     window's count, the previous count and users of the detailed windows, the age."""
-    f = _Facts(signals, horizon_days)
     age = f.age_h if f.age_h < 48 else round(f.age_h / 24)
     return {*f.count.values(), *f.prev.values(), *f.users.values(), age}
 
@@ -414,7 +413,7 @@ def negative_explanations(signals: Mapping[str, float], positive: str, rng,
         # half the time a number of the claim's own prompt line (its users, its previous count, its count):
         # the copy greedy gets wrong most ("264 interactions in the last 28 days" where 264 is users_28d)
         line = sorted({d.get(c.window) for d in (f.count, f.prev, f.users)} - {None, int(c.text)})
-        others = line if line and rng.random() < 0.5 else sorted(_shown_numbers(signals, horizon_days) - {int(c.text)})
+        others = line if line and rng.random() < 0.5 else sorted(_shown_numbers(f) - {int(c.text)})
         if others:
             keep("swapped", _renumber(positive, c.start, c.end, int(c.text), rng.choice(others)))
     return out
