@@ -99,10 +99,13 @@ def _trend_clause(f: _Facts, w: str, noun: str, rng: random.Random) -> str:
 
 
 def _count_clause(f: _Facts, w: str, noun: str, rng: random.Random, with_prev: bool) -> str:
+    """The window first, then its count: "in the last 28 days, 379 interactions (213 the 28 days before)".
+    The words before a number say which fact it is: v11's plain greedy wrote the digits first ("; 264")
+    and chose between the prompt's numbers before it had said which one it meant (docs/evaluation.md)."""
     c = f.count[w]
-    cur = rng.choice(current_phrases(w))
-    head = rng.choice([f"no {noun}", f"zero {noun}"]) if c == 0 else f"{plural(c, noun)}"
-    text = f"{head} in {cur}"
+    lead = rng.choice(("in", "over"))
+    head = rng.choice([f"no {noun}", f"zero {noun}"]) if c == 0 else plural(c, noun)
+    text = f"{lead} {rng.choice(current_phrases(w))}, {head}"
     if with_prev:
         p = f.prev[w]
         text += rng.choice([f" vs {p} {rng.choice(previous_phrases(w))}", f" ({p} {rng.choice(previous_phrases(w))})"])
@@ -114,14 +117,14 @@ def _users_clause(f: _Facts, w: str, rng: random.Random) -> str:
     noun = rng.choice(GRAMMAR_USER_NOUNS)
     if u == 1:
         return rng.choice(ONE_USER)
-    return rng.choice([f"from {u} {noun}", f"by {u} {noun}", f"across {u} {noun}", f"{u} {noun}"])
+    return rng.choice([f"from {u} {noun}", f"by {u} {noun}", f"across {u} {noun}"])  # a word before the number
 
 
 def _why_clause(f: _Facts, w: str, outlook: str, noun: str, rng: random.Random) -> str:
     """The longer window's trend, always with a direction word: why the forecast goes against the main trend."""
     c, p, cur = f.count[w], f.prev[w], rng.choice(current_phrases(w))
-    if rng.random() < 0.5:
-        return f"{plural(c, noun)} in {cur}, {rng.choice(_UPDOWN[outlook])} {p} {rng.choice(previous_phrases(w))}"
+    if rng.random() < 0.5:  # the window first, as _count_clause
+        return f"{rng.choice(('in', 'over'))} {cur}, {plural(c, noun)}, {rng.choice(_UPDOWN[outlook])} {p} {rng.choice(previous_phrases(w))}"
     return f"{noun} {rng.choice(VERB_PAST[outlook])} from {p} to {c} over {cur}"
 
 
@@ -134,7 +137,7 @@ def _age_clause(f: _Facts, rng: random.Random) -> str:
     if f.age_h < 48:
         return rng.choice([f"first seen {plural(f.age_h, 'hours')} ago", f"only {plural(f.age_h, 'hours')} old"])
     d = round(f.age_h / 24)
-    return rng.choice([f"first seen {d} days ago", f"{d} days old", f"around for {d} days"])
+    return rng.choice([f"first seen {d} days ago", f"now {d} days old", f"around for {d} days"])
 
 
 def _cap(s: str) -> str:
@@ -157,16 +160,16 @@ def target_explanation(signals: Mapping[str, float], horizon_days: int, rng,
     ("About 40 events next week, likely 25–55."); without it the text has no size sentence (v6's targets).
     `drivers`: the prediction's attribution; a rise or fall then gives its top driver as the reason, as the
     grammar requires (`reason_plan`); without them, today's targets."""
-    text = _target(signals, horizon_days, rng, outlook, drivers)
+    rng = _as_random(rng)
+    noun = rng.choice(GRAMMAR_COUNT_NOUNS)  # one noun for the whole text, as the grammar
+    text = _target(signals, horizon_days, rng, outlook, drivers, noun)
     if size is None:
         return text
-    rng = _as_random(rng)
-    noun = next((n for n in GRAMMAR_COUNT_NOUNS if n in text.lower()), GRAMMAR_COUNT_NOUNS[0])
     return f"{text} {rng.choice(size_sentences(size, noun))}"
 
 
-def _target(signals: Mapping[str, float], horizon_days: int, rng, outlook: str | None = None,
-            drivers: Mapping[str, float] | None = None) -> str:
+def _target(signals: Mapping[str, float], horizon_days: int, rng: random.Random, outlook: str | None,
+            drivers: Mapping[str, float] | None, noun: str) -> str:
     """A faithful one- or two-sentence explanation of the item's trend.
 
     `outlook` ("rise"/"fall"/"steady") is what the explanation forecasts; the
@@ -177,12 +180,10 @@ def _target(signals: Mapping[str, float], horizon_days: int, rng, outlook: str |
     """
     if outlook is not None and outlook not in OUTLOOKS:
         raise ValueError(f"outlook must be one of {OUTLOOKS}, got {outlook!r}")
-    rng = _as_random(rng)
     f = _Facts(signals, horizon_days)
     w = f.main
     rel = direction(f.count[w], f.prev[w])
     outlook = outlook or rel
-    noun = rng.choice(GRAMMAR_COUNT_NOUNS)
     trend = _trend_clause(f, w, noun, rng)
     hz = rng.choice(horizon_phrases(horizon_days))
     plan = reason_plan(signals, horizon_days, outlook, drivers) if drivers else None
@@ -249,8 +250,8 @@ def _assemble(shape: int, trend: str, extra: str, pick: str, rel: str, outlook: 
         first = _cap(trend) + (f"; {extra}" if extra else "")
         tail = rng.choice(OUTLOOK_SENTENCES[outlook]).format(noun=noun, h=hz)
         return f"{first}{joint} {tail[0].lower()}{tail[1:]}"
-    # "Likely to fall next week. Interactions fell from 60 to 41 over the last 7 days; 6 in the last day."
-    body = _cap(trend) + ((", but " if but else "; " if pick == "driver" else ", ") + extra if extra else "")
+    # "Likely to fall next week. Interactions fell from 60 to 41 over the last 7 days; in the last day, 6 interactions."
+    body = _cap(trend) + ((", but " if but else "; ") + extra if extra else "")
     return f"{rng.choice(OUTLOOK_SENTENCES[outlook]).format(noun=noun, h=hz)} {body}."
 
 

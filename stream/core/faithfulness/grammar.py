@@ -7,7 +7,9 @@ every direction and comparison word fixed to the truth of the comparison it stat
 
 - numbers: only whole values the prompt shows (`count_w` of every window, `prev_count_w`
   and `users_w` of the detailed windows, the age), each in the phrase that names its
-  window and measure, so a number is only ever emitted where it is true;
+  window and measure, so a number is only ever emitted where it is true; a second fact
+  says its window or measure before its number ("; in the last 28 days, 379 events";
+  "; from 29 users"), so the words that pick the fact come before the digits;
 - directions: "up from / rose from / down from / the same as ..." of the main window
   follow its count against the previous one (strict: ties are "the same as");
 - the forecast clause ("Likely to rise next week.", "Expect fewer events ...") is the
@@ -468,8 +470,9 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
                            (head, " in ", cur, f" ({p} ", prv, ")"))
 
         def count_clause(x: str, with_prev: bool | None) -> Alt:
+            # the window before the number (trainer.explanations._count_clause)
             head = Alt.of(f"no {noun}", f"zero {noun}") if count[x] == 0 else plural(count[x], noun)
-            base = (head, " in ", Alt.of(*current_phrases(x)))
+            base = (Alt.of("in ", "over "), Alt.of(*current_phrases(x)), ", ", head)
             if not with_prev:
                 return Alt.of(base)
             px, pp = prev[x], Alt.of(*previous_phrases(x))
@@ -485,7 +488,7 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
                 extras.append(("users", Alt.of(*ONE_USER)))
             else:
                 un = Alt.of(*(plural(u, n) for n in GRAMMAR_USER_NOUNS))
-                extras.append(("users", Alt.of(("from ", un), ("by ", un), ("across ", un), (un,))))
+                extras.append(("users", Alt.of(("from ", un), ("by ", un), ("across ", un))))
         if short:
             extras.append(("pulse", count_clause(short, None if short in prev else False)))
         if long:
@@ -495,7 +498,7 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
             extras.append(("age", Alt.of(f"first seen {hrs} ago", f"only {hrs} old")))
         else:
             d = round(age_h / 24)
-            extras.append(("age", Alt.of(f"first seen {d} days ago", f"{d} days old", f"around for {d} days")))
+            extras.append(("age", Alt.of(f"first seen {d} days ago", f"now {d} days old", f"around for {d} days")))
         extra = Alt(tuple(o for _, e in extras for o in e.options))
         other = Alt(tuple(o for k, e in extras if k != "users" for o in e.options))
         user = [e for k, e in extras if k == "users"]
@@ -506,8 +509,8 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
             # a mover with a reason (why_window) must give it (trainer.explanations._why_clause): the longer
             # window's trend, its direction word fixed, after the forecast and the main trend
             cw, pw, cur_w = count[why], prev[why], Alt.of(*current_phrases(why))
-            because = Alt.of((plural(cw, noun), " in ", cur_w, ", ", Alt.of(*UPDOWN[forecast]), f" {pw} ",
-                              Alt.of(*previous_phrases(why))),
+            because = Alt.of((Alt.of("in ", "over "), cur_w, ", ", plural(cw, noun), ", ", Alt.of(*UPDOWN[forecast]),
+                              f" {pw} ", Alt.of(*previous_phrases(why))),
                              (f"{noun} ", Alt.of(*VERB_PAST[forecast]), f" from {pw} to {cw} over ", cur_w))
         elif plan is not None:
             # the model's top driver, or no window's trend backs the forecast and the level does
@@ -522,8 +525,9 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
             (Alt.of(*OUTLOOK_LEADS[forecast]), ": ", trend, opt("; ", extra), "."),
             # 2: "41 interactions in the last 7 days vs 12 the week before, but likely to cool off next week."
             (cap(trend), opt("; ", extra), ", and " if agrees else ", but ", Alt(tuple(_lower_seq(o) for o in sentences.options))),
-            # 3: "Likely to fall next week. Interactions fell from 60 to 41 over the last 7 days; 6 in the last day."
-            (sentences, " ", cap(trend), opt(", ", extra), "."),
+            # 3: "Likely to fall next week. Interactions fell from 60 to 41 over the last 7 days; in the last day, 6
+            # interactions."
+            (sentences, " ", cap(trend), opt("; ", extra), "."),
         ]
         if agrees:
             # 1: "Demand is rising: ... . Expect more interactions next week."
