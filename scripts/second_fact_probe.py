@@ -7,9 +7,9 @@ main trend (the first ". ", "; " or ", but" after its first number), "; " append
 text has a second fact, faithful or not. Writes JSON to OUT (or prints it). A diagnostic for docs/evaluation.md, not a metric a choice
 is made on (the rows are the bench's, not validation's).
 """
+import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 from export.bench import _spec_trend
@@ -47,7 +47,7 @@ def probe(model: Path, n: int) -> dict:
     free_ok = [check(t, r[1], prediction=z).faithful for t, r, z in zip(free, rows, sizes)]
     forced_checks = [check(t, r[1], prediction=z) for t, r, z in zip(forced, rows, sizes)]
     return {"rows": len(rows), "free_faithful": sum(free_ok),
-            "free_with_second_fact": sum("; " in t[trend_end(t):trend_end(t) + 2] for t in free),
+            "free_with_second_fact": sum(t[trend_end(t):].startswith("; ") for t in free),
             "forced_faithful": sum(c.faithful for c in forced_checks),
             "forced_false_claims": [[t, [(c.kind, c.measure, c.window, c.stated, c.true) for c in r.claims if not c.ok]]
                                     for t, r in zip(forced, forced_checks) if not r.faithful],
@@ -55,8 +55,10 @@ def probe(model: Path, n: int) -> dict:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    out = args[args.index("--json") + 1] if "--json" in args else None
-    models = [a for a in args[1:] if a != "--json" and a != out]
-    text = json.dumps({m: probe(Path(m), int(args[0])) for m in models}, indent=1)
-    Path(out).write_text(text + "\n") if out else print(text)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rows", type=int, help="bench rows (export.rows.explain_rows)")
+    ap.add_argument("models", nargs="+", type=Path, help="exported artefact directories")
+    ap.add_argument("--json", type=Path, help="write the JSON here (default: print it)")
+    args = ap.parse_args()
+    text = json.dumps({str(m): probe(m, args.rows) for m in args.models}, indent=1)
+    args.json.write_text(text + "\n") if args.json else print(text)

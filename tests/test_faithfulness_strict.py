@@ -196,7 +196,8 @@ def test_one_vocabulary():
                 for t in n.targets:
                     if isinstance(t, ast.Name) and t.id.isupper():
                         defined.setdefault(t.id, []).append(f.name)
-    for name in ("COUNT_NOUNS", "USER_NOUNS", "GRAMMAR_COUNT_NOUNS", "LEADS", "OUTLOOK_SENTENCES", "LEVEL_PHRASES"):
+    for name in ("COUNT_NOUNS", "USER_NOUNS", "GRAMMAR_COUNT_NOUNS", "LEADS", "OUTLOOK_SENTENCES", "LEVEL_PHRASES",
+                 "WINDOW_LEADS", "USER_LEADS"):
         assert defined[name] == ["vocabulary.py"], (name, defined[name])
     for phrase in v.GRAMMAR_COUNT_NOUNS:
         assert phrase in v.COUNT_NOUNS

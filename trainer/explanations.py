@@ -31,7 +31,8 @@ from stream.core.faithfulness import check, window_spans
 from stream.core.faithfulness.grammar import (current_phrases, horizon_phrases, length_phrases, level_reason, plural,
                                               previous_phrases, reason_plan, size_sentences, why_window)
 from stream.core.faithfulness.vocabulary import (GRAMMAR_COUNT_NOUNS, GRAMMAR_USER_NOUNS, LEADS, LEVEL_PHRASES, ONE_USER,
-                                                 OUTLOOK_LEADS, OUTLOOK_SENTENCES, OUTLOOKS, UPDOWN, VERB_PAST)
+                                                 OUTLOOK_LEADS, OUTLOOK_SENTENCES, OUTLOOKS, UPDOWN, USER_LEADS, VERB_PAST,
+                                                 WINDOW_LEADS)
 
 from stream.core.forecast import PredictedCount
 from stream.core.prompts import detailed_windows, direction, main_window, signal_windows
@@ -103,7 +104,7 @@ def _count_clause(f: _Facts, w: str, noun: str, rng: random.Random, with_prev: b
     The words before a number say which fact it is: v11's plain greedy wrote the digits first ("; 264")
     and chose between the prompt's numbers before it had said which one it meant (docs/evaluation.md)."""
     c = f.count[w]
-    lead = rng.choice(("in", "over"))
+    lead = rng.choice(WINDOW_LEADS)
     head = rng.choice([f"no {noun}", f"zero {noun}"]) if c == 0 else plural(c, noun)
     text = f"{lead} {rng.choice(current_phrases(w))}, {head}"
     if with_prev:
@@ -117,14 +118,14 @@ def _users_clause(f: _Facts, w: str, rng: random.Random) -> str:
     noun = rng.choice(GRAMMAR_USER_NOUNS)
     if u == 1:
         return rng.choice(ONE_USER)
-    return rng.choice([f"from {u} {noun}", f"by {u} {noun}", f"across {u} {noun}"])  # a word before the number
+    return rng.choice([f"{lead} {u} {noun}" for lead in USER_LEADS])
 
 
 def _why_clause(f: _Facts, w: str, outlook: str, noun: str, rng: random.Random) -> str:
     """The longer window's trend, always with a direction word: why the forecast goes against the main trend."""
     c, p, cur = f.count[w], f.prev[w], rng.choice(current_phrases(w))
     if rng.random() < 0.5:  # the window first, as _count_clause
-        return f"{rng.choice(('in', 'over'))} {cur}, {plural(c, noun)}, {rng.choice(_UPDOWN[outlook])} {p} {rng.choice(previous_phrases(w))}"
+        return f"{rng.choice(WINDOW_LEADS)} {cur}, {plural(c, noun)}, {rng.choice(_UPDOWN[outlook])} {p} {rng.choice(previous_phrases(w))}"
     return f"{noun} {rng.choice(VERB_PAST[outlook])} from {p} to {c} over {cur}"
 
 
@@ -175,8 +176,7 @@ def _target(signals: Mapping[str, float], horizon_days: int, rng: random.Random,
     `outlook` ("rise"/"fall"/"steady") is what the explanation forecasts; the
     trainer may pass the direction of the true next-period count so the text
     agrees with the score head. By default it follows the main window's trend.
-    Only numbers the prompt shows are cited. `rng`: random.Random or
-    numpy.random.Generator.
+    Only numbers the prompt shows are cited; `noun` is the text's count noun (target_explanation draws it).
     """
     if outlook is not None and outlook not in OUTLOOKS:
         raise ValueError(f"outlook must be one of {OUTLOOKS}, got {outlook!r}")

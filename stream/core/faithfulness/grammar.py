@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from stream.core.faithfulness.vocabulary import (DRIVER_CLAIM_PHRASES, LAST_YEAR_PHRASES, NEIGHBOURHOOD_PHRASES, GRAMMAR_COUNT_NOUNS, GRAMMAR_USER_NOUNS, LEADS, LEVEL_PHRASES, ONE_USER,
                                                  OUTLOOK_LEADS, OUTLOOK_SENTENCES, OUTLOOKS, RANGE_TAILS, SIZE_SENTENCES,
-                                                 UPDOWN, VERB_PAST)
+                                                 UPDOWN, USER_LEADS, VERB_PAST, WINDOW_LEADS)
 from stream.core.forecast import PredictedCount, outlook, stated_range, stated_size
 from stream.core.prompts import (PromptForecast, detailed_windows, direction, main_window, signal_windows,
                                  window_hours)
@@ -472,7 +472,7 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
         def count_clause(x: str, with_prev: bool | None) -> Alt:
             # the window before the number (trainer.explanations._count_clause)
             head = Alt.of(f"no {noun}", f"zero {noun}") if count[x] == 0 else plural(count[x], noun)
-            base = (Alt.of("in ", "over "), Alt.of(*current_phrases(x)), ", ", head)
+            base = (Alt.of(*(f"{lead} " for lead in WINDOW_LEADS)), Alt.of(*current_phrases(x)), ", ", head)
             if not with_prev:
                 return Alt.of(base)
             px, pp = prev[x], Alt.of(*previous_phrases(x))
@@ -488,7 +488,7 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
                 extras.append(("users", Alt.of(*ONE_USER)))
             else:
                 un = Alt.of(*(plural(u, n) for n in GRAMMAR_USER_NOUNS))
-                extras.append(("users", Alt.of(("from ", un), ("by ", un), ("across ", un))))
+                extras.append(("users", Alt.of(*((f"{lead} ", un) for lead in USER_LEADS))))
         if short:
             extras.append(("pulse", count_clause(short, None if short in prev else False)))
         if long:
@@ -509,7 +509,7 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
             # a mover with a reason (why_window) must give it (trainer.explanations._why_clause): the longer
             # window's trend, its direction word fixed, after the forecast and the main trend
             cw, pw, cur_w = count[why], prev[why], Alt.of(*current_phrases(why))
-            because = Alt.of((Alt.of("in ", "over "), cur_w, ", ", plural(cw, noun), ", ", Alt.of(*UPDOWN[forecast]),
+            because = Alt.of((Alt.of(*(f"{lead} " for lead in WINDOW_LEADS)), cur_w, ", ", plural(cw, noun), ", ", Alt.of(*UPDOWN[forecast]),
                               f" {pw} ", Alt.of(*previous_phrases(why))),
                              (f"{noun} ", Alt.of(*VERB_PAST[forecast]), f" from {pw} to {cw} over ", cur_w))
         elif plan is not None:

@@ -260,6 +260,10 @@ FUNCTION_WORDS = frozenset(
 GRAMMAR_COUNT_NOUNS = ("interactions", "events")
 GRAMMAR_USER_NOUNS = ("users", "distinct users", "different users", "unique users", "people")
 ONE_USER = ("from a single user", "all from one user", "from 1 distinct user", "by one person")
+# a second fact says which fact it is before its number: "in the last 28 days, 379 events", "from 29 users"
+# (a greedy decoder that meets the digits first picks among the prompt's numbers before it has said which)
+WINDOW_LEADS = ("in", "over")
+USER_LEADS = ("from", "by", "across")
 LEADS = {
     "rise": ("Rising", "Trending up", "Demand is rising", "Interest is growing", "Picking up", "On the rise",
              "Growing", "Demand is climbing"),
