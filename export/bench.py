@@ -16,9 +16,12 @@ that a busy machine slows all of them alike. PyTorch runs `Trail.item_state` wit
 Explanation speed: greedy tokens per second of the ONNX generator (and of PyTorch's
 `generate`) on a few prompts; and `explanations_per_s` (explanation_bench): real prompts of
 the manifest's datasets, a tick's movers as one batch of 5, constrained to their claim
-grammars with fast-forward, one onnxruntime thread (the stream's explainer default), beside
+grammars with fast-forward, on the stream's default explainer threads for this machine
+(`explain_threads`: every usable core but one, at least 1, stream.serving.config.explain_threads), beside
 one at a time (`explanations_per_s_single`), unconstrained batched greedy, the batch kept whole to its
-last row (`explanations_per_s_uncompacted`), a batch of 10 and two onnxruntime threads; all with the
+last row (`explanations_per_s_uncompacted`), a batch of 10, and two threads: as the stream runs them
+(TRAIL_EXPLAIN_THREADS=2: a single-thread session per shard of the rows, `explanations_per_s_threads2`) and
+as one session with two onnxruntime threads (`explanations_per_s_threads2_intra_op`); all with the
 generator the stream serves (`explain_generator`: generator.nbits on CPU when exported, export.nbits),
 and the fp32 generator's batched rate beside it (`explanations_per_s_fp32`).
 
@@ -41,7 +44,9 @@ import structlog
 import torch
 
 from stream.model.artefact import Artefact
-from stream.model.onnx_models import CPU, CUDA, Generator, ItemEncoder, available_providers
+from stream.model.onnx_models import (CPU, CUDA, Generator, ItemEncoder, ShardedGenerator, available_providers,
+                                      explain_generator)
+from stream.serving.config import explain_threads
 from export.rows import bench_size, explain_rows
 from stream.core.trends import Signals, TrendConfig
 
@@ -231,14 +236,14 @@ def bench(model_dir: Path, batch: int = 32, batches: int = 2, rounds: int = 2, t
     result |= explanation_bench(art, explain_rows(json.loads((Path(model_dir) / "manifest.json").read_text()),
                                                   max(10, explain_prompts), events=events, items=items,
                                                   cache_dir=cache_dir),
-                                providers, 1)  # one thread: the stream's TRAIL_EXPLAIN_THREADS default
+                                providers, explain_threads(None))  # the stream's TRAIL_EXPLAIN_THREADS default here
     return result
 
 
 def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], float]], providers: list[str],
                       threads: int | None, batch: int = 5, single: int = 5) -> dict:
     """Explanations per second as the stream makes them: the generator it serves (`explain_generator`: on CPU
-    the quantised copy when the export wrote one, stream.serving.parts.generator_role; the fp32 one beside it,
+    the quantised copy when the export wrote one, stream.model.teacher_forced.generator_role; the fp32 one beside it,
     `explanations_per_s_fp32`), the movers of a tick as one batch (`batch`, the
     default TRAIL_EXPLAIN_TOP), each row held to its claim grammar with fast-forward, against one at a time
     (the first `single` rows) and against unconstrained batched greedy. Row i's forecast is `bench_size(i, ...)`
@@ -248,11 +253,12 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar
     from stream.model.constraint import ClaimConstraint
 
-    from stream.serving.parts import generator_role
+    from stream.model.teacher_forced import generator_role
 
     tok = art.tokenizer()
     role = generator_role(art, providers)  # what the stream's explainer runs: a quantised copy on CPU when exported
-    gen = Generator(art.path(role), providers, tok.end_id, threads)
+    threads = threads or 1
+    gen = explain_generator(art.path(role), providers, tok.end_id, threads)
     cc = ClaimConstraint(art.path("tokenizer"), tok.end_id)
     limit = max(art.max_explanation_tokens, CONSTRAINED_MAX_NEW_TOKENS)
     prompts = tok.ids([p for p, _, _ in rows])
@@ -289,13 +295,19 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     # twice the stream's size, and with two onnxruntime threads (what a second core gives one explainer)
     full = run(batch, n, True, compact=False)
     wide = run(2 * batch, n, True)
-    gen2 = Generator(art.path(role), providers, tok.end_id, 2)
+    # two threads as the stream uses them (TRAIL_EXPLAIN_THREADS=2: a single-thread session per shard of the rows),
+    # and as one session with two onnxruntime intra-op threads
+    gen2 = explain_generator(art.path(role), providers, tok.end_id, 2)
     gen2.generate(prompts[0], 2)
     two = run(batch, n, True, g=gen2)
+    intra = Generator(art.path(role), providers, tok.end_id, 2)
+    intra.generate(prompts[0], 2)
+    two_intra = run(batch, n, True, g=intra)
+    del intra
     fp32 = batched
     if role != "generator":  # the fp32 generator beside the quantised one the stream serves
         del gen2
-        gen32 = Generator(art.path("generator"), providers, tok.end_id, threads)
+        gen32 = explain_generator(art.path("generator"), providers, tok.end_id, threads)
         gen32.generate(prompts[0], 2)
         fp32 = run(batch, n, True, g=gen32)
     return {
@@ -332,40 +344,46 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
         f"explanations_per_cpu_s_batch{2 * batch}": round(wide["per_cpu_s"], 2),
         "explanations_per_s_threads2": round(two["per_s"], 2),
         "explanations_per_cpu_s_threads2": round(two["per_cpu_s"], 2),
+        "explanations_per_s_threads2_intra_op": round(two_intra["per_s"], 2),
+        "explanations_per_cpu_s_threads2_intra_op": round(two_intra["per_cpu_s"], 2),
     }
 
 
 class Passes:
-    """Times each decoder pass of a Generator (a wrapper around its `_step`): the prompt pass of each batch
-    (no cache yet) apart from the decoding passes, and the decoding passes' width (tokens fed per row)."""
+    """Times each decoder pass of a Generator (a wrapper around its `_step`; each shard's of a ShardedGenerator,
+    whose shards' seconds are then averaged): the prompt pass of each batch (no cache yet) apart from the decoding
+    passes, and the decoding passes' width (tokens fed per row)."""
 
-    def __init__(self, gen: Generator) -> None:
-        self._step = gen._step
-        gen._step = self  # an instance attribute: this Generator only
+    def __init__(self, gen: Generator | ShardedGenerator) -> None:
+        self.parts = gen.parts if isinstance(gen, ShardedGenerator) else [gen]
+        for part in self.parts:
+            part._step = self._timed(part._step)  # an instance attribute: this Generator only
         self.reset()
 
     def reset(self) -> None:
         self.prompt_s = self.decode_s = 0.0
         self.decode_passes = self.decode_columns = 0
 
-    def __call__(self, feed: dict, past: dict):
-        t0 = time.perf_counter()
-        out = self._step(feed, past)
-        dt = time.perf_counter() - t0
-        first = next(iter(past.values()))
-        if isinstance(first, np.ndarray) and first.shape[2] == 0:  # no cache yet: the prompt pass (on CUDA the
-            # cache is an OrtValue from the second pass on)
-            self.prompt_s += dt
-        else:
-            self.decode_s += dt
-            self.decode_passes += 1
-            self.decode_columns += feed["input_ids"].shape[1]
-        return out
+    def _timed(self, step):
+        def timed(feed: dict, past: dict):
+            t0 = time.perf_counter()
+            out = step(feed, past)
+            dt = time.perf_counter() - t0
+            first = next(iter(past.values()))
+            if isinstance(first, np.ndarray) and first.shape[2] == 0:  # no cache yet: the prompt pass (on CUDA the
+                # cache is an OrtValue from the second pass on)
+                self.prompt_s += dt
+            else:
+                self.decode_s += dt
+                self.decode_passes += 1
+                self.decode_columns += feed["input_ids"].shape[1]
+            return out
+        return timed
 
     def shares(self, seconds: float) -> dict:
-        n = self.decode_passes
-        return {"prompt_share": self.prompt_s / seconds, "decode_share": self.decode_s / seconds, "decode_passes": n,
-                "decode_pass_ms": 1000 * self.decode_s / n if n else 0.0,
+        n, k = self.decode_passes, len(self.parts)
+        return {"prompt_share": self.prompt_s / k / seconds, "decode_share": self.decode_s / k / seconds,
+                "decode_passes": n, "decode_pass_ms": 1000 * self.decode_s / n if n else 0.0,
                 "decode_width": self.decode_columns / n if n else 0.0}
 
 

@@ -4,7 +4,7 @@
 
 Writes DIR/onnx/generator.nbits/model.onnx beside the fp32 generator and records it in the export record
 (files "generator.nbits", parity "generator.nbits"); the stream serves it on CPU when present
-(stream.serving.parts.generator_role). Every MatMul weight of the decoder, the LM head included (it reads
+(stream.model.teacher_forced.generator_role). Every MatMul weight of the decoder, the LM head included (it reads
 the tied embedding through a Transpose, folded here into a constant so that the quantiser takes it), is
 stored as `bits`-bit integers in blocks of `block_size` along K with an fp32 scale and zero point per
 block; the embedding lookup stays fp32. v8 on 2 cores: ~1.3x the batched explanations per CPU-second of
@@ -21,7 +21,7 @@ the next: teacher-forced on the same tokens, this Xeon (AVX-512 VNNI) and qemu -
 gave logits as far apart as either is from fp32 (docs/serving.md). So its parity is never assumed to carry
 over to another CPU: the export checks it where it runs, records a few prompts' fp32 tokens (parity
 "check"), and the stream repeats that check on its own CPU before serving the file and serves fp32 when it
-fails (stream.serving.parts.generator_role). accuracy_level 0/1 (fp32 compute, no integer products) was 4x
+fails (stream.model.teacher_forced.generator_role). accuracy_level 0/1 (fp32 compute, no integer products) was 4x
 slower than fp32 for 8-bit weights (onnxruntime dequantises them on every call) and no faster for 4-bit.
 
 Parity against the fp32 generator, defined so that it is deterministic and does not depend on the
@@ -137,7 +137,7 @@ def parity(fp32: Path, quantised: Path, prompts: list[list[int]], end_id: int, m
         "max_abs_logit_diff": round(max(diffs), 4) if diffs else None,
         "median_max_abs_logit_diff": round(float(np.median(diffs)), 4) if diffs else None,
         "greedy_identical": int(sum(same)), "max_new_tokens": max_new_tokens,
-        # what the stream repeats on its own CPU before serving the file (stream.serving.parts.generator_role):
+        # what the stream repeats on its own CPU before serving the file (stream.model.teacher_forced.generator_role):
         # the first CHECK_PROMPTS prompts, their fp32 continuations and fp32's top-1 tokens there
         "check": {"prompts": prompts[:CHECK_PROMPTS], "continuations": continuations[:CHECK_PROMPTS],
                   "fp32_top1": tops[:CHECK_PROMPTS]},

@@ -90,7 +90,7 @@ def test_a_generator_below_the_threshold_is_refused_and_removed(copy, built, tmp
 
 
 def test_the_stream_serves_it_on_cpu_and_its_constrained_texts_are_faithful(copy, built):
-    from stream.serving.parts import generator_role
+    from stream.model.teacher_forced import generator_role
 
     art = Artefact.load(copy, _trend(copy))  # the record with the new file: size and sha256 verified
     assert art.has(nbits.ROLE) and art.parity(nbits.ROLE)["top1_agreement"] >= nbits.MIN_TOP1_AGREEMENT
@@ -108,7 +108,7 @@ def test_the_stream_serves_it_on_cpu_and_its_constrained_texts_are_faithful(copy
 
 
 def test_the_stream_falls_back_to_fp32_when_the_check_fails_on_its_cpu(copy, built):
-    from stream.serving.parts import generator_role
+    from stream.model.teacher_forced import generator_role
 
     art = Artefact.load(copy, _trend(copy))
     check = art.onnx["parity"][nbits.ROLE]["check"]

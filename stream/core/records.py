@@ -25,7 +25,7 @@ from stream.core.forecast import OUTLOOKS
 REASONS = ("trend", "level", "neighbourhood", "season", "text", None)
 REASON_SOURCES = ("drivers", "rule", None)
 DRIVER_GROUPS = ("trend", "level", "neighbourhood", "season", "text")
-# the explanation generator's export, by its artefact role (stream.serving.parts.generator_role)
+# the explanation generator's export, by its artefact role (stream.model.teacher_forced.generator_role)
 GENERATOR_OF_ROLE = {"generator": "fp32", "generator.nbits": "nbits8", "generator.int8": "int8"}
 GENERATORS = tuple(GENERATOR_OF_ROLE.values())
 
@@ -241,7 +241,7 @@ class Explanation(_Record):
     `driver`: the model's top driver for this forecast (grammar.top_driver), None without drivers or when no
     group pushes a rise or fall its way.
     `generator`: which export of the model wrote `raw_explanation`: "fp32", "nbits8" (the weight-only 8-bit copy,
-    served only where it re-passed its parity check on this CPU) or "int8" (stream.serving.parts.generator_role;
+    served only where it re-passed its parity check on this CPU) or "int8" (stream.model.teacher_forced.generator_role;
     GENERATORS); None: not said (records written before it). Kafka only, like `decoding`.
     """
 

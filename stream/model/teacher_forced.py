@@ -1,15 +1,22 @@
 """Teacher-forced top-1 agreement of a generator file with recorded fp32 tokens: the parity measure of a
 quantised generator (export.nbits), and the check the stream repeats on its own CPU before serving one
-(stream.serving.parts.generator_role), since a quantised model's integer kernels differ from CPU to CPU."""
+(`generator_role`, which the explainer and export.bench both ask), since a quantised model's integer kernels
+differ from CPU to CPU."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import structlog
 
 from stream.model.onnx_models import CPU, session_options
+
+if TYPE_CHECKING:
+    from stream.model.artefact import Artefact
+
+log = structlog.get_logger(__name__)
 
 
 def all_positions_session(path: Path, threads: int | None = 1) -> Any:
@@ -54,3 +61,23 @@ def top1_agreement(path: Path, check: dict[str, Any], threads: int | None = 1) -
             agree += int((teacher_forced_logits(sess, p, c).argmax(-1) == np.asarray(top)).sum())
             total += len(c)
     return agree / total if total else 0.0
+
+
+def generator_role(artefact: "Artefact", providers: list[str]) -> str:
+    """The generator file the explainer runs: on CPU, a quantised copy when the export wrote one: the
+    weight-only n-bit one first (export.nbits) if it passes its parity check again on this CPU (its integer
+    kernels differ from CPU to CPU: teacher-forced top-1 agreement with the fp32 tokens the export recorded,
+    a few seconds), else the dynamic int8 one (export.onnx --generator-int8); fp32 otherwise."""
+    if providers[0] != CPU:
+        return "generator"
+    if artefact.has("generator.nbits"):
+        parity = artefact.parity("generator.nbits")
+        check, minimum = parity.get("check"), parity.get("min_top1_agreement")
+        agreement = top1_agreement(artefact.path("generator.nbits"), check) if check and minimum else None
+        if agreement is not None and agreement >= minimum:
+            log.info("serving.generator_nbits", top1_agreement=round(agreement, 4), minimum=minimum)
+            return "generator.nbits"
+        log.warning("serving.generator_nbits_refused", top1_agreement=agreement, minimum=minimum,
+                    note="the quantised generator does not hold its parity with fp32 on this CPU (or its export "
+                         "recorded no check); serving the next generator")
+    return "generator.int8" if artefact.has("generator.int8") else "generator"

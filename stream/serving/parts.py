@@ -34,8 +34,9 @@ from stream.core.records import GENERATOR_OF_ROLE, Explanation, ItemInfo, Predic
 from stream.core.trends import Signals, TrendConfig
 from stream.model.artefact import Artefact, ArtefactError
 from stream.model.constraint import ClaimConstraint
-from stream.model.onnx_models import CPU, Generator, choose_providers
-from stream.serving.config import ServingConfig
+from stream.model.onnx_models import Generator, ShardedGenerator, choose_providers, explain_generator
+from stream.model.teacher_forced import generator_role
+from stream.serving.config import ServingConfig, explain_threads
 from stream.serving.explainer import ExplainRequest, Explainer, Mover, MoverPicker
 from stream.serving.scorer import ScoredChunk, ScoredChunkError, ScoredPart, TickScorer, WarmUp, prompt_for, rank_tick
 
@@ -188,28 +189,6 @@ class ScorerService:
 
 
 # ---- the explainer service ----------------------------------------------------------------------------------
-def generator_role(artefact: Artefact, providers: list[str]) -> str:
-    """The generator file the explainer runs: on CPU, a quantised copy when the export wrote one: the
-    weight-only n-bit one first (export.nbits) if it passes its parity check again on this CPU (its integer
-    kernels differ from CPU to CPU: teacher-forced top-1 agreement with the fp32 tokens the export recorded,
-    a few seconds), else the dynamic int8 one (export.onnx --generator-int8); fp32 otherwise."""
-    if providers[0] != CPU:
-        return "generator"
-    if artefact.has("generator.nbits"):
-        from stream.model.teacher_forced import top1_agreement
-
-        parity = artefact.parity("generator.nbits")
-        check, minimum = parity.get("check"), parity.get("min_top1_agreement")
-        agreement = top1_agreement(artefact.path("generator.nbits"), check) if check and minimum else None
-        if agreement is not None and agreement >= minimum:
-            log.info("serving.generator_nbits", top1_agreement=round(agreement, 4), minimum=minimum)
-            return "generator.nbits"
-        log.warning("serving.generator_nbits_refused", top1_agreement=agreement, minimum=minimum,
-                    note="the quantised generator does not hold its parity with fp32 on this CPU (or its export "
-                         "recorded no check); serving the next generator")
-    return "generator.int8" if artefact.has("generator.int8") else "generator"
-
-
 class ExplainerService:
     def __init__(self, config: ServingConfig, trend: TrendConfig, artefact: Artefact, scorer: TickScorer,
                  catalogue: ItemSource, publish: Callable[[list[Explanation]], Awaitable[None]],
@@ -224,6 +203,7 @@ class ExplainerService:
         self.picker = MoverPicker(config.explain_top, config.explain_by, scorer.horizon_days)
         # None while the export writes the generator (the artefact's "pending"): ticks are ranked and published
         # unexplained meanwhile (counted in stats.ticks_unexplained), `await_generator` builds it when it is there
+        self.generator: Generator | ShardedGenerator | None = None  # what `_build` opened, closed at `join`
         self.explainer: Explainer | None = None if artefact.pending else self._build(artefact)
         self._waiting: asyncio.Task | None = None
         self._closing = False
@@ -232,7 +212,9 @@ class ExplainerService:
         config = self.config
         providers = choose_providers(config.provider)
         role = generator_role(artefact, providers)
-        gen = Generator(artefact.path(role), providers, self.scorer.tokenizer.end_id, config.explain_threads)
+        threads = explain_threads(config.explain_threads)
+        gen = self.generator = explain_generator(artefact.path(role), providers, self.scorer.tokenizer.end_id, threads)
+        log.info("serving.explainer_threads", threads=threads, sharded=isinstance(gen, ShardedGenerator))
         # one batch per tick's movers, each row held to its claim grammar (stream.model.constraint)
         return Explainer(gen.generate, self.scorer.tokenizer, artefact.model_version,
                          artefact.max_explanation_tokens, self.publish,
@@ -285,6 +267,8 @@ class ExplainerService:
     async def join(self) -> None:
         if self.explainer is not None:
             await asyncio.to_thread(self.explainer.executor.shutdown, True)
+        if isinstance(self.generator, ShardedGenerator):
+            await asyncio.to_thread(self.generator.close)
 
     def offer(self, as_of: int, predictions: list[Prediction]) -> None:
         if self.explainer is None:
