@@ -61,6 +61,8 @@ class Forecast:
 
     count: np.ndarray  # predicted count in the horizon (MAE/RMSE on log1p)
     score: np.ndarray  # ranking score, higher = more popular (NDCG/HR/Recall, Spearman)
+    low: np.ndarray | None = None  # the published 80% range (10% / 90%), for a method with a range head
+    high: np.ndarray | None = None
 
 
 Method = Callable[[pd.DataFrame], "np.ndarray | Forecast"]
@@ -86,7 +88,7 @@ def predict_all(frame: pd.DataFrame, methods: dict[str, Method]) -> tuple[dict[s
         t = time.perf_counter()
         res = predict(frame)
         if isinstance(res, Forecast):
-            fc = Forecast(np.asarray(res.count, np.float64), np.asarray(res.score, np.float64))
+            fc = Forecast(np.asarray(res.count, np.float64), np.asarray(res.score, np.float64), res.low, res.high)
         else:
             count = np.asarray(res, np.float64)
             fc = Forecast(count, count)
@@ -373,7 +375,8 @@ def published_count(shipped: Method, ranges: Callable[[pd.DataFrame], tuple | No
         return last["forecast"]
 
     def trail(frame: pd.DataFrame) -> Forecast:
-        return Forecast(count=np.asarray(ranges(frame)[1], np.float64), score=score_head(frame).score)
+        low, mid, high = ranges(frame)
+        return Forecast(count=np.asarray(mid, np.float64), score=score_head(frame).score, low=low, high=high)
 
     return {"trail": trail, "trail_score_head_count": score_head}
 
@@ -455,7 +458,7 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
     if ranged:
         from trainer.quantiles import interval_metrics
 
-        low, _, high = trail_range(trail, model_dir, test, horizon)
+        low, high = preds["trail"].low, preds["trail"].high  # the test rows' range, as `trail` published it
         body["methods"]["trail"] |= interval_metrics(low, high, test["label_count"].to_numpy(np.float64))
     t4 = time.perf_counter()
     stages = {"load": t1 - t0, "examples": t2 - t1, "fit": t3 - t2, "predict+metrics": t4 - t3}
@@ -467,10 +470,7 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
         if explain_split == "valid":  # choosing among adapters or decoding settings: never on test cut-offs
             pool = examples.rows(split.valid)
             shipped = methods["trail"](pool)
-            scores, counts = shipped.score, shipped.count
-            low = high = None
-            if ranged:
-                low, _, high = trail_range(trail, model_dir, pool, horizon)
+            scores, counts, low, high = shipped.score, shipped.count, shipped.low, shipped.high
         rows = sample_rows(pool, scores, explain_sample, top_n, seed=seed, counts=counts, low=low, high=high)
         if ranged:  # what moved each sampled row's median, as the stream publishes it
             rows = rows.assign(drivers=range_drivers(trail, model_dir, rows, horizon))

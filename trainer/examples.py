@@ -232,3 +232,30 @@ def split_cutoffs(cutoffs: np.ndarray, horizon_ms: int, test_frac: float = 0.2, 
                             f"(after purging overlapping horizons: train {len(train)}, valid {len(valid)}, "
                             f"test {len(test)}); use a longer log or a shorter period")
     return Split(train, valid, test)
+
+
+@dataclass(frozen=True)
+class RowLimits:
+    """A fit on a slice of the data (`trainer.fit --max-train-cutoffs / --max-valid-cutoffs / --max-items`: tests, a
+    quick look): the last N training and validation cut-offs, the N busiest items of the kept training rows.
+    Every phase of the fit reads the same slice (the score head's and the range head's, trainer.quantiles). 0 or
+    None: no limit."""
+
+    train_cutoffs: int | None = None
+    valid_cutoffs: int | None = None
+    items: int | None = None
+
+    def apply(self, train: pd.DataFrame, valid: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        def last(frame: pd.DataFrame, n: int | None) -> pd.DataFrame:
+            if not n:
+                return frame
+            keep = np.sort(frame["cutoff_ms"].unique())[-n:]
+            return frame[frame["cutoff_ms"].isin(keep)].reset_index(drop=True)
+
+        train, valid = last(train, self.train_cutoffs), last(valid, self.valid_cutoffs)
+        if self.items:
+            busiest = train.groupby("item_id")["count_7d"].sum().nlargest(self.items).index
+            train = train[train["item_id"].isin(busiest)].reset_index(drop=True)
+            valid = valid[valid["item_id"].isin(busiest)].reset_index(drop=True)
+        return train, valid
+

@@ -43,7 +43,7 @@ from stream.core.prompts import ITEM_TEXT_VERSION, PROMPT_VERSION
 from stream.core.trends import TrendConfig
 from stream.core.datasets import load_dataset
 from stream.settings import load_settings
-from trainer.examples import Examples, build_examples, split_cutoffs
+from trainer.examples import Examples, RowLimits, build_examples, split_cutoffs
 from trainer.folds import make_folds
 from trainer.explanations import NEGATIVE_WEIGHTS, negative_explanations, target_explanation
 from trainer.inference import features_of, item_texts_of, prompts_of
@@ -637,17 +637,9 @@ def train(argv: list[str] | None = None) -> Trail:
     trend = TrendConfig()
     names = [args.events] if args.events else [n.strip() for n in args.dataset.split(",") if n.strip()]
     parts = load_parts(names, args.items, trend, cache_dir=cache_dir)
+    limits = RowLimits(args.max_train_cutoffs, args.max_valid_cutoffs, args.max_items)
     for p in parts:
-        if args.max_train_cutoffs:
-            keep = np.sort(p.train["cutoff_ms"].unique())[-args.max_train_cutoffs:]
-            p.train = p.train[p.train["cutoff_ms"].isin(keep)].reset_index(drop=True)
-        if args.max_valid_cutoffs:
-            keep = np.sort(p.valid["cutoff_ms"].unique())[-args.max_valid_cutoffs:]
-            p.valid = p.valid[p.valid["cutoff_ms"].isin(keep)].reset_index(drop=True)
-        if args.max_items:
-            busiest = p.train.groupby("item_id")["count_7d"].sum().nlargest(args.max_items).index
-            p.train = p.train[p.train["item_id"].isin(busiest)].reset_index(drop=True)
-            p.valid = p.valid[p.valid["item_id"].isin(busiest)].reset_index(drop=True)
+        p.train, p.valid = limits.apply(p.train, p.valid)
     norm = fit_normalisation(parts, list(trend.signal_names))
     model_cfg = TrailConfig(base=args.base, lora_layers=args.lora_layers)
     if args.init_adapter:
@@ -727,7 +719,7 @@ def train(argv: list[str] | None = None) -> Trail:
 
         t4 = time.time()
         report = train_range(str(out), names, args.items, max_epochs=args.range_epochs, seed=cfg.seed,
-                             cache_dir=cache_dir)
+                             limits=limits, cache_dir=cache_dir)
         log.info("fit.range.done", minutes=round((time.time() - t4) / 60, 2), epochs=report.get("epochs"),
                  calibration=report["calibration"].get("method"))
     log.info("fit.done", out=str(out), minutes=round((time.time() - started) / 60, 2))

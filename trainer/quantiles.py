@@ -51,6 +51,7 @@ from stream.core.calibration import (CONTINUOUS, MISS, POOLED, WHOLE, Offsets, R
                                      fit_offsets, horizon_key, whole_bounds, whole_counts)
 from stream.core.drivers import PaceDrivers, pace_drivers
 from stream.core.features import HORIZON, Normalisation, predicted_count, week_of_year
+from trainer.examples import RowLimits
 
 log = structlog.get_logger(__name__)
 
@@ -337,8 +338,9 @@ def drivers(head: RangeHead, x: np.ndarray, cal: np.ndarray, z: np.ndarray,
 
 # ---- CLI: python -m trainer.quantiles --model DIR [--dataset retail,ml100k] [--out DIR2] [--calibrate-only] ----
 
-def _dataset_rows(model, name: str, items: str | None, config, cache_dir: Path):
-    """(examples, split, folds, pre-test frame, its item index, item states) of one dataset."""
+def _dataset_rows(model, name: str, items: str | None, config, cache_dir: Path, limits: RowLimits = RowLimits()):
+    """(examples, folds, pre-test frame, its item index, item states) of one dataset, the frame cut to `limits`
+    (the fit's --max-* slice, as its score head read it)."""
     from trainer.protocol import DEFAULT_MIN_HISTORY_DAYS, choose_protocol, is_builtin
     from trainer.examples import build_examples, split_cutoffs
     from trainer.folds import make_folds
@@ -355,7 +357,7 @@ def _dataset_rows(model, name: str, items: str | None, config, cache_dir: Path):
     ex = build_examples(ds, config, **proto)
     split = split_cutoffs(ex.cutoffs, ex.horizon_ms)
     folds = make_folds(split, ex.horizon_ms)
-    pre = ex.rows(np.concatenate([split.train, split.valid]))
+    pre = pd.concat(limits.apply(ex.rows(split.train), ex.rows(split.valid)), ignore_index=True)
     index, texts = item_texts_of(pre)
     return ex, folds, pre, index, model.item_states(texts, progress=False)
 
@@ -372,14 +374,15 @@ class RangeRows:
     valid_source: np.ndarray
 
 
-def _range_rows(model, names: list[str], items: str | None, cache_dir: Path) -> RangeRows:
+def _range_rows(model, names: list[str], items: str | None, cache_dir: Path,
+                limits: RowLimits = RowLimits()) -> RangeRows:
     from stream.core.trends import TrendConfig
 
     config = TrendConfig()
     fold_parts: list[list[tuple[RangeData, RangeData]]] = []
     full_parts, all_states, horizons, offset = [], [], [], 0
     for name in names:
-        ex, folds, pre, index, states = _dataset_rows(model, name, items, config, cache_dir)
+        ex, folds, pre, index, states = _dataset_rows(model, name, items, config, cache_dir, limits)
         horizon = ex.horizon_ms / 86_400_000
         cut = pre["cutoff_ms"].to_numpy(np.int64)
 
@@ -394,9 +397,15 @@ def _range_rows(model, names: list[str], items: str | None, cache_dir: Path) -> 
     n_folds = min(len(f) for f in fold_parts)
     cat = lambda ds: RangeData(*(np.concatenate([getattr(d, k) for d in ds])  # noqa: E731
                                  for k in ("x", "cal", "item", "y", "count")))
+    # a fold with no rows on either side (a --max-* slice keeps a few cut-offs) has nothing to choose by
+    kept = [i for i in range(n_folds) if all(sum(len(fp[-n_folds + i][side].y) for fp in fold_parts) for side in (0, 1))]
+    if not kept:
+        raise ValueError(f"{', '.join(names)}: no validation fold has rows on both sides for the range head "
+                         f"(--max-train-cutoffs / --max-valid-cutoffs keep too few cut-offs; raise them, or fit "
+                         f"without it: --no-range-head)")
     folds = [(cat([fp[-n_folds + i][0] for fp in fold_parts]), cat([fp[-n_folds + i][1] for fp in fold_parts]))
-             for i in range(n_folds)]
-    sizes = [[len(fp[-n_folds + i][1].y) for fp in fold_parts] for i in range(n_folds)]
+             for i in kept]
+    sizes = [[len(fp[-n_folds + i][1].y) for fp in fold_parts] for i in kept]
     valid_horizon = np.concatenate([np.repeat(horizons, s) for s in sizes])
     valid_source = np.concatenate([np.repeat(np.array(names, dtype=object), s) for s in sizes])
     return RangeRows(folds, cat(full_parts), np.concatenate(all_states), valid_horizon, valid_source)
@@ -422,17 +431,19 @@ def _target(model_dir: str, out: str | None) -> Path:
 
 
 def train_range(model_dir: str, names: list[str], items: str | None = None, out: str | None = None,
-                max_epochs: int = 8, seed: int = 0, *, cache_dir: Path) -> dict:
+                max_epochs: int = 8, seed: int = 0, limits: RowLimits = RowLimits(), *, cache_dir: Path) -> dict:
     """Train the range head of the artefact at `model_dir` on cached item states (under `cache_dir`,
     `Settings.cache_dir`, with the base model and the parsed datasets), calibrate it on the folds'
     out-of-fold predictions (`calibrate`), and save it into `out`."""
     model = _load_model(model_dir, cache_dir)
-    rows = _range_rows(model, names, items, cache_dir)
+    rows = _range_rows(model, names, items, cache_dir, limits)
     cfg = RangeConfig(n_features=len(model.norm.names), hidden_size=int(model.lm.config.hidden_size),
                       feature_names=tuple(model.norm.names))
     oof: list[np.ndarray] = []
     head, report = fit_range(cfg, rows.folds, rows.full, rows.states, max_epochs=max_epochs, seed=seed, oof=oof)
     report |= {"datasets": names, "folds": len(rows.folds), "model_dir": str(model_dir), "seed": seed}
+    if limits != RowLimits():
+        report["limits"] = asdict(limits)
     head.cfg.trained = report
     head.cfg.calibration = calibrate(oof, rows.folds, rows.valid_horizon, rows.valid_source)
     save_range(head, _target(model_dir, out))
