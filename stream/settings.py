@@ -198,8 +198,10 @@ class _Env(BaseSettings):
                                          shown="onnxruntime's", ge=1)
     TRAIL_EXPLAIN_TOP: int = _var(_SERVING.explain_top, "movers explained per tick", "a whole number >= 0", ge=0)
     TRAIL_EXPLAIN_BY: Literal["rise", "rank_jump"] = _var(_SERVING.explain_by, "how movers are picked")
-    TRAIL_EXPLAIN_THREADS: int = _var(_SERVING.explain_threads, "onnxruntime threads of the explanation generator", "a whole number >= 1",
-                                      ge=1)
+    TRAIL_EXPLAIN_THREADS: int | None = _var(
+        _SERVING.explain_threads, "CPU threads the explainer decodes with: on CPU one single-thread onnxruntime "
+        "session each, decoding a share of a tick's movers at once", "a whole number >= 1",
+        shown="the usable cores but one, at least 1", ge=1)
     TRAIL_EXPLAIN_TEMPERATURE: float = _var(
         _SERVING.explain_temperature, "sampling temperature of explanations, among the tokens the claim grammar allows "
         "(one seed per item and tick: a replay gives the same texts); 0: greedy", "a number >= 0", ge=0)

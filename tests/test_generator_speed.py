@@ -43,13 +43,19 @@ def gen(artefact) -> Generator:
     return Generator(artefact.path("generator"), [CPU], artefact.tokenizer().end_id, threads=1)
 
 
-def test_a_compacted_batch_gives_the_full_batchs_texts(artefact, gen):
+@pytest.fixture(scope="module")
+def batch(artefact) -> tuple[list[list[int]], list[str], ClaimConstraint, int]:
+    """ITEMS as one tick's movers: (prompt ids, claim grammars, the constraint, the constrained token limit)."""
     tok = artefact.tokenizer()
     prompts = tok.ids([render_prompt(t, c, s, 7, month="Dec") for t, c, s, _ in ITEMS])
     sizes = [PredictedCount(p, 7, 0.7 * p, 1.4 * p) for *_, p in ITEMS]
     grammars = [claim_grammar(s, 7, z.direction(s), size=z).lark() for (_, _, s, _), z in zip(ITEMS, sizes)]
     cc = ClaimConstraint(artefact.path("tokenizer"), tok.end_id)
-    limit = max(artefact.max_explanation_tokens, CONSTRAINED_MAX_NEW_TOKENS)
+    return prompts, grammars, cc, max(artefact.max_explanation_tokens, CONSTRAINED_MAX_NEW_TOKENS)
+
+
+def test_a_compacted_batch_gives_the_full_batchs_texts(gen, batch):
+    prompts, grammars, cc, limit = batch
     steps = []
     step = gen._step
 
@@ -74,6 +80,25 @@ def test_a_compacted_batch_gives_the_full_batchs_texts(artefact, gen):
     assert full == [gen.generate_batch([p], limit, cc.guide([g]))[0] for p, g in zip(prompts, grammars)]
 
 
+def test_a_sharded_generator_gives_each_row_the_batchs_text(artefact, gen, batch):
+    """TRAIL_EXPLAIN_THREADS=2: the rows split between two single-thread sessions decoding at once; each row keeps
+    its own text, seed and matcher, and the guide counts the shards' forced tokens and steps together."""
+    from stream.model.onnx_models import ShardedGenerator
+
+    prompts, grammars, cc, limit = batch
+    sharded = ShardedGenerator(artefact.path("generator"), [CPU], artefact.tokenizer().end_id, 2)
+    try:
+        whole, split = cc.guide(grammars), cc.guide(grammars)
+        assert sharded.generate_batch(prompts, limit, split) == gen.generate_batch(prompts, limit, whole)
+        assert split.forced == whole.forced > 0 and split.steps >= whole.steps  # each shard steps on its own
+        seeds = [11, 12, 13, 14, 15]
+        assert (sharded.generate_batch(prompts, limit, cc.guide(grammars), temperature=0.7, top_p=0.9, seeds=seeds)
+                == gen.generate_batch(prompts, limit, cc.guide(grammars), temperature=0.7, top_p=0.9, seeds=seeds))
+        assert sharded.generate_batch([], limit) == []
+    finally:
+        sharded.close()
+
+
 def test_the_bench_reports_explanation_speed_with_its_comparisons(artefact):
     from export.bench import explanation_bench
 
@@ -83,10 +108,11 @@ def test_the_bench_reports_explanation_speed_with_its_comparisons(artefact):
                   "explanations_per_s_unconstrained", "explain_decode_pass_share", "explain_faithful_share",
                   "explanations_per_s_uncompacted", "explanations_per_cpu_s_uncompacted",
                   "explanations_per_s_batch10", "explanations_per_cpu_s_batch10",
-                  "explanations_per_s_threads2", "explanations_per_cpu_s_threads2", "explanations_per_s_fp32"):
+                  "explanations_per_s_threads2", "explanations_per_cpu_s_threads2", "explanations_per_s_fp32",
+                  "explanations_per_s_threads2_intra_op"):
         assert got[field] > 0, field
     assert got["explain_rows"] == 5 and got["explain_faithful_share"] == 1.0
     # the generator the stream's explainer would serve from this export (fp32 unless an 8-bit copy passed its check)
-    from stream.serving.parts import generator_role
+    from stream.model.teacher_forced import generator_role
 
     assert got["explain_generator"] == generator_role(artefact, [CPU])

@@ -79,6 +79,17 @@ class Guide:
         self.steps = 0
         self.forced = 0  # tokens fast-forwarded (fed without a decoding step of their own)
 
+    def part(self, rows: Sequence[int]) -> "Guide":
+        """A guide over some of these rows (their own matchers, renumbered 0..): one shard of a batch decoded apart
+        (stream.model.onnx_models.ShardedGenerator); `absorb` adds its counts back."""
+        return Guide(self.constraint, [self.matchers[i] for i in rows])
+
+    def absorb(self, parts: Sequence["Guide"]) -> None:
+        for g in parts:
+            self.seconds += g.seconds
+            self.steps += g.steps
+            self.forced += g.forced
+
     def mask(self, logits: np.ndarray, rows: Sequence[int] | None = None) -> None:
         """Set the logits of disallowed tokens to -inf, in place; logits (B, V) for the batch's rows."""
         import time

@@ -22,6 +22,7 @@ only, not on the other rows of its batch. Temperature 0 is the greedy argmax, un
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -359,3 +360,62 @@ class Generator:
         self.sess.run_with_iobinding(binding)
         values = binding.get_outputs()
         return values[0].numpy(), {i: v for (i, _), v in zip(names, values[1:])}
+
+
+class ShardedGenerator:
+    """`shards` single-thread sessions of one generator file, each decoding a contiguous share of a batch's rows,
+    all at once (one thread each: onnxruntime and llguidance compute without the GIL). The explainer's way to use
+    several CPU cores (TRAIL_EXPLAIN_THREADS > 1). On this 2-core Xeon, v12's 8-bit generator gave 4.5-4.7
+    explanations/s at 2.7 per CPU-second. One session with 2 intra-op threads gave 4.4-4.6 at 2.2-2.3: its two
+    threads meet at each of a decode pass's ~3,000 small kernels. One thread alone gave 3.0 (docs/serving.md).
+    Each row is decoded as in one batch (`Generator.generate_batch`: a row's logits come from that row alone), with
+    its own seed and its own matcher (`Guide.part`)."""
+
+    def __init__(self, path: Path, providers: list[str], end_id: int, shards: int) -> None:
+        if shards < 2:
+            raise ValueError(f"a sharded generator needs 2 or more shards, got {shards} (use Generator)")
+        self.parts = [Generator(path, providers, end_id, threads=1) for _ in range(shards)]
+        self.end_id = end_id
+        self.cuda = self.parts[0].cuda
+        self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="trail-generator-shard")
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, guide: Any = None, *,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[int]:
+        return self.parts[0].generate(prompt_ids, max_new_tokens, guide, temperature=temperature, top_p=top_p,
+                                      seed=seed)
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int, guide: Any = None,
+                       fast_forward: bool = True, *, temperature: float = 0.0, top_p: float = 1.0,
+                       seeds: Sequence[int] | None = None, compact: bool = True) -> list[list[int]]:
+        """`Generator.generate_batch`, the rows split into up to `shards` contiguous shards decoded at once."""
+        if not prompts:
+            return []
+        seeds = row_seeds(seeds, len(prompts))
+        shards = [s.tolist() for s in np.array_split(np.arange(len(prompts)), min(len(self.parts), len(prompts)))]
+        guides = [guide.part(rows) if guide is not None else None for rows in shards]
+
+        def run(k: int) -> list[list[int]]:
+            rows = shards[k]
+            return self.parts[k].generate_batch([prompts[i] for i in rows], max_new_tokens, guides[k], fast_forward,
+                                                temperature=temperature, top_p=top_p, seeds=[seeds[i] for i in rows],
+                                                compact=compact)
+
+        rest = [self._pool.submit(run, k) for k in range(1, len(shards))]
+        out = run(0)
+        for f in rest:
+            out += f.result()
+        if guide is not None:
+            guide.absorb(guides)
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def explain_generator(path: Path, providers: list[str], end_id: int, threads: int) -> Generator | ShardedGenerator:
+    """The explainer's generator for `threads` CPU threads: on CPU with 2 or more, a ShardedGenerator (a session
+    per thread); else one session (on CUDA the GPU does the work whatever the threads)."""
+    if threads > 1 and providers[0] == CPU:
+        return ShardedGenerator(path, providers, end_id, threads)
+    return Generator(path, providers, end_id, threads)
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,10 +24,27 @@ class ServingConfig:
     threads: int | None = None
     explain_top: int = 5
     explain_by: str = "rise"
-    explain_threads: int | None = 1
+    explain_threads: int | None = None  # None: `explain_threads` below
     explain_temperature: float = EXPLAIN_TEMPERATURE  # 0: greedy (stream.core.decoding)
     explain_top_p: float = EXPLAIN_TOP_P
     scores_topic: str = "trail.scores"
     ranker_group: str = "trail-ranker"
     grace_s: float = 10.0
     catalogue_wait_s: float = 30.0
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the OS has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
+
+
+def explain_threads(configured: int | None) -> int:
+    """The explainer's CPU threads: TRAIL_EXPLAIN_THREADS, else every usable core but one, at least 1. The core
+    left is the event loop's: ingest and scoring are one Python thread, and a 2-core machine keeps one core each
+    (the explainer decodes in bursts, one batch a tick; two shards there would take the event loop's core for
+    ~1.1 s a tick)."""
+    return configured or max(1, usable_cores() - 1)
+
