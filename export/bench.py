@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -356,6 +357,7 @@ class Passes:
 
     def __init__(self, gen: Generator | ShardedGenerator) -> None:
         self.parts = gen.parts if isinstance(gen, ShardedGenerator) else [gen]
+        self._lock = threading.Lock()
         for part in self.parts:
             part._step = self._timed(part._step)  # an instance attribute: this Generator only
         self.reset()
@@ -370,13 +372,14 @@ class Passes:
             out = step(feed, past)
             dt = time.perf_counter() - t0
             first = next(iter(past.values()))
-            if isinstance(first, np.ndarray) and first.shape[2] == 0:  # no cache yet: the prompt pass (on CUDA the
-                # cache is an OrtValue from the second pass on)
-                self.prompt_s += dt
-            else:
-                self.decode_s += dt
-                self.decode_passes += 1
-                self.decode_columns += feed["input_ids"].shape[1]
+            with self._lock:  # shards time their passes from their own threads
+                if isinstance(first, np.ndarray) and first.shape[2] == 0:  # no cache yet: the prompt pass (on CUDA
+                    # the cache is an OrtValue from the second pass on)
+                    self.prompt_s += dt
+                else:
+                    self.decode_s += dt
+                    self.decode_passes += 1
+                    self.decode_columns += feed["input_ids"].shape[1]
             return out
         return timed
 
