@@ -7,14 +7,16 @@ stands for llguidance with per-row allowed sets and forced tokens."""
 
 from __future__ import annotations
 
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from stream.core import decoding
 from stream.core.records import Explanation, Prediction, RecordError
-from stream.model.onnx_models import Generator, Sampler, _Cache, sample_token
+from stream.model.onnx_models import Generator, Sampler, ShardedGenerator, _Cache, sample_token
 
 V = 512
 END = V - 1
@@ -110,6 +112,17 @@ class FakeGuide:
     def stopped(self, row):
         return self.matchers[row].stopped()
 
+    def part(self, rows):
+        g = FakeGuide([])
+        g.matchers = [self.matchers[i] for i in rows]
+        return g
+
+    def absorb(self, parts):
+        for g in parts:
+            self.seconds += g.seconds
+            self.forced += g.forced
+            self.drawn += g.drawn
+
 
 def reference_greedy(prompt: list[int], param: int | None, limit: int) -> list[int]:
     """The greedy loop of one row, written out plainly (what generate_batch did before sampling)."""
@@ -189,6 +202,51 @@ def test_sampled_tokens_are_allowed_and_forced_ones_kept():
             for a, b in zip(m.consumed, m.consumed[1:]):
                 if a % 4 == 0 and a != END and len(row) < 20:
                     assert b == (a + 1) % END  # forced tokens stay as the grammar forces them
+
+
+def sharded(*parts) -> ShardedGenerator:
+    """A ShardedGenerator over fake decoders (its own logic under test: the split, the seeds, the wait)."""
+    gen = ShardedGenerator.__new__(ShardedGenerator)
+    gen.parts, gen.end_id, gen.cuda = list(parts), END, False
+    gen._pool = ThreadPoolExecutor(len(parts) - 1)
+    return gen
+
+
+def test_shards_give_each_row_the_one_batch_text_seed_and_matcher():
+    idx = list(range(len(PROMPTS)))
+    for kw in ({}, {"temperature": 0.8, "top_p": 0.95}):
+        whole, guide = _run(FakeDecoder(), idx, **kw)
+        for n in (2, 3, 4):
+            gen = sharded(*[FakeDecoder() for _ in range(n)])
+            out, split = _run(gen, idx, **kw)  # shard k decodes its rows on its own thread
+            assert out == whole and (split.forced, split.drawn) == (guide.forced, guide.drawn)
+            gen.close()
+    gen = sharded(FakeDecoder(), FakeDecoder())
+    assert gen.generate_batch([], 20) == []
+    assert gen.generate_batch(PROMPTS[:1], 9) == [reference_greedy(PROMPTS[0], None, 9)]  # one row: one shard
+    gen.close()
+
+
+def test_a_failing_shard_waits_for_the_others_before_raising():
+    done = []
+
+    class Slow(FakeDecoder):
+        def _step(self, feed, past):
+            time.sleep(0.05)
+            return super()._step(feed, past)
+
+    class Failing(FakeDecoder):
+        def _step(self, feed, past):
+            raise RuntimeError("a shard failed")
+
+    slow = Slow()
+    original = slow.generate_batch
+    slow.generate_batch = lambda *a, **k: done.append(original(*a, **k)) or done[-1]
+    gen = sharded(Failing(), slow)
+    with pytest.raises(RuntimeError, match="a shard failed"):
+        gen.generate_batch(PROMPTS, 20)
+    assert len(done) == 1  # the other shard had finished: none runs on into the next batch
+    gen.close()
 
 
 def test_tiny_top_p_is_greedy():

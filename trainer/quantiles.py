@@ -398,7 +398,8 @@ def _range_rows(model, names: list[str], items: str | None, cache_dir: Path,
     cat = lambda ds: RangeData(*(np.concatenate([getattr(d, k) for d in ds])  # noqa: E731
                                  for k in ("x", "cal", "item", "y", "count")))
     # a fold with no rows on either side (a --max-* slice keeps a few cut-offs) has nothing to choose by
-    kept = [i for i in range(n_folds) if all(sum(len(fp[-n_folds + i][side].y) for fp in fold_parts) for side in (0, 1))]
+    kept = [i for i in range(n_folds)
+            if all(sum(len(fp[-n_folds + i][side].y) for fp in fold_parts) for side in (0, 1))]
     if not kept:
         raise ValueError(f"{', '.join(names)}: no validation fold has rows on both sides for the range head "
                          f"(--max-train-cutoffs / --max-valid-cutoffs keep too few cut-offs; raise them, or fit "

@@ -22,7 +22,7 @@ only, not on the other rows of its batch. Temperature 0 is the greedy argmax, un
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -401,7 +401,10 @@ class ShardedGenerator:
                                                 compact=compact)
 
         rest = [self._pool.submit(run, k) for k in range(1, len(shards))]
-        out = run(0)
+        try:
+            out = run(0)
+        finally:
+            wait(rest)  # no shard outlives its batch, even when one failed (the next batch reuses the sessions)
         for f in rest:
             out += f.result()
         if guide is not None:
