@@ -258,4 +258,3 @@ class RowLimits:
             train = train[train["item_id"].isin(busiest)].reset_index(drop=True)
             valid = valid[valid["item_id"].isin(busiest)].reset_index(drop=True)
         return train, valid
-

@@ -421,4 +421,3 @@ def explain_generator(path: Path, providers: list[str], end_id: int, threads: in
     if threads > 1 and providers[0] == CPU:
         return ShardedGenerator(path, providers, end_id, threads)
     return Generator(path, providers, end_id, threads)
-

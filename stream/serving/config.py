@@ -47,4 +47,3 @@ def explain_threads(configured: int | None) -> int:
     (the explainer decodes in bursts, one batch a tick; two shards there would take the event loop's core for
     ~1.1 s a tick)."""
     return configured or max(1, usable_cores() - 1)
-

@@ -381,6 +381,7 @@ def cap(part: Alt) -> Alt:
 
 
 EMPTY: tuple = ()
+WINDOW_LEAD = Alt.of(*(f"{lead} " for lead in WINDOW_LEADS))  # "in " / "over ": before a second fact's window
 
 
 @dataclass(frozen=True)
@@ -472,7 +473,7 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
         def count_clause(x: str, with_prev: bool | None) -> Alt:
             # the window before the number (trainer.explanations._count_clause)
             head = Alt.of(f"no {noun}", f"zero {noun}") if count[x] == 0 else plural(count[x], noun)
-            base = (Alt.of(*(f"{lead} " for lead in WINDOW_LEADS)), Alt.of(*current_phrases(x)), ", ", head)
+            base = (WINDOW_LEAD, Alt.of(*current_phrases(x)), ", ", head)
             if not with_prev:
                 return Alt.of(base)
             px, pp = prev[x], Alt.of(*previous_phrases(x))
@@ -509,7 +510,7 @@ def claim_grammar(signals: Mapping[str, float], horizon_days: float, forecast: s
             # a mover with a reason (why_window) must give it (trainer.explanations._why_clause): the longer
             # window's trend, its direction word fixed, after the forecast and the main trend
             cw, pw, cur_w = count[why], prev[why], Alt.of(*current_phrases(why))
-            because = Alt.of((Alt.of(*(f"{lead} " for lead in WINDOW_LEADS)), cur_w, ", ", plural(cw, noun), ", ", Alt.of(*UPDOWN[forecast]),
+            because = Alt.of((WINDOW_LEAD, cur_w, ", ", plural(cw, noun), ", ", Alt.of(*UPDOWN[forecast]),
                               f" {pw} ", Alt.of(*previous_phrases(why))),
                              (f"{noun} ", Alt.of(*VERB_PAST[forecast]), f" from {pw} to {cw} over ", cur_w))
         elif plan is not None:
