@@ -61,7 +61,8 @@ from trainer.quantiles import RANGE_FILE
 log = structlog.get_logger(__name__)
 
 OPSET = 17
-EXPORT_VERSION = "4"  # bump when the files or the export record change shape (4: onnx/export.json)
+EXPORT_VERSION = "5"  # bump when the files or the export record change shape (4: onnx/export.json; 5: the range
+# head's parity record carries the sha256 of its weights, Artefact.check_range_source)
 # max |onnx - torch| / max(1, |torch|): item states (scaled by the case's largest |state|), head outputs,
 # and the end-to-end score/log_count (log1p(count) units)
 TOLERANCE = {"item_encoder": 1e-3, "head": 1e-5, "score": 1e-3}

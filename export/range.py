@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stream.model.artefact import ONNX_DIR
+from stream.model.artefact import ONNX_DIR, RANGE_PARITY, RANGE_WEIGHTS, sha256_of
 from trainer.quantiles import RangeHead, load_range
 
 ONNX_FILE = "range_head.onnx"
-PARITY_FILE = "range_head.onnx.json"
+PARITY_FILE = RANGE_PARITY
 PARITY_BATCHES = (1, 3, 257)
 TOLERANCE = 1e-4
 OPSET = 17
@@ -60,7 +60,8 @@ def export_range(directory: str | Path, seed: int = 0) -> dict:
         path.unlink()
         raise RuntimeError(f"range head ONNX parity {worst:.2e} > {TOLERANCE:g}: not exported")
     record = {"file": ONNX_FILE, "batches": list(PARITY_BATCHES), "max_abs_diff": worst, "opset": OPSET,
-              "feature_names": list(cfg.feature_names), "quantiles": list(cfg.quantiles)}
+              "feature_names": list(cfg.feature_names), "quantiles": list(cfg.quantiles),
+              "source": {RANGE_WEIGHTS: sha256_of(directory / RANGE_WEIGHTS)}}  # Artefact.check_range_source
     (out / PARITY_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
 

@@ -47,10 +47,10 @@ def _current(directory: Path) -> bool:
     from stream.model.artefact import Artefact, ArtefactError
 
     try:
-        Artefact.load(directory, _trend_of(directory))
+        art = Artefact.load(directory, _trend_of(directory))
     except ArtefactError:
         return False
-    return True
+    return art.onnx.get("export_version") == _export_version()  # an export of an older format is made again
 
 
 def _trend_of(directory: Path):

@@ -25,7 +25,7 @@ def test_the_export_record_lies_beside_the_onnx_files_and_the_manifest_is_untouc
     if d != COMMITTED:  # a copy of the committed weights exported in the cache: its manifest is the committed one
         assert (d / "manifest.json").read_bytes() == (COMMITTED / "manifest.json").read_bytes()  # byte for byte
     record = json.loads((d / ONNX_DIR / EXPORT_RECORD).read_text())
-    assert set(ROLES) <= set(record["files"]) and record["export_version"] == "4"
+    assert set(ROLES) <= set(record["files"]) and record["export_version"] == "5"
     for role, rec in record["files"].items():
         assert (d / rec["path"]).stat().st_size == rec["bytes"] and sha256_of(d / rec["path"]) == rec["sha256"], role
     art = Artefact.load(d, TrendConfig.from_spec(manifest["feature_spec"]))
@@ -76,4 +76,17 @@ def test_the_range_head_export_lies_in_the_onnx_folder_and_a_stale_export_is_ref
             (copy / ONNX_DIR / f.name).symlink_to(f)
     trend = TrendConfig.from_spec(json.loads((copy / "manifest.json").read_text())["feature_spec"])
     with pytest.raises(ArtefactError, match="has a range head but an export without it"):
+        Artefact.load(copy, trend, verify=False)
+    # a range head retrained after the export (trainer.quantiles) is not served as the old one
+    for f in (d / ONNX_DIR).iterdir():
+        if f.name.startswith("range_head"):
+            shutil.copy(f, copy / ONNX_DIR / f.name)
+    Artefact.load(copy, trend, verify=False)  # the export of these very weights
+    weights = copy / "range_head.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(ArtefactError, match="names other weights.*export.range --model"):
+        Artefact.load(copy, trend, verify=False)
+    record = copy / ONNX_DIR / "range_head.onnx.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "source"}))
+    with pytest.raises(ArtefactError, match="names no weights"):
         Artefact.load(copy, trend, verify=False)

@@ -54,6 +54,7 @@ def test_the_stream_gives_the_trainers_range_and_drivers(artefact):
     path, head = artefact
     export_range(path)
     served = CountRange.open(path, NORM)
+    assert served.sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     rng = np.random.default_rng(1)
     x = rng.normal(size=(40, len(NAMES))).astype(np.float32)
     x[:, -1] = 0.3

@@ -101,6 +101,8 @@ def test_head_matches_pytorch(artefact, model, sample):
         for got, want in zip(head(x, states[idx]), ref):
             assert got.shape == (b,)
             assert (np.abs(got - want) / np.maximum(1.0, np.abs(want))).max() <= TOLERANCE["head"]
+    # the tick's small networks do not spin for more work after a run (stream.model.onnx_models.session_options)
+    assert head.sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_tokenizers_give_the_trainers_ids(artefact, model, sample):

@@ -37,6 +37,7 @@ def test_week_of_year_is_cyclic_and_one_function_for_a_tick_and_a_frame():
     np.testing.assert_array_equal(frame[0], frame[1])  # same week, same input
 
 
+
 def test_group_shapley_is_exact():
     rng = np.random.default_rng(0)
     x = {"a": rng.normal(size=(6, 2)), "b": rng.normal(size=(6, 3)), "c": rng.normal(size=(6, 1))}
@@ -114,6 +115,32 @@ def test_a_tiny_range_head_learns_calibrated_ordered_quantiles_and_exact_drivers
     np.testing.assert_array_equal(predict_range(again, test, torch.from_numpy(states)), q)
     assert load_range(tmp_path / "none") is None
 
+
+
+def test_the_folds_choose_the_heads_width_and_its_epochs():
+    """fit_range with `shapes` trains every width on the folds and keeps the one with the lowest mean pinball at
+    its best epoch count: a head too narrow for the rows' item effect loses to a wider one, and the report
+    records each width's fold figure."""
+    cfg = RangeConfig(n_features=3, hidden_size=8, item_dim=4, hidden=32,
+                      feature_names=("count_7d", "count_28d", HORIZON))
+    (train, states), (valid, _) = synthetic(3000, 1), synthetic(3000, 2)
+    full, _ = synthetic(4000, 3)
+    oof: list[np.ndarray] = []
+    head, report = fit_range(cfg, [(train, valid)], full, states, max_epochs=4, batch=64, oof=oof,
+                             shapes=[(1, 2), (4, 32)])
+    tried = {(s["item_dim"], s["hidden"]): s for s in report["shapes"]}
+    assert set(tried) == {(1, 2), (4, 32)} and all(1 <= s["epochs"] <= 4 for s in tried.values())
+    assert tried[(4, 32)]["folds_pinball"] < tried[(1, 2)]["folds_pinball"]
+    assert (report["item_dim"], report["hidden"]) == (4, 32) == (head.cfg.item_dim, head.cfg.hidden)
+    assert min(report["folds_pinball_by_epoch"]) == tried[(4, 32)]["folds_pinball"]
+    assert report["epochs"] == tried[(4, 32)]["epochs"] and head.cfg.trained == report
+    assert len(oof) == 1 and oof[0].shape == (len(valid.y), 3)  # the chosen width's out-of-fold rows
+    assert cfg.item_dim == 4 and cfg.trained == {}  # the caller's config is left as it was
+    from trainer.quantiles import parse_shapes
+
+    assert parse_shapes("16x64, 32X128") == ((16, 64), (32, 128))
+    with pytest.raises(Exception, match="ITEM_DIMxHIDDEN"):
+        parse_shapes("16-64")
 
 def test_the_conformal_offsets_bring_an_under_covering_range_to_its_target():
     """Raw quantiles trained where the counts are calmer than on the folds and at test (the rows' noise doubles):

@@ -8,10 +8,10 @@ the drivers of each prediction.
 
 x is the main head's normalised input (stream.core.features.Normalisation), cal is
 stream.core.features.week_of_year of the cut-off / tick, z the cached LLM item state. It is
-trained with the pinball loss at (0.1, 0.5, 0.9) on the training cut-offs; its number of epochs
-is chosen on the rolling-origin folds (trainer.folds: each fold trains from scratch on its past and
-is scored on its validation block; the epoch count with the best mean fold pinball loss wins),
-then it is refitted on every pre-test cut-off. The LLM is not touched (item states are frozen).
+trained with the pinball loss at (0.1, 0.5, 0.9) on the training cut-offs; its width (item_dim x hidden,
+`RANGE_SHAPES`) and number of epochs are chosen on the rolling-origin folds (trainer.folds: each fold trains
+from scratch on its past and is scored on its validation block; the width and epoch count with the best mean
+fold pinball loss win), then it is refitted on every pre-test cut-off. The LLM is not touched (item states are frozen).
 
 Calibration (`calibrate`, stream.core.calibration): the fold heads' validation quantiles at the chosen
 epoch count are out-of-fold predictions; conformalised quantile regression sets per horizon (and pooled)
@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +50,7 @@ from stream.core.attribution import DRIVER_GROUPS, signal_group
 from stream.core.calibration import (CONTINUOUS, MISS, POOLED, WHOLE, Offsets, RangeCalibration, apply_offsets, coverage,
                                      fit_offsets, horizon_key, whole_bounds, whole_counts)
 from stream.core.drivers import PaceDrivers, pace_drivers
-from stream.core.features import HORIZON, Normalisation, predicted_count, week_of_year
+from stream.core.features import Normalisation, predicted_count, week_of_year
 from trainer.examples import RowLimits
 
 log = structlog.get_logger(__name__)
@@ -157,28 +157,54 @@ def train_epochs(cfg: RangeConfig, d: RangeData, states: torch.Tensor, epochs: i
     return head, history
 
 
-def fit_range(cfg: RangeConfig, folds: list[tuple[RangeData, RangeData]], full: RangeData, states: np.ndarray,
-              max_epochs: int = 8, seed: int = 0, batch: int = 1024,
-              oof: list[np.ndarray] | None = None) -> tuple[RangeHead, dict]:
-    """Epochs chosen on the folds (mean validation pinball), then refitted on `full` (every pre-test row).
-    `oof` receives each fold's validation quantiles at the chosen epoch count (what `calibrate` reads)."""
-    t0 = time.time()
-    st = torch.from_numpy(np.asarray(states, np.float32))
+# The head widths (item_dim, hidden) phase 4 chooses among on the folds, and the most epochs. Probed on v12's
+# item states (scripts/probe_range_harmonics.py; docs/evaluation.md "Shipped v13"), the folds' best mean pinball:
+# 16x64 0.1324 at 8 epochs, the cap v7-v12 trained under (0.1317 at 10 of 16), 32x128 0.1276, 32x256 0.1273,
+# 64x128 0.1311, 64x256 0.1284: the narrow head had been kept by its epoch cap, not chosen by the folds.
+RANGE_SHAPES: tuple[tuple[int, int], ...] = ((16, 64), (32, 128), (32, 256))
+RANGE_EPOCHS = 16
+
+
+def fold_curves(cfg: RangeConfig, folds: list[tuple[RangeData, RangeData]], states: torch.Tensor, max_epochs: int,
+                seed: int, lr: float, batch: int) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+    """Each fold's fresh head trained `max_epochs` on its past: the mean validation pinball after each epoch
+    (over the folds), and each fold's validation quantiles after each epoch."""
     curves, preds = [], []
     for i, (tr, va) in enumerate(folds):
         preds.append([])
-        _, hist = train_epochs(cfg, tr, st, max_epochs, seed, batch=batch, valid=va, valid_preds=preds[-1])
+        _, hist = train_epochs(cfg, tr, states, max_epochs, seed, lr, batch=batch, valid=va, valid_preds=preds[-1])
         curves.append(hist)
-        log.info("range.fold", fold=i, pinball=[round(h, 5) for h in hist])
-    mean = np.mean(np.array(curves), axis=0)
-    epochs = int(np.argmin(mean)) + 1
+        log.info("range.fold", fold=i, item_dim=cfg.item_dim, hidden=cfg.hidden, pinball=[round(h, 5) for h in hist])
+    return np.mean(np.array(curves), axis=0), preds
+
+
+def fit_range(cfg: RangeConfig, folds: list[tuple[RangeData, RangeData]], full: RangeData, states: np.ndarray,
+              max_epochs: int = RANGE_EPOCHS, seed: int = 0, batch: int = 1024,
+              oof: list[np.ndarray] | None = None, lr: float = 3e-3,
+              shapes: Sequence[tuple[int, int]] | None = None) -> tuple[RangeHead, dict]:
+    """The width (`shapes`: (item_dim, hidden) pairs; None: cfg's own) and the epoch count chosen on the folds
+    (the lowest mean validation pinball over every shape and epoch), then refitted on `full` (every pre-test
+    row). `oof` receives each fold's validation quantiles of the chosen shape at the chosen epoch count (what
+    `calibrate` reads)."""
+    t0 = time.time()
+    st = torch.from_numpy(np.asarray(states, np.float32))
+    tried = []
+    for item_dim, hidden in shapes or [(cfg.item_dim, cfg.hidden)]:
+        shaped = replace(cfg, item_dim=item_dim, hidden=hidden, trained={}, calibration={})
+        mean, preds = fold_curves(shaped, folds, st, max_epochs, seed, lr, batch)
+        tried.append((float(mean.min()), int(np.argmin(mean)) + 1, shaped, mean, preds))
+    best, epochs, cfg, mean, preds = min(tried, key=lambda t: t[0])
     if oof is not None:
         oof.extend(p[epochs - 1] for p in preds)
-    head, _ = train_epochs(cfg, full, st, epochs, seed, batch=batch)
-    report = {"epochs": epochs, "folds_pinball_by_epoch": [round(float(v), 5) for v in mean],
+    head, _ = train_epochs(cfg, full, st, epochs, seed, lr, batch=batch)
+    report = {"epochs": epochs, "item_dim": cfg.item_dim, "hidden": cfg.hidden, "max_epochs": max_epochs,
+              "folds_pinball_by_epoch": [round(float(v), 5) for v in mean],
               "rows": int(len(full.y)), "minutes": round((time.time() - t0) / 60, 2)}
-    cfg.trained = report
-    log.info("range.fit", **{k: v for k, v in report.items() if k != "folds_pinball_by_epoch"})
+    if shapes:
+        report["shapes"] = [{"item_dim": c.item_dim, "hidden": c.hidden, "epochs": e, "folds_pinball": round(b, 5)}
+                            for b, e, c, _, _ in tried]
+    head.cfg.trained = report
+    log.info("range.fit", **{k: v for k, v in report.items() if k not in ("folds_pinball_by_epoch", "shapes")})
     return head, report
 
 
@@ -432,7 +458,8 @@ def _target(model_dir: str, out: str | None) -> Path:
 
 
 def train_range(model_dir: str, names: list[str], items: str | None = None, out: str | None = None,
-                max_epochs: int = 8, seed: int = 0, limits: RowLimits = RowLimits(), *, cache_dir: Path) -> dict:
+                max_epochs: int = RANGE_EPOCHS, seed: int = 0, limits: RowLimits = RowLimits(),
+                shapes: Sequence[tuple[int, int]] = RANGE_SHAPES, *, cache_dir: Path) -> dict:
     """Train the range head of the artefact at `model_dir` on cached item states (under `cache_dir`,
     `Settings.cache_dir`, with the base model and the parsed datasets), calibrate it on the folds'
     out-of-fold predictions (`calibrate`), and save it into `out`."""
@@ -441,7 +468,8 @@ def train_range(model_dir: str, names: list[str], items: str | None = None, out:
     cfg = RangeConfig(n_features=len(model.norm.names), hidden_size=int(model.lm.config.hidden_size),
                       feature_names=tuple(model.norm.names))
     oof: list[np.ndarray] = []
-    head, report = fit_range(cfg, rows.folds, rows.full, rows.states, max_epochs=max_epochs, seed=seed, oof=oof)
+    head, report = fit_range(cfg, rows.folds, rows.full, rows.states, max_epochs=max_epochs, seed=seed, oof=oof,
+                             shapes=shapes)
     report |= {"datasets": names, "folds": len(rows.folds), "model_dir": str(model_dir), "seed": seed}
     if limits != RowLimits():
         report["limits"] = asdict(limits)
@@ -481,6 +509,19 @@ def calibrate_only(model_dir: str, names: list[str], items: str | None = None, o
     return {"calibration": head.cfg.calibration}
 
 
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """'16x64,32x128' -> ((16, 64), (32, 128)): the --shapes of trainer.quantiles and trainer.fit."""
+    import argparse
+
+    try:
+        shapes = tuple((int(a), int(b)) for a, b in (part.strip().lower().split("x") for part in text.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ITEM_DIMxHIDDEN pairs, e.g. 16x64,32x128") from None
+    if not shapes or min(min(s) for s in shapes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: widths must be positive")
+    return shapes
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -490,7 +531,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", default="retail,ml100k", help="comma-separated datasets or one event log")
     ap.add_argument("--items", help="item table for an event log")
     ap.add_argument("--out", help="write the artefact with its range head here (default: into --model)")
-    ap.add_argument("--max-epochs", type=int, default=8)
+    ap.add_argument("--max-epochs", type=int, default=RANGE_EPOCHS, help="most epochs (the count chosen on the folds)")
+    ap.add_argument("--shapes", type=parse_shapes, default=RANGE_SHAPES,
+                    help="head widths to choose among on the folds, ITEM_DIMxHIDDEN comma-separated (default: "
+                         + ",".join(f"{a}x{b}" for a, b in RANGE_SHAPES) + ")")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calibrate-only", action="store_true",
                     help="keep the range head's weights; recompute its fold predictions and write its calibration")
@@ -503,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         report = calibrate_only(args.model, names, args.items, args.out, cache_dir=cache_dir)
     else:
         report = train_range(args.model, names, args.items, args.out, args.max_epochs, args.seed,
-                             cache_dir=cache_dir)
+                             shapes=args.shapes, cache_dir=cache_dir)
     print(json.dumps(report, indent=2))
     return 0
 

@@ -39,6 +39,8 @@ MANIFEST = "manifest.json"
 ONNX_DIR = "onnx"
 # what training writes (trainer.fit; trainer.quantiles the range head, when there is one), before any export
 TRAINED_FILES = (MANIFEST, "score_head.safetensors", "adapter", "range_head.safetensors", "range_head.json")
+RANGE_WEIGHTS = "range_head.safetensors"
+RANGE_PARITY = "range_head.onnx.json"  # in ONNX_DIR: export.range's parity record, with the weights' sha256
 EXPORT_RECORD = "export.json"  # in ONNX_DIR: what export.onnx wrote (files, parity, tokenizer), beside the files
 END_TOKEN = "<|im_end|>"
 
@@ -258,9 +260,28 @@ class Artefact:
                 raise ArtefactError(f"{path} ({role}) does not match the sha256 the export recorded: the file is "
                                     f"corrupt; export again")
         # a range head (trainer.quantiles) is served from its export (export.range, run by export.onnx)
-        if (self.root / "range_head.safetensors").is_file() and not (self.root / ONNX_DIR / "range_head.onnx").is_file():
+        weights = self.root / RANGE_WEIGHTS
+        if weights.is_file() and not (self.root / ONNX_DIR / "range_head.onnx").is_file():
             raise ArtefactError(f"{self.root} has a range head but an export without it (an export from before "
                                 f"the range head was added); run `python -m export.onnx --model {self.root}` again")
+        if weights.is_file():
+            self.check_range_source(weights)
+
+    def check_range_source(self, weights: Path) -> None:
+        """The range head's export must come from the weights beside it: a range head retrained after the export
+        (trainer.quantiles) would otherwise be served as the old one, with the new one's calibration offsets."""
+        record_path = self.root / ONNX_DIR / RANGE_PARITY
+        try:
+            source = json.loads(record_path.read_text()).get("source") or {}
+        except (OSError, ValueError) as e:
+            raise ArtefactError(f"{record_path} is unreadable ({e}); run `python -m export.onnx --model {self.root}` "
+                                f"again") from None
+        if source.get(RANGE_WEIGHTS) != sha256_of(weights):
+            why = "its record names no weights" if not source else "its record names other weights"
+            raise ArtefactError(f"{self.root}: the range head's export does not come from {RANGE_WEIGHTS} ({why}: a "
+                                f"range head retrained after the export); run `python -m export.onnx --model "
+                                f"{self.root}` again, or `python -m export.range --model {self.root}` for the range "
+                                f"head alone (seconds)")
 
     # ---- what the serving code reads -------------------------------------------------
     @property

@@ -33,13 +33,14 @@ from stream.core.attribution import DRIVER_GROUPS
 from stream.core.calibration import RangeCalibration, apply_offsets, whole_bounds
 from stream.core.drivers import pace_drivers
 from stream.core.features import Normalisation, predicted_count, week_of_year
-from stream.model.artefact import ONNX_DIR, ArtefactError
+from stream.model.artefact import ONNX_DIR, RANGE_PARITY, RANGE_WEIGHTS, ArtefactError
+from stream.model.onnx_models import CPU, open_session
 
 log = structlog.get_logger(__name__)
 
 ONNX_FILE = "range_head.onnx"
-PARITY_FILE = "range_head.onnx.json"
-WEIGHTS_FILE = "range_head.safetensors"
+PARITY_FILE = RANGE_PARITY
+WEIGHTS_FILE = RANGE_WEIGHTS
 CONFIG_FILE = "range_head.json"
 
 
@@ -55,7 +56,6 @@ class TickRange:
 class CountRange:
     def __init__(self, directory: Path, features: Normalisation, threads: int | None = None,
                  horizon_days: float | None = None) -> None:
-        import onnxruntime as ort
         from safetensors.numpy import load_file
 
         feature_names = features.names
@@ -64,10 +64,7 @@ class CountRange:
         if tuple(record["feature_names"]) != tuple(feature_names):
             raise ValueError(f"{onnx_dir / ONNX_FILE} reads other inputs ({record['feature_names']}) than the "
                              f"score head ({list(feature_names)}); export again")
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        self.sess = ort.InferenceSession(str(onnx_dir / ONNX_FILE), so, providers=["CPUExecutionProvider"])
+        self.sess = open_session(onnx_dir / ONNX_FILE, [CPU], threads, "range_head", spin=False)
         self.z_ref = load_file(str(directory / WEIGHTS_FILE))["z_ref"].astype(np.float32)
         self.features = features  # the drivers read the item's pace back from the input
         self._steady_warned = False

@@ -58,25 +58,33 @@ def choose_providers(prefer: str = "auto") -> list[str]:
     return [CPU]
 
 
-def session_options(threads: int | None = None) -> Any:
+def session_options(threads: int | None = None, spin: bool = True) -> Any:
+    """`spin` False: the intra-op threads sleep as soon as a run ends instead of spinning for more work. For the
+    tick's small networks (score head, range head), run back to back on the event loop's cores: their threads'
+    spinning took CPU from each other's next run and from ingest, and a warm retail tick scored in 0.027-0.035 s
+    without it against 0.039-0.061 s with it (2-core Xeon, `export.bench`'s tick; docs/serving.md). The generator
+    keeps spinning: its decode passes follow one another, and its 2-thread rate fell without it."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3  # onnxruntime's own warnings (e.g. a provider it dropped) go through our log line
     return so
 
 
-def open_session(path: Path, providers: list[str], threads: int | None = None, role: str = "") -> Any:
-    """An InferenceSession; a missing or corrupt file is a clear error now."""
+def open_session(path: Path, providers: list[str], threads: int | None = None, role: str = "",
+                 spin: bool = True) -> Any:
+    """An InferenceSession (`session_options`); a missing or corrupt file is a clear error now."""
     import onnxruntime as ort
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: ONNX file not found ({role})")
     try:
-        sess = ort.InferenceSession(str(path), session_options(threads), providers=providers)
+        sess = ort.InferenceSession(str(path), session_options(threads, spin), providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise RuntimeError(f"{path} ({role}) cannot be loaded by onnxruntime: {e}") from e
     got = sess.get_providers()
@@ -93,8 +101,9 @@ def on_cuda(sess: Any) -> bool:
 class _Session:
     """One onnxruntime session run on numpy feeds; on CUDA through IO binding."""
 
-    def __init__(self, path: Path, providers: list[str], threads: int | None, role: str, outputs: list[str]) -> None:
-        self.sess = open_session(path, providers, threads, role)
+    def __init__(self, path: Path, providers: list[str], threads: int | None, role: str, outputs: list[str],
+                 spin: bool = True) -> None:
+        self.sess = open_session(path, providers, threads, role, spin)
         self.path = Path(path)
         self.cuda = on_cuda(self.sess)
         self.provider = self.sess.get_providers()[0]
@@ -132,7 +141,7 @@ class ScoreHeadModel(_Session):
     log1p(next-period count) (head.onnx). A small network: run on every active item every tick."""
 
     def __init__(self, path: Path, providers: list[str], threads: int | None = None, role: str = "head") -> None:
-        super().__init__(path, providers, threads, role, ["score", "log_count"])
+        super().__init__(path, providers, threads, role, ["score", "log_count"], spin=False)
 
     def __call__(self, x: np.ndarray, item_state: np.ndarray, batch: int = 16384) -> tuple[np.ndarray, np.ndarray]:
         if len(x) == 0:
