@@ -62,7 +62,7 @@ def session_options(threads: int | None = None, spin: bool = True) -> Any:
     """`spin` False: the intra-op threads sleep as soon as a run ends instead of spinning for more work. For the
     tick's small networks (score head, range head), run back to back on the event loop's cores: their threads'
     spinning took CPU from each other's next run and from ingest, and a warm retail tick scored in 0.027-0.035 s
-    without it against 0.039-0.061 s with it (2-core Xeon, `export.bench`'s tick; docs/serving.md). The generator
+    without it against 0.039-0.061 s with it (2-core AMD EPYC, `export.bench`'s tick; docs/serving.md). The generator
     keeps spinning: its decode passes follow one another, and its 2-thread rate fell without it."""
     import onnxruntime as ort
 
