@@ -11,7 +11,8 @@ stream.core.features.week_of_year of the cut-off / tick, z the cached LLM item s
 trained with the pinball loss at (0.1, 0.5, 0.9) on the training cut-offs; its width (item_dim x hidden,
 `RANGE_SHAPES`) and number of epochs are chosen on the rolling-origin folds (trainer.folds: each fold trains
 from scratch on its past and is scored on its validation block; the width and epoch count with the best mean
-fold pinball loss win), then it is refitted on every pre-test cut-off. The LLM is not touched (item states are frozen).
+fold pinball loss win), then it is refitted on every pre-test cut-off. The LLM is not touched (item states are
+frozen).
 
 Calibration (`calibrate`, stream.core.calibration): the fold heads' validation quantiles at the chosen
 epoch count are out-of-fold predictions; conformalised quantile regression sets per horizon (and pooled)
@@ -158,7 +159,7 @@ def train_epochs(cfg: RangeConfig, d: RangeData, states: torch.Tensor, epochs: i
 
 
 # The head widths (item_dim, hidden) phase 4 chooses among on the folds, and the most epochs. Probed on v12's
-# item states (scripts/probe_range_harmonics.py; docs/evaluation.md "Shipped v13"), the folds' best mean pinball:
+# item states (scripts/probe_range_width.py; docs/evaluation.md "Shipped v13"), the folds' best mean pinball:
 # 16x64 0.1324 at 8 epochs, the cap v7-v12 trained under (0.1317 at 10 of 16), 32x128 0.1276, 32x256 0.1273,
 # 64x128 0.1311, 64x256 0.1284: the narrow head had been kept by its epoch cap, not chosen by the folds.
 RANGE_SHAPES: tuple[tuple[int, int], ...] = ((16, 64), (32, 128), (32, 256))

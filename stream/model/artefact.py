@@ -38,9 +38,9 @@ from stream.core.trends import TrendConfig
 MANIFEST = "manifest.json"
 ONNX_DIR = "onnx"
 # what training writes (trainer.fit; trainer.quantiles the range head, when there is one), before any export
-TRAINED_FILES = (MANIFEST, "score_head.safetensors", "adapter", "range_head.safetensors", "range_head.json")
 RANGE_WEIGHTS = "range_head.safetensors"
 RANGE_PARITY = "range_head.onnx.json"  # in ONNX_DIR: export.range's parity record, with the weights' sha256
+TRAINED_FILES = (MANIFEST, "score_head.safetensors", "adapter", RANGE_WEIGHTS, "range_head.json")
 EXPORT_RECORD = "export.json"  # in ONNX_DIR: what export.onnx wrote (files, parity, tokenizer), beside the files
 END_TOKEN = "<|im_end|>"
 
