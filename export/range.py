@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stream.model.artefact import ONNX_DIR, RANGE_PARITY, RANGE_WEIGHTS, sha256_of
+from stream.model.artefact import ONNX_DIR, RANGE_ONNX, RANGE_PARITY, RANGE_WEIGHTS, sha256_of
 from trainer.quantiles import RangeHead, load_range
 
-ONNX_FILE = "range_head.onnx"
+ONNX_FILE = RANGE_ONNX
 PARITY_FILE = RANGE_PARITY
 PARITY_BATCHES = (1, 3, 257)
 TOLERANCE = 1e-4

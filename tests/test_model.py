@@ -52,7 +52,6 @@ def test_artefact_describes_itself(tiny):
     assert not list(out.glob("*.npz"))  # the item-state cache lives in the cache dir, not the artefact
 
 
-
 def test_the_range_head_reads_the_slice_the_score_head_read(tiny):
     """--max-* cut every phase: phase 4 (the range head, trainer.quantiles) trained on the 40 items at the kept
     cut-offs, not on the whole dataset (it did: 70% of this fit's time)."""
@@ -60,6 +59,7 @@ def test_the_range_head_reads_the_slice_the_score_head_read(tiny):
     trained = json.loads((out / "range_head.json").read_text())["trained"]
     assert trained["limits"] == {"train_cutoffs": 1, "valid_cutoffs": 1, "items": 40}
     assert 0 < trained["rows"] <= 2 * 40  # 40 items at 1 training + 1 validation cut-off
+
 
 def test_ranking_prior_is_the_best_validation_candidate_and_the_head_holds_it(tiny):
     model, out = tiny

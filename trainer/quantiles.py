@@ -194,7 +194,7 @@ def fit_range(cfg: RangeConfig, folds: list[tuple[RangeData, RangeData]], full: 
         shaped = replace(cfg, item_dim=item_dim, hidden=hidden, trained={}, calibration={})
         mean, preds = fold_curves(shaped, folds, st, max_epochs, seed, lr, batch)
         tried.append((float(mean.min()), int(np.argmin(mean)) + 1, shaped, mean, preds))
-    best, epochs, cfg, mean, preds = min(tried, key=lambda t: t[0])
+    _, epochs, cfg, mean, preds = min(tried, key=lambda t: t[0])
     if oof is not None:
         oof.extend(p[epochs - 1] for p in preds)
     head, _ = train_epochs(cfg, full, st, epochs, seed, lr, batch=batch)

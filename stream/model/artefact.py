@@ -39,6 +39,7 @@ MANIFEST = "manifest.json"
 ONNX_DIR = "onnx"
 # what training writes (trainer.fit; trainer.quantiles the range head, when there is one), before any export
 RANGE_WEIGHTS = "range_head.safetensors"
+RANGE_ONNX = "range_head.onnx"  # in ONNX_DIR: export.range's graph of the range head
 RANGE_PARITY = "range_head.onnx.json"  # in ONNX_DIR: export.range's parity record, with the weights' sha256
 TRAINED_FILES = (MANIFEST, "score_head.safetensors", "adapter", RANGE_WEIGHTS, "range_head.json")
 EXPORT_RECORD = "export.json"  # in ONNX_DIR: what export.onnx wrote (files, parity, tokenizer), beside the files
@@ -261,7 +262,7 @@ class Artefact:
                                     f"corrupt; export again")
         # a range head (trainer.quantiles) is served from its export (export.range, run by export.onnx)
         weights = self.root / RANGE_WEIGHTS
-        if weights.is_file() and not (self.root / ONNX_DIR / "range_head.onnx").is_file():
+        if weights.is_file() and not (self.root / ONNX_DIR / RANGE_ONNX).is_file():
             raise ArtefactError(f"{self.root} has a range head but an export without it (an export from before "
                                 f"the range head was added); run `python -m export.onnx --model {self.root}` again")
         if weights.is_file():

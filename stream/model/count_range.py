@@ -33,12 +33,12 @@ from stream.core.attribution import DRIVER_GROUPS
 from stream.core.calibration import RangeCalibration, apply_offsets, whole_bounds
 from stream.core.drivers import pace_drivers
 from stream.core.features import Normalisation, predicted_count, week_of_year
-from stream.model.artefact import ONNX_DIR, RANGE_PARITY, RANGE_WEIGHTS, ArtefactError
+from stream.model.artefact import ONNX_DIR, RANGE_ONNX, RANGE_PARITY, RANGE_WEIGHTS, ArtefactError
 from stream.model.onnx_models import CPU, open_session
 
 log = structlog.get_logger(__name__)
 
-ONNX_FILE = "range_head.onnx"
+ONNX_FILE = RANGE_ONNX
 PARITY_FILE = RANGE_PARITY
 WEIGHTS_FILE = RANGE_WEIGHTS
 CONFIG_FILE = "range_head.json"

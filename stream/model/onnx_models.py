@@ -374,9 +374,10 @@ class Generator:
 class ShardedGenerator:
     """`shards` single-thread sessions of one generator file, each decoding a contiguous share of a batch's rows,
     all at once (one thread each: onnxruntime and llguidance compute without the GIL). The explainer's way to use
-    several CPU cores (TRAIL_EXPLAIN_THREADS > 1). On this 2-core Xeon, v12's 8-bit generator gave 4.5-4.7
-    explanations/s at 2.7 per CPU-second. One session with 2 intra-op threads gave 4.4-4.6 at 2.2-2.3: its two
-    threads meet at each of a decode pass's ~3,000 small kernels. One thread alone gave 3.0 (docs/serving.md).
+    several CPU cores (TRAIL_EXPLAIN_THREADS > 1). On a 2-core VM (an AMD EPYC, export.bench's `cpu`), v12's 8-bit
+    generator gave 4.5-4.7 explanations/s at 2.7 per CPU-second. One session with 2 intra-op threads gave 4.4-4.6
+    at 2.2-2.3: its two threads meet at each of a decode pass's ~3,000 small kernels. One thread alone gave 3.0
+    (docs/serving.md).
     Each row is decoded as in one batch (`Generator.generate_batch`: a row's logits come from that row alone), with
     its own seed and its own matcher (`Guide.part`)."""
 
