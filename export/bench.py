@@ -17,11 +17,12 @@ Explanation speed: greedy tokens per second of the ONNX generator (and of PyTorc
 `generate`) on a few prompts; and `explanations_per_s` (explanation_bench): real prompts of
 the manifest's datasets, a tick's movers as one batch of 5, constrained to their claim
 grammars with fast-forward, on the stream's default explainer threads for this machine
-(`explain_threads`: every usable core but one, at least 1, stream.serving.config.explain_threads), beside
+(`explain_threads`: every usable core, at most 4, stream.serving.config.explain_threads), beside
 one at a time (`explanations_per_s_single`), unconstrained batched greedy, the batch kept whole to its
 last row (`explanations_per_s_uncompacted`), a batch of 10, and two threads: as the stream runs them
 (TRAIL_EXPLAIN_THREADS=2: a single-thread session per shard of the rows, `explanations_per_s_threads2`) and
-as one session with two onnxruntime threads (`explanations_per_s_threads2_intra_op`); all with the
+as one session with two onnxruntime threads (`explanations_per_s_threads2_intra_op`), and one thread
+(`explanations_per_s_threads1`, TRAIL_EXPLAIN_THREADS=1); all with the
 generator the stream serves (`explain_generator`: generator.nbits on CPU when exported, export.nbits),
 and the fp32 generator's batched rate beside it (`explanations_per_s_fp32`).
 
@@ -298,19 +299,31 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     wide = run(2 * batch, n, True)
     # two threads as the stream uses them (TRAIL_EXPLAIN_THREADS=2: a single-thread session per shard of the rows),
     # and as one session with two onnxruntime intra-op threads
-    gen2 = explain_generator(art.path(role), providers, tok.end_id, 2)
-    gen2.generate(prompts[0], 2)
-    two = run(batch, n, True, g=gen2)
+    if threads == 2:  # the headline ran two shards already (the stream's default on 2 cores)
+        two = batched
+    else:
+        gen2 = explain_generator(art.path(role), providers, tok.end_id, 2)
+        gen2.generate(prompts[0], 2)
+        two = run(batch, n, True, g=gen2)
+        gen2.close()
+        del gen2
     intra = Generator(art.path(role), providers, tok.end_id, 2)
     intra.generate(prompts[0], 2)
     two_intra = run(batch, n, True, g=intra)
     del intra
+    one_thread = batched
+    if threads != 1:  # one core's rate beside the default's (TRAIL_EXPLAIN_THREADS=1)
+        gen1 = Generator(art.path(role), providers, tok.end_id, 1)
+        gen1.generate(prompts[0], 2)
+        one_thread = run(batch, n, True, g=gen1)
+        del gen1
     fp32 = batched
     if role != "generator":  # the fp32 generator beside the quantised one the stream serves
-        del gen2
         gen32 = explain_generator(art.path("generator"), providers, tok.end_id, threads)
         gen32.generate(prompts[0], 2)
         fp32 = run(batch, n, True, g=gen32)
+        gen32.close()
+    gen.close()
     return {
         "explain_generator": role,
         "explanations_per_s": round(batched["per_s"], 2),
@@ -343,6 +356,8 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
         "explanations_per_cpu_s_uncompacted": round(full["per_cpu_s"], 2),
         f"explanations_per_s_batch{2 * batch}": round(wide["per_s"], 2),
         f"explanations_per_cpu_s_batch{2 * batch}": round(wide["per_cpu_s"], 2),
+        "explanations_per_s_threads1": round(one_thread["per_s"], 2),
+        "explanations_per_cpu_s_threads1": round(one_thread["per_cpu_s"], 2),
         "explanations_per_s_threads2": round(two["per_s"], 2),
         "explanations_per_cpu_s_threads2": round(two["per_cpu_s"], 2),
         "explanations_per_s_threads2_intra_op": round(two_intra["per_s"], 2),

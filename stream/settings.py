@@ -201,7 +201,10 @@ class _Env(BaseSettings):
     TRAIL_EXPLAIN_THREADS: int | None = _var(
         _SERVING.explain_threads, "CPU threads the explainer decodes with: on CPU one single-thread onnxruntime "
         "session each, decoding a share of a tick's movers at once", "a whole number >= 1",
-        shown="the usable cores but one, at least 1", ge=1)
+        shown="every usable core, at most 4", ge=1)
+    TRAIL_EXPLAIN_NICE: int = _var(
+        _SERVING.explain_nice, "added to the explainer threads' nice value (Linux), so that decoding takes the CPU "
+        "ingest and scoring leave; 0: the worker's own priority", "a whole number in [0, 19]", ge=0, le=19)
     TRAIL_EXPLAIN_TEMPERATURE: float = _var(
         _SERVING.explain_temperature, "sampling temperature of explanations, among the tokens the claim grammar allows "
         "(one seed per item and tick: a replay gives the same texts); 0: greedy", "a number >= 0", ge=0)
@@ -503,7 +506,8 @@ def _serving(e: _Env) -> ServingConfig | None:
                          warm_items=e.TRAIL_ITEM_WARM, item_store_dir=e.TRAIL_CACHE / "item_states",
                          horizon_days=e.TRAIL_HORIZON_DAYS, threads=e.TRAIL_ORT_THREADS,
                          explain_top=e.TRAIL_EXPLAIN_TOP, explain_by=e.TRAIL_EXPLAIN_BY,
-                         explain_threads=e.TRAIL_EXPLAIN_THREADS, explain_temperature=e.TRAIL_EXPLAIN_TEMPERATURE,
+                         explain_threads=e.TRAIL_EXPLAIN_THREADS, explain_nice=e.TRAIL_EXPLAIN_NICE,
+                         explain_temperature=e.TRAIL_EXPLAIN_TEMPERATURE,
                          explain_top_p=e.TRAIL_EXPLAIN_TOP_P, scores_topic=e.TRAIL_SCORES_TOPIC,
                          ranker_group=e.TRAIL_RANKER_GROUP, grace_s=e.TRAIL_RANK_GRACE_S)
 

@@ -248,3 +248,33 @@ def test_the_record_says_where_the_reason_came_from(artefact, drivers, decoded, 
     assert record.faithful and (record.reason, record.reason_source, record.driver) == want
     back = Explanation.from_json(record.to_json())
     assert (back.reason, back.reason_source, back.driver) == want
+
+
+def nice_of_this_thread() -> int:
+    import os
+
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_explainer_decodes_at_a_lower_cpu_priority(artefact):
+    """TRAIL_EXPLAIN_NICE: the explainer's own thread, and the shards' threads of a sharded generator, run at the
+    worker's nice value plus `nice`, so decoding takes the CPU that ingest and scoring leave; 0 leaves it."""
+    from stream.model.onnx_models import ShardedGenerator
+
+    base = nice_of_this_thread()
+
+    async def publish(records: list[Explanation]) -> None:
+        pass
+
+    tok = artefact.tokenizer()
+    for nice in (0, 3):
+        ex = Explainer(lambda ids, limit: [tok.end_id], tok, "v-test", 8, publish, nice=nice)
+        assert ex.executor.submit(nice_of_this_thread).result() == min(19, base + nice)
+        ex.executor.shutdown()
+    sharded = ShardedGenerator(artefact.path("generator"), [CPU], tok.end_id, 2, nice=5)
+    try:
+        assert sharded._pool.submit(nice_of_this_thread).result() == min(19, base + 5)
+    finally:
+        sharded.close()
+    assert nice_of_this_thread() == base  # the caller's thread keeps its priority

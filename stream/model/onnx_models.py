@@ -21,6 +21,9 @@ only, not on the other rows of its batch. Temperature 0 is the greedy argmax, un
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -74,6 +77,21 @@ def session_options(threads: int | None = None, spin: bool = True) -> Any:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3  # onnxruntime's own warnings (e.g. a provider it dropped) go through our log line
     return so
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by `nice` (at most 19), so that its work takes only the CPU time the
+    threads at normal priority leave: the explainer's decoding beside ingest and scoring (TRAIL_EXPLAIN_NICE). On
+    Linux the nice value belongs to a thread (setpriority(2)); a single-thread onnxruntime session computes on the
+    thread that calls it, so the whole decode runs at that priority. Elsewhere (no per-thread nice) it is logged and
+    the thread keeps its priority."""
+    if nice <= 0:
+        return
+    if not sys.platform.startswith("linux"):
+        log.warning("onnx.nice_unavailable", nice=nice, platform=sys.platform, note="no per-thread nice here")
+        return
+    tid = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
 
 
 def open_session(path: Path, providers: list[str], threads: int | None = None, role: str = "",
@@ -350,6 +368,9 @@ class Generator:
             mask = np.concatenate([mask, new_mask], axis=1)
         return out
 
+    def close(self) -> None:
+        """Nothing to stop (the session computes on its caller's thread); `ShardedGenerator.close` stops its threads."""
+
     def _step(self, feed: dict[str, Any], past: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         names = self.cache.names
         if not self.cuda:
@@ -379,15 +400,17 @@ class ShardedGenerator:
     at 2.2-2.3: its two threads meet at each of a decode pass's ~3,000 small kernels. One thread alone gave 3.0
     (docs/serving.md).
     Each row is decoded as in one batch (`Generator.generate_batch`: a row's logits come from that row alone), with
-    its own seed and its own matcher (`Guide.part`)."""
+    its own seed and its own matcher (`Guide.part`). The first shard runs on the caller's thread, the others on
+    this object's threads, started at `nice` (`lower_thread_priority`)."""
 
-    def __init__(self, path: Path, providers: list[str], end_id: int, shards: int) -> None:
+    def __init__(self, path: Path, providers: list[str], end_id: int, shards: int, nice: int = 0) -> None:
         if shards < 2:
             raise ValueError(f"a sharded generator needs 2 or more shards, got {shards} (use Generator)")
         self.parts = [Generator(path, providers, end_id, threads=1) for _ in range(shards)]
         self.end_id = end_id
         self.cuda = self.parts[0].cuda
-        self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="trail-generator-shard")
+        self._pool = ThreadPoolExecutor(shards - 1, thread_name_prefix="trail-generator-shard",
+                                        initializer=lower_thread_priority, initargs=(nice,))
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, guide: Any = None, *,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[int]:
@@ -425,9 +448,10 @@ class ShardedGenerator:
         self._pool.shutdown(wait=True)
 
 
-def explain_generator(path: Path, providers: list[str], end_id: int, threads: int) -> Generator | ShardedGenerator:
+def explain_generator(path: Path, providers: list[str], end_id: int, threads: int,
+                      nice: int = 0) -> Generator | ShardedGenerator:
     """The explainer's generator for `threads` CPU threads: on CPU with 2 or more, a ShardedGenerator (a session
-    per thread); else one session (on CUDA the GPU does the work whatever the threads)."""
+    per thread, its own threads at `nice`); else one session (on CUDA the GPU does the work whatever the threads)."""
     if threads > 1 and providers[0] == CPU:
-        return ShardedGenerator(path, providers, end_id, threads)
+        return ShardedGenerator(path, providers, end_id, threads, nice)
     return Generator(path, providers, end_id, threads)

@@ -25,6 +25,9 @@ class ServingConfig:
     explain_top: int = 5
     explain_by: str = "rise"
     explain_threads: int | None = None  # None: `explain_threads` below
+    # added to the explainer threads' nice value: they decode with the CPU that ingest and scoring leave
+    # (docs/serving.md, "Explainer"); 0 keeps the worker's priority
+    explain_nice: int = 10
     explain_temperature: float = EXPLAIN_TEMPERATURE  # 0: greedy (stream.core.decoding)
     explain_top_p: float = EXPLAIN_TOP_P
     scores_topic: str = "trail.scores"
@@ -41,9 +44,14 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+# A shard holds its own session of the generator (~0.3 GB for the 8-bit one), and a tick's 5 movers give a fifth
+# shard a single row: past 4, another core adds memory more than speed.
+MAX_DEFAULT_EXPLAIN_THREADS = 4
+
+
 def explain_threads(configured: int | None) -> int:
-    """The explainer's CPU threads: TRAIL_EXPLAIN_THREADS, else every usable core but one, at least 1. The core
-    left is the event loop's: ingest and scoring are one Python thread, and a 2-core machine keeps one core each
-    (the explainer decodes in bursts, one batch a tick; two shards there would take the event loop's core for
-    ~1.1 s a tick)."""
-    return configured or max(1, usable_cores() - 1)
+    """The explainer's CPU threads: TRAIL_EXPLAIN_THREADS, else every usable core, at most 4. They decode at a lower
+    priority than the event loop (TRAIL_EXPLAIN_NICE, `ServingConfig.explain_nice`), so they take only the CPU
+    that ingest and scoring leave: the explainer decodes in bursts, one batch a tick, and on 2 cores ingest beside
+    it kept its pace at nice 10 (docs/serving.md, "Explainer")."""
+    return configured or min(usable_cores(), MAX_DEFAULT_EXPLAIN_THREADS)

@@ -59,6 +59,7 @@ from stream.core.faithfulness import check, repair
 from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar, reason_of, reason_plan, top_driver
 from stream.core.mailbox import Mailbox
 from stream.model.artefact import PromptTokenizer
+from stream.model.onnx_models import lower_thread_priority
 from stream.core.forecast import PredictedCount, outlook, pace
 from stream.core.records import Explanation, Prediction, tick_ms
 
@@ -125,7 +126,7 @@ class Explainer:
                  generate_batch: Callable[..., list[list[int]]] | None = None,
                  constraint=None, batch_size: int = 8, constrained_max_new_tokens: int | None = None,
                  temperature: float = decoding.EXPLAIN_TEMPERATURE, top_p: float = decoding.EXPLAIN_TOP_P,
-                 generator: str | None = None) -> None:
+                 generator: str | None = None, nice: int = 0) -> None:
         decoding.check(temperature, top_p)
         self.generator = generator  # which export decodes (records.GENERATORS), stated on every record
         self.generate = generate
@@ -143,7 +144,9 @@ class Explainer:
         self.max_new_tokens = max_new_tokens
         self.publish = publish
         self._own_executor = executor is None
-        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="trail-explainer")
+        # its own thread decodes at `nice` (TRAIL_EXPLAIN_NICE): the CPU ingest and scoring leave
+        self.executor = executor or ThreadPoolExecutor(1, thread_name_prefix="trail-explainer",
+                                                       initializer=lower_thread_priority, initargs=(nice,))
         self.stats = ExplainerStats()
         self._mailbox: Mailbox[ExplainRequest] = Mailbox()
         self._task: asyncio.Task | None = None

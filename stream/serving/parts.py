@@ -213,15 +213,17 @@ class ExplainerService:
         providers = choose_providers(config.provider)
         role = generator_role(artefact, providers)
         threads = explain_threads(config.explain_threads)
-        gen = self.generator = explain_generator(artefact.path(role), providers, self.scorer.tokenizer.end_id, threads)
-        log.info("serving.explainer_threads", threads=threads, sharded=isinstance(gen, ShardedGenerator))
+        gen = self.generator = explain_generator(artefact.path(role), providers, self.scorer.tokenizer.end_id, threads,
+                                                 config.explain_nice)
+        log.info("serving.explainer_threads", threads=threads, sharded=isinstance(gen, ShardedGenerator),
+                 nice=config.explain_nice)
         # one batch per tick's movers, each row held to its claim grammar (stream.model.constraint)
         return Explainer(gen.generate, self.scorer.tokenizer, artefact.model_version,
                          artefact.max_explanation_tokens, self.publish,
                          horizon_days=self.scorer.horizon_days, generate_batch=gen.generate_batch,
                          constraint=ClaimConstraint(artefact.path("tokenizer"), self.scorer.tokenizer.end_id),
                          batch_size=max(1, config.explain_top), temperature=config.explain_temperature,
-                         top_p=config.explain_top_p, generator=GENERATOR_OF_ROLE[role])
+                         top_p=config.explain_top_p, generator=GENERATOR_OF_ROLE[role], nice=config.explain_nice)
 
     async def await_generator(self, every_s: float = 2.0) -> None:
         """Until the export records its generator: re-read the artefact, then build and start the explainer."""
@@ -267,7 +269,7 @@ class ExplainerService:
     async def join(self) -> None:
         if self.explainer is not None:
             await asyncio.to_thread(self.explainer.executor.shutdown, True)
-        if isinstance(self.generator, ShardedGenerator):
+        if self.generator is not None:
             await asyncio.to_thread(self.generator.close)
 
     def offer(self, as_of: int, predictions: list[Prediction]) -> None:

@@ -1,0 +1,131 @@
+"""Ingest speed while an explainer decodes without pause beside it, at the explainer's threads and nice values.
+
+    PYTHONPATH=. python scripts/ingest_beside_explainer.py --model models/trail-smollm2 \
+        --setups 0:0,1:0,2:0,2:10,2:19 --json docs/results/ingest-beside-explainer-nice.json
+
+Each setup THREADS:NICE starts a second process that decodes the bench's explanation rows (export.rows, a tick's
+movers as one batch of 5, each row held to its claim grammar) on the generator the stream serves, as the stream's
+explainer runs it: its own thread and its shards' threads at NICE (stream.model.onnx_models.lower_thread_priority).
+Once that process has warmed up, `python -m stream.tools.bench --events N --faust-events 0 --repeat R --json` (the
+local broker, on the same cores) measures ingest; then the explainer is stopped and reports its explanations a
+second over the same span. 0:0 is ingest alone, the baseline of the same run. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def explain_forever(model: Path, threads: int, nice: int) -> None:
+    """The child: decode batches of 5 until SIGTERM, a JSON line {"n", "s"} on stdout after each batch."""
+    import structlog
+
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: the JSON lines only
+    from export.rows import bench_size, explain_rows
+    from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar
+    from stream.model.artefact import Artefact
+    from stream.model.constraint import ClaimConstraint
+    from stream.model.onnx_models import choose_providers, explain_generator, lower_thread_priority
+    from stream.model.teacher_forced import generator_role
+    from stream.settings import load_settings
+    from export.bench import _spec_trend
+
+    art = Artefact.load(model, _spec_trend(model))
+    manifest = json.loads((model / "manifest.json").read_text())
+    rows = explain_rows(manifest, 10, cache_dir=load_settings().cache_dir)
+    providers = choose_providers("cpu")
+    tok = art.tokenizer()
+    gen = explain_generator(art.path(generator_role(art, providers)), providers, tok.end_id, threads, nice)
+    cc = ClaimConstraint(art.path("tokenizer"), tok.end_id)
+    prompts = tok.ids([p for p, _, _ in rows])
+    sizes = [bench_size(i, s, h) for i, (_, s, h) in enumerate(rows)]
+    grammars = [claim_grammar(s, h, z.direction(s), size=z).lark() for (_, s, h), z in zip(rows, sizes)]
+    limit = max(art.max_explanation_tokens, CONSTRAINED_MAX_NEW_TOKENS)
+    pool = ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(nice,))  # as the Explainer's own
+    pool.submit(gen.generate, prompts[0], 2).result()
+    stop = False
+
+    def on_term(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    print(json.dumps({"ready": True}), flush=True)
+    t0, n, i = time.perf_counter(), 0, 0
+    while not stop:
+        b = slice(i % len(rows), i % len(rows) + 5)
+        pool.submit(gen.generate_batch, prompts[b], limit, cc.guide(grammars[b])).result()
+        n, i = n + 5, i + 5
+        print(json.dumps({"n": n, "s": time.perf_counter() - t0}), flush=True)
+
+
+def ingest(events: int, repeat: int) -> dict:
+    cmd = [sys.executable, "-m", "stream.tools.bench", "--events", str(events), "--faust-events", "0",
+           "--repeat", str(repeat), "--json", "--quiet"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def setup(model: Path, threads: int, nice: int, events: int, repeat: int) -> dict:
+    if threads == 0:
+        return {"threads": 0, "nice": None, "ingest": ingest(events, repeat)}
+    child = subprocess.Popen([sys.executable, __file__, "--child", "--model", str(model), "--threads", str(threads),
+                              "--nice", str(nice)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    if json.loads(child.stdout.readline()).get("ready") is not True:
+        raise RuntimeError("the explainer process did not start")
+    first = json.loads(child.stdout.readline())  # its first batch done: decoding at its steady pace
+    got = ingest(events, repeat)
+    child.send_signal(signal.SIGTERM)
+    last = first
+    for line in child.stdout:
+        last = json.loads(line)
+    child.wait(60)
+    rate = (last["n"] - first["n"]) / (last["s"] - first["s"]) if last["s"] > first["s"] else None
+    return {"threads": threads, "nice": nice, "ingest": got,
+            "explainer": {"explanations_per_s": round(rate, 2) if rate else None,
+                          "explanations": last["n"] - first["n"]}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=Path("models/trail-smollm2"))
+    ap.add_argument("--setups", default="0:0,1:0,2:0,2:10", help="THREADS:NICE,... (0 threads: ingest alone)")
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--nice", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        explain_forever(args.model.resolve(), args.threads, args.nice)
+        return 0
+    runs = []
+    for s in args.setups.split(","):
+        threads, nice = (int(x) for x in s.split(":"))
+        r = setup(args.model.resolve(), threads, nice, args.events, args.repeat)
+        print(json.dumps({"threads": threads, "nice": nice,
+                          "pipeline_events_per_s": r["ingest"]["pipeline_events_per_s"],
+                          "explanations_per_s": r.get("explainer", {}).get("explanations_per_s")}),
+              file=sys.stderr, flush=True)
+        runs.append(r)
+    result = {"command": " ".join(["python", "scripts/ingest_beside_explainer.py", *(argv or sys.argv[1:])]),
+              "cpu_count": os.cpu_count(), "runs": runs}
+    text = json.dumps(result, indent=1)
+    if args.json:
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
