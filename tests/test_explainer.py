@@ -278,3 +278,21 @@ def test_the_explainer_decodes_at_a_lower_cpu_priority(artefact):
     finally:
         sharded.close()
     assert nice_of_this_thread() == base  # the caller's thread keeps its priority
+
+
+def test_a_refused_priority_leaves_the_explainer_decoding(artefact, monkeypatch):
+    """Where the OS refuses the nice value, the thread keeps its priority and works (a pool whose thread initializer
+    raised would refuse every later task)."""
+    import os
+
+    def refuse(*args):
+        raise PermissionError("refused")
+
+    async def publish(records: list[Explanation]) -> None:
+        pass
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    tok = artefact.tokenizer()
+    ex = Explainer(lambda ids, limit: [tok.end_id], tok, "v-test", 8, publish, nice=5)
+    assert ex.executor.submit(nice_of_this_thread).result() == nice_of_this_thread()
+    ex.executor.shutdown()

@@ -84,14 +84,17 @@ def lower_thread_priority(nice: int) -> None:
     threads at normal priority leave: the explainer's decoding beside ingest and scoring (TRAIL_EXPLAIN_NICE). On
     Linux the nice value belongs to a thread (setpriority(2)); a single-thread onnxruntime session computes on the
     thread that calls it, so the whole decode runs at that priority. Elsewhere (no per-thread nice) it is logged and
-    the thread keeps its priority."""
+    the thread keeps its priority, as it does where the OS refuses."""
     if nice <= 0:
         return
     if not sys.platform.startswith("linux"):
         log.warning("onnx.nice_unavailable", nice=nice, platform=sys.platform, note="no per-thread nice here")
         return
     tid = threading.get_native_id()
-    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as e:  # a pool whose initializer raises is broken for good: decode at the caller's priority
+        log.warning("onnx.nice_refused", nice=nice, error=str(e))
 
 
 def open_session(path: Path, providers: list[str], threads: int | None = None, role: str = "",
