@@ -8,7 +8,9 @@ movers as one batch of 5, each row held to its claim grammar) on the generator t
 explainer runs it: its own thread and its shards' threads at NICE (stream.model.onnx_models.lower_thread_priority).
 Once that process has warmed up, `python -m stream.tools.bench --events N --faust-events 0 --repeat R --json` (the
 local broker, on the same cores) measures ingest; then the explainer is stopped and reports its explanations a
-second over the same span. 0:0 is ingest alone, the baseline of the same run. Prints one JSON object.
+second over the same span. With --in-process the explainer's threads run in the ingest bench's own process instead,
+as they do in the worker (one GIL for both). 0:0 is ingest alone, the baseline of the same run. Prints one JSON
+object.
 """
 
 from __future__ import annotations
@@ -24,33 +26,53 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
+class Decoder:
+    """The bench's explanation rows (export.rows, 10 real prompts) decoded a batch of 5 at a time, each row held to
+    its claim grammar, on the generator the stream serves, as its explainer runs it: a thread of its own and the
+    shards' threads at `nice`."""
+
+    def __init__(self, model: Path, threads: int, nice: int) -> None:
+        from export.bench import _spec_trend
+        from export.rows import bench_size, explain_rows
+        from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar
+        from stream.model.artefact import Artefact
+        from stream.model.constraint import ClaimConstraint
+        from stream.model.onnx_models import choose_providers, explain_generator, lower_thread_priority
+        from stream.model.teacher_forced import generator_role
+        from stream.settings import load_settings
+
+        art = Artefact.load(model, _spec_trend(model))
+        rows = explain_rows(json.loads((model / "manifest.json").read_text()), 10, cache_dir=load_settings().cache_dir)
+        providers = choose_providers("cpu")
+        tok = art.tokenizer()
+        self.gen = explain_generator(art.path(generator_role(art, providers)), providers, tok.end_id, threads, nice)
+        self.cc = ClaimConstraint(art.path("tokenizer"), tok.end_id)
+        self.prompts = tok.ids([p for p, _, _ in rows])
+        sizes = [bench_size(i, s, h) for i, (_, s, h) in enumerate(rows)]
+        self.grammars = [claim_grammar(s, h, z.direction(s), size=z).lark() for (_, s, h), z in zip(rows, sizes)]
+        self.limit = max(art.max_explanation_tokens, CONSTRAINED_MAX_NEW_TOKENS)
+        self.pool = ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(nice,))  # the Explainer's
+        self.pool.submit(self.gen.generate, self.prompts[0], 2).result()
+        self.n = 0
+
+    def batch(self) -> int:
+        """Decode the next 5 rows; the explanations decoded so far."""
+        b = slice(self.n % len(self.prompts), self.n % len(self.prompts) + 5)
+        self.pool.submit(self.gen.generate_batch, self.prompts[b], self.limit, self.cc.guide(self.grammars[b])).result()
+        self.n += 5
+        return self.n
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.gen.close()
+
+
 def explain_forever(model: Path, threads: int, nice: int) -> None:
     """The child: decode batches of 5 until SIGTERM, a JSON line {"n", "s"} on stdout after each batch."""
     import structlog
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))  # stdout: the JSON lines only
-    from export.rows import bench_size, explain_rows
-    from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar
-    from stream.model.artefact import Artefact
-    from stream.model.constraint import ClaimConstraint
-    from stream.model.onnx_models import choose_providers, explain_generator, lower_thread_priority
-    from stream.model.teacher_forced import generator_role
-    from stream.settings import load_settings
-    from export.bench import _spec_trend
-
-    art = Artefact.load(model, _spec_trend(model))
-    manifest = json.loads((model / "manifest.json").read_text())
-    rows = explain_rows(manifest, 10, cache_dir=load_settings().cache_dir)
-    providers = choose_providers("cpu")
-    tok = art.tokenizer()
-    gen = explain_generator(art.path(generator_role(art, providers)), providers, tok.end_id, threads, nice)
-    cc = ClaimConstraint(art.path("tokenizer"), tok.end_id)
-    prompts = tok.ids([p for p, _, _ in rows])
-    sizes = [bench_size(i, s, h) for i, (_, s, h) in enumerate(rows)]
-    grammars = [claim_grammar(s, h, z.direction(s), size=z).lark() for (_, s, h), z in zip(rows, sizes)]
-    limit = max(art.max_explanation_tokens, CONSTRAINED_MAX_NEW_TOKENS)
-    pool = ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(nice,))  # as the Explainer's own
-    pool.submit(gen.generate, prompts[0], 2).result()
+    decoder = Decoder(model, threads, nice)
     stop = False
 
     def on_term(*_):
@@ -59,11 +81,9 @@ def explain_forever(model: Path, threads: int, nice: int) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     print(json.dumps({"ready": True}), flush=True)
-    t0, n, i = time.perf_counter(), 0, 0
+    t0 = time.perf_counter()
     while not stop:
-        b = slice(i % len(rows), i % len(rows) + 5)
-        pool.submit(gen.generate_batch, prompts[b], limit, cc.guide(grammars[b])).result()
-        n, i = n + 5, i + 5
+        n = decoder.batch()
         print(json.dumps({"n": n, "s": time.perf_counter() - t0}), flush=True)
 
 
@@ -72,6 +92,46 @@ def ingest(events: int, repeat: int) -> dict:
            "--repeat", str(repeat), "--json", "--quiet"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
+
+
+def ingest_in_process(events: int, repeat: int) -> dict:
+    import contextlib
+    import io
+
+    from stream.tools.bench import main as ingest_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ingest_main(["--events", str(events), "--faust-events", "0", "--repeat", str(repeat), "--json", "--quiet"])
+    return json.loads(out.getvalue())
+
+
+def setup_in_process(model: Path, threads: int, nice: int, events: int, repeat: int) -> dict:
+    """The explainer as threads of the ingest bench's own process, as in the worker (one GIL for both)."""
+    import threading
+
+    if threads == 0:
+        return {"threads": 0, "nice": None, "in_process": True, "ingest": ingest_in_process(events, repeat)}
+    decoder = Decoder(model, threads, nice)
+    decoder.batch()  # past its first batch: decoding at its steady pace
+    stop, span = threading.Event(), {}
+
+    def loop() -> None:
+        t0, n0 = time.perf_counter(), decoder.n
+        while not stop.is_set():
+            decoder.batch()
+        span.update(n=decoder.n - n0, s=time.perf_counter() - t0)
+
+    t = threading.Thread(target=loop, name="explainer-loop")
+    t.start()
+    try:
+        got = ingest_in_process(events, repeat)
+    finally:
+        stop.set()
+        t.join()
+        decoder.close()
+    return {"threads": threads, "nice": nice, "in_process": True, "ingest": got,
+            "explainer": {"explanations_per_s": round(span["n"] / span["s"], 2), "explanations": span["n"]}}
 
 
 def setup(model: Path, threads: int, nice: int, events: int, repeat: int) -> dict:
@@ -102,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--in-process", action="store_true",
+                    help="the explainer as threads of the ingest bench's process (as in the worker), not a second one")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--nice", type=int, default=0, help=argparse.SUPPRESS)
@@ -112,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for s in args.setups.split(","):
         threads, nice = (int(x) for x in s.split(":"))
-        r = setup(args.model.resolve(), threads, nice, args.events, args.repeat)
+        r = (setup_in_process if args.in_process else setup)(args.model.resolve(), threads, nice, args.events,
+                                                              args.repeat)
         print(json.dumps({"threads": threads, "nice": nice,
                           "pipeline_events_per_s": r["ingest"]["pipeline_events_per_s"],
                           "explanations_per_s": r.get("explainer", {}).get("explanations_per_s")}),

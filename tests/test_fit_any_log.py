@@ -42,9 +42,10 @@ def test_the_three_formats_give_the_same_events(tmp_path, cache_dir):
 
 
 # csv: the full run, joint training (a real LoRA step with the score term) and the tuned baselines;
-# parquet / jsonl (the latter with a JSONL item table): the adapter as is, the untuned baselines, to stay quick
+# parquet / jsonl (the latter with a JSONL item table): the adapter as is, the untuned baselines, to stay quick;
+# parquet with the range head's controls (trainer.controls)
 RUNS = {"csv": (["--budget-minutes", "5", "--steps", "1", "--batch", "4", "--score-weight", "1"], [], False),
-        "parquet": (["--budget-minutes", "0"], ["--no-tuned"], False),
+        "parquet": (["--budget-minutes", "0", "--range-controls", "numeric,random,bow"], ["--no-tuned"], False),
         "jsonl": (["--budget-minutes", "0"], ["--no-tuned", "--explain-sample", "2", "--explain-split", "valid"], True)}
 
 
@@ -89,7 +90,17 @@ def test_fit_then_evaluate_a_log_of_another_shape(tmp_path, fmt):
     assert ("lgbm_rank" in got["methods"]) == ("--no-tuned" not in eval_args)
     # the bag-of-words control: scored, with its interval, and how it was fitted
     assert got["methods"]["trail_bow"]["mae_log"] is not None
-    assert set(got["ci_ablations"]) == {"trail_numeric", "trail_text_shuffled", "trail_bow"}
+    with_controls = "--range-controls" in fit_args
+    controls = {"trail_numeric_range", "trail_random_range", "trail_bow_range"} if with_controls else set()
+    assert set(got["ci_ablations"]) == {"trail_numeric", "trail_text_shuffled", "trail_bow"} | controls
+    for name in controls:  # the range head refitted with the item state replaced: its own count, trail's ranking
+        assert got["methods"][name]["mae_log"] != trail["mae_log"]
+        assert got["methods"][name]["ndcg@10"] == trail["ndcg@10"]
+        ci = got["ci_ablations"][name]["mae_log"]
+        assert ci["low"] <= ci["diff"] <= ci["high"] and "mae_log_score_head" not in got["ci_ablations"][name]
+    if controls:
+        kept = json.loads((out / "controls" / "range_head_bow.json").read_text())
+        assert kept["control"]["datasets"] == [str(events)] and kept["trained"]["control"] == "bow"
     for ci in got["ci_ablations"]["trail_bow"].values():
         assert ci["low"] <= ci["diff"] <= ci["high"]
     assert got["ablations"]["trail_bow"]["vectors"]["width"] == manifest["item_state"]["hidden_size"]

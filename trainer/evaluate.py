@@ -10,7 +10,8 @@ serves the baselines and the TRAIL model alike.
 The report (docs/evaluation.md has the JSON contract):
 - `methods`: every method's metrics on the test cut-offs (with `--model`: `trail`
   and its ablations `trail_numeric`, `trail_text_shuffled`, `trail_bow` (trainer.bow; how it was
-  fitted in `ablations.trail_bow`));
+  fitted in `ablations.trail_bow`), and, for each control of the range head the artefact holds
+  (trainer.controls), `trail_numeric_range`, `trail_random_range`, `trail_bow_range`);
 - `slices.cold_start`: the same metrics over the candidates with under
   `cold_days` (28) days of history at the cut-off (age_h), ranked among
   themselves against the truth restricted to them;
@@ -71,8 +72,12 @@ UNTUNED = ("most_pop", "recent_pop", "exp_decay", "markov", "gbm")  # make_basel
 TUNED = ("exp_decay_tuned", "gbm_l1", "lgbm_rank")  # trainer.tuned: every choice on the folds
 BASELINES = UNTUNED + TUNED
 TRAIL_VARIANTS = {"trail": "full", "trail_numeric": "numeric", "trail_text_shuffled": "shuffled"}
-# trail minus each, in `ci_ablations`; trail_bow: the item terms retrained on a bag-of-words vector (trainer.bow)
-ABLATIONS = ("trail_numeric", "trail_text_shuffled", "trail_bow")
+# trail minus each, in `ci_ablations`; trail_bow: the item terms retrained on a bag-of-words vector (trainer.bow).
+# The first three count with the score head; the `_range` ones are the range head's controls (trainer.controls:
+# refitted with no item state, a random vector or a bag-of-words vector in place of it), counted as `trail` is
+SCORE_HEAD_ABLATIONS = ("trail_numeric", "trail_text_shuffled", "trail_bow")
+RANGE_ABLATIONS = ("trail_numeric_range", "trail_random_range", "trail_bow_range")
+ABLATIONS = SCORE_HEAD_ABLATIONS + RANGE_ABLATIONS
 CI_METRICS = {"ndcg@10": "max", "mae_log": "min"}  # metric -> which baseline is best
 COLD_DAYS = 28.0
 SCORE_DESIGN = "item-state-v2"
@@ -175,15 +180,16 @@ def ablation_intervals(tables: dict[str, dict[str, np.ndarray]], n_boot: int = 2
                        level: float = 0.95) -> dict[str, dict]:
     """`ci_ablations`: trail minus each of its ablations, same bootstrap (what the LLM part adds).
 
-    With a range head, trail's count is its median while the ablations count with the score head, so
-    each entry also has `mae_log_score_head`: trail_score_head_count minus the ablation, count against
-    count from the same head (what the LLM's item term adds to it)."""
+    With a range head, trail's count is its median while the score head's ablations count with the score head, so
+    each of those also has `mae_log_score_head`: trail_score_head_count minus the ablation, count against
+    count from the same head (what the LLM's item term adds to it). The range head's controls (RANGE_ABLATIONS)
+    count with their own refitted range head, so their `mae_log` is like against like."""
     out = {}
     for name in ABLATIONS:
         if name in tables and "trail" in tables:
             out[name] = {metric: paired_bootstrap(tables["trail"], tables[name], metric, n_boot=n_boot, seed=seed,
                                                   level=level) for metric in CI_METRICS}
-            if "trail_score_head_count" in tables:
+            if "trail_score_head_count" in tables and name in SCORE_HEAD_ABLATIONS:
                 out[name]["mae_log_score_head"] = paired_bootstrap(tables["trail_score_head_count"], tables[name],
                                                                    "mae_log", n_boot=n_boot, seed=seed, level=level)
     return out
@@ -381,6 +387,33 @@ def published_count(shipped: Method, ranges: Callable[[pd.DataFrame], tuple | No
     return {"trail": trail, "trail_score_head_count": score_head}
 
 
+def range_controls(model, model_dir: str, ranked: Method, horizon_days: float, cache_dir: Path) -> dict[str, Method]:
+    """`trail_<kind>_range` for each control of the range head the artefact holds (trainer.controls): that head's
+    median as the count, ranked as `ranked` (the score head's own forecast) ranks."""
+    from stream.core.trends import TrendConfig
+    from trainer.controls import control_count, load_controls, vectors_of
+    from trainer.inference import item_texts_of
+    from trainer.quantiles import dataset_examples
+
+    controls = load_controls(model_dir)
+    every: list[str] | None = None
+    if "bow" in controls:  # the texts its vectors were fitted on: every item of the datasets the head was fitted on
+        record = controls["bow"][1]
+        frames = (dataset_examples(n, record.get("items"), TrendConfig(), cache_dir).frame for n in record["datasets"])
+        every = sorted(set().union(*(item_texts_of(f)[1] for f in frames)))
+    out: dict[str, Method] = {}
+    for kind, (head, record) in controls.items():
+        if tuple(head.cfg.feature_names) != tuple(model.norm.names):
+            raise ValueError(f"{model_dir}: the {kind} control reads other inputs than the model")
+        vectors = vectors_of(kind, record, int(head.cfg.hidden_size), every)
+
+        def method(frame: pd.DataFrame, head=head, vectors=vectors) -> Forecast:
+            return Forecast(count=control_count(head, vectors, model, frame, horizon_days), score=ranked(frame).score)
+
+        out[f"trail_{kind}_range"] = method
+    return out
+
+
 def _day(ms) -> str:
     return pd.Timestamp(int(ms), unit="ms", tz="UTC").isoformat()
 
@@ -450,6 +483,7 @@ def run(dataset: str, items: str | None = None, horizon_days: float | None = Non
     ranged = trail is not None and has_range(model_dir)
     if ranged:
         methods |= published_count(methods["trail"], lambda frame: trail_range(trail, model_dir, frame, horizon))
+        methods |= range_controls(trail, model_dir, methods["trail_score_head_count"], horizon, cache_dir)
     methods |= extra_methods or {}
     t3 = time.perf_counter()
     body, preds = evaluate_report(examples, split, methods, cold_days=cold_days, n_boot=n_boot, seed=seed)

@@ -50,7 +50,7 @@ from trainer.inference import features_of, item_texts_of, prompts_of
 from trainer.joint import ScoreProbe, score_loss
 from trainer.metrics import evaluate_predictions
 from trainer.targets import PredictionSource
-from trainer.quantiles import RANGE_EPOCHS, RANGE_SHAPES, parse_shapes
+from trainer.quantiles import RANGE_EPOCHS, RANGE_SHAPES, parse_controls, parse_shapes
 from trainer.model import (ADAPTER_DIR, MANIFEST_ABOUT, POOLING, SCORE_DESIGN, Manifest, Trail, TrailConfig, build,
                            lambda_rank_loss, save)
 
@@ -581,6 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--range-shapes", type=parse_shapes, default=RANGE_SHAPES,
                     help="range head widths chosen among on the folds, ITEM_DIMxHIDDEN comma-separated (default: "
                          + ",".join(f"{a}x{b}" for a, b in RANGE_SHAPES) + ")")
+    ap.add_argument("--range-controls", type=parse_controls, default=(),
+                    help="phase 4 also fits these controls of the range head, comma-separated: numeric, random, "
+                         "bow (trainer.controls: the head with the item state replaced; trainer.evaluate --model "
+                         "scores them as trail_<kind>_range; default: none)")
     ap.add_argument("--resume", action="store_true", help="continue phase 1 from DIR/checkpoint if present")
     ap.add_argument("--version", default=None, help="model_version (default: trail-<date>)")
     return ap
@@ -724,7 +728,8 @@ def train(argv: list[str] | None = None) -> Trail:
 
         t4 = time.time()
         report = train_range(str(out), names, args.items, max_epochs=args.range_epochs, seed=cfg.seed,
-                             limits=limits, shapes=args.range_shapes, cache_dir=cache_dir)
+                             limits=limits, shapes=args.range_shapes, controls=args.range_controls,
+                             cache_dir=cache_dir)
         log.info("fit.range.done", minutes=round((time.time() - t4) / 60, 2), epochs=report.get("epochs"),
                  calibration=report["calibration"].get("method"))
     log.info("fit.done", out=str(out), minutes=round((time.time() - started) / 60, 2))

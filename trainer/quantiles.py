@@ -19,7 +19,8 @@ epoch count are out-of-fold predictions; conformalised quantile regression sets 
 one offset for each bound from the latest fold's rows, aimed at the coverage that, replayed fold by fold
 (calibrated on one fold, scored on the next: `choose_nominal`), lands nearest 80%, stored in range_head.json
 `calibration`, applied by `calibrated_range` here and by stream.model.count_range online (the same function). `--calibrate-only`
-recalibrates an existing head without retraining it.
+recalibrates an existing head without retraining it. `--controls numeric,random,bow` also fits the head's controls
+(trainer.controls: the same fit with the item state replaced), `--controls-only` those alone.
 
 Drivers: what moved the forecast away from the item's current pace (stream.core.drivers, the one definition
 the stream shares): exact Shapley values (stream.core.attribution) of the gap g = q50 - log1p(pace) over
@@ -365,13 +366,11 @@ def drivers(head: RangeHead, x: np.ndarray, cal: np.ndarray, z: np.ndarray,
 
 # ---- CLI: python -m trainer.quantiles --model DIR [--dataset retail,ml100k] [--out DIR2] [--calibrate-only] ----
 
-def _dataset_rows(model, name: str, items: str | None, config, cache_dir: Path, limits: RowLimits = RowLimits()):
-    """(examples, folds, pre-test frame, its item index, item states) of one dataset, the frame cut to `limits`
-    (the fit's --max-* slice, as its score head read it)."""
+def dataset_examples(name: str, items: str | None, config, cache_dir: Path):
+    """The examples phase 4 reads of one dataset or event log (the built-in protocol, or the one a log's span
+    gives, trainer.protocol.choose_protocol)."""
     from trainer.protocol import DEFAULT_MIN_HISTORY_DAYS, choose_protocol, is_builtin
-    from trainer.examples import build_examples, split_cutoffs
-    from trainer.folds import make_folds
-    from trainer.inference import item_texts_of
+    from trainer.examples import build_examples
     from stream.core.datasets import load_dataset
 
     ds = load_dataset(name, items, cache_dir=cache_dir)
@@ -381,12 +380,22 @@ def _dataset_rows(model, name: str, items: str | None, config, cache_dir: Path, 
         ts = ds.events["ts"].to_numpy(np.int64)
         proto = choose_protocol(int(ts[0]), int(ts[-1]), config.bucket_ms)
         proto.pop("n_cutoffs")
-    ex = build_examples(ds, config, **proto)
+    return build_examples(ds, config, **proto)
+
+
+def _dataset_rows(model, name: str, items: str | None, config, cache_dir: Path, limits: RowLimits = RowLimits()):
+    """(examples, folds, pre-test frame, its item index, its item texts, item states) of one dataset, the frame cut
+    to `limits` (the fit's --max-* slice, as its score head read it)."""
+    from trainer.examples import split_cutoffs
+    from trainer.folds import make_folds
+    from trainer.inference import item_texts_of
+
+    ex = dataset_examples(name, items, config, cache_dir)
     split = split_cutoffs(ex.cutoffs, ex.horizon_ms)
     folds = make_folds(split, ex.horizon_ms)
     pre = pd.concat(limits.apply(ex.rows(split.train), ex.rows(split.valid)), ignore_index=True)
     index, texts = item_texts_of(pre)
-    return ex, folds, pre, index, model.item_states(texts, progress=False)
+    return ex, folds, pre, index, texts, model.item_states(texts, progress=False)
 
 
 @dataclass
@@ -399,17 +408,24 @@ class RangeRows:
     states: np.ndarray
     valid_horizon: np.ndarray
     valid_source: np.ndarray
+    texts: list[str]  # the item text of each row of `states`
+    every_text: list[str]  # every item text of the datasets' examples, test cut-offs included (the bow control's)
 
 
 def _range_rows(model, names: list[str], items: str | None, cache_dir: Path,
                 limits: RowLimits = RowLimits()) -> RangeRows:
     from stream.core.trends import TrendConfig
+    from trainer.inference import item_texts_of
 
     config = TrendConfig()
     fold_parts: list[list[tuple[RangeData, RangeData]]] = []
     full_parts, all_states, horizons, offset = [], [], [], 0
+    all_texts: list[str] = []
+    every: set[str] = set()
     for name in names:
-        ex, folds, pre, index, states = _dataset_rows(model, name, items, config, cache_dir, limits)
+        ex, folds, pre, index, texts, states = _dataset_rows(model, name, items, config, cache_dir, limits)
+        all_texts += texts
+        every.update(item_texts_of(ex.frame)[1])
         horizon = ex.horizon_ms / 86_400_000
         cut = pre["cutoff_ms"].to_numpy(np.int64)
 
@@ -436,7 +452,8 @@ def _range_rows(model, names: list[str], items: str | None, cache_dir: Path,
     sizes = [[len(fp[-n_folds + i][1].y) for fp in fold_parts] for i in kept]
     valid_horizon = np.concatenate([np.repeat(horizons, s) for s in sizes])
     valid_source = np.concatenate([np.repeat(np.array(names, dtype=object), s) for s in sizes])
-    return RangeRows(folds, cat(full_parts), np.concatenate(all_states), valid_horizon, valid_source)
+    return RangeRows(folds, cat(full_parts), np.concatenate(all_states), valid_horizon, valid_source, all_texts,
+                     sorted(every))
 
 
 def _load_model(model_dir: str, cache_dir: Path):
@@ -460,12 +477,20 @@ def _target(model_dir: str, out: str | None) -> Path:
 
 def train_range(model_dir: str, names: list[str], items: str | None = None, out: str | None = None,
                 max_epochs: int = RANGE_EPOCHS, seed: int = 0, limits: RowLimits = RowLimits(),
-                shapes: Sequence[tuple[int, int]] = RANGE_SHAPES, *, cache_dir: Path) -> dict:
+                shapes: Sequence[tuple[int, int]] = RANGE_SHAPES, controls: Sequence[str] = (),
+                controls_only: bool = False, *, cache_dir: Path) -> dict:
     """Train the range head of the artefact at `model_dir` on cached item states (under `cache_dir`,
     `Settings.cache_dir`, with the base model and the parsed datasets), calibrate it on the folds'
-    out-of-fold predictions (`calibrate`), and save it into `out`."""
+    out-of-fold predictions (`calibrate`), and save it into `out`; then the `controls` (trainer.controls: the head
+    fitted again with the item state replaced), saved under out/controls. `controls_only`: the controls alone."""
+    from trainer.controls import fit_controls
+
     model = _load_model(model_dir, cache_dir)
     rows = _range_rows(model, names, items, cache_dir, limits)
+    target = _target(model_dir, out)
+    if controls_only:
+        return {"controls": fit_controls(model, target, rows, list(controls), max_epochs, seed, shapes,
+                                         datasets=names, items=items)}
     cfg = RangeConfig(n_features=len(model.norm.names), hidden_size=int(model.lm.config.hidden_size),
                       feature_names=tuple(model.norm.names))
     oof: list[np.ndarray] = []
@@ -476,8 +501,12 @@ def train_range(model_dir: str, names: list[str], items: str | None = None, out:
         report["limits"] = asdict(limits)
     head.cfg.trained = report
     head.cfg.calibration = calibrate(oof, rows.folds, rows.valid_horizon, rows.valid_source)
-    save_range(head, _target(model_dir, out))
-    return report | {"calibration": head.cfg.calibration}
+    save_range(head, target)
+    report |= {"calibration": head.cfg.calibration}
+    if controls:
+        report["controls"] = fit_controls(model, target, rows, list(controls), max_epochs, seed, shapes,
+                                          datasets=names, items=items)
+    return report
 
 
 def calibrate_only(model_dir: str, names: list[str], items: str | None = None, out: str | None = None,
@@ -523,6 +552,19 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     return shapes
 
 
+def parse_controls(text: str) -> tuple[str, ...]:
+    """'numeric,bow' -> ('numeric', 'bow'): trainer.quantiles' --controls."""
+    import argparse
+
+    from trainer.controls import CONTROLS
+
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in CONTROLS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"{text!r}: controls are {', '.join(CONTROLS)}, comma-separated")
+    return kinds
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -537,6 +579,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="head widths to choose among on the folds, ITEM_DIMxHIDDEN comma-separated (default: "
                          + ",".join(f"{a}x{b}" for a, b in RANGE_SHAPES) + ")")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--controls", type=parse_controls, default=(),
+                    help="also fit these controls of the head, comma-separated: numeric, random, bow "
+                         "(trainer.controls; read by trainer.evaluate)")
+    ap.add_argument("--controls-only", action="store_true", help="fit the --controls alone; the head is kept")
     ap.add_argument("--calibrate-only", action="store_true",
                     help="keep the range head's weights; recompute its fold predictions and write its calibration")
     args = ap.parse_args(argv)
@@ -544,11 +590,14 @@ def main(argv: list[str] | None = None) -> int:
     from stream.settings import load_settings
 
     cache_dir = load_settings().cache_dir  # the one environment read: TRAIL_CACHE
+    if args.controls_only and not args.controls:
+        ap.error("--controls-only needs --controls, e.g. --controls numeric,random,bow")
     if args.calibrate_only:
         report = calibrate_only(args.model, names, args.items, args.out, cache_dir=cache_dir)
     else:
         report = train_range(args.model, names, args.items, args.out, args.max_epochs, args.seed,
-                             shapes=args.shapes, cache_dir=cache_dir)
+                             shapes=args.shapes, controls=args.controls, controls_only=args.controls_only,
+                             cache_dir=cache_dir)
     print(json.dumps(report, indent=2))
     return 0
 

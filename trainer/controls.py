@@ -1,0 +1,145 @@
+"""Controls of the range head, whose median is the published count (issue 19.4): what the LLM's item state adds.
+
+    python -m trainer.quantiles --model models/trail-smollm2 --controls numeric,random,bow --controls-only
+
+Each control is the range head fitted again exactly as phase 4 fits the real one (trainer.quantiles.fit_range:
+the same folds, widths, epoch cap and seed), with the item state replaced by a vector of the same width:
+
+    numeric  zeros: the trend signals and the calendar only, no item input
+    random   a Gaussian vector per item text (seeded by the text's blake2b), each dimension with the mean and
+             spread the LLM's states have over the head's training items: an identity without meaning
+    bow      trainer.bow's TF-IDF + LSA vector of the item text (keywords), fitted on the texts of every item of
+             the head's datasets (text only, no label)
+
+They are saved under DIR/controls/ (range_head_<kind>.safetensors and .json) and read by `trainer.evaluate
+--model DIR`, which scores each as `trail_<kind>_range`: the count of that control's median, ranked by `trail`'s
+own score, and in `ci_ablations` trail minus it (the score head's ablations, `trail_numeric` and the rest, count
+with the score head). The stream never reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CONTROLS = ("numeric", "random", "bow")
+CONTROL_DIR = "controls"
+
+
+def random_vectors(texts: list[str], mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """(N, H) float32: per text, mean + std * a standard normal draw seeded by the text (the same vector for an item
+    wherever it is met)."""
+    out = np.empty((len(texts), len(mean)), np.float32)
+    for i, t in enumerate(texts):
+        seed = int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little")
+        out[i] = mean + std * np.random.default_rng(seed).standard_normal(len(mean))
+    return out
+
+
+class ControlVectors:
+    """The vector a control puts in place of each item text's state (`kind`: one of CONTROLS)."""
+
+    def __init__(self, kind: str, hidden: int, *, scale: dict | None = None, bow_texts: list[str] | None = None):
+        if kind not in CONTROLS:
+            raise ValueError(f"unknown control {kind!r}: one of {', '.join(CONTROLS)}")
+        self.kind, self.hidden, self.scale = kind, hidden, scale
+        self._bow: dict[str, np.ndarray] = {}
+        if kind == "random" and not scale:
+            raise ValueError("the random control needs the LLM states' mean and std (`scale`)")
+        if kind == "bow":
+            from trainer.bow import bow_vectors
+
+            texts = sorted(set(bow_texts or ()))
+            self._bow = dict(zip(texts, bow_vectors(texts, hidden)))
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if self.kind == "numeric":
+            return np.zeros((len(texts), self.hidden), np.float32)
+        if self.kind == "random":
+            return random_vectors(texts, np.asarray(self.scale["mean"], np.float32),
+                                  np.asarray(self.scale["std"], np.float32))
+        missing = [t for t in texts if t not in self._bow]
+        if missing:
+            raise ValueError(f"{len(missing)} item text(s) outside the bow control's vocabulary fit, e.g. "
+                             f"{missing[0][:60]!r}: its texts are every item of the datasets the head was fitted on")
+        return np.stack([self._bow[t] for t in texts]) if texts else np.zeros((0, self.hidden), np.float32)
+
+
+def scale_of(states: np.ndarray) -> dict:
+    s = np.asarray(states, np.float64)
+    return {"mean": s.mean(axis=0).round(6).tolist(), "std": s.std(axis=0).round(6).tolist()}
+
+
+def save_control(head, kind: str, model_dir: Path, vectors: dict) -> None:
+    from safetensors.torch import save_file
+
+    out = Path(model_dir) / CONTROL_DIR
+    out.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / f"range_head_{kind}.safetensors"))
+    (out / f"range_head_{kind}.json").write_text(json.dumps(asdict(head.cfg) | {"control": vectors}, indent=2) + "\n")
+
+
+def load_controls(model_dir: str | Path) -> dict[str, tuple]:
+    """{kind: (RangeHead, its `control` record)} of the controls saved in the artefact (none: {})."""
+    from safetensors.torch import load_file
+
+    from trainer.quantiles import RangeConfig, RangeHead
+
+    out = {}
+    for kind in CONTROLS:
+        path = Path(model_dir) / CONTROL_DIR / f"range_head_{kind}.json"
+        if not path.is_file():
+            continue
+        raw = json.loads(path.read_text())
+        control = raw.pop("control")
+        head = RangeHead(RangeConfig(**(raw | {"quantiles": tuple(raw["quantiles"]),
+                                               "feature_names": tuple(raw["feature_names"])})))
+        head.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))
+        out[kind] = (head.eval(), control)
+    return out
+
+
+def vectors_of(kind: str, control: dict, hidden: int, bow_texts: list[str] | None) -> ControlVectors:
+    return ControlVectors(kind, hidden, scale=control.get("scale"), bow_texts=bow_texts)
+
+
+def fit_controls(model, model_dir: str | Path, rows, kinds: list[str], max_epochs: int, seed: int, shapes, *,
+                 datasets: list[str], items: str | None = None, batch: int = 1024) -> dict:
+    """Each control head fitted on `rows` (trainer.quantiles.RangeRows of `datasets`, its `texts` aligned with its
+    states; the bow control's vectors fitted on its `every_text`) and saved into model_dir/controls; {kind: fit
+    report}."""
+    import time
+
+    from trainer.quantiles import RangeConfig, fit_range
+
+    hidden = int(rows.states.shape[1])
+    cfg = RangeConfig(n_features=len(model.norm.names), hidden_size=hidden, feature_names=tuple(model.norm.names))
+    reports = {}
+    for kind in kinds:
+        t0 = time.time()
+        record = {"kind": kind, "datasets": list(datasets), "items": items} | (
+            {"scale": scale_of(rows.states)} if kind == "random" else {})
+        vectors = vectors_of(kind, record, hidden, rows.every_text)
+        head, report = fit_range(cfg, rows.folds, rows.full, vectors(rows.texts), max_epochs, seed=seed,
+                                 batch=batch, shapes=shapes)
+        head.cfg.trained = report | {"seed": seed, "control": kind}
+        save_control(head, kind, Path(model_dir), record)
+        reports[kind] = report | {"seconds": round(time.time() - t0)}
+    return reports
+
+
+@torch.no_grad()
+def control_count(head, vectors: ControlVectors, model, frame, horizon_days: float) -> np.ndarray:
+    """The control head's median count for each row of `frame`."""
+    from stream.core.features import predicted_count
+    from trainer.inference import item_texts_of
+    from trainer.quantiles import predict_range, range_data
+
+    index, texts = item_texts_of(frame)
+    q = predict_range(head, range_data(model.norm, frame, horizon_days, index), torch.from_numpy(vectors(texts)))
+    return predicted_count(q[:, 1].astype(np.float64))
