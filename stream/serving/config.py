@@ -51,7 +51,8 @@ MAX_DEFAULT_EXPLAIN_THREADS = 4
 
 def explain_threads(configured: int | None) -> int:
     """The explainer's CPU threads: TRAIL_EXPLAIN_THREADS, else every usable core, at most 4. They decode at a lower
-    priority than the event loop (TRAIL_EXPLAIN_NICE, `ServingConfig.explain_nice`), so they take only the CPU
-    that ingest and scoring leave: the explainer decodes in bursts, one batch a tick, and on 2 cores ingest beside
-    it kept its pace at nice 10 (docs/serving.md, "Explainer")."""
+    priority than the event loop (TRAIL_EXPLAIN_NICE, `ServingConfig.explain_nice`), so they take the CPU that ingest
+    and scoring leave. On 2 cores two shards at nice 10 slowed ingest in the same process about as much as the one
+    thread at the worker's priority that was the default before (the GIL they share), while making a third more
+    explanations (docs/serving.md, "Explainer")."""
     return configured or min(usable_cores(), MAX_DEFAULT_EXPLAIN_THREADS)
