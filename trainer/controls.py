@@ -1,6 +1,6 @@
 """Controls of the range head, whose median is the published count (issue 19.4): what the LLM's item state adds.
 
-    python -m trainer.quantiles --model models/trail-smollm2 --controls numeric,random,bow --controls-only
+    python -m trainer.controls --model models/trail-smollm2 [--controls numeric,random,bow] [--dataset retail,ml100k]
 
 Each control is the range head fitted again exactly as phase 4 fits the real one (trainer.quantiles.fit_range:
 the same folds, widths, epoch cap and seed), with the item state replaced by a vector of the same width:
@@ -8,11 +8,11 @@ the same folds, widths, epoch cap and seed), with the item state replaced by a v
     numeric  zeros: the trend signals and the calendar only, no item input
     random   a Gaussian vector per item text (seeded by the text's blake2b), each dimension with the mean and
              spread the LLM's states have over the head's training items: an identity without meaning
-    bow      trainer.bow's TF-IDF + LSA vector of the item text (keywords), fitted on the texts of every item of
-             the head's datasets (text only, no label)
+    bow      the TF-IDF + LSA vector of the item text (trainer.lsa, as trainer.bow's control), fitted on the texts
+             of every item of the head's datasets (text only, no label)
 
-They are saved under DIR/controls/ (range_head_<kind>.safetensors and .json) and read by `trainer.evaluate
---model DIR`, which scores each as `trail_<kind>_range`: the count of that control's median, ranked by `trail`'s
+They are saved under DIR/controls/ (range_head_<kind>.safetensors and .json; `trainer.fit --range-controls` fits
+them in its phase 4) and read by `trainer.evaluate --model DIR`, which scores each as `trail_<kind>_range`: the count of that control's median, ranked by `trail`'s
 own score, and in `ci_ablations` trail minus it (the score head's ablations, `trail_numeric` and the rest, count
 with the score head). The stream never reads them.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,7 +53,7 @@ class ControlVectors:
         if kind == "random" and not scale:
             raise ValueError("the random control needs the LLM states' mean and std (`scale`)")
         if kind == "bow":
-            from trainer.bow import bow_vectors
+            from trainer.lsa import bow_vectors
 
             texts = sorted(set(bow_texts or ()))
             self._bow = dict(zip(texts, bow_vectors(texts, hidden)))
@@ -143,3 +144,60 @@ def control_count(head, vectors: ControlVectors, model, frame, horizon_days: flo
     index, texts = item_texts_of(frame)
     q = predict_range(head, range_data(model.norm, frame, horizon_days, index), torch.from_numpy(vectors(texts)))
     return predicted_count(q[:, 1].astype(np.float64))
+
+
+def train_controls(model_dir: str, names: list[str], items: str | None, kinds: Sequence[str],
+                   max_epochs: int, seed: int = 0, limits=None, shapes=None, *, cache_dir: Path) -> dict:
+    """The `kinds` controls of the artefact's range head, fitted on the rows its phase 4 reads (trainer.quantiles:
+    the same datasets, `limits`, folds and widths) and saved into model_dir/controls; {kind: fit report}."""
+    from trainer.examples import RowLimits
+    from trainer.quantiles import RANGE_SHAPES, _load_model, _range_rows
+
+    model = _load_model(model_dir, cache_dir)
+    rows = _range_rows(model, names, items, cache_dir, limits or RowLimits())
+    return fit_controls(model, model_dir, rows, list(kinds), max_epochs, seed, shapes or RANGE_SHAPES,
+                        datasets=names, items=items)
+
+
+def parse_controls(text: str) -> tuple[str, ...]:
+    """'numeric,bow' -> ('numeric', 'bow'): the --controls of trainer.controls and trainer.fit."""
+    import argparse
+
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in CONTROLS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"{text!r}: controls are {', '.join(CONTROLS)}, comma-separated")
+    return kinds
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from stream.settings import load_settings
+    from trainer.quantiles import RANGE_EPOCHS, RANGE_SHAPES, parse_shapes
+
+    ap = argparse.ArgumentParser(prog="python -m trainer.controls", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="a TRAIL artefact directory with a range head")
+    ap.add_argument("--controls", type=parse_controls, default=CONTROLS,
+                    help="which, comma-separated (default: " + ",".join(CONTROLS) + ")")
+    ap.add_argument("--dataset", default=None,
+                    help="comma-separated datasets or one event log (default: those the range head was fitted on)")
+    ap.add_argument("--items", help="item table for an event log")
+    ap.add_argument("--max-epochs", type=int, default=RANGE_EPOCHS, help="most epochs (the count chosen on the folds)")
+    ap.add_argument("--shapes", type=parse_shapes, default=RANGE_SHAPES, help="head widths, ITEM_DIMxHIDDEN,...")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    fitted = json.loads((Path(args.model) / "range_head.json").read_text()).get("trained", {}) if (
+        Path(args.model) / "range_head.json").is_file() else {}
+    names = args.dataset.split(",") if args.dataset else fitted.get("datasets")
+    if not names:
+        ap.error(f"{args.model} has no range head recording its datasets: pass --dataset")
+    report = train_controls(args.model, [n.strip() for n in names], args.items, args.controls, args.max_epochs,
+                            args.seed, shapes=args.shapes, cache_dir=load_settings().cache_dir)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -50,7 +50,8 @@ from trainer.inference import features_of, item_texts_of, prompts_of
 from trainer.joint import ScoreProbe, score_loss
 from trainer.metrics import evaluate_predictions
 from trainer.targets import PredictionSource
-from trainer.quantiles import RANGE_EPOCHS, RANGE_SHAPES, parse_controls, parse_shapes
+from trainer.controls import parse_controls, train_controls
+from trainer.quantiles import RANGE_EPOCHS, RANGE_SHAPES, parse_shapes
 from trainer.model import (ADAPTER_DIR, MANIFEST_ABOUT, POOLING, SCORE_DESIGN, Manifest, Trail, TrailConfig, build,
                            lambda_rank_loss, save)
 
@@ -728,10 +729,14 @@ def train(argv: list[str] | None = None) -> Trail:
 
         t4 = time.time()
         report = train_range(str(out), names, args.items, max_epochs=args.range_epochs, seed=cfg.seed,
-                             limits=limits, shapes=args.range_shapes, controls=args.range_controls,
-                             cache_dir=cache_dir)
+                             limits=limits, shapes=args.range_shapes, cache_dir=cache_dir)
         log.info("fit.range.done", minutes=round((time.time() - t4) / 60, 2), epochs=report.get("epochs"),
                  calibration=report["calibration"].get("method"))
+        if args.range_controls:
+            controls = train_controls(str(out), names, args.items, args.range_controls, args.range_epochs, cfg.seed,
+                                      limits, args.range_shapes, cache_dir=cache_dir)
+            log.info("fit.range.controls", **{k: r["folds_pinball_by_epoch"][r["epochs"] - 1]
+                                              for k, r in controls.items()})
     log.info("fit.done", out=str(out), minutes=round((time.time() - started) / 60, 2))
     return model
 

@@ -19,8 +19,8 @@ epoch count are out-of-fold predictions; conformalised quantile regression sets 
 one offset for each bound from the latest fold's rows, aimed at the coverage that, replayed fold by fold
 (calibrated on one fold, scored on the next: `choose_nominal`), lands nearest 80%, stored in range_head.json
 `calibration`, applied by `calibrated_range` here and by stream.model.count_range online (the same function). `--calibrate-only`
-recalibrates an existing head without retraining it. `--controls numeric,random,bow` also fits the head's controls
-(trainer.controls: the same fit with the item state replaced), `--controls-only` those alone.
+recalibrates an existing head without retraining it. Its controls (the same fit with the item state
+replaced) are trainer.controls'.
 
 Drivers: what moved the forecast away from the item's current pace (stream.core.drivers, the one definition
 the stream shares): exact Shapley values (stream.core.attribution) of the gap g = q50 - log1p(pace) over
@@ -477,20 +477,12 @@ def _target(model_dir: str, out: str | None) -> Path:
 
 def train_range(model_dir: str, names: list[str], items: str | None = None, out: str | None = None,
                 max_epochs: int = RANGE_EPOCHS, seed: int = 0, limits: RowLimits = RowLimits(),
-                shapes: Sequence[tuple[int, int]] = RANGE_SHAPES, controls: Sequence[str] = (),
-                controls_only: bool = False, *, cache_dir: Path) -> dict:
+                shapes: Sequence[tuple[int, int]] = RANGE_SHAPES, *, cache_dir: Path) -> dict:
     """Train the range head of the artefact at `model_dir` on cached item states (under `cache_dir`,
     `Settings.cache_dir`, with the base model and the parsed datasets), calibrate it on the folds'
-    out-of-fold predictions (`calibrate`), and save it into `out`; then the `controls` (trainer.controls: the head
-    fitted again with the item state replaced), saved under out/controls. `controls_only`: the controls alone."""
-    from trainer.controls import fit_controls
-
+    out-of-fold predictions (`calibrate`), and save it into `out`."""
     model = _load_model(model_dir, cache_dir)
     rows = _range_rows(model, names, items, cache_dir, limits)
-    target = _target(model_dir, out)
-    if controls_only:
-        return {"controls": fit_controls(model, target, rows, list(controls), max_epochs, seed, shapes,
-                                         datasets=names, items=items)}
     cfg = RangeConfig(n_features=len(model.norm.names), hidden_size=int(model.lm.config.hidden_size),
                       feature_names=tuple(model.norm.names))
     oof: list[np.ndarray] = []
@@ -501,12 +493,8 @@ def train_range(model_dir: str, names: list[str], items: str | None = None, out:
         report["limits"] = asdict(limits)
     head.cfg.trained = report
     head.cfg.calibration = calibrate(oof, rows.folds, rows.valid_horizon, rows.valid_source)
-    save_range(head, target)
-    report |= {"calibration": head.cfg.calibration}
-    if controls:
-        report["controls"] = fit_controls(model, target, rows, list(controls), max_epochs, seed, shapes,
-                                          datasets=names, items=items)
-    return report
+    save_range(head, _target(model_dir, out))
+    return report | {"calibration": head.cfg.calibration}
 
 
 def calibrate_only(model_dir: str, names: list[str], items: str | None = None, out: str | None = None,
@@ -552,19 +540,6 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     return shapes
 
 
-def parse_controls(text: str) -> tuple[str, ...]:
-    """'numeric,bow' -> ('numeric', 'bow'): trainer.quantiles' --controls."""
-    import argparse
-
-    from trainer.controls import CONTROLS
-
-    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    unknown = [k for k in kinds if k not in CONTROLS]
-    if unknown or not kinds:
-        raise argparse.ArgumentTypeError(f"{text!r}: controls are {', '.join(CONTROLS)}, comma-separated")
-    return kinds
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -579,10 +554,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="head widths to choose among on the folds, ITEM_DIMxHIDDEN comma-separated (default: "
                          + ",".join(f"{a}x{b}" for a, b in RANGE_SHAPES) + ")")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--controls", type=parse_controls, default=(),
-                    help="also fit these controls of the head, comma-separated: numeric, random, bow "
-                         "(trainer.controls; read by trainer.evaluate)")
-    ap.add_argument("--controls-only", action="store_true", help="fit the --controls alone; the head is kept")
     ap.add_argument("--calibrate-only", action="store_true",
                     help="keep the range head's weights; recompute its fold predictions and write its calibration")
     args = ap.parse_args(argv)
@@ -590,14 +561,11 @@ def main(argv: list[str] | None = None) -> int:
     from stream.settings import load_settings
 
     cache_dir = load_settings().cache_dir  # the one environment read: TRAIL_CACHE
-    if args.controls_only and not args.controls:
-        ap.error("--controls-only needs --controls, e.g. --controls numeric,random,bow")
     if args.calibrate_only:
         report = calibrate_only(args.model, names, args.items, args.out, cache_dir=cache_dir)
     else:
         report = train_range(args.model, names, args.items, args.out, args.max_epochs, args.seed,
-                             shapes=args.shapes, controls=args.controls, controls_only=args.controls_only,
-                             cache_dir=cache_dir)
+                             shapes=args.shapes, cache_dir=cache_dir)
     print(json.dumps(report, indent=2))
     return 0
 
