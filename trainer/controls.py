@@ -1,6 +1,6 @@
 """Controls of the range head, whose median is the published count (issue 19.4): what the LLM's item state adds.
 
-    python -m trainer.controls --model models/trail-smollm2 [--controls numeric,random,bow] [--dataset retail,ml100k]
+    python -m trainer.controls --model models/trail-smollm2 [--controls numeric,random,bow] [--dataset D1,D2]
 
 Each control is the range head fitted again exactly as phase 4 fits the real one (trainer.quantiles.fit_range:
 the same folds, widths, epoch cap and seed), with the item state replaced by a vector of the same width:
