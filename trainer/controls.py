@@ -12,9 +12,9 @@ the same folds, widths, epoch cap and seed), with the item state replaced by a v
              of every item of the head's datasets (text only, no label)
 
 They are saved under DIR/controls/ (range_head_<kind>.safetensors and .json; `trainer.fit --range-controls` fits
-them in its phase 4) and read by `trainer.evaluate --model DIR`, which scores each as `trail_<kind>_range`: the count of that control's median, ranked by `trail`'s
-own score, and in `ci_ablations` trail minus it (the score head's ablations, `trail_numeric` and the rest, count
-with the score head). The stream never reads them.
+them in its phase 4) and read by `trainer.evaluate --model DIR`, which scores each as `trail_<kind>_range`: the
+count of that control's median, ranked by `trail`'s own score, and in `ci_ablations` trail minus it (the score
+head's ablations, `trail_numeric` and the rest, count with the score head). The stream never reads them.
 """
 
 from __future__ import annotations
