@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ["stream.tools.bench", "stream.tools.bench_checkpoints", "stream.tools.replay", "stream.tools.report",
                 "stream.tools.broker", "stream.tools.demo", "stream.settings", "stream.store.dashboards",
                 "stream.core.datasets", "trainer.fit", "trainer.evaluate", "trainer.explain_eval", "trainer.quantiles",
-                "trainer.any_log", "export.onnx", "export.range", "export.bench", "export.item_states", "export.nbits"]
+                "trainer.controls", "trainer.any_log", "export.onnx", "export.range", "export.bench", "export.item_states",
+                "export.nbits"]
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
