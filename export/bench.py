@@ -39,6 +39,7 @@ import platform
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -242,6 +243,30 @@ def bench(model_dir: Path, batch: int = 32, batches: int = 2, rounds: int = 2, t
     return result
 
 
+@dataclass
+class ConstrainedRows:
+    """Bench rows as the explainer decodes them: prompt ids, the forecast each states (`bench_size`), its claim
+    grammar, the constraint that holds a batch to them and the constrained token limit."""
+
+    prompts: list[list[int]]
+    sizes: list
+    grammars: list[str]
+    constraint: object  # stream.model.constraint.ClaimConstraint
+    limit: int
+
+
+def constrained_rows(art: Artefact, rows: list[tuple[str, dict[str, float], float]]) -> ConstrainedRows:
+    from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar
+    from stream.model.constraint import ClaimConstraint
+
+    tok = art.tokenizer()
+    sizes = [bench_size(i, s, h) for i, (_, s, h) in enumerate(rows)]
+    return ConstrainedRows(tok.ids([p for p, _, _ in rows]), sizes,
+                           [claim_grammar(s, h, z.direction(s), size=z).lark() for (_, s, h), z in zip(rows, sizes)],
+                           ClaimConstraint(art.path("tokenizer"), tok.end_id),
+                           max(art.max_explanation_tokens, CONSTRAINED_MAX_NEW_TOKENS))
+
+
 def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], float]], providers: list[str],
                       threads: int | None, batch: int = 5, single: int = 5) -> dict:
     """Explanations per second as the stream makes them: the generator it serves (`explain_generator`: on CPU
@@ -252,20 +277,14 @@ def explanation_bench(art: Artefact, rows: list[tuple[str, dict[str, float], flo
     (its prompt, from export.rows.explain_rows, shows it), so each text states its size and range as a model with quantile
     heads makes the stream write them."""
     from stream.core.faithfulness import check
-    from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar
-    from stream.model.constraint import ClaimConstraint
-
     from stream.model.teacher_forced import generator_role
 
     tok = art.tokenizer()
     role = generator_role(art, providers)  # what the stream's explainer runs: a quantised copy on CPU when exported
     threads = threads or 1
     gen = explain_generator(art.path(role), providers, tok.end_id, threads)
-    cc = ClaimConstraint(art.path("tokenizer"), tok.end_id)
-    limit = max(art.max_explanation_tokens, CONSTRAINED_MAX_NEW_TOKENS)
-    prompts = tok.ids([p for p, _, _ in rows])
-    sizes = [bench_size(i, s, h) for i, (_, s, h) in enumerate(rows)]
-    grammars = [claim_grammar(s, h, z.direction(s), size=z).lark() for (_, s, h), z in zip(rows, sizes)]
+    held = constrained_rows(art, rows)
+    cc, limit, prompts, sizes, grammars = held.constraint, held.limit, held.prompts, held.sizes, held.grammars
     gen.generate(prompts[0], 2)  # warm-up
 
     passes = Passes(gen)

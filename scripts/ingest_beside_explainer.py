@@ -32,11 +32,9 @@ class Decoder:
     shards' threads at `nice`."""
 
     def __init__(self, model: Path, threads: int, nice: int) -> None:
-        from export.bench import _spec_trend
-        from export.rows import bench_size, explain_rows
-        from stream.core.faithfulness.grammar import CONSTRAINED_MAX_NEW_TOKENS, claim_grammar
+        from export.bench import _spec_trend, constrained_rows
+        from export.rows import explain_rows
         from stream.model.artefact import Artefact
-        from stream.model.constraint import ClaimConstraint
         from stream.model.onnx_models import choose_providers, explain_generator, lower_thread_priority
         from stream.model.teacher_forced import generator_role
         from stream.settings import load_settings
@@ -44,21 +42,18 @@ class Decoder:
         art = Artefact.load(model, _spec_trend(model))
         rows = explain_rows(json.loads((model / "manifest.json").read_text()), 10, cache_dir=load_settings().cache_dir)
         providers = choose_providers("cpu")
-        tok = art.tokenizer()
-        self.gen = explain_generator(art.path(generator_role(art, providers)), providers, tok.end_id, threads, nice)
-        self.cc = ClaimConstraint(art.path("tokenizer"), tok.end_id)
-        self.prompts = tok.ids([p for p, _, _ in rows])
-        sizes = [bench_size(i, s, h) for i, (_, s, h) in enumerate(rows)]
-        self.grammars = [claim_grammar(s, h, z.direction(s), size=z).lark() for (_, s, h), z in zip(rows, sizes)]
-        self.limit = max(art.max_explanation_tokens, CONSTRAINED_MAX_NEW_TOKENS)
+        self.gen = explain_generator(art.path(generator_role(art, providers)), providers, art.tokenizer().end_id,
+                                     threads, nice)
+        self.rows = constrained_rows(art, rows)
         self.pool = ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(nice,))  # the Explainer's
-        self.pool.submit(self.gen.generate, self.prompts[0], 2).result()
+        self.pool.submit(self.gen.generate, self.rows.prompts[0], 2).result()
         self.n = 0
 
     def batch(self) -> int:
         """Decode the next 5 rows; the explanations decoded so far."""
-        b = slice(self.n % len(self.prompts), self.n % len(self.prompts) + 5)
-        self.pool.submit(self.gen.generate_batch, self.prompts[b], self.limit, self.cc.guide(self.grammars[b])).result()
+        r = self.rows
+        b = slice(self.n % len(r.prompts), self.n % len(r.prompts) + 5)
+        self.pool.submit(self.gen.generate_batch, r.prompts[b], r.limit, r.constraint.guide(r.grammars[b])).result()
         self.n += 5
         return self.n
 

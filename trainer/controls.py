@@ -22,11 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import torch
 
 CONTROLS = ("numeric", "random", "bow")
 CONTROL_DIR = "controls"
@@ -76,37 +74,16 @@ def scale_of(states: np.ndarray) -> dict:
     return {"mean": s.mean(axis=0).round(6).tolist(), "std": s.std(axis=0).round(6).tolist()}
 
 
-def save_control(head, kind: str, model_dir: Path, vectors: dict) -> None:
-    from safetensors.torch import save_file
-
-    out = Path(model_dir) / CONTROL_DIR
-    out.mkdir(exist_ok=True)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / f"range_head_{kind}.safetensors"))
-    (out / f"range_head_{kind}.json").write_text(json.dumps(asdict(head.cfg) | {"control": vectors}, indent=2) + "\n")
-
-
 def load_controls(model_dir: str | Path) -> dict[str, tuple]:
     """{kind: (RangeHead, its `control` record)} of the controls saved in the artefact (none: {})."""
-    from safetensors.torch import load_file
-
-    from trainer.quantiles import RangeConfig, RangeHead
+    from trainer.quantiles import read_range
 
     out = {}
     for kind in CONTROLS:
-        path = Path(model_dir) / CONTROL_DIR / f"range_head_{kind}.json"
-        if not path.is_file():
-            continue
-        raw = json.loads(path.read_text())
-        control = raw.pop("control")
-        head = RangeHead(RangeConfig(**(raw | {"quantiles": tuple(raw["quantiles"]),
-                                               "feature_names": tuple(raw["feature_names"])})))
-        head.load_state_dict(load_file(str(path.with_suffix(".safetensors"))))
-        out[kind] = (head.eval(), control)
+        got = read_range(Path(model_dir) / CONTROL_DIR, f"range_head_{kind}")
+        if got is not None:
+            out[kind] = (got[0], got[1]["control"])
     return out
-
-
-def vectors_of(kind: str, control: dict, hidden: int, bow_texts: list[str] | None) -> ControlVectors:
-    return ControlVectors(kind, hidden, scale=control.get("scale"), bow_texts=bow_texts)
 
 
 def fit_controls(model, model_dir: str | Path, rows, kinds: list[str], max_epochs: int, seed: int, shapes, *,
@@ -114,36 +91,31 @@ def fit_controls(model, model_dir: str | Path, rows, kinds: list[str], max_epoch
     """Each control head fitted on `rows` (trainer.quantiles.RangeRows of `datasets`, its `texts` aligned with its
     states; the bow control's vectors fitted on its `every_text`) and saved into model_dir/controls; {kind: fit
     report}."""
-    import time
-
-    from trainer.quantiles import RangeConfig, fit_range
+    from trainer.quantiles import RangeConfig, fit_range, save_range
 
     hidden = int(rows.states.shape[1])
     cfg = RangeConfig(n_features=len(model.norm.names), hidden_size=hidden, feature_names=tuple(model.norm.names))
+    out = Path(model_dir) / CONTROL_DIR
+    out.mkdir(exist_ok=True)
     reports = {}
     for kind in kinds:
-        t0 = time.time()
         record = {"kind": kind, "datasets": list(datasets), "items": items} | (
             {"scale": scale_of(rows.states)} if kind == "random" else {})
-        vectors = vectors_of(kind, record, hidden, rows.every_text)
+        vectors = ControlVectors(kind, hidden, scale=record.get("scale"), bow_texts=rows.every_text)
         head, report = fit_range(cfg, rows.folds, rows.full, vectors(rows.texts), max_epochs, seed=seed,
                                  batch=batch, shapes=shapes)
         head.cfg.trained = report | {"seed": seed, "control": kind}
-        save_control(head, kind, Path(model_dir), record)
-        reports[kind] = report | {"seconds": round(time.time() - t0)}
+        save_range(head, out, f"range_head_{kind}", {"control": record})
+        reports[kind] = report
     return reports
 
 
-@torch.no_grad()
 def control_count(head, vectors: ControlVectors, model, frame, horizon_days: float) -> np.ndarray:
     """The control head's median count for each row of `frame`."""
     from stream.core.features import predicted_count
-    from trainer.inference import item_texts_of
-    from trainer.quantiles import predict_range, range_data
+    from trainer.quantiles import predict_frame
 
-    index, texts = item_texts_of(frame)
-    q = predict_range(head, range_data(model.norm, frame, horizon_days, index), torch.from_numpy(vectors(texts)))
-    return predicted_count(q[:, 1].astype(np.float64))
+    return predicted_count(predict_frame(head, model.norm, frame, horizon_days, vectors)[:, 1].astype(np.float64))
 
 
 def train_controls(model_dir: str, names: list[str], items: str | None, kinds: Sequence[str],
@@ -174,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from stream.settings import load_settings
-    from trainer.quantiles import RANGE_EPOCHS, RANGE_SHAPES, parse_shapes
+    from trainer.quantiles import add_fit_arguments
 
     ap = argparse.ArgumentParser(prog="python -m trainer.controls", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,10 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="which, comma-separated (default: " + ",".join(CONTROLS) + ")")
     ap.add_argument("--dataset", default=None,
                     help="comma-separated datasets or one event log (default: those the range head was fitted on)")
-    ap.add_argument("--items", help="item table for an event log")
-    ap.add_argument("--max-epochs", type=int, default=RANGE_EPOCHS, help="most epochs (the count chosen on the folds)")
-    ap.add_argument("--shapes", type=parse_shapes, default=RANGE_SHAPES, help="head widths, ITEM_DIMxHIDDEN,...")
-    ap.add_argument("--seed", type=int, default=0)
+    add_fit_arguments(ap)
     args = ap.parse_args(argv)
     fitted = json.loads((Path(args.model) / "range_head.json").read_text()).get("trained", {}) if (
         Path(args.model) / "range_head.json").is_file() else {}

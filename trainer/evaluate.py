@@ -336,19 +336,14 @@ def trail_range(model, model_dir: str | None, frame: pd.DataFrame, horizon_days:
     """(low, mid, high) counts of the artefact's range head (trainer.quantiles) for the frame's rows, the range
     calibrated for this horizon as the stream publishes it (trainer.quantiles.calibrated_range), or None when the
     artefact has none."""
-    from trainer.quantiles import calibrated_range, counts_of, load_range, predict_range, range_data
+    from trainer.quantiles import calibrated_range, counts_of, load_range, predict_frame
 
     head = load_range(model_dir) if model_dir else None
     if head is None:
         return None
     if tuple(head.cfg.feature_names) != tuple(model.norm.names):
         raise ValueError(f"{model_dir}: the range head reads other inputs than the model ({head.cfg.feature_names})")
-    from trainer.inference import item_texts_of
-    import torch
-
-    index, texts = item_texts_of(frame)
-    states = torch.from_numpy(model.item_states(texts, progress=False))
-    q = predict_range(head, range_data(model.norm, frame, horizon_days, index), states)
+    q = predict_frame(head, model.norm, frame, horizon_days, lambda texts: model.item_states(texts, progress=False))
     return counts_of(calibrated_range(head, q, horizon_days))
 
 
@@ -391,7 +386,7 @@ def range_controls(model, model_dir: str, ranked: Method, horizon_days: float, c
     """`trail_<kind>_range` for each control of the range head the artefact holds (trainer.controls): that head's
     median as the count, ranked as `ranked` (the score head's own forecast) ranks."""
     from stream.core.trends import TrendConfig
-    from trainer.controls import control_count, load_controls, vectors_of
+    from trainer.controls import ControlVectors, control_count, load_controls
     from trainer.inference import item_texts_of
     from trainer.quantiles import dataset_examples
 
@@ -405,7 +400,7 @@ def range_controls(model, model_dir: str, ranked: Method, horizon_days: float, c
     for kind, (head, record) in controls.items():
         if tuple(head.cfg.feature_names) != tuple(model.norm.names):
             raise ValueError(f"{model_dir}: the {kind} control reads other inputs than the model")
-        vectors = vectors_of(kind, record, int(head.cfg.hidden_size), every)
+        vectors = ControlVectors(kind, int(head.cfg.hidden_size), scale=record.get("scale"), bow_texts=every)
 
         def method(frame: pd.DataFrame, head=head, vectors=vectors) -> Forecast:
             return Forecast(count=control_count(head, vectors, model, frame, horizon_days), score=ranked(frame).score)

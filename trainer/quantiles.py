@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +58,9 @@ from trainer.examples import RowLimits
 log = structlog.get_logger(__name__)
 
 QUANTILES = (0.1, 0.5, 0.9)
-RANGE_FILE = "range_head.safetensors"
-RANGE_CONFIG = "range_head.json"
+RANGE_STEM = "range_head"
+RANGE_FILE = f"{RANGE_STEM}.safetensors"
+RANGE_CONFIG = f"{RANGE_STEM}.json"
 GROUPS = DRIVER_GROUPS
 
 
@@ -210,25 +211,49 @@ def fit_range(cfg: RangeConfig, folds: list[tuple[RangeData, RangeData]], full: 
     return head, report
 
 
-def save_range(head: RangeHead, directory: Path) -> None:
+def save_range(head: RangeHead, directory: Path, stem: str = RANGE_STEM, extra: dict | None = None) -> None:
+    """DIR/<stem>.safetensors and DIR/<stem>.json (the config, and `extra`'s keys beside it)."""
     directory = Path(directory)
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(directory / RANGE_FILE))
-    (directory / RANGE_CONFIG).write_text(json.dumps(asdict(head.cfg), indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(directory / f"{stem}.safetensors"))
+    (directory / f"{stem}.json").write_text(json.dumps(asdict(head.cfg) | (extra or {}), indent=2) + "\n")
+
+
+def read_range(directory: str | Path, stem: str = RANGE_STEM) -> tuple[RangeHead, dict] | None:
+    """The head saved by `save_range` (in eval mode) and the JSON's keys that are not its config (`extra`), or
+    None when DIR has no <stem>.safetensors."""
+    directory = Path(directory)
+    if not (directory / f"{stem}.safetensors").is_file():
+        return None
+    raw = json.loads((directory / f"{stem}.json").read_text())
+    known = {f.name for f in fields(RangeConfig)}
+    cfg = {k: v for k, v in raw.items() if k in known}
+    head = RangeHead(RangeConfig(**(cfg | {"quantiles": tuple(cfg["quantiles"]),
+                                           "feature_names": tuple(cfg["feature_names"])})))
+    head.load_state_dict(load_file(str(directory / f"{stem}.safetensors")))
+    return head.eval(), {k: v for k, v in raw.items() if k not in known}
 
 
 def load_range(directory: str | Path) -> RangeHead | None:
     """The artefact's range head, or None when it has none (older artefacts). One without a calibration
     record (before calibration was added) loads with offsets 0 (`calibrated_range`)."""
-    directory = Path(directory)
-    if not (directory / RANGE_FILE).is_file():
+    got = read_range(directory)
+    if got is None:
         return None
-    raw = json.loads((directory / RANGE_CONFIG).read_text())
-    cfg = RangeConfig(**(raw | {"quantiles": tuple(raw["quantiles"]), "feature_names": tuple(raw["feature_names"])}))
-    head = RangeHead(cfg)
-    head.load_state_dict(load_file(str(directory / RANGE_FILE)))
-    if not RangeCalibration.of(cfg.calibration).calibrated:
+    head, extra = got
+    if extra:  # the artefact's head has its config alone
+        raise ValueError(f"{directory}/{RANGE_CONFIG} has keys a range head's config does not: {sorted(extra)}")
+    if not RangeCalibration.of(head.cfg.calibration).calibrated:
         log.info("range.uncalibrated", directory=str(directory), why="no calibration record: offsets 0")
-    return head.eval()
+    return head
+
+
+def predict_frame(head: RangeHead, norm: Normalisation, frame: pd.DataFrame, horizon_days: float,
+                  states_of: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """(N, 3) raw log1p quantiles of the frame's rows, each item's state from `states_of(its item texts)`."""
+    from trainer.inference import item_texts_of
+
+    index, texts = item_texts_of(frame)
+    return predict_range(head, range_data(norm, frame, horizon_days, index), torch.from_numpy(states_of(texts)))
 
 
 def calibrated_range(head: RangeHead, q: np.ndarray, horizon_days: float) -> np.ndarray:
@@ -540,6 +565,17 @@ def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
     return shapes
 
 
+def add_fit_arguments(ap) -> None:
+    """--items, --max-epochs, --shapes, --seed: how a range head is fitted (here, and its controls in
+    trainer.controls)."""
+    ap.add_argument("--items", help="item table for an event log")
+    ap.add_argument("--max-epochs", type=int, default=RANGE_EPOCHS, help="most epochs (the count chosen on the folds)")
+    ap.add_argument("--shapes", type=parse_shapes, default=RANGE_SHAPES,
+                    help="head widths to choose among on the folds, ITEM_DIMxHIDDEN comma-separated (default: "
+                         + ",".join(f"{a}x{b}" for a, b in RANGE_SHAPES) + ")")
+    ap.add_argument("--seed", type=int, default=0)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -547,13 +583,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a TRAIL artefact directory (its item states are reused)")
     ap.add_argument("--dataset", default="retail,ml100k", help="comma-separated datasets or one event log")
-    ap.add_argument("--items", help="item table for an event log")
     ap.add_argument("--out", help="write the artefact with its range head here (default: into --model)")
-    ap.add_argument("--max-epochs", type=int, default=RANGE_EPOCHS, help="most epochs (the count chosen on the folds)")
-    ap.add_argument("--shapes", type=parse_shapes, default=RANGE_SHAPES,
-                    help="head widths to choose among on the folds, ITEM_DIMxHIDDEN comma-separated (default: "
-                         + ",".join(f"{a}x{b}" for a, b in RANGE_SHAPES) + ")")
-    ap.add_argument("--seed", type=int, default=0)
+    add_fit_arguments(ap)
     ap.add_argument("--calibrate-only", action="store_true",
                     help="keep the range head's weights; recompute its fold predictions and write its calibration")
     args = ap.parse_args(argv)
